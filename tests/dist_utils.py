@@ -1,0 +1,65 @@
+"""Run a test function on N processes over gloo (CPU), like torchrun would.
+
+    results = run_distributed(fn, world_size=2, args=(x,))
+
+`fn(rank, world_size, *args)` runs in a fresh spawned process with MASTER_ADDR/PORT,
+RANK, WORLD_SIZE, LOCAL_RANK set; each rank's return value comes back in rank order.
+An exception on any rank fails the caller with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    try:
+        queue.put((rank, True, fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - forwarded to the parent verbatim
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 300.0):
+    """Run fn(rank, world_size, *args) on world_size spawned ranks; return the results by rank."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results, errors = {}, []
+    for _ in range(world_size):
+        rank, ok, value = queue.get()
+        if ok:
+            results[rank] = value
+        else:
+            errors.append(f"rank {rank} failed:\n{value}")
+            break
+    for p in procs:
+        p.join(timeout=timeout if not errors else 5)
+        if p.is_alive():
+            p.terminate()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
