@@ -4,6 +4,8 @@
 
 `fn(rank, world_size, *args)` runs in a fresh spawned process with MASTER_ADDR/PORT,
 RANK, WORLD_SIZE, LOCAL_RANK set; each rank's return value comes back in rank order.
+Return plain picklable values (numpy arrays, not torch tensors: torch passes tensors
+through shared memory that disappears when the rank exits).
 An exception on any rank fails the caller with that rank's traceback.
 """
 from __future__ import annotations

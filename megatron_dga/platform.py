@@ -1,0 +1,235 @@
+"""Process setup: torch.distributed, megatron-core parallel state, seeds, CPU shims.
+
+This is the only module that initialises torch.distributed or patches anything.
+Everything else receives a :class:`ParallelContext` (or process groups) explicitly.
+
+Typical use (torchrun or a plain single process)::
+
+    ctx = platform.initialize(ParallelConfig(tensor_model_parallel_size=2, seed=1234))
+    ...
+    platform.shutdown()
+
+On a machine without CUDA the backend is gloo and a few megatron-core assumptions
+about CUDA are shimmed (see :func:`apply_cpu_shims`); with CUDA the backend is NCCL
+and nothing is patched.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_dga.errors import ConfigError
+
+_CPU_SHIMS_APPLIED = False
+
+
+@dataclass
+class ParallelConfig:
+    """How the job is laid out over processes."""
+
+    tensor_model_parallel_size: int = 1
+    """Ranks each weight matrix is split over (--tensor-model-parallel-size)."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline stages the layers are split over (--pipeline-model-parallel-size)."""
+    backend: Optional[str] = None
+    """torch.distributed backend; None picks nccl when CUDA is available, else gloo."""
+    seed: int = 1234
+    """Base random seed (--seed). Pipeline stages offset it the way Megatron does."""
+    timeout_minutes: int = 30
+    """Collective timeout; raise it for very slow first steps (compilation, huge checkpoints)."""
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if self.backend not in (None, "nccl", "gloo"):
+            raise ConfigError(f"backend must be 'nccl', 'gloo' or None (auto), got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in the job. Built by :func:`initialize`."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that prints and writes metrics: the last rank holds the loss (last stage)."""
+        return self.rank == self.world_size - 1
+
+    @property
+    def mp_rank_name(self) -> str:
+        """Megatron's checkpoint sub-directory name for this model-parallel rank."""
+        return f"mp_rank_{self.tp_rank:02d}_{self.pp_rank:03d}"
+
+    def describe(self) -> str:
+        return (
+            f"world={self.world_size} (tp={self.tp_size} x pp={self.pp_size} x dp={self.dp_size}) "
+            f"backend={self.backend} device={self.device}"
+        )
+
+
+def apply_cpu_shims() -> None:
+    """Let megatron-core run on CPU. Only called when CUDA is absent.
+
+    megatron-core allocates some buffers (attention workspace, DDP grad buffers, RoPE
+    frequencies) on ``torch.cuda.current_device()`` and builds its tensor-parallel RNG
+    tracker on CUDA generators. Pointing the former at "cpu" and using the no-op
+    (inference) tracker is enough for forward, backward, DDP and TP over gloo; the
+    numerics are unchanged (tests compare against plain PyTorch).
+    """
+    global _CPU_SHIMS_APPLIED
+    if torch.cuda.is_available():
+        raise RuntimeError("apply_cpu_shims() must not be called on a machine with CUDA")
+    if _CPU_SHIMS_APPLIED:
+        return
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    _CPU_SHIMS_APPLIED = True
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def initialize(config: ParallelConfig) -> ParallelContext:
+    """Initialise torch.distributed and megatron-core's model-parallel groups.
+
+    Reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT);
+    without it, runs as a single process on a private loopback port.
+    """
+    from megatron.core import parallel_state
+
+    use_cuda = torch.cuda.is_available()
+    backend = config.backend or ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("backend 'nccl' needs CUDA, and no GPU is visible; use gloo (the default on CPU)")
+
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    if world_size % (tp * pp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor-model-parallel size ({tp}) x "
+            f"pipeline-model-parallel size ({pp}) = {tp * pp}; launch a multiple of {tp * pp} "
+            f"processes or change --tensor-model-parallel-size/--pipeline-model-parallel-size"
+        )
+
+    if use_cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        apply_cpu_shims()
+
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            if world_size != 1:
+                raise ConfigError(
+                    f"WORLD_SIZE={world_size} but MASTER_ADDR is unset; launch with torchrun"
+                )
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=config.timeout_minutes),
+            device_id=device if use_cuda else None,
+        )
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=config.timeout_minutes,
+        # Gloo side groups are only needed by megatron's distributed optimizer checkpointing.
+        create_gloo_process_groups=use_cuda,
+    )
+    ctx = ParallelContext(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=tp,
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        pp_size=pp,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        device=device,
+        backend=backend,
+    )
+    set_seed(config.seed, ctx)
+    return ctx
+
+
+def set_seed(seed: int, ctx: ParallelContext) -> None:
+    """Seed python, numpy and torch like Megatron: one stream per pipeline stage.
+
+    Tensor-parallel ranks share the default stream (so CPU-initialised master weights
+    are identical before being split); on GPU megatron's RNG tracker adds a separate
+    tensor-parallel stream for dropout inside split regions.
+    """
+    from megatron.core import tensor_parallel
+
+    stage_seed = seed + 100 * ctx.pp_rank
+    random.seed(stage_seed)
+    np.random.seed(stage_seed % 2**32)
+    torch.manual_seed(stage_seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+    else:
+        # The training tracker needs CUDA generators; the inference tracker's fork() is a no-op.
+        tensor_parallel.random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def shutdown() -> None:
+    """Tear down megatron's groups and the default process group (idempotent)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
