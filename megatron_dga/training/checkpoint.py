@@ -1,0 +1,584 @@
+"""Atomic, Megatron-style checkpoints: one directory per iteration.
+
+Layout::
+
+    <save>/latest_checkpointed_iteration.txt        tracker: the last complete iteration
+    <save>/iter_0000100/metadata.json               completeness marker, written last
+    <save>/iter_0000100/common.pt                   state shared by all ranks (global rank 0)
+    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt        pipeline size 1
+    <save>/iter_0000100/mp_rank_01_002/model_optim_rng.pt    pipeline size > 1
+
+The ``mp_rank_{tp:02d}`` directory gets the ``_{pp:03d}`` suffix only when the
+pipeline size is above 1, as in Megatron-LM. Each model-parallel file is written
+by data-parallel rank 0 of that model-parallel rank; every data-parallel rank reads
+it back, so the data-parallel size may change between save and load, the tensor and
+pipeline sizes may not.
+
+Atomicity protocol of :func:`save_checkpoint` (all ranks of ``group`` call it):
+
+1. The coordinator (rank 0 of ``group``) picks ``iter_XXXXXXX.tmp-<unique>`` and
+   broadcasts the name; writers put their file there (temp file, fsync, ``os.replace``).
+2. All ranks exchange success/failure; a failure anywhere raises on every rank and
+   the temporary directory is left behind (cleaned by a later save).
+3. The coordinator checks every expected file, writes ``common.pt`` and then
+   ``metadata.json`` (the completeness marker, with each file's size), fsyncs and
+   renames the directory to ``iter_XXXXXXX``. An existing directory of the same
+   iteration is first renamed aside to ``iter_XXXXXXX.old-<unique>``; a crash
+   between those two renames is recovered by the loader.
+4. The tracker file is replaced atomically, then old checkpoints beyond
+   ``keep_last`` and stale ``.tmp-*``/``.old-*``/``.del-*`` directories are removed.
+
+A crash at any point therefore leaves the tracker naming a complete checkpoint.
+All ranks are assumed to see the same file system under ``save_dir``.
+
+Serialisation: ``torch.save``; loading uses ``torch.load(weights_only=True)`` by
+default, so states must consist of tensors and plain Python values (dict, list,
+tuple, str, int, float, bool, None, torch.dtype/Size/device). :func:`save_checkpoint`
+checks this before writing, so a NumPy array in a sampler state fails at save time
+with the key path, not at resume time. Pass ``weights_only=False`` to both functions
+to store arbitrary picklable objects (only ever load such checkpoints from a trusted
+source: unpickling can run code).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+import megatron_dga
+from megatron_dga.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+"""Megatron-LM's name for the file holding the last complete iteration."""
+METADATA_FILENAME = "metadata.json"
+COMMON_FILENAME = "common.pt"
+MODEL_FILENAME = "model_optim_rng.pt"
+METADATA_FORMAT = "megatron-dga/checkpoint-v1"
+
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_SCRATCH_DIR = re.compile(r"^iter_(\d{7,})\.(tmp|old|del)-[0-9a-z]+$")
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where this process sits in the model-parallel x data-parallel grid.
+
+    ``dp`` counts every replica of one model-parallel shard (data-parallel times
+    context-parallel ranks), so ``tp_size * pp_size * dp_size`` is the number of
+    ranks that call :func:`save_checkpoint`.
+    """
+
+    tp_size: int = 1
+    """Tensor-model-parallel size (--tensor-model-parallel-size)."""
+    pp_size: int = 1
+    """Pipeline-model-parallel size (--pipeline-model-parallel-size)."""
+    dp_size: int = 1
+    """Data-parallel size (replicas of each model-parallel shard)."""
+    tp_rank: int = 0
+    """This process's tensor-parallel rank, in [0, tp_size)."""
+    pp_rank: int = 0
+    """This process's pipeline stage, in [0, pp_size)."""
+    dp_rank: int = 0
+    """This process's data-parallel rank, in [0, dp_size); rank 0 writes the shard."""
+
+    def __post_init__(self):
+        for kind in ("tp", "pp", "dp"):
+            size, rank = getattr(self, f"{kind}_size"), getattr(self, f"{kind}_rank")
+            if not isinstance(size, int) or size < 1:
+                raise ConfigError(f"CheckpointLayout.{kind}_size must be a positive integer, got {size!r}")
+            if not isinstance(rank, int) or not 0 <= rank < size:
+                raise ConfigError(
+                    f"CheckpointLayout.{kind}_rank must be in [0, {kind}_size={size}), got {rank!r}"
+                )
+
+    @classmethod
+    def from_context(cls, ctx) -> "CheckpointLayout":
+        """Build from any object with tp/pp/dp ``_rank``/``_size`` attributes (platform.ParallelContext)."""
+        return cls(
+            tp_size=ctx.tp_size, pp_size=ctx.pp_size, dp_size=ctx.dp_size,
+            tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=ctx.dp_rank,
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size * self.dp_size
+
+    @property
+    def is_writer(self) -> bool:
+        """True on the rank that writes this model-parallel rank's file."""
+        return self.dp_rank == 0
+
+    def shard_dirname(self, tp_rank: Optional[int] = None, pp_rank: Optional[int] = None) -> str:
+        """``mp_rank_TT`` (pipeline size 1) or ``mp_rank_TT_PPP``; this rank's unless given."""
+        tp = self.tp_rank if tp_rank is None else tp_rank
+        pp = self.pp_rank if pp_rank is None else pp_rank
+        return f"mp_rank_{tp:02d}" if self.pp_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+
+    def all_shard_files(self) -> list[str]:
+        """Relative paths of every model-parallel file a complete checkpoint holds."""
+        return [
+            f"{self.shard_dirname(tp, pp)}/{MODEL_FILENAME}"
+            for pp in range(self.pp_size)
+            for tp in range(self.tp_size)
+        ]
+
+    def describe(self) -> str:
+        return f"TP={self.tp_size} PP={self.pp_size} DP={self.dp_size}"
+
+
+def iteration_dirname(iteration: int) -> str:
+    """``iter_0000100`` for 100 (Megatron's 7-digit zero padding)."""
+    return f"iter_{iteration:07d}"
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes renames/creations durable; not supported on every OS/FS.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, write_fn) -> None:
+    """Write via ``write_fn(fileobj)`` to a temp file beside ``path``, fsync, then os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
+
+
+_SAFE_LEAVES = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.Size, torch.device)
+
+
+def _check_weights_only_safe(obj: Any, path: str) -> None:
+    """Raise CheckpointError naming the first value torch.load(weights_only=True) would reject."""
+    kind = type(obj)
+    # Exact type checks: numpy.float64 subclasses float but pickles as a numpy object.
+    if kind in (dict, OrderedDict):
+        for key, value in obj.items():
+            if type(key) not in (str, int, float, bool, type(None), tuple):
+                raise CheckpointError(
+                    f"checkpoint state {path} has a key of type {type(key).__name__} ({key!r}); "
+                    "use str/int keys (checkpoints load with torch.load(weights_only=True))"
+                )
+            _check_weights_only_safe(value, f"{path}[{key!r}]")
+    elif kind in (list, tuple):
+        for i, value in enumerate(obj):
+            _check_weights_only_safe(value, f"{path}[{i}]")
+    elif isinstance(obj, torch.Tensor) or kind in _SAFE_LEAVES:
+        return
+    else:
+        raise CheckpointError(
+            f"checkpoint state {path} is a {kind.__module__}.{kind.__qualname__}, which "
+            "torch.load(weights_only=True) refuses; store tensors and plain Python values "
+            "(torch.from_numpy(x), x.tolist(), float(x)) or pass weights_only=False to both "
+            "save_checkpoint and load_checkpoint"
+        )
+
+
+def _torch_save(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def _torch_load(path: Path, map_location, weights_only: bool) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling raises many kinds; all mean "unreadable"
+        hint = (
+            " It holds objects other than tensors/plain Python values; if it comes from a trusted "
+            "source, load with weights_only=False."
+            if weights_only and "weights_only" in str(exc)
+            else " The file is truncated or corrupt; load an earlier iteration (--ckpt-step) instead."
+        )
+        raise CheckpointError(f"cannot read checkpoint file {path}: {type(exc).__name__}: {exc}.{hint}") from exc
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+
+class _Comm:
+    """The few collectives a save needs; a single process when torch.distributed is off."""
+
+    def __init__(self, group):
+        self.enabled = dist.is_available() and dist.is_initialized()
+        self.group = group
+        if self.enabled:
+            self.rank = dist.get_rank(group)
+            self.size = dist.get_world_size(group)
+            self.src = dist.get_global_rank(group, 0) if group is not None else 0
+        else:
+            self.rank, self.size, self.src = 0, 1, 0
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.src, group=self.group)
+        return box[0]
+
+    def all_gather(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+def _raise_if_any_failed(comm: _Comm, error: Optional[str], what: str) -> None:
+    errors = comm.all_gather(error)
+    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
+    if failed:
+        detail = "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
+        raise CheckpointError(f"checkpoint save failed while {what}: {detail}")
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    state: dict,
+    *,
+    layout: CheckpointLayout = CheckpointLayout(),
+    group=None,
+    keep_last: Optional[int] = None,
+    common_state: Optional[dict] = None,
+    metadata: Optional[dict] = None,
+    weights_only: bool = True,
+) -> Path:
+    """Save one iteration atomically; every rank of ``group`` must call it.
+
+    Args:
+        save_dir: Checkpoint root (--save); created if missing.
+        iteration: Training iteration the state belongs to (>= 0).
+        state: This model-parallel rank's state (model, optimizer, RNG, ...). Only
+            ``layout.dp_rank == 0`` ranks write it; other ranks may pass ``{}``.
+        layout: This rank's position; its sizes go into the metadata.
+        group: Process group over all ranks that save (None: the default group).
+            Ignored when torch.distributed is not initialised.
+        keep_last: Keep this many checkpoints with iteration <= ``iteration`` (the
+            one just written included) and delete older ones; None keeps all.
+            Directories with a higher iteration (left by a run abandoned after an
+            earlier resume) are never deleted automatically.
+        common_state: State identical on all ranks (args, sampler, mixing state);
+            written once, by the coordinator, as ``common.pt``.
+        metadata: Extra JSON-serialisable facts for ``metadata.json`` (args summary).
+        weights_only: Check that states load with ``torch.load(weights_only=True)``.
+
+    Returns:
+        The final checkpoint directory ``<save_dir>/iter_XXXXXXX``.
+
+    Raises:
+        CheckpointError: On any rank's failure (raised on every rank); the previous
+            checkpoint and the tracker are untouched.
+        ConfigError: Invalid ``iteration``/``keep_last``, or a group whose size does
+            not match the layout.
+    """
+    if not isinstance(iteration, int) or iteration < 0:
+        raise ConfigError(f"checkpoint iteration must be a non-negative integer, got {iteration!r}")
+    if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        raise ConfigError(f"keep_last (--keep-last) must be None or >= 1, got {keep_last!r}")
+    comm = _Comm(group)
+    if comm.enabled and comm.size != layout.world_size:
+        raise ConfigError(
+            f"checkpoint layout {layout.describe()} covers {layout.world_size} ranks but the "
+            f"process group has {comm.size}; pass the group of all ranks that save"
+        )
+    root = Path(save_dir)
+    final_dir = root / iteration_dirname(iteration)
+
+    # 1. Agree on a fresh scratch directory.
+    tmp_name = None
+    error = None
+    if comm.is_coordinator:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp_name = f"{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+            (root / tmp_name).mkdir()
+        except OSError as exc:
+            error = f"cannot create {root / str(tmp_name)}: {exc}"
+            tmp_name = None
+    tmp_name = comm.broadcast(tmp_name)
+    if tmp_name is None:
+        raise CheckpointError(f"checkpoint save failed: {error or 'coordinator could not create a directory'} "
+                              f"(check that --save {root} is writable)")
+    tmp_dir = root / tmp_name
+
+    # 2. Writers save their shard.
+    error = None
+    if layout.is_writer:
+        try:
+            if weights_only:
+                _check_weights_only_safe(state, "state")
+            shard_dir = tmp_dir / layout.shard_dirname()
+            shard_dir.mkdir(exist_ok=True)
+            _torch_save(shard_dir / MODEL_FILENAME, state)
+            _fsync_dir(tmp_dir)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = f"{type(exc).__name__}: {exc}"
+    _raise_if_any_failed(comm, error, f"writing model-parallel files into {tmp_dir}")
+
+    # 3. Coordinator completes and publishes the directory.
+    error = None
+    if comm.is_coordinator:
+        try:
+            _finalize(root, tmp_dir, final_dir, iteration, layout, common_state, metadata, weights_only)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            error = f"{type(exc).__name__}: {exc}"
+    _raise_if_any_failed(comm, error, f"publishing {final_dir}")
+
+    # 4. Retention; failures here do not invalidate the checkpoint just written.
+    if comm.is_coordinator:
+        try:
+            _cleanup(root, iteration, keep_last)
+        except OSError as exc:
+            logger.warning("could not delete old checkpoints under %s: %s", root, exc)
+    return final_dir
+
+
+def _finalize(root, tmp_dir, final_dir, iteration, layout, common_state, metadata, weights_only) -> None:
+    missing = [rel for rel in layout.all_shard_files() if not (tmp_dir / rel).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{len(missing)} model-parallel file(s) missing in {tmp_dir} after all ranks wrote: "
+            f"{missing[:4]}; all ranks must see the same file system under --save"
+        )
+    common = {} if common_state is None else common_state
+    if weights_only:
+        _check_weights_only_safe(common, "common_state")
+    _torch_save(tmp_dir / COMMON_FILENAME, common)
+
+    files = {rel: (tmp_dir / rel).stat().st_size for rel in layout.all_shard_files() + [COMMON_FILENAME]}
+    now = time.time()
+    meta = {
+        "format": METADATA_FORMAT,
+        "iteration": iteration,
+        "layout": {"tp_size": layout.tp_size, "pp_size": layout.pp_size, "dp_size": layout.dp_size},
+        "megatron_dga_version": megatron_dga.__version__,
+        "torch_version": torch.__version__,
+        "time_unix": now,
+        "time": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+        "weights_only": weights_only,
+        "files": files,
+        "extra": metadata or {},
+    }
+    try:
+        text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint metadata must be JSON-serialisable (finite numbers): {exc}") from exc
+    # metadata.json is the completeness marker: written only once everything else is durable.
+    _atomic_write_text(tmp_dir / METADATA_FILENAME, text)
+    _fsync_dir(tmp_dir)
+
+    old_dir = None
+    if final_dir.exists():
+        old_dir = root / f"{final_dir.name}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(final_dir, old_dir)
+    os.replace(tmp_dir, final_dir)
+    _fsync_dir(root)
+    _atomic_write_text(root / TRACKER_FILENAME, f"{iteration}\n")
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def _list_iterations(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _ITER_DIR.match(entry.name)
+        if match and entry.is_dir():
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def _cleanup(root: Path, iteration: int, keep_last: Optional[int]) -> None:
+    for entry in root.iterdir():
+        if _SCRATCH_DIR.match(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+    if keep_last is None:
+        return
+    older = [it for it in _list_iterations(root) if it < iteration]
+    doomed = older[: max(0, len(older) - (keep_last - 1))]
+    for it in doomed:  # oldest first
+        path = root / iteration_dirname(it)
+        # Rename first so a crash mid-delete never leaves a half-deleted iter_ directory.
+        trash = root / f"{path.name}.del-{uuid.uuid4().hex[:12]}"
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if doomed:
+        _fsync_dir(root)
+        logger.info("deleted checkpoint(s) %s under %s (keep_last=%d)", doomed, root, keep_last)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def latest_iteration(load_dir: str | os.PathLike) -> Optional[int]:
+    """The iteration named by the tracker file, or None when there is no tracker.
+
+    Raises:
+        CheckpointError: The tracker exists but does not hold a non-negative integer.
+    """
+    tracker = Path(load_dir) / TRACKER_FILENAME
+    try:
+        text = tracker.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint tracker {tracker}: {exc}") from exc
+    if not text.isdigit():
+        raise CheckpointError(
+            f"checkpoint tracker {tracker} holds {text[:40]!r}, not an iteration number; "
+            "write the iteration of a complete iter_XXXXXXX directory into it"
+        )
+    return int(text)
+
+
+def _resolve_dir(root: Path, iteration: int) -> Path:
+    path = root / iteration_dirname(iteration)
+    if (path / METADATA_FILENAME).is_file():
+        return path
+    # A crash while replacing an existing directory of the same iteration leaves
+    # the complete previous copy renamed aside as .old-*.
+    for entry in sorted(root.glob(f"{path.name}.old-*")):
+        if (entry / METADATA_FILENAME).is_file():
+            logger.warning("%s is missing; loading the complete copy %s left by an interrupted save", path, entry)
+            return entry
+    available = _list_iterations(root)
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete ({METADATA_FILENAME} missing: the save was interrupted); "
+            f"load another iteration, available: {available}"
+        )
+    raise CheckpointError(
+        f"checkpoint {path} does not exist; available iterations under {root}: {available or 'none'}"
+    )
+
+
+def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> dict:
+    """Parse ``<iter dir>/metadata.json``; CheckpointError when missing or malformed."""
+    path = Path(ckpt_dir) / METADATA_FILENAME
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {METADATA_FILENAME} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint metadata {path}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+        raise CheckpointError(f"{path} is not megatron-dga checkpoint metadata (format {METADATA_FORMAT!r})")
+    return meta
+
+
+def load_checkpoint(
+    load_dir: str | os.PathLike,
+    *,
+    layout: CheckpointLayout = CheckpointLayout(),
+    iteration: Optional[int] = None,
+    map_location="cpu",
+    weights_only: bool = True,
+) -> tuple[int, dict, dict]:
+    """Load this rank's shard and the common state; no collectives, any rank may call it.
+
+    Args:
+        load_dir: Checkpoint root (--load).
+        layout: This run's layout. TP and PP sizes must equal the checkpoint's; the
+            DP size may differ (every DP rank reads its model-parallel rank's file).
+        iteration: Iteration to load; None reads the tracker file.
+        map_location: Passed to ``torch.load``.
+        weights_only: Passed to ``torch.load``; keep True unless the checkpoint was
+            saved with ``weights_only=False`` and comes from a trusted source.
+
+    Returns:
+        ``(iteration, state, common_state)``.
+
+    Raises:
+        CheckpointError: Missing directory/tracker/iteration, incomplete or
+            truncated files, unreadable files, or a TP/PP layout mismatch.
+    """
+    root = Path(load_dir)
+    if not root.is_dir():
+        raise CheckpointError(
+            f"--load {root} does not exist or is not a directory; fix the path, or drop --load "
+            "to start from scratch"
+        )
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            available = _list_iterations(root)
+            hint = (
+                f"it has iteration directories {available}: pick one explicitly (--ckpt-step) or write "
+                f"its number into {TRACKER_FILENAME}"
+                if available
+                else "it holds no checkpoint; point --load at a --save directory of an earlier run"
+            )
+            raise CheckpointError(f"--load {root} has no {TRACKER_FILENAME}; {hint}")
+    ckpt_dir = _resolve_dir(root, iteration)
+    meta = read_checkpoint_metadata(ckpt_dir)
+    saved = meta["layout"]
+    if (saved["tp_size"], saved["pp_size"]) != (layout.tp_size, layout.pp_size):
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} was saved with TP={saved['tp_size']} PP={saved['pp_size']} "
+            f"(DP={saved['dp_size']}) but this run uses {layout.describe()}; rerun with "
+            f"--tensor-model-parallel-size {saved['tp_size']} --pipeline-model-parallel-size "
+            f"{saved['pp_size']} (DP may differ), or convert the checkpoint to the new layout"
+        )
+    if meta["iteration"] != iteration:
+        raise CheckpointError(
+            f"{ckpt_dir / METADATA_FILENAME} says iteration {meta['iteration']}, expected {iteration}"
+        )
+    shard = f"{layout.shard_dirname()}/{MODEL_FILENAME}"
+    for rel in (shard, COMMON_FILENAME):
+        path = ckpt_dir / rel
+        expected = meta["files"].get(rel)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing (the directory was modified after saving)")
+        if expected is not None and path.stat().st_size != expected:
+            raise CheckpointError(
+                f"checkpoint file {path} has {path.stat().st_size} bytes, metadata says {expected}: "
+                "it is truncated or was replaced; load another iteration"
+            )
+    state = _torch_load(ckpt_dir / shard, map_location, weights_only)
+    common = _torch_load(ckpt_dir / COMMON_FILENAME, map_location, weights_only)
+    return iteration, state, common

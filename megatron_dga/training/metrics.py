@@ -1,0 +1,418 @@
+"""One path for training metrics: console line, TensorBoard scalars, metrics.jsonl.
+
+The trainer calls :meth:`MetricsLogger.log` with a flat dict of values; the logger
+fans them out to three sinks:
+
+* a Megatron-style console line (scalar values only; lists are not printed)::
+
+      [2026-11-03 10:00:00] iteration      100/    1000 | consumed samples:         3200 |
+      elapsed time per iteration (ms): 123.4 | tokens/s: 12345 | learning rate: 3.000000E-04 |
+      lm loss: 3.456789E+00 | grad norm: 1.234 |
+
+* TensorBoard scalars with namespaced tags (:data:`TENSORBOARD_TAGS`); a list value
+  expands to one scalar per domain, ``<prefix>/<domain name>`` (e.g.
+  ``domain_weights`` -> ``mixing/weight/<domain>``);
+* ``<log_dir>/metrics.jsonl``: one JSON object per :meth:`log` call,
+  ``{"iteration": N, **values}``, flushed line by line. Non-finite floats are
+  written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (strict JSON has
+  no such numbers) and :func:`read_metrics` turns them back into floats.
+
+Resume rule: a logger built with ``start_iteration=S`` keeps only the existing
+``metrics.jsonl`` entries with ``iteration <= S`` (and drops torn/unparsable lines),
+because entries past the checkpoint came from a run that crashed and are about to
+be recomputed. The original file is kept as ``metrics.jsonl.bak`` when anything is
+dropped. TensorBoard gets the same rule through ``SummaryWriter(purge_step=S + 1)``.
+A fresh run is ``S = 0``: stale entries of an earlier run in the same directory go.
+
+Only the writer rank (``is_writer=True``) touches files or prints; on other ranks
+every method is a no-op, so all ranks can call the same code.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, TextIO
+
+from megatron_dga.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILENAME = "metrics.jsonl"
+
+TENSORBOARD_TAGS: Mapping[str, str] = {
+    "lm_loss": "train/lm_loss",
+    "lr": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_sec": "train/tokens_per_sec",
+    "ms_per_iter": "train/ms_per_iter",
+    "consumed_samples": "train/consumed_samples",
+    "consumed_tokens": "train/consumed_tokens",
+    "global_batch_size": "train/global_batch_size",
+    "domain_train_loss": "train/domain_loss",
+    "domain_weights": "mixing/weight",
+    "domain_alignment": "mixing/alignment",
+    "domain_epochs": "data/epochs",
+    "domain_samples": "data/samples",
+    "specific_eval_loss": "eval/specific_loss",
+    "domain_eval_loss": "eval/domain_loss",
+}
+"""Metric key -> TensorBoard tag (scalars) or tag prefix (lists, one tag per domain).
+Keys not listed map to ``train/<key>``, or to the key itself if it contains a ``/``."""
+
+# (key, console label, format) in the order Megatron prints them; other scalar keys
+# follow in the caller's order as "<key with spaces>: <value>".
+_CONSOLE_FIELDS: Sequence[tuple[str, str, str]] = (
+    ("consumed_samples", "consumed samples", "{:12d}"),
+    ("consumed_tokens", "consumed tokens", "{:14d}"),
+    ("ms_per_iter", "elapsed time per iteration (ms)", "{:.1f}"),
+    ("tokens_per_sec", "tokens/s", "{:.0f}"),
+    ("lr", "learning rate", "{:.6E}"),
+    ("global_batch_size", "global batch size", "{:5d}"),
+    ("lm_loss", "lm loss", "{:.6E}"),
+    ("grad_norm", "grad norm", "{:.3f}"),
+    ("specific_eval_loss", "specific eval loss", "{:.6E}"),
+)
+_CONSOLE_KEYS = {key for key, _, _ in _CONSOLE_FIELDS}
+
+_NONFINITE_TO_STR = {math.inf: "Infinity", -math.inf: "-Infinity"}
+_STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _plain(value: Any, key: str) -> Any:
+    """Turn tensors/NumPy values into plain Python, recursively; reject the rest."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy arrays and scalars
+        return _plain(value.tolist(), key)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, key) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, key) for k, v in value.items()}
+    raise ConfigError(
+        f"metric {key!r} has a value of type {type(value).__name__}; use numbers, lists of "
+        "numbers, strings, tensors or NumPy arrays"
+    )
+
+
+def _encode(value: Any) -> Any:
+    """Replace non-finite floats by their string tokens (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else _NONFINITE_TO_STR[value]
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, str) and value in _STR_TO_NONFINITE:
+        return _STR_TO_NONFINITE[value]
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Read a metrics.jsonl file written by :class:`MetricsLogger`.
+
+    A torn last line (a crash mid-write) is skipped with a warning; non-finite
+    tokens (``"NaN"``, ``"Infinity"``, ``"-Infinity"``) come back as floats.
+
+    Args:
+        path: The ``metrics.jsonl`` file, or the log directory holding it.
+
+    Returns:
+        One dict per logged iteration, in file order.
+
+    Raises:
+        DataError: The file is missing, or a line other than the last is not a JSON object.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILENAME
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"metrics file {path} does not exist; pass the --log-dir of a run") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if number == len(lines):
+                logger.warning("%s: skipping torn last line %d (%s)", path, number, exc)
+                continue
+            raise DataError(f"{path}:{number} is not a JSON object ({exc}): {line[:80]!r}") from exc
+        records.append(_decode(record))
+    return records
+
+
+def _truncate_after(path: Path, start_iteration: int) -> int:
+    """Keep entries with iteration <= start_iteration; return how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record["iteration"]) <= start_iteration
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        shutil.copyfile(path, path.with_name(path.name + ".bak"))
+        os.replace(tmp, path)  # atomic: readers see the old or the truncated file
+    return dropped
+
+
+@dataclass(frozen=True)
+class ThroughputWindow:
+    """Speed over the iterations since the previous :meth:`Throughput.window` call."""
+
+    iterations: int
+    """Iterations counted in the window."""
+    tokens: int
+    """Tokens processed in the window (global, all data-parallel ranks)."""
+    samples: int
+    """Samples processed in the window."""
+    seconds: float
+    """Wall-clock seconds the window spans."""
+
+    @property
+    def ms_per_iter(self) -> float:
+        return 1000.0 * self.seconds / self.iterations if self.iterations else math.nan
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def samples_per_sec(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else math.nan
+
+
+class Throughput:
+    """Counts iterations/tokens between log calls and reports their rate.
+
+    On GPU, synchronise the device before :meth:`window` (or time with events):
+    this class only reads a host clock.
+
+    Args:
+        clock: Returns seconds; injectable for tests.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window now (e.g. after evaluation or checkpointing, to exclude them)."""
+        self._restart(self._clock())
+
+    def _restart(self, now: float) -> None:
+        self._start = now
+        self._iterations = 0
+        self._tokens = 0
+        self._samples = 0
+
+    def step(self, tokens: int, samples: int = 0, iterations: int = 1) -> None:
+        """Record ``iterations`` finished training iterations that consumed ``tokens``/``samples``."""
+        self._iterations += iterations
+        self._tokens += int(tokens)
+        self._samples += int(samples)
+
+    def window(self) -> ThroughputWindow:
+        """Return the current window's totals and start a new window."""
+        now = self._clock()
+        result = ThroughputWindow(self._iterations, self._tokens, self._samples, now - self._start)
+        self._restart(now)
+        return result
+
+
+class MetricsLogger:
+    """Writes each iteration's metrics to the console, TensorBoard and metrics.jsonl.
+
+    Args:
+        log_dir: Directory of ``metrics.jsonl`` (created).
+        tensorboard_dir: TensorBoard event directory; None disables TensorBoard.
+        is_writer: Whether this rank writes; False makes every method a no-op.
+        log_interval: Console/file logging period in iterations (see :meth:`should_log`).
+        train_iters: Total iterations, printed as ``iteration   N/ total``; None omits it.
+        start_iteration: Iteration the run starts from (the loaded checkpoint's, 0 for
+            a fresh run); later entries of a crashed run are dropped (module docstring).
+        domain_names: Labels of list-valued metrics (one per domain).
+        list_labels: Per-key labels overriding ``domain_names`` (e.g. bases for DGA over bases).
+        stream: Console stream; default ``sys.stdout``.
+        timestamps: Prefix console lines with ``[YYYY-mm-dd HH:MM:SS]`` like Megatron.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike,
+        tensorboard_dir: Optional[str | os.PathLike] = None,
+        *,
+        is_writer: bool = True,
+        log_interval: int = 1,
+        train_iters: Optional[int] = None,
+        start_iteration: int = 0,
+        domain_names: Optional[Sequence[str]] = None,
+        list_labels: Optional[Mapping[str, Sequence[str]]] = None,
+        stream: Optional[TextIO] = None,
+        timestamps: bool = True,
+    ):
+        if not isinstance(log_interval, int) or log_interval < 1:
+            raise ConfigError(f"--log-interval must be a positive integer, got {log_interval!r}")
+        if not isinstance(start_iteration, int) or start_iteration < 0:
+            raise ConfigError(f"start_iteration must be a non-negative integer, got {start_iteration!r}")
+        self.is_writer = is_writer
+        self.log_interval = log_interval
+        self.train_iters = train_iters
+        self.domain_names = list(domain_names) if domain_names is not None else None
+        self.list_labels = {k: list(v) for k, v in (list_labels or {}).items()}
+        self.timestamps = timestamps
+        self._stream = stream
+        self._file = None
+        self._tb = None
+        if not is_writer:
+            return
+        self.path = Path(log_dir) / METRICS_FILENAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        dropped = _truncate_after(self.path, start_iteration)
+        if dropped:
+            logger.warning(
+                "%s: dropped %d entr%s past the resumed iteration %d (original kept as %s.bak)",
+                self.path, dropped, "y" if dropped == 1 else "ies", start_iteration, self.path.name,
+            )
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
+
+            self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=start_iteration + 1)
+
+    # ------------------------------------------------------------------ public API
+
+    def should_log(self, iteration: int) -> bool:
+        """True every ``log_interval`` iterations."""
+        return iteration % self.log_interval == 0
+
+    def log(self, iteration: int, scalars: Mapping[str, Any], *, console: bool = True) -> Optional[str]:
+        """Record one iteration's metrics on all sinks.
+
+        Args:
+            iteration: Training iteration (the TensorBoard step and the jsonl ``iteration``).
+            scalars: Metric key -> number, list of numbers (one per domain), string,
+                tensor or NumPy array. Keys are kept verbatim in metrics.jsonl.
+            console: Also print the console line (scalar values only).
+
+        Returns:
+            The console line on the writer rank (also when not printed), else None.
+
+        Raises:
+            ConfigError: A key named ``iteration``, an unsupported value type, or a list
+                whose length does not match its labels.
+        """
+        if not self.is_writer:
+            return None
+        if "iteration" in scalars:
+            raise ConfigError("metric key 'iteration' is reserved; pass it as the first argument of log()")
+        values = {key: _plain(value, key) for key, value in scalars.items()}
+        # Tags first: a label mismatch must fail before anything is written.
+        tags = [pair for key, value in values.items() for pair in self.tags_for(key, value)]
+        record = {"iteration": int(iteration), **{k: _encode(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for tag, number in tags:
+                self._tb.add_scalar(tag, number, global_step=iteration)
+            self._tb.flush()
+        line = self.format_line(iteration, values)
+        if console:
+            print(line, file=self._stream or sys.stdout, flush=True)
+        return line
+
+    def format_line(self, iteration: int, values: Mapping[str, Any]) -> str:
+        """Megatron-style console line for ``values`` (lists and strings are left out)."""
+        parts = []
+        if self.timestamps:
+            parts.append(datetime.datetime.now().strftime("[%Y-%m-%d %H:%M:%S]"))
+        head = f" iteration {iteration:8d}"
+        if self.train_iters is not None:
+            head += f"/{self.train_iters:8d}"
+        parts.append(head + " |")
+        for key, label, fmt in _CONSOLE_FIELDS:
+            if key in values and _is_number(values[key]):
+                parts.append(f" {label}: {_format(values[key], fmt)} |")
+        for key, value in values.items():
+            if key not in _CONSOLE_KEYS and _is_number(value):
+                fmt = "{:d}" if isinstance(value, int) else "{:.6E}"
+                parts.append(f" {key.replace('_', ' ')}: {_format(value, fmt)} |")
+        return "".join(parts)
+
+    def tags_for(self, key: str, value: Any) -> list[tuple[str, float]]:
+        """TensorBoard ``(tag, value)`` pairs for one metric (empty for strings/None)."""
+        base = TENSORBOARD_TAGS.get(key, key if "/" in key else f"train/{key}")
+        if _is_number(value):
+            return [(base, float(value))]
+        if isinstance(value, list) and value and all(_is_number(v) for v in value):
+            labels = self.list_labels.get(key, self.domain_names)
+            if labels is None:
+                labels = [str(i) for i in range(len(value))]
+            elif len(labels) != len(value):
+                raise ConfigError(
+                    f"metric {key!r} has {len(value)} values but {len(labels)} labels "
+                    f"({labels[:4]}...); pass list_labels={{{key!r}: [...]}} for lists over other sets"
+                )
+            return [(f"{base}/{label}", float(v)) for label, v in zip(labels, value)]
+        return []
+
+    def close(self) -> None:
+        """Flush and close the files (idempotent)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _format(value: float | int, fmt: str) -> str:
+    if "d}" in fmt:
+        if isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                return f"{value:.6E}"
+            value = int(value)
+    return fmt.format(value)
