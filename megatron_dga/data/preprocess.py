@@ -1,0 +1,572 @@
+"""jsonl -> megatron-core indexed shards (the library behind ``tools/preprocess_data.py``).
+
+Inputs (``PreprocessConfig.input``): a ``.jsonl`` file, a ``.jsonl.gz`` file, a glob of such
+files (all concatenated into one shard, in sorted path order), or a DIRECTORY of per-domain
+``*.jsonl``/``*.jsonl.gz`` files. In directory mode every file becomes its own shard, named by
+the file stem (``web.jsonl.gz`` -> ``web``), and ``output_prefix`` is a directory:
+``<output_prefix>/<stem>_<key>_document.{bin,idx,json}``. Otherwise the outputs are
+``<output_prefix>_<key>_document.{bin,idx,json}`` (Megatron's naming; ``key`` is each of
+``json_keys``, ``text`` by default).
+
+Each shard is written with megatron-core's ``IndexedDatasetBuilder`` and
+``DType.optimal_dtype(vocab_size)``, one document per accepted jsonl line, and is readable by
+``megatron.core.datasets.indexed_dataset.IndexedDataset``.
+
+Bad lines never stop a run. They are skipped, counted per reason and reported at the end
+with the first few ``file:line`` locations. Reasons: ``invalid_utf8``, ``invalid_json``,
+``not_object`` (valid JSON that is not an object), ``missing_key``, ``not_string``,
+``empty_text`` (empty/whitespace-only text, or text that tokenizes to nothing) and
+``blank_line``. A line bad for one json key is skipped for every key, so the shards of
+different keys stay document-aligned.
+
+Atomicity: each shard is built into ``<final>.tmp-<pid>`` files next to the target. When
+complete, the old ``.idx`` is removed, then the ``.bin`` and finally the ``.idx`` are moved
+into place with ``os.replace``, and the sidecar last; a reader never sees a complete ``.idx``
+beside a partial ``.bin``. On any exception (Ctrl-C included) the temp files are removed and
+previous outputs stay untouched.
+
+Sidecar ``<prefix>_<key>_document.json`` (format ``megatron-dga/shard-v1``), fields:
+
+* ``format``: ``"megatron-dga/shard-v1"``.
+* ``tokenizer_type``, ``tokenizer_model`` (absolute path or null), ``tokenizer_sha256``
+  (SHA-256 of the tokenizer files), ``vocab_size``, ``eod``, ``pad``, ``bos``: the
+  tokenizer's ``fingerprint()``; the trainer compares them with its own tokenizer.
+* ``dtype``: numpy dtype name of the token ids in the ``.bin`` (``uint16``/``int32``).
+* ``append_eod``: whether ``eod`` ends every document.
+* ``json_key``: the jsonl field tokenized.
+* ``num_documents``, ``num_tokens`` (eod included), ``num_bytes`` (UTF-8 bytes of the text).
+* ``sources``: the input files (absolute paths), ``bad_lines``: ``{reason: count}``.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from megatron_dga.data.tokenizers import BaseTokenizer, TokenizerSpec
+from megatron_dga.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+SHARD_FORMAT = "megatron-dga/shard-v1"
+BAD_REASONS = (
+    "invalid_utf8",
+    "invalid_json",
+    "not_object",
+    "missing_key",
+    "not_string",
+    "empty_text",
+    "blank_line",
+)
+_BATCH_LINES = 256
+_FIRST_BAD_KEPT = 5
+
+
+@dataclass
+class PreprocessConfig:
+    """What to tokenize, how, and where to write it."""
+
+    input: str
+    """A jsonl(.gz) file, a glob of them, or a directory of per-domain ``*.jsonl[.gz]``."""
+    output_prefix: str
+    """Output prefix; a directory in directory mode (see the module docstring)."""
+    tokenizer: TokenizerSpec
+    """How to build the tokenizer (also rebuilt in every worker)."""
+    json_keys: Sequence[str] = ("text",)
+    """jsonl fields to tokenize; one shard per key (``<prefix>_<key>_document``)."""
+    append_eod: bool = False
+    """Append the tokenizer's ``eod`` after every document."""
+    workers: int = 1
+    """Tokenizer processes (``--workers``); 1 tokenizes in this process. Order is preserved."""
+    log_interval: int = 10000
+    """Documents between progress log lines when no progress bar is shown."""
+    progress: Optional[bool] = None
+    """Show a tqdm bar; ``None``: only when stderr is a terminal."""
+
+    def __post_init__(self):
+        if not self.input:
+            raise ConfigError("--input is required: a jsonl file, a glob or a directory.")
+        if not self.output_prefix:
+            raise ConfigError("--output-prefix is required.")
+        keys = list(self.json_keys)
+        if not keys or any(not isinstance(k, str) or not k.strip() for k in keys):
+            raise ConfigError(
+                f"--json-keys {keys!r}: give one or more non-empty field names, e.g. --json-keys text."
+            )
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"--json-keys {keys!r} repeats a key; list each key once.")
+        self.json_keys = tuple(keys)
+        if self.workers < 1:
+            raise ConfigError(f"--workers {self.workers} must be >= 1.")
+        if self.log_interval < 1:
+            raise ConfigError(f"--log-interval {self.log_interval} must be >= 1.")
+
+
+@dataclass
+class ShardResult:
+    """One written shard (one input group x one json key)."""
+
+    prefix: str
+    """Path prefix of ``.bin``/``.idx``/``.json`` (``..._<key>_document``)."""
+    json_key: str
+    """The tokenized field."""
+    num_documents: int
+    """Documents written."""
+    num_tokens: int
+    """Tokens written (eod included)."""
+    sources: list[str]
+    """Input files of this shard."""
+    bad_lines: dict[str, int] = field(default_factory=dict)
+    """Skipped lines per reason."""
+    first_bad: list[str] = field(default_factory=list)
+    """``file:line reason`` of the first few skipped lines."""
+
+
+# --------------------------------------------------------------------------- input discovery
+def _is_jsonl(name: str) -> bool:
+    # Not *.json: directories of domains often hold a manifest.json beside the data.
+    return name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def domain_name(path: str) -> str:
+    """Shard name of an input file: its basename without ``.gz`` and ``.jsonl``."""
+    return os.path.basename(path).removesuffix(".gz").removesuffix(".jsonl")
+
+
+def resolve_inputs(input_spec: str, output_prefix: str) -> list[tuple[str, list[str]]]:
+    """Map ``--input`` to ``[(shard_prefix_without_key, [files])]``.
+
+    Raises:
+        DataError: nothing matches, or a directory holds no jsonl file.
+    """
+    if os.path.isdir(input_spec):
+        files = sorted(
+            os.path.join(input_spec, n)
+            for n in os.listdir(input_spec)
+            if _is_jsonl(n) and os.path.isfile(os.path.join(input_spec, n))
+        )
+        if not files:
+            raise DataError(
+                f"--input {input_spec!r} is a directory without *.jsonl or *.jsonl.gz files. "
+                "Put one jsonl file per domain in it."
+            )
+        names = [domain_name(f) for f in files]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise DataError(
+                f"--input {input_spec!r}: several files map to the domain name(s) {dupes} "
+                "(e.g. a.jsonl and a.jsonl.gz). Keep one file per domain."
+            )
+        return [(os.path.join(output_prefix, n), [f]) for n, f in zip(names, files)]
+    if os.path.isfile(input_spec):
+        return [(output_prefix, [input_spec])]
+    matches = sorted(p for p in glob.glob(input_spec) if os.path.isfile(p))
+    if not matches:
+        raise DataError(
+            f"--input {input_spec!r}: no such file or directory, and no file matches it as a "
+            "glob. Check the path (quote globs so the shell does not expand them)."
+        )
+    return [(output_prefix, matches)]
+
+
+def _open_binary(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _iter_line_batches(files: Sequence[str]) -> Iterator[list[tuple[int, int, bytes]]]:
+    """Batches of ``(file_index, line_number, raw_line)``."""
+    batch: list[tuple[int, int, bytes]] = []
+    for fi, path in enumerate(files):
+        try:
+            with _open_binary(path) as f:
+                for lineno, raw in enumerate(f, 1):
+                    batch.append((fi, lineno, raw))
+                    if len(batch) >= _BATCH_LINES:
+                        yield batch
+                        batch = []
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise DataError(f"--input file {path!r} could not be read: {exc}.") from None
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- tokenisation
+_WORKER_TOKENIZER: Optional[BaseTokenizer] = None
+_WORKER_KEYS: tuple[str, ...] = ()
+_WORKER_EOD: bool = False
+
+
+def _init_worker(spec: TokenizerSpec, keys: tuple[str, ...], append_eod: bool, ignore_sigint: bool):
+    global _WORKER_TOKENIZER, _WORKER_KEYS, _WORKER_EOD
+    if ignore_sigint:
+        # Only the parent handles Ctrl-C, so it can clean up its temp files.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER_TOKENIZER = spec.build()
+    _WORKER_KEYS = keys
+    _WORKER_EOD = append_eod
+
+
+def _set_local_tokenizer(tok: BaseTokenizer, keys: tuple[str, ...], append_eod: bool):
+    global _WORKER_TOKENIZER, _WORKER_KEYS, _WORKER_EOD
+    _WORKER_TOKENIZER, _WORKER_KEYS, _WORKER_EOD = tok, keys, append_eod
+
+
+def _parse_line(raw: bytes, keys: tuple[str, ...]):
+    """``("ok", [text per key])`` or ``(reason, None)`` for a bad line."""
+    if not raw.strip():
+        return ("blank_line", None)
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ("invalid_utf8", None)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return ("invalid_json", None)
+    if not isinstance(obj, dict):
+        return ("not_object", None)
+    texts = []
+    for key in keys:
+        if key not in obj:
+            return ("missing_key", None)
+        text = obj[key]
+        if not isinstance(text, str):
+            return ("not_string", None)
+        if not text.strip():
+            return ("empty_text", None)
+        texts.append(text)
+    return ("ok", texts)
+
+
+def _encode_line(raw: bytes):
+    """``("ok", [ids per key], nbytes)`` or ``("bad", reason, None)``."""
+    status, texts = _parse_line(raw, _WORKER_KEYS)
+    if status != "ok":
+        return ("bad", status, None)
+    tok = _WORKER_TOKENIZER
+    out = []
+    nbytes = 0
+    for text in texts:
+        ids = tok.tokenize(text)
+        if not ids:
+            return ("bad", "empty_text", None)
+        if _WORKER_EOD:
+            ids.append(tok.eod)
+        out.append(np.asarray(ids, dtype=np.int64))
+        nbytes += len(text.encode("utf-8"))
+    return ("ok", out, nbytes)
+
+
+def _encode_batch(batch: list[tuple[int, int, bytes]]):
+    return [(fi, ln, len(raw), _encode_line(raw)) for fi, ln, raw in batch]
+
+
+# --------------------------------------------------------------------------- writing
+class _ShardWriter:
+    """Builds one shard into temp files; ``commit`` moves them into place."""
+
+    def __init__(self, prefix: str, dtype):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefix = prefix
+        tag = f".tmp-{os.getpid()}"
+        self.bin_tmp = prefix + ".bin" + tag
+        self.idx_tmp = prefix + ".idx" + tag
+        self.json_tmp = prefix + ".json" + tag
+        self.dtype = dtype
+        self.builder = IndexedDatasetBuilder(self.bin_tmp, dtype=dtype)
+        self.num_documents = 0
+        self.num_tokens = 0
+        self.num_bytes = 0
+        self._finalized = False
+
+    def add(self, ids: np.ndarray, nbytes: int) -> None:
+        self.builder.add_document(ids, [len(ids)])
+        self.num_documents += 1
+        self.num_tokens += len(ids)
+        self.num_bytes += nbytes
+
+    def finalize(self, sidecar: dict) -> None:
+        self.builder.finalize(self.idx_tmp)
+        self._finalized = True
+        with open(self.json_tmp, "w", encoding="utf-8") as f:
+            json.dump(sidecar, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    def commit(self) -> None:
+        if not self._finalized:
+            raise RuntimeError("commit() before finalize()")
+        idx, bin_, js = self.prefix + ".idx", self.prefix + ".bin", self.prefix + ".json"
+        # Drop the old index first: between the two renames a reader finds no dataset
+        # rather than an old index pointing into a new .bin.
+        if os.path.exists(idx):
+            os.unlink(idx)
+        os.replace(self.bin_tmp, bin_)
+        os.replace(self.idx_tmp, idx)
+        os.replace(self.json_tmp, js)
+
+    def abort(self) -> None:
+        try:
+            self.builder.data_file.close()
+        except Exception:  # already closed or never opened
+            pass
+        for path in (self.bin_tmp, self.idx_tmp, self.json_tmp):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+class _Progress:
+    """tqdm bar over input bytes with docs/s and MB/s, or log lines every N documents."""
+
+    def __init__(self, total_bytes: Optional[int], desc: str, enabled: Optional[bool], log_interval: int):
+        self.bar = None
+        self.log_interval = log_interval
+        self.desc = desc
+        self.start = time.monotonic()
+        self.docs = 0
+        self.bytes = 0
+        self._next_log = log_interval
+        show = sys.stderr.isatty() if enabled is None else enabled
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
+
+    def update(self, docs: int, nbytes: int) -> None:
+        self.docs += docs
+        self.bytes += nbytes
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix(docs=self.docs, docs_s=f"{self.docs / elapsed:.0f}", refresh=False)
+        elif self.docs >= self._next_log:
+            self._next_log = (self.docs // self.log_interval + 1) * self.log_interval
+            logger.info(
+                "%s: %d documents (%.0f docs/s, %.2f MB/s)",
+                self.desc, self.docs, self.docs / elapsed, self.bytes / elapsed / 1e6,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _file_total(files: Sequence[str]) -> Optional[int]:
+    if any(f.endswith(".gz") for f in files):
+        return None
+    return sum(os.path.getsize(f) for f in files)
+
+
+def _process_group(
+    base_prefix: str,
+    files: list[str],
+    config: PreprocessConfig,
+    tokenizer: BaseTokenizer,
+    pool,
+) -> list[ShardResult]:
+    from megatron.core.datasets.indexed_dataset import DType
+
+    out_dir = os.path.dirname(os.path.abspath(base_prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"--output-prefix {config.output_prefix!r}: cannot create the directory {out_dir!r} "
+            f"({exc}). Pass a prefix under a writable directory."
+        ) from None
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    prefixes = [f"{base_prefix}_{key}_document" for key in config.json_keys]
+    writers: list[_ShardWriter] = []
+    bad: dict[str, int] = {}
+    first_bad: list[str] = []
+    progress = _Progress(
+        _file_total(files), os.path.basename(base_prefix) or base_prefix, config.progress, config.log_interval
+    )
+    try:
+        for prefix in prefixes:
+            writers.append(_ShardWriter(prefix, dtype))
+        batches = _iter_line_batches(files)
+        results = pool.imap(_encode_batch, batches) if pool is not None else map(_encode_batch, batches)
+        for batch in results:
+            docs = 0
+            nbytes = 0
+            for fi, lineno, rawlen, (status, payload, textbytes) in batch:
+                nbytes += rawlen
+                if status == "bad":
+                    bad[payload] = bad.get(payload, 0) + 1
+                    if len(first_bad) < _FIRST_BAD_KEPT:
+                        first_bad.append(f"{files[fi]}:{lineno} {payload}")
+                    continue
+                for writer, ids in zip(writers, payload):
+                    writer.add(ids, textbytes)
+                docs += 1
+            progress.update(docs, nbytes)
+        fingerprint = tokenizer.fingerprint()
+        for writer, key in zip(writers, config.json_keys):
+            if writer.num_documents == 0:
+                raise DataError(
+                    f"--input {config.input!r}: no valid document for --json-keys {key!r} in "
+                    f"{files} (skipped lines: {bad or 'none'}; first: {first_bad}). Check the "
+                    "key name and the file contents."
+                )
+            sidecar = dict(fingerprint)
+            sidecar.update(
+                format=SHARD_FORMAT,
+                dtype=np.dtype(dtype).name,
+                append_eod=bool(config.append_eod),
+                json_key=key,
+                num_documents=writer.num_documents,
+                num_tokens=writer.num_tokens,
+                num_bytes=writer.num_bytes,
+                sources=[os.path.abspath(f) for f in files],
+                bad_lines=dict(sorted(bad.items())),
+            )
+            writer.finalize(sidecar)
+        for writer in writers:
+            writer.commit()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    finally:
+        progress.close()
+    return [
+        ShardResult(p, k, w.num_documents, w.num_tokens, list(files), dict(bad), list(first_bad))
+        for p, k, w in zip(prefixes, config.json_keys, writers)
+    ]
+
+
+def preprocess(config: PreprocessConfig, tokenizer: Optional[BaseTokenizer] = None) -> list[ShardResult]:
+    """Tokenize the inputs of ``config`` into megatron-core shards.
+
+    Args:
+        config: what to read and write.
+        tokenizer: an already built tokenizer for in-process work (``workers == 1``);
+            built from ``config.tokenizer`` when omitted.
+
+    Returns:
+        One ``ShardResult`` per shard written, in input order then ``json_keys`` order.
+
+    Raises:
+        ConfigError / DataError: bad flags, missing input, no valid document.
+    """
+    groups = resolve_inputs(config.input, config.output_prefix)
+    if tokenizer is None:
+        tokenizer = config.tokenizer.build()
+    keys = tuple(config.json_keys)
+    results: list[ShardResult] = []
+    pool = None
+    try:
+        if config.workers > 1:
+            pool = multiprocessing.get_context().Pool(
+                config.workers,
+                initializer=_init_worker,
+                initargs=(config.tokenizer, keys, config.append_eod, True),
+            )
+        else:
+            _set_local_tokenizer(tokenizer, keys, config.append_eod)
+        for base_prefix, files in groups:
+            results.extend(_process_group(base_prefix, files, config, tokenizer, pool))
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+            pool = None
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        _set_local_tokenizer(None, (), False)
+    return results
+
+
+def format_report(results: Sequence[ShardResult]) -> str:
+    """Human-readable summary: shards, documents, tokens and skipped lines per reason."""
+    lines = []
+    for r in results:
+        lines.append(f"{r.prefix}: {r.num_documents} documents, {r.num_tokens} tokens")
+        if r.bad_lines:
+            counts = ", ".join(f"{k}={v}" for k, v in sorted(r.bad_lines.items()))
+            lines.append(f"  skipped {sum(r.bad_lines.values())} lines ({counts}); first:")
+            lines.extend(f"    {loc}" for loc in r.first_bad)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sampling
+def expand_inputs(inputs: Sequence[str], flag: str = "--input") -> list[str]:
+    """Files named by ``inputs`` (files, directories of jsonl, quoted globs), sorted, deduplicated.
+
+    Raises:
+        DataError: an entry matches nothing.
+    """
+    files: list[str] = []
+    for spec in inputs:
+        if os.path.isdir(spec):
+            found = sorted(
+                os.path.join(spec, n) for n in os.listdir(spec)
+                if _is_jsonl(n) and os.path.isfile(os.path.join(spec, n))
+            )
+        elif os.path.isfile(spec):
+            found = [spec]
+        else:
+            found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
+        if not found:
+            raise DataError(
+                f"{flag} {spec!r}: no such file, no jsonl file in it, and no match as a glob."
+            )
+        files.extend(found)
+    return sorted(set(os.path.abspath(f) for f in files))
+
+
+def sample_documents(
+    files: Sequence[str],
+    json_keys: Sequence[str],
+    sample_docs: Optional[int],
+    seed: int,
+) -> tuple[list[str], dict[str, int]]:
+    """A deterministic uniform sample of texts from jsonl files (reservoir sampling).
+
+    Args:
+        files: jsonl(.gz) files, read in the given order.
+        json_keys: fields to take; every key of an accepted line contributes one text.
+        sample_docs: number of texts to keep; ``None`` keeps all.
+        seed: seed of the reservoir.
+
+    Returns:
+        ``(texts in input order, {bad reason: count})``.
+    """
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    bad: dict[str, int] = {}
+    seen = 0
+    for batch in _iter_line_batches(files):
+        for _, _, raw in batch:
+            status, texts = _parse_line(raw, tuple(json_keys))
+            if status != "ok":
+                bad[status] = bad.get(status, 0) + 1
+                continue
+            for text in texts:
+                if sample_docs is None or len(reservoir) < sample_docs:
+                    reservoir.append((seen, text))
+                else:
+                    j = rng.randrange(seen + 1)
+                    if j < sample_docs:
+                        reservoir[j] = (seen, text)
+                seen += 1
+    reservoir.sort(key=lambda item: item[0])
+    return [t for _, t in reservoir], bad
