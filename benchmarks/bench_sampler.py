@@ -1,0 +1,95 @@
+"""Dynamic mixture sampler vs megatron-core's static blending, measured side by side.
+
+Prints, for the same number of samples:
+  * index throughput of DynamicMixtureSampler (one global batch per call, and
+    `global_batches(T)` for T steps between mixing updates) vs megatron-core's
+    helpers_cpp.build_blending_indices (the C++ greedy behind BlendedDataset; it
+    produces dataset ids and per-dataset counters only, no within-domain shuffle);
+  * the cost of a weight change: set_weights for k=64 and set_basis_weights for
+    K=262144 fine domains with N=32 basis rows (dense and CSR).
+
+    cd /work/main && .venv/bin/python benchmarks/bench_sampler.py
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig
+
+
+def best_of(fn, repeat=5):
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def megatron_blending(weights, n):
+    from megatron.core.datasets import helpers_cpp
+
+    dataset_index = np.zeros(n, dtype=np.int16)
+    dataset_sample_index = np.zeros(n, dtype=np.int64)
+    helpers_cpp.build_blending_indices(dataset_index, dataset_sample_index, weights, weights.size, n, False)
+
+
+def throughput(k, gbs, steps, per_call, seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1_000, 100_000, k)
+    w = rng.dirichlet(np.ones(k))
+    n = gbs * steps
+
+    def ours():
+        s = DynamicMixtureSampler(sizes, MixtureSamplerConfig(global_batch_size=gbs, micro_batch_size=1), weights=w)
+        for _ in range(steps // per_call):
+            s.global_batches(per_call)
+
+    t_ours = best_of(ours, 3)
+    t_meg = best_of(lambda: megatron_blending(w, n), 3)
+    return n, n / t_ours, n / t_meg
+
+
+def weight_change_costs():
+    rng = np.random.default_rng(1)
+    out = {}
+    s = DynamicMixtureSampler(np.full(64, 1000), MixtureSamplerConfig(global_batch_size=512, micro_batch_size=1))
+    ws = rng.dirichlet(np.ones(64), size=200)
+    out["set_weights k=64"] = best_of(lambda: [s.set_weights(w) for w in ws], 5) / len(ws)
+    K, N = 262_144, 32
+    big = DynamicMixtureSampler(np.full(K, 100), MixtureSamplerConfig(global_batch_size=512, micro_batch_size=1))
+    out["set_weights K=262144"] = best_of(lambda: big.set_weights(rng.random(K)), 5)
+    dense = rng.random((N, K)) * (rng.random((N, K)) < 0.05)
+    dense[:, 0] += 1e-6
+    dense /= dense.sum(axis=1, keepdims=True)
+    gammas = rng.dirichlet(np.ones(N), size=20)
+    for label, P in (("dense", dense), ("CSR 5%", sp.csr_matrix(dense))):
+        t = time.perf_counter()
+        big.set_basis(P)
+        out[f"set_basis (once) K={K} N={N} {label}"] = time.perf_counter() - t
+        out[f"set_basis_weights K={K} N={N} {label}"] = best_of(lambda: [big.set_basis_weights(g) for g in gammas], 3) / len(gammas)
+    big.set_basis_weights(gammas[0])
+    out[f"global_batch K={K} (GBS 512)"] = best_of(big.global_batch, 5)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=256, help="global batches per throughput measurement")
+    args = parser.parse_args()
+    print("== index throughput (samples/s), same number of samples, best of 3 ==")
+    print(f"{'k':>5} {'GBS':>5} {'per call':>8} {'samples':>9} {'ours':>12} {'megatron':>12} {'ratio':>7}")
+    for k, gbs, per_call in [(8, 1024, 1), (64, 1024, 1), (8, 1024, 32), (64, 1024, 32), (64, 4096, 32)]:
+        n, ours, meg = throughput(k, gbs, args.steps, per_call)
+        print(f"{k:>5} {gbs:>5} {per_call:>8} {n:>9} {ours:>12,.0f} {meg:>12,.0f} {ours / meg:>6.2f}x")
+    print("== weight change cost ==")
+    for name, seconds in weight_change_costs().items():
+        print(f"{name:<46} {seconds * 1e3:9.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""Per-domain megatron-core datasets built from Megatron shard prefixes, with validation.
+
+One *domain* is one shard prefix ``<dir>/<name>_text_document`` (files ``.bin`` and
+``.idx`` written by megatron-core's ``IndexedDatasetBuilder`` / Megatron's
+``tools/preprocess_data.py``). For every domain we open megatron-core's
+``IndexedDataset`` and wrap it in one ``GPTDataset`` holding exactly one epoch of
+``sequence_length``-token samples (megatron's own document/sample/shuffle indices), so
+``GPTDataset[i]`` for ``0 <= i < num_samples`` is the i-th sample of the domain. The
+blending level (megatron's ``BlendedDataset``) is replaced by
+:class:`megatron_dga.data.sampler.DynamicMixtureSampler`, which picks
+``(domain_id, sample_index)`` pairs.
+
+Megatron-core reads the ``.idx`` header with bare asserts and maps the files without
+checking their sizes, so a truncated or foreign file fails deep inside numpy. We check
+every shard *before* megatron opens it (:func:`inspect_shard`) and raise
+:class:`~megatron_dga.errors.DataError` naming the file, the problem and the fix.
+
+Typical use::
+
+    names, prefixes, weights = parse_data_path("0.3 data/web_text_document 0.7 data/code_text_document")
+    domains = build_domain_datasets(prefixes, tokenizer, DomainDatasetConfig(sequence_length=1024))
+    domains.num_samples   # per-domain samples (sequences) in one epoch
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from megatron_dga.errors import ConfigError, DataError
+
+_TEXT_DOCUMENT_SUFFIX = "_text_document"
+
+# Layout of megatron-core's MMIDIDX index (indexed_dataset._IndexWriter):
+# magic (9 bytes) | version <Q | dtype code <B | sequence count <Q | document count <Q |
+# int32 sequence lengths | int64 sequence pointers | int64 document indices | [int8 modes].
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
+# The dtype codes megatron-core understands (indexed_dataset.DType).
+_DTYPE_CODES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+
+
+# --------------------------------------------------------------------------------------
+# --data-path parsing
+# --------------------------------------------------------------------------------------
+def domain_name(prefix: str) -> str:
+    """The domain name of a shard prefix: its basename without a trailing ``_text_document``.
+
+    Args:
+        prefix: shard prefix such as ``data/web_text_document``.
+
+    Returns:
+        The name, e.g. ``web``.
+    """
+    base = os.path.basename(os.path.normpath(prefix))
+    if base.endswith(_TEXT_DOCUMENT_SUFFIX) and len(base) > len(_TEXT_DOCUMENT_SUFFIX):
+        base = base[: -len(_TEXT_DOCUMENT_SUFFIX)]
+    return base
+
+
+def parse_data_path(
+    data_path: Union[str, Sequence[str]],
+) -> Tuple[List[str], List[str], Optional[List[float]]]:
+    """Parse Megatron's ``--data-path`` into domain names, prefixes and weights.
+
+    Two forms are accepted, as in Megatron: ``W1 P1 W2 P2 ...`` (weights need not sum to
+    one; they are normalised) or plain prefixes ``P1 P2 ...`` (weights ``None``: the
+    caller decides, e.g. natural or uniform mixing).
+
+    Args:
+        data_path: one whitespace-separated string or the list of tokens argparse gives
+            for ``--data-path`` with ``nargs='*'``.
+
+    Returns:
+        ``(names, prefixes, weights)``; ``weights`` is ``None`` for the plain form,
+        otherwise floats summing to one.
+
+    Raises:
+        DataError: an odd number of tokens in the weighted form, a weight that is not a
+            finite number >= 0, all weights zero, or two prefixes with the same name.
+    """
+    tokens = data_path.split() if isinstance(data_path, str) else [str(t) for t in data_path]
+    if not tokens:
+        raise DataError("--data-path is empty: give shard prefixes, e.g. 'data/web_text_document'")
+
+    def _is_number(tok: str) -> bool:
+        try:
+            float(tok)
+        except ValueError:
+            return False
+        return True
+
+    weights: Optional[List[float]]
+    if _is_number(tokens[0]):
+        if len(tokens) % 2:
+            raise DataError(
+                f"--data-path {' '.join(tokens)!r}: the weighted form needs pairs 'W1 P1 W2 P2 ...', "
+                f"got {len(tokens)} tokens"
+            )
+        raw_weights, prefixes = tokens[0::2], tokens[1::2]
+        weights = []
+        for tok, prefix in zip(raw_weights, prefixes):
+            if not _is_number(tok):
+                raise DataError(
+                    f"--data-path: expected a weight before {prefix!r}, got {tok!r}; use 'W1 P1 W2 P2 ...' "
+                    "or prefixes only"
+                )
+            w = float(tok)
+            if not math.isfinite(w) or w < 0:
+                raise DataError(f"--data-path: weight {tok!r} of {prefix!r} must be a finite number >= 0")
+            weights.append(w)
+        total = sum(weights)
+        if total <= 0:
+            raise DataError(f"--data-path: all weights are zero ({raw_weights}); give at least one positive weight")
+        weights = [w / total for w in weights]
+    else:
+        prefixes = tokens
+        for tok in prefixes:
+            if _is_number(tok):
+                raise DataError(
+                    f"--data-path: {tok!r} looks like a weight in the prefix-only form; either give a weight "
+                    "before every prefix or none"
+                )
+        weights = None
+    names = [domain_name(p) for p in prefixes]
+    _check_unique_names(names, prefixes)
+    return names, list(prefixes), weights
+
+
+def _check_unique_names(names: Sequence[str], prefixes: Sequence[str]) -> None:
+    seen: Dict[str, str] = {}
+    for name, prefix in zip(names, prefixes):
+        if name in seen:
+            raise DataError(
+                f"duplicate domain name {name!r}: prefixes {seen[name]!r} and {prefix!r} have the same basename; "
+                "rename one shard (a domain's name is its basename without '_text_document')"
+            )
+        seen[name] = prefix
+
+
+# --------------------------------------------------------------------------------------
+# Shard inspection (before megatron-core touches the files)
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the ``.idx`` header of one shard says, after validation."""
+
+    prefix: str
+    """The shard prefix (without ``.bin``/``.idx``)."""
+    dtype: Any
+    """numpy dtype of the token ids in the ``.bin`` file."""
+    num_sequences: int
+    """Number of sequences (megatron's 'sequence' = one ``add_document`` length entry)."""
+    num_documents: int
+    """Number of documents."""
+    num_tokens: int
+    """Total tokens stored in the ``.bin`` file."""
+
+
+def inspect_shard(prefix: str) -> ShardInfo:
+    """Validate a shard's ``.idx``/``.bin`` pair and return its header.
+
+    Checks, each failing with a :class:`DataError` naming the file: both files exist;
+    magic and version; a known dtype code; the ``.idx`` size equals what its header
+    implies (truncated or padded files); document boundaries are consistent; the
+    ``.bin`` holds at least the bytes the index points to.
+
+    Args:
+        prefix: shard prefix, e.g. ``data/web_text_document``.
+
+    Returns:
+        The validated :class:`ShardInfo`.
+    """
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    for path in (idx_path, bin_path):
+        if not os.path.isfile(path):
+            other = bin_path if path == idx_path else idx_path
+            hint = (
+                f" ({other} exists: the pair is incomplete, re-run preprocessing)" if os.path.isfile(other) else
+                " (neither file exists: check the prefix; Megatron shards are '<prefix>_text_document.{bin,idx}')"
+            )
+            raise DataError(f"shard file {path} is missing{hint}")
+    idx_size = os.path.getsize(idx_path)
+    if idx_size < _IDX_HEADER_BYTES:
+        raise DataError(
+            f"{idx_path} is truncated: {idx_size} bytes, shorter than the {_IDX_HEADER_BYTES}-byte MMIDIDX header; "
+            "re-run preprocessing"
+        )
+    with open(idx_path, "rb") as f:
+        header = f.read(_IDX_HEADER_BYTES)
+    magic = header[:9]
+    if magic != _IDX_MAGIC:
+        raise DataError(
+            f"{idx_path} is not a megatron MMIDIDX index (magic {magic!r}, expected {_IDX_MAGIC!r}); "
+            "regenerate it with megatron's IndexedDatasetBuilder / tools/preprocess_data.py"
+        )
+    (version,) = struct.unpack("<Q", header[9:17])
+    if version != 1:
+        raise DataError(f"{idx_path}: unsupported index version {version} (megatron-core reads version 1)")
+    code = header[17]
+    if code not in _DTYPE_CODES:
+        raise DataError(f"{idx_path}: unknown token dtype code {code} (known: {sorted(_DTYPE_CODES)})")
+    dtype = np.dtype(_DTYPE_CODES[code])
+    num_seq, num_doc_idx = struct.unpack("<QQ", header[18:34])
+    expected = _IDX_HEADER_BYTES + num_seq * (4 + 8) + num_doc_idx * 8
+    # The optional trailing int8 mode array (multimodal shards) adds num_seq bytes.
+    if idx_size not in (expected, expected + num_seq):
+        state = "truncated" if idx_size < expected else "longer than its header says"
+        raise DataError(
+            f"{idx_path} is {state}: header declares {num_seq} sequences and {num_doc_idx} document boundaries "
+            f"= {expected} bytes, file has {idx_size}; the index is corrupt, re-run preprocessing"
+        )
+    if num_doc_idx == 0:
+        raise DataError(f"{idx_path}: document index is empty (corrupt index); re-run preprocessing")
+    mm = np.memmap(idx_path, mode="r", dtype=np.uint8)
+    try:
+        off = _IDX_HEADER_BYTES
+        lengths = np.frombuffer(mm, dtype=np.int32, count=num_seq, offset=off)
+        pointers = np.frombuffer(mm, dtype=np.int64, count=num_seq, offset=off + 4 * num_seq)
+        doc_idx = np.frombuffer(mm, dtype=np.int64, count=num_doc_idx, offset=off + 12 * num_seq)
+        if doc_idx[0] != 0 or doc_idx[-1] != num_seq or (num_doc_idx > 1 and np.any(np.diff(doc_idx) < 0)):
+            raise DataError(
+                f"{idx_path}: document boundaries are inconsistent (first {int(doc_idx[0])}, last {int(doc_idx[-1])}, "
+                f"{num_seq} sequences); the index is corrupt, re-run preprocessing"
+            )
+        if num_seq and np.any(lengths < 0):
+            raise DataError(f"{idx_path}: negative sequence lengths; the index is corrupt, re-run preprocessing")
+        num_tokens = int(lengths.sum(dtype=np.int64))
+        needed = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if num_seq else 0
+    finally:
+        del mm
+    bin_size = os.path.getsize(bin_path)
+    if bin_size < needed:
+        raise DataError(
+            f"{bin_path} is truncated: {idx_path} points to {needed} bytes of {dtype.name} tokens, "
+            f"the file has {bin_size}; re-run preprocessing"
+        )
+    return ShardInfo(prefix, dtype, int(num_seq), int(num_doc_idx) - 1, num_tokens)
+
+
+def read_sidecar_vocab_size(prefix: str) -> Optional[int]:
+    """The ``vocab_size`` recorded next to a shard by ``tools/preprocess_data.py``, if any.
+
+    Looked up at ``<prefix>.json`` and, for ``<x>_text_document`` prefixes, ``<x>.json``.
+
+    Returns:
+        The vocabulary size, or ``None`` when no sidecar exists or it has no ``vocab_size``.
+
+    Raises:
+        DataError: the sidecar exists but is not valid JSON or its vocab_size is not an int.
+    """
+    candidates = [prefix + ".json"]
+    if prefix.endswith(_TEXT_DOCUMENT_SUFFIX):
+        candidates.append(prefix[: -len(_TEXT_DOCUMENT_SUFFIX)] + ".json")
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise DataError(f"shard sidecar {path} is not valid JSON ({exc}); fix or delete it") from None
+        if not isinstance(meta, dict) or "vocab_size" not in meta:
+            return None
+        value = meta["vocab_size"]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise DataError(f"shard sidecar {path}: vocab_size must be a positive int, got {value!r}")
+        return value
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------
+@dataclass
+class DomainDatasetConfig:
+    """How each domain's megatron-core ``GPTDataset`` is built."""
+
+    sequence_length: int
+    """Tokens per sample (--seq-length). Each sample reads sequence_length + 1 tokens (inputs + shifted labels)."""
+    seed: int = 1234
+    """Seed of megatron's per-domain document shuffle and sample shuffle (--seed)."""
+    reset_position_ids: bool = False
+    """Restart position ids after every end-of-document token (--reset-position-ids)."""
+    reset_attention_mask: bool = False
+    """Block attention across documents (--reset-attention-mask); needs create_attention_mask."""
+    eod_mask_loss: bool = False
+    """Zero the loss on end-of-document tokens (--eod-mask-loss)."""
+    create_attention_mask: bool = False
+    """Return a per-sample (1, S, S) attention mask. Off by default: the trainer builds one causal mask."""
+    path_to_cache: Optional[str] = None
+    """Directory for megatron's index cache (--data-cache-path); None builds the small indices in memory."""
+    check_vocab: bool = True
+    """Compare the sidecar ``<prefix>.json`` vocab_size (when present) with the tokenizer's vocab size."""
+    check_token_ids: bool = False
+    """Scan every .bin for its largest token id and require it < vocab size (reads all data once)."""
+    mmap: bool = True
+    """Memory-map the .bin files (megatron's --mmap-bin-files)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sequence_length, int) or self.sequence_length < 1:
+            raise ConfigError(f"--seq-length must be a positive integer, got {self.sequence_length!r}")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
+        if self.reset_attention_mask and not self.create_attention_mask:
+            raise ConfigError(
+                "--reset-attention-mask needs per-sample attention masks: set create_attention_mask=True"
+            )
+
+
+class _TokenizerView:
+    """The slice of a tokenizer megatron's GPTDatasetConfig reads, for any tokenizer-like object.
+
+    megatron-core hashes ``config.tokenizer.unique_identifiers`` into its dataset
+    description and reads ``.eod``, ``.pad`` and ``.vocab_size``; our tokenizers (and
+    test doubles) need only provide ``eod`` and ``vocab_size`` (``pad`` optional).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        for attr in ("eod", "vocab_size"):
+            if not hasattr(tokenizer, attr):
+                raise ConfigError(
+                    f"tokenizer {type(tokenizer).__name__} has no .{attr}; GPT datasets need .eod and .vocab_size"
+                )
+        self.eod = int(tokenizer.eod)
+        self.vocab_size = int(tokenizer.vocab_size)
+        pad = getattr(tokenizer, "pad", None)
+        try:
+            self.pad = int(pad) if pad is not None else -1
+        except (TypeError, ValueError, NotImplementedError):
+            self.pad = -1
+        self.unique_identifiers = {
+            "class": type(tokenizer).__name__,
+            "eod": self.eod,
+            "pad": self.pad,
+            "vocab_size": self.vocab_size,
+        }
+
+
+@dataclass
+class DomainDatasets:
+    """The training domains: one megatron-core ``GPTDataset`` per shard prefix."""
+
+    names: List[str]
+    """Domain names (basename without ``_text_document``), in --data-path order."""
+    prefixes: List[str]
+    """Shard prefixes, same order."""
+    datasets: List[Any]
+    """megatron-core ``GPTDataset`` per domain; ``datasets[i][j]`` is sample j of domain i."""
+    shards: List[ShardInfo]
+    """Validated header of each shard."""
+    sequence_length: int
+    """Tokens per sample."""
+    num_samples: np.ndarray = field(init=False)
+    """int64 (k,): samples (sequences) per domain in one epoch."""
+    num_tokens: np.ndarray = field(init=False)
+    """int64 (k,): tokens stored per domain."""
+
+    def __post_init__(self) -> None:
+        self.num_samples = np.array([len(d) for d in self.datasets], dtype=np.int64)
+        self.num_tokens = np.array([s.num_tokens for s in self.shards], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+
+def build_domain_datasets(
+    prefixes: Sequence[str],
+    tokenizer: Any,
+    config: DomainDatasetConfig,
+    names: Optional[Sequence[str]] = None,
+) -> DomainDatasets:
+    """Validate the shards and build one megatron-core ``GPTDataset`` (one epoch) per domain.
+
+    Args:
+        prefixes: shard prefixes, one per domain.
+        tokenizer: any object with ``.eod`` and ``.vocab_size`` (``.pad`` optional).
+        config: dataset options.
+        names: domain names; default: derived from the prefixes by :func:`domain_name`.
+
+    Returns:
+        The :class:`DomainDatasets`.
+
+    Raises:
+        DataError: a missing/corrupt/truncated shard, an empty domain (no documents or
+            fewer than ``sequence_length + 1`` tokens), shards with different token
+            dtypes, duplicate names, or a vocabulary mismatch.
+    """
+    # Imported here so that parsing and validation work without importing megatron/torch.
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import Split
+
+    prefixes = [str(p) for p in prefixes]
+    if not prefixes:
+        raise DataError("no training domains: give at least one shard prefix")
+    names = [domain_name(p) for p in prefixes] if names is None else list(names)
+    if len(names) != len(prefixes):
+        raise ConfigError(f"{len(names)} domain names for {len(prefixes)} prefixes")
+    _check_unique_names(names, prefixes)
+    view = _TokenizerView(tokenizer)
+
+    shards = [inspect_shard(p) for p in prefixes]
+    dtypes = {s.dtype.name for s in shards}
+    if len(dtypes) > 1:
+        listing = ", ".join(f"{n}: {s.dtype.name}" for n, s in zip(names, shards))
+        raise DataError(
+            f"shards have different token dtypes ({listing}); they were probably tokenized with different "
+            "tokenizers: re-run preprocessing of all domains with the same tokenizer"
+        )
+    need = config.sequence_length + 1
+    for name, shard in zip(names, shards):
+        if shard.num_documents == 0 or shard.num_sequences == 0:
+            raise DataError(f"domain {name!r} ({shard.prefix}.idx) is empty: 0 documents; drop it from --data-path")
+        if shard.num_tokens < need:
+            raise DataError(
+                f"domain {name!r} ({shard.prefix}.bin) has {shard.num_tokens} tokens, fewer than one sample of "
+                f"--seq-length {config.sequence_length} + 1; add data or drop the domain"
+            )
+        _check_vocab(name, shard, view.vocab_size, config)
+
+    gpt_config = GPTDatasetConfig(
+        random_seed=config.seed,
+        sequence_length=config.sequence_length,
+        tokenizer=view,
+        reset_position_ids=config.reset_position_ids,
+        reset_attention_mask=config.reset_attention_mask,
+        eod_mask_loss=config.eod_mask_loss,
+        create_attention_mask=config.create_attention_mask,
+        path_to_cache=config.path_to_cache,
+        mmap_bin_files=config.mmap,
+    )
+    datasets = []
+    for prefix, shard in zip(prefixes, shards):
+        indexed = IndexedDataset(prefix, multimodal=False, mmap=config.mmap)
+        doc_ids = np.arange(shard.num_documents, dtype=np.int32)
+        datasets.append(
+            _build_on_rank0_first(
+                lambda: GPTDataset(indexed, prefix, doc_ids, None, Split.train, gpt_config),
+                config.path_to_cache is not None,
+            )
+        )
+    for name, shard, ds in zip(names, shards, datasets):
+        if len(ds) < 1:
+            raise DataError(
+                f"domain {name!r} ({shard.prefix}) yields 0 samples of --seq-length {config.sequence_length}; "
+                "add data or drop the domain"
+            )
+    return DomainDatasets(names, prefixes, datasets, shards, config.sequence_length)
+
+
+def _check_vocab(name: str, shard: ShardInfo, vocab_size: int, config: DomainDatasetConfig) -> None:
+    if config.check_vocab:
+        recorded = read_sidecar_vocab_size(shard.prefix)
+        if recorded is not None and recorded != vocab_size:
+            raise DataError(
+                f"domain {name!r}: shard sidecar records vocab_size {recorded} but the tokenizer has {vocab_size}; "
+                "use the tokenizer the shards were made with, or re-run preprocessing"
+            )
+    if config.check_token_ids:
+        data = np.memmap(shard.prefix + ".bin", mode="r", dtype=shard.dtype, shape=(shard.num_tokens,))
+        chunk = 1 << 24
+        top = max(int(data[i : i + chunk].max()) for i in range(0, shard.num_tokens, chunk))
+        del data
+        if top >= vocab_size:
+            raise DataError(
+                f"domain {name!r}: {shard.prefix}.bin contains token id {top} >= tokenizer vocab_size {vocab_size}; "
+                "the shard was tokenized with a different tokenizer"
+            )
+
+
+def _build_on_rank0_first(build, uses_cache: bool):
+    """With an index cache under torch.distributed, rank 0 writes it before the others read it."""
+    if not uses_cache:
+        return build()
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return build()
+    if dist.get_rank() == 0:
+        result = build()
+        dist.barrier()
+        return result
+    dist.barrier()
+    return build()

@@ -1,0 +1,187 @@
+"""Torch glue: a map-style dataset keyed by ``(domain_id, sample_index)`` and step-wise loading.
+
+Sample *indices* are always computed in the main process by
+:class:`~megatron_dga.data.sampler.DynamicMixtureSampler`; DataLoader workers only read
+samples. So a weight change made by the trainer reaches the data without talking to
+the workers.
+
+Two ways to load:
+
+* :class:`StepLoader` (recommended). The trainer asks for each step explicitly::
+
+      loader = StepLoader(dataset, sampler, dp_rank, dp_size, num_workers=2)
+      for step in range(steps):
+          for micro_batch in loader.next_step():   # draws the global batch NOW
+              ...
+          sampler.set_weights(new_weights)          # applies to the next next_step()
+
+  ``next_step()`` draws one global batch with the weights current at that call and
+  returns an iterator over this rank's collated micro-batches. Worker prefetching
+  (``prefetch_factor``) stays inside that global batch: it can never run ahead into a
+  batch drawn with stale weights. Workers are persistent across steps.
+
+* :class:`MixtureBatchSampler`, for a plain ``DataLoader(ds, batch_sampler=...)``. It
+  draws a new global batch whenever the previous one's micro-batches have all been
+  handed out. The DataLoader pulls indices ahead of consumption (up to
+  ``prefetch_factor * num_workers`` micro-batches, plus the one being built), so a
+  weight change applies from the first global batch drawn *after* the change, which may
+  be up to ``ceil((prefetch_factor * num_workers + 1) / num_micro_batches)`` steps
+  later than the trainer's current step (:meth:`MixtureBatchSampler.max_lag_steps`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_dga.data.sampler import DynamicMixtureSampler, check_batch_geometry
+from megatron_dga.errors import ConfigError
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Map-style dataset over several sources, indexed by ``(domain_id, sample_index)``.
+
+    Args:
+        domain_datasets: the k training domains (e.g. megatron-core ``GPTDataset`` s).
+        held_out_datasets: extra sources (the specific set, held-out evaluation sets)
+            with ids ``k, k+1, ...``, matching the sampler's ``held_out_sizes``.
+
+    ``dataset[(d, i)]`` returns source d's sample i as a dict of tensors (numpy arrays
+    are converted) with an extra ``domain_id`` (int64 scalar tensor).
+    """
+
+    def __init__(self, domain_datasets: Sequence[Any], held_out_datasets: Sequence[Any] = ()) -> None:
+        if len(domain_datasets) == 0:
+            raise ConfigError("MixtureDataset needs at least one domain dataset")
+        self.sources = list(domain_datasets) + list(held_out_datasets)
+        self.num_domains = len(domain_datasets)
+        self.sizes = [len(s) for s in self.sources]
+
+    def __len__(self) -> int:
+        return int(sum(self.sizes))
+
+    def __getitem__(self, key) -> Dict[str, torch.Tensor]:
+        domain_id, sample_index = int(key[0]), int(key[1])
+        if not 0 <= domain_id < len(self.sources):
+            raise IndexError(f"domain id {domain_id} is outside [0, {len(self.sources)})")
+        if not 0 <= sample_index < self.sizes[domain_id]:
+            raise IndexError(f"sample {sample_index} is outside domain {domain_id} of size {self.sizes[domain_id]}")
+        sample = self.sources[domain_id][sample_index]
+        out = {name: (torch.from_numpy(np.asarray(v)) if not isinstance(v, torch.Tensor) else v)
+               for name, v in sample.items()}
+        out["domain_id"] = torch.tensor(domain_id, dtype=torch.int64)
+        return out
+
+    def load(self, keys: np.ndarray) -> Dict[str, torch.Tensor]:
+        """Read and collate the samples of an index array (e.g. a probe batch) in this process."""
+        return collate_samples([self[k] for k in np.asarray(keys)])
+
+
+def collate_samples(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Stack a list of sample dicts into a dict of batched tensors (leading batch dim)."""
+    if not samples:
+        raise ValueError("cannot collate an empty micro-batch")
+    return {name: torch.stack([s[name] for s in samples]) for name in samples[0]}
+
+
+def _as_key_list(rows: np.ndarray) -> List[tuple]:
+    return [(int(d), int(i)) for d, i in rows]
+
+
+class _CurrentStepSampler:
+    """Batch sampler yielding the micro-batches of the step the loader set last."""
+
+    def __init__(self) -> None:
+        self.micro_batches: List[List[tuple]] = []
+
+    def __iter__(self):
+        return iter(self.micro_batches)
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+
+class StepLoader:
+    """Loads this rank's micro-batches one global batch (optimizer step) at a time.
+
+    Args:
+        dataset: the :class:`MixtureDataset`.
+        sampler: the shared :class:`DynamicMixtureSampler` (same on every rank).
+        dp_rank: this rank's data-parallel index.
+        dp_size: the data-parallel world size.
+        num_workers: DataLoader worker processes (0: read in this process).
+        pin_memory: pin host memory for faster host-to-GPU copies.
+        prefetch_factor: micro-batches each worker reads ahead (within the step).
+    """
+
+    def __init__(
+        self,
+        dataset: MixtureDataset,
+        sampler: DynamicMixtureSampler,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: Optional[int] = None,
+    ) -> None:
+        check_batch_geometry(sampler.config.global_batch_size, sampler.config.micro_batch_size, dp_size)
+        if not 0 <= dp_rank < dp_size:
+            raise ConfigError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
+        if num_workers < 0:
+            raise ConfigError(f"--num-workers must be >= 0, got {num_workers}")
+        self.dataset, self.sampler = dataset, sampler
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.last_global_batch: Optional[np.ndarray] = None
+        self._step_sampler = _CurrentStepSampler()
+        kwargs: Dict[str, Any] = {}
+        if num_workers > 0:
+            kwargs.update(persistent_workers=True, prefetch_factor=prefetch_factor or 2)
+        self._loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=self._step_sampler,
+            num_workers=num_workers,
+            collate_fn=collate_samples,
+            pin_memory=pin_memory,
+            **kwargs,
+        )
+
+    def next_step(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """Draw the next global batch (current weights) and iterate this rank's micro-batches.
+
+        Returns:
+            Iterator of collated micro-batches, in order; the global batch drawn is kept in
+            :attr:`last_global_batch`.
+        """
+        batch = self.sampler.global_batch()
+        self.last_global_batch = batch
+        mbs = self.sampler.rank_micro_batches(batch, self.dp_rank, self.dp_size)
+        self._step_sampler.micro_batches = [_as_key_list(m) for m in mbs]
+        return iter(self._loader)
+
+
+class MixtureBatchSampler:
+    """Infinite batch sampler of this rank's micro-batches for ``DataLoader(batch_sampler=...)``.
+
+    See the module docstring for when a weight change takes effect under prefetching;
+    prefer :class:`StepLoader`, whose semantics are exact.
+    """
+
+    def __init__(self, sampler: DynamicMixtureSampler, dp_rank: int = 0, dp_size: int = 1) -> None:
+        self.num_micro_batches = check_batch_geometry(
+            sampler.config.global_batch_size, sampler.config.micro_batch_size, dp_size
+        )
+        if not 0 <= dp_rank < dp_size:
+            raise ConfigError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
+        self.sampler, self.dp_rank, self.dp_size = sampler, dp_rank, dp_size
+
+    def __iter__(self):
+        while True:
+            batch = self.sampler.global_batch()
+            for mb in self.sampler.rank_micro_batches(batch, self.dp_rank, self.dp_size):
+                yield _as_key_list(mb)
+
+    def max_lag_steps(self, num_workers: int, prefetch_factor: int = 2) -> int:
+        """Most global batches that may be drawn before the step the trainer is on."""
+        return math.ceil((prefetch_factor * max(num_workers, 1) + 1) / self.num_micro_batches)

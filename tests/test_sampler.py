@@ -1,0 +1,297 @@
+"""DynamicMixtureSampler: allocation bound, epochs, token limits, checkpoints, DP, bases, probes."""
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from megatron_dga.data.sampler import (
+    DynamicMixtureSampler,
+    MixtureSamplerConfig,
+    allocate_counts,
+    harmonic,
+    keyed_permutation,
+)
+from megatron_dga.errors import CheckpointError, ConfigError
+
+
+def make(sizes, gbs=32, mbs=4, seed=7, **kw):
+    cfg_kw = {k: kw.pop(k) for k in ("sequence_length", "token_limits") if k in kw}
+    cfg = MixtureSamplerConfig(global_batch_size=gbs, micro_batch_size=mbs, seed=seed, **cfg_kw)
+    return DynamicMixtureSampler(sizes, cfg, **kw)
+
+
+def brute_force_counts(deficit, total):
+    """Megatron's rule one sample at a time: largest remaining deficit, lowest index on ties."""
+    counts = np.zeros(deficit.size, dtype=np.int64)
+    for _ in range(total):
+        counts[np.argmax(deficit - counts)] += 1
+    return counts
+
+
+def test_allocation_equals_sequential_greedy():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        k, total = int(rng.integers(1, 12)), int(rng.integers(1, 40))
+        carry = rng.uniform(-1, 2, k)
+        carry -= carry.mean()
+        w = rng.dirichlet(np.full(k, 0.3)) if rng.random() < 0.7 else np.eye(k)[rng.integers(k)]
+        d = carry + total * w
+        np.testing.assert_array_equal(allocate_counts(d, total), brute_force_counts(d, total))
+
+
+def test_keyed_permutation_is_a_bijection_and_depends_on_key():
+    for n in [1, 2, 3, 7, 64, 65, 1000, 4099]:
+        x = np.arange(n)
+        p = keyed_permutation(x, n, np.uint64(11))
+        np.testing.assert_array_equal(np.sort(p), x)
+        if n >= 64:
+            assert not np.array_equal(p, keyed_permutation(x, n, np.uint64(12)))
+            assert not np.array_equal(p, x)
+
+
+@pytest.mark.parametrize("k,gbs,steps", [(5, 16, 400), (1000, 64, 300)])
+def test_realised_counts_track_changing_weights_within_bound(k, gbs, steps):
+    rng = np.random.default_rng(k)
+    s = make(rng.integers(50, 500, k), gbs=gbs)
+    target = np.zeros(k)  # float64 reference: sum_s B * w(s)
+    counts = np.zeros(k, dtype=np.int64)
+    hk = harmonic(k)
+    j = np.arange(1, k + 1)
+    top_bound = j * (hk - np.cumsum(1.0 / j))  # j * (H_k - H_j)
+    worst = 0.0
+    for _ in range(steps):
+        w = rng.dirichlet(np.full(k, 0.2)) * (rng.random(k) < 0.7)  # sparse, changing every step
+        if w.sum() == 0:
+            w[rng.integers(k)] = 1.0
+        s.set_weights(w)
+        target += gbs * w / w.sum()
+        batch = s.global_batch()
+        counts += np.bincount(batch[:, 0], minlength=k)
+        dev = target - counts
+        assert dev.min() >= -1 - 1e-9
+        assert dev.max() <= hk - 1 + 1e-9
+        prefix = np.cumsum(np.sort(dev)[::-1])
+        assert np.all(prefix <= top_bound + 1e-9)
+        worst = max(worst, np.abs(dev).max())
+    assert worst > 0.0
+
+
+def test_bound_is_reached_by_adversarial_weights():
+    # Cup-game lower-bound sequence with B = 1: the last domain ends H_k - 1 behind.
+    k = 12
+    s = make(np.full(k, 10), gbs=1, mbs=1)
+    target = np.zeros(k)
+    counts = np.zeros(k)
+    for t in range(k - 1):
+        w = np.zeros(k)
+        w[t:] = 1.0
+        s.set_weights(w)
+        target += w / w.sum()
+        counts[s.global_batch()[0, 0]] += 1
+    # Domain t was served at step t; the rest of the mass piled on the last domain.
+    assert target[-1] - counts[-1] == pytest.approx(harmonic(k) - 1, abs=1e-9)
+
+
+def test_static_weights_give_exact_proportions_and_mixed_micro_batches():
+    w = np.array([0.5, 0.25, 0.125, 0.125])
+    s = make([100, 100, 100, 100], gbs=64, mbs=8, weights=w)
+    for _ in range(5):
+        batch = s.global_batch()
+        np.testing.assert_array_equal(np.bincount(batch[:, 0], minlength=4), 64 * w)
+        for mb in s.rank_micro_batches(batch, 0, 1):
+            np.testing.assert_allclose(np.bincount(mb[:, 0], minlength=4), 8 * w, atol=1.0)
+        assert not np.all(np.diff(batch[:, 0]) >= 0)  # not sorted by domain
+
+
+def test_each_sample_once_per_epoch_then_reshuffled():
+    sizes = [37, 50, 23]
+    s = make(sizes, gbs=10, mbs=2, weights=np.array(sizes) / sum(sizes))
+    drawn = [[] for _ in sizes]
+    for _ in range(2 * sum(sizes) // 10 + 2):
+        for d, i in s.global_batch():
+            drawn[d].append(int(i))
+    for d, n in enumerate(sizes):
+        seq = np.array(drawn[d])
+        assert seq.size >= 2 * n
+        np.testing.assert_array_equal(np.sort(seq[:n]), np.arange(n))
+        np.testing.assert_array_equal(np.sort(seq[n : 2 * n]), np.arange(n))
+        assert not np.array_equal(seq[:n], seq[n : 2 * n])
+    stats = s.consumption()
+    np.testing.assert_array_equal(stats["samples"], [len(x) for x in drawn])
+    np.testing.assert_allclose(stats["epochs"], np.array([len(x) for x in drawn]) / sizes)
+
+
+def test_token_limited_domain_repeats_only_its_subset():
+    sizes = [200, 60]
+    s = make(sizes, gbs=16, mbs=4, sequence_length=8, token_limits=[10 * 8 + 5, None], weights=[0.5, 0.5])
+    assert s.accessible_sizes.tolist() == [10, 60]
+    seen = []
+    for _ in range(20):
+        b = s.global_batch()
+        seen.extend(b[b[:, 0] == 0, 1].tolist())
+    seen = np.array(seen)
+    subset = np.unique(seen)
+    assert subset.size == 10 and seen.size == 160
+    for e in range(16):  # every epoch of the limited domain is a permutation of the same subset
+        np.testing.assert_array_equal(np.sort(seen[10 * e : 10 * (e + 1)]), subset)
+    ev = np.concatenate(s.eval_batches(0, 4, 5))[:, 1]
+    assert np.intersect1d(ev, subset).size == 0  # eval samples are held out of the subset
+    assert np.setdiff1d(np.unique(s.probe_batch(0, 30)[:, 1]), subset).size == 0
+    stats = s.consumption()
+    assert stats["tokens"][0] == 160 * 8 and stats["epochs"][0] == pytest.approx(16.0)
+    with pytest.raises(ConfigError, match="token limit of domain 0"):
+        make(sizes, sequence_length=8, token_limits=[4, None])
+
+
+def drive(s, steps, rng_seed):
+    """A deterministic mixture of calls: weight changes, batches, probes."""
+    rng = np.random.default_rng(rng_seed)
+    out = []
+    for t in range(steps):
+        if t % 3 == 0:
+            s.set_weights(rng.dirichlet(np.ones(s.num_domains)))
+        out.append(s.global_batch())
+        out.append(s.probe_batch(int(rng.integers(s.num_domains)), 3))
+    return out
+
+
+def test_state_dict_resume_mid_epoch_is_identical():
+    sizes = [41, 17, 90]
+    full = make(sizes, gbs=12, mbs=2)
+    ref = drive(full, 10, 1) + drive(full, 10, 2)
+    a = make(sizes, gbs=12, mbs=2)
+    first = drive(a, 10, 1)
+    state = json.loads(json.dumps(a.state_dict()))  # JSON friendly, no permutations inside
+    assert len(json.dumps(state)) < 2000
+    assert 0 < a.consumption(reset=False)["epochs"].min() and np.any(a.consumption(reset=False)["epochs"] % 1 > 0)
+    b = make(sizes, gbs=12, mbs=2)
+    b.load_state_dict(state)
+    rest = drive(b, 10, 2)
+    for x, y in zip(ref, first + rest):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(CheckpointError, match="seed"):
+        make(sizes, gbs=12, mbs=2, seed=8).load_state_dict(state)
+    with pytest.raises(CheckpointError, match="domain_sizes"):
+        make([41, 17, 91], gbs=12, mbs=2).load_state_dict(state)
+
+
+def test_dp_ranks_agree_and_partition_the_global_batch():
+    sizes = [30, 40, 50, 60]
+    ranks = [make(sizes, gbs=24, mbs=3) for _ in range(4)]
+    for step in range(5):
+        batches = [r.global_batch() for r in ranks]
+        for b in batches[1:]:
+            np.testing.assert_array_equal(b, batches[0])
+        for dp in (1, 2, 4):
+            parts = [mb for r in range(dp) for mb in ranks[r].rank_micro_batches(batches[r], r, dp)]
+            assert all(p.shape == (3, 2) for p in parts)
+            assert len(parts) == 24 // 3
+            np.testing.assert_array_equal(np.concatenate(parts), batches[0])
+    with pytest.raises(ConfigError, match="not divisible"):
+        ranks[0].rank_micro_batches(batches[0], 0, 5)
+    with pytest.raises(ConfigError, match="not divisible"):
+        MixtureSamplerConfig(global_batch_size=24, micro_batch_size=5, data_parallel_size=1)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_two_level_sampling_realises_gamma_P(sparse):
+    rng = np.random.default_rng(3)
+    n_basis, k, gbs, steps = 4, 30, 32, 200
+    P = rng.dirichlet(np.full(k, 0.3), size=n_basis) * (rng.random((n_basis, k)) < 0.5)
+    P[:, 0] += 1e-3
+    P /= P.sum(axis=1, keepdims=True)
+    s = make(np.full(k, 100), gbs=gbs)
+    s.set_basis(sp.csr_matrix(P) if sparse else P)
+    target, counts = np.zeros(k), np.zeros(k)
+    for t in range(steps):
+        gamma = rng.dirichlet(np.ones(n_basis))
+        s.set_basis_weights(gamma)
+        alpha = gamma @ P  # float64 reference
+        np.testing.assert_allclose(s.weights, alpha / alpha.sum(), rtol=1e-12, atol=1e-15)
+        target += gbs * alpha
+        counts += np.bincount(s.global_batch()[:, 0], minlength=k)
+        assert np.all(target - counts >= -1 - 1e-9) and np.all(target - counts <= harmonic(k) - 1 + 1e-9)
+    state = json.loads(json.dumps(s.state_dict()))
+    s2 = make(np.full(k, 100), gbs=gbs)
+    with pytest.raises(CheckpointError, match="basis"):
+        s2.load_state_dict(state)
+    s2.set_basis(P)
+    s2.load_state_dict(state)
+    np.testing.assert_array_equal(s2.global_batch(), s.global_batch())
+    # Basis probes: fine domains follow P_n within floor/ceil of size * P_n.
+    for n in range(n_basis):
+        pb = s.probe_batch_from_basis(n, 50)
+        got = np.bincount(pb[:, 0], minlength=k)
+        assert np.all(got >= np.floor(50 * P[n] - 1e-9)) and np.all(got <= np.ceil(50 * P[n] + 1e-9))
+        assert np.all(got[P[n] == 0] == 0)
+
+
+def test_basis_validation():
+    s = make([10, 10, 10])
+    with pytest.raises(ConfigError, match="set_basis"):
+        s.set_basis_weights([1.0])
+    with pytest.raises(ConfigError, match="sums to"):
+        s.set_basis(np.array([[0.5, 0.2, 0.2]]))
+    with pytest.raises(ConfigError, match="3 domains"):
+        s.set_basis(np.array([[0.5, 0.5]]))
+    s.set_basis(np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]), basis_names=["web", "code"])
+    with pytest.raises(ConfigError, match="'code'"):
+        s.set_basis_weights([1.0, -0.1])
+
+
+def test_probes_and_eval_do_not_perturb_training_stream():
+    sizes = [25, 35]
+    a, b = make(sizes, gbs=8, mbs=2, held_out_sizes=[9]), make(sizes, gbs=8, mbs=2, held_out_sizes=[9])
+    for step in range(12):
+        b.probe_batch(step % 3, 5)  # id 2 is the held-out (specific) source
+        b.eval_batches(step % 2, 2, 4)
+        np.testing.assert_array_equal(a.global_batch(), b.global_batch())
+    assert b.state_dict()["probe_consumed"] != a.state_dict()["probe_consumed"]
+    # probe cycles: one full cycle of the held-out source visits each sample once
+    c = make(sizes, gbs=8, mbs=2, held_out_sizes=[9])
+    cyc = np.concatenate([c.probe_batch(2, 3)[:, 1] for _ in range(3)])
+    np.testing.assert_array_equal(np.sort(cyc), np.arange(9))
+    # eval sets are fixed
+    e1, e2 = c.eval_batches(1, 3, 4), c.eval_batches(1, 3, 4)
+    for x, y in zip(e1, e2):
+        np.testing.assert_array_equal(x, y)
+    assert np.unique(np.concatenate(e1)[:, 1]).size == 12
+    with pytest.raises(ConfigError, match="outside"):
+        c.probe_batch(3, 2)
+
+
+@pytest.mark.parametrize(
+    "weights,match",
+    [([0.5, -0.1, 0.6], "'b'.*>= 0"), ([0, 0, 0], "all 3 entries are zero"), ([0.1, float("nan"), 1], "'b'.*finite"),
+     ([1.0, 2.0], "2 entries, expected 3")],
+)
+def test_weight_validation_errors(weights, match):
+    s = make([5, 5, 5], domain_names=["a", "b", "c"])
+    before = s.weights
+    with pytest.raises(ConfigError, match=match):
+        s.set_weights(weights)
+    np.testing.assert_array_equal(s.weights, before)
+
+
+def test_consumption_deltas_and_global_batches_equivalence():
+    sizes = [20, 30]
+    a, b = make(sizes, gbs=10, mbs=5, sequence_length=4), make(sizes, gbs=10, mbs=5, sequence_length=4)
+    a.set_weights([0.3, 0.7])
+    b.set_weights([0.3, 0.7])
+    many = b.global_batches(7)
+    for t in range(7):
+        np.testing.assert_array_equal(a.global_batch(), many[t])
+    first = a.consumption()
+    assert first["samples"].sum() == 70 and first["tokens"].sum() == 280
+    a.global_batch()
+    second = a.consumption()
+    assert second["samples_delta"].sum() == 10 and second["samples"].sum() == 80
+
+
+def test_keyed_permutation_images_are_close_to_uniform():
+    # Over many keys, where position 1 lands must be ~uniform (a weak Feistel is visibly biased).
+    keys = np.arange(1, 50_001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    for n in (3, 10):
+        freq = np.bincount(keyed_permutation(np.ones(keys.size, dtype=np.int64), n, keys), minlength=n) / keys.size
+        np.testing.assert_allclose(freq * n, 1.0, atol=0.05)
