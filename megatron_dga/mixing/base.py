@@ -1,0 +1,130 @@
+"""The mixing interface: how a strategy sees the trainer and hands back domain weights.
+
+A strategy is a small object: state in, weights out. The trainer calls
+``initial_weights()`` once, then ``after_step(view)`` after every optimizer step; a
+returned vector replaces the sampler's weights from the next global batch on. The
+``TrainerView`` gives what online methods like DGA need (extra forward/backward probes,
+the grad buffers, the optimizer's second moments, collectives) without exposing the
+loop, so a new strategy never touches the trainer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Type
+
+import numpy as np
+import torch
+
+from megatron_dga.errors import ConfigError
+from megatron_dga.training.config import MixingConfig
+
+
+@dataclass
+class DomainInfo:
+    """What a strategy knows about the generic domains."""
+
+    names: List[str]
+    """Domain names in sampler order (shard basenames without _text_document)."""
+    num_samples: np.ndarray
+    """Sequences available per domain (after any token limit)."""
+    num_tokens: np.ndarray
+    """Tokens available per domain (after any token limit)."""
+    static_weights: Optional[np.ndarray] = None
+    """Weights given with --data-path W1 P1 ..., normalised; None for plain prefixes."""
+
+    @property
+    def k(self) -> int:
+        return len(self.names)
+
+
+class TrainerView(Protocol):
+    """The trainer as a mixing strategy sees it (implemented in training/trainer.py)."""
+
+    iteration: int
+    """Optimizer steps completed so far."""
+
+    def probe_domain(self, domain: int, size: int) -> List[Dict[str, torch.Tensor]]:
+        """This rank's micro-batches of a fixed-size probe batch from one domain."""
+
+    def probe_basis(self, basis: int, size: int) -> List[Dict[str, torch.Tensor]]:
+        """Like probe_domain, with fine domains drawn from basis distribution P_n."""
+
+    def probe_specific(self, size: int) -> List[Dict[str, torch.Tensor]]:
+        """This rank's micro-batches of a probe batch from the specific set."""
+
+    def backward(self, micro_batches, *, sync_grads: bool):
+        """Zero the grad buffers, then accumulate the mean-loss gradient of micro_batches (LossStats)."""
+
+    def grads(self) -> List[torch.Tensor]:
+        """The grad buffers' per-parameter views (main_grad), in a fixed parameter order."""
+
+    def counted(self) -> List[bool]:
+        """Per parameter: counted on this rank (not a TP duplicate, not a tied copy)."""
+
+    def adam_preconditioner(self) -> Optional[Dict[str, object]]:
+        """Keyword arguments of ops.grad_dot for Adam's diag(1/(sqrt(v_hat)+eps)):
+        {"exp_avg_sq": per-parameter v, "bias_correction2": 1 - beta2^t, "eps": adam eps},
+        or None when unavailable (before the first step, or a sharded optimizer)."""
+
+    def all_reduce(self, tensor: torch.Tensor, group: str = "world") -> torch.Tensor:
+        """Sum over 'world', 'dp' (data-parallel) or 'mp' (model-parallel) ranks, in place."""
+
+    def data_parallel(self) -> tuple:
+        """(dp_rank, dp_size)."""
+
+
+class MixingStrategy:
+    """Base class. Subclasses set ``name`` and override what they need."""
+
+    name: str = ""
+
+    def __init__(self, cfg: MixingConfig, domains: DomainInfo):
+        self.cfg = cfg
+        self.domains = domains
+        self.basis = None
+        """A weights_io.Basis when the weights are over basis distributions (N) instead of domains (k)."""
+
+    def initial_weights(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def after_step(self, view: TrainerView) -> Optional[np.ndarray]:
+        """New weights after this optimizer step, or None to keep the current ones."""
+        return None
+
+    def metrics(self) -> Dict[str, object]:
+        """Values to log at the next log line (e.g. alignments); empty by default."""
+        return {}
+
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        del state
+
+
+_REGISTRY: Dict[str, Type[MixingStrategy]] = {}
+
+
+def register(name: str) -> Callable[[Type[MixingStrategy]], Type[MixingStrategy]]:
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available() -> Sequence[str]:
+    return sorted(_REGISTRY)
+
+
+def build_mixing(cfg: MixingConfig, domains: DomainInfo) -> MixingStrategy:
+    """The strategy named by --mixing."""
+    import megatron_dga.mixing.dga  # noqa: F401 - registers the built-in strategies
+    import megatron_dga.mixing.fixed  # noqa: F401
+
+    try:
+        cls = _REGISTRY[cfg.mixing]
+    except KeyError:
+        raise ConfigError(f"--mixing {cfg.mixing!r} is unknown; available: {', '.join(available())}") from None
+    return cls(cfg, domains)

@@ -1,0 +1,127 @@
+"""Dynamic Gradient Alignment (Fan, Grangier, Ablin, arXiv 2410.02498).
+
+Every T_r (--dga-interval) steps: alignments a = <g_i, P g_spe> (mixing/alignment.py),
+then on the simplex, in log space (the fused ``ops.simplex_update``):
+
+    alpha_hat = softmax(log alpha + eta * a)               mirror descent, --dga-eta
+    alpha     = (1 - beta) * alpha + beta * alpha_hat      EMA, --dga-ema (1 = none)
+    alpha     = (1 - c) * alpha + c / k                    floor, --dga-min-weight
+
+With --dga-basis the same runs on weights gamma over N basis distributions (distribution
+reweighting): a_n aligns a probe batch drawn from basis n, and the sampler draws fine
+domains from alpha = gamma^T P. Non-finite alignments skip the update with a warning
+and keep the weights (a probe hit a NaN/Inf gradient).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from megatron_dga import ops
+from megatron_dga.errors import ConfigError, DataError, NumericalError
+from megatron_dga.mixing.alignment import exact_alignments
+from megatron_dga.mixing.base import MixingStrategy, TrainerView, register
+
+logger = logging.getLogger(__name__)
+
+
+@register("dga")
+class DGA(MixingStrategy):
+    """Online reweighting of the domains (or of the basis distributions) by gradient alignment."""
+
+    def __init__(self, cfg, domains):
+        super().__init__(cfg, domains)
+        if cfg.dga_basis:
+            from megatron_dga.mixing.weights_io import load_basis
+
+            self.basis = load_basis(cfg.dga_basis, expected_domains=domains.names)
+        self.num_sources = domains.k if self.basis is None else self.basis.matrix.shape[0]
+        self.weights: Optional[np.ndarray] = None
+        self.updates = 0
+        self.skipped_updates = 0
+        self._last: Dict[str, object] = {}
+
+    # ------------------------------------------------------------------ weights
+
+    def initial_weights(self) -> np.ndarray:
+        self.weights = self._init_weights()
+        return self.weights.copy()
+
+    def _init_weights(self) -> np.ndarray:
+        init = self.cfg.dga_init
+        n = self.num_sources
+        if init == "uniform":
+            return np.full(n, 1.0 / n)
+        if self.basis is not None:
+            raise ConfigError(f"--dga-init {init!r} is not defined over basis distributions; use uniform with --dga-basis")
+        if init == "natural":
+            tokens = np.asarray(self.domains.num_tokens, dtype=np.float64)
+            return tokens / tokens.sum()
+        from megatron_dga.mixing.weights_io import load_weights
+
+        path = self.cfg.importance_weights if init == "importance" else init
+        if not path:
+            raise ConfigError("--dga-init importance needs --importance-weights FILE")
+        try:
+            return load_weights(path, expected_domains=self.domains.names)
+        except DataError as exc:
+            if init != "importance" and "not found" in str(exc).lower():
+                raise ConfigError(f"--dga-init must be uniform, natural, importance or a weights file; {exc}") from None
+            raise
+
+    def after_step(self, view: TrainerView) -> Optional[np.ndarray]:
+        if view.iteration % self.cfg.dga_interval != 0:
+            return None
+        if self.cfg.dga_estimator != "exact":
+            raise ConfigError("--dga-estimator fd is not implemented yet; use --dga-estimator exact")
+        probe_fn = view.probe_basis if self.basis is not None else view.probe_domain
+        result = exact_alignments(
+            view, list(range(self.num_sources)), self.cfg.dga_domain_batch_size, self.cfg.dga_specific_batch_size,
+            self.cfg.dga_preconditioner, probe_fn=probe_fn,
+        )
+        self._last = {
+            "alignments": result.alignments.tolist(),
+            "domain_grad_norms": result.domain_grad_norms.tolist(),
+            "specific_grad_norm": result.specific_grad_norm,
+            "dga_update": self.updates + 1,
+        }
+        try:
+            new = ops.simplex_update(
+                torch.as_tensor(self.weights, dtype=torch.float64),
+                torch.as_tensor(result.alignments, dtype=torch.float64),
+                eta=self.cfg.dga_eta, beta=self.cfg.dga_ema, floor=self.cfg.dga_min_weight,
+            ).numpy()
+        except NumericalError as exc:
+            self.skipped_updates += 1
+            logger.warning("DGA update at iteration %d skipped, weights kept: %s", view.iteration, exc)
+            self._last["dga_skipped_updates"] = self.skipped_updates
+            return None
+        self.updates += 1
+        self.weights = new
+        return new.copy()
+
+    def effective_domain_weights(self, weights: np.ndarray) -> np.ndarray:
+        return weights if self.basis is None else weights @ self.basis.matrix
+
+    # ------------------------------------------------------------------ logging and state
+
+    def metrics(self) -> Dict[str, object]:
+        out, self._last = self._last, {}
+        if self.basis is not None and self.weights is not None:
+            out["basis_weights"] = self.weights.tolist()
+        return out
+
+    def state_dict(self) -> Dict:
+        return {
+            "weights": None if self.weights is None else [float(w) for w in self.weights],
+            "updates": self.updates,
+            "skipped_updates": self.skipped_updates,
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.weights = None if state.get("weights") is None else np.asarray(state["weights"], dtype=np.float64)
+        self.updates = int(state.get("updates", 0))
+        self.skipped_updates = int(state.get("skipped_updates", 0))

@@ -1,0 +1,151 @@
+"""Megatron-style command line (and optional YAML file) -> PretrainConfig.
+
+Flags are generated from the config dataclasses, so a field and its flag can never
+drift apart: field ``lr_warmup_iters`` of OptimizerConfig is ``--lr-warmup-iters``.
+Precedence: dataclass defaults < ``--config FILE.yaml`` < command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Dict, List, Optional, Sequence
+
+from megatron_dga.errors import ConfigError
+from megatron_dga.model import GPTModelConfig
+from megatron_dga.platform import ParallelConfig
+from megatron_dga.training.config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    MixingConfig,
+    OptimizerConfig,
+    PretrainConfig,
+    ScheduleConfig,
+)
+
+SECTIONS = {
+    "model": GPTModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "mixing": MixingConfig,
+}
+# Fields that are derived, not user flags.
+_NOT_FLAGS = {("model", "vocab_size"), ("mixing", "static_weights")}
+# Megatron's spelling where it differs from the field name.
+_FLAG_NAMES = {("parallel", "backend"): "distributed-backend"}
+
+
+def _flag(section: str, name: str) -> str:
+    return _FLAG_NAMES.get((section, name), name.replace("_", "-"))
+
+
+def _field_doc(cls, name: str) -> str:
+    """The docstring under a dataclass field (the source's string literal after it)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return ""
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        target = getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == name and isinstance(nxt, ast.Expr):
+            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                return " ".join(nxt.value.value.split()).replace("%", "%%")
+    return ""
+
+
+def _argparse_kwargs(tp) -> Dict[str, Any]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union and type(None) in args:  # Optional[X]
+        return _argparse_kwargs(next(a for a in args if a is not type(None)))
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is typing.Literal:
+        return {"choices": list(args), "type": type(args[0])}
+    if origin in (list, List):
+        item = args[0] if args else str
+        return {"nargs": "+", "type": item, "metavar": item.__name__.upper()}
+    if tp in (int, float, str):
+        return {"type": tp, "metavar": tp.__name__.upper()}
+    raise TypeError(f"no CLI mapping for {tp!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_dga.pretrain_gpt",
+        description="Pretrain a megatron-core GPT on a dynamic data mixture (DGA, arXiv 2410.02498).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values; the command line overrides it")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if (section, f.name) in _NOT_FLAGS:
+                continue
+            group.add_argument(
+                "--" + _flag(section, f.name),
+                dest=f"{section}.{f.name}",
+                default=argparse.SUPPRESS,
+                help=_field_doc(cls, f.name),
+                **_argparse_kwargs(hints[f.name]),
+            )
+    return parser
+
+
+def _yaml_values(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag: value, got {type(raw).__name__}")
+    by_flag = {a.option_strings[0][2:]: a.dest for a in parser._actions if a.option_strings and "." in a.dest}
+    values, unknown = {}, []
+    for key, value in raw.items():
+        flag = str(key).replace("_", "-")
+        if flag not in by_flag:
+            unknown.append(key)
+        else:
+            values[by_flag[flag]] = value
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown keys {unknown}; use flag names, e.g. 'train-iters: 100'")
+    return values
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
+    """Parse the command line (and --config YAML) into validated component configs."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    values: Dict[str, Any] = {}
+    if getattr(ns, "config", None):
+        values.update(_yaml_values(ns.config, parser))
+    values.update({k: v for k, v in vars(ns).items() if "." in k})
+    return config_from_values(values)
+
+
+def config_from_values(values: Dict[str, Any]) -> PretrainConfig:
+    """Build PretrainConfig from {"section.field": value}; unspecified fields keep their defaults."""
+    kwargs: Dict[str, Dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        kwargs[section][name] = value
+    try:
+        return PretrainConfig(**{s: cls(**kwargs[s]) for s, cls in SECTIONS.items()})
+    except TypeError as exc:  # a YAML value of the wrong type reaches a dataclass check
+        raise ConfigError(f"invalid configuration value: {exc}") from None

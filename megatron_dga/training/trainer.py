@@ -1,0 +1,272 @@
+"""The training loop: megatron-core GPT + DDP on a dynamic domain mixture.
+
+Each iteration: draw the next global batch from the current weights, forward/backward
+over this rank's micro-batches, optimizer step; then the hooks — mixing (which may
+hand the sampler new weights), logging, evaluation, checkpointing. Pipeline
+parallelism goes through megatron-core's schedules, which need CUDA.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_dga.errors import CheckpointError, ConfigError
+from megatron_dga.mixing.base import MixingStrategy, build_mixing
+from megatron_dga.model import build_gpt_model
+from megatron_dga.platform import ParallelContext
+from megatron_dga.training import checkpoint as ckpt
+from megatron_dga.training.config import PretrainConfig
+from megatron_dga.training.data import DataPipeline
+from megatron_dga.training.metrics import MetricsLogger, Throughput
+from megatron_dga.training.optim import build_optimizer, counted_params, lr_at
+from megatron_dga.training.rng import capture_rng_state, restore_rng_state
+from megatron_dga.training.step import LossStats, forward_backward
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Owns the model, optimizer, data and mixing of one job; ``train()`` runs it."""
+
+    def __init__(self, cfg: PretrainConfig, ctx: ParallelContext):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        self.cfg, self.ctx = cfg, ctx
+        if ctx.pp_size > 1 and not torch.cuda.is_available():
+            raise ConfigError(
+                "--pipeline-model-parallel-size > 1 needs GPUs (megatron-core's pipeline schedules "
+                "allocate on CUDA); use 1 on CPU"
+            )
+        if ctx.pp_size > 1:
+            raise ConfigError("pipeline parallelism is not wired into the trainer yet; use --pipeline-model-parallel-size 1")
+        self.num_micro_batches = cfg.schedule.num_micro_batches(ctx.dp_size)
+        self.data = DataPipeline(cfg, ctx)
+        cfg.model.vocab_size = self.data.vocab_size
+        self.model = build_gpt_model(cfg.model, ctx.tp_size, ctx.pp_size)
+        self.ddp = DistributedDataParallel(
+            self.model.config,
+            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer),
+            self.model,
+        )
+        self.mp_group = parallel_state.get_model_parallel_group()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.optimizer = build_optimizer(self.ddp, cfg.optimizer, bf16=cfg.model.bf16, model_parallel_group=self.mp_group)
+        self.params = [p for p in self.ddp.parameters() if p.requires_grad]
+        self._counted = counted_params(self.params)
+        self.mixing: MixingStrategy = build_mixing(cfg.mixing, self.data.domain_info)
+        if self.mixing.basis is not None:
+            self.data.set_basis(self.mixing.basis)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.consumed_tokens = 0
+        if cfg.checkpoint.load:
+            self.load_checkpoint(cfg.checkpoint.load)
+        else:
+            self.data.set_weights(self.mixing.initial_weights())
+        log_dir = cfg.logging.log_dir or cfg.checkpoint.save or os.path.join("runs", "latest")
+        self.metrics = MetricsLogger(
+            log_dir,
+            cfg.logging.tensorboard_dir,
+            is_writer=ctx.is_logging_rank,
+            log_interval=cfg.schedule.log_interval,
+            train_iters=cfg.schedule.train_iters,
+            start_iteration=self.iteration,
+            domain_names=self.data.domain_info.names,
+        )
+        self.throughput = Throughput()
+        self._window_losses: List[float] = []
+        self._window_grad_norms: List[float] = []
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> Dict[str, float]:
+        """Train to --train-iters; returns the last logged metrics."""
+        sched = self.cfg.schedule
+        last: Dict[str, float] = {}
+        if self.ctx.is_logging_rank:
+            print(f"training {self.cfg.model.num_parameters():,} parameters on {self.ctx.describe()}, "
+                  f"{self.data.domain_info.k} domains, mixing={self.cfg.mixing.mixing}, "
+                  f"from iteration {self.iteration}", flush=True)
+        self.throughput.reset()
+        while self.iteration < sched.train_iters:
+            loss, grad_norm, lr = self.train_step()
+            self.iteration += 1
+            new_weights = self.mixing.after_step(self)
+            if new_weights is not None:
+                self.data.set_weights(new_weights)
+            self._window_losses.append(loss)
+            self._window_grad_norms.append(grad_norm)
+            done = self.iteration == sched.train_iters
+            eval_now = sched.eval_interval and (self.iteration % sched.eval_interval == 0 or done)
+            if eval_now or self.iteration % sched.log_interval == 0 or done:
+                # One metrics.jsonl entry per logged iteration, eval results included.
+                last = self._log(lr, self.evaluate() if eval_now else {})
+            exiting = bool(sched.exit_interval) and self.iteration % sched.exit_interval == 0 and not done
+            if self._should_save() or (exiting and self.cfg.checkpoint.save):
+                self.save_checkpoint()
+            if exiting:
+                if self.ctx.is_logging_rank:
+                    print(f"exiting at iteration {self.iteration} (--exit-interval {sched.exit_interval})", flush=True)
+                break
+        return last
+
+    def train_step(self):
+        """One optimizer step on the next global batch. Returns (global mean loss, grad norm, lr)."""
+        lr = lr_at(self.iteration, self.cfg.optimizer, self.cfg.schedule.train_iters)
+        self.optimizer.set_lr(lr)
+        self.ddp.zero_grad_buffer()
+        micro_batches = self.data.next_train_micro_batches()
+        stats = forward_backward(self.ddp, micro_batches, self.ctx.device, sync_grads=True)
+        grad_norm = self.optimizer.step()
+        loss = self._dp_mean(stats.mean_loss)
+        tokens = self.cfg.schedule.global_batch_size * self.cfg.model.seq_length
+        self.consumed_samples += self.cfg.schedule.global_batch_size
+        self.consumed_tokens += tokens
+        self.throughput.step(tokens=tokens, samples=self.cfg.schedule.global_batch_size)
+        return loss, grad_norm, lr
+
+    def _dp_mean(self, value: float) -> float:
+        if self.ctx.dp_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(t, group=self.dp_group)
+        return float(t) / self.ctx.dp_size
+
+    # ------------------------------------------------------------------ hooks
+
+    def _log(self, lr: float, eval_results: Dict[str, object]) -> Dict[str, object]:
+        window = self.throughput.window()
+        values: Dict[str, object] = {
+            "lm_loss": float(np.mean(self._window_losses)),
+            "lr": lr,
+            "grad_norm": float(np.mean(self._window_grad_norms)),
+            "tokens_per_sec": window.tokens_per_sec,
+            "ms_per_iter": window.ms_per_iter,
+            "consumed_samples": self.consumed_samples,
+            "consumed_tokens": self.consumed_tokens,
+            "domain_weights": [float(w) for w in self.data.weights],
+        }
+        values.update(self.data.consumption_since_last_log())
+        values.update(self.mixing.metrics())
+        values.update(eval_results)
+        self._window_losses.clear()
+        self._window_grad_norms.clear()
+        self.metrics.log(self.iteration, values)
+        return values
+
+    def evaluate(self) -> Dict[str, object]:
+        """Specific-set eval loss and per-domain eval loss on fixed held-out batches."""
+        iters = self.cfg.schedule.eval_iters
+        if iters == 0:
+            return {}
+        results: Dict[str, object] = {}
+        rng = capture_rng_state()
+        if self.data.has_specific_eval:
+            results["specific_eval_loss"] = self._eval_loss(self.data.specific_eval_micro_batches(iters))
+        results["domain_eval_loss"] = [
+            self._eval_loss(self.data.domain_eval_micro_batches(d, iters)) for d in range(self.data.domain_info.k)
+        ]
+        restore_rng_state(rng)
+        return results
+
+    def _eval_loss(self, micro_batches) -> float:
+        """Token-weighted mean loss over micro-batches spread across data-parallel ranks."""
+        self.ddp.eval()
+        stats = forward_backward(self.ddp, micro_batches, self.ctx.device, forward_only=True)
+        self.ddp.train()
+        total = sum(stats.per_domain_loss_sum.values())
+        t = torch.tensor([total, float(stats.tokens)], dtype=torch.float64, device=self.ctx.device)
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(t, group=self.dp_group)
+        return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+    def _should_save(self) -> bool:
+        cfg = self.cfg.checkpoint
+        if not cfg.save:
+            return False
+        if self.iteration == self.cfg.schedule.train_iters:
+            return True
+        return bool(cfg.save_interval) and self.iteration % cfg.save_interval == 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> None:
+        layout = ckpt.CheckpointLayout.from_context(self.ctx)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": capture_rng_state(),
+        } if layout.is_writer else {}
+        common = {
+            "iteration": self.iteration,
+            "consumed_samples": self.consumed_samples,
+            "consumed_tokens": self.consumed_tokens,
+            "data": self.data.state_dict(),
+            "mixing": self.mixing.state_dict(),
+        }
+        path = ckpt.save_checkpoint(
+            self.cfg.checkpoint.save, self.iteration, state, layout=layout,
+            keep_last=self.cfg.checkpoint.keep_last, common_state=common,
+            metadata={"mixing": self.cfg.mixing.mixing, "domains": self.data.domain_info.names},
+        )
+        if self.ctx.is_logging_rank:
+            print(f"saved checkpoint at iteration {self.iteration} to {path}", flush=True)
+
+    def load_checkpoint(self, load_dir: str) -> None:
+        layout = ckpt.CheckpointLayout.from_context(self.ctx)
+        if ckpt.latest_iteration(load_dir) is None and not os.path.isdir(load_dir):
+            raise CheckpointError(f"--load {load_dir}: no such directory; check the path or drop --load")
+        iteration, state, common = ckpt.load_checkpoint(load_dir, layout=layout, iteration=self.cfg.checkpoint.ckpt_step)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(common["iteration"])
+        self.consumed_samples = int(common["consumed_samples"])
+        self.consumed_tokens = int(common["consumed_tokens"])
+        self.data.load_state_dict(common["data"])
+        self.mixing.load_state_dict(common["mixing"])
+        restore_rng_state(state["rng"])
+        if self.ctx.is_logging_rank:
+            print(f"resumed from {load_dir} at iteration {iteration}", flush=True)
+
+    # ------------------------------------------------------------------ TrainerView (for mixing strategies)
+
+    def probe_domain(self, domain: int, size: int):
+        return self.data.probe_domain(domain, size)
+
+    def probe_specific(self, size: int):
+        return self.data.probe_specific(size)
+
+    def backward(self, micro_batches, *, sync_grads: bool) -> LossStats:
+        self.ddp.zero_grad_buffer()
+        return forward_backward(self.ddp, micro_batches, self.ctx.device, sync_grads=sync_grads)
+
+    def grads(self) -> List[torch.Tensor]:
+        return [p.main_grad for p in self.params]
+
+    def counted(self) -> List[bool]:
+        return self._counted
+
+    def adam_preconditioner(self):
+        v = self.optimizer.exp_avg_sq()
+        if v is None:
+            return None
+        return {"exp_avg_sq": v, "bias_correction2": self.optimizer.bias_correction2(), "eps": self.cfg.optimizer.adam_eps}
+
+    def all_reduce(self, tensor: torch.Tensor, group: str = "world") -> torch.Tensor:
+        groups = {"world": None, "dp": self.dp_group, "mp": self.mp_group}
+        if group not in groups:
+            raise ValueError(f"group must be one of {sorted(groups)}, got {group!r}")
+        if dist.get_world_size(groups[group]) > 1:
+            dist.all_reduce(tensor, group=groups[group])
+        return tensor
+
+    def data_parallel(self):
+        return self.ctx.dp_rank, self.ctx.dp_size

@@ -1,0 +1,148 @@
+"""The pretraining loop end to end on CPU: resume, parallel layouts, mixing, bad configs."""
+import os
+
+import numpy as np
+import pytest
+
+from tests.dist_utils import run_distributed
+from tests.synthetic import NULL_TOKENIZER_ARGS, write_domains
+
+MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+         "--make-vocab-size-divisible-by", "64"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_domains(str(tmp_path_factory.mktemp("shards")), k=3, docs_per_domain=48, doc_len=64,
+                         specific_mixture=[0.5, 0.5, 0.0])
+
+
+def _args(shards, run_dir, iters, extra=()):
+    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
+            "--specific-eval-data-path", shards["specific_eval"], *NULL_TOKENIZER_ARGS, *MODEL,
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
+            "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(run_dir), *extra]
+
+
+def _pretrain(rank, world_size, argv):
+    from megatron_dga.pretrain_gpt import main
+    from megatron_dga.training.metrics import read_metrics
+
+    rc = main(argv)
+    log_dir = argv[argv.index("--log-dir") + 1]
+    metrics = read_metrics(os.path.join(log_dir, "metrics.jsonl")) if rank == world_size - 1 else None
+    return rc, metrics
+
+
+def _run(argv, world_size=1):
+    results = run_distributed(_pretrain, world_size=world_size, args=(argv,))
+    assert all(rc == 0 for rc, _ in results), [rc for rc, _ in results]
+    return results[-1][1]
+
+
+def _losses(metrics):
+    return np.array([m["lm_loss"] for m in metrics])
+
+
+def test_resume_is_bit_identical_with_dp2(shards, tmp_path):
+    straight = _run(_args(shards, tmp_path / "a", 8, ["--mixing", "dga", "--dga-interval", "2"]), world_size=2)
+    first = _run(_args(shards, tmp_path / "b", 8, ["--mixing", "dga", "--dga-interval", "2", "--exit-interval", "4",
+                                                     "--save", str(tmp_path / "ckpt")]), world_size=2)
+    # Same run to 8 iterations, resumed from the checkpoint at 4.
+    resumed = _run(_args(shards, tmp_path / "b", 8, ["--mixing", "dga", "--dga-interval", "2",
+                                                       "--load", str(tmp_path / "ckpt")]), world_size=2)
+    assert [m["iteration"] for m in resumed] == list(range(1, 9))  # first half kept, crash-free append
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    np.testing.assert_array_equal(_losses(first), _losses(straight)[:4])
+    for a, b in zip(resumed, straight):
+        assert a["domain_weights"] == b["domain_weights"]
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], []], ids=["tp2", "dp2"])
+def test_two_ranks_match_one_process(shards, tmp_path, layout):
+    extra = ["--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8"]
+    single = _run(_args(shards, tmp_path / "one", 6, extra))
+    double = _run(_args(shards, tmp_path / "two", 6, extra + layout), world_size=2)
+    np.testing.assert_allclose(_losses(double), _losses(single), rtol=2e-5)
+    np.testing.assert_allclose(double[-1]["domain_weights"], single[-1]["domain_weights"], rtol=1e-4, atol=1e-7)
+
+
+def test_loss_decreases_and_static_mixing_realises_weights(shards, tmp_path):
+    weights = [0.6, 0.3, 0.1]
+    data_path = [tok for w, p in zip(weights, shards["domains"]) for tok in (str(w), p)]
+    argv = _args(shards, tmp_path, 30, ["--mixing", "static", "--lr-warmup-iters", "2"])
+    argv[argv.index("--data-path") + 1: argv.index("--data-path") + 4] = data_path
+    metrics = _run(argv)
+    losses = _losses(metrics)
+    assert losses[-5:].mean() < losses[:5].mean() - 0.3, losses
+    samples = np.sum([m["domain_samples"] for m in metrics], axis=0)
+    # 30 batches of 8: the carried allocation keeps each count within one sample of its share.
+    assert samples.sum() == 240
+    np.testing.assert_allclose(samples, 240 * np.array(weights), atol=1.0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--global-batch-size", "6"], "--global-batch-size 6 is not divisible by --micro-batch-size 4"),
+    (["--num-attention-heads", "3"], "--hidden-size 32 is not divisible by --num-attention-heads 3"),
+    (["--load", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+    (["--mixing", "static"], "--mixing static needs weights in --data-path"),
+    (["--mixing", "bogus"], "available: dga, importance, natural, static, uniform"),
+    (["--vocab-size", "99"], "vocab"),
+])
+def test_bad_configurations_fail_before_training(shards, tmp_path, capsys, extra, message):
+    argv = _args(shards, tmp_path, 2, ["--micro-batch-size", "4"])
+    # Later flags win in argparse: the bad value overrides the good one.
+    rc = run_distributed(_pretrain_rc, world_size=1, args=(argv + extra,))[0]
+    assert rc[0] == 2
+    assert message in rc[1], rc[1]
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def _pretrain_rc(rank, world_size, argv):
+    import contextlib
+    import io
+
+    from megatron_dga.pretrain_gpt import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, err.getvalue()
+
+
+def test_missing_shard_is_named(shards, tmp_path):
+    argv = _args(shards, tmp_path, 2)
+    argv[argv.index("--data-path") + 1] = str(tmp_path / "nope_text_document")
+    rc, err = run_distributed(_pretrain_rc, world_size=1, args=(argv,))[0]
+    assert rc == 2 and "nope_text_document" in err, err
+
+
+def test_crash_during_save_keeps_previous_checkpoint(shards, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _run(_args(shards, tmp_path / "a", 4, ["--save", str(ckpt), "--save-interval", "2"]))
+    # A second save dies after writing its files but before publishing them.
+    rc, err = run_distributed(_pretrain_crash_in_save, world_size=1,
+                              args=(_args(shards, tmp_path / "b", 6, ["--load", str(ckpt), "--save", str(ckpt),
+                                                                       "--save-interval", "2"]),))[0]
+    assert rc == "crashed"
+    from megatron_dga.training.checkpoint import latest_iteration
+
+    assert latest_iteration(ckpt) == 4
+    resumed = _run(_args(shards, tmp_path / "c", 5, ["--load", str(ckpt)]))
+    assert resumed[-1]["iteration"] == 5
+
+
+def _pretrain_crash_in_save(rank, world_size, argv):
+    from megatron_dga.training import checkpoint
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("simulated kill during checkpoint publication")
+
+    checkpoint._finalize = crash
+    from megatron_dga.pretrain_gpt import main
+
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        return "crashed", ""
+    return "finished", ""
