@@ -203,3 +203,19 @@ def test_plain_dataloader_batch_sampler_applies_change_within_lag(shards):
     # every micro-batch after the documented lag follows the new weights
     assert all(mb == [1, 1] for mb in seen[lag * bs.num_micro_batches :]), seen
     del it
+
+
+def test_document_split_gives_disjoint_train_and_valid_parts(shards):
+    prefix = shards[0]
+    tok = Tok()
+    cfg = DomainDatasetConfig(sequence_length=8, seed=3)
+    train = build_domain_datasets([prefix], tok, cfg, documents=(0.0, 0.75)).datasets[0]
+    valid = build_domain_datasets([prefix], tok, cfg, documents=(0.75, 1.0)).datasets[0]
+    indexed = IndexedDataset(prefix)
+    n_docs = len(indexed.document_indices) - 1
+    cut = round(0.75 * n_docs)
+    # Every sample is drawn from the documents of its part only (megatron's document index).
+    assert set(np.unique(train.document_index)) == set(range(cut))
+    assert set(np.unique(valid.document_index)) == set(range(cut, n_docs))
+    with pytest.raises(DataError, match="--split"):
+        build_domain_datasets([prefix], tok, DomainDatasetConfig(sequence_length=500), documents=(0.99, 1.0))

@@ -383,6 +383,7 @@ def build_domain_datasets(
     tokenizer: Any,
     config: DomainDatasetConfig,
     names: Optional[Sequence[str]] = None,
+    documents: Tuple[float, float] = (0.0, 1.0),
 ) -> DomainDatasets:
     """Validate the shards and build one megatron-core ``GPTDataset`` (one epoch) per domain.
 
@@ -391,6 +392,9 @@ def build_domain_datasets(
         tokenizer: any object with ``.eod`` and ``.vocab_size`` (``.pad`` optional).
         config: dataset options.
         names: domain names; default: derived from the prefixes by :func:`domain_name`.
+        documents: the fraction range of each shard's documents to use, e.g. (0, 0.98)
+            for training and (0.98, 1) for a held-out validation part (Megatron's
+            --split, applied per domain, contiguous in document order).
 
     Returns:
         The :class:`DomainDatasets`.
@@ -423,14 +427,22 @@ def build_domain_datasets(
             "tokenizers: re-run preprocessing of all domains with the same tokenizer"
         )
     need = config.sequence_length + 1
+    lo_frac, hi_frac = documents
+    if not 0.0 <= lo_frac < hi_frac <= 1.0:
+        raise ConfigError(f"document range {documents} must satisfy 0 <= start < end <= 1")
+    doc_ranges = []
     for name, shard in zip(names, shards):
         if shard.num_documents == 0 or shard.num_sequences == 0:
             raise DataError(f"domain {name!r} ({shard.prefix}.idx) is empty: 0 documents; drop it from --data-path")
-        if shard.num_tokens < need:
+        lo, hi = round(lo_frac * shard.num_documents), round(hi_frac * shard.num_documents)
+        tokens = shard.num_tokens if (lo, hi) == (0, shard.num_documents) else _tokens_in_documents(shard, lo, hi)
+        part = "" if (lo_frac, hi_frac) == (0.0, 1.0) else f" in documents [{lo}, {hi}) of {shard.num_documents} (--split)"
+        if tokens < need:
             raise DataError(
-                f"domain {name!r} ({shard.prefix}.bin) has {shard.num_tokens} tokens, fewer than one sample of "
-                f"--seq-length {config.sequence_length} + 1; add data or drop the domain"
+                f"domain {name!r} ({shard.prefix}.bin) has {tokens} tokens{part}, fewer than one sample of "
+                f"--seq-length {config.sequence_length} + 1; add data, drop the domain, or change --split"
             )
+        doc_ranges.append((lo, hi))
         _check_vocab(name, shard, view.vocab_size, config)
 
     gpt_config = GPTDatasetConfig(
@@ -445,9 +457,9 @@ def build_domain_datasets(
         mmap_bin_files=config.mmap,
     )
     datasets = []
-    for prefix, shard in zip(prefixes, shards):
+    for prefix, (lo, hi) in zip(prefixes, doc_ranges):
         indexed = IndexedDataset(prefix, multimodal=False, mmap=config.mmap)
-        doc_ids = np.arange(shard.num_documents, dtype=np.int32)
+        doc_ids = np.arange(lo, hi, dtype=np.int32)
         datasets.append(
             _build_on_rank0_first(
                 lambda: GPTDataset(indexed, prefix, doc_ids, None, Split.train, gpt_config),
@@ -461,6 +473,19 @@ def build_domain_datasets(
                 "add data or drop the domain"
             )
     return DomainDatasets(names, prefixes, datasets, shards, config.sequence_length)
+
+
+def _tokens_in_documents(shard: ShardInfo, lo: int, hi: int) -> int:
+    """Tokens stored in documents [lo, hi) of a validated shard (read from its .idx)."""
+    num_seq = shard.num_sequences
+    mm = np.memmap(shard.prefix + ".idx", mode="r", dtype=np.uint8)
+    try:
+        lengths = np.frombuffer(mm, dtype=np.int32, count=num_seq, offset=_IDX_HEADER_BYTES)
+        doc_idx = np.frombuffer(mm, dtype=np.int64, count=shard.num_documents + 1,
+                                offset=_IDX_HEADER_BYTES + 12 * num_seq)
+        return int(lengths[doc_idx[lo]:doc_idx[hi]].sum(dtype=np.int64)) if hi > lo else 0
+    finally:
+        del mm
 
 
 def _check_vocab(name: str, shard: ShardInfo, vocab_size: int, config: DomainDatasetConfig) -> None:

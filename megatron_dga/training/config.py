@@ -39,6 +39,9 @@ class DataConfig:
     """--merge-file (GPT-2 BPE)."""
     vocab_size: Optional[int] = None
     """--vocab-size (NullTokenizer only)."""
+    split: str = "98,2"
+    """--split TRAIN,VALID[,TEST]: per-domain document split (Megatron's convention, normalised);
+    the VALID part gives the held-out per-domain eval loss. "100,0" evaluates on training samples."""
     domain_token_limit: Optional[int] = None
     """--domain-token-limit: cap on distinct tokens per domain (the paper's token-limited regime);
     a capped domain repeats its first `limit` tokens' worth of samples epoch after epoch."""
@@ -48,10 +51,23 @@ class DataConfig:
     def __post_init__(self):
         if not self.data_path:
             raise ConfigError("--data-path is required: give shard prefixes, e.g. --data-path data/web_text_document")
+        self.train_fraction  # validates --split
         if self.domain_token_limit is not None and self.domain_token_limit <= 0:
             raise ConfigError(f"--domain-token-limit must be > 0, got {self.domain_token_limit}")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+
+
+    @property
+    def train_fraction(self) -> float:
+        """Fraction of each domain's documents used for training (the rest is held out)."""
+        try:
+            parts = [float(x) for x in self.split.replace("/", ",").split(",")]
+        except ValueError:
+            parts = []
+        if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts) or parts[0] <= 0:
+            raise ConfigError(f"--split must be like '98,2' (train,valid[,test] >= 0, train > 0), got {self.split!r}")
+        return parts[0] / sum(parts)
 
 
 @dataclass

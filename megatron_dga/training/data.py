@@ -37,9 +37,19 @@ class DataPipeline:
         )
         names, prefixes, static = parse_data_path(data.data_path)
         ds_cfg = DomainDatasetConfig(sequence_length=cfg.model.seq_length, seed=cfg.parallel.seed)
-        self.domains = build_domain_datasets(prefixes, self.tokenizer, ds_cfg, names=names)
+        train_fraction = data.train_fraction
+        self.domains = build_domain_datasets(prefixes, self.tokenizer, ds_cfg, names=names,
+                                             documents=(0.0, train_fraction))
         sources = list(self.domains.datasets)
         held_out = []
+        # Per-domain validation parts (held out from training) for the domain eval loss.
+        self.valid_ids: Optional[List[int]] = None
+        if train_fraction < 1.0:
+            valid = build_domain_datasets(prefixes, self.tokenizer, ds_cfg, names=names,
+                                          documents=(train_fraction, 1.0))
+            self.valid_ids = list(range(len(sources), len(sources) + len(valid)))
+            sources.extend(valid.datasets)
+            held_out.extend(int(n) for n in valid.num_samples)
         self.specific_id = self.specific_eval_id = None
         for attr, path, flag in (("specific_id", data.specific_data_path, "--specific-data-path"),
                                  ("specific_eval_id", data.specific_eval_data_path, "--specific-eval-data-path")):
@@ -130,7 +140,8 @@ class DataPipeline:
         return self._rank_share(self._eval_rows(self.specific_eval_id, iters))
 
     def domain_eval_micro_batches(self, domain: int, iters: int):
-        return self._rank_share(self._eval_rows(domain, iters))
+        source = domain if self.valid_ids is None else self.valid_ids[domain]
+        return self._rank_share(self._eval_rows(source, iters))
 
     def fetch(self, rows: np.ndarray) -> Dict[str, torch.Tensor]:
         """Collate the samples (source_id, sample_index) into tensors, with "domain_id"."""

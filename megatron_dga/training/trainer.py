@@ -27,7 +27,7 @@ from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput
 from megatron_dga.training.optim import build_optimizer, counted_params, lr_at
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
-from megatron_dga.training.step import LossStats, forward_backward
+from megatron_dga.training.step import LossStats, forward_backward, token_losses
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +241,9 @@ class Trainer:
     def probe_domain(self, domain: int, size: int):
         return self.data.probe_domain(domain, size)
 
+    def probe_basis(self, basis: int, size: int):
+        return self.data.probe_basis(basis, size)
+
     def probe_specific(self, size: int):
         return self.data.probe_specific(size)
 
@@ -253,6 +256,15 @@ class Trainer:
 
     def counted(self) -> List[bool]:
         return self._counted
+
+    def parameters(self) -> List[torch.Tensor]:
+        """The trainable parameters, in grads() order (the finite-difference estimator moves them)."""
+        return self.params
+
+    def forward_token_losses(self, micro_batches) -> List[torch.Tensor]:
+        """Per-token losses (b, s) times the loss mask of each micro-batch: forward only, no grad."""
+        with torch.no_grad():
+            return [token_losses(self.ddp, mb, self.ctx.device) for mb in micro_batches]
 
     def adam_preconditioner(self):
         v = self.optimizer.exp_avg_sq()
