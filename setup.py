@@ -28,21 +28,27 @@ def _extensions():
         torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
     )
     openmp = ["-fopenmp"]
-    cxx_flags = ["-O3", "-std=c++17"] + openmp
+    # `import megatron_dga._C` must work before anything imported torch (the package
+    # __init__ does not): record torch's lib dir so libc10/libtorch resolve on their own.
+    torch_rpath = ["-Wl,-rpath," + os.path.join(os.path.dirname(torch.__file__), "lib")]
+    # -fno-math-errno lets std::sqrt vectorise (the kernels never read errno).
+    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"] + openmp
     if with_cuda:
         ext = CUDAExtension(
             name="megatron_dga._C",
             sources=cpp_sources + cuda_sources,
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=openmp,
+            # No --use_fast_math: the kernels are bandwidth-bound, and fast math would flush
+            # denormal (tiny bf16) gradients to zero and approximate the Adam sqrt/divide.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=openmp + torch_rpath,
         )
     else:
         ext = CppExtension(
             name="megatron_dga._C",
             sources=cpp_sources,
             extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=openmp,
+            extra_link_args=openmp + torch_rpath,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

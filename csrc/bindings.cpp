@@ -1,0 +1,46 @@
+// pybind11 module megatron_dga._C: the fused alignment ops. Call them through
+// megatron_dga.ops, which validates arguments and raises megatron-dga's errors.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+namespace {
+
+void grad_dot_into(at::Tensor out, int64_t index, const std::vector<at::Tensor>& grads,
+                   const std::vector<at::Tensor>& targets, const std::vector<at::Tensor>& exp_avg_sq,
+                   double bias_correction2, double eps, bool fp64) {
+  if (out.is_cuda()) {
+#ifdef WITH_CUDA
+    megatron_dga::grad_dot_cuda(grads, targets, exp_avg_sq, bias_correction2, eps, fp64, out, index);
+#else
+    TORCH_CHECK(false, "megatron_dga._C was built without CUDA kernels");
+#endif
+  } else {
+    megatron_dga::grad_dot_cpu(grads, targets, exp_avg_sq, bias_correction2, eps, fp64, out, index);
+  }
+}
+
+bool has_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "megatron-dga fused alignment ops (use megatron_dga.ops, which validates inputs)";
+  m.def("grad_dot_into", &grad_dot_into,
+        "out[index] = sum_j <grads[j], targets[j]> (Adam-preconditioned when exp_avg_sq is "
+        "non-empty); contiguous tensors on out's device, float64 out",
+        py::arg("out"), py::arg("index"), py::arg("grads"), py::arg("targets"),
+        py::arg("exp_avg_sq"), py::arg("bias_correction2"), py::arg("eps"), py::arg("fp64"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("simplex_update", &megatron_dga::simplex_update_cpu,
+        "alpha_new from float64 CPU alpha and alignment (see megatron_dga.ops.simplex_update)",
+        py::arg("alpha"), py::arg("alignment"), py::arg("eta"), py::arg("beta"), py::arg("floor"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
+}
