@@ -7,8 +7,9 @@ parallelism goes through megatron-core's schedules, which need CUDA.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-import math
 import os
 import time
 from typing import Dict, List, Optional
@@ -82,8 +83,23 @@ class Trainer:
             domain_names=self.data.domain_info.names,
         )
         self.throughput = Throughput()
+        if ctx.is_logging_rank:
+            self._write_run_info(log_dir)
         self._window_losses: List[float] = []
         self._window_grad_norms: List[float] = []
+
+    def _write_run_info(self, log_dir: str) -> None:
+        """run_info.json beside metrics.jsonl: the names behind list metrics, and the config."""
+        info = {
+            "domains": self.data.domain_info.names,
+            "basis_names": None if self.mixing.basis is None else list(self.mixing.basis.basis_names),
+            "world": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size},
+            "config": dataclasses.asdict(self.cfg),
+        }
+        tmp = os.path.join(log_dir, "run_info.json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(info, fh, indent=1, default=str)
+        os.replace(tmp, os.path.join(log_dir, "run_info.json"))
 
     # ------------------------------------------------------------------ the loop
 

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Plot weights, alignments and losses of one or more runs from their metrics.jsonl.
+
+    python tools/plot_metrics.py runs/demo/runs/dga_ema [more run dirs ...] --out plots/
+
+For each run directory (holding metrics.jsonl and run_info.json, as written by
+--log-dir) this writes <name>_weights.png (stacked domain weights), <name>_alignments.png
+(DGA runs) and, over all runs, train_loss.png and specific_eval_loss.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from megatron_dga.errors import DGAError
+from megatron_dga.plots import plot_alignments, plot_curves, plot_domain_weights
+from megatron_dga.training.metrics import read_metrics
+
+
+def load_run(run_dir: str):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise DGAError(f"{run_dir}: no metrics.jsonl (give the --log-dir of a run)")
+    metrics = read_metrics(path)
+    info_path = os.path.join(run_dir, "run_info.json")
+    names = None
+    if os.path.isfile(info_path):
+        with open(info_path) as fh:
+            names = json.load(fh).get("domains")
+    if names is None:
+        k = len(next((m["domain_weights"] for m in metrics if "domain_weights" in m), []))
+        names = [f"domain{i}" for i in range(k)]
+    return metrics, names
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories (the runs' --log-dir)")
+    p.add_argument("--out", default=None, help="output directory (default: the first run directory)")
+    args = p.parse_args(argv)
+    out = args.out or args.runs[0]
+    os.makedirs(out, exist_ok=True)
+    try:
+        runs = {os.path.basename(os.path.normpath(r)): load_run(r) for r in args.runs}
+    except DGAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    written = []
+    for name, (metrics, names) in runs.items():
+        written.append(plot_domain_weights(metrics, names, os.path.join(out, f"{name}_weights.png"), f"{name}: domain weights"))
+        written.append(plot_alignments(metrics, names, os.path.join(out, f"{name}_alignments.png"), f"{name}: alignments"))
+    series = {name: metrics for name, (metrics, _) in runs.items()}
+    written.append(plot_curves(series, "lm_loss", os.path.join(out, "train_loss.png"), "training loss"))
+    written.append(plot_curves(series, "specific_eval_loss", os.path.join(out, "specific_eval_loss.png"), "held-out target loss"))
+    for path in written:
+        if path:
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
