@@ -146,3 +146,13 @@ def _pretrain_crash_in_save(rank, world_size, argv):
     except KeyboardInterrupt:
         return "crashed", ""
     return "finished", ""
+
+
+def test_importance_weights_must_match_the_domains(shards, tmp_path):
+    from megatron_dga.mixing.weights_io import save_weights
+
+    path = tmp_path / "iw.json"
+    save_weights(str(path), ["dom0", "dom1", "law"], [0.5, 0.25, 0.25])
+    argv = _args(shards, tmp_path, 2, ["--mixing", "importance", "--importance-weights", str(path)])
+    rc, err = run_distributed(_pretrain_rc, world_size=1, args=(argv,))[0]
+    assert rc == 2 and "law" in err and "dom2" in err, err

@@ -1,0 +1,56 @@
+"""Megatron-style CLI and YAML -> configs: precedence, types, errors that name the flag."""
+import pytest
+
+from megatron_dga.errors import ConfigError
+from megatron_dga.training.arguments import build_parser, parse_args
+
+BASE = ["--data-path", "a_text_document"]
+
+
+def test_yaml_values_are_overridden_by_the_command_line(tmp_path):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text("lr: 0.001\ntrain-iters: 7\ntensor_model_parallel_size: 2\nmixing: dga\ndga-ema: 0.5\n")
+    cfg = parse_args(BASE + ["--config", str(cfg_file), "--train-iters", "9"])
+    assert cfg.optimizer.lr == 0.001
+    assert cfg.schedule.train_iters == 9  # CLI wins
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert (cfg.mixing.mixing, cfg.mixing.dga_ema) == ("dga", 0.5)
+
+
+def test_every_config_field_has_a_documented_flag():
+    helps = {a.option_strings[0]: a.help for a in build_parser()._actions if a.option_strings}
+    for flag in ("--lr", "--min-lr", "--lr-warmup-iters", "--lr-decay-style", "--weight-decay", "--clip-grad",
+                 "--adam-beta1", "--adam-beta2", "--bf16", "--seed", "--tensor-model-parallel-size",
+                 "--pipeline-model-parallel-size", "--use-distributed-optimizer", "--data-path",
+                 "--specific-data-path", "--specific-eval-data-path", "--tokenizer-type", "--tokenizer-model",
+                 "--save", "--load", "--save-interval", "--keep-last", "--eval-interval", "--eval-iters",
+                 "--log-interval", "--log-dir", "--tensorboard-dir", "--mixing", "--micro-batch-size",
+                 "--global-batch-size", "--train-iters", "--dga-interval", "--dga-eta", "--dga-ema",
+                 "--dga-min-weight", "--dga-domain-batch-size", "--dga-specific-batch-size",
+                 "--dga-preconditioner", "--dga-basis", "--dga-init", "--dga-estimator"):
+        assert helps.get(flag), f"{flag} missing or undocumented"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dga-ema", "0"], "--dga-ema must be in (0, 1]"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--min-lr", "1"], "--min-lr 1.0 must be in [0, --lr"),
+    (["--split", "0,5"], "--split must be like"),
+    (["--tensor-model-parallel-size", "0"], "--tensor-model-parallel-size must be a positive integer"),
+])
+def test_invalid_values_name_the_flag(argv, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_args(BASE + argv)
+    assert message in str(exc.value)
+
+
+def test_unknown_yaml_key_is_reported(tmp_path):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text("learning-rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown keys \\['learning-rate'\\]"):
+        parse_args(BASE + ["--config", str(cfg_file)])
+
+
+def test_data_path_is_required():
+    with pytest.raises(ConfigError, match="--data-path is required"):
+        parse_args([])
