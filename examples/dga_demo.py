@@ -22,8 +22,7 @@ import json
 import os
 import subprocess
 import sys
-import time
-from typing import Dict, List
+from typing import List
 
 METHODS = {
     "uniform": ["--mixing", "uniform"],
@@ -62,7 +61,7 @@ def prepare(out: str):
     return data, weights
 
 
-def train_args(data, weights: str, args, run_dir: str) -> List[str]:
+def train_args(data, weights: str, args) -> List[str]:
     domains = [data.domain_prefixes[d] for d in data.domains]
     model = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
              "--position-embedding-type", "rope"]
@@ -78,50 +77,7 @@ def train_args(data, weights: str, args, run_dir: str) -> List[str]:
         "--importance-weights", weights, "--seed", str(args.seed),
         *model, *optim, *batch, *dga,
         "--log-interval", "10", "--eval-interval", str(args.eval_interval), "--eval-iters", "2",
-        "--log-dir", run_dir,
     ]
-
-
-def run_method(name: str, base: List[str], run_dir: str, threads: int) -> float:
-    os.makedirs(run_dir, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    start = time.time()
-    print(f"\n=== {name}: python -m megatron_dga.pretrain_gpt {' '.join(METHODS[name])} ...", flush=True)
-    with open(os.path.join(run_dir, "stdout.log"), "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "megatron_dga.pretrain_gpt", *base, *METHODS[name]],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            log.write(line)
-            if line.startswith("[") or line.startswith("error") or "Traceback" in line:
-                print(f"  {name:>10} | {line.rstrip()[22:] if line.startswith('[') else line.rstrip()}", flush=True)
-        if proc.wait() != 0:
-            raise SystemExit(f"{name} failed (exit {proc.returncode}); see {run_dir}/stdout.log")
-    return time.time() - start
-
-
-def report(results: Dict[str, dict], names: List[str], out: str) -> None:
-    from megatron_dga.plots import plot_curves, plot_domain_weights
-
-    rows = []
-    for name, r in results.items():
-        evals = [m for m in r["metrics"] if m.get("specific_eval_loss") is not None]
-        last = evals[-1]
-        rows.append((name, last["specific_eval_loss"], min(m["specific_eval_loss"] for m in evals),
-                     float(sum(last["domain_eval_loss"]) / len(last["domain_eval_loss"])), r["seconds"]))
-    best = min(r[1] for r in rows)
-    print("\nTarget (held-out language reference) loss after training, lower is better:\n")
-    print(f"| method     | final target eval loss | best target eval loss | mean generic eval loss | wall time |")
-    print(f"|------------|-----------------------:|----------------------:|-----------------------:|----------:|")
-    for name, final, best_seen, generic, secs in rows:
-        mark = " *" if final == best else ""
-        print(f"| {name:<10} | {final:>20.4f}{mark:2} | {best_seen:>21.4f} | {generic:>22.4f} | {secs:>7.0f} s |")
-    plots = [plot_curves({n: r["metrics"] for n, r in results.items()}, "specific_eval_loss",
-                         os.path.join(out, "target_loss.png"), "held-out target loss", "target eval loss by method")]
-    for name, r in results.items():
-        if name.startswith("dga") or name == "importance":
-            plots.append(plot_domain_weights(r["metrics"], names, os.path.join(out, f"weights_{name}.png"),
-                                             title=f"domain weights: {name}"))
-    print("\nplots:\n" + "\n".join(f"  {p}" for p in plots if p))
 
 
 def main(argv=None) -> int:
@@ -136,14 +92,16 @@ def main(argv=None) -> int:
     with open(weights) as fh:
         w = json.load(fh)
     print("[data] importance weights: " + ", ".join(f"{d}={x:.2f}" for d, x in zip(w["domains"], w["weights"])))
-    from megatron_dga.training.metrics import read_metrics
+    from megatron_dga.experiment import results_table, run_pretrain, write_plots
 
-    results = {}
+    results = []
     for name in methods:
-        run_dir = os.path.join(args.out, "runs", name)
-        seconds = run_method(name, train_args(data, weights, args, run_dir), run_dir, args.threads)
-        results[name] = {"metrics": read_metrics(os.path.join(run_dir, "metrics.jsonl")), "seconds": seconds}
-    report(results, list(data.domains), args.out)
+        print(f"\n=== {name}: python -m megatron_dga.pretrain_gpt {' '.join(METHODS[name])} ...", flush=True)
+        argv = train_args(data, weights, args) + METHODS[name]
+        results.append(run_pretrain(name, argv, os.path.join(args.out, "runs", name), threads=args.threads))
+    print("\n" + results_table(results, "Held-out target (Python language reference) loss, lower is better:\n"))
+    plots = write_plots(results, list(data.domains), args.out)
+    print("\nplots:\n" + "\n".join(f"  {p}" for p in plots))
     return 0
 
 
