@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "sampler.h"
 
 namespace {
 
@@ -43,4 +44,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("alpha"), py::arg("alignment"), py::arg("eta"), py::arg("beta"), py::arg("floor"),
         py::call_guard<py::gil_scoped_release>());
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
+  // Host index kernels of megatron_dga.data.sampler (bit-identical to its numpy reference).
+  m.def("sampler_global_batches", &megatron_dga::sampler_global_batches,
+        "num global batches (int64 num x B x 2); updates carry and consumed in place",
+        py::arg("weights"), py::arg("carry"), py::arg("consumed"), py::arg("access"), py::arg("sizes"),
+        py::arg("limited"), py::arg("train_keys"), py::arg("subset_keys"), py::arg("num"),
+        py::arg("batch_size"), py::arg("step"), py::arg("phi"), py::arg("sqrt2_frac"));
+  m.def("sampler_stream_samples", &megatron_dga::sampler_stream_samples,
+        "sample index at stream position pos of source dom", py::arg("dom"), py::arg("pos"),
+        py::arg("access"), py::arg("sizes"), py::arg("limited"), py::arg("keys"), py::arg("subset_keys"));
+  m.def("sampler_permute", &megatron_dga::sampler_permute,
+        "element-wise keyed bijection of [0, n) (6-round Feistel with cycle walking)", py::arg("x"),
+        py::arg("n"), py::arg("keys"));
+  m.def("sampler_allocate_counts", &megatron_dga::sampler_allocate_counts,
+        "water-filling allocation of total samples on a deficit vector", py::arg("deficit"),
+        py::arg("total"));
 }

@@ -1,5 +1,7 @@
 """DynamicMixtureSampler: allocation bound, epochs, token limits, checkpoints, DP, bases, probes."""
 import json
+import types
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from megatron_dga.errors import CheckpointError, ConfigError
 
 
 def make(sizes, gbs=32, mbs=4, seed=7, **kw):
-    cfg_kw = {k: kw.pop(k) for k in ("sequence_length", "token_limits") if k in kw}
+    cfg_kw = {k: kw.pop(k) for k in ("sequence_length", "token_limits", "backend") if k in kw}
     cfg = MixtureSamplerConfig(global_batch_size=gbs, micro_batch_size=mbs, seed=seed, **cfg_kw)
     return DynamicMixtureSampler(sizes, cfg, **kw)
 
@@ -295,3 +297,150 @@ def test_keyed_permutation_images_are_close_to_uniform():
     for n in (3, 10):
         freq = np.bincount(keyed_permutation(np.ones(keys.size, dtype=np.int64), n, keys), minlength=n) / keys.size
         np.testing.assert_allclose(freq * n, 1.0, atol=0.05)
+
+
+# ------------------------------------------------- C++ kernels (megatron_dga._C) vs the numpy reference
+def extension_or_skip():
+    try:
+        from megatron_dga import _C
+    except ImportError as exc:
+        pytest.skip(f"megatron_dga._C is not built ({exc})")
+    if not hasattr(_C, "sampler_global_batches"):
+        pytest.skip("megatron_dga._C predates the sampler kernels; rebuild it")
+    return _C
+
+
+def assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa == sb
+    assert a._carry.tobytes() == b._carry.tobytes()  # bit-identical floats, not just equal
+
+
+def test_extension_allocation_and_permutation_match_reference():
+    ext = extension_or_skip()
+    rng = np.random.default_rng(5)
+    for trial in range(600):
+        k, total = int(rng.integers(1, 40)), int(rng.integers(1, 300))
+        if trial % 2:  # quarter steps: many equal fractional parts, so tie-breaking matters
+            d = rng.integers(-4, 4 * (2 * total // k + 2), k) / 4
+            d[0] += total - d.sum()
+        else:
+            carry = rng.uniform(-1, 2, k)
+            carry -= carry.mean()
+            w = rng.dirichlet(np.full(k, 0.3)) if trial % 3 else np.eye(k)[rng.integers(k)]
+            d = carry + total * w
+        got = ext.sampler_allocate_counts(d, total)
+        np.testing.assert_array_equal(got, allocate_counts(d, total))
+        if total <= 60:
+            np.testing.assert_array_equal(got, brute_force_counts(d, total))
+    for n in [1, 2, 3, 4, 5, 7, 8, 9, 64, 65, 1000, 4099, 65537, 123_456_789, 2**31 - 1]:
+        x = rng.integers(0, n, 3000)
+        keys = rng.integers(0, 2**63, 3000).astype(np.uint64) * np.uint64(3)  # full 64-bit range
+        np.testing.assert_array_equal(ext.sampler_permute(x, np.full(x.size, n), keys), keyed_permutation(x, n, keys))
+
+
+def drive_both(pair, steps, rng):
+    """The same random calls on both samplers; asserts every result and the state agree."""
+    n_src = pair[0]._sizes.size
+    for t in range(steps):
+        if t % 4 == 0:
+            w = rng.dirichlet(np.full(pair[0].num_domains, 0.5)) * (rng.random(pair[0].num_domains) < 0.7)
+            w[int(rng.integers(w.size))] += 0.1
+            for s in pair:
+                s.set_weights(w)
+        num = int(rng.integers(1, 4))
+        got = [s.global_batches(num) if t % 2 else s.global_batch()[None] for s in pair]
+        np.testing.assert_array_equal(got[0], got[1])
+        d, size = int(rng.integers(n_src)), int(rng.integers(1, 40))
+        np.testing.assert_array_equal(pair[0].probe_batch(d, size), pair[1].probe_batch(d, size))
+        for x, y in zip(pair[0].eval_batches(d, 2, 7), pair[1].eval_batches(d, 2, 7)):
+            np.testing.assert_array_equal(x, y)
+        assert_same_state(*pair)
+
+
+def test_extension_streams_are_bit_identical_to_reference():
+    extension_or_skip()
+    sizes = [37, 50, 23, 1000, 1, 300, 2]
+    kw = dict(gbs=48, mbs=4, sequence_length=4, token_limits=[None, 80, None, 400, None, 4, None], held_out_sizes=[9, 70])
+    ext, ref = make(sizes, backend="extension", **kw), make(sizes, backend="reference", **kw)
+    assert (ext.backend, ref.backend) == ("extension", "reference")
+    rng = np.random.default_rng(11)
+    drive_both((ext, ref), 150, rng)  # many epochs of the small and token-limited domains
+    P = rng.dirichlet(np.ones(len(sizes)), size=3) * (rng.random((3, len(sizes))) < 0.6)
+    P[:, 0] += 0.01
+    P /= P.sum(axis=1, keepdims=True)
+    for s in (ext, ref):
+        s.set_basis(sp.csr_matrix(P))
+    for t in range(20):
+        gamma = rng.dirichlet(np.ones(3))
+        for s in (ext, ref):
+            s.set_basis_weights(gamma)
+        np.testing.assert_array_equal(ext.global_batches(2), ref.global_batches(2))
+        np.testing.assert_array_equal(ext.probe_batch_from_basis(t % 3, 33), ref.probe_batch_from_basis(t % 3, 33))
+    assert_same_state(ext, ref)
+    # Resume across implementations: a checkpoint of one continues identically in the other.
+    state = json.loads(json.dumps(ext.state_dict()))
+    ext2, ref2 = make(sizes, backend="extension", **kw), make(sizes, backend="reference", **kw)
+    for s in (ext2, ref2):
+        s.set_basis(P)
+        s.load_state_dict(state)
+    for a, b in ((ext2, ref), (ref2, ext)):
+        np.testing.assert_array_equal(a.global_batches(3), b.global_batches(3))
+        np.testing.assert_array_equal(a.probe_batch(1, 5), b.probe_batch(1, 5))
+        assert_same_state(a, b)
+
+
+def test_extension_matches_reference_with_262144_sparse_domains():
+    extension_or_skip()
+    K = 262_144
+    rng = np.random.default_rng(2)
+    sizes = rng.integers(1, 300, K)
+    ext, ref = make(sizes, gbs=512, mbs=8, backend="extension"), make(sizes, gbs=512, mbs=8, backend="reference")
+    w = np.zeros(K)
+    live = rng.choice(K, 2000, replace=False)
+    w[live] = rng.dirichlet(np.full(live.size, 0.3))
+    for s in (ext, ref):
+        s.set_weights(w)
+    for t in range(6):
+        np.testing.assert_array_equal(ext.global_batch(), ref.global_batch())
+    P = sp.random(8, K, density=1e-3, random_state=3, format="csr")
+    P.data[:] = rng.random(P.nnz)
+    P = sp.diags(1.0 / np.asarray(P.sum(axis=1)).ravel()) @ P
+    gamma = rng.dirichlet(np.ones(8))
+    for s in (ext, ref):
+        s.set_basis(P)
+        s.set_basis_weights(gamma)
+    np.testing.assert_array_equal(ext.global_batches(3), ref.global_batches(3))
+    np.testing.assert_array_equal(ext.probe_batch_from_basis(5, 64), ref.probe_batch_from_basis(5, 64))
+    assert_same_state(ext, ref)
+
+
+def test_backend_selection_env_var_and_missing_extension(monkeypatch):
+    from megatron_dga.ops import _backend
+
+    monkeypatch.setenv("MEGATRON_DGA_OPS", "reference")
+    assert make([5, 6]).backend == "reference"
+    with pytest.raises(ConfigError, match="backend='fast'"):
+        MixtureSamplerConfig(global_batch_size=4, micro_batch_size=1, backend="fast")
+    # A missing extension: numpy results, one warning shared with the fused ops, or an error if forced.
+    monkeypatch.delenv("MEGATRON_DGA_OPS")
+    monkeypatch.setattr(_backend, "_ext", None)
+    monkeypatch.setattr(_backend, "_ext_tried", True)
+    monkeypatch.setattr(_backend, "_ext_error", "ImportError: not built (test)")
+    monkeypatch.setattr(_backend, "_warned", set())
+    ref = make([30, 40], backend="reference")
+    with pytest.warns(RuntimeWarning, match="mixture sampler and the alignment ops fall back"):
+        auto = make([30, 40])
+        np.testing.assert_array_equal(auto.global_batch(), ref.global_batch())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(auto.global_batches(2), ref.global_batches(2))
+        assert _backend.resolve("cpu") is None  # the ops do not warn a second time
+    with pytest.raises(ConfigError, match="does not import"):
+        make([30, 40], backend="extension").global_batch()
+    # An extension built before the sampler kernels existed.
+    monkeypatch.setattr(_backend, "_ext", types.SimpleNamespace())
+    with pytest.warns(RuntimeWarning, match="no mixture-sampler kernels"):
+        assert make([3]).backend == "reference"
+    with pytest.raises(ConfigError, match="rebuild"):
+        make([3], backend="extension").global_batch()

@@ -2,9 +2,16 @@
 
 This replaces megatron-core's ``BlendedDataset``, whose mixture is fixed when it is
 built. Here the mixture weights can be replaced before any global batch, and every
-data-parallel rank computes the same global batch without communication. Pure numpy;
-no torch, no torch.distributed. The maths (allocation bound, epochs, two-level
-sampling) is in ``megatron_dga/data/README.md``.
+data-parallel rank computes the same global batch without communication. No
+torch.distributed. The maths (allocation bound, epochs, two-level sampling) is in
+``megatron_dga/data/README.md``.
+
+Two implementations compute the same indices bit for bit: the numpy code in this module
+(the reference, and the fallback) and the C++ kernels ``sampler_*`` of the extension
+``megatron_dga._C`` (``csrc/sampler_cpu.cpp``), used when it is built. The choice follows
+the fused ops (``megatron_dga.ops``): ``MixtureSamplerConfig.backend``, else the
+environment variable ``MEGATRON_DGA_OPS`` (``auto`` | ``extension`` | ``reference``), else
+auto, with one warning per process when the extension is missing.
 
 Pieces:
 
@@ -36,6 +43,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_dga.errors import CheckpointError, ConfigError
+
+_BACKENDS = ("auto", "extension", "reference")
+# Kernels the sampler needs from megatron_dga._C; an older build may lack them.
+_EXT_KERNELS = ("sampler_global_batches", "sampler_stream_samples", "sampler_permute")
+_backend_module: Any = None  # megatron_dga.ops._backend once imported
+_checked_ext: Any = None  # the extension module once found to have the sampler kernels
 
 STATE_FORMAT = "megatron-dga/mixture-sampler-v1"
 
@@ -163,6 +176,60 @@ def keyed_permutation(x: np.ndarray, n: np.ndarray, keys: np.ndarray, rounds: in
     return out.astype(np.int64).reshape(shape)
 
 
+def _sampler_extension(backend: Optional[str]) -> Any:
+    """The extension module when the sampler should use its kernels, else None (numpy).
+
+    Shares the fused ops' selection and their once-per-process warning (``megatron_dga.ops
+    ._backend``), so a missing extension is reported once for both. Imported lazily: loading
+    the extension loads torch's libraries.
+
+    Raises:
+        ConfigError: ``"extension"`` was forced but the extension, or its sampler kernels,
+            is not available; or an unknown backend name.
+    """
+    global _backend_module, _checked_ext
+    _backend = _backend_module
+    if _backend is None:
+        from megatron_dga.ops import _backend  # noqa: PLC0415 - lazy: imports torch
+
+        _backend_module = _backend
+    mode = _backend.requested_mode(backend)
+    if mode == "reference":
+        return None
+    ext = _backend.load_extension()
+    if ext is not None and ext is _checked_ext:  # the common case, once per call: keep it cheap
+        return ext
+    if ext is None:
+        if mode == "extension":
+            raise ConfigError(
+                f"the mixture sampler's kernels in megatron_dga._C were requested ({_backend.ENV_VAR}/"
+                f"backend='extension') but the extension does not import ({_backend.extension_error()}); "
+                f"{_backend.BUILD_HINT}"
+            )
+        _backend._warn_once(  # same key as the ops: one warning per process for both
+            "missing",
+            f"megatron_dga._C is not built ({_backend.extension_error()}); the mixture sampler and the "
+            f"alignment ops fall back to their numpy/torch references, which are slower. To fix, "
+            f"{_backend.BUILD_HINT}. Set {_backend.ENV_VAR}=reference to choose the references on "
+            "purpose and silence this.",
+        )
+        return None
+    if not all(hasattr(ext, name) for name in _EXT_KERNELS):
+        if mode == "extension":
+            raise ConfigError(
+                "megatron_dga._C was built before the mixture sampler's kernels existed "
+                f"({_backend.ENV_VAR}/backend='extension'); rebuild it: {_backend.BUILD_HINT}"
+            )
+        _backend._warn_once(
+            "sampler-stale",
+            "megatron_dga._C has no mixture-sampler kernels (built from older sources); the sampler "
+            f"uses its numpy reference. Rebuild: {_backend.BUILD_HINT}.",
+        )
+        return None
+    _checked_ext = ext
+    return ext
+
+
 def _round_function(v: np.ndarray, key: np.ndarray, r: int) -> np.ndarray:
     """32-bit multiply-xorshift hash of (v, key, round)."""
     f = v ^ key
@@ -252,6 +319,9 @@ class MixtureSamplerConfig:
     floor(limit / sequence_length) samples, repeated epoch after epoch (the paper's token-limited regime)."""
     data_parallel_size: Optional[int] = None
     """If given, checked now: global_batch_size must be divisible by micro_batch_size * data_parallel_size."""
+    backend: Optional[str] = None
+    """Index kernels: "extension" (C++ in megatron_dga._C), "reference" (numpy) or "auto" (the extension
+    when built). None: the environment variable MEGATRON_DGA_OPS, else auto. Both give identical batches."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "micro_batch_size"):
@@ -274,6 +344,11 @@ class MixtureSamplerConfig:
                     )
         if self.data_parallel_size is not None:
             check_batch_geometry(self.global_batch_size, self.micro_batch_size, self.data_parallel_size)
+        if self.backend is not None and self.backend not in _BACKENDS:
+            raise ConfigError(
+                f"mixture sampler backend={self.backend!r} is not one of {', '.join(_BACKENDS)} "
+                "(or None to follow MEGATRON_DGA_OPS)"
+            )
 
 
 def check_batch_geometry(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
@@ -327,6 +402,13 @@ class DynamicMixtureSampler:
         held = np.asarray(held_out_sizes, dtype=np.int64).ravel()
         if np.any(held < 1):
             raise ConfigError(f"held-out sources need at least one sample each, got sizes {held.tolist()}")
+        for what, values in (("domain", sizes), ("held-out source", held)):
+            if values.size and int(values.max()) >= 2**31:
+                bad = int(np.argmax(values))
+                raise ConfigError(
+                    f"{what} {bad} has {int(values[bad])} samples; the sampler supports fewer than 2**31 "
+                    "per source (split the domain into several)"
+                )
         self.config = config
         self.num_domains = k
         self.domain_names = list(domain_names) if domain_names is not None else [f"domain{i}" for i in range(k)]
@@ -490,6 +572,11 @@ class DynamicMixtureSampler:
         self._weights = alpha / alpha.sum()
         self._gamma = g
 
+    @property
+    def backend(self) -> str:
+        """Which implementation computes the indices now: ``"extension"`` or ``"reference"``."""
+        return "reference" if _sampler_extension(self.config.backend) is None else "extension"
+
     # ----------------------------------------------------------------- training stream
     def global_batch(self) -> np.ndarray:
         """Draw the next global batch with the current weights.
@@ -511,6 +598,17 @@ class DynamicMixtureSampler:
             int64 array (num, global_batch_size, 2).
         """
         num = _positive(num, "number of global batches")
+        ext = _sampler_extension(self.config.backend)
+        if ext is not None:
+            # Same batches, carry and counters as the numpy code below; carry and consumed are
+            # updated in place (both are arrays this object owns).
+            out = ext.sampler_global_batches(
+                self._weights, self._carry, self._consumed, self._access, self._sizes, self._limited,
+                self._keys[_SALT_TRAIN], self._keys[_SALT_SUBSET], num, self._batch_size,
+                self._batches_drawn, _PHI, _SQRT2_FRAC,
+            )
+            self._batches_drawn += num
+            return out
         B, k = self._batch_size, self.num_domains
         target = B * self._weights
         carry = self._carry
@@ -539,6 +637,11 @@ class DynamicMixtureSampler:
 
     def _stream_samples(self, dom: np.ndarray, pos: np.ndarray, salt: int) -> np.ndarray:
         """Sample index at stream position ``pos`` of each domain (epoch = pos // accessible size)."""
+        ext = _sampler_extension(self.config.backend)
+        if ext is not None:
+            return ext.sampler_stream_samples(
+                dom, pos, self._access, self._sizes, self._limited, self._keys[salt], self._keys[_SALT_SUBSET]
+            )
         m = self._access[dom]
         epoch, local = np.divmod(pos, m)
         x = keyed_permutation(local, m, _epoch_keys(self._keys[salt][dom], epoch))
@@ -550,7 +653,11 @@ class DynamicMixtureSampler:
 
     def _subset_order(self, dom: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Position ``pos`` of each source's fixed seeded order; a limited domain's subset is its first m entries."""
-        return keyed_permutation(pos, self._sizes[dom], _epoch_keys(self._keys[_SALT_SUBSET][dom], 0 * dom))
+        keys = _epoch_keys(self._keys[_SALT_SUBSET][dom], 0 * dom)
+        ext = _sampler_extension(self.config.backend)
+        if ext is not None:
+            return ext.sampler_permute(pos, self._sizes[dom], keys)
+        return keyed_permutation(pos, self._sizes[dom], keys)
 
     @staticmethod
     def _mixed_order(nz: np.ndarray, cnt: np.ndarray, rank: np.ndarray, bi: np.ndarray, step: int) -> np.ndarray:
@@ -754,8 +861,9 @@ class DynamicMixtureSampler:
             consumed = _dense(state["consumed"], k)
             reported = _dense(state["reported"], k)
             probe = _dense(state["probe_consumed"], self._sizes.size)
-            carry = np.asarray(state["carry"], dtype=np.float64)
-            weights = np.asarray(state["weights"], dtype=np.float64)
+            # Copies: the extension updates the carry in place, the caller's state must not change.
+            carry = np.array(state["carry"], dtype=np.float64)
+            weights = np.array(state["weights"], dtype=np.float64)
             batches = int(state["batches_drawn"])
             calls = {int(n): int(c) for n, c in state["basis_probe_calls"].items()}
         except (KeyError, TypeError, ValueError) as exc:
