@@ -34,16 +34,22 @@ from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 
 @dataclass
 class AlignmentResult:
+    """What one alignment pass measured; every field is identical on every rank except the losses."""
+
     alignments: np.ndarray
     """a_i = <g_i, P g_spe>, float64 (k,), identical on every rank."""
-    domain_grad_norms: np.ndarray
+    domain_grad_norms: Optional[np.ndarray]
     """Per domain: sqrt(sum_r (n_r/b) |g_i^r|^2), the RMS of the ranks' local probe-gradient
-    norms (an upper bound of |g_i|, exact with one data-parallel rank)."""
+    norms (an upper bound of |g_i|, exact with one data-parallel rank); None from the
+    finite-difference estimator, which never forms g_i."""
     specific_grad_norm: float
     """|g_spe| (the all-reduced specific gradient)."""
     domain_probe_loss: np.ndarray
     """Mean probe loss per domain (over this update's probe samples)."""
     specific_probe_loss: float
+    """Mean loss of this rank's share of the specific probe batch."""
+    fd_step: Optional[float] = None
+    """h of the finite-difference estimator (None for the exact one)."""
 
 
 def _num_samples(micro_batches) -> int:
@@ -65,7 +71,7 @@ def exact_alignments(view: TrainerView, domains: List[int], domain_batch_size: i
     probe_fn = probe_fn or view.probe_domain
     rng = capture_rng_state()
     counted = view.counted()
-    precond = _preconditioner(view, preconditioner)
+    precond = preconditioner_kwargs(view, preconditioner)
 
     spe_batches = view.probe_specific(specific_batch_size)
     spe_stats = view.backward(spe_batches, sync_grads=True)
@@ -104,7 +110,8 @@ def exact_alignments(view: TrainerView, domains: List[int], domain_batch_size: i
     )
 
 
-def _preconditioner(view: TrainerView, kind: str) -> dict:
+def preconditioner_kwargs(view: TrainerView, kind: str) -> dict:
+    """Keyword arguments of ops.grad_dot for P: {} for the identity, Adam's v_hat for "adam"."""
     if kind == "none":
         return {}
     adam = view.adam_preconditioner()

@@ -55,6 +55,12 @@ class TrainerView(Protocol):
     def backward(self, micro_batches, *, sync_grads: bool):
         """Zero the grad buffers, then accumulate the mean-loss gradient of micro_batches (LossStats)."""
 
+    def parameters(self) -> List[torch.nn.Parameter]:
+        """This rank's trainable parameters, in the order of grads()."""
+
+    def forward_token_losses(self, micro_batches) -> List[torch.Tensor]:
+        """Forward only (no grad): per micro-batch, the masked per-token losses (b, s)."""
+
     def grads(self) -> List[torch.Tensor]:
         """The grad buffers' per-parameter views (main_grad), in a fixed parameter order."""
 

@@ -210,6 +210,9 @@ class MixingConfig:
     """Initial weights (--dga-init): uniform, natural, importance or a weights file."""
     dga_estimator: Literal["exact", "fd"] = "exact"
     """Alignment estimator (--dga-estimator): exact gradients, or finite differences along g_spe."""
+    dga_fd_step: float = 1e-4
+    """fd estimator step h relative to the parameter norm, h = dga_fd_step * |theta| (--dga-fd-step);
+    1e-4 minimised the error against the exact estimator in fp32 (curvature above, rounding below)."""
 
     def __post_init__(self):
         if self.dga_interval <= 0:
@@ -222,6 +225,8 @@ class MixingConfig:
             raise ConfigError("--dga-domain-batch-size and --dga-specific-batch-size must be > 0")
         if self.dga_preconditioner not in ("none", "adam"):
             raise ConfigError(f"--dga-preconditioner must be none or adam, got {self.dga_preconditioner!r}")
+        if not self.dga_fd_step > 0:
+            raise ConfigError(f"--dga-fd-step must be > 0, got {self.dga_fd_step}")
         if self.dga_estimator not in ("exact", "fd"):
             raise ConfigError(f"--dga-estimator must be exact or fd, got {self.dga_estimator!r}")
 
