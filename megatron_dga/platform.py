@@ -15,6 +15,7 @@ and nothing is patched.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -112,6 +113,26 @@ def apply_cpu_shims() -> None:
         return
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     _CPU_SHIMS_APPLIED = True
+
+
+@contextlib.contextmanager
+def tensor_cuda_is_identity_on_cpu():
+    """While building a pipelined model without CUDA, make ``Tensor.cuda`` return the tensor.
+
+    megatron-core's LanguageModule moves the tied embedding to CUDA (``weight.data.cuda()``)
+    before all-reducing it from the first to the last pipeline stage at construction; on
+    CPU the tensor is already where the gloo all-reduce wants it. Scoped to the ``with``
+    block, and a no-op where CUDA is present.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original  # type: ignore[assignment]
 
 
 def _env_int(name: str, default: int) -> int:

@@ -18,7 +18,12 @@ from megatron_dga.model import causal_attention_mask
 
 @dataclass
 class LossStats:
-    """Sums over the micro-batches this rank processed."""
+    """Sums over the micro-batches this rank processed.
+
+    With pipeline parallelism every stage of a pipeline holds the same values: the last
+    stage computes the losses and broadcasts them; token counts come from the loss masks,
+    which every stage has.
+    """
 
     loss_sum: float
     """Sum over micro-batches of their masked mean loss."""
@@ -38,7 +43,15 @@ def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor
 
 
 def token_losses(model, batch: Dict[str, torch.Tensor], device) -> torch.Tensor:
-    """Per-token losses (b, s) of one micro-batch, times its loss mask."""
+    """Per-token losses (b, s) of one micro-batch, times its loss mask.
+
+    With more than one pipeline stage: a forward-only pass through the pipeline (a
+    collective over the stages: every stage must call it), losses on every stage.
+    """
+    if _pipeline_stages(model) > 1:
+        from megatron_dga.training.pipeline import forward_token_losses
+
+        return forward_token_losses(model, [batch], device)[0]
     batch = _to_device(batch, device)
     tokens = batch["tokens"]
     mask = causal_attention_mask(tokens.shape[1], device)
@@ -58,7 +71,16 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
             step, the specific gradient); False leaves each rank's local gradient in the
             buffers (the DGA domain probes: their dot products are reduced instead).
         forward_only: evaluation; no backward, no_grad.
+
+    With more than one pipeline stage this runs the schedule in ``training/pipeline.py``
+    (every stage calls it with the same micro-batches; the returned stats are identical
+    on all stages).
     """
+    if _pipeline_stages(model) > 1:
+        from megatron_dga.training.pipeline import pipeline_forward_backward
+
+        return pipeline_forward_backward(model, micro_batches, device, sync_grads=sync_grads,
+                                         forward_only=forward_only)
     n = len(micro_batches)
     stats = LossStats(0.0, n, 0, {}, {})
     for i, batch in enumerate(micro_batches):
@@ -76,6 +98,11 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
     if sync_grads and not forward_only:
         model.finish_grad_sync()
     return stats
+
+
+def _pipeline_stages(model) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "pipeline_model_parallel_size", 1) or 1)
 
 
 def _accumulate(stats: LossStats, losses, mask, domain_ids, micro_loss: float, tokens: int) -> None:

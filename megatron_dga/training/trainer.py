@@ -2,8 +2,9 @@
 
 Each iteration: draw the next global batch from the current weights, forward/backward
 over this rank's micro-batches, optimizer step; then the hooks — mixing (which may
-hand the sampler new weights), logging, evaluation, checkpointing. Pipeline
-parallelism goes through megatron-core's schedules, which need CUDA.
+hand the sampler new weights), logging, evaluation, checkpointing. With pipeline
+parallelism each rank holds one stage and ``step.forward_backward`` runs the GPipe
+schedule of ``training/pipeline.py``; losses come back identical on every stage.
 """
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ import torch.distributed as dist
 
 from megatron_dga.errors import CheckpointError, ConfigError
 from megatron_dga.mixing.base import MixingStrategy, build_mixing
-from megatron_dga.model import build_gpt_model
 from megatron_dga.platform import ParallelContext
 from megatron_dga.training import checkpoint as ckpt
 from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput
 from megatron_dga.training.optim import build_optimizer, counted_params, lr_at
+from megatron_dga.training.pipeline import build_stage_model
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 from megatron_dga.training.step import LossStats, forward_backward, token_losses
 
@@ -41,17 +42,11 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         self.cfg, self.ctx = cfg, ctx
-        if ctx.pp_size > 1 and not torch.cuda.is_available():
-            raise ConfigError(
-                "--pipeline-model-parallel-size > 1 needs GPUs (megatron-core's pipeline schedules "
-                "allocate on CUDA); use 1 on CPU"
-            )
-        if ctx.pp_size > 1:
-            raise ConfigError("pipeline parallelism is not wired into the trainer yet; use --pipeline-model-parallel-size 1")
         self.num_micro_batches = cfg.schedule.num_micro_batches(ctx.dp_size)
         self.data = DataPipeline(cfg, ctx)
         cfg.model.vocab_size = self.data.vocab_size
-        self.model = build_gpt_model(cfg.model, ctx.tp_size, ctx.pp_size)
+        # This rank's pipeline stage (the whole model with one stage).
+        self.model = build_stage_model(cfg.model, ctx)
         self.ddp = DistributedDataParallel(
             self.model.config,
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer),
@@ -81,6 +76,11 @@ class Trainer:
             train_iters=cfg.schedule.train_iters,
             start_iteration=self.iteration,
             domain_names=self.data.domain_info.names,
+            # With --dga-basis the per-update lists run over the N bases, not the K domains.
+            list_labels=None if self.mixing.basis is None else {
+                key: list(self.mixing.basis.basis_names)
+                for key in ("alignments", "domain_grad_norms", "basis_weights")
+            },
         )
         self.throughput = Throughput()
         if ctx.is_logging_rank:
