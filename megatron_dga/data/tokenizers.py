@@ -82,20 +82,27 @@ class BaseTokenizer:
         """Number of ids the embedding table needs (all ids are ``< vocab_size``)."""
         raise NotImplementedError
 
+    # Backends set these in __init__; the properties below expose them read-only.
+    _eod: Optional[int] = None
+    _pad: int = NO_PAD
+    _bos: Optional[int] = None
+
     @property
     def eod(self) -> int:
         """End-of-document id appended by ``--append-eod``."""
-        raise NotImplementedError
+        if self._eod is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no eod id")
+        return self._eod
 
     @property
     def pad(self) -> int:
         """Pad id, or ``-1`` (megatron-core's sentinel) where the vocabulary has none."""
-        return NO_PAD
+        return self._pad
 
     @property
     def bos(self) -> Optional[int]:
         """Beginning-of-sequence id, or ``None``."""
-        return None
+        return self._bos
 
     def _model_files(self) -> list[str]:
         return []
@@ -207,18 +214,6 @@ class SentencePieceTokenizer(BaseTokenizer):
     @property
     def vocab_size(self) -> int:
         return int(self._sp.get_piece_size())
-
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def pad(self) -> int:
-        return self._pad
-
-    @property
-    def bos(self) -> Optional[int]:
-        return self._bos
 
     def _model_files(self) -> list[str]:
         return [self._path]
@@ -384,10 +379,6 @@ class GPT2BPETokenizer(BaseTokenizer):
     def vocab_size(self) -> int:
         return max(len(self.encoder), max(self.encoder.values(), default=-1) + 1)
 
-    @property
-    def eod(self) -> int:
-        return self._eod
-
     def _model_files(self) -> list[str]:
         return [self._vocab_path, self._merge_path]
 
@@ -476,18 +467,6 @@ class HuggingFaceTokenizer(BaseTokenizer):
             return int(self._tok.get_vocab_size(with_added_tokens=True))
         return int(len(self._hf))
 
-    @property
-    def eod(self) -> int:
-        return self._eod
-
-    @property
-    def pad(self) -> int:
-        return self._pad
-
-    @property
-    def bos(self) -> Optional[int]:
-        return self._bos
-
     def _model_files(self) -> list[str]:
         return sorted(
             os.path.join(self._dir, n)
@@ -516,6 +495,7 @@ class NullTokenizer(BaseTokenizer):
                 f"--tokenizer-type NullTokenizer needs --vocab-size N >= 1, got {vocab_size!r}."
             )
         self._n = int(vocab_size)
+        self._eod = self._n  # Megatron's convention: one id past the data ids
 
     def tokenize(self, text: str) -> list[int]:
         try:
@@ -538,10 +518,6 @@ class NullTokenizer(BaseTokenizer):
     @property
     def vocab_size(self) -> int:
         return self._n + 1
-
-    @property
-    def eod(self) -> int:
-        return self._n
 
 
 # --------------------------------------------------------------------------- factory
