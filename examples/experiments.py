@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--fine-clusters", type=int, nargs="+", default=[8, 4], help="fine-grained: k1 k2 [k3]")
     p.add_argument("--specific-docs", type=int, default=60, help="fine-grained: specific documents kept")
     p.add_argument("--methods", default=None, help="comma-separated subset of the scenario's methods")
+    p.add_argument("--dga-interval", type=int, default=10, help="T_r")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     return p.parse_args(argv)
@@ -77,7 +78,7 @@ def common_args(data, preset: dict, args) -> List[str]:
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data.tokenizer_model,
         "--seed", str(args.seed), "--train-iters", str(iters), *preset["model"], *preset["batch"], *preset["optim"],
         "--log-interval", "10", "--eval-interval", str(max(iters // 12, 10)), "--eval-iters", "2",
-        "--dga-interval", "10", "--dga-eta", "10", *preset["dga"],
+        "--dga-interval", str(args.dga_interval), "--dga-eta", "10", *preset["dga"],
     ]
 
 

@@ -1,6 +1,6 @@
 """PNG plots of runs from their metrics.jsonl entries (matplotlib, headless).
 
-Used by examples/dga_demo.py and tools/plot_metrics.py.
+Used by megatron_dga/experiment.py (examples/experiments.py, the demo) and tools/plot_metrics.py.
 """
 from __future__ import annotations
 
