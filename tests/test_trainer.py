@@ -156,3 +156,11 @@ def test_importance_weights_must_match_the_domains(shards, tmp_path):
     argv = _args(shards, tmp_path, 2, ["--mixing", "importance", "--importance-weights", str(path)])
     rc, err = run_distributed(_pretrain_rc, world_size=1, args=(argv,))[0]
     assert rc == 2 and "law" in err and "dom2" in err, err
+
+
+def test_dga_without_specific_set_fails_up_front(shards, tmp_path):
+    argv = _args(shards, tmp_path, 2, ["--mixing", "dga"])
+    i = argv.index("--specific-data-path")
+    del argv[i:i + 4]  # drop --specific-data-path and --specific-eval-data-path
+    rc, err = run_distributed(_pretrain_rc, world_size=1, args=(argv,))[0]
+    assert rc == 2 and "needs the specific set: pass --specific-data-path" in err, err

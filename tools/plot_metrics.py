@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Plot weights, alignments and losses of one or more runs from their metrics.jsonl.
+"""Plot weights, alignments and losses of one or more runs from metrics.jsonl or TensorBoard logs.
 
     python tools/plot_metrics.py runs/demo/runs/dga_ema [more run dirs ...] --out plots/
+    python tools/plot_metrics.py tb/ --out plots/            # a --tensorboard-dir
 
-For each run directory (holding metrics.jsonl and run_info.json, as written by
---log-dir) this writes <name>_weights.png (stacked domain weights), <name>_alignments.png
+For each run directory (a --log-dir holding metrics.jsonl and run_info.json, or a
+--tensorboard-dir with event files) this writes <name>_weights.png (stacked domain weights), <name>_alignments.png
 (DGA runs) and, over all runs, train_loss.png and specific_eval_loss.png.
 """
 from __future__ import annotations
@@ -16,19 +17,22 @@ import sys
 
 from megatron_dga.errors import DGAError
 from megatron_dga.plots import plot_alignments, plot_curves, plot_domain_weights
-from megatron_dga.training.metrics import read_metrics
+from megatron_dga.training.metrics import read_metrics, read_tensorboard
 
 
 def load_run(run_dir: str):
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise DGAError(f"{run_dir}: no metrics.jsonl (give the --log-dir of a run)")
-    metrics = read_metrics(path)
     info_path = os.path.join(run_dir, "run_info.json")
     names = None
     if os.path.isfile(info_path):
         with open(info_path) as fh:
             names = json.load(fh).get("domains")
+    if os.path.isfile(path):
+        metrics = read_metrics(path)
+    elif any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir)):
+        metrics = read_tensorboard(run_dir, labels=names)
+    else:
+        raise DGAError(f"{run_dir}: no metrics.jsonl and no TensorBoard events (give a --log-dir or --tensorboard-dir)")
     if names is None:
         k = len(next((m["domain_weights"] for m in metrics if "domain_weights" in m), []))
         names = [f"domain{i}" for i in range(k)]
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     try:
         runs = {os.path.basename(os.path.normpath(r)): load_run(r) for r in args.runs}
-    except DGAError as exc:
+    except (DGAError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     written = []

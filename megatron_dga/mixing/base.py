@@ -83,6 +83,8 @@ class MixingStrategy:
     """Base class. Subclasses set ``name`` and override what they need."""
 
     name: str = ""
+    needs_specific_set: bool = False
+    """True for strategies that probe the specific set (the trainer checks it exists up front)."""
 
     def __init__(self, cfg: MixingConfig, domains: DomainInfo):
         self.cfg = cfg

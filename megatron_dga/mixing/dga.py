@@ -43,6 +43,8 @@ CHECK_WEIGHTS_ENV = "MEGATRON_DGA_CHECK_WEIGHTS"
 class DGA(MixingStrategy):
     """Online reweighting of the domains (or of the basis distributions) by gradient alignment."""
 
+    needs_specific_set = True
+
     def __init__(self, cfg, domains):
         super().__init__(cfg, domains)
         if cfg.dga_basis:

@@ -177,6 +177,38 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+def read_tensorboard(tb_dir: str | os.PathLike, labels: Optional[Sequence[str]] = None) -> list[dict]:
+    """Metrics back from TensorBoard event files, in the shape :func:`read_metrics` returns.
+
+    Inverts :data:`TENSORBOARD_TAGS`: ``train/lm_loss`` -> ``lm_loss``, and the per-domain tags
+    ``mixing/weight/<name>`` -> ``domain_weights`` as a list ordered like ``labels`` (sorted names
+    when not given). Unknown tags keep their tag as the key.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = acc.Tags().get("scalars", [])
+    if not tags:
+        raise DataError(f"{tb_dir}: no TensorBoard scalars found (give a run's --tensorboard-dir)")
+    by_base = {tag: key for key, tag in TENSORBOARD_TAGS.items()}
+    rows: dict[int, dict] = {}
+    lists: dict[str, dict[int, dict[str, float]]] = {}
+    for tag in tags:
+        head, _, label = tag.rpartition("/")
+        for event in acc.Scalars(tag):
+            if tag in by_base or head not in by_base:
+                key = by_base.get(tag, tag[len("train/"):] if tag.startswith("train/") else tag)
+                rows.setdefault(event.step, {"iteration": event.step})[key] = event.value
+            else:
+                lists.setdefault(by_base[head], {}).setdefault(event.step, {})[label] = event.value
+    for key, steps in lists.items():
+        for step, values in steps.items():
+            order = list(labels) if labels and set(labels) >= set(values) else sorted(values)
+            rows.setdefault(step, {"iteration": step})[key] = [values.get(name) for name in order]
+    return [rows[step] for step in sorted(rows)]
+
+
 def _truncate_after(path: Path, start_iteration: int) -> int:
     """Keep entries with iteration <= start_iteration; return how many lines were dropped."""
     if not path.is_file():

@@ -60,6 +60,8 @@ class Trainer:
         self.mixing: MixingStrategy = build_mixing(cfg.mixing, self.data.domain_info)
         if self.mixing.basis is not None:
             self.data.set_basis(self.mixing.basis)
+        if self.mixing.needs_specific_set:
+            self.data.check_specific(cfg.mixing.dga_specific_batch_size)
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
