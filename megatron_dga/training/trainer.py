@@ -125,11 +125,16 @@ class Trainer:
             done = self.iteration == sched.train_iters
             eval_now = sched.eval_interval and (self.iteration % sched.eval_interval == 0 or done)
             if eval_now or self.iteration % sched.log_interval == 0 or done:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # the throughput clock is the host's
+                window = self.throughput.window()
                 # One metrics.jsonl entry per logged iteration, eval results included.
-                last = self._log(lr, self.evaluate() if eval_now else {})
+                last = self._log(lr, window, self.evaluate() if eval_now else {})
+                self.throughput.reset()  # evaluation time is not training throughput
             exiting = bool(sched.exit_interval) and self.iteration % sched.exit_interval == 0 and not done
             if self._should_save() or (exiting and self.cfg.checkpoint.save):
                 self.save_checkpoint()
+                self.throughput.reset()
             if exiting:
                 if self.ctx.is_logging_rank:
                     print(f"exiting at iteration {self.iteration} (--exit-interval {sched.exit_interval})", flush=True)
@@ -160,8 +165,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ hooks
 
-    def _log(self, lr: float, eval_results: Dict[str, object]) -> Dict[str, object]:
-        window = self.throughput.window()
+    def _log(self, lr: float, window, eval_results: Dict[str, object]) -> Dict[str, object]:
         values: Dict[str, object] = {
             "lm_loss": float(np.mean(self._window_losses)),
             "lr": lr,
