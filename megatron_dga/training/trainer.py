@@ -42,6 +42,13 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         self.cfg, self.ctx = cfg, ctx
+        if cfg.optimizer.use_distributed_optimizer and (cfg.checkpoint.save or cfg.checkpoint.load):
+            # Its Adam state is sharded over data-parallel ranks and not in state_dict(): a resume
+            # would silently restart the moments. Refuse rather than lose them.
+            raise ConfigError(
+                "--use-distributed-optimizer cannot be combined with --save/--load yet (its sharded "
+                "optimizer state is not checkpointed); drop --use-distributed-optimizer to checkpoint"
+            )
         self.num_micro_batches = cfg.schedule.num_micro_batches(ctx.dp_size)
         self.data = DataPipeline(cfg, ctx)
         cfg.model.vocab_size = self.data.vocab_size
