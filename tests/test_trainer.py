@@ -164,3 +164,13 @@ def test_dga_without_specific_set_fails_up_front(shards, tmp_path):
     del argv[i:i + 4]  # drop --specific-data-path and --specific-eval-data-path
     rc, err = run_distributed(_pretrain_rc, world_size=1, args=(argv,))[0]
     assert rc == 2 and "needs the specific set: pass --specific-data-path" in err, err
+
+
+def test_dataloader_workers_give_the_same_run(shards, tmp_path):
+    # Indices are drawn in the main process; workers only read samples, so the stream (and the
+    # DGA weight changes reaching it) is the same with and without workers.
+    extra = ["--mixing", "dga", "--dga-interval", "2"]
+    inline = _run(_args(shards, tmp_path / "w0", 4, extra))
+    workers = _run(_args(shards, tmp_path / "w2", 4, extra + ["--num-workers", "2"]))
+    np.testing.assert_array_equal(_losses(workers), _losses(inline))
+    assert workers[-1]["domain_weights"] == inline[-1]["domain_weights"]

@@ -14,15 +14,13 @@ import numpy as np
 import torch
 
 from megatron_dga.data.domains import DomainDatasetConfig, build_domain_datasets, parse_data_path
+from megatron_dga.data.mixture import MixtureDataset, StepLoader
 from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig
 from megatron_dga.data.tokenizers import build_tokenizer
 from megatron_dga.errors import ConfigError
 from megatron_dga.mixing.base import DomainInfo
 from megatron_dga.platform import ParallelContext
 from megatron_dga.training.config import PretrainConfig
-
-_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-
 
 class DataPipeline:
     """Builds the datasets and turns sampler ids into this rank's micro-batches."""
@@ -58,7 +56,6 @@ class DataPipeline:
                 setattr(self, attr, len(sources))
                 sources.append(extra.datasets[0])
                 held_out.append(int(extra.num_samples[0]))
-        self.sources = sources
         k = len(self.domains)
         limits = [data.domain_token_limit] * k if data.domain_token_limit else None
         self.sampler = DynamicMixtureSampler(
@@ -71,6 +68,10 @@ class DataPipeline:
             domain_names=names,
             held_out_sizes=held_out,
         )
+        self.dataset = MixtureDataset(sources[:k], sources[k:])
+        # Training batches through DataLoader workers (--num-workers); indices stay in this process.
+        self.loader = StepLoader(self.dataset, self.sampler, ctx.dp_rank, ctx.dp_size, num_workers=data.num_workers,
+                                 pin_memory=torch.cuda.is_available())
         access = self.sampler.accessible_sizes
         self.domain_info = DomainInfo(
             names=list(names),
@@ -108,8 +109,8 @@ class DataPipeline:
     # ------------------------------------------------------------------ batches
 
     def next_train_micro_batches(self) -> List[Dict[str, torch.Tensor]]:
-        rows = self.sampler.global_batch()
-        return [self.fetch(mb) for mb in self.sampler.rank_micro_batches(rows, self.ctx.dp_rank, self.ctx.dp_size)]
+        """This rank's micro-batches of the next global batch, drawn with the current weights."""
+        return list(self.loader.next_step())
 
     def _rank_share(self, rows: np.ndarray) -> List[Dict[str, torch.Tensor]]:
         """This data-parallel rank's contiguous share of rows, cut into micro-batches."""
@@ -148,13 +149,8 @@ class DataPipeline:
         return self._rank_share(self._eval_rows(source, iters))
 
     def fetch(self, rows: np.ndarray) -> Dict[str, torch.Tensor]:
-        """Collate the samples (source_id, sample_index) into tensors, with "domain_id"."""
-        samples = [self.sources[int(d)][int(i)] for d, i in rows]
-        batch = {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in _KEYS}
-        batch["tokens"] = batch["tokens"].long()
-        batch["labels"] = batch["labels"].long()
-        batch["domain_id"] = torch.as_tensor(rows[:, 0], dtype=torch.long)
-        return batch
+        """Collate the samples (source_id, sample_index) in this process, with "domain_id"."""
+        return self.dataset.load(rows)
 
     # ------------------------------------------------------------------ accounting and state
 
