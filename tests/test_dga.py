@@ -358,23 +358,16 @@ def test_probes_leave_training_steps_bit_identical(shards, tmp_path):
 
 def _planted_runs(rank, world_size, tmp, seeds, mixture, steps, extra, caps):
     """Per seed, per cap setting: the trajectory of DGA weights on planted domains."""
-    from megatron_dga.data.sampler import DynamicMixtureSampler
-
     out = []
     for seed in seeds:
         shards = write_domains(os.path.join(tmp, f"s{seed}"), k=len(mixture), docs_per_domain=48, doc_len=64,
                                seed=seed, specific_mixture=mixture, specific_docs=128)
         runs = {}
         for cap in caps:
-            trainer = _trainer(_argv(shards, os.path.join(tmp, f"run{seed}_{cap}"), ["--seed", str(seed), *extra]))
-            if cap:
-                # A per-domain cap on domain 0 only (--domain-token-limit caps every domain alike).
-                old = trainer.data.sampler
-                limits = [cap] + [None] * (len(mixture) - 1)
-                trainer.data.sampler = DynamicMixtureSampler(
-                    old.domain_sizes, dataclasses.replace(old.config, token_limits=limits),
-                    domain_names=old.domain_names, held_out_sizes=old.state_dict()["held_out_sizes"])
-                trainer.data.sampler.set_weights(trainer.mixing.weights)
+            # A per-domain cap on domain 0 only (0 = unlimited for the others).
+            caps_args = ["--domain-token-limit", str(cap)] + ["0"] * (len(mixture) - 1) if cap else []
+            trainer = _trainer(_argv(shards, os.path.join(tmp, f"run{seed}_{cap}"),
+                                     ["--seed", str(seed), *extra, *caps_args]))
             trajectory = []
             for _ in range(steps):
                 _train(trainer, 1)

@@ -42,9 +42,10 @@ class DataConfig:
     split: str = "98,2"
     """--split TRAIN,VALID[,TEST]: per-domain document split (Megatron's convention, normalised);
     the VALID part gives the held-out per-domain eval loss. "100,0" evaluates on training samples."""
-    domain_token_limit: Optional[int] = None
-    """--domain-token-limit: cap on distinct tokens per domain (the paper's token-limited regime);
-    a capped domain repeats its first `limit` tokens' worth of samples epoch after epoch."""
+    domain_token_limit: Optional[List[int]] = None
+    """--domain-token-limit: distinct tokens per domain (the paper's token-limited regime), one value
+    for every domain or one per domain in --data-path order (0 = unlimited); a capped domain
+    repeats a fixed subset of its samples epoch after epoch."""
     num_workers: int = 0
     """--num-workers: DataLoader worker processes (indices are always computed in the main process)."""
 
@@ -52,8 +53,10 @@ class DataConfig:
         if not self.data_path:
             raise ConfigError("--data-path is required: give shard prefixes, e.g. --data-path data/web_text_document")
         self.train_fraction  # validates --split
-        if self.domain_token_limit is not None and self.domain_token_limit <= 0:
-            raise ConfigError(f"--domain-token-limit must be > 0, got {self.domain_token_limit}")
+        if isinstance(self.domain_token_limit, int):  # YAML or API callers may give one number
+            self.domain_token_limit = [self.domain_token_limit]
+        if self.domain_token_limit is not None and any(v < 0 for v in self.domain_token_limit):
+            raise ConfigError(f"--domain-token-limit values must be >= 0 (0 = unlimited), got {self.domain_token_limit}")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
 

@@ -22,6 +22,19 @@ from megatron_dga.mixing.base import DomainInfo
 from megatron_dga.platform import ParallelContext
 from megatron_dga.training.config import PretrainConfig
 
+def _token_limits(values: Optional[List[int]], k: int) -> Optional[List[Optional[int]]]:
+    """--domain-token-limit as the sampler's per-domain list (None = unlimited)."""
+    if not values:
+        return None
+    if len(values) not in (1, k):
+        raise ConfigError(
+            f"--domain-token-limit has {len(values)} values for {k} domains; give one for all or one per domain"
+        )
+    per_domain = values * k if len(values) == 1 else list(values)
+    limits = [v if v > 0 else None for v in per_domain]
+    return limits if any(v is not None for v in limits) else None
+
+
 class DataPipeline:
     """Builds the datasets and turns sampler ids into this rank's micro-batches."""
 
@@ -57,7 +70,7 @@ class DataPipeline:
                 sources.append(extra.datasets[0])
                 held_out.append(int(extra.num_samples[0]))
         k = len(self.domains)
-        limits = [data.domain_token_limit] * k if data.domain_token_limit else None
+        limits = _token_limits(data.domain_token_limit, k)
         self.sampler = DynamicMixtureSampler(
             self.domains.num_samples,
             MixtureSamplerConfig(
