@@ -40,6 +40,7 @@ from megatron_dga.data.embeddings import (
     parse_text,
 )
 from megatron_dga.errors import ConfigError, DataError, DGAError
+from megatron_dga.fileio import atomic_write_json
 
 logger = logging.getLogger("cluster_domains")
 
@@ -188,10 +189,7 @@ def main(argv=None) -> int:
         np.save(os.path.join(args.output, CENTROIDS_FILE), result.centroids.astype(np.float32))
         embedder.save(args.output)
         manifest = build_manifest(args, files, embedder, result, x.shape[0], time.time() - t0)
-        tmp = os.path.join(args.output, f".{MANIFEST_FILE}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(args.output, MANIFEST_FILE))
+        atomic_write_json(os.path.join(args.output, MANIFEST_FILE), manifest, indent=1)
     except DGAError as e:
         print(f"cluster_domains: error: {e}", file=sys.stderr)
         return 2

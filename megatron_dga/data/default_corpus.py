@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 from megatron_dga.errors import ConfigError, DataError
+from megatron_dga.fileio import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -621,12 +622,12 @@ def build_corpus(cfg: CorpusConfig) -> Corpus:
 
 
 def _write_jsonl(path: str, domain: str, docs: Iterable[Document]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    def write(f):
         for d in docs:
             f.write(json.dumps({"text": d.text, "domain": domain, "source": d.source}, ensure_ascii=False))
             f.write("\n")
-    os.replace(tmp, path)
+
+    atomic_write(path, write, binary=False)
 
 
 def write_corpus(corpus: Corpus, corpus_dir: str) -> dict[str, str]:
@@ -874,11 +875,7 @@ def _build(root: str, params: dict, cfg: CorpusConfig, sp_cfg, log) -> dict:
             "files": files,
             "content_hash": _content_hash(files),
         }
-        tmp = manifest_path + f".tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, manifest_path)
+        atomic_write_json(manifest_path, manifest, indent=2, sort_keys=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"[default data] done in {time.monotonic() - t0:.1f}s: {root}")

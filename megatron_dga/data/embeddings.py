@@ -39,6 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from megatron_dga.errors import ConfigError, DataError
+from megatron_dga.fileio import atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -187,10 +188,7 @@ class Embedder(ABC):
         os.makedirs(directory, exist_ok=True)
         self._save_payload(directory)
         state = {"format": EMBEDDER_FORMAT, "kind": self.kind, "dim": self.dim, "config": self.config_dict()}
-        tmp = os.path.join(directory, f".{EMBEDDER_STATE_FILE}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1)
-        os.replace(tmp, os.path.join(directory, EMBEDDER_STATE_FILE))
+        atomic_write_json(os.path.join(directory, EMBEDDER_STATE_FILE), state, indent=1)
 
 
 # =========================================================================== TF-IDF + SVD
@@ -350,10 +348,8 @@ class TfidfSvdEmbedder(Embedder):
 
     def _save_payload(self, directory: str) -> None:
         self._require_fitted()
-        tmp = os.path.join(directory, f".{TFIDF_PAYLOAD_FILE}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, terms=self.terms, idf=self.idf, components=self.components)
-        os.replace(tmp, os.path.join(directory, TFIDF_PAYLOAD_FILE))
+        atomic_write(os.path.join(directory, TFIDF_PAYLOAD_FILE),
+                     lambda f: np.savez(f, terms=self.terms, idf=self.idf, components=self.components))
 
     @classmethod
     def from_state(cls, directory: str, state: dict[str, Any]) -> "TfidfSvdEmbedder":

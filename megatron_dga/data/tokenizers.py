@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 from megatron_dga.errors import ConfigError, DataError
+from megatron_dga.fileio import atomic_write_bytes
 
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
@@ -700,18 +701,9 @@ def train_sentencepiece(texts: Iterable[str], config: SentencePieceTrainConfig) 
     sp = spm.SentencePieceProcessor(model_proto=proto)
     model_path = config.model_prefix + ".model"
     vocab_path = config.model_prefix + ".vocab"
-    _atomic_write_bytes(model_path, proto)
+    atomic_write_bytes(model_path, proto)
     lines = [f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size())]
-    _atomic_write_bytes(vocab_path, "".join(lines).encode("utf-8"))
+    atomic_write_bytes(vocab_path, "".join(lines).encode("utf-8"))
     return model_path
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -38,6 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from megatron_dga.errors import DataError
+from megatron_dga.fileio import atomic_write
 
 WEIGHTS_FORMAT = "megatron-dga/weights-v1"
 """Value of the ``format`` key every weights file carries."""
@@ -83,22 +83,12 @@ class Basis:
 
 # --------------------------------------------------------------------------- helpers
 def _atomic_write(path: str, write: Callable[[Any], None], binary: bool) -> None:
-    """Write through ``write(fileobj)`` to a temp file next to ``path``, then rename."""
+    """Atomic write (megatron_dga.fileio), with a clear error for a missing directory."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise DataError(f"cannot write '{path}': directory '{directory}' does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write, binary=binary)
 
 
 def _check_names(names: Sequence[Any], what: str, source: str) -> list[str]:

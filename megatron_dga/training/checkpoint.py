@@ -59,6 +59,7 @@ import torch.distributed as dist
 
 import megatron_dga
 from megatron_dga.errors import CheckpointError, ConfigError
+from megatron_dga.fileio import atomic_write, atomic_write_text, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -148,39 +149,6 @@ def iteration_dirname(iteration: int) -> str:
 # ----------------------------------------------------------------------------- file helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes renames/creations durable; not supported on every OS/FS.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, write_fn) -> None:
-    """Write via ``write_fn(fileobj)`` to a temp file beside ``path``, fsync, then os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
-
-
 _SAFE_LEAVES = (torch.Tensor, str, bytes, int, float, bool, type(None), torch.dtype, torch.Size, torch.device)
 
 
@@ -211,7 +179,7 @@ def _check_weights_only_safe(obj: Any, path: str) -> None:
 
 
 def _torch_save(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _torch_load(path: Path, map_location, weights_only: bool) -> Any:
@@ -354,7 +322,7 @@ def save_checkpoint(
             shard_dir = tmp_dir / layout.shard_dirname()
             shard_dir.mkdir(exist_ok=True)
             _torch_save(shard_dir / MODEL_FILENAME, state)
-            _fsync_dir(tmp_dir)
+            fsync_dir(tmp_dir)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = f"{type(exc).__name__}: {exc}"
     _raise_if_any_failed(comm, error, f"writing model-parallel files into {tmp_dir}")
@@ -408,16 +376,16 @@ def _finalize(root, tmp_dir, final_dir, iteration, layout, common_state, metadat
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint metadata must be JSON-serialisable (finite numbers): {exc}") from exc
     # metadata.json is the completeness marker: written only once everything else is durable.
-    _atomic_write_text(tmp_dir / METADATA_FILENAME, text)
-    _fsync_dir(tmp_dir)
+    atomic_write_text(tmp_dir / METADATA_FILENAME, text)
+    fsync_dir(tmp_dir)
 
     old_dir = None
     if final_dir.exists():
         old_dir = root / f"{final_dir.name}.old-{uuid.uuid4().hex[:12]}"
         os.replace(final_dir, old_dir)
     os.replace(tmp_dir, final_dir)
-    _fsync_dir(root)
-    _atomic_write_text(root / TRACKER_FILENAME, f"{iteration}\n")
+    fsync_dir(root)
+    atomic_write_text(root / TRACKER_FILENAME, f"{iteration}\n")
     if old_dir is not None:
         shutil.rmtree(old_dir, ignore_errors=True)
 
@@ -448,7 +416,7 @@ def _cleanup(root: Path, iteration: int, keep_last: Optional[int]) -> None:
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
     if doomed:
-        _fsync_dir(root)
+        fsync_dir(root)
         logger.info("deleted checkpoint(s) %s under %s (keep_last=%d)", doomed, root, keep_last)
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TextIO
 
 from megatron_dga.errors import ConfigError, DataError
+from megatron_dga.fileio import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -225,10 +226,8 @@ def _truncate_after(path: Path, start_iteration: int) -> int:
         elif line.strip():
             dropped += 1
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
         shutil.copyfile(path, path.with_name(path.name + ".bak"))
-        os.replace(tmp, path)  # atomic: readers see the old or the truncated file
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))  # readers see old or truncated
     return dropped
 
 

@@ -9,17 +9,16 @@ schedule of ``training/pipeline.py``; losses come back identical on every stage.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_dga.errors import CheckpointError, ConfigError
+from megatron_dga.fileio import atomic_write_json
 from megatron_dga.mixing.base import MixingStrategy, build_mixing
 from megatron_dga.platform import ParallelContext
 from megatron_dga.training import checkpoint as ckpt
@@ -105,10 +104,7 @@ class Trainer:
             "world": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size},
             "config": dataclasses.asdict(self.cfg),
         }
-        tmp = os.path.join(log_dir, "run_info.json.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(info, fh, indent=1, default=str)
-        os.replace(tmp, os.path.join(log_dir, "run_info.json"))
+        atomic_write_json(os.path.join(log_dir, "run_info.json"), info, indent=1, default=str)
 
     # ------------------------------------------------------------------ the loop
 
