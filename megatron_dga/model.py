@@ -2,6 +2,8 @@
 
 No torch.distributed here: the parallel layout comes in through ``ParallelContext``
 (megatron-core reads its own parallel_state, which ``platform.initialize`` set up).
+With pipeline parallelism each rank builds its stage (``build_stage_model``); megatron's
+schedules (``training/step.py``) connect the stages.
 """
 from __future__ import annotations
 
@@ -152,6 +154,26 @@ def build_transformer_config(cfg: GPTModelConfig, tp_size: int, pp_size: int):
     )
 
 
+def layer_spec_arguments(cfg: GPTModelConfig, use_transformer_engine: bool) -> dict:
+    """Keyword arguments of megatron-core's layer-spec function for ``cfg``.
+
+    The local spec builds its norm modules from ``normalization``; transformer-engine
+    layers read the norm from the TransformerConfig and take no such argument
+    (``get_gpt_layer_with_transformer_engine_spec(normalization=...)`` is a TypeError).
+    ``tests/test_megatron_contract.py`` binds both against the installed megatron-core.
+    """
+    return {} if use_transformer_engine else {"normalization": cfg.normalization}
+
+
+def layer_spec_for(cfg: GPTModelConfig, use_transformer_engine: bool):
+    """The transformer-layer ModuleSpec: transformer-engine layers on GPU, local layers otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    fn = (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec if use_transformer_engine
+          else gpt_layer_specs.get_gpt_layer_local_spec)
+    return fn(**layer_spec_arguments(cfg, use_transformer_engine))
+
+
 def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, pre_process: bool = True,
                     post_process: bool = True):
     """Build this rank's part of the GPT (its TP slice and PP stage), on the current device.
@@ -163,16 +185,9 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
         post_process: this stage holds the output layer and loss (last pipeline stage).
     """
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
 
     config = build_transformer_config(cfg, tp_size, pp_size)
-    if transformer_engine_available():
-        layer_spec = get_gpt_layer_with_transformer_engine_spec(normalization=cfg.normalization)
-    else:
-        layer_spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
+    layer_spec = layer_spec_for(cfg, use_transformer_engine=transformer_engine_available())
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -194,3 +209,63 @@ def causal_attention_mask(seq_length: int, device) -> torch.Tensor:
     Passed explicitly because megatron-core builds a default one on "cuda".
     """
     return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def unwrap(model):
+    """The megatron GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def build_stage_model(cfg: GPTModelConfig, ctx):
+    """This rank's pipeline stage of the GPT (its TP slice); bf16 models wrapped like Megatron's.
+
+    Args:
+        cfg: model shape.
+        ctx: the ``platform.ParallelContext`` (tp/pp sizes, this rank's stage).
+
+    Returns:
+        (core, module): the megatron ``GPTModel`` (state dicts, parameters) and the module to
+        wrap in DDP: the core itself in fp32, megatron's ``Float16Module`` around it with
+        --bf16 (it casts the first stage's inputs to bf16 and the last stage's output back
+        to fp32, as in Megatron's ``get_model``).
+    """
+    from megatron_dga import platform
+
+    # GPTModelConfig.check_parallel (inside build_gpt_model) rejects layers not divisible by stages.
+    # With several stages megatron's LanguageModule moves the tied embedding to CUDA to
+    # all-reduce it between the first and last stage at construction.
+    with platform.megatron_cuda_calls_on_cpu():
+        core = build_gpt_model(cfg, ctx.tp_size, ctx.pp_size, pre_process=ctx.is_first_stage,
+                               post_process=ctx.is_last_stage)
+    if core.config.sequence_parallel and ctx.pp_size > 1:
+        raise ConfigError("pipeline parallelism with sequence parallelism is not supported; turn sequence parallel off")
+    if not cfg.bf16:
+        return core, core
+    from megatron.core.transformer.module import Float16Module
+
+    return core, Float16Module(core.config, core)
+
+
+def global_parameter_names(model) -> dict:
+    """This stage's parameters under the names they have in the unsplit (one-stage) model.
+
+    Megatron numbers a stage's layers from 0 in its module names; the global index comes
+    from each layer's ``layer_number`` (1-based, offset by the stage). The last stage's
+    tied copy of the word embedding (``output_layer.weight`` marked ``shared``) is left
+    out: the first stage owns ``embedding.word_embeddings.weight``.
+    """
+    core = unwrap(model)
+    layers = getattr(getattr(core, "decoder", None), "layers", [])
+    offsets = {f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}." for i, layer in enumerate(layers)}
+    named = {}
+    for name, param in core.named_parameters():
+        if getattr(param, "shared", False):
+            continue
+        parts = name.split(".")
+        if name.startswith("decoder.layers.") and len(parts) > 2:
+            prefix = ".".join(parts[:3]) + "."
+            name = offsets[prefix] + name[len(prefix):]
+        named[name] = param
+    return named

@@ -10,8 +10,9 @@ Typical use (torchrun or a plain single process)::
     platform.shutdown()
 
 On a machine without CUDA the backend is gloo and a few megatron-core assumptions
-about CUDA are shimmed (see :func:`apply_cpu_shims`); with CUDA the backend is NCCL
-and nothing is patched.
+about CUDA are shimmed (:func:`apply_cpu_shims` for the process, and the scoped
+:func:`megatron_cuda_calls_on_cpu` around the megatron-core calls that hard-code CUDA);
+with CUDA the backend is NCCL and nothing is patched.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import datetime
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -57,6 +58,30 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class ProcessGroups:
+    """megatron-core's process groups of this rank, handed to ``megatron_dga.comm`` calls."""
+
+    dp: Any
+    """Data-parallel group (replicas of the same model shard)."""
+    tp: Any
+    """Tensor-model-parallel group."""
+    pp: Any
+    """Pipeline-model-parallel group (the stages of this rank's pipeline)."""
+    mp: Any
+    """Model-parallel group (tp x pp: together they hold one full model)."""
+    embedding: Any
+    """First and last pipeline stage (tied word-embedding copies); None without PP."""
+    world: Any = None
+    """All ranks (None is torch.distributed's default group)."""
+
+    def by_name(self, name: str):
+        """'world', 'dp', 'tp', 'pp' or 'mp' -> the group (mixing strategies name groups)."""
+        if name not in ("world", "dp", "tp", "pp", "mp"):
+            raise ValueError(f"group must be one of world, dp, tp, pp, mp; got {name!r}")
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
 class ParallelContext:
     """Where this process sits in the job. Built by :func:`initialize`."""
 
@@ -71,6 +96,8 @@ class ParallelContext:
     dp_size: int
     device: torch.device
     backend: str
+    groups: Optional[ProcessGroups] = None
+    """This rank's process groups (set by :func:`initialize`)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -115,24 +142,67 @@ def apply_cpu_shims() -> None:
     _CPU_SHIMS_APPLIED = True
 
 
-@contextlib.contextmanager
-def tensor_cuda_is_identity_on_cpu():
-    """While building a pipelined model without CUDA, make ``Tensor.cuda`` return the tensor.
+_CUDA_FACTORIES = ("tensor", "zeros", "empty", "ones", "full")
+"""torch factory functions megatron-core calls with a literal ``device="cuda"``."""
 
-    megatron-core's LanguageModule moves the tied embedding to CUDA (``weight.data.cuda()``)
-    before all-reducing it from the first to the last pipeline stage at construction; on
-    CPU the tensor is already where the gloo all-reduce wants it. Scoped to the ``with``
-    block, and a no-op where CUDA is present.
+
+def _cpu_device(kwargs: dict) -> dict:
+    device = kwargs.get("device")
+    if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
+        kwargs["device"] = "cpu"
+    return kwargs
+
+
+@contextlib.contextmanager
+def megatron_cuda_calls_on_cpu():
+    """While megatron-core code runs without CUDA, give its hard-coded CUDA calls CPU meanings.
+
+    megatron-core's optimizers, grad clipping, grad scaler and pipeline schedules allocate
+    small bookkeeping tensors with a literal ``device="cuda"``, check
+    ``param.type() == "torch.cuda.FloatTensor"``, move tensors with ``.cuda()`` and call
+    ``torch.cuda.synchronize()``. Inside this block, on a machine without CUDA:
+
+    * ``torch.tensor/zeros/empty/ones/full(..., device="cuda")`` allocate on the CPU;
+    * ``Tensor.type()`` (no arguments) of a CPU tensor reports the ``torch.cuda.*`` name
+      megatron-core checks for (same dtype, so its fp32/bf16/fp16 dispatch is unchanged);
+    * ``Tensor.cuda()`` returns the tensor (it already lives where gloo wants it);
+    * ``torch.cuda.synchronize/empty_cache`` do nothing (CPU work is synchronous).
+
+    Everything is restored on exit, and on a machine with CUDA the block patches nothing:
+    the GPU runs megatron-core untouched. The callers are the optimizer wrapper
+    (``training/optim.py``), the schedule call (``training/step.py``) and pipelined model
+    construction: those calls, and only those, are the code CI runs on CPU.
     """
     if torch.cuda.is_available():
         yield
         return
-    original = torch.Tensor.cuda
+    saved_factories = {name: getattr(torch, name) for name in _CUDA_FACTORIES}
+    saved_type, saved_cuda = torch.Tensor.type, torch.Tensor.cuda
+    saved_sync, saved_empty_cache = torch.cuda.synchronize, torch.cuda.empty_cache
+
+    def on_cpu(factory):
+        return lambda *args, **kwargs: factory(*args, **_cpu_device(kwargs))
+
+    def cuda_type_name(self, *args, **kwargs):
+        if args or kwargs or self.device.type != "cpu":
+            return saved_type(self, *args, **kwargs)
+        return saved_type(self).replace("torch.", "torch.cuda.", 1)
+
+    for name, factory in saved_factories.items():
+        setattr(torch, name, on_cpu(factory))
+    torch.Tensor.type = cuda_type_name  # type: ignore[assignment]
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
     try:
         yield
     finally:
-        torch.Tensor.cuda = original  # type: ignore[assignment]
+        for name, factory in saved_factories.items():
+            setattr(torch, name, factory)
+        torch.Tensor.type = saved_type  # type: ignore[assignment]
+        torch.Tensor.cuda = saved_cuda  # type: ignore[assignment]
+        torch.cuda.synchronize = saved_sync  # type: ignore[assignment]
+        torch.cuda.empty_cache = saved_empty_cache  # type: ignore[assignment]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -198,8 +268,9 @@ def initialize(config: ParallelConfig) -> ParallelContext:
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         distributed_timeout_minutes=config.timeout_minutes,
-        # Gloo side groups are only needed by megatron's distributed optimizer checkpointing.
-        create_gloo_process_groups=use_cuda,
+        # megatron-core's optimizer factory asks for its gloo side groups on CPU and GPU alike
+        # (the distributed optimizer's checkpointing uses them); on CPU they duplicate the main ones.
+        create_gloo_process_groups=True,
     )
     ctx = ParallelContext(
         rank=rank,
@@ -213,6 +284,13 @@ def initialize(config: ParallelConfig) -> ParallelContext:
         dp_size=parallel_state.get_data_parallel_world_size(),
         device=device,
         backend=backend,
+        groups=ProcessGroups(
+            dp=parallel_state.get_data_parallel_group(),
+            tp=parallel_state.get_tensor_model_parallel_group(),
+            pp=parallel_state.get_pipeline_model_parallel_group(),
+            mp=parallel_state.get_model_parallel_group(),
+            embedding=parallel_state.get_embedding_group(check_initialized=False) if pp > 1 else None,
+        ),
     )
     set_seed(config.seed, ctx)
     return ctx

@@ -7,6 +7,10 @@ RANK, WORLD_SIZE, LOCAL_RANK set; each rank's return value comes back in rank or
 Return plain picklable values (numpy arrays, not torch tensors: torch passes tensors
 through shared memory that disappears when the rank exits).
 An exception on any rank fails the caller with that rank's traceback.
+
+The ranks never see a GPU (CUDA_VISIBLE_DEVICES is empty in their environment before
+torch starts in them): these are the CPU-semantics tests, gloo and the local layer spec,
+on a GPU node as on CI. GPU tests run in the test process itself (``tests/gpu``).
 """
 from __future__ import annotations
 
@@ -39,6 +43,10 @@ def _worker(rank, world_size, port, fn, args, queue):
         queue.put((rank, False, traceback.format_exc()))
 
 
+WORKER_ENV = {"CUDA_VISIBLE_DEVICES": ""}
+"""Set in the environment the spawned ranks start with (inherited at ``Process.start``)."""
+
+
 def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 300.0):
     """Run fn(rank, world_size, *args) on world_size spawned ranks; return the results by rank."""
     ctx = mp.get_context("spawn")
@@ -48,8 +56,17 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in WORKER_ENV}
+    os.environ.update(WORKER_ENV)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     results, errors = {}, []
     for _ in range(world_size):
         rank, ok, value = queue.get()

@@ -96,13 +96,14 @@ def _layout_run(shards, log_dir, tp, rank):
     except NumericalError as exc:
         caught = str(exc)
     named = list(trainer.model.named_parameters())
-    v = dict(zip(map(id, trainer.params), trainer.optimizer.exp_avg_sq()))
+    moments = trainer.optimizer.adam_second_moments(trainer.params)
+    v = dict(zip(map(id, trainer.params), moments["exp_avg_sq"]))
     out = {
         "alignments": results, "weights_bytes": new.tobytes(), "caught": caught,
         "tp_duplicates": [n for n, p in named if not getattr(p, "tensor_model_parallel", False)],
         "params": {n: _full(p, p, tp) for n, p in named},
         "exp_avg_sq": {n: _full(p, v[id(p)], tp) for n, p in named},
-        "bias_correction2": trainer.optimizer.bias_correction2(), "eps": trainer.cfg.optimizer.adam_eps,
+        "bias_correction2": moments["bias_correction2"], "eps": trainer.cfg.optimizer.adam_eps,
         "model": trainer.cfg.model,
     }
     # The full probe batches (all DP shares), from the same probe state.

@@ -53,7 +53,7 @@ def _trainer(argv):
 
 
 def _named(trainer):
-    from megatron_dga.training.pipeline import global_parameter_names
+    from megatron_dga.model import global_parameter_names
 
     return {name: p.detach().cpu().numpy().copy() for name, p in global_parameter_names(trainer.model).items()}
 
@@ -89,7 +89,7 @@ def _shared_copy(trainer):
 def _load_initial(trainer, init):
     import torch
 
-    from megatron_dga.training.pipeline import global_parameter_names
+    from megatron_dga.model import global_parameter_names
 
     def tp_slice(p, full):
         # Tensor-parallel weights hold the tp_rank-th contiguous chunk along partition_dim.
@@ -136,7 +136,7 @@ def _four_ranks(rank, world_size, runs, init):
     """PP=2 combined with DP=2 and with TP=2 on the same four processes."""
     out = {}
     for name, (argv, log_dir) in runs.items():
-        from megatron_dga.training.pipeline import global_parameter_names
+        from megatron_dga.model import global_parameter_names
 
         trainer = _trainer(argv)
         _load_initial(trainer, init)

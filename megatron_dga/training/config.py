@@ -246,3 +246,12 @@ class PretrainConfig:
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     mixing: MixingConfig
+
+    def __post_init__(self):
+        if (self.mixing.mixing == "dga" and self.mixing.dga_preconditioner == "adam"
+                and self.optimizer.use_distributed_optimizer):
+            raise ConfigError(
+                "--dga-preconditioner adam cannot be combined with --use-distributed-optimizer: each rank "
+                "holds Adam's second moments for its own shard only; use --dga-preconditioner none or drop "
+                "--use-distributed-optimizer"
+            )

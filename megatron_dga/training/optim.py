@@ -1,33 +1,25 @@
-"""Optimizer, learning-rate schedule and gradient norms.
+"""megatron-core's optimizer and learning-rate/weight-decay scheduler, on CPU and GPU alike.
 
-CPU: torch AdamW over megatron DDP's fp32 ``main_grad`` buffers, with a global-norm clip
-that counts tensor-parallel duplicates and tied weights once. GPU: megatron-core's own
-optimizer (mixed precision, optional distributed optimizer), which does the same inside.
+``get_megatron_optimizer`` picks megatron's FP32Optimizer, its bf16 mixed-precision
+optimizer (fp32 master weights) or its DistributedOptimizer (state sharded over
+data-parallel ranks); it does the global grad norm (TP duplicates and tied copies
+counted once) and the clipping. ``OptimizerParamScheduler`` applies the LR warmup/decay
+and each parameter group's ``wd_mult``/``lr_mult`` (no weight decay on biases and norm
+gains). The same classes run in CI on CPU (inside ``platform.megatron_cuda_calls_on_cpu``,
+which gives their few hard-coded CUDA calls CPU meanings) and on GPUs untouched.
+
+Only megatron-core's optimizer implementation differs by machine: transformer-engine's
+(or apex's) FusedAdam where installed, torch's AdamW otherwise (megatron-core's choice).
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional
 
 import torch
 
+from megatron_dga import platform
 from megatron_dga.errors import ConfigError
 from megatron_dga.training.config import OptimizerConfig
-
-
-def lr_at(iteration: int, cfg: OptimizerConfig, train_iters: int) -> float:
-    """Megatron's schedule: linear warmup to lr, then cosine/linear decay to min_lr."""
-    if cfg.lr_warmup_iters and iteration < cfg.lr_warmup_iters:
-        return cfg.lr * (iteration + 1) / cfg.lr_warmup_iters
-    if cfg.lr_decay_style == "constant":
-        return cfg.lr
-    decay_iters = (cfg.lr_decay_iters or train_iters) - cfg.lr_warmup_iters
-    progress = min(max(iteration - cfg.lr_warmup_iters, 0) / max(decay_iters, 1), 1.0)
-    if cfg.lr_decay_style == "linear":
-        coeff = 1.0 - progress
-    else:
-        coeff = 0.5 * (math.cos(math.pi * progress) + 1.0)
-    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
 def counted_params(params) -> List[bool]:
@@ -43,122 +35,149 @@ def counted_params(params) -> List[bool]:
     return [bool(param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)) for p in params]
 
 
-def global_grad_norm(params, counted: List[bool], model_parallel_group) -> float:
-    """L2 norm of the full (unsplit) gradient in main_grad, identical on every rank."""
-    from megatron_dga import ops
+def megatron_optimizer_config(cfg: OptimizerConfig, *, bf16: bool):
+    """megatron-core's OptimizerConfig for our flags (one place maps them)."""
+    from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 
-    grads = [p.main_grad for p in params]
-    sq = ops.grad_dot(grads, grads, counted=counted)
-    if model_parallel_group is not None and torch.distributed.get_world_size(model_parallel_group) > 1:
-        torch.distributed.all_reduce(sq, group=model_parallel_group)
-    return math.sqrt(float(sq))
+    return McoreOptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
 
 
-class CpuAdamW:
-    """torch AdamW on megatron DDP's fp32 main_grad, with Megatron's decay rules and clipping."""
+def scheduler_arguments(cfg: OptimizerConfig, train_iters: int) -> dict:
+    """Keyword arguments of megatron-core's OptimizerParamScheduler, in iterations.
 
-    def __init__(self, ddp_model, cfg: OptimizerConfig, model_parallel_group):
-        params = [p for p in ddp_model.parameters() if p.requires_grad]
-        if any(p.dtype != torch.float32 for p in params):
-            raise ConfigError(
-                "--bf16 needs megatron-core's mixed-precision optimizer, which runs on GPU only; "
-                "drop --bf16 on CPU"
-            )
-        # As Megatron: no weight decay on biases and norm weights (1-D tensors).
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        self.params = params
-        self.counted = counted_params(params)
-        self.cfg = cfg
-        self.mp_group = model_parallel_group
-        self.inner = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            eps=cfg.adam_eps,
+    Megatron-LM counts these steps in samples when training by samples; with
+    --train-iters one step is one iteration, which is what we pass.
+    """
+    decay_iters = cfg.lr_decay_iters or train_iters
+    if cfg.lr_warmup_iters >= decay_iters:
+        raise ConfigError(
+            f"--lr-warmup-iters {cfg.lr_warmup_iters} must be smaller than the decay length "
+            f"{decay_iters} (--lr-decay-iters, else --train-iters); shorten the warmup"
         )
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.inner.param_groups:
-            group["lr"] = lr
-
-    def step(self) -> float:
-        """Clip by the global norm and step; returns the norm before clipping."""
-        norm = global_grad_norm(self.params, self.counted, self.mp_group)
-        if not math.isfinite(norm):
-            return norm  # skip the update, like Megatron's found-inf path
-        scale = self.cfg.clip_grad / (norm + 1e-6) if self.cfg.clip_grad and norm > self.cfg.clip_grad else 1.0
-        for p in self.params:
-            p.grad = p.main_grad if scale == 1.0 else p.main_grad * scale
-        self.inner.step()
-        for p in self.params:
-            p.grad = None
-        return norm
-
-    def exp_avg_sq(self) -> Optional[List[torch.Tensor]]:
-        """Adam's second moments in parameter order (None before the first step)."""
-        state = [self.inner.state.get(p, {}).get("exp_avg_sq") for p in self.params]
-        return None if any(s is None for s in state) else state
-
-    def bias_correction2(self) -> float:
-        steps = [self.inner.state.get(p, {}).get("step") for p in self.params[:1]]
-        step = float(steps[0]) if steps and steps[0] is not None else 0.0
-        return 1.0 - self.cfg.adam_beta2**step if step else 1.0
-
-    def state_dict(self) -> Dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.inner.load_state_dict(state)
+    return dict(
+        init_lr=0.0,  # Megatron's --lr-warmup-init default
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_iters,
+        lr_decay_steps=decay_iters,
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
+    )
 
 
-class MegatronOptimizer:
-    """megatron-core's optimizer (GPU): mixed precision, clipping and the distributed optimizer."""
+class Optimizer:
+    """megatron-core's optimizer + OptimizerParamScheduler for one DDP-wrapped model.
 
-    def __init__(self, ddp_model, cfg: OptimizerConfig, bf16: bool):
-        from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+    The trainer calls ``zero_grad()`` before every forward/backward (megatron's
+    FP32Optimizer leaves ``param.grad`` aliased to ``main_grad`` after a step; without
+    the reset the next backward would add the first micro-batch's gradient twice), then
+    ``step()`` once per iteration.
+    """
+
+    def __init__(self, ddp_model, cfg: OptimizerConfig, *, bf16: bool, train_iters: int):
         from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        mcfg = McoreOptimizerConfig(
-            optimizer="adam",
-            lr=cfg.lr,
-            min_lr=cfg.min_lr,
-            weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2,
-            adam_eps=cfg.adam_eps,
-            clip_grad=cfg.clip_grad,
-            bf16=bf16,
-            params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
-        )
         self.cfg = cfg
-        self.inner = get_megatron_optimizer(mcfg, [ddp_model])
+        with platform.megatron_cuda_calls_on_cpu():
+            self.inner = get_megatron_optimizer(megatron_optimizer_config(cfg, bf16=bf16), [ddp_model])
+            self.scheduler = OptimizerParamScheduler(self.inner, **scheduler_arguments(cfg, train_iters))
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.inner.param_groups:
-            group["lr"] = lr
+    @property
+    def lr(self) -> float:
+        """The learning rate the next step applies (of the groups on the default schedule)."""
+        groups = [g for g in self.inner.param_groups if g.get("default_config", True)] or self.inner.param_groups
+        return float(groups[0]["lr"])
+
+    def zero_grad(self) -> None:
+        with platform.megatron_cuda_calls_on_cpu():
+            self.inner.zero_grad()
 
     def step(self) -> float:
-        _, grad_norm, _ = self.inner.step()
+        """Clip, step, advance the schedule; returns the grad norm before clipping."""
+        with platform.megatron_cuda_calls_on_cpu():
+            update_successful, grad_norm, _ = self.inner.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
         return float("nan") if grad_norm is None else float(grad_norm)
 
-    def exp_avg_sq(self):
-        return None  # sharded/master-weight state: the adam preconditioner is CPU/non-distributed only for now
+    # ------------------------------------------------------------------ Adam's second moments (DGA)
 
-    def bias_correction2(self) -> float:
-        return 1.0
+    def adam_second_moments(self, params: List[torch.nn.Parameter]) -> Optional[Dict[str, object]]:
+        """v and the bias correction for ``params`` (model parameters, in their order).
+
+        Returns ``{"exp_avg_sq": [v per param], "bias_correction2": 1 - beta2^t}``, or
+        None before the first step. v lives on the optimizer's fp32 main parameters: the
+        model parameters themselves in fp32, their fp32 master copies with --bf16.
+
+        Raises:
+            ConfigError: with the distributed optimizer (each rank holds v for its shard only).
+        """
+        from megatron.core.optimizer import DistributedOptimizer, Float16OptimizerWithFloat16Params
+
+        main_of: Dict[int, torch.Tensor] = {}
+        owner: Dict[int, torch.optim.Optimizer] = {}
+        for leaf in getattr(self.inner, "chained_optimizers", [self.inner]):
+            if isinstance(leaf, DistributedOptimizer):
+                raise ConfigError(
+                    "--dga-preconditioner adam cannot be used with --use-distributed-optimizer: each rank "
+                    "holds Adam's second moments for its own shard only; use --dga-preconditioner none"
+                )
+            if isinstance(leaf, Float16OptimizerWithFloat16Params):
+                pairs = [(m, f) for gm, gf in zip(leaf.float16_groups, leaf.fp32_from_float16_groups)
+                         for m, f in zip(gm, gf)]
+                pairs += [(p, p) for group in leaf.fp32_from_fp32_groups for p in group]
+            else:  # FP32Optimizer: the model parameters are the main parameters
+                pairs = [(p, p) for group in leaf.optimizer.param_groups for p in group["params"]]
+            for model_param, main_param in pairs:
+                main_of[id(model_param)] = main_param
+                owner[id(model_param)] = leaf.optimizer
+        v, steps = [], set()
+        for p in params:
+            main, opt = main_of[id(p)], owner[id(p)]
+            state = opt.state.get(main, {})
+            if "exp_avg_sq" not in state:
+                return None  # before the first step
+            v.append(state["exp_avg_sq"])
+            steps.add(_adam_step(opt, main, state))
+        if len(steps) != 1:
+            raise RuntimeError(f"Adam step counts differ between parameter groups: {sorted(steps)}")
+        t = steps.pop()
+        if t == 0:
+            return None
+        return {"exp_avg_sq": v, "bias_correction2": 1.0 - self.cfg.adam_beta2 ** t}
+
+    # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> Dict:
-        return self.inner.state_dict()
+        return {"optimizer": self.inner.state_dict(), "opt_param_scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: Dict) -> None:
-        self.inner.load_state_dict(state)
+        with platform.megatron_cuda_calls_on_cpu():
+            self.inner.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["opt_param_scheduler"])
 
 
-def build_optimizer(ddp_model, cfg: OptimizerConfig, *, bf16: bool, model_parallel_group):
-    if torch.cuda.is_available():
-        return MegatronOptimizer(ddp_model, cfg, bf16)
-    if cfg.use_distributed_optimizer:
-        raise ConfigError("--use-distributed-optimizer needs GPUs (megatron-core's distributed optimizer); drop it on CPU")
-    return CpuAdamW(ddp_model, cfg, model_parallel_group)
+def _adam_step(opt: torch.optim.Optimizer, param: torch.Tensor, state: dict) -> int:
+    """Adam's step count t for ``param``: torch keeps it per parameter, TE/apex FusedAdam per group."""
+    if "step" in state:
+        return int(state["step"])
+    for group in opt.param_groups:
+        if any(p is param for p in group["params"]) and "step" in group:
+            return int(group["step"])
+    raise RuntimeError(f"{type(opt).__name__} keeps no Adam step count where megatron-dga looks for it")

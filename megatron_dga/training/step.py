@@ -1,37 +1,50 @@
-"""Forward/backward over micro-batches into megatron DDP's grad buffers.
+"""Forward/backward over micro-batches through megatron-core's pipeline schedules.
 
-Loss convention (Megatron's): each micro-batch contributes its masked token mean divided
-by the number of micro-batches; DDP averages over data-parallel ranks. The same code
-runs the training step, the DGA probes and evaluation, so their gradients and losses
-are computed identically.
+Every forward/backward of the job (training steps, DGA probes, evaluation, the
+finite-difference forwards) goes through megatron-core's ``get_forward_backward_func``:
+the no-pipelining schedule with one stage, 1F1B with several. On CPU the schedule runs
+over gloo inside ``platform.megatron_cuda_calls_on_cpu`` (it hard-codes a few CUDA
+allocations); on GPU it runs untouched. So the schedule CI tests is the one GPUs run.
+
+Loss convention (Megatron's): each micro-batch contributes its masked token mean; the
+schedule divides it by the number of micro-batches; DDP averages over data-parallel
+ranks. Gradient synchronisation is megatron-core's ``finalize_model_grads`` (DP
+all-reduce, or reduce-scatter with the distributed optimizer; tied-embedding all-reduce
+over the first and last stage). DGA's domain probes skip the data-parallel part and
+keep only the tied-embedding all-reduce (``sync_grads=False``).
+
+Losses stay on the device during the schedule and reach the host once per call: one
+broadcast from the last pipeline stage (when there are several), one copy.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Dict, List, Sequence
+import functools
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 
-from megatron_dga.model import causal_attention_mask
+from megatron_dga import comm, platform
+from megatron_dga.model import causal_attention_mask, unwrap
 
 
 @dataclass
 class LossStats:
-    """Sums over the micro-batches this rank processed.
-
-    With pipeline parallelism every stage of a pipeline holds the same values: the last
-    stage computes the losses and broadcasts them; token counts come from the loss masks,
-    which every stage has.
-    """
+    """Sums over the micro-batches this rank processed, identical on every stage of its pipeline."""
 
     loss_sum: float
     """Sum over micro-batches of their masked mean loss."""
     num_micro_batches: int
     tokens: int
+    token_loss_sum: float
+    """Sum of all masked token losses (token_loss_sum / tokens is the token-weighted mean)."""
     per_domain_loss_sum: Dict[int, float]
     """Per domain id: sum of masked token losses."""
     per_domain_tokens: Dict[int, int]
+    token_losses: Optional[List[torch.Tensor]] = field(default=None, repr=False)
+    """Per micro-batch masked per-token losses (b, s), when asked for (``keep_token_losses``)."""
 
     @property
     def mean_loss(self) -> float:
@@ -42,79 +55,151 @@ def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def token_losses(model, batch: Dict[str, torch.Tensor], device) -> torch.Tensor:
-    """Per-token losses (b, s) of one micro-batch, times its loss mask.
+def _pipeline_stages(config) -> int:
+    return int(getattr(config, "pipeline_model_parallel_size", 1) or 1)
 
-    With more than one pipeline stage: a forward-only pass through the pipeline (a
-    collective over the stages: every stage must call it), losses on every stage.
+
+def _finalize_without_data_parallel(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
+    """finalize_model_grads minus the data-parallel reduction (the DGA domain probes).
+
+    Each rank keeps its local gradient; the tied word-embedding copies of the first and
+    last pipeline stage are still summed, so the stage that owns the weight holds its
+    whole gradient (``optim.counted_params`` counts the last stage's copy out).
     """
-    if _pipeline_stages(model) > 1:
-        from megatron_dga.training.pipeline import forward_token_losses
+    del num_tokens, pg_collection, force_all_reduce
+    from megatron.core.distributed.finalize_model_grads import _allreduce_word_embedding_grads
 
-        return forward_token_losses(model, [batch], device)[0]
-    batch = _to_device(batch, device)
-    tokens = batch["tokens"]
-    mask = causal_attention_mask(tokens.shape[1], device)
-    losses = model(tokens, batch["position_ids"], mask, labels=batch["labels"])
-    return losses.float() * batch["loss_mask"].float()
+    _allreduce_word_embedding_grads(model, unwrap(model[0]).config)
+
+
+@contextlib.contextmanager
+def _schedule_settings(config, **values):
+    """Set megatron TransformerConfig fields the schedule reads, for one call."""
+    saved = {name: getattr(config, name) for name in values}
+    for name, value in values.items():
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(config, name, value)
 
 
 def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], device, *, sync_grads: bool = True,
-                     forward_only: bool = False) -> LossStats:
+                     force_all_reduce: bool = False, forward_only: bool = False,
+                     keep_token_losses: bool = False) -> LossStats:
     """Accumulate gradients of the mean loss over ``micro_batches`` into main_grad.
 
     Args:
         model: the megatron DDP-wrapped model (its grad buffers receive the gradients).
-        micro_batches: this rank's micro-batches of one step (dicts from the mixture dataset).
+        micro_batches: this rank's micro-batches of one step (dicts from the mixture dataset);
+            every pipeline stage passes the same ones.
         device: where the model lives.
-        sync_grads: all-reduce gradients over data-parallel ranks at the end (a training
-            step, the specific gradient); False leaves each rank's local gradient in the
-            buffers (the DGA domain probes: their dot products are reduced instead).
+        sync_grads: reduce gradients over data-parallel ranks at the end (a training step, the
+            specific gradient); False leaves each rank's local gradient in the buffers (the DGA
+            domain probes: their dot products are reduced instead).
+        force_all_reduce: with the distributed optimizer, all-reduce instead of reduce-scatter,
+            so every rank holds the whole reduced gradient (DGA's specific gradient g_spe).
         forward_only: evaluation; no backward, no_grad.
+        keep_token_losses: also return every micro-batch's per-token losses (on every stage).
 
-    With more than one pipeline stage this runs the schedule in ``training/pipeline.py``
-    (every stage calls it with the same micro-batches; the returned stats are identical
-    on all stages).
+    Returns:
+        LossStats, identical on every stage of the pipeline.
     """
-    if _pipeline_stages(model) > 1:
-        from megatron_dga.training.pipeline import pipeline_forward_backward
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        return pipeline_forward_backward(model, micro_batches, device, sync_grads=sync_grads,
-                                         forward_only=forward_only)
     n = len(micro_batches)
-    stats = LossStats(0.0, n, 0, {}, {})
-    for i, batch in enumerate(micro_batches):
-        last = i == n - 1
-        no_sync = model.no_sync() if (not last or not sync_grads) and not forward_only else contextlib.nullcontext()
-        grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
-        with no_sync, grad_ctx:
-            losses = token_losses(model, batch, device)
-            mask = batch["loss_mask"].to(device).float()
-            tokens = mask.sum().clamp(min=1.0)
-            loss = losses.sum() / tokens
-            if not forward_only:
-                (loss / n).backward()
-        _accumulate(stats, losses.detach(), mask, batch.get("domain_id"), float(loss.detach()), int(mask.sum()))
-    if sync_grads and not forward_only:
-        model.finish_grad_sync()
+    if n == 0:
+        return LossStats(0.0, 0, 0, 0.0, {}, {}, [] if keep_token_losses else None)
+    config = unwrap(model).config
+    sizes = {len(mb["tokens"]) for mb in micro_batches}
+    seq_length = int(micro_batches[0]["tokens"].shape[1])
+    collected: List[torch.Tensor] = []  # last stage: masked per-token losses, on the device
+
+    def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+        losses = output_tensor.float() * loss_mask
+        collected.append(losses.detach())
+        return losses.sum() / loss_mask.sum().clamp(min=1.0), {}
+
+    def forward_step(data_iterator: Iterator, stage_model):
+        batch = _to_device(next(data_iterator), device)
+        mask = causal_attention_mask(seq_length, device)
+        output = stage_model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
+        return output, functools.partial(loss_func, batch["loss_mask"].float())
+
+    schedule = get_forward_backward_func()
+    settings = dict(
+        no_sync_func=model.no_sync,
+        finalize_model_grads_func=finalize_model_grads if sync_grads else _finalize_without_data_parallel,
+        grad_sync_func=None,
+        param_sync_func=None,
+        # Probe shares and eval tails can be smaller than --micro-batch-size: let the
+        # pipeline send shapes first when the sizes in this call differ.
+        variable_seq_lengths=len(sizes) > 1 and _pipeline_stages(config) > 1,
+    )
+    grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
+    with _schedule_settings(config, **settings), platform.megatron_cuda_calls_on_cpu(), grad_ctx:
+        schedule(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=n,
+            seq_length=seq_length,
+            micro_batch_size=max(sizes),
+            forward_only=forward_only,
+            force_all_reduce=force_all_reduce,
+        )
+    return _stats(collected, micro_batches, config, device, keep_token_losses)
+
+
+def _stats(collected: List[torch.Tensor], micro_batches, config, device, keep_token_losses: bool) -> LossStats:
+    """LossStats from the last stage's losses: one broadcast over the pipeline, one host copy."""
+    masks = [mb["loss_mask"].float() for mb in micro_batches]
+    shapes = [tuple(m.shape) for m in masks]
+    stages = _pipeline_stages(config)
+    if keep_token_losses:
+        # Every token's loss (the finite-difference estimator): (sum b, s) floats.
+        flat = torch.cat(collected) if collected else torch.empty((sum(s[0] for s in shapes), shapes[0][1]),
+                                                                  dtype=torch.float32, device=device)
+        if stages > 1:
+            from megatron.core import parallel_state as ps
+
+            comm.broadcast(flat, ps.get_pipeline_model_parallel_world_size() - 1,
+                           ps.get_pipeline_model_parallel_group())
+        token_losses = list(torch.split(flat, [s[0] for s in shapes]))
+        per_seq = flat.double().sum(dim=1).cpu().numpy()
+    else:
+        token_losses = None
+        # Per sequence: its masked token-loss sum (domain sums and micro-batch means follow).
+        per_seq_t = (torch.cat([l.double().sum(dim=1) for l in collected]) if collected
+                     else torch.zeros(sum(s[0] for s in shapes), dtype=torch.float64, device=device))
+        if stages > 1:
+            from megatron.core import parallel_state as ps
+
+            comm.broadcast(per_seq_t, ps.get_pipeline_model_parallel_world_size() - 1,
+                           ps.get_pipeline_model_parallel_group())
+        per_seq = per_seq_t.cpu().numpy()
+    seq_tokens = torch.cat([m.sum(dim=1) for m in masks]).double().numpy()
+    bounds = np.cumsum([0] + [s[0] for s in shapes])
+    micro_tokens = np.array([seq_tokens[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+    micro_sums = np.array([per_seq[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+    stats = LossStats(
+        loss_sum=float((micro_sums / np.maximum(micro_tokens, 1.0)).sum()),
+        num_micro_batches=len(micro_batches),
+        tokens=int(seq_tokens.sum()),
+        token_loss_sum=float(per_seq.sum()),
+        per_domain_loss_sum={},
+        per_domain_tokens={},
+        token_losses=token_losses,
+    )
+    if all(mb.get("domain_id") is not None for mb in micro_batches):
+        ids = torch.cat([mb["domain_id"] for mb in micro_batches]).numpy()
+        for d in np.unique(ids):
+            sel = ids == d
+            stats.per_domain_loss_sum[int(d)] = float(per_seq[sel].sum())
+            stats.per_domain_tokens[int(d)] = int(seq_tokens[sel].sum())
     return stats
-
-
-def _pipeline_stages(model) -> int:
-    config = getattr(model, "config", None)
-    return int(getattr(config, "pipeline_model_parallel_size", 1) or 1)
-
-
-def _accumulate(stats: LossStats, losses, mask, domain_ids, micro_loss: float, tokens: int) -> None:
-    stats.loss_sum += micro_loss
-    stats.tokens += tokens
-    if domain_ids is None:
-        return
-    per_seq_loss = losses.sum(dim=1).double().cpu().tolist()
-    per_seq_tokens = mask.sum(dim=1).long().cpu().tolist()
-    for d, l, t in zip(domain_ids.tolist(), per_seq_loss, per_seq_tokens):
-        stats.per_domain_loss_sum[d] = stats.per_domain_loss_sum.get(d, 0.0) + l
-        stats.per_domain_tokens[d] = stats.per_domain_tokens.get(d, 0) + t
 
 
 def split_micro_batches(batch: Dict[str, torch.Tensor], micro_batch_size: int) -> List[Dict[str, torch.Tensor]]:

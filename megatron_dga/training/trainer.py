@@ -1,10 +1,11 @@
 """The training loop: megatron-core GPT + DDP on a dynamic domain mixture.
 
 Each iteration: draw the next global batch from the current weights, forward/backward
-over this rank's micro-batches, optimizer step; then the hooks — mixing (which may
-hand the sampler new weights), logging, evaluation, checkpointing. With pipeline
-parallelism each rank holds one stage and ``step.forward_backward`` runs the GPipe
-schedule of ``training/pipeline.py``; losses come back identical on every stage.
+over this rank's micro-batches (megatron-core's schedule, ``training/step.py``),
+megatron-core's optimizer step and LR/WD schedule (``training/optim.py``); then the
+hooks — mixing (which may hand the sampler new weights), logging, evaluation,
+checkpointing. With pipeline parallelism each rank holds one stage; losses come back
+identical on every stage.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from megatron_dga import comm
 from megatron_dga.errors import CheckpointError, ConfigError
 from megatron_dga.fileio import atomic_write_json
 from megatron_dga.mixing.base import MixingStrategy, build_mixing
@@ -25,10 +26,10 @@ from megatron_dga.training import checkpoint as ckpt
 from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput
-from megatron_dga.training.optim import build_optimizer, counted_params, lr_at
-from megatron_dga.training.pipeline import build_stage_model
+from megatron_dga.model import build_stage_model
+from megatron_dga.training.optim import Optimizer, counted_params
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
-from megatron_dga.training.step import LossStats, forward_backward, token_losses
+from megatron_dga.training.step import LossStats, forward_backward
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ class Trainer:
     """Owns the model, optimizer, data and mixing of one job; ``train()`` runs it."""
 
     def __init__(self, cfg: PretrainConfig, ctx: ParallelContext):
-        from megatron.core import parallel_state
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         self.cfg, self.ctx = cfg, ctx
@@ -51,16 +51,16 @@ class Trainer:
         self.num_micro_batches = cfg.schedule.num_micro_batches(ctx.dp_size)
         self.data = DataPipeline(cfg, ctx)
         cfg.model.vocab_size = self.data.vocab_size
-        # This rank's pipeline stage (the whole model with one stage).
-        self.model = build_stage_model(cfg.model, ctx)
+        # This rank's pipeline stage (the whole model with one stage); with --bf16 wrapped in
+        # megatron's Float16Module, as Megatron's get_model does.
+        self.model, module = build_stage_model(cfg.model, ctx)
         self.ddp = DistributedDataParallel(
             self.model.config,
             DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer),
-            self.model,
+            module,
         )
-        self.mp_group = parallel_state.get_model_parallel_group()
-        self.dp_group = parallel_state.get_data_parallel_group()
-        self.optimizer = build_optimizer(self.ddp, cfg.optimizer, bf16=cfg.model.bf16, model_parallel_group=self.mp_group)
+        self.groups = ctx.groups
+        self.optimizer = Optimizer(self.ddp, cfg.optimizer, bf16=cfg.model.bf16, train_iters=cfg.schedule.train_iters)
         self.params = [p for p in self.ddp.parameters() if p.requires_grad]
         self._counted = counted_params(self.params)
         self.mixing: MixingStrategy = build_mixing(cfg.mixing, self.data.domain_info)
@@ -144,11 +144,19 @@ class Trainer:
                 break
         return last
 
+    def zero_grads(self) -> None:
+        """Clear the grad buffers and the optimizer's grads before any forward/backward.
+
+        Both, always: megatron's FP32Optimizer leaves ``param.grad`` aliased to ``main_grad``
+        after a step, and the next backward would add into it twice.
+        """
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
     def train_step(self):
         """One optimizer step on the next global batch. Returns (global mean loss, grad norm, lr)."""
-        lr = lr_at(self.iteration, self.cfg.optimizer, self.cfg.schedule.train_iters)
-        self.optimizer.set_lr(lr)
-        self.ddp.zero_grad_buffer()
+        lr = self.optimizer.lr
+        self.zero_grads()
         micro_batches = self.data.next_train_micro_batches()
         stats = forward_backward(self.ddp, micro_batches, self.ctx.device, sync_grads=True)
         grad_norm = self.optimizer.step()
@@ -163,7 +171,7 @@ class Trainer:
         if self.ctx.dp_size == 1:
             return value
         t = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
-        dist.all_reduce(t, group=self.dp_group)
+        comm.all_reduce(t, self.groups.dp)
         return float(t) / self.ctx.dp_size
 
     # ------------------------------------------------------------------ hooks
@@ -207,10 +215,8 @@ class Trainer:
         self.ddp.eval()
         stats = forward_backward(self.ddp, micro_batches, self.ctx.device, forward_only=True)
         self.ddp.train()
-        total = sum(stats.per_domain_loss_sum.values())
-        t = torch.tensor([total, float(stats.tokens)], dtype=torch.float64, device=self.ctx.device)
-        if self.ctx.dp_size > 1:
-            dist.all_reduce(t, group=self.dp_group)
+        t = torch.tensor([stats.token_loss_sum, float(stats.tokens)], dtype=torch.float64, device=self.ctx.device)
+        comm.all_reduce(t, self.groups.dp)
         return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
     def _should_save(self) -> bool:
@@ -273,8 +279,11 @@ class Trainer:
         return self.data.probe_specific(size)
 
     def backward(self, micro_batches, *, sync_grads: bool) -> LossStats:
-        self.ddp.zero_grad_buffer()
-        return forward_backward(self.ddp, micro_batches, self.ctx.device, sync_grads=sync_grads)
+        self.zero_grads()
+        # A synchronised probe (the specific gradient g_spe) must be whole on every rank, also
+        # with the distributed optimizer, whose training steps only reduce-scatter.
+        return forward_backward(self.ddp, micro_batches, self.ctx.device, sync_grads=sync_grads,
+                                force_all_reduce=sync_grads)
 
     def grads(self) -> List[torch.Tensor]:
         return [p.main_grad for p in self.params]
@@ -288,22 +297,17 @@ class Trainer:
 
     def forward_token_losses(self, micro_batches) -> List[torch.Tensor]:
         """Per-token losses (b, s) times the loss mask of each micro-batch: forward only, no grad."""
-        with torch.no_grad():
-            return [token_losses(self.ddp, mb, self.ctx.device) for mb in micro_batches]
+        stats = forward_backward(self.ddp, micro_batches, self.ctx.device, forward_only=True, keep_token_losses=True)
+        return stats.token_losses
 
     def adam_preconditioner(self):
-        v = self.optimizer.exp_avg_sq()
-        if v is None:
+        moments = self.optimizer.adam_second_moments(self.params)
+        if moments is None:
             return None
-        return {"exp_avg_sq": v, "bias_correction2": self.optimizer.bias_correction2(), "eps": self.cfg.optimizer.adam_eps}
+        return {**moments, "eps": self.cfg.optimizer.adam_eps}
 
     def all_reduce(self, tensor: torch.Tensor, group: str = "world") -> torch.Tensor:
-        groups = {"world": None, "dp": self.dp_group, "mp": self.mp_group}
-        if group not in groups:
-            raise ValueError(f"group must be one of {sorted(groups)}, got {group!r}")
-        if dist.get_world_size(groups[group]) > 1:
-            dist.all_reduce(tensor, group=groups[group])
-        return tensor
+        return comm.all_reduce(tensor, self.groups.by_name(group))
 
     def data_parallel(self):
         return self.ctx.dp_rank, self.ctx.dp_size
