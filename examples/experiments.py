@@ -35,7 +35,7 @@ PRESETS = {
         "model": ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
                   "--position-embedding-type", "rope"],
         "batch": ["--micro-batch-size", "16", "--global-batch-size", "16"],
-        "optim": ["--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", "20", "--weight-decay", "0.1"],
+        "optim": ["--lr", "2e-3", "--min-lr", "2e-4", "--weight-decay", "0.1"],
         "train_iters": 600,
         "token_limit": 40_000,
         "dga": ["--dga-domain-batch-size", "4", "--dga-specific-batch-size", "8"],
@@ -44,7 +44,7 @@ PRESETS = {
         "model": ["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12", "--seq-length", "1024",
                   "--position-embedding-type", "rope", "--bf16"],
         "batch": ["--micro-batch-size", "8", "--global-batch-size", "64"],
-        "optim": ["--lr", "6e-4", "--min-lr", "6e-5", "--lr-warmup-iters", "100", "--weight-decay", "0.1"],
+        "optim": ["--lr", "6e-4", "--min-lr", "6e-5", "--weight-decay", "0.1"],
         "train_iters": 3000,
         "token_limit": 2_000_000,
         "dga": ["--dga-domain-batch-size", "8", "--dga-specific-batch-size", "32"],
@@ -74,7 +74,11 @@ def _tool(name: str, *args: str) -> None:
 
 def common_args(data, preset: dict, args) -> List[str]:
     iters = args.train_iters or preset["train_iters"]
+    # Warmup over the first 1/30 of the run (20 of the CPU preset's 600 iterations), so a
+    # shortened run keeps megatron's warmup < decay length.
+    warmup = iters // 30
     return [
+        "--lr-warmup-iters", str(warmup),
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data.tokenizer_model,
         "--seed", str(args.seed), "--train-iters", str(iters), *preset["model"], *preset["batch"], *preset["optim"],
         "--log-interval", "10", "--eval-interval", str(max(iters // 12, 10)), "--eval-iters", "2",

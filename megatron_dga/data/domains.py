@@ -510,15 +510,13 @@ def _check_vocab(name: str, shard: ShardInfo, vocab_size: int, config: DomainDat
 
 def _build_on_rank0_first(build, uses_cache: bool):
     """With an index cache under torch.distributed, rank 0 writes it before the others read it."""
-    if not uses_cache:
-        return build()
-    import torch.distributed as dist
+    from megatron_dga import comm
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not uses_cache or comm.size() == 1:
         return build()
-    if dist.get_rank() == 0:
+    if comm.rank() == 0:
         result = build()
-        dist.barrier()
+        comm.barrier()
         return result
-    dist.barrier()
+    comm.barrier()
     return build()

@@ -55,9 +55,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 import megatron_dga
+from megatron_dga import comm
 from megatron_dga.errors import CheckpointError, ConfigError
 from megatron_dga.fileio import atomic_write, atomic_write_text, fsync_dir
 
@@ -201,39 +201,26 @@ def _torch_load(path: Path, map_location, weights_only: bool) -> Any:
 
 
 class _Comm:
-    """The few collectives a save needs; a single process when torch.distributed is off."""
+    """The ranks that save together (a group; None is the world), through ``megatron_dga.comm``."""
 
     def __init__(self, group):
-        self.enabled = dist.is_available() and dist.is_initialized()
         self.group = group
-        if self.enabled:
-            self.rank = dist.get_rank(group)
-            self.size = dist.get_world_size(group)
-            self.src = dist.get_global_rank(group, 0) if group is not None else 0
-        else:
-            self.rank, self.size, self.src = 0, 1, 0
+        self.rank = comm.rank(group)
+        self.size = comm.size(group)
 
     @property
     def is_coordinator(self) -> bool:
         return self.rank == 0
 
     def broadcast(self, obj):
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.src, group=self.group)
-        return box[0]
+        return comm.broadcast_object(obj, 0, self.group)
 
     def all_gather(self, obj) -> list:
-        if not self.enabled:
-            return [obj]
-        out = [None] * self.size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        return comm.all_gather_object(obj, self.group)
 
 
-def _raise_if_any_failed(comm: _Comm, error: Optional[str], what: str) -> None:
-    errors = comm.all_gather(error)
+def _raise_if_any_failed(ranks: _Comm, error: Optional[str], what: str) -> None:
+    errors = ranks.all_gather(error)
     failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
     if failed:
         detail = "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
@@ -287,11 +274,11 @@ def save_checkpoint(
         raise ConfigError(f"checkpoint iteration must be a non-negative integer, got {iteration!r}")
     if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
         raise ConfigError(f"keep_last (--keep-last) must be None or >= 1, got {keep_last!r}")
-    comm = _Comm(group)
-    if comm.enabled and comm.size != layout.world_size:
+    ranks = _Comm(group)
+    if comm.initialized() and ranks.size != layout.world_size:
         raise ConfigError(
             f"checkpoint layout {layout.describe()} covers {layout.world_size} ranks but the "
-            f"process group has {comm.size}; pass the group of all ranks that save"
+            f"process group has {ranks.size}; pass the group of all ranks that save"
         )
     root = Path(save_dir)
     final_dir = root / iteration_dirname(iteration)
@@ -299,7 +286,7 @@ def save_checkpoint(
     # 1. Agree on a fresh scratch directory.
     tmp_name = None
     error = None
-    if comm.is_coordinator:
+    if ranks.is_coordinator:
         try:
             root.mkdir(parents=True, exist_ok=True)
             tmp_name = f"{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
@@ -307,7 +294,7 @@ def save_checkpoint(
         except OSError as exc:
             error = f"cannot create {root / str(tmp_name)}: {exc}"
             tmp_name = None
-    tmp_name = comm.broadcast(tmp_name)
+    tmp_name = ranks.broadcast(tmp_name)
     if tmp_name is None:
         raise CheckpointError(f"checkpoint save failed: {error or 'coordinator could not create a directory'} "
                               f"(check that --save {root} is writable)")
@@ -325,19 +312,19 @@ def save_checkpoint(
             fsync_dir(tmp_dir)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = f"{type(exc).__name__}: {exc}"
-    _raise_if_any_failed(comm, error, f"writing model-parallel files into {tmp_dir}")
+    _raise_if_any_failed(ranks, error, f"writing model-parallel files into {tmp_dir}")
 
     # 3. Coordinator completes and publishes the directory.
     error = None
-    if comm.is_coordinator:
+    if ranks.is_coordinator:
         try:
             _finalize(root, tmp_dir, final_dir, iteration, layout, common_state, metadata, weights_only)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = f"{type(exc).__name__}: {exc}"
-    _raise_if_any_failed(comm, error, f"publishing {final_dir}")
+    _raise_if_any_failed(ranks, error, f"publishing {final_dir}")
 
     # 4. Retention; failures here do not invalidate the checkpoint just written.
-    if comm.is_coordinator:
+    if ranks.is_coordinator:
         try:
             _cleanup(root, iteration, keep_last)
         except OSError as exc:

@@ -98,7 +98,8 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     """--adam-eps."""
     use_distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer; GPU only)."""
+    """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer), megatron-core's
+    DistributedOptimizer; DGA then all-reduces (not reduce-scatters) its specific gradient."""
 
     def __post_init__(self):
         _positive(self, "lr")

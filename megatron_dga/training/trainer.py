@@ -26,7 +26,7 @@ from megatron_dga.training import checkpoint as ckpt
 from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput
-from megatron_dga.model import build_stage_model
+from megatron_dga.model import build_stage_model, transformer_engine_available
 from megatron_dga.training.optim import Optimizer, counted_params
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 from megatron_dga.training.step import LossStats, forward_backward
@@ -115,6 +115,7 @@ class Trainer:
         if self.ctx.is_logging_rank:
             print(f"training {self.cfg.model.num_parameters():,} parameters on {self.ctx.describe()}, "
                   f"{self.data.domain_info.k} domains, mixing={self.cfg.mixing.mixing}, "
+                  f"layers={'transformer-engine' if transformer_engine_available() else 'local'}, "
                   f"from iteration {self.iteration}", flush=True)
         self.throughput.reset()
         while self.iteration < sched.train_iters:
