@@ -18,6 +18,14 @@ VOCAB = 128
 """Model vocabulary: NullTokenizer --vocab-size 127 gives ids 0..126 plus eod = 127."""
 EOD = VOCAB - 1
 NULL_TOKENIZER_ARGS = ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1)]
+TINY_GPT_ARGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
+                 "--make-vocab-size-divisible-by", "64"]
+"""A 2-layer GPT that trains in seconds on 2 CPU cores (trainer-level tests)."""
+
+
+def three_domain_shards(out_dir: str) -> dict:
+    """Three domains and a specific set mixing the first two: the trainer tests' default data."""
+    return write_domains(out_dir, k=3, docs_per_domain=48, doc_len=64, specific_mixture=[0.5, 0.5, 0.0])
 
 
 def domain_tables(k: int, seed: int = 0) -> np.ndarray:

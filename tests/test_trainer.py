@@ -5,16 +5,14 @@ import numpy as np
 import pytest
 
 from tests.dist_utils import run_distributed
-from tests.synthetic import NULL_TOKENIZER_ARGS, write_domains
+from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
 
-MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-         "--make-vocab-size-divisible-by", "64"]
+MODEL = TINY_GPT_ARGS
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_domains(str(tmp_path_factory.mktemp("shards")), k=3, docs_per_domain=48, doc_len=64,
-                         specific_mixture=[0.5, 0.5, 0.0])
+    return three_domain_shards(str(tmp_path_factory.mktemp("shards")))
 
 
 def _args(shards, run_dir, iters, extra=()):
