@@ -114,7 +114,7 @@ width = max(len(r[0]) for r in rows)
 print(f"| {'check'.ljust(width)} | result |")
 print(f"|{'-' * (width + 2)}|--------|")
 for k, v in rows:
-    print(f"| {k.ljust(width)} | {v} |")
+    print(f"| {k.ljust(width)} | {v.replace('|', '/')} |")
 failed = [k for k, v in rows if "FAILED" in v or "ERROR" in v]
 sys.exit(1 if failed else 0)
 EOF
