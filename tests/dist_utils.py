@@ -82,3 +82,19 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def _pretrain_rank(rank, world_size, argv):
+    from megatron_dga.pretrain_gpt import main
+    from megatron_dga.training.metrics import read_metrics
+
+    rc = main(argv)
+    log_dir = argv[argv.index("--log-dir") + 1]
+    metrics = read_metrics(os.path.join(log_dir, "metrics.jsonl")) if rank == world_size - 1 and rc == 0 else None
+    return rc, metrics
+
+
+def run_pretrain(argv, world_size: int = 1):
+    """``megatron_dga.pretrain_gpt.main(argv)`` on world_size gloo ranks: (exit codes, last rank's metrics)."""
+    results = run_distributed(_pretrain_rank, world_size=world_size, args=(list(argv),))
+    return [rc for rc, _ in results], results[-1][1]

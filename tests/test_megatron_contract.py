@@ -102,6 +102,17 @@ def test_optimizer_and_scheduler_bind():
     inspect.signature(OptimizerParamScheduler).bind(None, **scheduler_arguments(cfg, train_iters=100))
 
 
+def test_distributed_optimizer_checkpoint_api_binds():
+    """resume.py / optim.py call these for torch_dist checkpoints of the distributed optimizer."""
+    from megatron.core.optimizer import DistributedOptimizer
+
+    from megatron_dga.training.resume import DIST_CKPT_METADATA
+
+    inspect.signature(DistributedOptimizer.sharded_state_dict).bind(object(), {}, True, metadata=DIST_CKPT_METADATA)
+    inspect.signature(DistributedOptimizer._init_optimizer_states_with_dummy_values).bind(object())
+    assert DIST_CKPT_METADATA["distrib_optim_sharding_type"] in DistributedOptimizer.checkpoint_fully_reshardable_formats
+
+
 def test_mixed_precision_optimizer_attributes_exist():
     """optim.adam_second_moments reads these megatron-core attributes (bf16 path)."""
     from megatron.core.optimizer import Float16OptimizerWithFloat16Params

@@ -49,10 +49,11 @@ import re
 import shutil
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -65,10 +66,11 @@ logger = logging.getLogger(__name__)
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 """Megatron-LM's name for the file holding the last complete iteration."""
-METADATA_FILENAME = "metadata.json"
+METADATA_FILENAME = "megatron_dga.json"
+"""Our completeness marker (dist_checkpointing writes its own metadata.json beside it)."""
 COMMON_FILENAME = "common.pt"
 MODEL_FILENAME = "model_optim_rng.pt"
-METADATA_FORMAT = "megatron-dga/checkpoint-v1"
+METADATA_FORMAT = "megatron-dga/checkpoint-v2"
 
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _SCRATCH_DIR = re.compile(r"^iter_(\d{7,})\.(tmp|old|del)-[0-9a-z]+$")
@@ -242,7 +244,7 @@ def save_checkpoint(
     metadata: Optional[dict] = None,
     weights_only: bool = True,
 ) -> Path:
-    """Save one iteration atomically; every rank of ``group`` must call it.
+    """Save one iteration atomically in the ``torch`` format; every rank of ``group`` must call it.
 
     Args:
         save_dir: Checkpoint root (--save); created if missing.
@@ -258,7 +260,7 @@ def save_checkpoint(
             earlier resume) are never deleted automatically.
         common_state: State identical on all ranks (args, sampler, mixing state);
             written once, by the coordinator, as ``common.pt``.
-        metadata: Extra JSON-serialisable facts for ``metadata.json`` (args summary).
+        metadata: Extra JSON-serialisable facts for the metadata file (args summary).
         weights_only: Check that states load with ``torch.load(weights_only=True)``.
 
     Returns:
@@ -269,6 +271,64 @@ def save_checkpoint(
             checkpoint and the tracker are untouched.
         ConfigError: Invalid ``iteration``/``keep_last``, or a group whose size does
             not match the layout.
+    """
+    is_coordinator = comm.rank(group) == 0
+
+    def write(tmp_dir: Path) -> dict:
+        written = {}
+        if layout.is_writer:
+            if weights_only:
+                _check_weights_only_safe(state, "state")
+            shard_dir = tmp_dir / layout.shard_dirname()
+            shard_dir.mkdir(exist_ok=True)
+            _torch_save(shard_dir / MODEL_FILENAME, state)
+            written[f"{layout.shard_dirname()}/{MODEL_FILENAME}"] = file_record(shard_dir / MODEL_FILENAME)
+        if is_coordinator:
+            common = {} if common_state is None else common_state
+            if weights_only:
+                _check_weights_only_safe(common, "common_state")
+            _torch_save(tmp_dir / COMMON_FILENAME, common)
+            written[COMMON_FILENAME] = file_record(tmp_dir / COMMON_FILENAME)
+        fsync_dir(tmp_dir)
+        return written
+
+    expected = layout.all_shard_files() + [COMMON_FILENAME]
+    return publish_checkpoint(save_dir, iteration, write, layout=layout, group=group, keep_last=keep_last,
+                              metadata=metadata, ckpt_format="torch", expected_files=expected,
+                              weights_only=weights_only)
+
+
+def file_record(path: Path) -> dict:
+    """{"size", "crc32"} of a file, read in 16 MiB blocks (the checksum verified on load)."""
+    crc, size = 0, 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(1 << 24)
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return {"size": size, "crc32": crc}
+
+
+def publish_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    write: Callable[[Path], dict],
+    *,
+    layout: CheckpointLayout,
+    group=None,
+    keep_last: Optional[int] = None,
+    metadata: Optional[dict] = None,
+    ckpt_format: str,
+    expected_files: Optional[list] = None,
+    weights_only: bool = True,
+) -> Path:
+    """The atomic save protocol of both formats (see the module docstring); every rank calls it.
+
+    ``write(tmp_dir)`` runs on every rank (it may call collectives) and returns
+    ``{relative path: file_record}`` for the files this rank wrote; the coordinator
+    records them all, with their checksums, in the metadata file.
     """
     if not isinstance(iteration, int) or iteration < 0:
         raise ConfigError(f"checkpoint iteration must be a non-negative integer, got {iteration!r}")
@@ -300,25 +360,25 @@ def save_checkpoint(
                               f"(check that --save {root} is writable)")
     tmp_dir = root / tmp_name
 
-    # 2. Writers save their shard.
-    error = None
-    if layout.is_writer:
-        try:
-            if weights_only:
-                _check_weights_only_safe(state, "state")
-            shard_dir = tmp_dir / layout.shard_dirname()
-            shard_dir.mkdir(exist_ok=True)
-            _torch_save(shard_dir / MODEL_FILENAME, state)
-            fsync_dir(tmp_dir)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank below
-            error = f"{type(exc).__name__}: {exc}"
-    _raise_if_any_failed(ranks, error, f"writing model-parallel files into {tmp_dir}")
+    # 2. Every rank writes its part.
+    error, written = None, {}
+    try:
+        written = write(tmp_dir)
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below
+        error = f"{type(exc).__name__}: {exc}"
+    records = ranks.all_gather((error, written))
+    failed = [(rank, msg) for rank, (msg, _) in enumerate(records) if msg is not None]
+    if failed:
+        detail = "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
+        raise CheckpointError(f"checkpoint save failed while writing into {tmp_dir}: {detail}")
+    files = {rel: rec for _, part in records for rel, rec in part.items()}
 
     # 3. Coordinator completes and publishes the directory.
     error = None
     if ranks.is_coordinator:
         try:
-            _finalize(root, tmp_dir, final_dir, iteration, layout, common_state, metadata, weights_only)
+            _finalize(root, tmp_dir, final_dir, iteration, layout, files, expected_files, metadata, ckpt_format,
+                      weights_only)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = f"{type(exc).__name__}: {exc}"
     _raise_if_any_failed(ranks, error, f"publishing {final_dir}")
@@ -332,22 +392,24 @@ def save_checkpoint(
     return final_dir
 
 
-def _finalize(root, tmp_dir, final_dir, iteration, layout, common_state, metadata, weights_only) -> None:
-    missing = [rel for rel in layout.all_shard_files() if not (tmp_dir / rel).is_file()]
+def _finalize(root, tmp_dir, final_dir, iteration, layout, files, expected_files, metadata, ckpt_format,
+              weights_only) -> None:
+    missing = [rel for rel in (expected_files or []) if not (tmp_dir / rel).is_file()]
     if missing:
         raise CheckpointError(
             f"{len(missing)} model-parallel file(s) missing in {tmp_dir} after all ranks wrote: "
             f"{missing[:4]}; all ranks must see the same file system under --save"
         )
-    common = {} if common_state is None else common_state
-    if weights_only:
-        _check_weights_only_safe(common, "common_state")
-    _torch_save(tmp_dir / COMMON_FILENAME, common)
-
-    files = {rel: (tmp_dir / rel).stat().st_size for rel in layout.all_shard_files() + [COMMON_FILENAME]}
+    # Files written by a library (dist_checkpointing's own metadata, .metadata) that no rank
+    # reported: the coordinator checksums them too, so every file is verified on load.
+    for entry in sorted(tmp_dir.rglob("*")):
+        rel = entry.relative_to(tmp_dir).as_posix()
+        if entry.is_file() and rel not in files and rel != METADATA_FILENAME:
+            files[rel] = file_record(entry)
     now = time.time()
     meta = {
         "format": METADATA_FORMAT,
+        "ckpt_format": ckpt_format,
         "iteration": iteration,
         "layout": {"tp_size": layout.tp_size, "pp_size": layout.pp_size, "dp_size": layout.dp_size},
         "megatron_dga_version": megatron_dga.__version__,
@@ -362,7 +424,7 @@ def _finalize(root, tmp_dir, final_dir, iteration, layout, common_state, metadat
         text = json.dumps(meta, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint metadata must be JSON-serialisable (finite numbers): {exc}") from exc
-    # metadata.json is the completeness marker: written only once everything else is durable.
+    # The metadata file is the completeness marker: written only once everything else is durable.
     atomic_write_text(tmp_dir / METADATA_FILENAME, text)
     fsync_dir(tmp_dir)
 
@@ -492,6 +554,84 @@ def load_checkpoint(
         CheckpointError: Missing directory/tracker/iteration, incomplete or
             truncated files, unreadable files, or a TP/PP layout mismatch.
     """
+    ckpt_dir, meta = resolve_checkpoint(load_dir, iteration)
+    root, iteration = ckpt_dir.parent, meta["iteration"]
+    saved = meta["layout"]
+    if (saved["tp_size"], saved["pp_size"]) != (layout.tp_size, layout.pp_size):
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} was saved with TP={saved['tp_size']} PP={saved['pp_size']} "
+            f"(DP={saved['dp_size']}) but this run uses {layout.describe()}; rerun with "
+            f"--tensor-model-parallel-size {saved['tp_size']} --pipeline-model-parallel-size "
+            f"{saved['pp_size']} (DP may differ), or convert the checkpoint to the new layout"
+        )
+    shard = f"{layout.shard_dirname()}/{MODEL_FILENAME}"
+    verify_files(root, ckpt_dir, meta, [shard, COMMON_FILENAME])
+    state = _torch_load(ckpt_dir / shard, map_location, weights_only)
+    common = _torch_load(ckpt_dir / COMMON_FILENAME, map_location, weights_only)
+    return iteration, state, common
+
+
+def verify_files(root: Path, ckpt_dir: Path, meta: dict, rels: list) -> None:
+    """Check each file's size and CRC-32 against the metadata; CheckpointError naming the first bad one."""
+    for rel in rels:
+        path = ckpt_dir / rel
+        expected = meta["files"].get(rel)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing (the directory was modified after saving)")
+        if expected is None:
+            continue
+        got = file_record(path)
+        if got == expected:
+            continue
+        if got["size"] != expected["size"]:
+            problem = f"is truncated or was replaced: {got['size']} bytes, {expected['size']} at save time"
+        else:
+            problem = f"is corrupt: CRC-32 {got['crc32']:08x}, {expected['crc32']:08x} at save time"
+        earlier = [it for it in _list_iterations(root) if it < meta["iteration"]]
+        fallback = (f"load the previous checkpoint with --ckpt-step {earlier[-1]}" if earlier
+                    else "no earlier checkpoint exists under this --load")
+        raise CheckpointError(f"checkpoint file {path} {problem}; {fallback}")
+
+
+# ----------------------------------------------------------------------------- torch_dist format
+
+
+def save_distributed_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    sharded_state: dict,
+    *,
+    layout: CheckpointLayout = CheckpointLayout(),
+    group=None,
+    keep_last: Optional[int] = None,
+    metadata: Optional[dict] = None,
+) -> Path:
+    """Save megatron-core's sharded state dict (torch_dist format) with our atomic protocol.
+
+    Every rank calls it with its ``sharded_state`` (ShardedTensors/ShardedObjects from
+    megatron's ``sharded_state_dict`` methods, plus plain common values, which
+    dist_checkpointing writes once from rank 0). The files land in a scratch directory
+    that is published as ``iter_XXXXXXX`` only once complete; every file's CRC-32 goes
+    into the metadata (the ranks checksum the files between them).
+    """
+    def write(tmp_dir: Path) -> dict:
+        from megatron.core import dist_checkpointing
+
+        from megatron_dga import platform
+
+        with platform.megatron_cuda_calls_on_cpu():
+            dist_checkpointing.save(sharded_state, str(tmp_dir))
+        comm.barrier(group)  # every rank's files are on disk before anyone lists them
+        paths = sorted(p for p in tmp_dir.rglob("*") if p.is_file())
+        mine = paths[comm.rank(group)::comm.size(group)]
+        return {p.relative_to(tmp_dir).as_posix(): file_record(p) for p in mine}
+
+    return publish_checkpoint(save_dir, iteration, write, layout=layout, group=group, keep_last=keep_last,
+                              metadata=metadata, ckpt_format="torch_dist")
+
+
+def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = None) -> tuple[Path, dict]:
+    """(iteration directory, its metadata) of the checkpoint ``--load``/``--ckpt-step`` name."""
     root = Path(load_dir)
     if not root.is_dir():
         raise CheckpointError(
@@ -511,29 +651,33 @@ def load_checkpoint(
             raise CheckpointError(f"--load {root} has no {TRACKER_FILENAME}; {hint}")
     ckpt_dir = _resolve_dir(root, iteration)
     meta = read_checkpoint_metadata(ckpt_dir)
-    saved = meta["layout"]
-    if (saved["tp_size"], saved["pp_size"]) != (layout.tp_size, layout.pp_size):
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} was saved with TP={saved['tp_size']} PP={saved['pp_size']} "
-            f"(DP={saved['dp_size']}) but this run uses {layout.describe()}; rerun with "
-            f"--tensor-model-parallel-size {saved['tp_size']} --pipeline-model-parallel-size "
-            f"{saved['pp_size']} (DP may differ), or convert the checkpoint to the new layout"
-        )
     if meta["iteration"] != iteration:
         raise CheckpointError(
             f"{ckpt_dir / METADATA_FILENAME} says iteration {meta['iteration']}, expected {iteration}"
         )
-    shard = f"{layout.shard_dirname()}/{MODEL_FILENAME}"
-    for rel in (shard, COMMON_FILENAME):
-        path = ckpt_dir / rel
-        expected = meta["files"].get(rel)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing (the directory was modified after saving)")
-        if expected is not None and path.stat().st_size != expected:
-            raise CheckpointError(
-                f"checkpoint file {path} has {path.stat().st_size} bytes, metadata says {expected}: "
-                "it is truncated or was replaced; load another iteration"
-            )
-    state = _torch_load(ckpt_dir / shard, map_location, weights_only)
-    common = _torch_load(ckpt_dir / COMMON_FILENAME, map_location, weights_only)
-    return iteration, state, common
+    return ckpt_dir, meta
+
+
+def load_distributed_checkpoint(ckpt_dir: Path, meta: dict, sharded_state: dict, *, group=None) -> dict:
+    """Verify every file's checksum (split over the ranks), then megatron's dist_checkpointing.load.
+
+    ``sharded_state`` is this run's sharded state dict (its own TP/PP/DP layout): megatron
+    reshards the saved tensors into it. Returns the loaded state dict (common values included).
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_dga import platform
+
+    if meta.get("ckpt_format") != "torch_dist":
+        raise CheckpointError(f"{ckpt_dir} is a {meta.get('ckpt_format', 'torch')!r} checkpoint, not torch_dist")
+    rels = sorted(meta["files"])
+    error = None
+    try:
+        verify_files(ckpt_dir.parent, ckpt_dir, meta, rels[comm.rank(group)::comm.size(group)])
+    except CheckpointError as exc:
+        error = str(exc)
+    errors = [e for e in comm.all_gather_object(error, group) if e is not None]
+    if errors:
+        raise CheckpointError(errors[0])
+    with platform.megatron_cuda_calls_on_cpu():
+        return dist_checkpointing.load(sharded_state, str(ckpt_dir))

@@ -164,13 +164,22 @@ class CheckpointConfig:
     save_interval: Optional[int] = None
     """Iterations between checkpoints (--save-interval); None saves only at the end."""
     keep_last: Optional[int] = 2
-    """Checkpoints to keep (--keep-last); None keeps all."""
+    """Checkpoints to keep (--keep-last, default 2): older iterations are deleted after each save."""
+    ckpt_format: Literal["torch_dist", "torch"] = "torch_dist"
+    """--ckpt-format: torch_dist (megatron-core dist_checkpointing: resumable on another TP/PP/DP
+    layout, the distributed optimizer included) or torch (one file per model-parallel rank;
+    TP and PP must stay the same). --load reads either."""
+    reset_mixing_state: bool = False
+    """--reset-mixing-state: resume model, optimizer and data stream, but start the mixing
+    strategy afresh (required when --mixing differs from the checkpoint's)."""
 
     def __post_init__(self):
         if self.save_interval is not None and self.save_interval <= 0:
             raise ConfigError(f"--save-interval must be > 0, got {self.save_interval}")
         if self.keep_last is not None and self.keep_last <= 0:
             raise ConfigError(f"--keep-last must be > 0, got {self.keep_last}")
+        if self.ckpt_format not in ("torch_dist", "torch"):
+            raise ConfigError(f"--ckpt-format must be torch_dist or torch, got {self.ckpt_format!r}")
 
 
 @dataclass
@@ -249,6 +258,11 @@ class PretrainConfig:
     mixing: MixingConfig
 
     def __post_init__(self):
+        if self.optimizer.use_distributed_optimizer and self.checkpoint.ckpt_format == "torch" and self.checkpoint.save:
+            raise ConfigError(
+                "--use-distributed-optimizer with --ckpt-format torch would lose the sharded optimizer state; "
+                "save with --ckpt-format torch_dist (the default)"
+            )
         if (self.mixing.mixing == "dga" and self.mixing.dga_preconditioner == "adam"
                 and self.optimizer.use_distributed_optimizer):
             raise ConfigError(

@@ -167,10 +167,51 @@ class Optimizer:
     def state_dict(self) -> Dict:
         return {"optimizer": self.inner.state_dict(), "opt_param_scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def sharded_state_dict(self, model_sharded_state_dict: Dict, *, is_loading: bool, metadata: Dict) -> Dict:
+        """Optimizer and scheduler entries of a megatron dist_checkpointing state dict.
+
+        Loading into a DistributedOptimizer that has not stepped yet: its state_dict() needs
+        Adam states to exist with torch's AdamW (megatron-core's optimizer without TE/apex),
+        so they are allocated first with megatron's own dummy step; the load then overwrites
+        parameters and states alike.
+        """
+        from megatron.core.optimizer import DistributedOptimizer
+
         with platform.megatron_cuda_calls_on_cpu():
+            if is_loading:
+                for leaf in getattr(self.inner, "chained_optimizers", [self.inner]):
+                    if isinstance(leaf, DistributedOptimizer) and not leaf.optimizer.state:
+                        leaf._init_optimizer_states_with_dummy_values()
+            optimizer = self.inner.sharded_state_dict(model_sharded_state_dict, is_loading, metadata=metadata)
+        return {"optimizer": optimizer, "opt_param_scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        # no_grad: megatron copies loaded values into main params that may be views of the
+        # (grad-requiring) model params (fp32 with the distributed optimizer).
+        with platform.megatron_cuda_calls_on_cpu(), torch.no_grad():
             self.inner.load_state_dict(state["optimizer"])
+        _repair_torch_adam_steps(self.inner)
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
+
+
+def _repair_torch_adam_steps(optimizer) -> None:
+    """Give torch AdamW's parameters their own, correct step count after a distributed-optimizer load.
+
+    megatron-core's DistributedOptimizer keeps torch's per-parameter ``step`` in its param
+    groups (TE's FusedAdam keeps it there itself). Loaded through dist_checkpointing, the
+    per-parameter tensors come back as the template's placeholder (1), or as one tensor
+    shared by all parameters, which AdamW would increment once per parameter per step.
+    Each parameter gets a fresh tensor holding its group's step. A no-op for FusedAdam
+    (no per-parameter step) and for the other optimizers (no ``step`` in the groups).
+    """
+    for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in leaf.optimizer.param_groups:
+            if "step" not in group or group["step"] is None:
+                continue
+            for param in group["params"]:
+                state = leaf.optimizer.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
 def _adam_step(opt: torch.optim.Optimizer, param: torch.Tensor, state: dict) -> int:

@@ -18,11 +18,10 @@ import numpy as np
 import torch
 
 from megatron_dga import comm
-from megatron_dga.errors import CheckpointError, ConfigError
 from megatron_dga.fileio import atomic_write_json
 from megatron_dga.mixing.base import MixingStrategy, build_mixing
 from megatron_dga.platform import ParallelContext
-from megatron_dga.training import checkpoint as ckpt
+from megatron_dga.training import resume
 from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput
@@ -41,13 +40,6 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         self.cfg, self.ctx = cfg, ctx
-        if cfg.optimizer.use_distributed_optimizer and (cfg.checkpoint.save or cfg.checkpoint.load):
-            # Its Adam state is sharded over data-parallel ranks and not in state_dict(): a resume
-            # would silently restart the moments. Refuse rather than lose them.
-            raise ConfigError(
-                "--use-distributed-optimizer cannot be combined with --save/--load yet (its sharded "
-                "optimizer state is not checkpointed); drop --use-distributed-optimizer to checkpoint"
-            )
         self.num_micro_batches = cfg.schedule.num_micro_batches(ctx.dp_size)
         self.data = DataPipeline(cfg, ctx)
         cfg.model.vocab_size = self.data.vocab_size
@@ -231,40 +223,12 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
-        layout = ckpt.CheckpointLayout.from_context(self.ctx)
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": capture_rng_state(),
-        } if layout.is_writer else {}
-        common = {
-            "iteration": self.iteration,
-            "consumed_samples": self.consumed_samples,
-            "consumed_tokens": self.consumed_tokens,
-            "data": self.data.state_dict(),
-            "mixing": self.mixing.state_dict(),
-        }
-        path = ckpt.save_checkpoint(
-            self.cfg.checkpoint.save, self.iteration, state, layout=layout,
-            keep_last=self.cfg.checkpoint.keep_last, common_state=common,
-            metadata={"mixing": self.cfg.mixing.mixing, "domains": self.data.domain_info.names},
-        )
+        path = resume.save_job(self)
         if self.ctx.is_logging_rank:
             print(f"saved checkpoint at iteration {self.iteration} to {path}", flush=True)
 
     def load_checkpoint(self, load_dir: str) -> None:
-        layout = ckpt.CheckpointLayout.from_context(self.ctx)
-        if ckpt.latest_iteration(load_dir) is None and not os.path.isdir(load_dir):
-            raise CheckpointError(f"--load {load_dir}: no such directory; check the path or drop --load")
-        iteration, state, common = ckpt.load_checkpoint(load_dir, layout=layout, iteration=self.cfg.checkpoint.ckpt_step)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.iteration = int(common["iteration"])
-        self.consumed_samples = int(common["consumed_samples"])
-        self.consumed_tokens = int(common["consumed_tokens"])
-        self.data.load_state_dict(common["data"])
-        self.mixing.load_state_dict(common["mixing"])
-        restore_rng_state(state["rng"])
+        iteration = resume.load_job(self, load_dir)
         if self.ctx.is_logging_rank:
             print(f"resumed from {load_dir} at iteration {iteration}", flush=True)
 

@@ -1,0 +1,197 @@
+"""What a training job's checkpoint holds, and the checks a resume makes before loading it.
+
+torch_dist (the default, ``--ckpt-format``): one megatron-core sharded state dict,
+written by every rank through ``dist_checkpointing`` and resharded on load, so a job
+saved with (TP, PP, DP) resumes with (TP', PP', DP'):
+
+    model                 GPTModel.sharded_state_dict()           ShardedTensors (resharded)
+    optimizer             MegatronOptimizer.sharded_state_dict()   'fully_reshardable' for the
+                                                                   distributed optimizer
+    opt_param_scheduler   OptimizerParamScheduler.state_dict()     common
+    rng_state             capture_rng_state() per (PP, TP) rank    ShardedObject; restored only
+                                                                   on the same TP x PP layout
+    megatron_dga          iteration, consumed samples/tokens,     common (rank 0 writes it)
+                          sampler and mixing state
+
+torch (legacy): ``checkpoint.save_checkpoint``'s per-model-parallel-rank files; TP and PP
+must stay the same. Both formats carry the same JSON facts (``job_facts``) in the
+checkpoint's metadata file, checked against this run *before* anything is loaded, so a
+changed model shape, another domain list or another --mixing is one clear error, not a
+traceback from inside a load.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+from megatron_dga.errors import ConfigError
+from megatron_dga.training import checkpoint as ckpt
+from megatron_dga.training.rng import capture_rng_state, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+DIST_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""Sharding of the distributed optimizer's state: megatron's 'dp_reshardable' (its buffers
+as saved; the DP size may change, TP and PP may not). Its 'fully_reshardable' format would
+reshard TP and PP too, but with torch's AdamW (megatron-core without TE/apex, i.e. CI) its
+loader expects per-parameter state keys the checkpoint lacks, so CI could not test it.
+The other optimizers' checkpoints reshard over TP, PP and DP."""
+
+MODEL_SHAPE_FLAGS = {
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "ffn_hidden_size": "--ffn-hidden-size",
+    "max_position_embeddings": "--max-position-embeddings",
+    "position_embedding_type": "--position-embedding-type",
+    "normalization": "--normalization",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "vocab_size": "--tokenizer-model / --vocab-size (the vocabulary)",
+}
+"""GPTModelConfig fields that decide parameter shapes, with the flag that sets each."""
+
+
+def job_facts(trainer) -> Dict[str, object]:
+    """JSON facts a resume checks: layout, model shape, domains, mixing."""
+    model = trainer.cfg.model
+    return {
+        "mixing": trainer.cfg.mixing.mixing,
+        "domains": list(trainer.data.domain_info.names),
+        "model": {name: getattr(model, name) for name in MODEL_SHAPE_FLAGS},
+        "seq_length": model.seq_length,
+        "use_distributed_optimizer": trainer.cfg.optimizer.use_distributed_optimizer,
+    }
+
+
+def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
+    """Raise ConfigError naming the flag and both values when this run cannot continue ``where``."""
+    mine = job_facts(trainer)
+    saved_model = facts.get("model", {})
+    for name, flag in MODEL_SHAPE_FLAGS.items():
+        if name in saved_model and saved_model[name] != mine["model"][name]:
+            raise ConfigError(
+                f"{flag}: the checkpoint {where} was trained with {saved_model[name]!r}, this run has "
+                f"{mine['model'][name]!r}; resume with the checkpoint's value (parameter shapes must match)"
+            )
+    saved_domains, domains = list(facts.get("domains", [])), mine["domains"]
+    if saved_domains and saved_domains != domains:
+        missing = [d for d in saved_domains if d not in domains]
+        extra = [d for d in domains if d not in saved_domains]
+        if missing or extra:
+            raise ConfigError(
+                f"--data-path: the checkpoint {where} has domains {saved_domains}; this run "
+                + (f"lacks {missing}" if missing else "")
+                + (" and " if missing and extra else "")
+                + (f"adds {extra}" if extra else "")
+                + "; resume with the same domains (a new domain list is a new run)"
+            )
+        raise ConfigError(
+            f"--data-path: the checkpoint {where} lists the same domains in another order "
+            f"({saved_domains}); give --data-path in that order"
+        )
+    saved_distopt = facts.get("use_distributed_optimizer")
+    if saved_distopt is not None and saved_distopt != mine["use_distributed_optimizer"]:
+        raise ConfigError(
+            f"--use-distributed-optimizer: the checkpoint {where} was saved "
+            f"{'with' if saved_distopt else 'without'} it and this run is "
+            f"{'with' if mine['use_distributed_optimizer'] else 'without'} it; the optimizer states "
+            "are laid out differently, resume with the same setting"
+        )
+    if facts.get("mixing") not in (None, mine["mixing"]) and not trainer.cfg.checkpoint.reset_mixing_state:
+        raise ConfigError(
+            f"--mixing {mine['mixing']}: the checkpoint {where} was trained with --mixing {facts['mixing']}; "
+            "resume with the same --mixing, or pass --reset-mixing-state to start the new strategy "
+            "from its initial weights"
+        )
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def common_state(trainer) -> Dict[str, object]:
+    return {
+        "iteration": trainer.iteration,
+        "consumed_samples": trainer.consumed_samples,
+        "consumed_tokens": trainer.consumed_tokens,
+        "data": trainer.data.state_dict(),
+        "mixing": trainer.mixing.state_dict(),
+    }
+
+
+def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True) -> Dict[str, object]:
+    """This rank's megatron sharded state dict of the whole job (see the module docstring)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    ctx = trainer.ctx
+    model_sd = trainer.model.sharded_state_dict(metadata=DIST_CKPT_METADATA)
+    state = {"model": model_sd, **trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                                      metadata=DIST_CKPT_METADATA)}
+    state["megatron_dga"] = common_state(trainer)
+    if with_rng:
+        state["rng_state"] = ShardedObject("rng_state", capture_rng_state(), (ctx.pp_size, ctx.tp_size),
+                                           (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank)
+    return state
+
+
+def save_job(trainer):
+    """Save the job in --ckpt-format; returns the checkpoint directory."""
+    cfg = trainer.cfg.checkpoint
+    layout = ckpt.CheckpointLayout.from_context(trainer.ctx)
+    facts = job_facts(trainer)
+    if cfg.ckpt_format == "torch_dist":
+        return ckpt.save_distributed_checkpoint(cfg.save, trainer.iteration, sharded_state(trainer, is_loading=False),
+                                                layout=layout, keep_last=cfg.keep_last, metadata=facts)
+    state = {
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "rng": capture_rng_state(),
+    } if layout.is_writer else {}
+    return ckpt.save_checkpoint(cfg.save, trainer.iteration, state, layout=layout, keep_last=cfg.keep_last,
+                                common_state=common_state(trainer), metadata=facts)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def load_job(trainer, load_dir: str) -> int:
+    """Resume ``trainer`` from ``load_dir`` (either format); returns the iteration loaded."""
+    ckpt_dir, meta = ckpt.resolve_checkpoint(load_dir, trainer.cfg.checkpoint.ckpt_step)
+    check_resumable(meta.get("extra", {}), trainer, str(ckpt_dir))
+    ctx = trainer.ctx
+    saved = meta["layout"]
+    same_model_layout = (saved["tp_size"], saved["pp_size"]) == (ctx.tp_size, ctx.pp_size)
+    if trainer.cfg.optimizer.use_distributed_optimizer and not same_model_layout:
+        raise ConfigError(
+            f"--tensor-model-parallel-size/--pipeline-model-parallel-size: the checkpoint {ckpt_dir} holds the "
+            f"distributed optimizer's state for TP={saved['tp_size']} PP={saved['pp_size']}, which reshards over "
+            f"data-parallel ranks only; resume with TP={saved['tp_size']} PP={saved['pp_size']} (any DP)"
+        )
+    if meta.get("ckpt_format", "torch") == "torch_dist":
+        template = sharded_state(trainer, is_loading=True, with_rng=same_model_layout)
+        state = ckpt.load_distributed_checkpoint(ckpt_dir, meta, template)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state)
+        common, rng = state["megatron_dga"], state.get("rng_state")
+    else:
+        layout = ckpt.CheckpointLayout.from_context(ctx)
+        _, state, common = ckpt.load_checkpoint(load_dir, layout=layout, iteration=meta["iteration"])
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+    trainer.iteration = int(common["iteration"])
+    trainer.consumed_samples = int(common["consumed_samples"])
+    trainer.consumed_tokens = int(common["consumed_tokens"])
+    trainer.data.load_state_dict(common["data"])
+    if trainer.cfg.checkpoint.reset_mixing_state:
+        trainer.data.set_weights(trainer.mixing.initial_weights())
+    else:
+        trainer.mixing.load_state_dict(common["mixing"])
+    if rng is not None:
+        restore_rng_state(rng)
+    elif ctx.is_logging_rank:
+        logger.warning(
+            "checkpoint %s was saved with TP=%d PP=%d, this run uses TP=%d PP=%d: its random streams do not "
+            "map onto the new ranks and restart from --seed (no effect without dropout)",
+            ckpt_dir, saved["tp_size"], saved["pp_size"], ctx.tp_size, ctx.pp_size)
+    return int(meta["iteration"])
+

@@ -1,0 +1,128 @@
+"""Resume in the torch_dist format: on another TP/PP/DP layout, with the distributed
+optimizer, and the checks a resume makes before loading anything (CPU, gloo).
+
+Each layout case trains 8 iterations with DGA on layout A, saving at 4 and 8, then resumes
+from iteration 4 on layout B and compares iterations 5-8 with A's own. Tolerances:
+- DP changed: same data, same weights; only the order in which the data-parallel
+  all-reduce adds the gradient shares differs, so equal to fp32 rounding (rtol 1e-5);
+- TP or PP changed: the model-parallel split changes the order of the matmul and
+  layer-norm reductions as well (rtol 1e-4).
+"""
+import numpy as np
+import pytest
+
+from tests.dist_utils import run_pretrain
+from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
+
+DGA = ["--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return three_domain_shards(str(tmp_path_factory.mktemp("shards")))
+
+
+def _argv(shards, run_dir, extra=(), iters=8):
+    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
+            *TINY_GPT_ARGS, "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
+            "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(run_dir), *DGA, *extra]
+
+
+def _losses(metrics, start=0):
+    return np.array([m["lm_loss"] for m in metrics if m["iteration"] > start])
+
+
+LAYOUTS = {
+    # name: (layout A flags, world A, layout B flags, world B, rtol)
+    "dp1_to_dp2": ([], 1, [], 2, 1e-5),
+    "tp2_to_tp1": (["--tensor-model-parallel-size", "2"], 2, [], 1, 1e-4),
+    "pp2_to_pp1": (["--pipeline-model-parallel-size", "2"], 2, [], 1, 1e-4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYOUTS))
+def test_resume_on_another_layout_continues_the_run(shards, tmp_path, case):
+    flags_a, world_a, flags_b, world_b, rtol = LAYOUTS[case]
+    ckpt = str(tmp_path / "ckpt")
+    rcs, straight = run_pretrain(_argv(shards, tmp_path / "a", flags_a + ["--save", ckpt, "--save-interval", "4"]),
+                                 world_a)
+    assert set(rcs) == {0}
+    rcs, resumed = run_pretrain(_argv(shards, tmp_path / "b", flags_b + ["--load", ckpt, "--ckpt-step", "4"]),
+                                world_b)
+    assert set(rcs) == {0}
+    assert [m["iteration"] for m in resumed] == [5, 6, 7, 8]
+    np.testing.assert_allclose(_losses(resumed), _losses(straight, 4), rtol=rtol)
+    # The sampler stream and the DGA weights continue: same weights after the updates at 6 and 8.
+    for a, b in zip([m for m in straight if m["iteration"] > 4], resumed):
+        np.testing.assert_allclose(b["domain_weights"], a["domain_weights"], rtol=10 * rtol, atol=1e-7)
+        assert b["consumed_samples"] == a["consumed_samples"]
+
+
+def test_distributed_optimizer_resume_is_bit_identical(shards, tmp_path):
+    extra = ["--use-distributed-optimizer"]
+    rcs, straight = run_pretrain(_argv(shards, tmp_path / "a", extra), 2)
+    assert set(rcs) == {0}
+    ckpt = str(tmp_path / "ckpt")
+    rcs, _ = run_pretrain(_argv(shards, tmp_path / "b", extra + ["--save", ckpt, "--exit-interval", "4"]), 2)
+    assert set(rcs) == {0}
+    rcs, resumed = run_pretrain(_argv(shards, tmp_path / "b", extra + ["--load", ckpt]), 2)
+    assert set(rcs) == {0}
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    assert resumed[-1]["domain_weights"] == straight[-1]["domain_weights"]
+
+
+# ----------------------------------------------------------------------------- checks before loading
+
+
+@pytest.fixture(scope="module")
+def saved(shards, tmp_path_factory):
+    """A DGA checkpoint at iteration 4 (torch_dist), shared by the check tests."""
+    run_dir = tmp_path_factory.mktemp("saved")
+    ckpt = str(run_dir / "ckpt")
+    rcs, _ = run_pretrain(_argv(shards, run_dir / "log", ["--save", ckpt], iters=4))
+    assert rcs == [0]
+    return ckpt
+
+
+def _resume_error(shards, tmp_path, argv_extra, data_path=None):
+    import subprocess
+    import sys
+
+    argv = _argv(shards, tmp_path, argv_extra)
+    if data_path is not None:
+        i = argv.index("--data-path")
+        argv[i + 1:i + 1 + len(shards["domains"])] = data_path
+    proc = subprocess.run([sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--hidden-size", "64"], r"--hidden-size: the checkpoint .* was trained with 32, this run has 64"),
+    (["--mixing", "uniform"], r"--mixing uniform: the checkpoint .* --mixing dga; .*--reset-mixing-state"),
+    (["--use-distributed-optimizer"], r"--use-distributed-optimizer: the checkpoint .* saved without it"),
+], ids=["model-shape", "mixing", "distopt"])
+def test_resume_refuses_a_changed_job_before_loading(shards, saved, tmp_path, extra, message):
+    import re
+
+    rc, err = _resume_error(shards, tmp_path, ["--load", saved, *extra])
+    assert rc == 2, err[-3000:]
+    assert re.search(message, err), err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_resume_refuses_other_domains(shards, saved, tmp_path):
+    reordered = list(reversed(shards["domains"]))
+    rc, err = _resume_error(shards, tmp_path, ["--load", saved], data_path=reordered)
+    assert rc == 2 and "same domains in another order" in err and "Traceback" not in err, err[-3000:]
+    rc, err = _resume_error(shards, tmp_path, ["--load", saved], data_path=shards["domains"][:2] + [shards["specific"]])
+    assert rc == 2 and "lacks ['dom2']" in err and "adds ['specific']" in err, err[-3000:]
+
+
+def test_reset_mixing_state_starts_the_new_strategy_afresh(shards, saved, tmp_path):
+    rcs, metrics = run_pretrain(_argv(shards, tmp_path, ["--load", saved, "--mixing", "uniform",
+                                                         "--reset-mixing-state"]))
+    assert rcs == [0]
+    assert metrics[0]["iteration"] == 5
+    for m in metrics:
+        np.testing.assert_allclose(m["domain_weights"], [1 / 3] * 3)
