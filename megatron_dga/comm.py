@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 Group = Optional["dist.ProcessGroup"]
+MAX = dist.ReduceOp.MAX
+"""Reduction op for :func:`all_reduce` (its default is the sum)."""
 
 
 def initialized() -> bool:

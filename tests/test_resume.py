@@ -126,3 +126,38 @@ def test_reset_mixing_state_starts_the_new_strategy_afresh(shards, saved, tmp_pa
     assert metrics[0]["iteration"] == 5
     for m in metrics:
         np.testing.assert_allclose(m["domain_weights"], [1 / 3] * 3)
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_saves_exits_zero_and_resume_continues_exactly(shards, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megatron_dga.training.checkpoint import latest_iteration
+
+    iters = 300
+    rcs, straight = run_pretrain(_argv(shards, tmp_path / "straight", iters=iters))
+    assert rcs == [0]
+    ckpt, log = str(tmp_path / "ckpt"), tmp_path / "preempted"
+    argv = _argv(shards, log, ["--save", ckpt, "--exit-signal-handler"], iters=iters)
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics_file = log / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = latest_iteration(ckpt)
+    assert stopped is not None and 5 <= stopped < iters, out[-2000:]
+    assert f"exiting at iteration {stopped}: received SIGTERM" in out
+    rcs, resumed = run_pretrain(_argv(shards, log, ["--load", ckpt], iters=iters))
+    assert rcs == [0]
+    assert [m["iteration"] for m in resumed] == list(range(1, iters + 1))
+    np.testing.assert_array_equal(_losses(resumed), _losses(straight))
+    assert resumed[-1]["domain_weights"] == straight[-1]["domain_weights"]

@@ -127,6 +127,11 @@ class ScheduleConfig:
     exit_interval: Optional[int] = None
     """Stop (after saving, with --save) when the iteration is a multiple of this (--exit-interval);
     the LR schedule still follows --train-iters, so a later --load continues the same run."""
+    exit_signal_handler: bool = False
+    """On SIGTERM or SIGINT finish the current step, save (with --save) and exit 0 (--exit-signal-handler)."""
+    exit_duration_in_mins: Optional[float] = None
+    """Save (with --save) and exit 0 once this many minutes have passed since start-up
+    (--exit-duration-in-mins), checked after every step."""
     log_interval: int = 10
     """Iterations between log lines (--log-interval)."""
     eval_interval: int = 50
@@ -138,6 +143,8 @@ class ScheduleConfig:
         _positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval")
         if self.exit_interval is not None and self.exit_interval <= 0:
             raise ConfigError(f"--exit-interval must be > 0, got {self.exit_interval}")
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            raise ConfigError(f"--exit-duration-in-mins must be > 0, got {self.exit_duration_in_mins}")
         if self.eval_interval < 0 or self.eval_iters < 0:
             raise ConfigError("--eval-interval and --eval-iters must be >= 0")
 

@@ -29,6 +29,7 @@ from megatron_dga.model import build_stage_model, transformer_engine_available
 from megatron_dga.training.optim import Optimizer, counted_params
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 from megatron_dga.training.step import LossStats, forward_backward
+from megatron_dga.training.stopping import StopConditions
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Trainer:
             },
         )
         self.throughput = Throughput()
+        self.stop = StopConditions(cfg.schedule, ctx.device)
         if ctx.is_logging_rank:
             self._write_run_info(log_dir)
         self._window_losses: List[float] = []
@@ -127,14 +129,16 @@ class Trainer:
                 # One metrics.jsonl entry per logged iteration, eval results included.
                 last = self._log(lr, window, self.evaluate() if eval_now else {})
                 self.throughput.reset()  # evaluation time is not training throughput
-            exiting = bool(sched.exit_interval) and self.iteration % sched.exit_interval == 0 and not done
-            if self._should_save() or (exiting and self.cfg.checkpoint.save):
+            stop = None if done else self.stop.reason(self.iteration)
+            if self._should_save() or (stop and self.cfg.checkpoint.save):
                 self.save_checkpoint()
                 self.throughput.reset()
-            if exiting:
+            if stop:
                 if self.ctx.is_logging_rank:
-                    print(f"exiting at iteration {self.iteration} (--exit-interval {sched.exit_interval})", flush=True)
+                    saved = "" if self.cfg.checkpoint.save else " without saving (no --save)"
+                    print(f"exiting at iteration {self.iteration}{saved}: {stop}", flush=True)
                 break
+        self.stop.restore_handlers()
         return last
 
     def zero_grads(self) -> None:
