@@ -247,15 +247,18 @@ def initialize(config: ParallelConfig) -> ParallelContext:
         apply_cpu_shims()
 
     if not dist.is_initialized():
+        init_method = None  # torchrun's environment (env://)
         if "MASTER_ADDR" not in os.environ:
             if world_size != 1:
                 raise ConfigError(
                     f"WORLD_SIZE={world_size} but MASTER_ADDR is unset; launch with torchrun"
                 )
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            # A single process on a private port, without touching os.environ: child processes
+            # (tools, a second job) must not inherit a port this one holds.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
             backend=backend,
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=config.timeout_minutes),

@@ -1,4 +1,6 @@
 """Megatron-style CLI and YAML -> configs: precedence, types, errors that name the flag."""
+import re
+
 import pytest
 
 from megatron_dga.errors import ConfigError
@@ -54,3 +56,17 @@ def test_unknown_yaml_key_is_reported(tmp_path):
 def test_data_path_is_required():
     with pytest.raises(ConfigError, match="--data-path is required"):
         parse_args([])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "inf", "--lr must be a finite number, got inf"),
+    ("--dga-eta", "nan", "--dga-eta must be a finite number >= 0 (the mirror-descent step size), got nan"),
+    ("--dga-eta", "-1", "--dga-eta must be a finite number >= 0"),
+    ("--exit-duration-in-mins", "0", "--exit-duration-in-mins must be > 0"),
+])
+def test_numbers_that_cannot_work_are_refused_at_start_up(flag, value, message):
+    from megatron_dga.errors import ConfigError
+    from megatron_dga.training.arguments import parse_args
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(["--data-path", "x_text_document", flag, value])

@@ -161,3 +161,28 @@ def test_sigterm_saves_exits_zero_and_resume_continues_exactly(shards, tmp_path)
     assert [m["iteration"] for m in resumed] == list(range(1, iters + 1))
     np.testing.assert_array_equal(_losses(resumed), _losses(straight))
     assert resumed[-1]["domain_weights"] == straight[-1]["domain_weights"]
+
+
+# ----------------------------------------------------------------------------- training health
+
+
+def test_diverging_run_stops_naming_the_iteration_and_keeps_finite_checkpoints(shards, tmp_path):
+    import subprocess
+    import sys
+
+    from megatron_dga.training.checkpoint import _list_iterations, latest_iteration
+
+    ckpt = tmp_path / "ckpt"
+    argv = _argv(shards, tmp_path / "log", ["--lr", "1e30", "--save", str(ckpt), "--save-interval", "1",
+                                            "--keep-last", "1"], iters=20)
+    proc = subprocess.run([sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the training loss is nan" in proc.stderr or "the training loss is inf" in proc.stderr, proc.stderr[-2000:]
+    assert "stopped without saving" in proc.stderr and "Traceback" not in proc.stderr
+    import re
+
+    stopped = int(re.search(r"error \(rank \d+\): iteration (\d+): ", proc.stderr).group(1))
+    kept = _list_iterations(ckpt)
+    assert kept and max(kept) < stopped, (kept, stopped)
+    assert latest_iteration(ckpt) == kept[-1]  # the tracker names the last finite checkpoint

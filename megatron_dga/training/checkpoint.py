@@ -1,18 +1,22 @@
-"""Atomic, Megatron-style checkpoints: one directory per iteration.
+"""Atomic, Megatron-style checkpoints: one directory per iteration, two formats.
 
 Layout::
 
     <save>/latest_checkpointed_iteration.txt        tracker: the last complete iteration
-    <save>/iter_0000100/metadata.json               completeness marker, written last
+    <save>/iter_0000100/megatron_dga.json           completeness marker (CRC-32 of every file), written last
+    torch_dist (default):
+    <save>/iter_0000100/{metadata.json,common.pt,.metadata,__*_*.distcp}   megatron dist_checkpointing
+    torch (legacy):
     <save>/iter_0000100/common.pt                   state shared by all ranks (global rank 0)
     <save>/iter_0000100/mp_rank_00/model_optim_rng.pt        pipeline size 1
     <save>/iter_0000100/mp_rank_01_002/model_optim_rng.pt    pipeline size > 1
 
-The ``mp_rank_{tp:02d}`` directory gets the ``_{pp:03d}`` suffix only when the
-pipeline size is above 1, as in Megatron-LM. Each model-parallel file is written
-by data-parallel rank 0 of that model-parallel rank; every data-parallel rank reads
-it back, so the data-parallel size may change between save and load, the tensor and
-pipeline sizes may not.
+torch_dist (:func:`save_distributed_checkpoint`) is megatron-core's sharded format: every
+rank writes its shards and a load reshards them onto another TP/PP/DP layout. In the
+torch format the ``mp_rank_{tp:02d}`` directory gets the ``_{pp:03d}`` suffix only when
+the pipeline size is above 1, as in Megatron-LM; each model-parallel file is written by
+data-parallel rank 0 of that model-parallel rank and read back by every data-parallel
+rank, so the data-parallel size may change between save and load, TP and PP may not.
 
 Atomicity protocol of :func:`save_checkpoint` (all ranks of ``group`` call it):
 
@@ -20,8 +24,8 @@ Atomicity protocol of :func:`save_checkpoint` (all ranks of ``group`` call it):
    broadcasts the name; writers put their file there (temp file, fsync, ``os.replace``).
 2. All ranks exchange success/failure; a failure anywhere raises on every rank and
    the temporary directory is left behind (cleaned by a later save).
-3. The coordinator checks every expected file, writes ``common.pt`` and then
-   ``metadata.json`` (the completeness marker, with each file's size), fsyncs and
+3. The coordinator checks every expected file, then writes ``megatron_dga.json`` (the
+   completeness marker, with each file's size and CRC-32, verified on load), fsyncs and
    renames the directory to ``iter_XXXXXXX``. An existing directory of the same
    iteration is first renamed aside to ``iter_XXXXXXX.old-<unique>``; a crash
    between those two renames is recovered by the loader.
@@ -515,7 +519,7 @@ def _resolve_dir(root: Path, iteration: int) -> Path:
 
 
 def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> dict:
-    """Parse ``<iter dir>/metadata.json``; CheckpointError when missing or malformed."""
+    """Parse ``<iter dir>/megatron_dga.json``; CheckpointError when missing or malformed."""
     path = Path(ckpt_dir) / METADATA_FILENAME
     try:
         meta = json.loads(path.read_text())

@@ -12,6 +12,20 @@ from megatron_dga.model import GPTModelConfig
 from megatron_dga.platform import ParallelConfig
 
 
+def _check_finite_numbers(cfg) -> None:
+    """Every float flag must be a finite number: --lr inf or --dga-eta nan fail at start-up."""
+    import dataclasses
+    import math
+
+    for section in dataclasses.fields(cfg):
+        component = getattr(cfg, section.name)
+        for f in dataclasses.fields(component):
+            values = getattr(component, f.name)
+            for value in values if isinstance(values, list) else [values]:
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+
+
 def _positive(obj, *names):
     for name in names:
         value = getattr(obj, name)
@@ -127,6 +141,10 @@ class ScheduleConfig:
     exit_interval: Optional[int] = None
     """Stop (after saving, with --save) when the iteration is a multiple of this (--exit-interval);
     the LR schedule still follows --train-iters, so a later --load continues the same run."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop with an error naming the iteration when the loss or the grad norm is not finite, before
+    anything is saved (--check-for-nan-in-loss-and-grad, on by default as in Megatron;
+    --no-check-for-nan-in-loss-and-grad trains on)."""
     exit_signal_handler: bool = False
     """On SIGTERM or SIGINT finish the current step, save (with --save) and exit 0 (--exit-signal-handler)."""
     exit_duration_in_mins: Optional[float] = None
@@ -237,6 +255,8 @@ class MixingConfig:
     def __post_init__(self):
         if self.dga_interval <= 0:
             raise ConfigError(f"--dga-interval must be > 0, got {self.dga_interval}")
+        if not 0 <= self.dga_eta < float("inf"):
+            raise ConfigError(f"--dga-eta must be a finite number >= 0 (the mirror-descent step size), got {self.dga_eta}")
         if not 0 < self.dga_ema <= 1:
             raise ConfigError(f"--dga-ema must be in (0, 1] (1 = no EMA), got {self.dga_ema}")
         if not 0 <= self.dga_min_weight < 1:
@@ -265,6 +285,7 @@ class PretrainConfig:
     mixing: MixingConfig
 
     def __post_init__(self):
+        _check_finite_numbers(self)
         if self.optimizer.use_distributed_optimizer and self.checkpoint.ckpt_format == "torch" and self.checkpoint.save:
             raise ConfigError(
                 "--use-distributed-optimizer with --ckpt-format torch would lose the sharded optimizer state; "

@@ -133,8 +133,29 @@ def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True) -> Dict[s
     return state
 
 
+def check_parameters_finite(trainer) -> None:
+    """NumericalError unless every parameter on every rank is finite: no checkpoint holds NaN/Inf.
+
+    One pass over the parameters and one all-reduce of a flag, before anything is written,
+    so --keep-last can never rotate the last finite checkpoint out for a broken one.
+    """
+    import torch
+
+    from megatron_dga import comm
+    from megatron_dga.errors import NumericalError
+
+    bad = sum(int(not bool(torch.isfinite(p.detach()).all())) for p in trainer.params)
+    flag = comm.all_reduce(torch.tensor([float(bad)], device=trainer.ctx.device))
+    if float(flag) > 0:
+        raise NumericalError(
+            f"iteration {trainer.iteration}: {int(float(flag))} parameter tensor(s) hold NaN/Inf; the checkpoint "
+            "was not written (the previous ones are kept); lower --lr and resume from the last checkpoint"
+        )
+
+
 def save_job(trainer):
     """Save the job in --ckpt-format; returns the checkpoint directory."""
+    check_parameters_finite(trainer)
     cfg = trainer.cfg.checkpoint
     layout = ckpt.CheckpointLayout.from_context(trainer.ctx)
     facts = job_facts(trainer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import Dict, List
 
@@ -18,14 +19,15 @@ import numpy as np
 import torch
 
 from megatron_dga import comm
+from megatron_dga.errors import NumericalError
 from megatron_dga.fileio import atomic_write_json
 from megatron_dga.mixing.base import MixingStrategy, build_mixing
+from megatron_dga.model import build_stage_model, transformer_engine_available
 from megatron_dga.platform import ParallelContext
 from megatron_dga.training import resume
 from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput
-from megatron_dga.model import build_stage_model, transformer_engine_available
 from megatron_dga.training.optim import Optimizer, counted_params
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 from megatron_dga.training.step import LossStats, forward_backward
@@ -115,6 +117,8 @@ class Trainer:
         while self.iteration < sched.train_iters:
             loss, grad_norm, lr = self.train_step()
             self.iteration += 1
+            if sched.check_for_nan_in_loss_and_grad:
+                self._check_finite(loss, grad_norm)
             new_weights = self.mixing.after_step(self)
             if new_weights is not None:
                 self.data.set_weights(new_weights)
@@ -140,6 +144,24 @@ class Trainer:
                 break
         self.stop.restore_handlers()
         return last
+
+    def _check_finite(self, loss: float, grad_norm: float) -> None:
+        """Stop the run, naming the iteration, when the step's loss or grad norm is not finite.
+
+        Both values are identical on every rank (the loss is the data-parallel mean, the norm
+        megatron's global one), so every rank stops at the same iteration, before the save hook.
+        """
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        from megatron_dga.training.checkpoint import latest_iteration
+
+        last = latest_iteration(self.cfg.checkpoint.save) if self.cfg.checkpoint.save else None
+        resume = (f"the last checkpoint (iteration {last}) under --save {self.cfg.checkpoint.save} is finite; "
+                  f"resume from it with a lower --lr" if last is not None else "lower --lr and restart")
+        raise NumericalError(
+            f"iteration {self.iteration}: the training loss is {loss} and the grad norm {grad_norm}; stopped "
+            f"without saving ({resume}, or pass --no-check-for-nan-in-loss-and-grad to train on)"
+        )
 
     def zero_grads(self) -> None:
         """Clear the grad buffers and the optimizer's grads before any forward/backward.
