@@ -85,9 +85,8 @@ def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
                 + (f"adds {extra}" if extra else "")
                 + "; resume with the same domains (a new domain list is a new run)"
             )
-        raise ConfigError(
-            f"--data-path: the checkpoint {where} lists the same domains in another order "
-            f"({saved_domains}); give --data-path in that order"
+        raise ConfigError(  # align_domains_to_checkpoint runs first; this is an internal guard
+            f"--data-path: the checkpoint {where} lists the same domains in another order ({saved_domains})"
         )
     saved_distopt = facts.get("use_distributed_optimizer")
     if saved_distopt is not None and saved_distopt != mine["use_distributed_optimizer"]:
@@ -103,6 +102,39 @@ def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
             "resume with the same --mixing, or pass --reset-mixing-state to start the new strategy "
             "from its initial weights"
         )
+
+
+def align_domains_to_checkpoint(cfg) -> None:
+    """With --load, put the --data-path domains in the checkpoint's order (matched by name).
+
+    Called before the data pipeline is built: the sampler's streams, its state and the
+    mixing weights are all indexed by domain position, so a reordered --data-path then
+    continues the saved run exactly; per-domain --domain-token-limit values move with their
+    domains. Another set of domains is left for :func:`check_resumable` to refuse.
+    """
+    if not cfg.checkpoint.load:
+        return
+    from megatron_dga.data.domains import parse_data_path
+
+    try:
+        _, meta = ckpt.resolve_checkpoint(cfg.checkpoint.load, cfg.checkpoint.ckpt_step)
+    except Exception:  # noqa: BLE001 - the load itself reports a missing/broken checkpoint
+        return
+    saved = list(meta.get("extra", {}).get("domains") or [])
+    names, prefixes, weights = parse_data_path(cfg.data.data_path)
+    if names == saved or sorted(names) != sorted(saved):
+        return
+    order = [names.index(name) for name in saved]
+    prefixes = [prefixes[i] for i in order]
+    if weights is None:
+        cfg.data.data_path = prefixes
+    else:
+        cfg.data.data_path = [tok for i, p in zip(order, prefixes) for tok in (repr(weights[i]), p)]
+    limits = cfg.data.domain_token_limit
+    if limits and len(limits) == len(names) > 1:
+        cfg.data.domain_token_limit = [limits[i] for i in order]
+    logger.warning("--data-path lists the checkpoint's domains in another order; using the checkpoint's order %s",
+                   saved)
 
 
 # ----------------------------------------------------------------------------- save

@@ -44,6 +44,7 @@ class Trainer:
 
         self.cfg, self.ctx = cfg, ctx
         self.num_micro_batches = cfg.schedule.num_micro_batches(ctx.dp_size)
+        resume.align_domains_to_checkpoint(cfg)  # a reordered --data-path resumes by domain name
         self.data = DataPipeline(cfg, ctx)
         cfg.model.vocab_size = self.data.vocab_size
         # This rank's pipeline stage (the whole model with one stage); with --bf16 wrapped in
