@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None, help="scratch directory (default: <tmp>/bench_checkpoint_save, removed after)")
     parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--keep-last", type=int, default=1000,
+                        help="our retention (default: nothing deleted, like the bare save; 1 also times the deletion)")
     args = parser.parse_args()
 
     from megatron.core import dist_checkpointing
@@ -50,7 +52,7 @@ def main() -> None:
             "--num-attention-heads", "8", "--seq-length", "32", "--micro-batch-size", "2",
             "--global-batch-size", str(2 * int(os.environ.get("WORLD_SIZE", "1"))), "--train-iters", "1000",
             "--log-interval", "1000", "--eval-interval", "0", "--mixing", "uniform",
-            "--save", os.path.join(out, "ours"), "--keep-last", "1", "--log-dir", os.path.join(out, "log")]
+            "--save", os.path.join(out, "ours"), "--keep-last", str(args.keep_last), "--log-dir", os.path.join(out, "log")]
     if args.distributed_optimizer:
         argv.append("--use-distributed-optimizer")
     cfg = parse_args(argv)
