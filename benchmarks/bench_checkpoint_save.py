@@ -67,9 +67,9 @@ def main() -> None:
         trainer.iteration += 1
 
     def bare():
+        # Kept, like ours with the default --keep-last here: both leave the same bytes behind.
         target = os.path.join(out, "bare", f"iter_{trainer.iteration:07d}")
         if comm.rank() == 0:
-            shutil.rmtree(os.path.join(out, "bare"), ignore_errors=True)
             os.makedirs(target)
         comm.barrier()
         with platform.megatron_cuda_calls_on_cpu():
@@ -86,7 +86,8 @@ def main() -> None:
             comm.barrier()
             times[name].append(time.perf_counter() - start)
     if ctx.is_logging_rank:
-        size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(os.path.join(out, "bare")) for f in fs)
+        last_bare = os.path.join(out, "bare", f"iter_{trainer.iteration - 1:07d}")
+        size = sum(os.path.getsize(os.path.join(last_bare, f)) for f in os.listdir(last_bare))
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"checkpoint of {cfg.model.num_parameters():,} parameters + Adam state ({size / 2**20:.1f} MiB on disk), "
               f"{ctx.describe()}, median of {args.repeats}:")
