@@ -70,3 +70,32 @@ def test_numbers_that_cannot_work_are_refused_at_start_up(flag, value, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_args(["--data-path", "x_text_document", flag, value])
+
+
+@pytest.mark.parametrize("yaml_line, field, expected", [
+    ('untie-embeddings-and-output-weights: "false"', ("model", "untie_embeddings_and_output_weights"), False),
+    ('use-distributed-optimizer: "no"', ("optimizer", "use_distributed_optimizer"), False),
+    ("bf16: YES", ("model", "bf16"), True),
+    ("lr: 1e-3", ("optimizer", "lr"), 1e-3),  # PyYAML reads 1e-3 as a string
+    ('train-iters: "12"', ("schedule", "train_iters"), 12),
+    ("domain-token-limit: 5000", ("data", "domain_token_limit"), [5000]),
+])
+def test_yaml_values_are_parsed_as_their_types(tmp_path, yaml_line, field, expected):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml_line + "\n")
+    cfg = parse_args(BASE + ["--config", str(cfg_file)])
+    value = getattr(getattr(cfg, field[0]), field[1])
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize("yaml_line, message", [
+    ('bf16: "maybe"', r"key 'bf16': 'maybe' is not a boolean; use true/false"),
+    ("train-iters: 2.5", r"key 'train-iters': 2.5 is not an integer"),
+    ("lr: fast", r"key 'lr': 'fast' is not a number"),
+    ("mixing: [dga]", r"key 'mixing': \['dga'\] is not a string"),
+])
+def test_yaml_values_of_the_wrong_type_name_key_value_and_file(tmp_path, yaml_line, message):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml_line + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"--config {cfg_file}: ") + message):
+        parse_args(BASE + ["--config", str(cfg_file)])

@@ -122,10 +122,58 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         if flag not in by_flag:
             unknown.append(key)
         else:
-            values[by_flag[flag]] = value
+            dest = by_flag[flag]
+            section, name = dest.split(".", 1)
+            hint = typing.get_type_hints(SECTIONS[section])[name]
+            values[dest] = coerce_value(value, hint, f"--config {path}: key '{key}'")
     if unknown:
         raise ConfigError(f"--config {path}: unknown keys {unknown}; use flag names, e.g. 'train-iters: 100'")
     return values
+
+
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def coerce_value(value: Any, hint, where: str) -> Any:
+    """A YAML value as the field's type, or ConfigError naming ``where``, the value and the type.
+
+    YAML gives strings for quoted values and for numbers like ``1e-3``; Python would take a
+    non-empty string as true. Booleans accept true/false/1/0/yes/no (any case) and nothing
+    else; integers refuse fractions; every other mismatch is an error, before any dataset,
+    model or process group is built.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        return coerce_value(value, next(a for a in args if a is not type(None)), where)
+    if origin in (list, List):
+        items = value if isinstance(value, list) else [value]
+        return [coerce_value(v, args[0] if args else str, f"{where}[{i}]") for i, v in enumerate(items)]
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if hint is bool:
+        text = str(value).strip().lower() if not isinstance(value, bool) else ("true" if value else "false")
+        if text in _TRUE | _FALSE and not isinstance(value, float):
+            return text in _TRUE
+        raise ConfigError(f"{where}: {value!r} is not a boolean; use true/false (also 1/0, yes/no)")
+    if hint in (int, float):
+        accepted = (int, float) if hint is float else int  # an integer flag refuses 2.5 (and 2.0)
+        if isinstance(value, accepted) and not isinstance(value, bool):
+            return hint(value)
+        if isinstance(value, str):
+            try:
+                return hint(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not {'an integer' if hint is int else 'a number'}")
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{where}: {value!r} is not a string")
+        return str(value)
+    return value
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainConfig:
