@@ -46,7 +46,9 @@ else
     MODEL_ARGS=(--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 1024
                 --max-position-embeddings 1024 --position-embedding-type rope --bf16)
     TRAINING_ARGS=(--micro-batch-size 8 --global-batch-size 256 --train-iters 20000 --lr 6e-4 --min-lr 6e-5
-                   --lr-warmup-iters 500 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0)
+                   --lr-warmup-iters 500 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0
+                   # Optimizer state sharded over data-parallel ranks; SIGTERM (SLURM preemption) saves and exits 0.
+                   --use-distributed-optimizer --exit-signal-handler)
 fi
 MIXING_ARGS=(--mixing dga --dga-interval 10 --dga-eta 10 --dga-ema 0.1
              --dga-domain-batch-size 8 --dga-specific-batch-size 16)
