@@ -28,7 +28,7 @@ WORKDIR /workspace/megatron-dga
 # built with), so nothing below can replace the image's torch. megatron-core's own dependencies
 # (torch, numpy, packaging) are already in the image, hence --no-deps.
 RUN pip install --no-cache-dir --no-deps "megatron-core==${MEGATRON_CORE_VERSION}" \
- && pip install --no-cache-dir sentencepiece pybind11 tqdm pyyaml tensorboard matplotlib scikit-learn scipy \
+ && pip install --no-cache-dir sentencepiece pybind11 tqdm pyyaml psutil tensorboard matplotlib scikit-learn scipy \
         pytest pytest-timeout \
  && python -c "import torch, megatron.core as m; print('torch', torch.__version__, '| megatron-core', m.__version__)"
 
