@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, run_pretrain
 from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
 
 MODEL = TINY_GPT_ARGS
@@ -158,23 +158,13 @@ def test_no_gradient_counted_twice_after_a_megatron_optimizer_step(shards, tmp_p
 # ----------------------------------------------------------------------------- 4. distributed optimizer
 
 
-def _pretrain(rank, world_size, argv):
-    from megatron_dga.pretrain_gpt import main
-    from megatron_dga.training.metrics import read_metrics
-
-    rc = main(argv)
-    log_dir = argv[argv.index("--log-dir") + 1]
-    return rc, read_metrics(os.path.join(log_dir, "metrics.jsonl")) if rank == world_size - 1 else None
-
-
 @pytest.mark.parametrize("estimator", ["exact", "fd"])
 def test_distributed_optimizer_gives_the_same_alignments(shards, tmp_path, estimator):
     dga = ["--mixing", "dga", "--dga-interval", "2", "--dga-estimator", estimator]
     runs = {}
     for name, extra in {"plain": [], "distopt": ["--use-distributed-optimizer"]}.items():
-        results = run_distributed(_pretrain, world_size=2, args=(_argv(shards, tmp_path / name, dga + extra),))
-        assert [rc for rc, _ in results] == [0, 0]
-        runs[name] = results[-1][1]
+        rcs, runs[name] = run_pretrain(_argv(shards, tmp_path / name, dga + extra), world_size=2)
+        assert rcs == [0, 0]
     plain, distopt = runs["plain"], runs["distopt"]
     updates = [m for m in plain if "alignments" in m]
     assert len(updates) == 3
@@ -189,8 +179,6 @@ def test_distributed_optimizer_gives_the_same_alignments(shards, tmp_path, estim
 
 
 def _adam_run(rank, world_size, argv):
-    import megatron_dga.training.optim  # noqa: F401
-
     trainer = _trainer(argv)
     before = trainer.adam_preconditioner()
     trainer.train_step()
@@ -252,9 +240,8 @@ def test_gloo_test_ranks_see_no_gpu():
 
 def test_bf16_trains_with_megatron_mixed_precision_optimizer(shards, tmp_path):
     argv = _argv(shards, tmp_path, ["--bf16", "--mixing", "dga", "--dga-interval", "2", "--train-iters", "12"])
-    results = run_distributed(_pretrain, world_size=2, args=(argv,))
-    assert [rc for rc, _ in results] == [0, 0]
-    metrics = results[-1][1]
+    rcs, metrics = run_pretrain(argv, world_size=2)
+    assert rcs == [0, 0]
     losses = np.array([m["lm_loss"] for m in metrics])
     assert np.isfinite(losses).all() and losses[-3:].mean() < losses[:3].mean() - 0.1, losses
     assert len([m for m in metrics if "alignments" in m]) == 6

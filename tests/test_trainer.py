@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, run_pretrain
 from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
 
 MODEL = TINY_GPT_ARGS
@@ -22,20 +22,10 @@ def _args(shards, run_dir, iters, extra=()):
             "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(run_dir), *extra]
 
 
-def _pretrain(rank, world_size, argv):
-    from megatron_dga.pretrain_gpt import main
-    from megatron_dga.training.metrics import read_metrics
-
-    rc = main(argv)
-    log_dir = argv[argv.index("--log-dir") + 1]
-    metrics = read_metrics(os.path.join(log_dir, "metrics.jsonl")) if rank == world_size - 1 else None
-    return rc, metrics
-
-
 def _run(argv, world_size=1):
-    results = run_distributed(_pretrain, world_size=world_size, args=(argv,))
-    assert all(rc == 0 for rc, _ in results), [rc for rc, _ in results]
-    return results[-1][1]
+    rcs, metrics = run_pretrain(argv, world_size)
+    assert all(rc == 0 for rc in rcs), rcs
+    return metrics
 
 
 def _losses(metrics):

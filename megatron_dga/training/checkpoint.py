@@ -225,12 +225,14 @@ class _Comm:
         return comm.all_gather_object(obj, self.group)
 
 
-def _raise_if_any_failed(ranks: _Comm, error: Optional[str], what: str) -> None:
-    errors = ranks.all_gather(error)
-    failed = [(rank, msg) for rank, msg in enumerate(errors) if msg is not None]
+def _gather_or_raise(ranks: _Comm, error: Optional[str], what: str, payload: Any = None) -> list:
+    """Every rank's ``payload``; CheckpointError on every rank when any rank reports an error."""
+    records = ranks.all_gather((error, payload))
+    failed = [(rank, msg) for rank, (msg, _) in enumerate(records) if msg is not None]
     if failed:
         detail = "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
-        raise CheckpointError(f"checkpoint save failed while {what}: {detail}")
+        raise CheckpointError(f"checkpoint {what}: {detail}")
+    return [part for _, part in records]
 
 
 # ----------------------------------------------------------------------------- save
@@ -370,12 +372,8 @@ def publish_checkpoint(
         written = write(tmp_dir)
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
         error = f"{type(exc).__name__}: {exc}"
-    records = ranks.all_gather((error, written))
-    failed = [(rank, msg) for rank, (msg, _) in enumerate(records) if msg is not None]
-    if failed:
-        detail = "; ".join(f"rank {rank}: {msg}" for rank, msg in failed)
-        raise CheckpointError(f"checkpoint save failed while writing into {tmp_dir}: {detail}")
-    files = {rel: rec for _, part in records for rel, rec in part.items()}
+    parts = _gather_or_raise(ranks, error, f"save failed while writing into {tmp_dir}", written)
+    files = {rel: rec for part in parts for rel, rec in part.items()}
 
     # 3. Coordinator completes and publishes the directory.
     error = None
@@ -385,7 +383,7 @@ def publish_checkpoint(
                       weights_only)
         except Exception as exc:  # noqa: BLE001 - reported to every rank below
             error = f"{type(exc).__name__}: {exc}"
-    _raise_if_any_failed(ranks, error, f"publishing {final_dir}")
+    _gather_or_raise(ranks, error, f"save failed while publishing {final_dir}")
 
     # 4. Retention; failures here do not invalidate the checkpoint just written.
     if ranks.is_coordinator:
@@ -680,8 +678,6 @@ def load_distributed_checkpoint(ckpt_dir: Path, meta: dict, sharded_state: dict,
         verify_files(ckpt_dir.parent, ckpt_dir, meta, rels[comm.rank(group)::comm.size(group)])
     except CheckpointError as exc:
         error = str(exc)
-    errors = [e for e in comm.all_gather_object(error, group) if e is not None]
-    if errors:
-        raise CheckpointError(errors[0])
+    _gather_or_raise(_Comm(group), error, f"{ckpt_dir} failed verification")
     with platform.megatron_cuda_calls_on_cpu():
         return dist_checkpointing.load(sharded_state, str(ckpt_dir))

@@ -2,11 +2,12 @@
 
 torch_dist (the default, ``--ckpt-format``): one megatron-core sharded state dict,
 written by every rank through ``dist_checkpointing`` and resharded on load, so a job
-saved with (TP, PP, DP) resumes with (TP', PP', DP'):
+saved with (TP, PP, DP) resumes with (TP', PP', DP') (only DP' with the distributed optimizer):
 
     model                 GPTModel.sharded_state_dict()           ShardedTensors (resharded)
-    optimizer             MegatronOptimizer.sharded_state_dict()   'fully_reshardable' for the
-                                                                   distributed optimizer
+    optimizer             MegatronOptimizer.sharded_state_dict()   resharded; 'dp_reshardable'
+                                                                   (DP only) for the distributed
+                                                                   optimizer
     opt_param_scheduler   OptimizerParamScheduler.state_dict()     common
     rng_state             capture_rng_state() per (PP, TP) rank    ShardedObject; restored only
                                                                    on the same TP x PP layout

@@ -157,29 +157,18 @@ def _stats(collected: List[torch.Tensor], micro_batches, config, device, keep_to
     """LossStats from the last stage's losses: one broadcast over the pipeline, one host copy."""
     masks = [mb["loss_mask"].float() for mb in micro_batches]
     shapes = [tuple(m.shape) for m in masks]
-    stages = _pipeline_stages(config)
+    rows = sum(s[0] for s in shapes)
     if keep_token_losses:
         # Every token's loss (the finite-difference estimator): (sum b, s) floats.
-        flat = torch.cat(collected) if collected else torch.empty((sum(s[0] for s in shapes), shapes[0][1]),
-                                                                  dtype=torch.float32, device=device)
-        if stages > 1:
-            from megatron.core import parallel_state as ps
-
-            comm.broadcast(flat, ps.get_pipeline_model_parallel_world_size() - 1,
-                           ps.get_pipeline_model_parallel_group())
+        flat = _from_last_stage(torch.cat(collected) if collected else None, (rows, shapes[0][1]),
+                                torch.float32, config, device)
         token_losses = list(torch.split(flat, [s[0] for s in shapes]))
         per_seq = flat.double().sum(dim=1).cpu().numpy()
     else:
         token_losses = None
         # Per sequence: its masked token-loss sum (domain sums and micro-batch means follow).
-        per_seq_t = (torch.cat([l.double().sum(dim=1) for l in collected]) if collected
-                     else torch.zeros(sum(s[0] for s in shapes), dtype=torch.float64, device=device))
-        if stages > 1:
-            from megatron.core import parallel_state as ps
-
-            comm.broadcast(per_seq_t, ps.get_pipeline_model_parallel_world_size() - 1,
-                           ps.get_pipeline_model_parallel_group())
-        per_seq = per_seq_t.cpu().numpy()
+        per_seq = _from_last_stage(torch.cat([l.double().sum(dim=1) for l in collected]) if collected else None,
+                                   (rows,), torch.float64, config, device).cpu().numpy()
     seq_tokens = torch.cat([m.sum(dim=1) for m in masks]).double().numpy()
     bounds = np.cumsum([0] + [s[0] for s in shapes])
     micro_tokens = np.array([seq_tokens[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
@@ -200,6 +189,18 @@ def _stats(collected: List[torch.Tensor], micro_batches, config, device, keep_to
             stats.per_domain_loss_sum[int(d)] = float(per_seq[sel].sum())
             stats.per_domain_tokens[int(d)] = int(seq_tokens[sel].sum())
     return stats
+
+
+def _from_last_stage(tensor: Optional[torch.Tensor], shape, dtype, config, device) -> torch.Tensor:
+    """The last pipeline stage's ``tensor`` on every stage (one broadcast; None off the last stage)."""
+    if _pipeline_stages(config) == 1:
+        return tensor
+    from megatron.core import parallel_state as ps
+
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    return comm.broadcast(tensor, ps.get_pipeline_model_parallel_world_size() - 1,
+                          ps.get_pipeline_model_parallel_group())
 
 
 def split_micro_batches(batch: Dict[str, torch.Tensor], micro_batch_size: int) -> List[Dict[str, torch.Tensor]]:
