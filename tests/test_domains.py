@@ -17,6 +17,7 @@ from megatron_dga.data.domains import (
     domain_name,
     inspect_shard,
     parse_data_path,
+    read_sidecar_vocab_size,
 )
 from megatron_dga.data.mixture import MixtureBatchSampler, MixtureDataset, StepLoader
 from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig
@@ -132,6 +133,107 @@ def test_shard_validation_errors(tmp_path, shards):
         inspect_shard(p)
 
 
+def _garble(path, offset, fmt, value):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+# .idx body layout after the 34-byte header: int32 lengths[n] | int64 pointers[n] | int64 doc_idx[n_docs + 1]
+GARBLES = {
+    "pointer": (lambda n: 34 + 4 * n + 8 * 3, "<q", lambda v: v + 2, r"sequence 3 starts at byte \d+, expected \d+"),
+    "length": (lambda n: 34 + 4 * 2, "<i", lambda v: v + 1, r"sequence 3 starts at byte \d+, expected \d+"),
+    "negative-length": (lambda n: 34 + 4 * 4, "<i", lambda v: -5, r"sequence 4 has negative length -5"),
+    "first-pointer": (lambda n: 34 + 4 * n, "<q", lambda v: 8, r"first sequence starts at byte 8, expected 0"),
+    "document-order": (lambda n: 34 + 12 * n + 8 * 2, "<q", lambda v: v + 2,
+                       r"document 3 starts at sequence 3, before document 2 \(sequence 4\)"),
+    "last-document": (lambda n: 34 + 12 * n + 8 * n, "<q", lambda v: v + 7, r"run from 0 to 37, expected 0 to the 30"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBLES))
+def test_garbled_index_body_fails_at_startup_naming_the_file(tmp_path, shards, case):
+    offset, fmt, change, message = GARBLES[case]
+    p = corrupt_copy(tmp_path, shards[0], case)
+    n = inspect_shard(p).num_sequences  # 30 one-sequence documents; the intact copy passes
+    with open(p + ".idx", "rb") as f:
+        f.seek(offset(n))
+        (value,) = struct.unpack(fmt, f.read(struct.calcsize(fmt)))
+    _garble(p + ".idx", offset(n), fmt, change(value))
+    before = {ext: open(p + ext, "rb").read() for ext in (".idx", ".bin")}
+    with pytest.raises(DataError, match=message) as e:
+        build_domain_datasets([p], Tok(), DomainDatasetConfig(sequence_length=SEQ))
+    assert f"{p}.idx" in str(e.value) and "re-run preprocessing" in str(e.value)
+    assert {ext: open(p + ext, "rb").read() for ext in (".idx", ".bin")} == before  # validation only reads
+
+
+def _write_docs(directory, name, docs):
+    prefix = os.path.join(str(directory), f"{name}_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for doc in docs:
+        builder.add_document(torch.from_numpy(np.asarray(doc, dtype=np.int64)), [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+class SmallTok:
+    eod, vocab_size = 0, 100
+
+
+def test_token_ids_beyond_the_vocab_fail_at_startup_without_a_sidecar(tmp_path, shards):
+    # shards[0] holds ids up to 499 and has no sidecar: the bounded start-up sample finds them.
+    with pytest.raises(DataError, match=r"web_text_document\.bin contains token id \d+, outside the tokenizer's "
+                                        r"vocabulary \[0, 100\) \(no sidecar .*web_text_document\.json.*scanning a "
+                                        r"sample of.*--vocab-size"):
+        build_domain_datasets([shards[0]], SmallTok(), DomainDatasetConfig(sequence_length=SEQ))
+    with pytest.raises(DataError, match="scanning all of"):
+        build_domain_datasets([shards[0]], SmallTok(), DomainDatasetConfig(sequence_length=SEQ, check_token_ids=True))
+    # A sidecar recording the tokenizer's vocab_size vouches for the shard: no scan at start-up.
+    vouched = corrupt_copy(tmp_path, shards[0], "vouched")
+    with open(vouched + ".json", "w") as f:
+        json.dump({"vocab_size": 100}, f)
+    build_domain_datasets([vouched], SmallTok(), DomainDatasetConfig(sequence_length=SEQ))
+
+
+def test_token_id_missed_by_the_startup_sample_fails_in_its_batch(tmp_path):
+    # One id 450 in the middle of document 4: outside the head, the tail and the document starts
+    # a 64-byte sample reads, so start-up passes and the collated batch names the sample.
+    docs = [np.arange(1, 21) + d for d in range(8)]
+    docs[4][7] = 450
+    prefix = _write_docs(tmp_path, "rare", docs)
+    small = DomainDatasetConfig(sequence_length=SEQ, token_id_sample_bytes=64)
+    with pytest.raises(DataError, match="token id 450"):
+        build_domain_datasets([prefix], SmallTok(), DomainDatasetConfig(sequence_length=SEQ, check_token_ids=True))
+    domains = build_domain_datasets([prefix], SmallTok(), small)
+    ds = MixtureDataset(domains.datasets, vocab_size=100, source_names=["domain 'rare'"])
+    keys = np.array([[0, i] for i in range(len(ds))])
+    with pytest.raises(DataError, match=r"domain 'rare' \(.*rare_text_document\.bin\), sample (\d+): (tokens|labels) "
+                                        r"hold id 450, outside the vocabulary \[0, 100\)") as e:
+        ds.load(keys)
+    sample = int(str(e.value).split("sample ")[1].split(":")[0])
+    assert 450 in domains.datasets[0][sample]["labels"].tolist()
+    # The training loader checks each micro-batch in the main process (workers would wrap the error).
+    sampler = DynamicMixtureSampler(domains.num_samples, MixtureSamplerConfig(global_batch_size=4, micro_batch_size=2))
+    loader = StepLoader(ds, sampler)
+    with pytest.raises(DataError, match="hold id 450"):
+        for _ in range(len(ds)):
+            list(loader.next_step())
+
+
+def test_sidecar_validation(tmp_path):
+    prefix = str(tmp_path / "web_text_document")
+    assert read_sidecar_vocab_size(prefix) is None
+    (tmp_path / "web.json").write_text('{"text": "a raw Megatron-LM input"}\n{"text": "jsonl"}\n')
+    assert read_sidecar_vocab_size(prefix) is None  # <x>.json is often the jsonl corpus: not ours
+    for text, message in [("[1, 2]", "holds a JSON list"), ('{"vocab_size": true}', "positive int, got True"),
+                          ("\udcff{", "not valid JSON")]:
+        with open(prefix + ".json", "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+        with pytest.raises(DataError, match=message) as e:
+            read_sidecar_vocab_size(prefix)
+        assert f"{prefix}.json" in str(e.value)
+
+
 def test_domain_level_errors(tmp_path, shards):
     cfg = DomainDatasetConfig(sequence_length=SEQ)
     empty = write_shard(tmp_path, "empty", num_docs=0)
@@ -149,11 +251,6 @@ def test_domain_level_errors(tmp_path, shards):
     with pytest.raises(DataError, match="sidecar records vocab_size 501"):
         build_domain_datasets([side], Tok(), cfg)
 
-    class SmallTok:
-        eod, vocab_size = 0, 100
-
-    with pytest.raises(DataError, match="token id .* >= tokenizer vocab_size 100"):
-        build_domain_datasets([shards[0]], SmallTok(), DomainDatasetConfig(sequence_length=SEQ, check_token_ids=True))
 
 
 def test_mixture_dataset_returns_megatron_samples(shards):

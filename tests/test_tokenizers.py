@@ -101,6 +101,31 @@ def test_gpt2_errors(tmp_path, gpt2_files):
         build_tokenizer("GPT2BPETokenizer", vocab_file=str(no_eod), merge_file=merge_file)
 
 
+def test_gpt2_files_that_do_not_fit_fail_at_load_naming_the_file(tmp_path, gpt2_files):
+    vocab_file, merge_file, vocab = gpt2_files
+
+    def write(name, text=None, data=None):
+        path = tmp_path / name
+        path.write_bytes(data) if data is not None else path.write_text(text, encoding="utf-8")
+        return str(path)
+
+    neg, dup = write("neg.json", json.dumps({**vocab, "zz": -3})), write("dup.json", json.dumps({**vocab, "zz": vocab["he"]}))
+    listed = write("list.json", "[1, 2]")
+    binary = write("bin.txt", data=b"#version: 0.2\n\xff\xfe l\n")
+    foreign = write("foreign.txt", "#version: 0.2\nl l\nx q\n")
+    cases = [  # (vocab file, merges file, the file the error must name, message)
+        (neg, merge_file, neg, r"token 'zz' has id -3; every id must be an int >= 0"),
+        (dup, merge_file, dup, r"tokens 'he' and 'zz' share id"),
+        (listed, merge_file, listed, r"holds a JSON list"),
+        (vocab_file, binary, binary, r"is not UTF-8 text"),
+        (vocab_file, foreign, foreign, r"line 3: merge 'x q' makes 'xq', which --vocab-file .* lacks: the two files"),
+    ]
+    for vocab_path, merges_path, named, message in cases:
+        with pytest.raises(DataError, match=message) as e:
+            build_tokenizer("GPT2BPETokenizer", vocab_file=vocab_path, merge_file=merges_path)
+        assert repr(named) in str(e.value)
+
+
 # --------------------------------------------------------------------------- Null / errors
 def test_null_tokenizer():
     tok = build_tokenizer("NullTokenizer", vocab_size=10)
@@ -121,10 +146,10 @@ def test_build_tokenizer_errors(tmp_path):
         build_tokenizer("SentencePieceTokenizer")
     with pytest.raises(DataError, match="--tokenizer-model.*no such file"):
         build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "missing.model"))
-    garbage = tmp_path / "garbage.model"
-    garbage.write_bytes(b"not a model")
-    with pytest.raises(DataError, match="not a valid SentencePiece model"):
-        build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(garbage))
+    for name, data in [("garbage.model", b"not a model"), ("empty.model", b"")]:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=f"--tokenizer-model '.*{name}' is not a valid SentencePiece model"):
+            build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / name))
 
 
 def test_huggingface_without_package_says_how_to_install(tmp_path):

@@ -50,6 +50,8 @@ def test_weights_roundtrip_and_reorder_by_name(tmp_path):
         ({"domains": ["a", "", "c"]}, r"domains\[1\] is ''"),
         ({"weights": [0.5, "0.2", 0.3]}, r"weight '0.2' is not a number"),
         ({"weights": {"a": 1}}, r"'weights' is dict, expected a list"),
+        ({"weights": [0.5, 10 ** 400, 0.5]}, r"weight 1000+ is too large for a float"),
+        ({"weights": [0.5, float("inf"), 0.5]}, r"non-finite entries at positions \[1\] \(e.g. inf\)"),
     ],
 )
 def test_load_weights_rejects_bad_files(tmp_path, doc, message):
@@ -138,6 +140,17 @@ def test_basis_rejects_bad_files(tmp_path):
                        domain_names=names["domain_names"]))
     with pytest.raises(DataError, match=r"duplicate basis_names \['a'\]"):
         load_basis(raw("dup.npz", matrix=np.eye(2), basis_names=np.array(["a", "a"]), domain_names=names["domain_names"]))
+    with pytest.raises(DataError, match=r"matrix row 1 has non-finite entries at positions \[0\]"):
+        load_basis(raw("nan.npz", matrix=np.array([[1.0, 0.0], [np.nan, 1.0]]), **names))
+    with pytest.raises(DataError, match=r"matrix has shape \(2, 2, 1\), expected \(N=2"):
+        load_basis(raw("3d.npz", matrix=np.eye(2)[:, :, None], **names))
+    with pytest.raises(DataError, match=r"'meta' entry holds a JSON list"):
+        load_basis(raw("meta.npz", matrix=np.eye(2), meta=np.array("[1]"), **names))
+    good = raw("good.npz", matrix=np.eye(2), **names)
+    (tmp_path / "cut.npz").write_bytes(good.read_bytes()[:200])  # a copy cut short mid-write
+    with pytest.raises(DataError, match=r"cut\.npz: cannot read as a basis \.npz .*damaged: rebuild it"):
+        load_basis(tmp_path / "cut.npz")
+    load_basis(good)  # the intact file still loads
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="cannot read as a basis"):
         load_basis(tmp_path / "junk.npz")

@@ -176,8 +176,12 @@ def inspect_shard(prefix: str) -> ShardInfo:
 
     Checks, each failing with a :class:`DataError` naming the file: both files exist;
     magic and version; a known dtype code; the ``.idx`` size equals what its header
-    implies (truncated or padded files); document boundaries are consistent; the
-    ``.bin`` holds at least the bytes the index points to.
+    implies (truncated or padded files); and the body megatron-core indexes with (all
+    vectorised, a few passes over the index even for millions of sequences): lengths
+    >= 0; the first pointer 0 and every other one the previous pointer + previous length
+    * itemsize (``IndexedDatasetBuilder`` writes sequences back to back, so anything
+    else is corruption); document indices non-decreasing from 0 to the sequence count;
+    the ``.bin`` holds every byte the index points to.
 
     Args:
         prefix: shard prefix, e.g. ``data/web_text_document``.
@@ -226,23 +230,11 @@ def inspect_shard(prefix: str) -> ShardInfo:
         )
     if num_doc_idx == 0:
         raise DataError(f"{idx_path}: document index is empty (corrupt index); re-run preprocessing")
-    mm = np.memmap(idx_path, mode="r", dtype=np.uint8)
-    try:
-        off = _IDX_HEADER_BYTES
-        lengths = np.frombuffer(mm, dtype=np.int32, count=num_seq, offset=off)
-        pointers = np.frombuffer(mm, dtype=np.int64, count=num_seq, offset=off + 4 * num_seq)
-        doc_idx = np.frombuffer(mm, dtype=np.int64, count=num_doc_idx, offset=off + 12 * num_seq)
-        if doc_idx[0] != 0 or doc_idx[-1] != num_seq or (num_doc_idx > 1 and np.any(np.diff(doc_idx) < 0)):
-            raise DataError(
-                f"{idx_path}: document boundaries are inconsistent (first {int(doc_idx[0])}, last {int(doc_idx[-1])}, "
-                f"{num_seq} sequences); the index is corrupt, re-run preprocessing"
-            )
-        if num_seq and np.any(lengths < 0):
-            raise DataError(f"{idx_path}: negative sequence lengths; the index is corrupt, re-run preprocessing")
-        num_tokens = int(lengths.sum(dtype=np.int64))
-        needed = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize if num_seq else 0
-    finally:
-        del mm
+    lengths, pointers, doc_idx = _index_arrays(idx_path, num_seq, num_doc_idx)
+    _check_index_body(idx_path, dtype, lengths, pointers, doc_idx)
+    num_tokens = int(lengths.sum(dtype=np.int64))
+    # Pointers are contiguous from 0 (checked above), so this is where the last sequence ends.
+    needed = num_tokens * dtype.itemsize
     bin_size = os.path.getsize(bin_path)
     if bin_size < needed:
         raise DataError(
@@ -252,16 +244,77 @@ def inspect_shard(prefix: str) -> ShardInfo:
     return ShardInfo(prefix, dtype, int(num_seq), int(num_doc_idx) - 1, num_tokens)
 
 
+def _index_arrays(idx_path: str, num_seq: int, num_doc_idx: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read-only views of an ``.idx`` body: int32 lengths, int64 pointers, int64 document indices.
+
+    The views keep the file mapped while they live; call only once the file size matches
+    the header (:func:`inspect_shard` checks it first).
+    """
+    mm = np.memmap(idx_path, mode="r", dtype=np.uint8)
+    off = _IDX_HEADER_BYTES
+    lengths = np.frombuffer(mm, dtype=np.int32, count=num_seq, offset=off)
+    pointers = np.frombuffer(mm, dtype=np.int64, count=num_seq, offset=off + 4 * num_seq)
+    doc_idx = np.frombuffer(mm, dtype=np.int64, count=num_doc_idx, offset=off + 12 * num_seq)
+    return lengths, pointers, doc_idx
+
+
+def _check_index_body(idx_path: str, dtype: np.dtype, lengths: np.ndarray, pointers: np.ndarray,
+                      doc_idx: np.ndarray) -> None:
+    """DataError for the first inconsistency in an ``.idx`` body (see :func:`inspect_shard`).
+
+    A garbled pointer or length otherwise surfaces mid-training as a numpy error or as
+    silently wrong tokens, since megatron-core trusts these arrays as they are.
+    """
+    fix = "the index is corrupt, re-run preprocessing"
+    num_seq = lengths.size
+    bad = np.flatnonzero(lengths < 0)
+    if bad.size:
+        raise DataError(
+            f"{idx_path}: sequence {int(bad[0])} has negative length {int(lengths[bad[0]])} "
+            f"({bad.size} negative lengths in all); {fix}"
+        )
+    if num_seq and pointers[0] != 0:
+        raise DataError(f"{idx_path}: the first sequence starts at byte {int(pointers[0])}, expected 0; {fix}")
+    if num_seq > 1:
+        # megatron's _IndexWriter stores pointers = exclusive cumsum(lengths) * itemsize.
+        expected = pointers[:-1] + lengths[:-1].astype(np.int64) * dtype.itemsize
+        bad = np.flatnonzero(pointers[1:] != expected)
+        if bad.size:
+            i = int(bad[0]) + 1
+            raise DataError(
+                f"{idx_path}: sequence {i} starts at byte {int(pointers[i])}, expected {int(expected[i - 1])} "
+                f"(sequence {i - 1} starts at byte {int(pointers[i - 1])} and holds {int(lengths[i - 1])} "
+                f"{dtype.name} tokens; sequences are stored back to back); {fix}"
+            )
+    if doc_idx[0] != 0 or doc_idx[-1] != num_seq:
+        raise DataError(
+            f"{idx_path}: document indices run from {int(doc_idx[0])} to {int(doc_idx[-1])}, expected 0 to the "
+            f"{num_seq} sequences; {fix}"
+        )
+    # Non-decreasing from 0 to num_seq also keeps every index within [0, num_seq].
+    bad = np.flatnonzero(np.diff(doc_idx) < 0)
+    if bad.size:
+        i = int(bad[0]) + 1
+        raise DataError(
+            f"{idx_path}: document {i} starts at sequence {int(doc_idx[i])}, before document {i - 1} "
+            f"(sequence {int(doc_idx[i - 1])}); document indices must not decrease; {fix}"
+        )
+
+
 def read_sidecar_vocab_size(prefix: str) -> Optional[int]:
     """The ``vocab_size`` recorded next to a shard by ``tools/preprocess_data.py``, if any.
 
     Looked up at ``<prefix>.json`` and, for ``<x>_text_document`` prefixes, ``<x>.json``.
+    The second name is also what Megatron-LM's own inputs are often called (a jsonl corpus
+    ``<x>.json`` beside its shards), so there a file that is not one JSON object is skipped,
+    not an error.
 
     Returns:
         The vocabulary size, or ``None`` when no sidecar exists or it has no ``vocab_size``.
 
     Raises:
-        DataError: the sidecar exists but is not valid JSON or its vocab_size is not an int.
+        DataError: ``<prefix>.json`` is unreadable, not a JSON object, or either sidecar's
+            vocab_size is not a positive int.
     """
     candidates = [prefix + ".json"]
     if prefix.endswith(_TEXT_DOCUMENT_SUFFIX):
@@ -269,16 +322,29 @@ def read_sidecar_vocab_size(prefix: str) -> Optional[int]:
     for path in candidates:
         if not os.path.isfile(path):
             continue
+        fallback = path != candidates[0]
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            if fallback:
+                continue
             raise DataError(f"shard sidecar {path} is not valid JSON ({exc}); fix or delete it") from None
-        if not isinstance(meta, dict) or "vocab_size" not in meta:
+        if not isinstance(meta, dict):
+            if fallback:
+                continue
+            raise DataError(
+                f"shard sidecar {path} holds a JSON {type(meta).__name__}, expected an object with vocab_size "
+                "(tools/preprocess_data.py writes one); fix or delete it"
+            )
+        if "vocab_size" not in meta:
             return None
         value = meta["vocab_size"]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise DataError(f"shard sidecar {path}: vocab_size must be a positive int, got {value!r}")
+            raise DataError(
+                f"shard sidecar {path}: vocab_size must be a positive int, got {value!r}; fix it or delete the "
+                "sidecar (the shard's token ids are then checked against the tokenizer instead)"
+            )
         return value
     return None
 
@@ -308,6 +374,10 @@ class DomainDatasetConfig:
     """Compare the sidecar ``<prefix>.json`` vocab_size (when present) with the tokenizer's vocab size."""
     check_token_ids: bool = False
     """Scan every .bin for its largest token id and require it < vocab size (reads all data once)."""
+    token_id_sample_bytes: int = 8 << 20
+    """Bytes of each shard scanned at start-up for ids outside [0, vocab size) when no sidecar vouches for
+    the vocabulary (its head and tail, and documents drawn at random); 0 skips it. Bounded so start-up stays
+    fast; every batch is checked again when collated (``MixtureDataset``). check_token_ids scans everything."""
     mmap: bool = True
     """Memory-map the .bin files (megatron's --mmap-bin-files)."""
 
@@ -316,6 +386,10 @@ class DomainDatasetConfig:
             raise ConfigError(f"--seq-length must be a positive integer, got {self.sequence_length!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.token_id_sample_bytes, int) or self.token_id_sample_bytes < 0:
+            raise ConfigError(
+                f"token_id_sample_bytes must be an integer >= 0 (0 skips the sample), got {self.token_id_sample_bytes!r}"
+            )
         if self.reset_attention_mask and not self.create_attention_mask:
             raise ConfigError(
                 "--reset-attention-mask needs per-sample attention masks: set create_attention_mask=True"
@@ -443,7 +517,7 @@ def build_domain_datasets(
                 f"--seq-length {config.sequence_length} + 1; add data, drop the domain, or change --split"
             )
         doc_ranges.append((lo, hi))
-        _check_vocab(name, shard, view.vocab_size, config)
+        _check_vocab(name, shard, (lo, hi), view.vocab_size, config)
 
     gpt_config = GPTDatasetConfig(
         random_seed=config.seed,
@@ -477,35 +551,82 @@ def build_domain_datasets(
 
 def _tokens_in_documents(shard: ShardInfo, lo: int, hi: int) -> int:
     """Tokens stored in documents [lo, hi) of a validated shard (read from its .idx)."""
-    num_seq = shard.num_sequences
-    mm = np.memmap(shard.prefix + ".idx", mode="r", dtype=np.uint8)
-    try:
-        lengths = np.frombuffer(mm, dtype=np.int32, count=num_seq, offset=_IDX_HEADER_BYTES)
-        doc_idx = np.frombuffer(mm, dtype=np.int64, count=shard.num_documents + 1,
-                                offset=_IDX_HEADER_BYTES + 12 * num_seq)
-        return int(lengths[doc_idx[lo]:doc_idx[hi]].sum(dtype=np.int64)) if hi > lo else 0
-    finally:
-        del mm
+    lengths, _, doc_idx = _index_arrays(shard.prefix + ".idx", shard.num_sequences, shard.num_documents + 1)
+    return int(lengths[doc_idx[lo]:doc_idx[hi]].sum(dtype=np.int64)) if hi > lo else 0
 
 
-def _check_vocab(name: str, shard: ShardInfo, vocab_size: int, config: DomainDatasetConfig) -> None:
-    if config.check_vocab:
-        recorded = read_sidecar_vocab_size(shard.prefix)
-        if recorded is not None and recorded != vocab_size:
-            raise DataError(
-                f"domain {name!r}: shard sidecar records vocab_size {recorded} but the tokenizer has {vocab_size}; "
-                "use the tokenizer the shards were made with, or re-run preprocessing"
-            )
+def _check_vocab(name: str, shard: ShardInfo, documents: Tuple[int, int], vocab_size: int,
+                 config: DomainDatasetConfig) -> None:
+    """The shard's vocabulary against the tokenizer's: its sidecar, then its token ids.
+
+    Ids >= vocab size otherwise fail as an IndexError inside the embedding, mid-training.
+    With a sidecar recording the same vocab_size only ``check_token_ids`` scans; without
+    one (a Megatron-LM shard) a bounded sample is scanned (``token_id_sample_bytes``).
+    """
+    recorded = read_sidecar_vocab_size(shard.prefix) if config.check_vocab else None
+    if recorded is not None and recorded != vocab_size:
+        raise DataError(
+            f"domain {name!r}: shard sidecar records vocab_size {recorded} but the tokenizer has {vocab_size}; "
+            "use the tokenizer the shards were made with, or re-run preprocessing"
+        )
     if config.check_token_ids:
-        data = np.memmap(shard.prefix + ".bin", mode="r", dtype=shard.dtype, shape=(shard.num_tokens,))
-        chunk = 1 << 24
-        top = max(int(data[i : i + chunk].max()) for i in range(0, shard.num_tokens, chunk))
-        del data
-        if top >= vocab_size:
-            raise DataError(
-                f"domain {name!r}: {shard.prefix}.bin contains token id {top} >= tokenizer vocab_size {vocab_size}; "
-                "the shard was tokenized with a different tokenizer"
-            )
+        budget, scanned = None, "all of"
+    elif recorded is None and config.token_id_sample_bytes > 0:
+        budget, scanned = config.token_id_sample_bytes, "a sample of"
+    else:
+        return
+    low, top = _token_id_range(shard, documents, budget)
+    if low < 0 or top >= vocab_size:
+        bad = low if low < 0 else top
+        vouch = "" if recorded is not None else f" (no sidecar {shard.prefix}.json records the shard's vocab_size)"
+        raise DataError(
+            f"domain {name!r}: {shard.prefix}.bin contains token id {bad}, outside the tokenizer's vocabulary "
+            f"[0, {vocab_size}){vouch}, found scanning {scanned} its documents {list(documents)}; the shard was "
+            "tokenized with another tokenizer: train with the tokenizer the shards were made with "
+            "(--tokenizer-type/--tokenizer-model/--vocab-file, or a --vocab-size above the largest id for "
+            "NullTokenizer), or re-run preprocessing with this one"
+        )
+
+
+def _token_id_range(shard: ShardInfo, documents: Tuple[int, int], max_bytes: Optional[int]) -> Tuple[int, int]:
+    """Smallest and largest token id in documents [lo, hi) of a validated shard.
+
+    ``max_bytes=None`` reads them all; otherwise at most ``max_bytes`` (rounded down to
+    whole tokens) are read: the first and last quarter of the budget at the two ends of
+    the range (where a bad append or a foreign shard's head shows) and the rest in
+    windows at the starts of sequences drawn with a fixed seed (same on every rank).
+    """
+    lo, hi = documents
+    lengths, pointers, doc_idx = _index_arrays(shard.prefix + ".idx", shard.num_sequences, shard.num_documents + 1)
+    first_seq, end_seq = int(doc_idx[lo]), int(doc_idx[hi])
+    itemsize = shard.dtype.itemsize
+    # Contiguous pointers (inspect_shard) make documents [lo, hi) one token range [start, stop).
+    start = int(pointers[first_seq]) // itemsize if end_seq > first_seq else 0
+    stop = start + int(lengths[first_seq:end_seq].sum(dtype=np.int64))
+    if stop == start:
+        return 0, 0
+    budget = stop - start if max_bytes is None else max(1, max_bytes // itemsize)
+    if budget >= stop - start:
+        windows = [(start, stop)]
+    else:
+        edge, draws = budget // 4, 64
+        width = max(1, (budget - 2 * edge) // draws)
+        seqs = np.random.default_rng(0).integers(first_seq, end_seq, size=draws)
+        heads = pointers[seqs] // itemsize
+        windows = [(start, start + edge), (stop - edge, stop)]
+        windows += [(int(a), min(int(a) + width, stop)) for a in heads]
+    data = np.memmap(shard.prefix + ".bin", mode="r", dtype=shard.dtype, shape=(stop,))
+    chunk = 1 << 24  # a full scan in bounded pieces: no multi-GiB temporaries
+    low, top = None, None
+    for a, b in windows:
+        for i in range(a, b, chunk):
+            piece = data[i:min(b, i + chunk)]
+            if piece.size:
+                lo_i, hi_i = int(piece.min()), int(piece.max())
+                low = lo_i if low is None else min(low, lo_i)
+                top = hi_i if top is None else max(top, hi_i)
+    del data
+    return (0, 0) if low is None else (low, top)
 
 
 def _build_on_rank0_first(build, uses_cache: bool):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from megatron_dga.data.sampler import DynamicMixtureSampler, check_batch_geometry
-from megatron_dga.errors import ConfigError
+from megatron_dga.errors import ConfigError, DataError
 
 
 class MixtureDataset(torch.utils.data.Dataset):
@@ -47,17 +47,27 @@ class MixtureDataset(torch.utils.data.Dataset):
         domain_datasets: the k training domains (e.g. megatron-core ``GPTDataset`` s).
         held_out_datasets: extra sources (the specific set, held-out evaluation sets)
             with ids ``k, k+1, ...``, matching the sampler's ``held_out_sizes``.
+        vocab_size: when given, every batch collated through :meth:`load` or
+            :class:`StepLoader` must hold token ids in ``[0, vocab_size)``
+            (:meth:`check_token_ids`).
+        source_names: names of the sources in error messages (default ``source <id>``).
 
     ``dataset[(d, i)]`` returns source d's sample i as a dict of tensors (numpy arrays
     are converted) with an extra ``domain_id`` (int64 scalar tensor).
     """
 
-    def __init__(self, domain_datasets: Sequence[Any], held_out_datasets: Sequence[Any] = ()) -> None:
+    def __init__(self, domain_datasets: Sequence[Any], held_out_datasets: Sequence[Any] = (),
+                 vocab_size: Optional[int] = None, source_names: Optional[Sequence[str]] = None) -> None:
         if len(domain_datasets) == 0:
             raise ConfigError("MixtureDataset needs at least one domain dataset")
         self.sources = list(domain_datasets) + list(held_out_datasets)
         self.num_domains = len(domain_datasets)
         self.sizes = [len(s) for s in self.sources]
+        self.vocab_size = vocab_size
+        self.source_names = list(source_names) if source_names is not None else [
+            f"source {i}" for i in range(len(self.sources))]
+        if len(self.source_names) != len(self.sources):
+            raise ConfigError(f"{len(self.source_names)} source names for {len(self.sources)} sources")
 
     def __len__(self) -> int:
         return int(sum(self.sizes))
@@ -76,7 +86,41 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def load(self, keys: np.ndarray) -> Dict[str, torch.Tensor]:
         """Read and collate the samples of an index array (e.g. a probe batch) in this process."""
-        return collate_samples([self[k] for k in np.asarray(keys)])
+        keys = np.asarray(keys)
+        return self.check_token_ids(collate_samples([self[k] for k in keys]), keys)
+
+    def check_token_ids(self, batch: Dict[str, torch.Tensor], keys) -> Dict[str, torch.Tensor]:
+        """Return ``batch`` if its token ids lie in ``[0, vocab_size)``, else raise DataError.
+
+        The start-up scan of a shard without a sidecar reads a bounded sample only
+        (``DomainDatasetConfig.token_id_sample_bytes``); this catches the rest for one
+        min/max reduction per tensor, before the embedding fails with a bare IndexError.
+
+        Args:
+            batch: a collated batch (``tokens`` and, for GPT samples, ``labels``).
+            keys: its ``(source_id, sample_index)`` rows, in batch order (named in the error).
+        """
+        if self.vocab_size is None:
+            return batch
+        for name in ("tokens", "labels"):
+            ids = batch.get(name)
+            if ids is None or ids.numel() == 0:
+                continue
+            low, high = torch.aminmax(ids)
+            if int(low) >= 0 and int(high) < self.vocab_size:
+                continue
+            bad = (ids < 0) | (ids >= self.vocab_size)
+            row = int(bad.reshape(len(ids), -1).any(dim=1).nonzero()[0])
+            value = int(ids[row][bad[row]][0])
+            source, sample = (int(x) for x in keys[row])
+            path = getattr(self.sources[source], "dataset_path", None)
+            raise DataError(
+                f"{self.source_names[source]}{f' ({path}.bin)' if path else ''}, sample {sample}: {name} hold id "
+                f"{value}, outside the vocabulary [0, {self.vocab_size}); the shard was tokenized with another "
+                "tokenizer: train with the one the shards were made with (--tokenizer-model/--vocab-file, or a "
+                "--vocab-size above the largest id for NullTokenizer), or re-run preprocessing with this one"
+            )
+        return batch
 
 
 def collate_samples(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -157,8 +201,11 @@ class StepLoader:
         batch = self.sampler.global_batch()
         self.last_global_batch = batch
         mbs = self.sampler.rank_micro_batches(batch, self.dp_rank, self.dp_size)
-        self._step_sampler.micro_batches = [_as_key_list(m) for m in mbs]
-        return iter(self._loader)
+        keys = [_as_key_list(m) for m in mbs]
+        self._step_sampler.micro_batches = keys
+        # Checked here, in the main process: an error raised inside a worker would come back
+        # wrapped in the worker's traceback text. The DataLoader yields batches in order.
+        return (self.dataset.check_token_ids(mb, k) for mb, k in zip(self._loader, keys))
 
 
 class MixtureBatchSampler:

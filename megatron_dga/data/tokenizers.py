@@ -294,26 +294,9 @@ class GPT2BPETokenizer(BaseTokenizer):
                 self.encoder: dict[str, int] = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"--vocab-file {vocab_file!r} is not valid JSON ({exc}).") from None
-        if not isinstance(self.encoder, dict) or not all(
-            isinstance(v, int) for v in self.encoder.values()
-        ):
-            raise DataError(
-                f"--vocab-file {vocab_file!r} must be a JSON object mapping token -> int id."
-            )
+        self._check_vocab(vocab_file)
         self.decoder = {v: k for k, v in self.encoder.items()}
-        self.bpe_ranks: dict[tuple[str, str], int] = {}
-        with open(merge_file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line or (lineno == 1 and line.startswith("#version")):
-                    continue
-                parts = line.split(" ")
-                if len(parts) != 2:
-                    raise DataError(
-                        f"--merge-file {merge_file!r} line {lineno}: expected two symbols "
-                        f"separated by one space, got {line!r}."
-                    )
-                self.bpe_ranks.setdefault((parts[0], parts[1]), len(self.bpe_ranks))
+        self.bpe_ranks = self._read_merges(merge_file)
         if eod_token not in self.encoder:
             raise DataError(
                 f"--vocab-file {vocab_file!r} has no {eod_token!r} token, which is used as the "
@@ -324,6 +307,58 @@ class GPT2BPETokenizer(BaseTokenizer):
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
         self._pattern = _gpt2_pretokenize_pattern()
         self._cache: dict[str, tuple[str, ...]] = {}
+
+    def _check_vocab(self, vocab_file: str) -> None:
+        """DataError unless the vocabulary maps tokens to distinct int ids >= 0 (the embedding rows)."""
+        if not isinstance(self.encoder, dict):
+            raise DataError(
+                f"--vocab-file {vocab_file!r} holds a JSON {type(self.encoder).__name__}; it must be a JSON "
+                "object mapping token -> int id (GPT-2's vocab.json)."
+            )
+        bad = next(((k, v) for k, v in self.encoder.items()
+                    if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
+        if bad is not None:
+            raise DataError(
+                f"--vocab-file {vocab_file!r}: token {bad[0]!r} has id {bad[1]!r}; every id must be an int >= 0 "
+                "(GPT-2's vocab.json maps token -> id)."
+            )
+        if len(set(self.encoder.values())) != len(self.encoder):
+            seen: dict[int, str] = {}
+            dup = next((k, seen[v]) for k, v in self.encoder.items() if seen.setdefault(v, k) != k)
+            raise DataError(
+                f"--vocab-file {vocab_file!r}: tokens {dup[1]!r} and {dup[0]!r} share id {self.encoder[dup[0]]}; "
+                "ids must be unique (the file is corrupt or hand-edited)."
+            )
+
+    def _read_merges(self, merge_file: str) -> dict[tuple[str, str], int]:
+        """Merge ranks from merges.txt; every merge must produce a symbol of the vocabulary.
+
+        Checked here, not when a merge first fires, so a vocab/merges pair that do not
+        belong together fails before preprocessing or training starts.
+        """
+        ranks: dict[tuple[str, str], int] = {}
+        try:
+            with open(merge_file, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    line = line.rstrip("\n")
+                    if not line or (lineno == 1 and line.startswith("#version")):
+                        continue
+                    parts = line.split(" ")
+                    if len(parts) != 2:
+                        raise DataError(
+                            f"--merge-file {merge_file!r} line {lineno}: expected two symbols "
+                            f"separated by one space, got {line!r}."
+                        )
+                    if parts[0] + parts[1] not in self.encoder:
+                        raise DataError(
+                            f"--merge-file {merge_file!r} line {lineno}: merge {line!r} makes "
+                            f"{parts[0] + parts[1]!r}, which --vocab-file {self._vocab_path!r} lacks: the two "
+                            "files do not belong together; pass the vocab.json and merges.txt of one tokenizer."
+                        )
+                    ranks.setdefault((parts[0], parts[1]), len(ranks))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"--merge-file {merge_file!r} is not UTF-8 text ({exc}); pass GPT-2's merges.txt.") from None
+        return ranks
 
     def bpe(self, word: str) -> tuple[str, ...]:
         """Apply the merges to one pre-token (already mapped to byte-unicode symbols).
@@ -419,7 +454,13 @@ class HuggingFaceTokenizer(BaseTokenizer):
                     f"--tokenizer-model {path!r} has no tokenizer.json. Save the tokenizer with "
                     "tokenizer.save_pretrained(DIR) first."
                 )
-            self._tok = Tokenizer.from_file(json_path)
+            try:
+                self._tok = Tokenizer.from_file(json_path)
+            except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+                raise DataError(
+                    f"--tokenizer-model {path!r}: {json_path} is not a valid tokenizer.json ({exc}). Save the "
+                    "tokenizer again with tokenizer.save_pretrained(DIR)."
+                ) from None
         except ImportError:
             try:
                 from transformers import AutoTokenizer  # type: ignore
@@ -429,7 +470,13 @@ class HuggingFaceTokenizer(BaseTokenizer):
                     "(or 'transformers'), which is not installed. Install it with "
                     "`pip install tokenizers`, or use --tokenizer-type SentencePieceTokenizer."
                 ) from None
-            self._hf = AutoTokenizer.from_pretrained(self._dir, local_files_only=True)
+            try:
+                self._hf = AutoTokenizer.from_pretrained(self._dir, local_files_only=True)
+            except (OSError, ValueError) as exc:  # missing or malformed tokenizer files
+                raise DataError(
+                    f"--tokenizer-model {path!r} is not a loadable HuggingFace tokenizer directory ({exc}). "
+                    "Save the tokenizer again with tokenizer.save_pretrained(DIR)."
+                ) from None
         self._eod = self._find_special(("<|endoftext|>", "</s>", "<eos>", "<eod>", "<|end_of_text|>"))
         if self._eod is None:
             raise DataError(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -103,22 +104,50 @@ def _check_names(names: Sequence[Any], what: str, source: str) -> list[str]:
     return out
 
 
-def _check_simplex(vec: np.ndarray, source: str, what: str) -> None:
-    if not np.all(np.isfinite(vec)):
-        bad = np.flatnonzero(~np.isfinite(vec))[:5].tolist()
-        raise DataError(f"{source}: {what} has non-finite entries at positions {bad}; all must be finite")
-    if np.any(vec < 0):
-        bad = np.flatnonzero(vec < 0)[:5].tolist()
-        raise DataError(
-            f"{source}: {what} has negative entries at positions {bad} (e.g. {vec[bad[0]]!r}); "
-            "weights must be >= 0"
+def check_simplex(vec: np.ndarray, source: str, what: str, fix: str | None = None,
+                  error: type[Exception] = DataError) -> None:
+    """Raise ``error`` unless every row of ``vec`` (1-D: the vector) is finite, >= 0 and sums to 1.
+
+    The one check of "weights on the simplex", for files and checkpoints alike. Vectorised
+    over the rows of a basis matrix; the message names ``source``, the first bad row
+    (``what`` then reads ``"<what> row i"``), the positions and a value, and ends with
+    ``fix`` (default: how to repair a weights or basis file).
+    """
+    rows = np.atleast_2d(vec)
+    label = (lambda i: what) if vec.ndim == 1 else (lambda i: f"{what} row {i}")
+    repair = fix or "fix the values, or regenerate the file with tools/importance_weights.py"
+    bad_rows = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if bad_rows.size:
+        i = int(bad_rows[0])
+        bad = np.flatnonzero(~np.isfinite(rows[i]))[:5].tolist()
+        raise error(
+            f"{source}: {label(i)} has non-finite entries at positions {bad} (e.g. {float(rows[i, bad[0]])!r}); "
+            f"all must be finite: {repair}"
         )
-    total = float(vec.sum(dtype=np.float64))
-    if abs(total - 1.0) > SIMPLEX_ATOL:
-        raise DataError(
-            f"{source}: {what} sums to {total!r}, not 1 (tolerance {SIMPLEX_ATOL}); "
-            "normalise it (divide by its sum) before writing"
+    bad_rows = np.flatnonzero((rows < 0).any(axis=1))
+    if bad_rows.size:
+        i = int(bad_rows[0])
+        bad = np.flatnonzero(rows[i] < 0)[:5].tolist()
+        raise error(
+            f"{source}: {label(i)} has negative entries at positions {bad} (e.g. {float(rows[i, bad[0]])!r}); "
+            f"weights must be >= 0: {repair}"
         )
+    totals = rows.sum(axis=1, dtype=np.float64)
+    bad_rows = np.flatnonzero(np.abs(totals - 1.0) > SIMPLEX_ATOL)
+    if bad_rows.size:
+        i = int(bad_rows[0])
+        raise error(
+            f"{source}: {label(i)} sums to {float(totals[i])!r}, not 1 (tolerance {SIMPLEX_ATOL}); "
+            f"{fix or 'normalise it (divide by its sum) before writing'}"
+        )
+
+
+def _as_float(x: float, source: str) -> float:
+    """A JSON number as a float; JSON integers are unbounded and overflow a float64."""
+    try:
+        return float(x)
+    except OverflowError:
+        raise DataError(f"{source}: weight {x} is too large for a float; weights lie in [0, 1]") from None
 
 
 def _reorder(file_names: list[str], expected: Iterable[str], source: str, what: str) -> np.ndarray:
@@ -169,7 +198,7 @@ def save_weights(
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or w.shape[0] != len(names):
         raise DataError(f"{source}: got {w.shape} weights for {len(names)} domains; need one weight per domain")
-    _check_simplex(w, source, "weights")
+    check_simplex(w, source, "weights")
     doc = {"format": WEIGHTS_FORMAT, "domains": names, "weights": [float(x) for x in w], "meta": dict(meta or {})}
     try:
         text = json.dumps(doc, indent=1, allow_nan=False)
@@ -208,8 +237,8 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
         bad = next(x for x in raw if not isinstance(x, (int, float)) or isinstance(x, bool))
         raise DataError(f"{source}: weight {bad!r} is not a number")
-    w = np.asarray(raw, dtype=np.float64)
-    _check_simplex(w, source, "weights")
+    w = np.array([_as_float(x, source) for x in raw], dtype=np.float64)
+    check_simplex(w, source, "weights")
     meta = doc.get("meta") or {}
     if not isinstance(meta, dict):
         raise DataError(f"{source}: 'meta' is {type(meta).__name__}, expected an object")
@@ -283,8 +312,7 @@ def _check_basis_matrix(m: np.ndarray, n: int, k: int, source: str) -> None:
         )
     if n == 0 or k == 0:
         raise DataError(f"{source}: basis needs at least one row and one column, got shape {m.shape}")
-    for i in range(n):
-        _check_simplex(m[i], source, f"matrix row {i}")
+    check_simplex(m, source, "matrix")
 
 
 def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None = None) -> Basis:
@@ -317,8 +345,11 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
         raise
     except ValueError as e:  # object arrays (allow_pickle=False) or a non-npz file
         raise DataError(f"{source}: cannot read as a basis .npz ({e}); names must be unicode arrays, not objects") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{source}: cannot read as a basis .npz ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: a truncated or damaged .npz
+        raise DataError(
+            f"{source}: cannot read as a basis .npz ({e}); the file is damaged: rebuild it with "
+            "tools/importance_weights.py --basis-sets"
+        ) from None
     for key, arr in (("basis_names", b_raw), ("domain_names", d_raw)):
         if arr.ndim != 1 or arr.dtype.kind != "U":
             raise DataError(f"{source}: '{key}' has dtype {arr.dtype} and shape {arr.shape}; expected a 1-D string array")
@@ -334,6 +365,8 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
             meta = json.loads(str(meta_raw))
         except json.JSONDecodeError as e:
             raise DataError(f"{source}: 'meta' entry is not valid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{source}: 'meta' entry holds a JSON {type(meta).__name__}, expected an object")
     if expected_domains is not None:
         order = _reorder(d_names, expected_domains, source, "domain_names")
         m = np.ascontiguousarray(m[:, order])

@@ -52,6 +52,7 @@ class DataPipeline:
         self.domains = build_domain_datasets(prefixes, self.tokenizer, ds_cfg, names=names,
                                              documents=(0.0, train_fraction))
         sources = list(self.domains.datasets)
+        source_names = [f"domain {n!r}" for n in names]  # for errors naming a bad sample's source
         held_out = []
         # Per-domain validation parts (held out from training) for the domain eval loss.
         self.valid_ids: Optional[List[int]] = None
@@ -60,6 +61,7 @@ class DataPipeline:
                                           documents=(train_fraction, 1.0))
             self.valid_ids = list(range(len(sources), len(sources) + len(valid)))
             sources.extend(valid.datasets)
+            source_names.extend(f"domain {n!r} (validation part)" for n in names)
             held_out.extend(int(n) for n in valid.num_samples)
         self.specific_id = self.specific_eval_id = None
         for attr, path, flag in (("specific_id", data.specific_data_path, "--specific-data-path"),
@@ -68,6 +70,7 @@ class DataPipeline:
                 extra = build_domain_datasets([path], self.tokenizer, ds_cfg, names=[flag.strip("-")])
                 setattr(self, attr, len(sources))
                 sources.append(extra.datasets[0])
+                source_names.append(flag)
                 held_out.append(int(extra.num_samples[0]))
         k = len(self.domains)
         limits = _token_limits(data.domain_token_limit, k)
@@ -81,7 +84,8 @@ class DataPipeline:
             domain_names=names,
             held_out_sizes=held_out,
         )
-        self.dataset = MixtureDataset(sources[:k], sources[k:])
+        self.dataset = MixtureDataset(sources[:k], sources[k:], vocab_size=self.tokenizer.vocab_size,
+                                      source_names=source_names)
         # Training batches through DataLoader workers (--num-workers); indices stay in this process.
         self.loader = StepLoader(self.dataset, self.sampler, ctx.dp_rank, ctx.dp_size, num_workers=data.num_workers,
                                  pin_memory=torch.cuda.is_available())
