@@ -82,8 +82,12 @@ def common_args(data, preset: dict, args) -> List[str]:
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data.tokenizer_model,
         "--seed", str(args.seed), "--train-iters", str(iters), *preset["model"], *preset["batch"], *preset["optim"],
         "--log-interval", "10", "--eval-interval", str(max(iters // 12, 10)), "--eval-iters", "2",
-        "--dga-interval", str(args.dga_interval), "--dga-eta", "10", *preset["dga"],
     ]
+
+
+def dga_args(preset: dict, args) -> List[str]:
+    """The DGA flags (the trainer refuses them without --mixing dga)."""
+    return ["--mixing", "dga", "--dga-interval", str(args.dga_interval), "--dga-eta", "10", *preset["dga"]]
 
 
 def token_limited(data, preset: dict, args, out: str) -> Dict[str, List[str]]:
@@ -93,13 +97,12 @@ def token_limited(data, preset: dict, args, out: str) -> Dict[str, List[str]]:
               "--specific", data.target_train_jsonl, "--output", weights, "--smoothing", "0.02", "--no-progress")
     base = ["--data-path", *[data.domain_prefixes[d] for d in data.domains],
             "--specific-data-path", data.target_train_prefix, "--specific-eval-data-path", data.target_eval_prefix,
-            "--domain-token-limit", str(args.token_limit or preset["token_limit"]),
-            "--importance-weights", weights, *common_args(data, preset, args)]
+            "--domain-token-limit", str(args.token_limit or preset["token_limit"]), *common_args(data, preset, args)]
     return {
         "uniform": base + ["--mixing", "uniform"],
-        "importance": base + ["--mixing", "importance"],
-        "dga": base + ["--mixing", "dga", "--dga-ema", "1.0"],
-        "dga_ema": base + ["--mixing", "dga", "--dga-ema", "0.1"],
+        "importance": base + ["--mixing", "importance", "--importance-weights", weights],
+        "dga": base + [*dga_args(preset, args), "--dga-ema", "1.0"],
+        "dga_ema": base + [*dga_args(preset, args), "--dga-ema", "0.1"],
     }
 
 
@@ -130,14 +133,13 @@ def fine_grained(data, preset: dict, args, out: str) -> Dict[str, List[str]]:
           "--no-progress")
     base = ["--data-path", *[os.path.join(shard_dir, f"{d}_text_document") for d in fine],
             "--specific-data-path", small_prefix + "_text_document",
-            "--specific-eval-data-path", data.target_eval_prefix,
-            "--importance-weights", weights, *common_args(data, preset, args),
+            "--specific-eval-data-path", data.target_eval_prefix, *common_args(data, preset, args),
             # Some fine clusters hold a handful of documents: no per-domain held-out part.
             "--split", "100,0"]
     return {
         "uniform": base + ["--mixing", "uniform"],
-        "importance": base + ["--mixing", "importance"],
-        "dga_basis": base + ["--mixing", "dga", "--dga-ema", "0.1", "--dga-basis", basis],
+        "importance": base + ["--mixing", "importance", "--importance-weights", weights],
+        "dga_basis": base + [*dga_args(preset, args), "--dga-ema", "0.1", "--dga-basis", basis],
     }
 
 

@@ -17,6 +17,10 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
+# torch.distributed.checkpoint's collective save reports every rank's failure in one exception, a
+# BaseException (not an Exception): callers that catch a failed save take the name from here.
+from torch.distributed.checkpoint.api import CheckpointException as DistCheckpointException  # noqa: F401
+
 Group = Optional["dist.ProcessGroup"]
 MAX = dist.ReduceOp.MAX
 """Reduction op for :func:`all_reduce` (its default is the sum)."""

@@ -19,3 +19,12 @@ class NumericalError(DGAError, FloatingPointError):
 
 class CheckpointError(DGAError, RuntimeError):
     """A checkpoint is missing, incomplete, or does not match the run."""
+
+
+class OutputError(DGAError, OSError):
+    """An output (checkpoint, log, shard, tool output) cannot be written: no space left,
+    permission denied, read-only file system, a file where a directory should be. Still an
+    ``OSError`` (``errno`` is the original one), so ``except OSError`` keeps catching it."""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] strerror: filename"
+        return str(self.args[0]) if self.args else ""

@@ -1,16 +1,166 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
+"""Atomic file writes, and one-line reasons when an output cannot be written.
 
 One mechanism for every small output of the project (weights files, manifests, tokenizer
 models, checkpoint files, run info): write a temporary file beside the target, flush and
 fsync it, ``os.replace`` it over the target, fsync the directory; on any failure (Ctrl-C
 included) the temporary file is removed and the target is untouched.
+
+Every output location is checked once at start-up with :func:`ensure_writable_dir` (the
+trainer's --save/--log-dir/--tensorboard-dir, every tool's output), so a read-only or full
+destination fails before any work is done. A write that fails later (the disk filled up
+during the run) is reported by :func:`describe_os_error` in one line that names the path and
+the cause ("no space left on device writing <path>; free space or point --save elsewhere"),
+never as a library's internal message.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import uuid
-from typing import Any, Callable, IO
+from typing import Any, Callable, IO, Iterator, Optional
+
+from megatron_dga.errors import ConfigError, OutputError
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_DENIED = {errno.EACCES, errno.EPERM}
+_NOT_A_DIR = {errno.ENOTDIR, errno.EEXIST}  # EEXIST: makedirs found a file where the directory goes
+_EXPLAINED = _NO_SPACE | _DENIED | _NOT_A_DIR | {errno.EROFS}
+_LOW_SPACE_BYTES = 16 << 20
+"""Below this many free bytes, a writer's short write is taken for a full disk (see describe_os_error)."""
+_SHORT_WRITE_MARKERS = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+"""torch's zip writer (torch.save, megatron's async checkpoint writer) reports a full disk with
+these words and drops the errno: "[enforce fail at inline_container.cc:...] unexpected pos"."""
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, the per-rank failures of a torch.distributed.checkpoint CheckpointException, and
+    the chained causes of each, breadth first."""
+    queue, seen = [exc], set()
+    while queue:
+        e = queue.pop(0)
+        if e is None or id(e) in seen or len(seen) > 32:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: (exception, traceback)}
+        if isinstance(failures, dict):
+            queue.extend(f[0] for f in failures.values() if isinstance(f, tuple) and f)
+        queue.extend([e.__cause__, e.__context__])
+
+
+def _file_in_the_way(path: str) -> Optional[str]:
+    """The first component of ``path`` that exists and is not a directory (ENOTDIR, EEXIST)."""
+    parts = os.path.abspath(path)
+    while True:
+        if os.path.exists(parts):
+            return parts if not os.path.isdir(parts) else None
+        parent = os.path.dirname(parts)
+        if parent == parts:
+            return None
+        parts = parent
+
+
+def _free_bytes(path: str) -> Optional[int]:
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        return shutil.disk_usage(probe).free
+    except OSError:
+        return None
+
+
+def describe_os_error(exc: BaseException, path: str | os.PathLike, flag: Optional[str] = None) -> str:
+    """One line saying why writing ``path`` failed and what to do, for ``exc`` raised by a write.
+
+    Out of space (ENOSPC, EDQUOT), permission (EACCES, EPERM), read-only file system (EROFS)
+    and a file where a directory should be (ENOTDIR, EEXIST) are named as such, with the path
+    from the OSError itself when it has one. torch's zip writer drops the errno of a full disk
+    ("unexpected pos"); such a failure is reported as out of space when the file system holding
+    ``path`` has under 16 MiB free. Anything else keeps its type and message (the per-rank
+    failures of a torch.distributed.checkpoint CheckpointException without their tracebacks).
+
+    Args:
+        exc: the exception the write raised (its causes are searched too).
+        path: what was being written (a file or a directory).
+        flag: the option that chose the location, e.g. ``--save``; named in the fix.
+    """
+    path = os.fspath(path)
+    elsewhere = f"point {flag} elsewhere" if flag else "write it elsewhere"
+    oserrors = [e for e in _causes(exc) if isinstance(e, OSError) and e.errno is not None]
+    known = [e for e in oserrors if e.errno in _EXPLAINED]
+    if known or oserrors:
+        e = (known or oserrors)[0]
+        target = e.filename if isinstance(e.filename, str) and e.filename else path
+        if e.errno in _NO_SPACE:
+            return f"no space left on device writing {target}; free space or {elsewhere}"
+        if e.errno in _DENIED:
+            return f"permission denied writing {target}; make it writable or {elsewhere}"
+        if e.errno == errno.EROFS:
+            return f"read-only file system writing {target}; {elsewhere}"
+        blocker = _file_in_the_way(target) if e.errno in _NOT_A_DIR else None
+        if blocker:
+            return f"cannot write {target}: {blocker} is a file, not a directory; {elsewhere}"
+        return f"cannot write {target}: {e.strerror or e}; {elsewhere}"
+    inner = [e for e in _causes(exc) if e is not exc] if getattr(exc, "failures", None) else []
+    text = "; ".join(dict.fromkeys(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                                   for e in inner)) or f"{type(exc).__name__}: {exc}"
+    if any(marker in text for marker in _SHORT_WRITE_MARKERS):
+        free = _free_bytes(path)
+        if free is not None and free < _LOW_SPACE_BYTES:
+            return (f"no space left on device writing {path} ({free} bytes free on its file system; "
+                    f"the writer said: {text}); free space or {elsewhere}")
+    return text
+
+
+def output_error(exc: OSError, path: str | os.PathLike, flag: Optional[str] = None, *,
+                 explained_only: bool = True) -> OSError:
+    """``exc`` as an :class:`OutputError` with :func:`describe_os_error`'s message.
+
+    With ``explained_only`` (the default) only the explained errnos (no space, permission,
+    read-only, not a directory) are translated and any other ``exc`` is returned as it is, so a
+    caller's ``except FileNotFoundError`` keeps working; otherwise every OSError is translated.
+    """
+    if isinstance(exc, OutputError) or (explained_only and exc.errno not in _EXPLAINED):
+        return exc
+    err = OutputError(describe_os_error(exc, path, flag))
+    err.errno, err.filename = exc.errno, exc.filename or os.fspath(path)
+    return err
+
+
+def ensure_writable_dir(directory: str | os.PathLike, flag: str) -> str:
+    """Create ``directory`` if missing and prove a file can be created, written and removed in it.
+
+    Called at start-up for every output location, before any work whose result would be lost.
+
+    Returns:
+        ``directory`` as a string.
+
+    Raises:
+        ConfigError: naming ``flag``, the directory and the cause (no space, permission,
+            read-only file system, a file in the way).
+    """
+    directory = os.fspath(directory)
+    probe = os.path.join(directory, f".megatron-dga-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"0")  # creating an inode can succeed on a full disk; a data block cannot
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{flag} {directory}: {describe_os_error(exc, directory, flag)}") from None
+    return directory
+
+
+def ensure_writable_parent(path: str | os.PathLike, flag: str) -> str:
+    """:func:`ensure_writable_dir` for the directory an output FILE ``path`` goes into; returns ``path``."""
+    ensure_writable_dir(os.path.dirname(os.path.abspath(os.fspath(path))), flag)
+    return os.fspath(path)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -31,6 +181,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary:
     """Write through ``write(fileobj)`` to a temporary file beside ``path``, then rename it over ``path``.
 
     Text mode is UTF-8 with "\\n" line endings on every platform (deterministic bytes).
+
+    Raises:
+        OutputError: no space left, permission denied, read-only file system or a file in the
+            way (an ``OSError`` with the original errno, and a message naming ``path``).
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -41,9 +195,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        translated = output_error(exc, path) if isinstance(exc, OSError) else exc
+        if translated is not exc:
+            raise translated from exc
         raise
     fsync_dir(directory)
 

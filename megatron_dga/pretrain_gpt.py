@@ -6,24 +6,15 @@ training work starts.
 """
 from __future__ import annotations
 
-import logging
 import sys
-import warnings
 from typing import Optional, Sequence
 
 from megatron_dga.errors import DGAError
-
-
-def _quiet_known_warnings() -> None:
-    # megatron-core warns at import that apex/TE are absent: expected on CPU, said once in the docs.
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
-    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+from megatron_dga.logging_setup import setup_logging
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _quiet_known_warnings()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-bucket parameter listings
+    setup_logging()  # before megatron-core is imported: its known CPU warnings are filtered
     from megatron_dga import platform
     from megatron_dga.training.arguments import parse_args
 

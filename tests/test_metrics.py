@@ -185,3 +185,49 @@ def test_throughput_window():
     assert w.tokens_per_sec == pytest.approx(120.0)
     empty = Throughput(clock=lambda: 1.0).window()
     assert math.isnan(empty.ms_per_iter) and math.isnan(empty.tokens_per_sec)
+
+
+def test_fresh_run_never_overwrites_an_earlier_runs_logs(tmp_path, caplog):
+    with MetricsLogger(tmp_path, stream=io.StringIO()) as m:
+        for it in (1, 2, 3):
+            m.log(it, {"lm_loss": float(it)})
+    (tmp_path / "run_info.json").write_text('{"domains": ["a"]}\n')
+    first = (tmp_path / "metrics.jsonl").read_bytes()
+
+    # A second run in the same --log-dir without --load (start_iteration 0): the first run's files move away.
+    with caplog.at_level("WARNING"), MetricsLogger(tmp_path, stream=io.StringIO()) as m:
+        m.log(1, {"lm_loss": 10.0})
+    kept = list((tmp_path / "previous_runs").iterdir())
+    assert len(kept) == 1
+    assert (kept[0] / "metrics.jsonl").read_bytes() == first
+    assert (kept[0] / "run_info.json").read_text() == '{"domains": ["a"]}\n'
+    assert [r["lm_loss"] for r in read_metrics(tmp_path)] == [10.0]
+    assert not (tmp_path / "run_info.json").exists()
+    assert "holds the metrics of an earlier run" in caplog.text and "pass --load to continue" in caplog.text
+
+    # A third fresh run keeps the second one beside the first; a resumed run moves nothing.
+    MetricsLogger(tmp_path, stream=io.StringIO()).close()
+    assert len(list((tmp_path / "previous_runs").iterdir())) == 2
+    with MetricsLogger(tmp_path, start_iteration=3, stream=io.StringIO()) as m:
+        m.log(4, {"lm_loss": 4.0})
+    assert len(list((tmp_path / "previous_runs").iterdir())) == 2
+
+
+def test_full_disk_while_logging_simulated_names_the_file_and_keeps_earlier_lines(tmp_path):
+    import errno
+
+    from megatron_dga.errors import OutputError
+
+    m = MetricsLogger(tmp_path, stream=io.StringIO())
+    m.log(1, {"lm_loss": 1.0})
+
+    class FullDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real, m._file = m._file, FullDisk()
+    with pytest.raises(OutputError, match=re.escape(
+            f"no space left on device writing {tmp_path / 'metrics.jsonl'}; free space or point --log-dir elsewhere")):
+        m.log(2, {"lm_loss": 2.0})
+    real.close()
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [1]

@@ -217,3 +217,81 @@ def test_gpt_dataset_reads_shard(tmp_path, spm_model):
     assert sample["labels"].tolist() == expected[1:].tolist()
     assert (stream == tok.eod).sum() == 40 * (len(ds.document_index) // 40)
     assert ds._pad_token_id == tok.pad == 3
+
+
+def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
+    import subprocess
+
+    null = TokenizerSpec("NullTokenizer", vocab_size=9)
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs (a SIGKILLed preprocess leaves such files)
+    stale = [f"d_text_document.bin.tmp-{dead.pid}", f"d_text_document.idx.tmp-{dead.pid}",
+             f"web_text_document.json.tmp-{dead.pid}"]
+    kept = [f"d_text_document.bin.tmp-{os.getppid()}", f"notes.txt.tmp-{dead.pid}"]  # a live writer; not ours
+    for name in stale + kept:
+        (out / name).write_bytes(b"partial")
+    preprocess(PreprocessConfig(str(tmp_path / "in.jsonl"), str(out / "d"), null))
+    assert sorted(os.listdir(out)) == sorted(kept + ["d_text_document.bin", "d_text_document.idx",
+                                                      "d_text_document.json"])
+
+
+def test_unwritable_output_simulated_by_a_file_is_one_line_and_touches_nothing(tmp_path, capsys):
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2"}])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep")
+    rc = _load_tool("preprocess_data").main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
+                                             str(blocker / "d"), "--tokenizer-type", "NullTokenizer",
+                                             "--vocab-size", "9", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err == (f"error: --output-prefix {blocker}: cannot write {blocker}: {blocker} is a file, not a directory; "
+                   f"point --output-prefix elsewhere\n")
+    assert blocker.read_text() == "keep"
+
+
+def test_full_disk_mid_write_simulated_is_one_line_and_keeps_previous_shard(tmp_path, monkeypatch, capsys):
+    import errno
+
+    null = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "9", "--no-progress"]
+    _write_jsonl(tmp_path / "old.jsonl", [{"text": "1 2"}])
+    _write_jsonl(tmp_path / "new.jsonl", [{"text": str(i % 9)} for i in range(600)])
+    tool = _load_tool("preprocess_data")
+    assert tool.main(["--input", str(tmp_path / "old.jsonl"), "--output-prefix", str(tmp_path / "out" / "d"), *null]) == 0
+    before = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
+    real_add = pp._ShardWriter.add
+
+    def full_disk(self, ids, nbytes):
+        if self.num_documents == 300:
+            raise OSError(errno.ENOSPC, "No space left on device", self.bin_tmp)
+        real_add(self, ids, nbytes)
+
+    monkeypatch.setattr(pp._ShardWriter, "add", full_disk)
+    capsys.readouterr()
+    rc = tool.main(["--input", str(tmp_path / "new.jsonl"), "--output-prefix", str(tmp_path / "out" / "d"), *null])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert (f"error: no space left on device writing {tmp_path / 'out' / 'd'}_text_document.bin.tmp-{os.getpid()}; "
+            "free space or point --output-prefix elsewhere") in err, err
+    assert {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")} == before
+
+
+def test_bad_null_tokenizer_token_is_a_counted_bad_line_with_its_location(tmp_path):
+    # Also the noise check of the tools: a fresh process, megatron-core imported, nothing but our lines.
+    import subprocess
+    import sys
+
+    _write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2"}, {"text": "3 x 4"}, {"text": "5"}])
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(tmp_path / "in.jsonl"),
+         "--output-prefix", str(tmp_path / "d"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "9",
+         "--no-progress"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert (f"{tmp_path / 'in.jsonl'}:2 untokenizable (NullTokenizer expects whitespace-separated integers, "
+            f"got '3 x 4'.)") in proc.stdout, proc.stdout
+    assert "untokenizable=1" in proc.stdout
+    assert _read(str(tmp_path / "d_text_document"))[0] == [[1, 2], [5]]
+    for noise in ("Transformer Engine", "Megatron-FSDP", "Detected Megatron Core", "Traceback", "warn"):
+        assert noise not in proc.stderr, proc.stderr

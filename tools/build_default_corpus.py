@@ -20,6 +20,8 @@ from dataclasses import asdict
 
 from megatron_dga.data.default_corpus import CorpusConfig, prepare_default_data
 from megatron_dga.errors import DGAError
+from megatron_dga.fileio import ensure_writable_dir
+from megatron_dga.logging_setup import setup_logging
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -36,8 +38,9 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(logging.WARNING, "%(asctime)s %(levelname)s %(message)s")
     try:
+        ensure_writable_dir(args.out, "--out")
         cfg = CorpusConfig(
             seed=args.seed,
             max_docs_per_domain=args.max_docs_per_domain,

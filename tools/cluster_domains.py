@@ -39,8 +39,9 @@ from megatron_dga.data.embeddings import (
     iter_jsonl,
     parse_text,
 )
-from megatron_dga.errors import ConfigError, DataError, DGAError
-from megatron_dga.fileio import atomic_write_json
+from megatron_dga.errors import ConfigError, DataError, DGAError, OutputError
+from megatron_dga.fileio import atomic_write_json, ensure_writable_dir, output_error
+from megatron_dga.logging_setup import setup_logging
 
 logger = logging.getLogger("cluster_domains")
 
@@ -67,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def prepare_output(out: str, overwrite: bool) -> None:
-    """Create ``out``; refuse to mix with a previous run unless --overwrite."""
-    os.makedirs(out, exist_ok=True)
+    """Create ``out`` (checked writable); refuse to mix with a previous run unless --overwrite."""
+    ensure_writable_dir(out, "--output")
     manifest = os.path.join(out, MANIFEST_FILE)
     if os.path.exists(manifest):
         if not overwrite:
@@ -163,7 +164,7 @@ def build_manifest(args, files, embedder, result, n_docs: int, seconds: float) -
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(logging.INFO, "%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.time()
     try:
         config = KMeansConfig(num_clusters=tuple(args.num_clusters), seed=args.seed, algorithm=args.kmeans_algorithm,
@@ -185,11 +186,16 @@ def main(argv=None) -> int:
         x = embedder.embed(texts, show_progress=not args.no_progress)
         del texts
         result = hierarchical_kmeans(x, config, show_progress=not args.no_progress)
-        write_domains(files, result.labels, result.names, args.output, args.write_buffer_mb << 20)
-        np.save(os.path.join(args.output, CENTROIDS_FILE), result.centroids.astype(np.float32))
-        embedder.save(args.output)
-        manifest = build_manifest(args, files, embedder, result, x.shape[0], time.time() - t0)
-        atomic_write_json(os.path.join(args.output, MANIFEST_FILE), manifest, indent=1)
+        try:  # inputs are read through iter_jsonl (DataError); an OSError here is a write (e.g. a full disk)
+            write_domains(files, result.labels, result.names, args.output, args.write_buffer_mb << 20)
+            np.save(os.path.join(args.output, CENTROIDS_FILE), result.centroids.astype(np.float32))
+            embedder.save(args.output)
+            manifest = build_manifest(args, files, embedder, result, x.shape[0], time.time() - t0)
+            atomic_write_json(os.path.join(args.output, MANIFEST_FILE), manifest, indent=1)
+        except OutputError:
+            raise
+        except OSError as e:
+            raise output_error(e, args.output, "--output", explained_only=False) from e
     except DGAError as e:
         print(f"cluster_domains: error: {e}", file=sys.stderr)
         return 2

@@ -57,6 +57,8 @@ from megatron_dga.data.embeddings import (
     read_jsonl_texts,
 )
 from megatron_dga.errors import ConfigError, DataError, DGAError
+from megatron_dga.fileio import ensure_writable_parent
+from megatron_dga.logging_setup import setup_logging
 from megatron_dga.mixing.weights_io import save_basis, save_weights
 
 logger = logging.getLogger("importance_weights")
@@ -199,9 +201,13 @@ def smoothing_meta(eps: float, mode: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(logging.INFO, "%(asctime)s %(name)s %(levelname)s %(message)s")
     progress = not args.no_progress
     try:
+        # Before any embedding: an unwritable or full destination fails now, in one line.
+        for path, flag in ((args.output, "--output"), (args.basis_output, "--basis-output")):
+            if path:
+                ensure_writable_parent(path, flag)
         basis_eps = args.smoothing if args.basis_smoothing is None else args.basis_smoothing
         # Validate smoothing before any expensive embedding.
         smooth_distribution(np.ones(1), args.smoothing, args.smoothing_mode)

@@ -16,6 +16,8 @@ import os
 import sys
 
 from megatron_dga.errors import DGAError
+from megatron_dga.fileio import ensure_writable_dir
+from megatron_dga.logging_setup import setup_logging
 from megatron_dga.plots import plot_alignments, plot_curves, plot_domain_weights
 from megatron_dga.training.metrics import read_metrics, read_tensorboard
 
@@ -44,9 +46,10 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="run directories (the runs' --log-dir)")
     p.add_argument("--out", default=None, help="output directory (default: the first run directory)")
     args = p.parse_args(argv)
+    setup_logging()
     out = args.out or args.runs[0]
-    os.makedirs(out, exist_ok=True)
     try:
+        ensure_writable_dir(out, "--out" if args.out else "--out (default: the first run directory)")
         runs = {os.path.basename(os.path.normpath(r)): load_run(r) for r in args.runs}
     except (DGAError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from megatron_dga.data.preprocess import PreprocessConfig, format_report, preprocess
 from megatron_dga.data.tokenizers import TOKENIZER_TYPES, TokenizerSpec
 from megatron_dga.errors import DGAError
+from megatron_dga.logging_setup import setup_logging
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -50,7 +53,11 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging(logging.INFO, "%(asctime)s %(levelname)s %(message)s")
+    # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C: the temp files are removed on the way out.
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal.signal works
+    previous_sigterm = (signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+                        if in_main_thread else None)
     try:
         config = PreprocessConfig(
             input=args.input,
@@ -75,6 +82,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: temporary files removed, previous outputs untouched", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # SIGTERM
+        print("terminated: temporary files removed, previous outputs untouched", file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     print(format_report(results))
     return 0
 

@@ -20,6 +20,8 @@ import sys
 from megatron_dga.data.preprocess import expand_inputs, sample_documents
 from megatron_dga.data.tokenizers import SentencePieceTrainConfig, train_sentencepiece
 from megatron_dga.errors import ConfigError, DGAError
+from megatron_dga.fileio import ensure_writable_parent
+from megatron_dga.logging_setup import setup_logging
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -41,7 +43,9 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = get_args(argv)
+    setup_logging()
     try:
+        ensure_writable_parent(args.model_prefix + ".model", "--model-prefix")  # before sampling and training
         if args.sample_docs < 0:
             raise ConfigError(f"--sample-docs {args.sample_docs} must be >= 0 (0 keeps every document).")
         if any(not k.strip() for k in args.json_keys):

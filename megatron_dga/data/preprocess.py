@@ -15,15 +15,22 @@ Each shard is written with megatron-core's ``IndexedDatasetBuilder`` and
 Bad lines never stop a run. They are skipped, counted per reason and reported at the end
 with the first few ``file:line`` locations. Reasons: ``invalid_utf8``, ``invalid_json``,
 ``not_object`` (valid JSON that is not an object), ``missing_key``, ``not_string``,
-``empty_text`` (empty/whitespace-only text, or text that tokenizes to nothing) and
-``blank_line``. A line bad for one json key is skipped for every key, so the shards of
-different keys stay document-aligned.
+``empty_text`` (empty/whitespace-only text, or text that tokenizes to nothing),
+``untokenizable`` (the tokenizer refused the text, e.g. NullTokenizer given a non-integer
+token; the location comes with the tokenizer's message) and ``blank_line``. A line bad for
+one json key is skipped for every key, so the shards of different keys stay document-aligned.
+
+Outputs: every output directory is created and probed (a file written and removed) before
+any input is read, so an unwritable or full destination fails at once in one line naming
+``--output-prefix``; a write that fails later (the disk filled up) is reported the same way.
 
 Atomicity: each shard is built into ``<final>.tmp-<pid>`` files next to the target. When
 complete, the old ``.idx`` is removed, then the ``.bin`` and finally the ``.idx`` are moved
 into place with ``os.replace``, and the sidecar last; a reader never sees a complete ``.idx``
-beside a partial ``.bin``. On any exception (Ctrl-C included) the temp files are removed and
-previous outputs stay untouched.
+beside a partial ``.bin``. On any exception (Ctrl-C and, through ``tools/preprocess_data.py``,
+SIGTERM included) the temp files are removed and previous outputs stay untouched. Temp files
+left by a process that could not clean up (SIGKILL, a power cut) are removed by the next run
+writing into the same directory, once their ``<pid>`` is no longer alive.
 
 Sidecar ``<prefix>_<key>_document.json`` (format ``megatron-dga/shard-v1``), fields:
 
@@ -47,6 +54,7 @@ import logging
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -56,7 +64,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from megatron_dga.data.tokenizers import BaseTokenizer, TokenizerSpec
-from megatron_dga.errors import ConfigError, DataError
+from megatron_dga.errors import ConfigError, DataError, DGAError
+from megatron_dga.fileio import ensure_writable_dir, output_error
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +77,7 @@ BAD_REASONS = (
     "missing_key",
     "not_string",
     "empty_text",
+    "untokenizable",
     "blank_line",
 )
 _BATCH_LINES = 256
@@ -215,6 +225,9 @@ def _init_worker(spec: TokenizerSpec, keys: tuple[str, ...], append_eod: bool, i
     if ignore_sigint:
         # Only the parent handles Ctrl-C, so it can clean up its temp files.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the tool's SIGTERM handler (unwind and clean up); the parent owns
+    # the files, and Pool.terminate() ends workers with SIGTERM, so workers just die.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER_TOKENIZER = spec.build()
     _WORKER_KEYS = keys
     _WORKER_EOD = append_eod
@@ -253,7 +266,7 @@ def _parse_line(raw: bytes, keys: tuple[str, ...]):
 
 
 def _encode_line(raw: bytes):
-    """``("ok", [ids per key], nbytes)`` or ``("bad", reason, None)``."""
+    """``("ok", [ids per key], nbytes)`` or ``("bad", reason, detail or None)``."""
     status, texts = _parse_line(raw, _WORKER_KEYS)
     if status != "ok":
         return ("bad", status, None)
@@ -261,7 +274,10 @@ def _encode_line(raw: bytes):
     out = []
     nbytes = 0
     for text in texts:
-        ids = tok.tokenize(text)
+        try:
+            ids = tok.tokenize(text)
+        except DGAError as exc:  # the tokenizer refused this text (e.g. NullTokenizer: not integers)
+            return ("bad", "untokenizable", str(exc))
         if not ids:
             return ("bad", "empty_text", None)
         if _WORKER_EOD:
@@ -380,14 +396,6 @@ def _process_group(
 ) -> list[ShardResult]:
     from megatron.core.datasets.indexed_dataset import DType
 
-    out_dir = os.path.dirname(os.path.abspath(base_prefix))
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise DataError(
-            f"--output-prefix {config.output_prefix!r}: cannot create the directory {out_dir!r} "
-            f"({exc}). Pass a prefix under a writable directory."
-        ) from None
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     prefixes = [f"{base_prefix}_{key}_document" for key in config.json_keys]
     writers: list[_ShardWriter] = []
@@ -406,10 +414,11 @@ def _process_group(
             nbytes = 0
             for fi, lineno, rawlen, (status, payload, textbytes) in batch:
                 nbytes += rawlen
-                if status == "bad":
+                if status == "bad":  # textbytes: the tokenizer's message for "untokenizable"
                     bad[payload] = bad.get(payload, 0) + 1
                     if len(first_bad) < _FIRST_BAD_KEPT:
-                        first_bad.append(f"{files[fi]}:{lineno} {payload}")
+                        detail = f" ({textbytes})" if textbytes else ""
+                        first_bad.append(f"{files[fi]}:{lineno} {payload}{detail}")
                     continue
                 for writer, ids in zip(writers, payload):
                     writer.add(ids, textbytes)
@@ -438,9 +447,11 @@ def _process_group(
             writer.finalize(sidecar)
         for writer in writers:
             writer.commit()
-    except BaseException:
+    except BaseException as exc:
         for writer in writers:
             writer.abort()
+        if isinstance(exc, OSError) and not isinstance(exc, DGAError):  # e.g. the disk filled up
+            raise output_error(exc, base_prefix, "--output-prefix", explained_only=False) from exc
         raise
     finally:
         progress.close()
@@ -465,6 +476,9 @@ def preprocess(config: PreprocessConfig, tokenizer: Optional[BaseTokenizer] = No
         ConfigError / DataError: bad flags, missing input, no valid document.
     """
     groups = resolve_inputs(config.input, config.output_prefix)
+    for out_dir in sorted({os.path.dirname(os.path.abspath(prefix)) for prefix, _ in groups}):
+        ensure_writable_dir(out_dir, "--output-prefix")
+        remove_stale_temp_files(out_dir)
     if tokenizer is None:
         tokenizer = config.tokenizer.build()
     keys = tuple(config.json_keys)
@@ -493,6 +507,43 @@ def preprocess(config: PreprocessConfig, tokenizer: Optional[BaseTokenizer] = No
             pool.join()
         _set_local_tokenizer(None, (), False)
     return results
+
+
+_TEMP_FILE = re.compile(r"_document\.(bin|idx|json)\.tmp-(\d+)$")
+"""A shard temp file of _ShardWriter: ``<prefix>_<key>_document.{bin,idx,json}.tmp-<pid>``."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str) -> list[str]:
+    """Remove the shard temp files in ``directory`` whose writing process is gone (SIGKILL, a crash).
+
+    Only names :class:`_ShardWriter` produces are considered, and only when ``<pid>`` is not a
+    live process here: a concurrent run's files are left alone. Returns the removed paths.
+    """
+    removed = []
+    for name in sorted(os.listdir(directory)):
+        match = _TEMP_FILE.search(name)
+        if match is None or int(match.group(2)) == os.getpid() or _pid_alive(int(match.group(2))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:  # another run cleaned it up first
+            continue
+        removed.append(path)
+    if removed:
+        logger.warning("removed %d temporary file(s) of interrupted earlier runs in %s (e.g. %s)",
+                       len(removed), directory, os.path.basename(removed[0]))
+    return removed
 
 
 def format_report(results: Sequence[ShardResult]) -> str:

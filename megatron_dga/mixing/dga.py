@@ -73,6 +73,11 @@ class DGA(MixingStrategy):
         if init == "natural":
             tokens = np.asarray(self.domains.num_tokens, dtype=np.float64)
             return tokens / tokens.sum()
+        if init == "static":  # the weights of --data-path W1 P1 ... (PretrainConfig's default then)
+            if self.domains.static_weights is None:
+                raise ConfigError("--dga-init static needs weights in --data-path (W1 P1 W2 P2 ...); plain "
+                                  "prefixes were given. Add weights or choose another --dga-init")
+            return np.asarray(self.domains.static_weights, dtype=np.float64)
         from megatron_dga.mixing.weights_io import load_weights
 
         path = self.cfg.importance_weights if init == "importance" else init
@@ -82,7 +87,7 @@ class DGA(MixingStrategy):
             return load_weights(path, expected_domains=self.domains.names)
         except DataError as exc:
             if init != "importance" and "not found" in str(exc).lower():
-                raise ConfigError(f"--dga-init must be uniform, natural, importance or a weights file; {exc}") from None
+                raise ConfigError(f"--dga-init must be uniform, natural, static, importance or a weights file; {exc}") from None
             raise
 
     def after_step(self, view: TrainerView) -> Optional[np.ndarray]:

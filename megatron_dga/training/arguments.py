@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import typing
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -46,6 +47,12 @@ def _flag(section: str, name: str) -> str:
 
 def _field_doc(cls, name: str) -> str:
     """The docstring under a dataclass field (the source's string literal after it)."""
+    return _field_docs(cls).get(name, "")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_docs(cls) -> Dict[str, str]:
+    """Every field docstring of ``cls``; the source is parsed once per class, not once per flag."""
     import ast
     import inspect
     import textwrap
@@ -53,14 +60,15 @@ def _field_doc(cls, name: str) -> str:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
-        return ""
+        return {}
     body = tree.body[0].body
+    docs = {}
     for node, nxt in zip(body, body[1:]):
         target = getattr(node, "target", None)
-        if isinstance(target, ast.Name) and target.id == name and isinstance(nxt, ast.Expr):
+        if isinstance(target, ast.Name) and isinstance(nxt, ast.Expr):
             if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                return " ".join(nxt.value.value.split()).replace("%", "%%")
-    return ""
+                docs[target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
+    return docs
 
 
 def _argparse_kwargs(tp) -> Dict[str, Any]:

@@ -17,12 +17,21 @@ fans them out to three sinks:
   written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (strict JSON has
   no such numbers) and :func:`read_metrics` turns them back into floats.
 
-Resume rule: a logger built with ``start_iteration=S`` keeps only the existing
-``metrics.jsonl`` entries with ``iteration <= S`` (and drops torn/unparsable lines),
-because entries past the checkpoint came from a run that crashed and are about to
-be recomputed. The original file is kept as ``metrics.jsonl.bak`` when anything is
-dropped. TensorBoard gets the same rule through ``SummaryWriter(purge_step=S + 1)``.
-A fresh run is ``S = 0``: stale entries of an earlier run in the same directory go.
+Resume rule: a logger built with ``start_iteration=S > 0`` (a run resumed from the
+checkpoint of iteration S) keeps only the existing ``metrics.jsonl`` entries with
+``iteration <= S`` (and drops torn/unparsable lines), because entries past the checkpoint
+came from a run that crashed and are about to be recomputed. The original file is kept as
+``metrics.jsonl.bak`` when anything is dropped. TensorBoard gets the same rule through
+``SummaryWriter(purge_step=S + 1)``.
+
+A fresh run (``S = 0``) never overwrites another run's logs: when the directory already
+holds a ``metrics.jsonl`` with entries, that file, its ``.bak`` and the ``run_info.json``
+beside it are moved, together, to ``previous_runs/<time of its last entry>/`` in the same
+directory (still a run directory ``tools/plot_metrics.py`` reads), with one warning line,
+and the new run starts an empty ``metrics.jsonl``. This is Megatron's spirit (a rerun
+appends to its TensorBoard directory and loses nothing) without interleaving two runs'
+iterations in one file. TensorBoard event files are never moved or deleted; each run
+writes its own.
 
 Only the writer rank (``is_writer=True``) touches files or prints; on other ranks
 every method is a no-op, so all ranks can call the same code.
@@ -37,16 +46,21 @@ import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TextIO
 
-from megatron_dga.errors import ConfigError, DataError
-from megatron_dga.fileio import atomic_write_text
+from megatron_dga.errors import ConfigError, DataError, OutputError
+from megatron_dga.fileio import atomic_write_text, output_error
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.jsonl"
+RUN_INFO_FILENAME = "run_info.json"
+"""Written beside metrics.jsonl by the trainer (domain names, config)."""
+PREVIOUS_RUNS_DIRNAME = "previous_runs"
+"""Where a fresh run moves an earlier run's files found in its log directory (module docstring)."""
 
 TENSORBOARD_TAGS: Mapping[str, str] = {
     "lm_loss": "train/lm_loss",
@@ -231,6 +245,30 @@ def _truncate_after(path: Path, start_iteration: int) -> int:
     return dropped
 
 
+def _keep_previous_run(log_dir: Path) -> Optional[Path]:
+    """Move an earlier run's metrics.jsonl (+ .bak, run_info.json) to previous_runs/<stamp>/.
+
+    Returns the new directory, or None when there was no earlier run (no file, or an empty one).
+    """
+    metrics = log_dir / METRICS_FILENAME
+    if not metrics.is_file() or metrics.stat().st_size == 0:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(metrics.stat().st_mtime))
+    parent = log_dir / PREVIOUS_RUNS_DIRNAME
+    parent.mkdir(exist_ok=True)
+    target = parent / stamp
+    while True:  # a new directory, never one holding another earlier run
+        try:
+            target.mkdir()
+            break
+        except FileExistsError:
+            target = parent / f"{stamp}-{uuid.uuid4().hex[:6]}"
+    for name in (METRICS_FILENAME, METRICS_FILENAME + ".bak", RUN_INFO_FILENAME):
+        if (log_dir / name).is_file():
+            os.replace(log_dir / name, target / name)
+    return target
+
+
 @dataclass(frozen=True)
 class ThroughputWindow:
     """Speed over the iterations since the previous :meth:`Throughput.window` call."""
@@ -342,14 +380,28 @@ class MetricsLogger:
         if not is_writer:
             return
         self.path = Path(log_dir) / METRICS_FILENAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        dropped = _truncate_after(self.path, start_iteration)
-        if dropped:
-            logger.warning(
-                "%s: dropped %d entr%s past the resumed iteration %d (original kept as %s.bak)",
-                self.path, dropped, "y" if dropped == 1 else "ies", start_iteration, self.path.name,
-            )
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if start_iteration == 0:
+                kept = _keep_previous_run(self.path.parent)
+                if kept is not None:
+                    logger.warning(
+                        "%s holds the metrics of an earlier run and this run starts from iteration 0 "
+                        "(no --load): moved them to %s; pass --load to continue that run instead",
+                        self.path.parent, kept,
+                    )
+            else:
+                dropped = _truncate_after(self.path, start_iteration)
+                if dropped:
+                    logger.warning(
+                        "%s: dropped %d entr%s past the resumed iteration %d (original kept as %s.bak)",
+                        self.path, dropped, "y" if dropped == 1 else "ies", start_iteration, self.path.name,
+                    )
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OutputError:
+            raise
+        except OSError as exc:
+            raise output_error(exc, self.path, "--log-dir", explained_only=False) from exc
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
 
@@ -385,8 +437,11 @@ class MetricsLogger:
         # Tags first: a label mismatch must fail before anything is written.
         tags = [pair for key, value in values.items() for pair in self.tags_for(key, value)]
         record = {"iteration": int(iteration), **{k: _encode(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as exc:  # e.g. the disk filled up during the run: one line naming the file
+            raise output_error(exc, self.path, "--log-dir", explained_only=False) from exc
         if self._tb is not None:
             for tag, number in tags:
                 self._tb.add_scalar(tag, number, global_step=iteration)
