@@ -4,15 +4,28 @@ No torch.distributed here: the parallel layout comes in through ``ParallelContex
 (megatron-core reads its own parallel_state, which ``platform.initialize`` set up).
 With pipeline parallelism each rank builds its stage (``build_stage_model``); megatron's
 schedules (``training/step.py``) connect the stages.
+
+``GPTModelConfig`` holds Megatron-LM's model flags under their names and meanings (shape,
+Llama-style attention/MLP/RoPE, recomputation, precision, attention backend);
+``transformer_config_arguments`` and ``rope_arguments`` map them onto megatron-core's
+``TransformerConfig`` and ``GPTModel`` in one place, for CPU and GPU alike. Flags whose
+megatron-core code needs CUDA and transformer-engine are refused elsewhere
+(``GPTModelConfig.check_machine``), never dropped.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 
 from megatron_dga.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_TE_ATTENTION_BACKENDS = ("flash", "fused", "unfused")
+"""megatron-core attention backends that select a transformer-engine kernel (TE's NVTE_* switches)."""
 
 
 @dataclass
@@ -41,8 +54,71 @@ class GPTModelConfig:
     """--normalization."""
     untie_embeddings_and_output_weights: bool = False
     """--untie-embeddings-and-output-weights; tied by default, as in Megatron's GPT."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the LayerNorm/RMSNorm layers (--norm-epsilon; Qwen and Mistral use 1e-6)."""
+    group_query_attention: bool = False
+    """Grouped-query attention (--group-query-attention): the query heads share --num-query-groups
+    key/value heads, as in Llama 2 70B / Llama 3 / Qwen / Mistral."""
+    num_query_groups: Optional[int] = None
+    """Key/value head groups with --group-query-attention (--num-query-groups; Megatron's default 1,
+    i.e. multi-query attention); must divide --num-attention-heads. Without
+    --group-query-attention every head has its own keys and values (an error if given alone)."""
+    kv_channels: Optional[int] = None
+    """Width of one attention head (--kv-channels); None means hidden_size / num_attention_heads."""
+    swiglu: bool = False
+    """SwiGLU MLP (--swiglu): megatron-core's gated linear unit with SiLU. Without --ffn-hidden-size
+    the MLP width is Megatron's int(8 x hidden_size / 3 / 64) x 64 (same parameter count as 4h GELU)."""
+    disable_bias_linear: bool = False
+    """No biases in the attention and MLP linear layers (--disable-bias-linear; megatron-core's
+    add_bias_linear=False), as in Llama, Qwen and Mistral."""
+    add_qkv_bias: bool = False
+    """Biases in the query/key/value projection only (--add-qkv-bias; Qwen2-style, with
+    --disable-bias-linear). Always on without --disable-bias-linear, as in Megatron."""
+    rotary_base: Optional[int] = None
+    """RoPE base theta (--rotary-base, default 10000; Llama 3 uses 500000). With
+    --position-embedding-type rope only (an error otherwise)."""
+    rotary_percent: Optional[float] = None
+    """Fraction of each head's dimensions RoPE rotates, in (0, 1] (--rotary-percent, default 1.0).
+    With --position-embedding-type rope only."""
+    use_rope_scaling: bool = False
+    """Llama 3.1-style RoPE frequency scaling (--use-rope-scaling; megatron-core's rope_scaling).
+    With --position-embedding-type rope only."""
+    rope_scaling_factor: Optional[float] = None
+    """Factor of --use-rope-scaling (--rope-scaling-factor, default 8.0); with it only."""
     bf16: bool = False
-    """Parameters and activations in bf16 (--bf16). fp32 otherwise."""
+    """Parameters and activations in bf16 (--bf16), fp32 master weights in the optimizer. fp32 otherwise."""
+    fp16: bool = False
+    """Parameters and activations in fp16 with loss scaling (--fp16; megatron-core's Float16Module
+    and its fp16 optimizer with fp32 master weights; --loss-scale and its sibling flags set the
+    scaling). Not wired into the trainer yet (the schedule does not scale the loss): refused at
+    start-up, use --bf16."""
+    attention_backend: Literal["auto", "flash", "fused", "unfused", "local"] = "auto"
+    """megatron-core's attention implementation (--attention-backend): auto lets transformer-engine
+    pick; flash, fused and unfused force a transformer-engine kernel (CUDA and transformer-engine
+    only, an error elsewhere); local is megatron-core's own PyTorch attention (the local layer
+    spec; what runs on CPU)."""
+    use_flash_attn: bool = False
+    """FlashAttention (--use-flash-attn): --attention-backend flash (transformer-engine's flash
+    kernel; CUDA and transformer-engine only, an error elsewhere)."""
+    recompute_activations: bool = False
+    """Recompute the core attention in the backward pass instead of storing it
+    (--recompute-activations): Megatron's shorthand for --recompute-granularity selective."""
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recomputation (--recompute-granularity): full recomputes whole transformer layers
+    (with --recompute-method and --recompute-num-layers), selective only the core attention. Same
+    losses and gradients, less activation memory, one more forward per recomputed part."""
+    recompute_method: Optional[Literal["uniform", "block"]] = None
+    """With --recompute-granularity full (--recompute-method): uniform splits each stage's layers into
+    chunks of --recompute-num-layers and stores only each chunk's input; block recomputes the first
+    --recompute-num-layers layers of each stage and stores the rest."""
+    recompute_num_layers: Optional[int] = None
+    """Layers per recomputed chunk (uniform) or recomputed layers per stage (block)
+    (--recompute-num-layers), 1 to layers per pipeline stage; with --recompute-granularity full only."""
+    sequence_parallel: bool = False
+    """Split norms, dropout and residuals along the sequence over the tensor-parallel ranks
+    (--sequence-parallel). Needs transformer-engine layers (CUDA): megatron-core's local layer spec
+    builds torch norms, which refuse it, so it is an error on CPU. Ignored with a warning at
+    tensor-parallel size 1, as in Megatron."""
     hidden_dropout: float = 0.0
     """--hidden-dropout (0 by default: short runs, and deterministic probes)."""
     attention_dropout: float = 0.0
@@ -56,10 +132,14 @@ class GPTModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
+        for name in ("num_query_groups", "kv_channels", "ffn_hidden_size", "recompute_num_layers", "rotary_base"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
-                f"{self.num_attention_heads}"
+                f"{self.num_attention_heads}; change one, or set the head width with --kv-channels"
             )
         if self.position_embedding_type not in ("learned_absolute", "rope"):
             raise ConfigError(
@@ -67,6 +147,8 @@ class GPTModelConfig:
             )
         if self.normalization not in ("LayerNorm", "RMSNorm"):
             raise ConfigError(f"--normalization must be LayerNorm or RMSNorm, got {self.normalization!r}")
+        if not self.norm_epsilon > 0:
+            raise ConfigError(f"--norm-epsilon must be > 0, got {self.norm_epsilon}")
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
         if self.max_position_embeddings < self.seq_length:
@@ -74,10 +156,118 @@ class GPTModelConfig:
                 f"--max-position-embeddings {self.max_position_embeddings} is smaller than "
                 f"--seq-length {self.seq_length}"
             )
+        self._check_attention()
+        self._check_rope()
+        self._check_recompute()
+        if self.bf16 and self.fp16:
+            raise ConfigError("--bf16 and --fp16 both given; pick one (bf16 needs no loss scaling)")
+        self.ffn_size  # validates the SwiGLU default width
+
+    def _check_attention(self) -> None:
+        if self.num_query_groups is not None and not self.group_query_attention:
+            raise ConfigError(
+                f"--num-query-groups {self.num_query_groups} given without --group-query-attention: every head "
+                "would keep its own keys and values (Megatron ignores it); add --group-query-attention or drop it"
+            )
+        if self.num_attention_heads % self.query_groups:
+            raise ConfigError(
+                f"--num-query-groups {self.query_groups} does not divide --num-attention-heads "
+                f"{self.num_attention_heads}; each key/value group serves a whole number of query heads"
+            )
+        if self.attention_backend not in ("auto",) + _TE_ATTENTION_BACKENDS + ("local",):
+            raise ConfigError(f"--attention-backend must be auto, flash, fused, unfused or local, "
+                              f"got {self.attention_backend!r}")
+        if self.use_flash_attn and self.attention_backend not in ("auto", "flash"):
+            raise ConfigError(f"--use-flash-attn selects --attention-backend flash, but --attention-backend "
+                              f"{self.attention_backend} was given too; drop one")
+
+    def _check_rope(self) -> None:
+        rope_flags = {"rotary_base": self.rotary_base, "rotary_percent": self.rotary_percent,
+                      "use_rope_scaling": self.use_rope_scaling or None,
+                      "rope_scaling_factor": self.rope_scaling_factor}
+        given = [_flag_text(k, v) for k, v in rope_flags.items() if v is not None]
+        if given and self.position_embedding_type != "rope":
+            one = len(given) == 1
+            raise ConfigError(
+                f"{', '.join(given)} {'acts' if one else 'act'} with --position-embedding-type rope only (here "
+                f"{self.position_embedding_type}: {'it' if one else 'they'} would be ignored); add "
+                f"--position-embedding-type rope or drop {'it' if one else 'them'}"
+            )
+        if self.rotary_percent is not None and not 0 < self.rotary_percent <= 1:
+            raise ConfigError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+        if self.rope_scaling_factor is not None:
+            if not self.use_rope_scaling:
+                raise ConfigError(f"--rope-scaling-factor {self.rope_scaling_factor} acts with --use-rope-scaling "
+                                  "only; add --use-rope-scaling or drop it")
+            if not self.rope_scaling_factor > 0:
+                raise ConfigError(f"--rope-scaling-factor must be > 0, got {self.rope_scaling_factor}")
+
+    def _check_recompute(self) -> None:
+        granularity = self.recompute_granularity
+        if granularity not in (None, "full", "selective"):
+            raise ConfigError(f"--recompute-granularity must be full or selective, got {granularity!r}")
+        if self.recompute_method not in (None, "uniform", "block"):
+            raise ConfigError(f"--recompute-method must be uniform or block, got {self.recompute_method!r}")
+        if self.recompute_activations and granularity == "full":
+            raise ConfigError("--recompute-activations means --recompute-granularity selective, which contradicts "
+                              "--recompute-granularity full; drop one")
+        chunking = {k: v for k, v in (("recompute_method", self.recompute_method),
+                                      ("recompute_num_layers", self.recompute_num_layers)) if v is not None}
+        if self.effective_recompute_granularity == "full":
+            if len(chunking) < 2:
+                raise ConfigError(
+                    "--recompute-granularity full needs --recompute-method (uniform or block) and "
+                    "--recompute-num-layers N; e.g. --recompute-method uniform --recompute-num-layers 1 "
+                    "recomputes every layer"
+                )
+        elif chunking:
+            names = ", ".join(_flag_text(k, v) for k, v in chunking.items())
+            one = len(chunking) == 1
+            now = (f"--recompute-granularity {self.effective_recompute_granularity} recomputes the core attention "
+                   "of every layer" if self.effective_recompute_granularity else "nothing is recomputed")
+            raise ConfigError(f"{names} {'acts' if one else 'act'} with --recompute-granularity full only ({now}); "
+                              f"add --recompute-granularity full or drop {'it' if one else 'them'}")
+
+    @property
+    def effective_recompute_granularity(self) -> Optional[str]:
+        """full, selective (also from --recompute-activations) or None."""
+        return self.recompute_granularity or ("selective" if self.recompute_activations else None)
+
+    @property
+    def effective_attention_backend(self) -> str:
+        """--attention-backend, or flash with --use-flash-attn."""
+        return "flash" if self.use_flash_attn else self.attention_backend
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value head groups: --num-query-groups (default 1) with --group-query-attention, else one per head."""
+        if not self.group_query_attention:
+            return self.num_attention_heads
+        return 1 if self.num_query_groups is None else self.num_query_groups
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        """MLP width: --ffn-hidden-size, else 4h, or Megatron's int(8h/3 / 64) x 64 with --swiglu."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if not self.swiglu:
+            return 4 * self.hidden_size
+        # Megatron's SwiGLU default: two input projections of 2/3 the width keep 4h's parameter count.
+        width = int((4 * self.hidden_size * 2 / 3) / 64) * 64
+        if width < 1:
+            raise ConfigError(
+                f"--swiglu without --ffn-hidden-size gives Megatron's MLP width int(8 x {self.hidden_size} / 3 / 64)"
+                f" x 64 = 0 for --hidden-size {self.hidden_size}; set --ffn-hidden-size"
+            )
+        return width
 
     @property
     def params_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.bf16 else torch.float32
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
     def padded_vocab_size(self, tp_size: int) -> int:
         """Vocabulary padded so every TP rank holds an equal, aligned slice (as Megatron does)."""
@@ -93,23 +283,72 @@ class GPTModelConfig:
                 f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                 f"--tensor-model-parallel-size {tp_size}; pick a TP size that divides the heads"
             )
-        ffn = self.ffn_hidden_size or 4 * self.hidden_size
+        groups = self.query_groups
+        if groups % tp_size and tp_size % groups:
+            raise ConfigError(
+                f"--num-query-groups {groups} must be a multiple or a divisor of --tensor-model-parallel-size "
+                f"{tp_size} (megatron-core splits or replicates whole key/value groups)"
+            )
+        ffn = self.ffn_size
         if ffn % tp_size:
             raise ConfigError(f"--ffn-hidden-size {ffn} is not divisible by --tensor-model-parallel-size {tp_size}")
         if self.num_layers % pp_size:
             raise ConfigError(
                 f"--num-layers {self.num_layers} is not divisible by --pipeline-model-parallel-size {pp_size}"
             )
+        per_stage = self.num_layers // pp_size
+        if self.recompute_num_layers is not None and self.recompute_num_layers > per_stage:
+            raise ConfigError(
+                f"--recompute-num-layers {self.recompute_num_layers} exceeds the {per_stage} layers of each pipeline "
+                f"stage (--num-layers {self.num_layers} / --pipeline-model-parallel-size {pp_size})"
+            )
+
+    def check_machine(self, transformer_engine: bool) -> None:
+        """Errors for flags whose megatron-core code needs CUDA and transformer-engine, where they are absent.
+
+        Called at start-up (``PretrainConfig``) and before the model is built; never a silent fallback.
+
+        Args:
+            transformer_engine: transformer-engine layers can run here (``transformer_engine_available()``).
+        """
+        if transformer_engine:
+            return
+        here = ("this machine has no CUDA GPU" if not torch.cuda.is_available()
+                else "transformer-engine is not installed")
+        backend = self.effective_attention_backend
+        if backend in _TE_ATTENTION_BACKENDS:
+            flag = "--use-flash-attn" if self.use_flash_attn else f"--attention-backend {backend}"
+            raise ConfigError(
+                f"{flag} selects a transformer-engine attention kernel, which needs a CUDA GPU with "
+                f"transformer-engine; {here}, where megatron-core's local attention runs; drop {flag}"
+            )
+        if self.sequence_parallel:
+            raise ConfigError(
+                "--sequence-parallel needs transformer-engine layers on a CUDA GPU: megatron-core's local layer "
+                f"spec builds torch norms, which do not support it; {here}; drop --sequence-parallel"
+            )
 
     def num_parameters(self) -> int:
         """Parameter count of the unsplit model (embeddings counted once when tied)."""
-        h, L = self.hidden_size, self.num_layers
-        ffn = self.ffn_hidden_size or 4 * h
+        h, L, ffn = self.hidden_size, self.num_layers, self.ffn_size
+        q = self.num_attention_heads * self.head_dim
+        kv = 2 * self.query_groups * self.head_dim
+        bias = not self.disable_bias_linear
+        qkv_bias = bias or self.add_qkv_bias
+        fc1 = 2 * ffn if self.swiglu else ffn
+        norm = 2 * h if self.normalization == "LayerNorm" else h  # RMSNorm has no bias
+        attention = h * (q + kv) + (q + kv) * qkv_bias + q * h + h * bias
+        mlp = h * fc1 + fc1 * bias + ffn * h + h * bias
+        per_layer = attention + mlp + 2 * norm
         vocab = self.padded_vocab_size(1)
-        per_layer = 4 * h * h + 4 * h + 2 * h * ffn + ffn + h + 4 * h  # attention, mlp, two norms
         emb = vocab * h + (self.max_position_embeddings * h if self.position_embedding_type == "learned_absolute" else 0)
         head = 0 if not self.untie_embeddings_and_output_weights else vocab * h
-        return emb + L * per_layer + 2 * h + head
+        return emb + L * per_layer + norm + head
+
+
+def _flag_text(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    return flag if value is True else f"{flag} {value}"
 
 
 def transformer_engine_available() -> bool:
@@ -123,35 +362,79 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def build_transformer_config(cfg: GPTModelConfig, tp_size: int, pp_size: int):
-    """The megatron-core TransformerConfig for ``cfg`` on this layout."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+def uses_transformer_engine(cfg: GPTModelConfig) -> bool:
+    """transformer-engine layers for ``cfg`` here: where TE runs, unless --attention-backend local asks for
+    megatron-core's own attention (Megatron's --spec local)."""
+    return transformer_engine_available() and cfg.effective_attention_backend != "local"
+
+
+def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int) -> dict:
+    """Keyword arguments of megatron-core's TransformerConfig for ``cfg`` on this layout.
+
+    One mapping for every machine: the GPU-only values (a transformer-engine attention backend,
+    sequence parallelism) are bound against the installed TransformerConfig in
+    ``tests/test_megatron_contract.py``; :meth:`GPTModelConfig.check_machine` refuses them where
+    they cannot run.
+    """
+    import torch.nn.functional as F
+    from megatron.core.transformer.enums import AttnBackend
 
     cfg.check_parallel(tp_size, pp_size)
     on_cpu = not torch.cuda.is_available()
-    return TransformerConfig(
+    granularity = cfg.effective_recompute_granularity
+    return dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
-        ffn_hidden_size=cfg.ffn_hidden_size,
+        # None: one key/value head per query head (megatron-core's default), as without GQA in Megatron.
+        num_query_groups=cfg.query_groups if cfg.group_query_attention else None,
+        kv_channels=cfg.kv_channels,
+        ffn_hidden_size=cfg.ffn_size,
         normalization=cfg.normalization,
+        layernorm_epsilon=cfg.norm_epsilon,
+        # Megatron-LM's --swiglu: gated linear unit with SiLU (its bias-SwiGLU fusion stays off, below).
+        gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else F.gelu,
+        add_bias_linear=not cfg.disable_bias_linear,
+        # As Megatron-LM's arguments: biases everywhere imply the QKV bias.
+        add_qkv_bias=cfg.add_qkv_bias or not cfg.disable_bias_linear,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
+        attention_backend=AttnBackend[cfg.effective_attention_backend],
+        recompute_granularity=granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
+        # Megatron-LM turns sequence parallelism off at TP=1 (it would only change numerics).
+        sequence_parallel=cfg.sequence_parallel and tp_size > 1,
         pipeline_dtype=cfg.params_dtype,
         params_dtype=cfg.params_dtype,
         bf16=cfg.bf16,
+        fp16=cfg.fp16,
         # CPU init draws the full master weight from the default generator and then splits
         # it, so a TP=2 model starts from the same weights as TP=1 (tests rely on this).
         use_cpu_initialization=on_cpu,
         # Fusions need apex/TE kernels; off keeps CPU and plain-GPU numerics identical.
         bias_dropout_fusion=False,
+        bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
     )
+
+
+def build_transformer_config(cfg: GPTModelConfig, tp_size: int, pp_size: int):
+    """The megatron-core TransformerConfig for ``cfg`` on this layout (refusing what this machine cannot run)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg.check_machine(transformer_engine_available())
+    if cfg.sequence_parallel and tp_size == 1:
+        logger.warning("--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
+                       "running without it (as Megatron does)")
+    return TransformerConfig(**transformer_config_arguments(cfg, tp_size, pp_size))
 
 
 def layer_spec_arguments(cfg: GPTModelConfig, use_transformer_engine: bool) -> dict:
@@ -187,7 +470,7 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
     from megatron.core.models.gpt import GPTModel
 
     config = build_transformer_config(cfg, tp_size, pp_size)
-    layer_spec = layer_spec_for(cfg, use_transformer_engine=transformer_engine_available())
+    layer_spec = layer_spec_for(cfg, use_transformer_engine=uses_transformer_engine(cfg))
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,
@@ -197,10 +480,21 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
         post_process=post_process,
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
+        **rope_arguments(cfg),
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def rope_arguments(cfg: GPTModelConfig) -> dict:
+    """GPTModel's RoPE keyword arguments: Megatron-LM's defaults where a flag was not given."""
+    return dict(
+        rotary_base=10000 if cfg.rotary_base is None else cfg.rotary_base,
+        rotary_percent=1.0 if cfg.rotary_percent is None else cfg.rotary_percent,
+        rope_scaling=cfg.use_rope_scaling,
+        rope_scaling_factor=8.0 if cfg.rope_scaling_factor is None else cfg.rope_scaling_factor,
+    )
 
 
 def causal_attention_mask(seq_length: int, device) -> torch.Tensor:
@@ -219,7 +513,7 @@ def unwrap(model):
 
 
 def build_stage_model(cfg: GPTModelConfig, ctx):
-    """This rank's pipeline stage of the GPT (its TP slice); bf16 models wrapped like Megatron's.
+    """This rank's pipeline stage of the GPT (its TP slice); bf16/fp16 models wrapped like Megatron's.
 
     Args:
         cfg: model shape.
@@ -228,8 +522,8 @@ def build_stage_model(cfg: GPTModelConfig, ctx):
     Returns:
         (core, module): the megatron ``GPTModel`` (state dicts, parameters) and the module to
         wrap in DDP: the core itself in fp32, megatron's ``Float16Module`` around it with
-        --bf16 (it casts the first stage's inputs to bf16 and the last stage's output back
-        to fp32, as in Megatron's ``get_model``).
+        --bf16 or --fp16 (it casts the first stage's inputs to bf16/fp16 and the last stage's
+        output back to fp32, as in Megatron's ``get_model``).
     """
     from megatron_dga import platform
 
@@ -240,8 +534,10 @@ def build_stage_model(cfg: GPTModelConfig, ctx):
         core = build_gpt_model(cfg, ctx.tp_size, ctx.pp_size, pre_process=ctx.is_first_stage,
                                post_process=ctx.is_last_stage)
     if core.config.sequence_parallel and ctx.pp_size > 1:
-        raise ConfigError("pipeline parallelism with sequence parallelism is not supported; turn sequence parallel off")
-    if not cfg.bf16:
+        raise ConfigError(f"--sequence-parallel with --pipeline-model-parallel-size {ctx.pp_size} is not supported "
+                          "here (the schedule's stage-to-stage shapes assume whole sequences); "
+                          "drop --sequence-parallel")
+    if not (cfg.bf16 or cfg.fp16):
         return core, core
     from megatron.core.transformer.module import Float16Module
 

@@ -166,7 +166,11 @@ def megatron_cuda_calls_on_cpu():
     * ``Tensor.type()`` (no arguments) of a CPU tensor reports the ``torch.cuda.*`` name
       megatron-core checks for (same dtype, so its fp32/bf16/fp16 dispatch is unchanged);
     * ``Tensor.cuda()`` returns the tensor (it already lives where gloo wants it);
-    * ``torch.cuda.synchronize/empty_cache`` do nothing (CPU work is synchronous).
+    * ``torch.cuda.synchronize/empty_cache`` do nothing (CPU work is synchronous);
+    * megatron's save and restore of the CUDA generator around activation recomputation
+      (``tensor_parallel.random._get/_set_cuda_rng_state``, --recompute-*) do nothing: there is
+      no CUDA generator; megatron saves and restores the CPU generator (which draws CPU
+      dropout masks) itself, so a recomputed forward repeats the original one.
 
     Everything is restored on exit, and on a machine with CUDA the block patches nothing:
     the GPU runs megatron-core untouched. The callers are the optimizer wrapper
@@ -179,6 +183,9 @@ def megatron_cuda_calls_on_cpu():
     saved_factories = {name: getattr(torch, name) for name in _CUDA_FACTORIES}
     saved_type, saved_cuda = torch.Tensor.type, torch.Tensor.cuda
     saved_sync, saved_empty_cache = torch.cuda.synchronize, torch.cuda.empty_cache
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    saved_rng = mcore_random._get_cuda_rng_state, mcore_random._set_cuda_rng_state
 
     def on_cpu(factory):
         return lambda *args, **kwargs: factory(*args, **_cpu_device(kwargs))
@@ -194,9 +201,12 @@ def megatron_cuda_calls_on_cpu():
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
     try:
         yield
     finally:
+        mcore_random._get_cuda_rng_state, mcore_random._set_cuda_rng_state = saved_rng
         for name, factory in saved_factories.items():
             setattr(torch, name, factory)
         torch.Tensor.type = saved_type  # type: ignore[assignment]

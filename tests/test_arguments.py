@@ -2,6 +2,7 @@
 import re
 
 import pytest
+import torch
 
 from megatron_dga.errors import ConfigError
 from megatron_dga.training.arguments import build_parser, parse_args
@@ -29,7 +30,12 @@ def test_every_config_field_has_a_documented_flag():
                  "--log-interval", "--log-dir", "--tensorboard-dir", "--mixing", "--micro-batch-size",
                  "--global-batch-size", "--train-iters", "--dga-interval", "--dga-eta", "--dga-ema",
                  "--dga-min-weight", "--dga-domain-batch-size", "--dga-specific-batch-size",
-                 "--dga-preconditioner", "--dga-basis", "--dga-init", "--dga-estimator"):
+                 "--dga-preconditioner", "--dga-basis", "--dga-init", "--dga-estimator",
+                 "--group-query-attention", "--num-query-groups", "--kv-channels", "--swiglu", "--disable-bias-linear",
+                 "--add-qkv-bias", "--norm-epsilon", "--rotary-base", "--rotary-percent", "--use-rope-scaling",
+                 "--rope-scaling-factor", "--recompute-activations", "--recompute-granularity", "--recompute-method",
+                 "--recompute-num-layers", "--sequence-parallel", "--fp16", "--loss-scale", "--initial-loss-scale",
+                 "--min-loss-scale", "--loss-scale-window", "--hysteresis", "--use-flash-attn", "--attention-backend"):
         assert helps.get(flag), f"{flag} missing or undocumented"
 
 
@@ -99,3 +105,105 @@ def test_yaml_values_of_the_wrong_type_name_key_value_and_file(tmp_path, yaml_li
     cfg_file.write_text(yaml_line + "\n")
     with pytest.raises(ConfigError, match=re.escape(f"--config {cfg_file}: ") + message):
         parse_args(BASE + ["--config", str(cfg_file)])
+
+
+# ----------------------------------------------------------------------------- Llama-style models, memory flags
+
+LLAMA = ["--group-query-attention", "--num-query-groups", "2", "--swiglu", "--disable-bias-linear",
+         "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--rotary-base", "500000",
+         "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
+
+
+def test_llama_style_flags_map_onto_megatron_core():
+    """Megatron-LM's meanings: --swiglu is a SiLU gated linear unit with the 8h/3 MLP width rounded
+    down to 64, --disable-bias-linear is add_bias_linear=False (and no QKV bias), and
+    --recompute-activations is selective recomputation."""
+    from megatron_dga.model import build_transformer_config, rope_arguments
+
+    cfg = parse_args(BASE + LLAMA + ["--recompute-activations"]).model
+    cfg.vocab_size = 128
+    config = build_transformer_config(cfg, 2, 1)
+    assert (config.num_query_groups, config.kv_channels, config.ffn_hidden_size) == (2, 16, 128)
+    assert config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
+    assert (config.add_bias_linear, config.add_qkv_bias, config.normalization) == (False, False, "RMSNorm")
+    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == (
+        "selective", None, None)
+    assert rope_arguments(cfg) == dict(rotary_base=500000, rotary_percent=1.0, rope_scaling=False,
+                                       rope_scaling_factor=8.0)
+    full = parse_args(BASE + LLAMA + ["--recompute-granularity", "full", "--recompute-method", "block",
+                                      "--recompute-num-layers", "1", "--add-qkv-bias", "--kv-channels", "32"]).model
+    full.vocab_size = 128
+    config = build_transformer_config(full, 1, 1)
+    assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == ("full", "block", 1)
+    assert (config.add_bias_linear, config.add_qkv_bias, config.kv_channels) == (False, True, 32)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-query-groups", "2"], "--num-query-groups 2 given without --group-query-attention"),
+    (["--group-query-attention", "--num-query-groups", "3"],
+     "--num-query-groups 3 does not divide --num-attention-heads"),
+    (["--rotary-base", "500000"], "--rotary-base 500000 acts with --position-embedding-type rope only"),
+    (["--position-embedding-type", "rope", "--rope-scaling-factor", "4"],
+     "--rope-scaling-factor 4.0 acts with --use-rope-scaling only"),
+    (["--position-embedding-type", "rope", "--rotary-percent", "1.5"], "--rotary-percent must be in (0, 1], got 1.5"),
+    (["--recompute-granularity", "full"], "--recompute-granularity full needs --recompute-method"),
+    (["--recompute-method", "uniform"], "--recompute-method uniform acts with --recompute-granularity full only"),
+    (["--recompute-activations", "--recompute-num-layers", "1"],
+     "--recompute-num-layers 1 acts with --recompute-granularity full only (--recompute-granularity selective"),
+    (["--recompute-activations", "--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "1"], "--recompute-activations means --recompute-granularity selective"),
+    (["--use-flash-attn", "--attention-backend", "fused"], "--use-flash-attn selects --attention-backend flash"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16 both given"),
+    (["--loss-scale", "1024"], "--loss-scale 1024.0 given without --fp16"),
+    (["--loss-scale", "1024", "--hysteresis", "4"], "--hysteresis 4 tunes dynamic loss scaling, which --loss-scale"),
+    (["--swiglu", "--hidden-size", "16"], "--swiglu without --ffn-hidden-size gives Megatron's MLP width"),
+])
+def test_architecture_and_memory_flags_that_would_be_ignored_or_cannot_work(argv, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_args(BASE + argv)
+    assert message in str(exc.value)
+
+
+CPU_REFUSED = [
+    (["--use-flash-attn"], "--use-flash-attn selects a transformer-engine attention kernel, which needs a CUDA GPU "
+                           "with transformer-engine; this machine has no CUDA GPU"),
+    (["--attention-backend", "fused"], "--attention-backend fused selects a transformer-engine attention kernel"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "2"],
+     "--sequence-parallel needs transformer-engine layers on a CUDA GPU: megatron-core's local layer spec builds "
+     "torch norms, which do not support it; this machine has no CUDA GPU; drop --sequence-parallel"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these flags run where CUDA (and transformer-engine) is")
+@pytest.mark.parametrize("argv, message", CPU_REFUSED + [
+    (["--fp16"], "--fp16 is not wired into the trainer yet"),
+], ids=["use-flash-attn", "attention-backend", "sequence-parallel", "fp16"])
+def test_flags_this_machine_cannot_run_exit_2_with_one_line(capsys, argv, message):
+    from megatron_dga.pretrain_gpt import main
+
+    assert main(BASE + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert message in err
+
+
+@pytest.mark.parametrize("change, flag", [
+    (["--num-query-groups", "4"], "--num-query-groups"),
+    (["--no-swiglu"], "--swiglu"),
+    (["--no-disable-bias-linear"], "--disable-bias-linear"),
+    (["--kv-channels", "32"], "--kv-channels"),
+    (["--add-qkv-bias"], "--add-qkv-bias"),
+])
+def test_resume_with_another_model_shape_names_the_flag(change, flag):
+    from types import SimpleNamespace
+
+    from megatron_dga.training import resume
+
+    def trainer(extra):
+        return SimpleNamespace(cfg=parse_args(BASE + LLAMA + extra),
+                               data=SimpleNamespace(domain_info=SimpleNamespace(names=["a"])))
+
+    saved = resume.job_facts(trainer([]))
+    resume.check_resumable(saved, trainer(["--rotary-base", "1000000"]), "at iteration 10")  # not a shape
+    with pytest.raises(ConfigError, match=f"^{re.escape(flag)}: the checkpoint at iteration 10 was trained with"):
+        resume.check_resumable(saved, trainer(change), "at iteration 10")

@@ -95,3 +95,20 @@ def test_save_and_resume_continues_the_run(shards, tmp_path):
     # Same data, weights and RNG streams; GPU kernels may reduce in another order across processes.
     np.testing.assert_allclose(_losses(resumed), _losses(straight), rtol=1e-3)
     np.testing.assert_allclose(resumed[-1]["domain_weights"], straight[-1]["domain_weights"], rtol=1e-2, atol=1e-4)
+
+
+LLAMA = ["--group-query-attention", "--num-query-groups", "2", "--swiglu", "--disable-bias-linear",
+         "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--rotary-base", "500000"]
+
+
+def test_llama_style_flash_attention_with_recompute(shards, tmp_path):
+    """The GPU-only model flags on transformer-engine layers: --use-flash-attn (megatron-core's
+    attention_backend flash) learns and agrees with TE's unfused attention; selective recomputation
+    runs with it. CPU CI only binds this mapping (tests/test_megatron_contract.py)."""
+    pytest.importorskip("transformer_engine")
+    extra = LLAMA + ["--bf16"]
+    out, flash = _run(shards, tmp_path / "flash", extra + ["--use-flash-attn", "--recompute-activations"])
+    assert "layers=transformer-engine" in out
+    _learns(flash)
+    _, unfused = _run(shards, tmp_path / "unfused", extra + ["--attention-backend", "unfused"])
+    np.testing.assert_allclose(_losses(flash), _losses(unfused), rtol=2e-2)
