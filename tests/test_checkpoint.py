@@ -195,6 +195,50 @@ def test_crash_while_replacing_same_iteration_recovers(tmp_path, monkeypatch):
         "iter_0000010", "iter_0000020", "latest_checkpointed_iteration.txt"]
 
 
+def test_background_save_publishes_only_on_finish(tmp_path):
+    save_checkpoint(tmp_path, 10, _tiny_state(10))
+    pending = save_checkpoint(tmp_path, 20, _tiny_state(20), background=True)
+    # Written, being checksummed: nothing a resume reads has changed yet.
+    assert latest_iteration(tmp_path) == 10 and not (tmp_path / "iter_0000020").exists()
+    assert pending.iteration == 20
+    pending._thread.join()  # ready() polls without waiting: once this rank's checksums are done, it says so
+    assert pending.ready()
+    assert pending.finish() == tmp_path / "iter_0000020"
+    assert latest_iteration(tmp_path) == 20
+    it, state, _ = load_checkpoint(tmp_path)  # verifies the background CRC-32s
+    assert it == 20 and state["step"] == 20
+    meta = ckpt.read_checkpoint_metadata(tmp_path / "iter_0000020")
+    assert meta["files"]["mp_rank_00/model_optim_rng.pt"] == ckpt.file_record(
+        tmp_path / "iter_0000020" / "mp_rank_00" / "model_optim_rng.pt")
+
+
+def test_background_save_that_fails_its_checksums_keeps_previous(tmp_path):
+    save_checkpoint(tmp_path, 10, _tiny_state(10))
+    pending = save_checkpoint(tmp_path, 20, _tiny_state(20), background=True)
+    pending._thread.join()
+    pending._records, pending._error = {}, "OSError: simulated read failure"
+    with pytest.raises(CheckpointError, match="checksumming .*simulated read failure"):
+        pending.finish()
+    assert latest_iteration(tmp_path) == 10 and load_checkpoint(tmp_path)[1]["step"] == 10
+
+
+def test_parameter_check_refuses_nan_and_inf_but_not_huge_finite_values():
+    from types import SimpleNamespace
+
+    from megatron_dga.errors import NumericalError
+    from megatron_dga.training.resume import check_parameters_finite
+
+    huge = torch.full((64,), 3e38)  # finite, but its sum overflows to inf
+    trainer = SimpleNamespace(params=[torch.randn(5), huge], ctx=SimpleNamespace(device="cpu"), iteration=7)
+    check_parameters_finite(trainer)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = torch.randn(5)
+        broken[2] = bad
+        trainer.params = [huge, broken, torch.randn(3).bfloat16()]
+        with pytest.raises(NumericalError, match="iteration 7: 1 parameter tensor"):
+            check_parameters_finite(trainer)
+
+
 def test_failed_shard_write_leaves_tracker(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 10, _tiny_state(10))
 

@@ -42,6 +42,33 @@ def test_transformer_engine_layers_read_the_norm_from_the_config():
     assert build_transformer_config(cfg, 1, 1).normalization == "RMSNorm"
 
 
+@pytest.mark.parametrize("flags, backend", [
+    ({"use_flash_attn": True}, "flash"),
+    ({"attention_backend": "flash"}, "flash"),
+    ({"attention_backend": "fused"}, "fused"),
+    ({"attention_backend": "unfused"}, "unfused"),
+])
+def test_gpu_only_model_flags_bind(flags, backend):
+    """--use-flash-attn / --attention-backend and --sequence-parallel reach megatron-core only where
+    transformer-engine runs (GPTModelConfig.check_machine refuses them elsewhere): the
+    TransformerConfig our mapping builds for them is constructed here against the installed one."""
+    from megatron.core.transformer.enums import AttnBackend
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_dga.model import GPTModelConfig, transformer_config_arguments
+
+    cfg = GPTModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=True,
+                         num_query_groups=2, swiglu=True, disable_bias_linear=True, normalization="RMSNorm",
+                         sequence_parallel=True, bf16=True, recompute_activations=True, **flags)
+    kwargs = transformer_config_arguments(cfg, 2, 1)
+    inspect.signature(TransformerConfig).bind(**kwargs)
+    config = TransformerConfig(**kwargs)
+    assert config.attention_backend is AttnBackend[backend]
+    assert config.sequence_parallel and config.recompute_granularity == "selective"
+    # Megatron-LM turns sequence parallelism off without tensor parallelism.
+    assert transformer_config_arguments(cfg, 1, 1)["sequence_parallel"] is False
+
+
 def test_cuda_seeding_binds():
     from megatron.core import tensor_parallel
 
@@ -101,18 +128,29 @@ def test_optimizer_and_scheduler_bind():
     cfg = OptimizerConfig(use_distributed_optimizer=True)
     inspect.signature(get_megatron_optimizer).bind(megatron_optimizer_config(cfg, bf16=True), [None])
     inspect.signature(OptimizerParamScheduler).bind(None, **scheduler_arguments(cfg, train_iters=100))
+    # --fp16 with the distributed optimizer (the CPU test runs megatron's fp16 optimizer without it).
+    fp16 = megatron_optimizer_config(OptimizerConfig(use_distributed_optimizer=True, initial_loss_scale=2.0**16,
+                                                     hysteresis=4), bf16=False, fp16=True)
+    assert (fp16.fp16, fp16.params_dtype, fp16.loss_scale, fp16.initial_loss_scale, fp16.min_loss_scale,
+            fp16.loss_scale_window, fp16.hysteresis) == (True, torch.float16, None, 2.0**16, 1.0, 1000, 4)
+    inspect.signature(get_megatron_optimizer).bind(fp16, [None])
 
 
 def test_distributed_optimizer_checkpoint_api_binds():
     """resume.py / optim.py call these for torch_dist checkpoints of the distributed optimizer."""
     from megatron.core.optimizer import DistributedOptimizer
 
-    from megatron_dga.training.resume import DIST_CKPT_METADATA
+    from megatron_dga.training.resume import dist_ckpt_metadata
 
-    inspect.signature(DistributedOptimizer.sharded_state_dict).bind(object(), {}, True, metadata=DIST_CKPT_METADATA)
     inspect.signature(DistributedOptimizer._init_optimizer_states_with_dummy_values).bind(object())
+    inspect.signature(DistributedOptimizer._set_main_param_and_optimizer_states).bind(object(), None, {})
     source = inspect.getsource(DistributedOptimizer.sharded_state_dict)
-    assert f"sharding_type == '{DIST_CKPT_METADATA['distrib_optim_sharding_type']}'" in source
+    for sharding_type in ("dp_reshardable", "fully_reshardable"):
+        metadata = dist_ckpt_metadata(sharding_type, mem_efficient=True)
+        inspect.signature(DistributedOptimizer.sharded_state_dict).bind(object(), {}, True, metadata=metadata)
+        assert f"sharding_type == '{sharding_type}'" in source
+    reshardable = inspect.getsource(DistributedOptimizer.sharded_param_state_fully_reshardable)
+    assert "'distrib_optim_fully_reshardable_mem_efficient'" in reshardable
 
 
 def test_mixed_precision_optimizer_attributes_exist():

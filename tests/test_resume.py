@@ -8,6 +8,8 @@ from iteration 4 on layout B and compares iterations 5-8 with A's own. Tolerance
 - TP or PP changed: the model-parallel split changes the order of the matmul and
   layer-norm reductions as well (rtol 1e-4).
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from tests.dist_utils import run_pretrain
 from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
 
 DGA = ["--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8"]
+FULLY_RESHARDABLE = ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"]
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +26,10 @@ def shards(tmp_path_factory):
 
 
 def _argv(shards, run_dir, extra=(), iters=8):
+    mixing = [] if "--mixing" in extra else DGA  # the --dga-* flags are an error with another --mixing
     return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
             *TINY_GPT_ARGS, "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
-            "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(run_dir), *DGA, *extra]
+            "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(run_dir), *mixing, *extra]
 
 
 def _losses(metrics, start=0):
@@ -34,9 +38,17 @@ def _losses(metrics, start=0):
 
 LAYOUTS = {
     # name: (layout A flags, world A, layout B flags, world B, rtol)
-    "dp1_to_dp2": ([], 1, [], 2, 1e-5),
+    # The distributed optimizer's state in Megatron's default dp_reshardable format moves to another DP size.
+    "distopt_dp1_to_dp2": (["--use-distributed-optimizer"], 1, ["--use-distributed-optimizer"], 2, 1e-5),
+    # megatron's FP32 optimizer: its state reshards with the model's.
     "tp2_to_tp1": (["--tensor-model-parallel-size", "2"], 2, [], 1, 1e-4),
-    "pp2_to_pp1": (["--pipeline-model-parallel-size", "2"], 2, [], 1, 1e-4),
+    # The distributed optimizer's state in the fully_reshardable format moves to another TP/PP layout
+    # (gathered on every rank, or on DP rank 0 over gloo).
+    "distopt_tp2_to_dp2": (["--tensor-model-parallel-size", "2", *FULLY_RESHARDABLE], 2,
+                           ["--use-distributed-optimizer"], 2, 1e-4),
+    "distopt_pp2_to_pp1_mem_efficient": (
+        ["--pipeline-model-parallel-size", "2", *FULLY_RESHARDABLE, "--distrib-optim-fully-reshardable-mem-efficient"],
+        2, ["--use-distributed-optimizer"], 1, 1e-4),
 }
 
 
@@ -69,6 +81,12 @@ def test_distributed_optimizer_resume_is_bit_identical(shards, tmp_path):
     assert set(rcs) == {0}
     np.testing.assert_array_equal(_losses(resumed), _losses(straight))
     assert resumed[-1]["domain_weights"] == straight[-1]["domain_weights"]
+    # Megatron's default dp_reshardable format cannot move to another TP: refused before loading.
+    rc, err = _resume_error(shards, tmp_path / "c", extra + ["--load", ckpt, "--tensor-model-parallel-size", "2"],
+                            nproc=2)
+    assert rc != 0 and "dp_reshardable format for TP=1 PP=1" in err and "--dist-ckpt-optim-fully-reshardable" in err, \
+        err[-3000:]
+    assert not re.search(r'File ".*megatron_dga/', err), err[-3000:]  # torchrun's own report of the exit is fine
 
 
 # ----------------------------------------------------------------------------- checks before loading
@@ -84,16 +102,22 @@ def saved(shards, tmp_path_factory):
     return ckpt
 
 
-def _resume_error(shards, tmp_path, argv_extra, data_path=None):
+def _resume_error(shards, tmp_path, argv_extra, data_path=None, nproc=1):
+    """(exit code, stderr) of the trainer as users start it: one process, or torchrun over gloo."""
+    import os
     import subprocess
     import sys
+
+    from tests.dist_utils import WORKER_ENV, free_port
 
     argv = _argv(shards, tmp_path, argv_extra)
     if data_path is not None:
         i = argv.index("--data-path")
         argv[i + 1:i + 1 + len(shards["domains"])] = data_path
-    proc = subprocess.run([sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True,
-                          timeout=300)
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                                      "--master-port", str(free_port())]
+    proc = subprocess.run([sys.executable, *launcher, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": "1"})
     return proc.returncode, proc.stderr
 
 
@@ -103,8 +127,6 @@ def _resume_error(shards, tmp_path, argv_extra, data_path=None):
     (["--use-distributed-optimizer"], r"--use-distributed-optimizer: the checkpoint .* saved without it"),
 ], ids=["model-shape", "mixing", "distopt"])
 def test_resume_refuses_a_changed_job_before_loading(shards, saved, tmp_path, extra, message):
-    import re
-
     rc, err = _resume_error(shards, tmp_path, ["--load", saved, *extra])
     assert rc == 2, err[-3000:]
     assert re.search(message, err), err[-3000:]
@@ -150,7 +172,7 @@ def test_sigterm_saves_exits_zero_and_resume_continues_exactly(shards, tmp_path)
 
     from megatron_dga.training.checkpoint import latest_iteration
 
-    iters = 300
+    iters = 100  # long enough that SIGTERM lands mid-run (sent after 5 of them), short for CI
     rcs, straight = run_pretrain(_argv(shards, tmp_path / "straight", iters=iters))
     assert rcs == [0]
     ckpt, log = str(tmp_path / "ckpt"), tmp_path / "preempted"
@@ -191,8 +213,6 @@ def test_diverging_run_stops_naming_the_iteration_and_keeps_finite_checkpoints(s
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the training loss is nan" in proc.stderr or "the training loss is inf" in proc.stderr, proc.stderr[-2000:]
     assert "stopped without saving" in proc.stderr and "Traceback" not in proc.stderr
-    import re
-
     stopped = int(re.search(r"error \(rank \d+\): iteration (\d+): ", proc.stderr).group(1))
     kept = _list_iterations(ckpt)
     assert kept and max(kept) < stopped, (kept, stopped)

@@ -23,7 +23,10 @@ Atomicity protocol of :func:`save_checkpoint` (all ranks of ``group`` call it):
 1. The coordinator (rank 0 of ``group``) picks ``iter_XXXXXXX.tmp-<unique>`` and
    broadcasts the name; writers put their file there (temp file, fsync, ``os.replace``).
 2. All ranks exchange success/failure; a failure anywhere raises on every rank and
-   the temporary directory is left behind (cleaned by a later save).
+   the temporary directory is left behind (cleaned by a later save). Each rank then reads
+   its share of the files back for their CRC-32s: at once, or in a background thread while
+   training goes on (:class:`PendingCheckpoint`, the trainer's saves), and the steps below
+   run when every rank is done.
 3. The coordinator checks every expected file, then writes ``megatron_dga.json`` (the
    completeness marker, with each file's size and CRC-32, verified on load), fsyncs and
    renames the directory to ``iter_XXXXXXX``. An existing directory of the same
@@ -64,7 +67,7 @@ import torch
 import megatron_dga
 from megatron_dga import comm
 from megatron_dga.errors import CheckpointError, ConfigError
-from megatron_dga.fileio import atomic_write, atomic_write_text, fsync_dir
+from megatron_dga.fileio import atomic_write, atomic_write_text, describe_os_error, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +252,8 @@ def save_checkpoint(
     common_state: Optional[dict] = None,
     metadata: Optional[dict] = None,
     weights_only: bool = True,
-) -> Path:
+    background: bool = False,
+):
     """Save one iteration atomically in the ``torch`` format; every rank of ``group`` must call it.
 
     Args:
@@ -268,9 +272,11 @@ def save_checkpoint(
             written once, by the coordinator, as ``common.pt``.
         metadata: Extra JSON-serialisable facts for the metadata file (args summary).
         weights_only: Check that states load with ``torch.load(weights_only=True)``.
+        background: Checksum and publish in the background (see :class:`PendingCheckpoint`).
 
     Returns:
-        The final checkpoint directory ``<save_dir>/iter_XXXXXXX``.
+        The final checkpoint directory ``<save_dir>/iter_XXXXXXX``; with ``background``, the
+        :class:`PendingCheckpoint` that publishes it.
 
     Raises:
         CheckpointError: On any rank's failure (raised on every rank); the previous
@@ -280,28 +286,28 @@ def save_checkpoint(
     """
     is_coordinator = comm.rank(group) == 0
 
-    def write(tmp_dir: Path) -> dict:
-        written = {}
+    def write(tmp_dir: Path) -> list:
+        written = []
         if layout.is_writer:
             if weights_only:
                 _check_weights_only_safe(state, "state")
             shard_dir = tmp_dir / layout.shard_dirname()
             shard_dir.mkdir(exist_ok=True)
             _torch_save(shard_dir / MODEL_FILENAME, state)
-            written[f"{layout.shard_dirname()}/{MODEL_FILENAME}"] = file_record(shard_dir / MODEL_FILENAME)
+            written.append(shard_dir / MODEL_FILENAME)
         if is_coordinator:
             common = {} if common_state is None else common_state
             if weights_only:
                 _check_weights_only_safe(common, "common_state")
             _torch_save(tmp_dir / COMMON_FILENAME, common)
-            written[COMMON_FILENAME] = file_record(tmp_dir / COMMON_FILENAME)
+            written.append(tmp_dir / COMMON_FILENAME)
         fsync_dir(tmp_dir)
         return written
 
     expected = layout.all_shard_files() + [COMMON_FILENAME]
     return publish_checkpoint(save_dir, iteration, write, layout=layout, group=group, keep_last=keep_last,
                               metadata=metadata, ckpt_format="torch", expected_files=expected,
-                              weights_only=weights_only)
+                              weights_only=weights_only, background=background)
 
 
 def file_record(path: Path) -> dict:
@@ -320,7 +326,7 @@ def file_record(path: Path) -> dict:
 def publish_checkpoint(
     save_dir: str | os.PathLike,
     iteration: int,
-    write: Callable[[Path], dict],
+    write: Callable[[Path], list],
     *,
     layout: CheckpointLayout,
     group=None,
@@ -329,12 +335,17 @@ def publish_checkpoint(
     ckpt_format: str,
     expected_files: Optional[list] = None,
     weights_only: bool = True,
-) -> Path:
+    background: bool = False,
+):
     """The atomic save protocol of both formats (see the module docstring); every rank calls it.
 
-    ``write(tmp_dir)`` runs on every rank (it may call collectives) and returns
-    ``{relative path: file_record}`` for the files this rank wrote; the coordinator
-    records them all, with their checksums, in the metadata file.
+    ``write(tmp_dir)`` runs on every rank (it may call collectives) and returns the paths of
+    the files this rank checksums; the coordinator records them all, with their checksums,
+    in the metadata file.
+
+    Returns the published ``iter_XXXXXXX`` directory; with ``background=True`` a
+    :class:`PendingCheckpoint` instead, as soon as the files are written: the checksums are
+    computed in a thread while training goes on, and its ``finish()`` publishes the checkpoint.
     """
     if not isinstance(iteration, int) or iteration < 0:
         raise ConfigError(f"checkpoint iteration must be a non-negative integer, got {iteration!r}")
@@ -358,40 +369,92 @@ def publish_checkpoint(
             tmp_name = f"{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
             (root / tmp_name).mkdir()
         except OSError as exc:
-            error = f"cannot create {root / str(tmp_name)}: {exc}"
+            error = describe_os_error(exc, root / tmp_name if tmp_name else root, "--save")
             tmp_name = None
     tmp_name = ranks.broadcast(tmp_name)
     if tmp_name is None:
-        raise CheckpointError(f"checkpoint save failed: {error or 'coordinator could not create a directory'} "
-                              f"(check that --save {root} is writable)")
+        error = error or f"rank 0 could not create a directory under --save {root}"
+        raise CheckpointError(f"checkpoint save failed: {error}")
     tmp_dir = root / tmp_name
 
     # 2. Every rank writes its part.
-    error, written = None, {}
+    error, mine = None, []
     try:
-        written = write(tmp_dir)
-    except Exception as exc:  # noqa: BLE001 - reported to every rank below
-        error = f"{type(exc).__name__}: {exc}"
-    parts = _gather_or_raise(ranks, error, f"save failed while writing into {tmp_dir}", written)
-    files = {rel: rec for part in parts for rel, rec in part.items()}
+        mine = write(tmp_dir)
+    except (Exception, comm.DistCheckpointException) as exc:  # noqa: BLE001 - reported to every rank below
+        # One line naming the cause and path (a full disk: "no space left on device writing ..."),
+        # not torch's "unexpected pos" nor DCP's per-rank tracebacks.
+        error = describe_os_error(exc, tmp_dir, "--save")
+    _gather_or_raise(ranks, error, f"save failed while writing into {tmp_dir}")
 
-    # 3. Coordinator completes and publishes the directory.
-    error = None
-    if ranks.is_coordinator:
-        try:
-            _finalize(root, tmp_dir, final_dir, iteration, layout, files, expected_files, metadata, ckpt_format,
-                      weights_only)
-        except Exception as exc:  # noqa: BLE001 - reported to every rank below
-            error = f"{type(exc).__name__}: {exc}"
-    _gather_or_raise(ranks, error, f"save failed while publishing {final_dir}")
+    def publish(files: dict) -> Path:
+        # 3. Coordinator completes and publishes the directory.
+        error = None
+        if ranks.is_coordinator:
+            try:
+                _finalize(root, tmp_dir, final_dir, iteration, layout, files, expected_files, metadata, ckpt_format,
+                          weights_only)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                error = describe_os_error(exc, final_dir, "--save")
+        _gather_or_raise(ranks, error, f"save failed while publishing {final_dir}")
+        # 4. Retention; failures here do not invalidate the checkpoint just written.
+        if ranks.is_coordinator:
+            try:
+                _cleanup(root, iteration, keep_last)
+            except OSError as exc:
+                logger.warning("could not delete old checkpoints under %s: %s", root, exc)
+        return final_dir
 
-    # 4. Retention; failures here do not invalidate the checkpoint just written.
-    if ranks.is_coordinator:
+    pending = PendingCheckpoint(ranks, iteration, tmp_dir, mine, publish, background=background)
+    return pending if background else pending.finish()
+
+
+class PendingCheckpoint:
+    """A checkpoint whose files are written into its scratch directory but not yet published.
+
+    What is left of the save is reading the files back for their CRC-32s (each rank its
+    share) and the publication (metadata, rename, tracker, retention). In a background
+    thread the checksums overlap with training, so a save stalls training no longer than
+    writing the files does, as Megatron's own save; until :meth:`finish` the tracker still
+    names the previous checkpoint, so a crash meanwhile loses only this one. The thread
+    runs no collective: :meth:`ready` and :meth:`finish` are called by every rank together.
+    """
+
+    def __init__(self, ranks: "_Comm", iteration: int, tmp_dir: Path, paths: list, publish: Callable[[dict], Path],
+                 *, background: bool):
+        self.iteration = iteration
+        self._ranks, self._tmp_dir, self._paths, self._publish = ranks, tmp_dir, list(paths), publish
+        self._records: dict = {}
+        self._error: Optional[str] = None
+        self._thread = None
+        if background:
+            import threading
+
+            self._thread = threading.Thread(target=self._checksum, name=f"checksum-{tmp_dir.name}", daemon=True)
+            self._thread.start()
+        else:
+            self._checksum()
+
+    def _checksum(self) -> None:
         try:
-            _cleanup(root, iteration, keep_last)
-        except OSError as exc:
-            logger.warning("could not delete old checkpoints under %s: %s", root, exc)
-    return final_dir
+            # zlib releases the GIL on large blocks, so this overlaps with the training thread.
+            self._records = {Path(p).relative_to(self._tmp_dir).as_posix(): file_record(Path(p))
+                             for p in self._paths}
+        except Exception as exc:  # noqa: BLE001 - reported to every rank by finish()
+            self._error = describe_os_error(exc, self._tmp_dir, "--save")
+
+    def ready(self, device="cpu") -> bool:
+        """True on every rank once every rank's checksums are done (one all-reduce of one float)."""
+        busy = torch.tensor([float(self._thread is not None and self._thread.is_alive())], device=device)
+        return not bool(comm.all_reduce(busy, self._ranks.group, op=comm.MAX).item())
+
+    def finish(self) -> Path:
+        """Wait for this rank's checksums, then publish on every rank; returns the ``iter_`` directory."""
+        if self._thread is not None:
+            self._thread.join()
+        parts = _gather_or_raise(self._ranks, self._error, f"save failed while checksumming {self._tmp_dir}",
+                                 self._records)
+        return self._publish({rel: rec for part in parts for rel, rec in part.items()})
 
 
 def _finalize(root, tmp_dir, final_dir, iteration, layout, files, expected_files, metadata, ckpt_format,
@@ -607,16 +670,18 @@ def save_distributed_checkpoint(
     group=None,
     keep_last: Optional[int] = None,
     metadata: Optional[dict] = None,
-) -> Path:
+    background: bool = False,
+):
     """Save megatron-core's sharded state dict (torch_dist format) with our atomic protocol.
 
     Every rank calls it with its ``sharded_state`` (ShardedTensors/ShardedObjects from
     megatron's ``sharded_state_dict`` methods, plus plain common values, which
     dist_checkpointing writes once from rank 0). The files land in a scratch directory
     that is published as ``iter_XXXXXXX`` only once complete; every file's CRC-32 goes
-    into the metadata (the ranks checksum the files between them).
+    into the metadata (the ranks checksum the files between them). ``background=True``
+    returns a :class:`PendingCheckpoint` once the files are written (see there).
     """
-    def write(tmp_dir: Path) -> dict:
+    def write(tmp_dir: Path) -> list:
         from megatron.core import dist_checkpointing
 
         from megatron_dga import platform
@@ -625,11 +690,10 @@ def save_distributed_checkpoint(
             dist_checkpointing.save(sharded_state, str(tmp_dir))
         comm.barrier(group)  # every rank's files are on disk before anyone lists them
         paths = sorted(p for p in tmp_dir.rglob("*") if p.is_file())
-        mine = paths[comm.rank(group)::comm.size(group)]
-        return {p.relative_to(tmp_dir).as_posix(): file_record(p) for p in mine}
+        return paths[comm.rank(group)::comm.size(group)]
 
     return publish_checkpoint(save_dir, iteration, write, layout=layout, group=group, keep_last=keep_last,
-                              metadata=metadata, ckpt_format="torch_dist")
+                              metadata=metadata, ckpt_format="torch_dist", background=background)
 
 
 def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = None) -> tuple[Path, dict]:

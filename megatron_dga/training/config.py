@@ -5,8 +5,9 @@ The CLI (``arguments.py``) builds these once; nothing reads a global args object
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
+from megatron_dga.data.domains import parse_data_path
 from megatron_dga.errors import ConfigError
 from megatron_dga.model import GPTModelConfig
 from megatron_dga.platform import ParallelConfig
@@ -24,6 +25,26 @@ def _check_finite_numbers(cfg) -> None:
             for value in values if isinstance(values, list) else [values]:
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _refuse_without(given: Dict[str, Any], needed: str, consequence: str, add: Optional[str] = None) -> None:
+    """ConfigError when flags that only act together with ``needed`` were given without it.
+
+    Args:
+        given: field name -> value of the flags given explicitly (booleans: True).
+        needed: the missing flag, e.g. "--save".
+        consequence: what would happen (or not) if the run went on, e.g. "nothing is saved".
+        add: the fix, when it is more than ``needed`` (e.g. "--save DIR").
+    """
+    if not given:
+        return
+    names = ", ".join(_flag(k) if v is True else f"{_flag(k)} {v}" for k, v in given.items())
+    them = "it" if len(given) == 1 else "them"
+    raise ConfigError(f"{names} given without {needed}: {consequence}; add {add or needed} or drop {them}")
 
 
 def _positive(obj, *names):
@@ -87,6 +108,10 @@ class DataConfig:
         return parts[0] / sum(parts)
 
 
+LOSS_SCALE_FLAGS = ("loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
+"""OptimizerConfig fields of fp16 loss scaling (megatron-core's OptimizerConfig fields of the same names)."""
+
+
 @dataclass
 class OptimizerConfig:
     """AdamW and the learning-rate schedule (Megatron's flag names)."""
@@ -114,9 +139,33 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer), megatron-core's
     DistributedOptimizer; DGA then all-reduces (not reduce-scatters) its specific gradient."""
+    loss_scale: Optional[float] = None
+    """Static loss scale with --fp16 (--loss-scale; a power of 2 such as 4096 works best). Unset:
+    dynamic loss scaling (Megatron's default), tuned by the four flags below. --fp16 only."""
+    initial_loss_scale: Optional[float] = None
+    """First scale of dynamic loss scaling (--initial-loss-scale, default 2^32). --fp16 only."""
+    min_loss_scale: Optional[float] = None
+    """Floor of dynamic loss scaling (--min-loss-scale, default 1). --fp16 only."""
+    loss_scale_window: Optional[float] = None
+    """Steps without overflow after which dynamic loss scaling doubles the scale (--loss-scale-window,
+    default 1000). --fp16 only."""
+    hysteresis: Optional[int] = None
+    """Overflowing (skipped) steps tolerated before dynamic loss scaling halves the scale
+    (--hysteresis, default 2). --fp16 only."""
 
     def __post_init__(self):
         _positive(self, "lr")
+        for name in LOSS_SCALE_FLAGS:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        dynamic = {k: getattr(self, k) for k in LOSS_SCALE_FLAGS[1:] if getattr(self, k) is not None}
+        if self.loss_scale is not None and dynamic:
+            names = ", ".join(f"{_flag(k)} {v}" for k, v in dynamic.items())
+            one = len(dynamic) == 1
+            raise ConfigError(f"{names} {'tunes' if one else 'tune'} dynamic loss scaling, which --loss-scale "
+                              f"{self.loss_scale} turns off (a static scale); drop --loss-scale or drop "
+                              f"{'it' if one else 'them'}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
@@ -139,17 +188,19 @@ class ScheduleConfig:
     train_iters: int = 100
     """Optimizer steps (--train-iters)."""
     exit_interval: Optional[int] = None
-    """Stop (after saving, with --save) when the iteration is a multiple of this (--exit-interval);
-    the LR schedule still follows --train-iters, so a later --load continues the same run."""
+    """Save and stop when the iteration is a multiple of this (--exit-interval); the LR schedule
+    still follows --train-iters, so a later --load continues the same run. Needs --save (without
+    it the run would stop with nothing to resume from: an error; lower --train-iters instead)."""
     check_for_nan_in_loss_and_grad: bool = True
     """Stop with an error naming the iteration when the loss or the grad norm is not finite, before
     anything is saved (--check-for-nan-in-loss-and-grad, on by default as in Megatron;
     --no-check-for-nan-in-loss-and-grad trains on)."""
     exit_signal_handler: bool = False
-    """On SIGTERM or SIGINT finish the current step, save (with --save) and exit 0 (--exit-signal-handler)."""
+    """On SIGTERM or SIGINT finish the current step, save and exit 0 (--exit-signal-handler).
+    Needs --save (an error without it: a preempted run would leave nothing to resume from)."""
     exit_duration_in_mins: Optional[float] = None
-    """Save (with --save) and exit 0 once this many minutes have passed since start-up
-    (--exit-duration-in-mins), checked after every step."""
+    """Save and exit 0 once this many minutes have passed since start-up (--exit-duration-in-mins),
+    checked after every step. Needs --save (an error without it)."""
     log_interval: int = 10
     """Iterations between log lines (--log-interval)."""
     eval_interval: int = 50
@@ -181,24 +232,49 @@ class CheckpointConfig:
     """Saving and resuming."""
 
     save: Optional[str] = None
-    """Directory to write checkpoints to (--save)."""
+    """Directory to write checkpoints to (--save); created and checked writable at start-up."""
     load: Optional[str] = None
     """Directory to resume from (--load); its tracker file names the iteration."""
     ckpt_step: Optional[int] = None
     """Iteration to load instead of the one the tracker file names (--ckpt-step)."""
     save_interval: Optional[int] = None
-    """Iterations between checkpoints (--save-interval); None saves only at the end."""
-    keep_last: Optional[int] = 2
-    """Checkpoints to keep (--keep-last, default 2): older iterations are deleted after each save."""
-    ckpt_format: Literal["torch_dist", "torch"] = "torch_dist"
-    """--ckpt-format: torch_dist (megatron-core dist_checkpointing: resumable on another TP/PP/DP
-    layout, the distributed optimizer included) or torch (one file per model-parallel rank;
-    TP and PP must stay the same). --load reads either."""
+    """Iterations between checkpoints (--save-interval); unset saves only at the end. Needs --save."""
+    keep_last: Optional[int] = None
+    """Checkpoints to keep (--keep-last, default 2): older iterations are deleted after each save.
+    Needs --save."""
+    ckpt_format: Optional[Literal["torch_dist", "torch"]] = None
+    """--ckpt-format: torch_dist (the default; megatron-core dist_checkpointing: resumable on another
+    TP/PP/DP layout, the distributed optimizer included) or torch (one file per model-parallel rank;
+    TP and PP must stay the same). Chooses how --save writes (so it needs --save); --load reads either."""
     reset_mixing_state: bool = False
     """--reset-mixing-state: resume model, optimizer and data stream, but start the mixing
-    strategy afresh (required when --mixing differs from the checkpoint's)."""
+    strategy afresh (required when --mixing differs from the checkpoint's). Needs --load."""
+    dist_ckpt_optim_fully_reshardable: bool = False
+    """--dist-ckpt-optim-fully-reshardable: save the distributed optimizer's state per model
+    parameter (megatron's 'fully_reshardable'), so a resume may change TP and PP too; the save
+    first gathers the state over the data-parallel ranks. Off: Megatron's default
+    'dp_reshardable' (faster; a resume may change DP only)."""
+    distrib_optim_fully_reshardable_mem_efficient: bool = False
+    """--distrib-optim-fully-reshardable-mem-efficient: with --dist-ckpt-optim-fully-reshardable,
+    gather the optimizer state on data-parallel rank 0 only, over gloo (less memory, slower save)."""
 
     def __post_init__(self):
+        # Flags that only act with --save/--load are errors without them, never silently dropped.
+        if not self.save:
+            resolved_defaults = {"save_interval": None, "keep_last": 2, "ckpt_format": "torch_dist",
+                                 "dist_ckpt_optim_fully_reshardable": False,
+                                 "distrib_optim_fully_reshardable_mem_efficient": False}
+            _refuse_without({k: getattr(self, k) for k, default in resolved_defaults.items()
+                             if getattr(self, k) not in (None, default)}, "--save", "nothing is saved", "--save DIR")
+        if not self.load:
+            _refuse_without({k: v for k, v in (("ckpt_step", self.ckpt_step),
+                                                ("reset_mixing_state", self.reset_mixing_state or None))
+                             if v is not None}, "--load", "nothing is resumed", "--load DIR")
+        if self.distrib_optim_fully_reshardable_mem_efficient and not self.dist_ckpt_optim_fully_reshardable:
+            raise ConfigError("--distrib-optim-fully-reshardable-mem-efficient acts with "
+                              "--dist-ckpt-optim-fully-reshardable only; add it or drop the flag")
+        self.keep_last = 2 if self.keep_last is None else self.keep_last
+        self.ckpt_format = self.ckpt_format or "torch_dist"
         if self.save_interval is not None and self.save_interval <= 0:
             raise ConfigError(f"--save-interval must be > 0, got {self.save_interval}")
         if self.keep_last is not None and self.keep_last <= 0:
@@ -212,47 +288,91 @@ class LoggingConfig:
     """Where metrics go."""
 
     log_dir: Optional[str] = None
-    """Directory of metrics.jsonl (--log-dir); defaults to --save, else ./runs/latest."""
+    """Directory of metrics.jsonl and run_info.json (--log-dir); defaults to --save, else a new
+    runs/<date-time>-<id> per run (printed at start-up). Checked writable at start-up. A run that
+    does not resume (no --load) never overwrites another run's logs: an earlier run's
+    metrics.jsonl and run_info.json found there are moved to previous_runs/<date-time>/ inside it
+    (with a warning); with --load, the entries past the resumed iteration are dropped (the
+    original kept as metrics.jsonl.bak)."""
     tensorboard_dir: Optional[str] = None
-    """Tensorboard event files (--tensorboard-dir); none when unset."""
+    """Tensorboard event files (--tensorboard-dir); none when unset. Like Megatron, a run adds its
+    own event file to the directory and never deletes others (where steps overlap, TensorBoard
+    shows the newest run's). Checked writable at start-up."""
+
+
+_DGA_DEFAULTS: Dict[str, Any] = {
+    "dga_interval": 10,
+    "dga_eta": 10.0,
+    "dga_ema": 0.1,
+    "dga_min_weight": 0.0,
+    "dga_domain_batch_size": 8,
+    "dga_specific_batch_size": 16,
+    "dga_preconditioner": "none",
+    "dga_basis": None,
+    "dga_init": None,  # resolved by PretrainConfig: it depends on --data-path
+    "dga_estimator": "exact",
+    "dga_fd_step": 1e-4,
+}
+"""Defaults of the DGA-only fields. The fields default to None ("not given") so that a DGA flag
+given without --mixing dga is an error rather than silently ignored; __post_init__ fills these in."""
 
 
 @dataclass
 class MixingConfig:
-    """How the domain weights are chosen. DGA fields only matter with --mixing dga."""
+    """How the domain weights are chosen. The DGA flags act with --mixing dga only (an error otherwise)."""
 
-    mixing: str = "natural"
-    """--mixing: uniform, natural, static, importance, dga."""
+    mixing: Optional[str] = None
+    """--mixing: uniform, natural (by tokens), static (the weights of --data-path W1 P1 W2 P2 ...),
+    importance (--importance-weights FILE), dga. Default: static when --data-path gives weights
+    (Megatron's meaning of them), else natural. Weights in --data-path are never ignored: with
+    --mixing natural, uniform or importance they are an error; with --mixing dga they are DGA's
+    initial weights (--dga-init static)."""
     static_weights: Optional[List[float]] = None
     """Weights from `--data-path W1 P1 ...` (used by --mixing static)."""
     importance_weights: Optional[str] = None
-    """Weights file written by tools/importance_weights.py (--importance-weights)."""
-    dga_interval: int = 10
-    """T_r: training steps between weight updates (--dga-interval)."""
-    dga_eta: float = 10.0
-    """Mirror-descent step size on the alignments (--dga-eta)."""
-    dga_ema: float = 0.1
-    """beta of alpha_new = (1-beta) alpha + beta alpha_hat (--dga-ema); 1 disables the EMA.
+    """Weights file written by tools/importance_weights.py (--importance-weights), read by --mixing
+    importance and by --mixing dga --dga-init importance (an error with any other mixing)."""
+    dga_interval: Optional[int] = None
+    """T_r: training steps between weight updates (--dga-interval, default 10)."""
+    dga_eta: Optional[float] = None
+    """Mirror-descent step size on the alignments (--dga-eta, default 10)."""
+    dga_ema: Optional[float] = None
+    """beta of alpha_new = (1-beta) alpha + beta alpha_hat (--dga-ema, default 0.1); 1 disables the EMA.
     The paper's "EMA 0.1" read the other way round corresponds to 0.9 here."""
-    dga_min_weight: float = 0.0
-    """Floor c: alpha = (1-c) alpha + c/k keeps every domain alive (--dga-min-weight)."""
-    dga_domain_batch_size: int = 8
-    """b_dom: sequences per domain probe (--dga-domain-batch-size)."""
-    dga_specific_batch_size: int = 16
-    """b_spe: sequences of the specific set per update (--dga-specific-batch-size)."""
-    dga_preconditioner: Literal["none", "adam"] = "none"
-    """P in <g_i, P g_spe>: identity or Adam's diag(1/(sqrt(v_hat)+eps)) (--dga-preconditioner)."""
+    dga_min_weight: Optional[float] = None
+    """Floor c: alpha = (1-c) alpha + c/k keeps every domain alive (--dga-min-weight, default 0)."""
+    dga_domain_batch_size: Optional[int] = None
+    """b_dom: sequences per domain probe (--dga-domain-batch-size, default 8)."""
+    dga_specific_batch_size: Optional[int] = None
+    """b_spe: sequences of the specific set per update (--dga-specific-batch-size, default 16)."""
+    dga_preconditioner: Optional[Literal["none", "adam"]] = None
+    """P in <g_i, P g_spe>: identity (none, the default) or Adam's diag(1/(sqrt(v_hat)+eps))
+    (--dga-preconditioner)."""
     dga_basis: Optional[str] = None
-    """N x K basis file for distribution reweighting (--dga-basis)."""
-    dga_init: str = "uniform"
-    """Initial weights (--dga-init): uniform, natural, importance or a weights file."""
-    dga_estimator: Literal["exact", "fd"] = "exact"
-    """Alignment estimator (--dga-estimator): exact gradients, or finite differences along g_spe."""
-    dga_fd_step: float = 1e-4
-    """fd estimator step h relative to the parameter norm, h = dga_fd_step * |theta| (--dga-fd-step);
-    1e-4 minimised the error against the exact estimator in fp32 (curvature above, rounding below)."""
+    """N x K basis file for distribution reweighting (--dga-basis); DGA then starts uniform over the
+    N bases (--dga-init and --data-path weights, which weigh the K domains, are errors with it)."""
+    dga_init: Optional[str] = None
+    """Initial weights (--dga-init): uniform, natural, static (the weights of --data-path W1 P1 ...),
+    importance (--importance-weights FILE) or a weights file. Default: static when --data-path gives
+    weights, else uniform; --data-path weights with another --dga-init are an error naming both."""
+    dga_estimator: Optional[Literal["exact", "fd"]] = None
+    """Alignment estimator (--dga-estimator): exact gradients (the default), or finite differences
+    along g_spe."""
+    dga_fd_step: Optional[float] = None
+    """fd estimator step h relative to the parameter norm, h = dga_fd_step * |theta| (--dga-fd-step,
+    default 1e-4, with --dga-estimator fd only); 1e-4 minimised the error against the exact
+    estimator in fp32 (curvature above, rounding below)."""
 
     def __post_init__(self):
+        # "Given" = set to something other than the default: a resolved config (all defaults filled in,
+        # e.g. through dataclasses.replace) validates again as it did the first time.
+        given = {name: getattr(self, name) for name, default in _DGA_DEFAULTS.items()
+                 if getattr(self, name) is not None and getattr(self, name) != default}
+        estimator, init = self.dga_estimator, self.dga_init  # as given, before the defaults fill in
+        for name, default in _DGA_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        # Values first (a typed value that can never work), then combinations that would be ignored.
         if self.dga_interval <= 0:
             raise ConfigError(f"--dga-interval must be > 0, got {self.dga_interval}")
         if not 0 <= self.dga_eta < float("inf"):
@@ -269,6 +389,70 @@ class MixingConfig:
             raise ConfigError(f"--dga-fd-step must be > 0, got {self.dga_fd_step}")
         if self.dga_estimator not in ("exact", "fd"):
             raise ConfigError(f"--dga-estimator must be exact or fd, got {self.dga_estimator!r}")
+        if self.mixing != "dga":
+            _refuse_without(given, "--mixing dga", f"DGA is not running (--mixing {self.mixing or 'not given'})")
+        if "dga_fd_step" in given and estimator != "fd":
+            raise ConfigError(f"--dga-fd-step {self.dga_fd_step} acts with --dga-estimator fd only; "
+                              "add --dga-estimator fd or drop --dga-fd-step")
+        if self.dga_basis and init not in (None, "uniform"):
+            raise ConfigError(
+                f"--dga-init {init} weighs the K domains, but with --dga-basis {self.dga_basis} DGA "
+                "weighs the N basis distributions (and starts uniform over them); drop --dga-init"
+            )
+        uses_importance = self.mixing == "importance" or (self.mixing == "dga" and init == "importance")
+        if self.importance_weights and not uses_importance:
+            here = f"--mixing {self.mixing or 'not given'}"
+            if self.mixing == "dga":
+                here += f", --dga-init {init or 'not given'}"
+            raise ConfigError(
+                f"--importance-weights {self.importance_weights} is read by --mixing importance and by --mixing dga "
+                f"--dga-init importance only (here {here}): it would be ignored; add one of those or drop it"
+            )
+        if uses_importance and not self.importance_weights:
+            what = "--mixing importance" if self.mixing == "importance" else "--dga-init importance"
+            raise ConfigError(f"{what} needs --importance-weights FILE (write it with tools/importance_weights.py)")
+
+    def resolve_data_path_weights(self, weights: Optional[List[float]]) -> None:
+        """Settle --mixing and --dga-init against the weights of --data-path (None: plain prefixes).
+
+        Megatron's meaning of `--data-path W1 P1 ...` is a static mixture, so given weights are never
+        ignored: they choose --mixing static when --mixing is not given, start DGA (--dga-init static)
+        with --mixing dga, and are an error with any mixing that would not read them.
+        """
+        shown = "" if weights is None else " ".join(f"{w:g}" for w in weights[:4]) + (" ..." if len(weights) > 4 else "")
+        if weights is not None:
+            if self.mixing is None:
+                self.mixing = "static"
+            elif self.mixing in ("natural", "uniform", "importance"):
+                raise ConfigError(
+                    f"--data-path gives weights ({shown}), which --mixing {self.mixing} would ignore; use "
+                    "--mixing static to sample by them (the default when --mixing is not given), --mixing dga "
+                    "to start DGA from them, or give the prefixes without weights"
+                )
+            elif self.mixing == "dga":
+                if self.dga_basis:
+                    raise ConfigError(
+                        f"--data-path gives weights ({shown}) over the domains, but with --dga-basis {self.dga_basis} "
+                        "DGA weighs the basis distributions (and starts uniform over them); drop the weights"
+                    )
+                if self.dga_init is None:
+                    self.dga_init = "static"
+                elif self.dga_init != "static":
+                    raise ConfigError(
+                        f"--data-path gives weights ({shown}) and --dga-init {self.dga_init} also sets DGA's initial "
+                        "weights; drop the weights from --data-path (plain prefixes) or drop --dga-init"
+                    )
+        else:
+            self.mixing = self.mixing or "natural"
+            if self.mixing == "static":
+                raise ConfigError(
+                    "--mixing static needs weights in --data-path (W1 P1 W2 P2 ...); plain prefixes were given. "
+                    "Add weights or use --mixing natural/uniform"
+                )
+            if self.mixing == "dga" and self.dga_init == "static":
+                raise ConfigError("--dga-init static needs weights in --data-path (W1 P1 W2 P2 ...); plain prefixes "
+                                  "were given. Add weights or choose another --dga-init")
+        self.dga_init = self.dga_init or "uniform"
 
 
 @dataclass
@@ -286,6 +470,23 @@ class PretrainConfig:
 
     def __post_init__(self):
         _check_finite_numbers(self)
+        if self.checkpoint.dist_ckpt_optim_fully_reshardable and not self.optimizer.use_distributed_optimizer:
+            raise ConfigError(
+                "--dist-ckpt-optim-fully-reshardable chooses the distributed optimizer's checkpoint format, and "
+                "--use-distributed-optimizer is not given (the other optimizers' checkpoints always reshard over "
+                "TP, PP and DP); add --use-distributed-optimizer or drop the flag"
+            )
+        # A malformed --data-path fails here, before anything is built; its weights settle --mixing.
+        self.mixing.resolve_data_path_weights(parse_data_path(self.data.data_path)[2])
+        self._check_model_flags()
+        sched = self.schedule
+        if not self.checkpoint.save:
+            _refuse_without({k: v for k, v in (("exit_interval", sched.exit_interval),
+                                                ("exit_signal_handler", sched.exit_signal_handler or None),
+                                                ("exit_duration_in_mins", sched.exit_duration_in_mins))
+                             if v is not None},
+                            "--save", "the run would stop early with no checkpoint to resume from (to end it "
+                            "earlier, lower --train-iters)", "--save DIR")
         if self.optimizer.use_distributed_optimizer and self.checkpoint.ckpt_format == "torch" and self.checkpoint.save:
             raise ConfigError(
                 "--use-distributed-optimizer with --ckpt-format torch would lose the sharded optimizer state; "
@@ -297,4 +498,27 @@ class PretrainConfig:
                 "--dga-preconditioner adam cannot be combined with --use-distributed-optimizer: each rank "
                 "holds Adam's second moments for its own shard only; use --dga-preconditioner none or drop "
                 "--use-distributed-optimizer"
+            )
+
+    def _check_model_flags(self) -> None:
+        """Model flags this machine or this trainer cannot honour: an error at start-up, never a fallback."""
+        from megatron_dga.model import transformer_engine_available
+
+        model = self.model
+        model.check_machine(transformer_engine_available())
+        if not model.fp16:
+            _refuse_without({k: getattr(self.optimizer, k) for k in LOSS_SCALE_FLAGS
+                             if getattr(self.optimizer, k) is not None},
+                            "--fp16", "only fp16 training scales its loss")
+        else:
+            # megatron-core's fp16 path itself runs on CPU and GPU (tests/test_parallel_gpt.py), but the
+            # trainer does not hand the optimizer's scale_loss to the schedule yet: the optimizer would
+            # unscale gradients that were never scaled, and DGA's probes would need unscaling.
+            raise ConfigError("--fp16 is not wired into the trainer yet (megatron-core's loss scaling must reach "
+                              "its schedule and DGA's gradient probes); use --bf16")
+        if model.sequence_parallel and self.mixing.mixing == "dga":
+            raise ConfigError(
+                "--sequence-parallel with --mixing dga: DGA's domain probes skip megatron's tensor-parallel "
+                "all-reduce of the sequence-parallel norm gradients, so the alignments would miss part of "
+                "them; drop --sequence-parallel"
             )

@@ -13,6 +13,7 @@ Only megatron-core's optimizer implementation differs by machine: transformer-en
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -35,9 +36,18 @@ def counted_params(params) -> List[bool]:
     return [bool(param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)) for p in params]
 
 
-def megatron_optimizer_config(cfg: OptimizerConfig, *, bf16: bool):
-    """megatron-core's OptimizerConfig for our flags (one place maps them)."""
+def megatron_optimizer_config(cfg: OptimizerConfig, *, bf16: bool, fp16: bool = False):
+    """megatron-core's OptimizerConfig for our flags (one place maps them).
+
+    With ``fp16`` megatron-core builds its fp16 optimizer (fp32 master weights) with a static
+    (--loss-scale) or dynamic loss scaler; the unset loss-scale flags take Megatron-LM's defaults.
+    The schedule must then scale each loss by the optimizer's ``scale_loss`` (Megatron's
+    ``config.grad_scale_func``), which the optimizer undoes before clipping.
+    """
     from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+
+    def given(value, default):
+        return default if value is None else value
 
     return McoreOptimizerConfig(
         optimizer="adam",
@@ -49,7 +59,13 @@ def megatron_optimizer_config(cfg: OptimizerConfig, *, bf16: bool):
         adam_eps=cfg.adam_eps,
         clip_grad=cfg.clip_grad,
         bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        fp16=fp16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32,
+        loss_scale=cfg.loss_scale,
+        initial_loss_scale=given(cfg.initial_loss_scale, 2.0**32),
+        min_loss_scale=given(cfg.min_loss_scale, 1.0),
+        loss_scale_window=given(cfg.loss_scale_window, 1000),
+        hysteresis=given(cfg.hysteresis, 2),
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
 
@@ -188,10 +204,48 @@ class Optimizer:
     def load_state_dict(self, state: Dict) -> None:
         # no_grad: megatron copies loaded values into main params that may be views of the
         # (grad-requiring) model params (fp32 with the distributed optimizer).
-        with platform.megatron_cuda_calls_on_cpu(), torch.no_grad():
+        with platform.megatron_cuda_calls_on_cpu(), torch.no_grad(), _loaded_states_keep_torch_adam_step(self.inner):
             self.inner.load_state_dict(state["optimizer"])
         _repair_torch_adam_steps(self.inner)
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
+
+
+@contextlib.contextmanager
+def _loaded_states_keep_torch_adam_step(optimizer):
+    """During a distributed-optimizer load, a loaded state without ``step`` keeps the current one.
+
+    megatron-core's 'fully_reshardable' loader hands ``_set_main_param_and_optimizer_states``
+    the saved tensors (param, exp_avg, exp_avg_sq), and that method copies into every key of
+    the parameter's optimizer state. torch's AdamW (megatron-core's optimizer without TE/apex)
+    also keeps a per-parameter ``step``, which the format does not save (it lives in the param
+    groups, loaded just before): the copy would fail with KeyError 'step'. For the duration of
+    the load, each such call gets the state's own ``step`` (a no-op copy); the group's value is
+    then put in place by :func:`_repair_torch_adam_steps`. FusedAdam keeps no per-parameter
+    step, so there this changes nothing.
+    """
+    from megatron.core.optimizer import DistributedOptimizer
+
+    patched = []
+    for leaf in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(leaf, DistributedOptimizer):
+            continue
+        original = leaf._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, leaf=leaf, original=original):
+            group_index, group_order = leaf.model_param_group_index_map[model_param]
+            main_param = leaf.optimizer.param_groups[group_index]["params"][group_order]
+            state = leaf.optimizer.state.get(main_param, {})
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            return original(model_param, tensors)
+
+        leaf._set_main_param_and_optimizer_states = set_states  # this instance, this load only
+        patched.append(leaf)
+    try:
+        yield
+    finally:
+        for leaf in patched:
+            del leaf._set_main_param_and_optimizer_states
 
 
 def _repair_torch_adam_steps(optimizer) -> None:

@@ -2,12 +2,14 @@
 
 torch_dist (the default, ``--ckpt-format``): one megatron-core sharded state dict,
 written by every rank through ``dist_checkpointing`` and resharded on load, so a job
-saved with (TP, PP, DP) resumes with (TP', PP', DP') (only DP' with the distributed optimizer):
+saved with (TP, PP, DP) resumes with (TP', PP', DP') (the distributed optimizer's state:
+only DP' unless saved with --dist-ckpt-optim-fully-reshardable, see ``dist_ckpt_metadata``):
 
     model                 GPTModel.sharded_state_dict()           ShardedTensors (resharded)
-    optimizer             MegatronOptimizer.sharded_state_dict()   resharded; 'dp_reshardable'
-                                                                   (DP only) for the distributed
-                                                                   optimizer
+    optimizer             MegatronOptimizer.sharded_state_dict()   resharded; the distributed
+                                                                   optimizer's 'dp_reshardable'
+                                                                   (DP only) or
+                                                                   'fully_reshardable'
     opt_param_scheduler   OptimizerParamScheduler.state_dict()     common
     rng_state             capture_rng_state() per (PP, TP) rank    ShardedObject; restored only
                                                                    on the same TP x PP layout
@@ -23,7 +25,7 @@ traceback from inside a load.
 from __future__ import annotations
 
 import logging
-from typing import Dict
+from typing import Dict, Optional
 
 from megatron_dga.errors import ConfigError
 from megatron_dga.training import checkpoint as ckpt
@@ -31,12 +33,24 @@ from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
-DIST_CKPT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
-"""Sharding of the distributed optimizer's state: megatron's 'dp_reshardable' (its buffers
-as saved; the DP size may change, TP and PP may not). Its 'fully_reshardable' format would
-reshard TP and PP too, but with torch's AdamW (megatron-core without TE/apex, i.e. CI) its
-loader expects per-parameter state keys the checkpoint lacks, so CI could not test it.
-The other optimizers' checkpoints reshard over TP, PP and DP."""
+def dist_ckpt_metadata(sharding_type: str, mem_efficient: bool = False) -> Dict[str, object]:
+    """megatron's ``sharded_state_dict`` metadata for the distributed optimizer's state.
+
+    ``dp_reshardable`` (Megatron's default) saves each rank's buffers as they are: fast, the
+    DP size may change on resume, TP and PP may not. ``fully_reshardable``
+    (--dist-ckpt-optim-fully-reshardable) saves the state per model parameter, so any TP/PP/DP
+    layout can resume it; the save gathers the state over the data-parallel ranks first
+    (on every rank, or with --distrib-optim-fully-reshardable-mem-efficient on DP rank 0 over
+    gloo). The other optimizers' checkpoints always reshard over TP, PP and DP.
+    """
+    return {"distrib_optim_sharding_type": sharding_type,
+            "distrib_optim_fully_reshardable_mem_efficient": mem_efficient}
+
+
+def optimizer_sharding_type(cfg) -> str:
+    """The distributed optimizer's checkpoint format this run saves (``--dist-ckpt-optim-fully-reshardable``)."""
+    return "fully_reshardable" if cfg.checkpoint.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
+
 
 MODEL_SHAPE_FLAGS = {
     "num_layers": "--num-layers",
@@ -47,6 +61,12 @@ MODEL_SHAPE_FLAGS = {
     "position_embedding_type": "--position-embedding-type",
     "normalization": "--normalization",
     "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "group_query_attention": "--group-query-attention",
+    "num_query_groups": "--num-query-groups",
+    "kv_channels": "--kv-channels",
+    "swiglu": "--swiglu",
+    "disable_bias_linear": "--disable-bias-linear",
+    "add_qkv_bias": "--add-qkv-bias",
     "vocab_size": "--tokenizer-model / --vocab-size (the vocabulary)",
 }
 """GPTModelConfig fields that decide parameter shapes, with the flag that sets each."""
@@ -61,6 +81,7 @@ def job_facts(trainer) -> Dict[str, object]:
         "model": {name: getattr(model, name) for name in MODEL_SHAPE_FLAGS},
         "seq_length": model.seq_length,
         "use_distributed_optimizer": trainer.cfg.optimizer.use_distributed_optimizer,
+        "distrib_optim_sharding_type": optimizer_sharding_type(trainer.cfg),
     }
 
 
@@ -151,14 +172,21 @@ def common_state(trainer) -> Dict[str, object]:
     }
 
 
-def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True) -> Dict[str, object]:
-    """This rank's megatron sharded state dict of the whole job (see the module docstring)."""
+def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True,
+                  sharding_type: Optional[str] = None) -> Dict[str, object]:
+    """This rank's megatron sharded state dict of the whole job (see the module docstring).
+
+    ``sharding_type``: the distributed optimizer's format; this run's by default, the
+    checkpoint's when loading.
+    """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     ctx = trainer.ctx
-    model_sd = trainer.model.sharded_state_dict(metadata=DIST_CKPT_METADATA)
+    metadata = dist_ckpt_metadata(sharding_type or optimizer_sharding_type(trainer.cfg),
+                                  trainer.cfg.checkpoint.distrib_optim_fully_reshardable_mem_efficient)
+    model_sd = trainer.model.sharded_state_dict(metadata=metadata)
     state = {"model": model_sd, **trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                                      metadata=DIST_CKPT_METADATA)}
+                                                                      metadata=metadata)}
     state["megatron_dga"] = common_state(trainer)
     if with_rng:
         state["rng_state"] = ShardedObject("rng_state", capture_rng_state(), (ctx.pp_size, ctx.tp_size),
@@ -169,15 +197,20 @@ def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True) -> Dict[s
 def check_parameters_finite(trainer) -> None:
     """NumericalError unless every parameter on every rank is finite: no checkpoint holds NaN/Inf.
 
-    One pass over the parameters and one all-reduce of a flag, before anything is written,
-    so --keep-last can never rotate the last finite checkpoint out for a broken one.
+    One reduction per parameter, one host sync and one all-reduce of a flag, before anything
+    is written, so --keep-last can never rotate the last finite checkpoint out for a broken one.
+    A NaN or Inf anywhere makes a tensor's sum non-finite; a finite tensor whose sum overflows
+    is told apart by an exact check of that tensor alone.
     """
     import torch
 
     from megatron_dga import comm
     from megatron_dga.errors import NumericalError
 
-    bad = sum(int(not bool(torch.isfinite(p.detach()).all())) for p in trainer.params)
+    params = trainer.params
+    sums = torch.stack([p.detach().sum(dtype=torch.float32) for p in params])
+    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+    bad = sum(int(not bool(torch.isfinite(params[i].detach()).all())) for i in suspects)
     flag = comm.all_reduce(torch.tensor([float(bad)], device=trainer.ctx.device))
     if float(flag) > 0:
         raise NumericalError(
@@ -186,25 +219,97 @@ def check_parameters_finite(trainer) -> None:
         )
 
 
-def save_job(trainer):
-    """Save the job in --ckpt-format; returns the checkpoint directory."""
+def save_job(trainer, *, background: bool = False):
+    """Save the job in --ckpt-format; returns the checkpoint directory.
+
+    ``background=True`` returns once the files are written: a ``checkpoint.PendingCheckpoint``
+    whose ``finish()`` (on every rank) publishes them after their checksums.
+    """
     check_parameters_finite(trainer)
     cfg = trainer.cfg.checkpoint
     layout = ckpt.CheckpointLayout.from_context(trainer.ctx)
     facts = job_facts(trainer)
     if cfg.ckpt_format == "torch_dist":
         return ckpt.save_distributed_checkpoint(cfg.save, trainer.iteration, sharded_state(trainer, is_loading=False),
-                                                layout=layout, keep_last=cfg.keep_last, metadata=facts)
+                                                layout=layout, keep_last=cfg.keep_last, metadata=facts,
+                                                background=background)
     state = {
         "model": trainer.model.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "rng": capture_rng_state(),
     } if layout.is_writer else {}
     return ckpt.save_checkpoint(cfg.save, trainer.iteration, state, layout=layout, keep_last=cfg.keep_last,
-                                common_state=common_state(trainer), metadata=facts)
+                                common_state=common_state(trainer), metadata=facts, background=background)
 
 
 # ----------------------------------------------------------------------------- load
+
+
+def check_common_state(common, trainer, ckpt_dir, iteration: int) -> None:
+    """CheckpointError, naming ``ckpt_dir`` and the fix, unless our saved numbers are usable.
+
+    Counters must be integers >= 0, the iteration the metadata's; the sampler's
+    carry finite with one entry per domain; its weights, any basis weights and the mixing
+    weights finite, >= 0, summing to 1, of the right length (skipped with
+    --reset-mixing-state, which replaces them). A damaged value would otherwise surface steps
+    later as a sampler traceback or a NaN loss. Called before the trainer takes any of them.
+    """
+    import numpy as np
+
+    from megatron_dga.errors import CheckpointError
+    from megatron_dga.mixing.weights_io import check_simplex
+
+    where, earlier = f"checkpoint {ckpt_dir}", "resume from an earlier checkpoint with --ckpt-step N"
+    reset = trainer.cfg.checkpoint.reset_mixing_state
+    mixing_fix = earlier if reset else f"{earlier}, or pass --reset-mixing-state to restart the mixing weights"
+
+    def fail(problem: str, fix: str = earlier):
+        raise CheckpointError(f"{where}: {problem}; {fix}")
+
+    def count(value, what: str) -> None:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            fail(f"{what} is {value!r}, expected an integer >= 0")
+
+    def vector(value, size: int, what: str, simplex: bool, fix: str = earlier) -> None:
+        try:
+            arr = np.asarray(value, dtype=np.float64) if isinstance(value, (list, tuple, np.ndarray)) else None
+        except (TypeError, ValueError, OverflowError):  # entries that are not numbers
+            arr = None
+        if arr is None or arr.shape != (size,):
+            fail(f"{what} is {value!r:.80}, expected {size} numbers", fix)
+        if simplex:
+            check_simplex(arr, where, what, fix=fix, error=CheckpointError)
+        elif not np.isfinite(arr).all():
+            fail(f"{what} holds non-finite values {arr[~np.isfinite(arr)][:5].tolist()}", fix)
+
+    if not isinstance(common, dict) or not isinstance(common.get("data"), dict):
+        fail(f"its megatron_dga state is {type(common).__name__} without a 'data' dict, not a training state")
+    for key in ("iteration", "consumed_samples", "consumed_tokens"):
+        count(common.get(key), key)
+    if common["iteration"] != iteration:
+        fail(f"its state is for iteration {common['iteration']}, its metadata says {iteration}")
+    data, k = common["data"], len(trainer.data.domain_info.names)
+    count(data.get("batches_drawn"), "sampler batches_drawn")
+    vector(data.get("carry"), k, "sampler carry", simplex=False)
+    for key in ("consumed", "reported", "probe_consumed"):  # sparse counters {'index': [...], 'value': [...]}
+        sparse = data.get(key)
+        index, value = (sparse.get("index"), sparse.get("value")) if isinstance(sparse, dict) else (None, None)
+        if not isinstance(index, list) or not isinstance(value, list) or len(index) != len(value):
+            fail(f"sampler {key} is {sparse!r:.80}, expected {{'index': [...], 'value': [...]}} of equal length")
+        for i, n in zip(index, value):
+            count(i, f"sampler {key} index")
+            count(n, f"sampler {key} count")
+    if not reset:
+        vector(data.get("weights"), k, "sampler weights", simplex=True, fix=mixing_fix)
+        basis = getattr(trainer.mixing, "basis", None)
+        if data.get("basis_weights") is not None and basis is not None:  # the sampler refuses another basis
+            vector(data["basis_weights"], basis.matrix.shape[0], "sampler basis weights", True, mixing_fix)
+        mixing = common.get("mixing")
+        if not isinstance(mixing, dict):
+            fail(f"mixing state is {type(mixing).__name__}, expected a dict", mixing_fix)
+        if mixing.get("weights") is not None:
+            size = getattr(trainer.mixing, "num_sources", k)
+            vector(mixing["weights"], size, "mixing weights", simplex=True, fix=mixing_fix)
 
 
 def load_job(trainer, load_dir: str) -> int:
@@ -214,14 +319,18 @@ def load_job(trainer, load_dir: str) -> int:
     ctx = trainer.ctx
     saved = meta["layout"]
     same_model_layout = (saved["tp_size"], saved["pp_size"]) == (ctx.tp_size, ctx.pp_size)
-    if trainer.cfg.optimizer.use_distributed_optimizer and not same_model_layout:
+    # Checkpoints written before the flag existed hold Megatron's default format.
+    sharding = meta.get("extra", {}).get("distrib_optim_sharding_type", "dp_reshardable")
+    if trainer.cfg.optimizer.use_distributed_optimizer and not same_model_layout and sharding == "dp_reshardable":
         raise ConfigError(
             f"--tensor-model-parallel-size/--pipeline-model-parallel-size: the checkpoint {ckpt_dir} holds the "
-            f"distributed optimizer's state for TP={saved['tp_size']} PP={saved['pp_size']}, which reshards over "
-            f"data-parallel ranks only; resume with TP={saved['tp_size']} PP={saved['pp_size']} (any DP)"
+            f"distributed optimizer's state in Megatron's dp_reshardable format for TP={saved['tp_size']} "
+            f"PP={saved['pp_size']}, which reshards over data-parallel ranks only; resume with "
+            f"TP={saved['tp_size']} PP={saved['pp_size']} (any DP), or save with --dist-ckpt-optim-fully-reshardable "
+            "to change TP/PP later"
         )
     if meta.get("ckpt_format", "torch") == "torch_dist":
-        template = sharded_state(trainer, is_loading=True, with_rng=same_model_layout)
+        template = sharded_state(trainer, is_loading=True, with_rng=same_model_layout, sharding_type=sharding)
         state = ckpt.load_distributed_checkpoint(ckpt_dir, meta, template)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state)
@@ -232,6 +341,7 @@ def load_job(trainer, load_dir: str) -> int:
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
         rng = state["rng"]
+    check_common_state(common, trainer, ckpt_dir, int(meta["iteration"]))
     trainer.iteration = int(common["iteration"])
     trainer.consumed_samples = int(common["consumed_samples"])
     trainer.consumed_tokens = int(common["consumed_tokens"])

@@ -22,12 +22,13 @@ from megatron_dga import comm
 from megatron_dga.errors import NumericalError
 from megatron_dga.fileio import atomic_write_json
 from megatron_dga.mixing.base import MixingStrategy, build_mixing
-from megatron_dga.model import build_stage_model, transformer_engine_available
+from megatron_dga.model import build_stage_model, uses_transformer_engine
 from megatron_dga.platform import ParallelContext
 from megatron_dga.training import resume
 from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput
+from megatron_dga.training.outputs import prepare_outputs
 from megatron_dga.training.optim import Optimizer, counted_params
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 from megatron_dga.training.step import LossStats, forward_backward
@@ -43,6 +44,8 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         self.cfg, self.ctx = cfg, ctx
+        # First, before any dataset or model is built: an unwritable --save/--log-dir fails now.
+        log_dir = prepare_outputs(cfg, ctx)
         self.num_micro_batches = cfg.schedule.num_micro_batches(ctx.dp_size)
         resume.align_domains_to_checkpoint(cfg)  # a reordered --data-path resumes by domain name
         self.data = DataPipeline(cfg, ctx)
@@ -71,7 +74,6 @@ class Trainer:
             self.load_checkpoint(cfg.checkpoint.load)
         else:
             self.data.set_weights(self.mixing.initial_weights())
-        log_dir = cfg.logging.log_dir or cfg.checkpoint.save or os.path.join("runs", "latest")
         self.metrics = MetricsLogger(
             log_dir,
             cfg.logging.tensorboard_dir,
@@ -87,6 +89,7 @@ class Trainer:
             },
         )
         self.throughput = Throughput()
+        self._pending_save = None  # a checkpoint being checksummed in the background
         self.stop = StopConditions(cfg.schedule, ctx.device)
         if ctx.is_logging_rank:
             self._write_run_info(log_dir)
@@ -112,7 +115,7 @@ class Trainer:
         if self.ctx.is_logging_rank:
             print(f"training {self.cfg.model.num_parameters():,} parameters on {self.ctx.describe()}, "
                   f"{self.data.domain_info.k} domains, mixing={self.cfg.mixing.mixing}, "
-                  f"layers={'transformer-engine' if transformer_engine_available() else 'local'}, "
+                  f"layers={'transformer-engine' if uses_transformer_engine(self.cfg.model) else 'local'}, "
                   f"from iteration {self.iteration}", flush=True)
         self.throughput.reset()
         while self.iteration < sched.train_iters:
@@ -135,14 +138,17 @@ class Trainer:
                 last = self._log(lr, window, self.evaluate() if eval_now else {})
                 self.throughput.reset()  # evaluation time is not training throughput
             stop = None if done else self.stop.reason(self.iteration)
+            self._poll_pending_save()
             if self._should_save() or (stop and self.cfg.checkpoint.save):
-                self.save_checkpoint()
+                # Interval saves publish in the background; the last one before exiting does not.
+                self.save_checkpoint(blocking=bool(done or stop))
                 self.throughput.reset()
             if stop:
                 if self.ctx.is_logging_rank:
                     saved = "" if self.cfg.checkpoint.save else " without saving (no --save)"
                     print(f"exiting at iteration {self.iteration}{saved}: {stop}", flush=True)
                 break
+        self.finish_pending_save()
         self.stop.restore_handlers()
         return last
 
@@ -154,6 +160,7 @@ class Trainer:
         """
         if math.isfinite(loss) and math.isfinite(grad_norm):
             return
+        self.finish_pending_save()  # it was checked finite: publish it, the message points to it
         from megatron_dga.training.checkpoint import latest_iteration
 
         last = latest_iteration(self.cfg.checkpoint.save) if self.cfg.checkpoint.save else None
@@ -249,10 +256,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self) -> None:
-        path = resume.save_job(self)
+    def save_checkpoint(self, *, blocking: bool = True) -> None:
+        """Save this iteration. Non-blocking: return once the files are written; their checksums
+        are computed in a background thread and the checkpoint is published by a later
+        ``_poll_pending_save``/``finish_pending_save`` (called by every rank at the same step)."""
+        self.finish_pending_save()
+        if blocking:
+            self._report_saved(self.iteration, resume.save_job(self))
+        else:
+            self._pending_save = resume.save_job(self, background=True)
+
+    def _poll_pending_save(self) -> None:
+        if self._pending_save is not None and self._pending_save.ready(self.ctx.device):
+            self.finish_pending_save()
+
+    def finish_pending_save(self) -> None:
+        """Publish the checkpoint saved in the background, waiting for its checksums if need be."""
+        if self._pending_save is not None:
+            pending, self._pending_save = self._pending_save, None
+            self._report_saved(pending.iteration, pending.finish())
+
+    def _report_saved(self, iteration: int, path) -> None:
         if self.ctx.is_logging_rank:
-            print(f"saved checkpoint at iteration {self.iteration} to {path}", flush=True)
+            print(f"saved checkpoint at iteration {iteration} to {path}", flush=True)
 
     def load_checkpoint(self, load_dir: str) -> None:
         iteration = resume.load_job(self, load_dir)
