@@ -152,17 +152,11 @@ def test_build_tokenizer_errors(tmp_path):
             build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / name))
 
 
-def test_huggingface_without_package_says_how_to_install(tmp_path):
-    try:
-        import tokenizers  # noqa: F401
-        pytest.skip("tokenizers is installed")
-    except ImportError:
-        pass
-    try:
-        import transformers  # noqa: F401
-        pytest.skip("transformers is installed")
-    except ImportError:
-        pass
+def test_huggingface_without_package_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    for package in ("tokenizers", "transformers"):  # hidden: both are installed with the pinned set
+        monkeypatch.setitem(sys.modules, package, None)
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ConfigError, match="pip install tokenizers"):
         build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path))

@@ -1,0 +1,1 @@
+"""Checkpoint converters between megatron-dga and other formats (``hf``: Hugging Face)."""
