@@ -12,9 +12,9 @@ error, a skipped-lines report) is not buried under messages that say nothing abo
   loggers show warnings and errors only.
 * megatron-core's GPTDataset warns "Unable to save GPTDataset indexes because path_to_cache is
   None" once per dataset it builds: twice per domain (train and held-out split), i.e. hundreds
-  of identical lines for a fine-grained mixture. Building the indices in memory is our design
-  (there is no index cache to configure), so the first one is replaced by one line saying so
-  and the rest are dropped.
+  of identical lines for a fine-grained mixture. Building the indices in memory is our default
+  (--data-cache-path DIR caches them, as in Megatron), so the first one is replaced by one line
+  saying so and the rest are dropped.
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ class _IndexCacheNotice(logging.Filter):
         if self.seen > 1:
             return False
         record.msg, record.args = (
-            "megatron-core builds each domain's GPTDataset sample indices in memory (no index cache); "
-            "said once for all domains", None)
+            "megatron-core builds each domain's GPTDataset sample indices in memory (--data-cache-path DIR "
+            "would cache them); said once for all domains", None)
         record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 

@@ -141,6 +141,90 @@ def parse_data_path(
     return names, list(prefixes), weights
 
 
+def read_data_args_file(path: str) -> List[str]:
+    """The --data-path value stored in ``path`` (--data-args-path), as tokens, validated.
+
+    Megatron's format: the file's whitespace-separated text is the flag's value
+    (``W1 P1 W2 P2 ...`` or prefixes), on one line or many.
+
+    Raises:
+        ConfigError: the file cannot be read, is empty, or is not a valid --data-path value.
+    """
+    where = f"--data-args-path {path}"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            tokens = fh.read().split()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not a text file; it should hold the --data-path value, "
+                          "e.g. '0.3 data/web_text_document 0.7 data/code_text_document'") from None
+    if not tokens:
+        raise ConfigError(f"{where}: the file is empty; it should hold the --data-path value, "
+                          "e.g. '0.3 data/web_text_document 0.7 data/code_text_document'")
+    _parse_as(tokens, where)
+    return tokens
+
+
+_PER_SPLIT_KEYS = ("train", "valid", "test")
+
+
+def read_per_split_data_args(path: str) -> Dict[str, Optional[List[str]]]:
+    """Megatron's --per-split-data-args-path JSON: {"train": [...], "valid": [...], "test": [...]}.
+
+    Each value is a --data-path value: a list of tokens or one whitespace-separated string;
+    "valid" and "test" may be missing, null or empty.
+
+    Returns:
+        ``{"train": tokens, "valid": tokens or None, "test": tokens or None}``, each parsed once.
+
+    Raises:
+        ConfigError: unreadable file, not a JSON object, unknown keys, no "train", or a value
+            that is not a valid --data-path value.
+    """
+    where = f"--per-split-data-args-path {path}"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{where}: not valid JSON ({exc})") from None
+    example = '{"train": ["0.7", "data/web_text_document", "0.3", "data/code_text_document"], "valid": [...]}'
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a JSON object like {example}, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_PER_SPLIT_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; Megatron's keys are {list(_PER_SPLIT_KEYS)}")
+    out: Dict[str, Optional[List[str]]] = {}
+    for key in _PER_SPLIT_KEYS:
+        value = raw.get(key)
+        if isinstance(value, str):
+            value = value.split()
+        if value is not None and (not isinstance(value, list) or
+                                  not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"{where}: \"{key}\" must be a list of weights and prefixes (or one string), got "
+                              f"{value!r:.80}")
+        tokens = [str(v) for v in value] if value else None
+        if tokens:
+            _parse_as(tokens, f'{where}: "{key}"')
+        out[key] = tokens
+    if not out["train"]:
+        raise ConfigError(f"{where}: \"train\" is missing or empty; it gives the training domains, e.g. {example}")
+    return out
+
+
+def _parse_as(tokens: List[str], where: str) -> None:
+    """parse_data_path(tokens), its errors naming ``where`` instead of --data-path."""
+    try:
+        parse_data_path(tokens)
+    except DataError as exc:
+        message = str(exc)
+        if message.startswith("--data-path"):
+            message = message[len("--data-path"):].lstrip(": ")
+        raise ConfigError(f"{where}: {message}") from None
+
+
 def _check_unique_names(names: Sequence[str], prefixes: Sequence[str]) -> None:
     seen: Dict[str, str] = {}
     for name, prefix in zip(names, prefixes):
@@ -369,7 +453,9 @@ class DomainDatasetConfig:
     create_attention_mask: bool = False
     """Return a per-sample (1, S, S) attention mask. Off by default: the trainer builds one causal mask."""
     path_to_cache: Optional[str] = None
-    """Directory for megatron's index cache (--data-cache-path); None builds the small indices in memory."""
+    """Directory of megatron's index cache (--data-cache-path): each GPTDataset's document, sample and
+    shuffle indices are saved there on first use and loaded by later runs on the same data. None
+    builds them in memory at every start-up."""
     check_vocab: bool = True
     """Compare the sidecar ``<prefix>.json`` vocab_size (when present) with the tokenizer's vocab size."""
     check_token_ids: bool = False
@@ -481,7 +567,6 @@ def build_domain_datasets(
     # Imported here so that parsing and validation work without importing megatron/torch.
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    from megatron.core.datasets.utils import Split
 
     prefixes = [str(p) for p in prefixes]
     if not prefixes:
@@ -530,13 +615,14 @@ def build_domain_datasets(
         path_to_cache=config.path_to_cache,
         mmap_bin_files=config.mmap,
     )
+    index_split = _key_document_range(gpt_config, documents)
     datasets = []
     for prefix, (lo, hi) in zip(prefixes, doc_ranges):
         indexed = IndexedDataset(prefix, multimodal=False, mmap=config.mmap)
         doc_ids = np.arange(lo, hi, dtype=np.int32)
         datasets.append(
             _build_on_rank0_first(
-                lambda: GPTDataset(indexed, prefix, doc_ids, None, Split.train, gpt_config),
+                lambda: GPTDataset(indexed, prefix, doc_ids, None, index_split, gpt_config),
                 config.path_to_cache is not None,
             )
         )
@@ -547,6 +633,30 @@ def build_domain_datasets(
                 "add data or drop the domain"
             )
     return DomainDatasets(names, prefixes, datasets, shards, config.sequence_length)
+
+
+def _key_document_range(gpt_config, documents: Tuple[float, float]):
+    """Put the document range into megatron's index-cache key; returns the Split to build with.
+
+    megatron-core names a GPTDataset's cached indices (--data-cache-path) after a hash of its
+    description: shard path, Split name, seed, sequence length, tokenizer, ``split`` and
+    ``split_matrix``, but not the document ids it is handed. Megatron's own builder derives those
+    ids from ``split_matrix``; we pass them directly, so without this the training part and the
+    held-out part of a domain (or the same domain under another --split) would share one cache
+    entry and load each other's indices. The range is described as Megatron would describe it:
+    the training part ``(0, f)`` is ``Split.train`` of split ``f,1-f,0``, any other part ``(a, b)``
+    ``Split.valid`` of ``a,b-a,1-b``. Both fields only key the cache here (no blend is given,
+    so megatron never splits by them), and a validation Split builds the same indices (megatron
+    drops the last partial sequence of both).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+    from megatron.core.datasets.utils import Split
+
+    lo, hi = documents
+    vector, index_split = ([hi, 1.0 - hi, 0.0], Split.train) if lo == 0.0 else ([lo, hi - lo, 1.0 - hi], Split.valid)
+    gpt_config.split = ",".join(repr(v) for v in vector)
+    gpt_config.split_matrix = convert_split_vector_to_split_matrix(vector)
+    return index_split
 
 
 def _tokens_in_documents(shard: ShardInfo, lo: int, hi: int) -> int:

@@ -8,6 +8,7 @@ batch (no prefetch runs ahead of the trainer).
 """
 from __future__ import annotations
 
+import tempfile
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from megatron_dga.data.domains import DomainDatasetConfig, build_domain_datasets, parse_data_path
 from megatron_dga.data.mixture import MixtureDataset, StepLoader
+from megatron_dga.data.mock import write_mock_corpus
 from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig
 from megatron_dga.data.tokenizers import build_tokenizer
 from megatron_dga.errors import ConfigError
@@ -46,25 +48,36 @@ class DataPipeline:
             data.tokenizer_type, tokenizer_model=data.tokenizer_model, vocab_file=data.vocab_file,
             merge_file=data.merge_file, vocab_size=data.vocab_size,
         )
-        names, prefixes, static = parse_data_path(data.data_path)
-        ds_cfg = DomainDatasetConfig(sequence_length=cfg.model.seq_length, seed=cfg.parallel.seed)
+        specific_data_path = data.specific_data_path
+        if data.mock_data:
+            names, prefixes, static, mock_specific = self._write_mock_data(cfg)
+            specific_data_path = specific_data_path or mock_specific
+        else:
+            names, prefixes, static = parse_data_path(data.data_path)
+        ds_cfg = DomainDatasetConfig(sequence_length=cfg.model.seq_length, seed=cfg.parallel.seed,
+                                     path_to_cache=data.data_cache_path)
         train_fraction = data.train_fraction
         self.domains = build_domain_datasets(prefixes, self.tokenizer, ds_cfg, names=names,
                                              documents=(0.0, train_fraction))
         sources = list(self.domains.datasets)
         source_names = [f"domain {n!r}" for n in names]  # for errors naming a bad sample's source
         held_out = []
-        # Per-domain validation parts (held out from training) for the domain eval loss.
+        # Per-domain held-out sets for the domain eval loss: the "valid" shards of
+        # --per-split-data-args-path, else the --split part not trained on.
         self.valid_ids: Optional[List[int]] = None
-        if train_fraction < 1.0:
+        valid, valid_prefixes = None, data.per_split_valid_prefixes
+        if valid_prefixes is not None:
+            valid = build_domain_datasets(valid_prefixes, self.tokenizer, ds_cfg, names=names)
+        elif train_fraction < 1.0:
             valid = build_domain_datasets(prefixes, self.tokenizer, ds_cfg, names=names,
                                           documents=(train_fraction, 1.0))
+        if valid is not None:
             self.valid_ids = list(range(len(sources), len(sources) + len(valid)))
             sources.extend(valid.datasets)
             source_names.extend(f"domain {n!r} (validation part)" for n in names)
             held_out.extend(int(n) for n in valid.num_samples)
         self.specific_id = self.specific_eval_id = None
-        for attr, path, flag in (("specific_id", data.specific_data_path, "--specific-data-path"),
+        for attr, path, flag in (("specific_id", specific_data_path, "--specific-data-path"),
                                  ("specific_eval_id", data.specific_eval_data_path, "--specific-eval-data-path")):
             if path:
                 extra = build_domain_datasets([path], self.tokenizer, ds_cfg, names=[flag.strip("-")])
@@ -97,6 +110,17 @@ class DataPipeline:
             if limits else self.domains.num_tokens,
             static_weights=None if static is None else np.asarray(static, dtype=np.float64),
         )
+
+    def _write_mock_data(self, cfg: PretrainConfig):
+        """--mock-data: synthetic shards in a temporary directory that lives as long as this pipeline.
+
+        Returns the domains' (names, prefixes, weights=None) and the specific set's prefix.
+        """
+        self._mock_dir = tempfile.TemporaryDirectory(prefix="megatron-dga-mock-")
+        shards = write_mock_corpus(self._mock_dir.name, vocab_size=self.tokenizer.vocab_size, eod=self.tokenizer.eod,
+                                   seq_length=cfg.model.seq_length, seed=cfg.parallel.seed,
+                                   tokenizer_type=cfg.data.tokenizer_type)
+        return (*parse_data_path(shards["domains"]), shards["mock_specific"])
 
     # ------------------------------------------------------------------ properties
 
