@@ -81,6 +81,10 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "apex"],  # NGC images ship both; see Dockerfile
         "plots": ["matplotlib"],
         "cluster": ["scikit-learn", "scipy"],
+        # tools/convert_hf_checkpoint.py (safetensors), HuggingFaceTokenizer (tokenizers), the converter's tests
+        "hf": ["transformers", "safetensors", "tokenizers"],
+        # Weights & Biases logging (--wandb-project); ~20 MB with its dependencies, so not in the CPU pins
+        "wandb": ["wandb"],
         "test": ["pytest", "pytest-timeout"],
     },
     entry_points={

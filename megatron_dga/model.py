@@ -68,6 +68,9 @@ class GPTModelConfig:
     swiglu: bool = False
     """SwiGLU MLP (--swiglu): megatron-core's gated linear unit with SiLU. Without --ffn-hidden-size
     the MLP width is Megatron's int(8 x hidden_size / 3 / 64) x 64 (same parameter count as 4h GELU)."""
+    openai_gelu: bool = False
+    """GELU by its tanh approximation (--openai-gelu, Megatron-LM's flag), as GPT-2 was trained; the exact
+    erf GELU otherwise. Not with --swiglu."""
     disable_bias_linear: bool = False
     """No biases in the attention and MLP linear layers (--disable-bias-linear; megatron-core's
     add_bias_linear=False), as in Llama, Qwen and Mistral."""
@@ -90,8 +93,8 @@ class GPTModelConfig:
     fp16: bool = False
     """Parameters and activations in fp16 with loss scaling (--fp16; megatron-core's Float16Module
     and its fp16 optimizer with fp32 master weights; --loss-scale and its sibling flags set the
-    scaling). Not wired into the trainer yet (the schedule does not scale the loss): refused at
-    start-up, use --bf16."""
+    scaling; default dynamic). A step whose gradients overflow is skipped, as in Megatron; DGA's
+    probes see the gradients unscaled. Not with --dga-estimator fd."""
     attention_backend: Literal["auto", "flash", "fused", "unfused", "local"] = "auto"
     """megatron-core's attention implementation (--attention-backend): auto lets transformer-engine
     pick; flash, fused and unfused force a transformer-engine kernel (CUDA and transformer-engine
@@ -159,6 +162,8 @@ class GPTModelConfig:
         self._check_attention()
         self._check_rope()
         self._check_recompute()
+        if self.openai_gelu and self.swiglu:
+            raise ConfigError("--openai-gelu selects GELU's tanh approximation, but --swiglu uses SiLU; drop one")
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 both given; pick one (bf16 needs no loss scaling)")
         self.ffn_size  # validates the SwiGLU default width
@@ -378,6 +383,7 @@ def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int
     """
     import torch.nn.functional as F
     from megatron.core.transformer.enums import AttnBackend
+    from megatron.core.transformer.utils import openai_gelu
 
     cfg.check_parallel(tp_size, pp_size)
     on_cpu = not torch.cuda.is_available()
@@ -394,7 +400,7 @@ def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int
         layernorm_epsilon=cfg.norm_epsilon,
         # Megatron-LM's --swiglu: gated linear unit with SiLU (its bias-SwiGLU fusion stays off, below).
         gated_linear_unit=cfg.swiglu,
-        activation_func=F.silu if cfg.swiglu else F.gelu,
+        activation_func=F.silu if cfg.swiglu else openai_gelu if cfg.openai_gelu else F.gelu,
         add_bias_linear=not cfg.disable_bias_linear,
         # As Megatron-LM's arguments: biases everywhere imply the QKV bias.
         add_qkv_bias=cfg.add_qkv_bias or not cfg.disable_bias_linear,
@@ -458,7 +464,8 @@ def layer_spec_for(cfg: GPTModelConfig, use_transformer_engine: bool):
 
 
 def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, pre_process: bool = True,
-                    post_process: bool = True):
+                    post_process: bool = True, initialize: bool = True,
+                    use_transformer_engine: Optional[bool] = None):
     """Build this rank's part of the GPT (its TP slice and PP stage), on the current device.
 
     Args:
@@ -466,11 +473,22 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
         tp_size, pp_size: the layout megatron's parallel_state was initialised with.
         pre_process: this stage holds the embedding (first pipeline stage).
         post_process: this stage holds the output layer and loss (last pipeline stage).
+        initialize: draw the random initial weights (megatron's perform_initialization); False
+            leaves them uninitialised, for callers that overwrite every weight (checkpoint converters).
+        use_transformer_engine: transformer-engine layers (None: where they run, see
+            :func:`uses_transformer_engine`); False builds megatron-core's local layers anywhere
+            (checkpoint converters map their parameter names; checkpoints are the same for both).
     """
+    import dataclasses
+
     from megatron.core.models.gpt import GPTModel
 
     config = build_transformer_config(cfg, tp_size, pp_size)
-    layer_spec = layer_spec_for(cfg, use_transformer_engine=uses_transformer_engine(cfg))
+    if not initialize:
+        config = dataclasses.replace(config, perform_initialization=False)
+    if use_transformer_engine is None:
+        use_transformer_engine = uses_transformer_engine(cfg)
+    layer_spec = layer_spec_for(cfg, use_transformer_engine=use_transformer_engine)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

@@ -98,3 +98,34 @@ def run_pretrain(argv, world_size: int = 1):
     """``megatron_dga.pretrain_gpt.main(argv)`` on world_size gloo ranks: (exit codes, last rank's metrics)."""
     results = run_distributed(_pretrain_rank, world_size=world_size, args=(list(argv),))
     return [rc for rc, _ in results], results[-1][1]
+
+
+def _train_rank(rank, world_size, runs):
+    from megatron_dga import platform
+    from megatron_dga.training.arguments import parse_args
+    from megatron_dga.training.metrics import read_metrics
+    from megatron_dga.training.trainer import Trainer
+
+    out = {}
+    for name, argv in runs.items():
+        cfg = parse_args(argv)
+        trainer = Trainer(cfg, platform.initialize(cfg.parallel))
+        trainer.train()
+        log_dir = argv[argv.index("--log-dir") + 1]
+        out[name] = {
+            "metrics": read_metrics(os.path.join(log_dir, "metrics.jsonl")) if trainer.ctx.is_logging_rank else None,
+            "params": [p.detach().float().numpy().copy() for p in trainer.params],
+        }
+    platform.shutdown()
+    return out
+
+
+def run_trainers(runs: dict, world_size: int = 1) -> dict:
+    """Train each ``{name: argv}`` in turn on the same gloo ranks: one spawn, one start-up for all.
+
+    Returns ``{name: {"metrics": the logging rank's metrics.jsonl entries, "params": [per rank, its
+    trainable parameters after train()]}}``.
+    """
+    ranks = run_distributed(_train_rank, world_size=world_size, args=(dict(runs),))
+    return {name: {"metrics": next(r[name]["metrics"] for r in ranks if r[name]["metrics"] is not None),
+                   "params": [r[name]["params"] for r in ranks]} for name in runs}

@@ -35,7 +35,9 @@ def test_every_config_field_has_a_documented_flag():
                  "--add-qkv-bias", "--norm-epsilon", "--rotary-base", "--rotary-percent", "--use-rope-scaling",
                  "--rope-scaling-factor", "--recompute-activations", "--recompute-granularity", "--recompute-method",
                  "--recompute-num-layers", "--sequence-parallel", "--fp16", "--loss-scale", "--initial-loss-scale",
-                 "--min-loss-scale", "--loss-scale-window", "--hysteresis", "--use-flash-attn", "--attention-backend"):
+                 "--min-loss-scale", "--loss-scale-window", "--hysteresis", "--use-flash-attn", "--attention-backend",
+                 "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "--wandb-project",
+                 "--wandb-exp-name", "--wandb-save-dir"):
         assert helps.get(flag), f"{flag} missing or undocumented"
 
 
@@ -156,6 +158,17 @@ def test_llama_style_flags_map_onto_megatron_core():
     (["--bf16", "--fp16"], "--bf16 and --fp16 both given"),
     (["--loss-scale", "1024"], "--loss-scale 1024.0 given without --fp16"),
     (["--loss-scale", "1024", "--hysteresis", "4"], "--hysteresis 4 tunes dynamic loss scaling, which --loss-scale"),
+    (["--fp16", "--mixing", "dga", "--dga-estimator", "fd"],
+     "--dga-estimator fd with --fp16: the finite-difference step is rounded away in 16-bit parameters"),
+    (["--overlap-param-gather", "--overlap-grad-reduce"],
+     "--overlap-param-gather overlaps the distributed optimizer's parameter all-gather, and "
+     "--use-distributed-optimizer is not given"),
+    (["--overlap-param-gather", "--use-distributed-optimizer"], "--overlap-param-gather needs --overlap-grad-reduce"),
+    (["--ddp-bucket-size", "1000000"], "--ddp-bucket-size 1000000 given without --overlap-grad-reduce: megatron-core "
+                                       "reduces each grad buffer as one bucket; add --overlap-grad-reduce or drop it"),
+    (["--overlap-grad-reduce", "--ddp-bucket-size", "0"], "--ddp-bucket-size must be > 0"),
+    (["--wandb-exp-name", "x", "--wandb-save-dir", "d"], "--wandb-exp-name x, --wandb-save-dir d given without "
+                                                         "--wandb-project: nothing is sent to W&B"),
     (["--swiglu", "--hidden-size", "16"], "--swiglu without --ffn-hidden-size gives Megatron's MLP width"),
 ])
 def test_architecture_and_memory_flags_that_would_be_ignored_or_cannot_work(argv, message):
@@ -175,9 +188,7 @@ CPU_REFUSED = [
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="these flags run where CUDA (and transformer-engine) is")
-@pytest.mark.parametrize("argv, message", CPU_REFUSED + [
-    (["--fp16"], "--fp16 is not wired into the trainer yet"),
-], ids=["use-flash-attn", "attention-backend", "sequence-parallel", "fp16"])
+@pytest.mark.parametrize("argv, message", CPU_REFUSED, ids=["use-flash-attn", "attention-backend", "sequence-parallel"])
 def test_flags_this_machine_cannot_run_exit_2_with_one_line(capsys, argv, message):
     from megatron_dga.pretrain_gpt import main
 

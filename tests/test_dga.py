@@ -58,7 +58,7 @@ def _strategy(trainer, **overrides):
     return strategy
 
 
-# ----------------------------------------------------------------------------- (a) DP=2 / TP=2 vs float64
+# ----------------------------------------------------------------------------- (a) DP=2 / TP=2 / fp16 vs float64
 
 
 def _full(param, tensor, tp_size):
@@ -72,20 +72,25 @@ def _full(param, tensor, tp_size):
     return torch.cat(parts, dim=param.partition_dim).double().numpy()
 
 
-def _layout_run(shards, log_dir, tp, rank):
+def _layout_run(shards, log_dir, tp, rank, extra=()):
     """Two steps, then exact (plain and Adam) and fd alignments on one probe state, a DGA update,
     and everything a one-process float64 reference needs to recompute them."""
     from megatron_dga.errors import NumericalError
     from megatron_dga.mixing.dga import check_identical_across_ranks
 
     trainer = _trainer(_argv(shards, log_dir, ["--tensor-model-parallel-size", str(tp), "--dga-interval", "1",
-                                               "--dga-domain-batch-size", "4", "--dga-specific-batch-size", "4"]))
+                                               "--dga-domain-batch-size", "4", "--dga-specific-batch-size", "4",
+                                               *extra]))
     _train(trainer, 2, apply_weights=False)
     state = trainer.data.sampler.state_dict()
     results = {}
-    for name, overrides in (("exact", {}), ("adam", {"dga_preconditioner": "adam"}), ("fd", {"dga_estimator": "fd"})):
+    estimators = (("exact", {}), ("adam", {"dga_preconditioner": "adam"}), ("fd", {"dga_estimator": "fd"}))
+    for name, overrides in estimators[:2] if trainer.cfg.model.fp16 else estimators:  # fd: fp32 only
         trainer.data.sampler.load_state_dict(state)  # the same probe samples for every estimator
-        results[name] = _strategy(trainer, **overrides).measure_alignments(trainer).alignments
+        measured = _strategy(trainer, **overrides).measure_alignments(trainer)
+        results[name] = measured.alignments
+        if name == "exact":
+            results["specific_grad_norm"] = measured.specific_grad_norm
     # One DGA update; the weights must be bit-identical on every rank.
     trainer.data.sampler.load_state_dict(state)
     new = trainer.mixing.after_step(trainer)
@@ -119,7 +124,7 @@ def _reference(run):
     """<g_i, g_spe> and <g_i, P g_spe> in float64, from the gathered weights and the full probe batches."""
     from megatron_dga.model import build_gpt_model, causal_attention_mask
 
-    model = build_gpt_model(run["model"], 1, 1)
+    model = build_gpt_model(dataclasses.replace(run["model"], fp16=False), 1, 1)  # then float64
     params = dict(model.named_parameters())
     assert sorted(params) == sorted(run["params"])
     with torch.no_grad():
@@ -145,13 +150,16 @@ def _reference(run):
     def dots(which, precond):
         return np.array([sum(float((g[n] * g_spe[n] * precond[n]).sum()) for n in which) for g in domain_grads])
 
-    return {"exact": dots(names, ones), "adam": dots(names, adam), "per_param": {n: dots([n], ones) for n in names}}
+    return {"exact": dots(names, ones), "adam": dots(names, adam), "per_param": {n: dots([n], ones) for n in names},
+            "specific_grad_norm": float(np.sqrt(sum(float((g_spe[n] ** 2).sum()) for n in names)))}
 
 
 def _alignment_layouts(rank, world_size, shards, tmp):
     from megatron_dga import platform
 
-    runs = {layout: _layout_run(shards, os.path.join(tmp, layout), tp, rank) for layout, tp in (("dp2", 1), ("tp2", 2))}
+    # fp16: a static loss scale of 2^12, so every probe gradient is 4096x too large until unscaled.
+    layouts = (("dp2", 1, ()), ("tp2", 2, ()), ("fp16", 1, ("--fp16", "--loss-scale", "4096")))
+    runs = {layout: _layout_run(shards, os.path.join(tmp, layout), tp, rank, extra) for layout, tp, extra in layouts}
     platform.initialize(platform.ParallelConfig(tensor_model_parallel_size=1))  # a full model on each rank
     out = {}
     for layout, run in runs.items():
@@ -171,16 +179,21 @@ def shards(tmp_path_factory):
 @pytest.mark.slow
 def test_distributed_alignments_equal_float64_reference(shards, tmp_path):
     ranks = run_distributed(_alignment_layouts, world_size=2, args=(shards, str(tmp_path)))
-    for layout in ("dp2", "tp2"):
+    for layout in ("dp2", "tp2", "fp16"):
         ref = ranks[0][layout]["reference"]
         scale = np.abs(ref["exact"]).max()
+        # fp32 gradients against float64 ones differ by ~1e-6 relative: tolerance 1e-4 of max|a|.
+        # fp16 forward/backward (10-bit mantissa) on the same fp16 weights: 1e-2 (measured 1.3e-3;
+        # gradients left scaled by the loss scale would be 4096x, or 4096^2x for a dot product).
+        tol = 1e-2 if layout == "fp16" else 1e-4
         for rank in ranks:
             got = rank[layout]["alignments"]
-            # fp32 gradients against float64 ones differ by ~1e-6 relative; tolerance 1e-4 of max|a|.
-            np.testing.assert_allclose(got["exact"], ref["exact"], rtol=0, atol=1e-4 * scale, err_msg=layout)
-            np.testing.assert_allclose(got["adam"], ref["adam"], rtol=0, atol=1e-4 * np.abs(ref["adam"]).max(),
+            np.testing.assert_allclose(got["exact"], ref["exact"], rtol=0, atol=tol * scale, err_msg=layout)
+            np.testing.assert_allclose(got["adam"], ref["adam"], rtol=0, atol=tol * np.abs(ref["adam"]).max(),
                                        err_msg=layout)
-            np.testing.assert_allclose(got["fd"], ref["exact"], rtol=0, atol=1e-2 * scale, err_msg=layout)
+            assert got["specific_grad_norm"] == pytest.approx(ref["specific_grad_norm"], rel=tol), layout
+            if layout != "fp16":
+                np.testing.assert_allclose(got["fd"], ref["exact"], rtol=0, atol=1e-2 * scale, err_msg=layout)
             # Every rank ends with the same weights, to the bit; a one-ulp difference is caught everywhere.
             assert rank[layout]["weights_bytes"] == ranks[0][layout]["weights_bytes"]
             assert "differ between ranks" in rank[layout]["caught"]

@@ -122,12 +122,12 @@ def test_optimizer_and_scheduler_bind():
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from megatron_dga.training.config import OptimizerConfig
+    from megatron_dga.training.config import OptimizerConfig, ScheduleConfig
     from megatron_dga.training.optim import megatron_optimizer_config, scheduler_arguments
 
     cfg = OptimizerConfig(use_distributed_optimizer=True)
     inspect.signature(get_megatron_optimizer).bind(megatron_optimizer_config(cfg, bf16=True), [None])
-    inspect.signature(OptimizerParamScheduler).bind(None, **scheduler_arguments(cfg, train_iters=100))
+    inspect.signature(OptimizerParamScheduler).bind(None, **scheduler_arguments(cfg, ScheduleConfig(train_iters=100)))
     # --fp16 with the distributed optimizer (the CPU test runs megatron's fp16 optimizer without it).
     fp16 = megatron_optimizer_config(OptimizerConfig(use_distributed_optimizer=True, initial_loss_scale=2.0**16,
                                                      hysteresis=4), bf16=False, fp16=True)

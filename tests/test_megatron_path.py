@@ -6,7 +6,8 @@ schedule and layer specs), on CPU over gloo:
 1. the transformer-engine layer spec is called with arguments its signature accepts;
 2. megatron's no-decay groups (wd_mult=0) are honoured: biases and norm gains do not decay;
 3. megatron's FP32Optimizer leaves param.grad aliased to main_grad: no gradient is counted twice;
-4. with the distributed optimizer, DGA's specific gradient is whole on every rank;
+4. with the distributed optimizer, and with --overlap-grad-reduce/--overlap-param-gather, DGA's
+   specific gradient is whole on every rank and its domain probes stay local;
 5. --dga-preconditioner adam reads megatron's optimizers' second moments (fp32 and bf16),
    and is refused, not ignored, with the distributed optimizer;
 6. the gloo test ranks never see a GPU.
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.dist_utils import run_distributed, run_pretrain
+from tests.dist_utils import run_distributed, run_trainers
 from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
 
 MODEL = TINY_GPT_ARGS
@@ -91,7 +92,7 @@ def _decay_run(rank, world_size):
 
     from megatron_dga import platform
     from megatron_dga.model import GPTModelConfig, build_stage_model
-    from megatron_dga.training.config import OptimizerConfig
+    from megatron_dga.training.config import OptimizerConfig, ScheduleConfig
     from megatron_dga.training.optim import Optimizer
 
     ctx = platform.initialize(platform.ParallelConfig())
@@ -99,7 +100,7 @@ def _decay_run(rank, world_size):
                                                     seq_length=8, vocab_size=64), ctx)
     ddp = DistributedDataParallel(core.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
     opt = Optimizer(ddp, OptimizerConfig(lr=0.1, min_lr=0.0, weight_decay=0.5, lr_decay_style="constant"),
-                    bf16=False, train_iters=10)
+                    bf16=False, schedule=ScheduleConfig(train_iters=10))
     before = {n: p.detach().clone() for n, p in core.named_parameters()}
     ddp.zero_grad_buffer()  # zero gradients: Adam's update is 0, only weight decay moves parameters
     opt.zero_grad()
@@ -155,24 +156,36 @@ def test_no_gradient_counted_twice_after_a_megatron_optimizer_step(shards, tmp_p
     assert norm == pytest.approx(expected, rel=1e-5)  # megatron's grad norm of the same gradient
 
 
-# ----------------------------------------------------------------------------- 4. distributed optimizer
+# ----------------------------------------------------------------------------- 4. distributed optimizer, overlap
+
+# Small buckets (the tiny GPT has ~30k parameters): several buckets, each reduced (and with
+# --overlap-param-gather gathered) on its own, as in a real model.
+OVERLAP = ["--overlap-grad-reduce", "--ddp-bucket-size", "5000"]
 
 
 @pytest.mark.parametrize("estimator", ["exact", "fd"])
-def test_distributed_optimizer_gives_the_same_alignments(shards, tmp_path, estimator):
+def test_distributed_optimizer_and_overlap_give_the_same_alignments(shards, tmp_path, estimator):
     dga = ["--mixing", "dga", "--dga-interval", "2", "--dga-estimator", estimator]
-    runs = {}
-    for name, extra in {"plain": [], "distopt": ["--use-distributed-optimizer"]}.items():
-        rcs, runs[name] = run_pretrain(_argv(shards, tmp_path / name, dga + extra), world_size=2)
-        assert rcs == [0, 0]
-    plain, distopt = runs["plain"], runs["distopt"]
+    variants = {"plain": [], "distopt": ["--use-distributed-optimizer"], "overlap": OVERLAP,
+                "distopt_overlap": ["--use-distributed-optimizer", "--overlap-param-gather", *OVERLAP]}
+    runs = run_trainers({name: _argv(shards, tmp_path / name, dga + extra) for name, extra in variants.items()},
+                        world_size=2)
+    plain = runs["plain"]["metrics"]
     updates = [m for m in plain if "alignments" in m]
     assert len(updates) == 3
-    for a, b in zip(updates, [m for m in distopt if "alignments" in m]):
-        np.testing.assert_allclose(b["alignments"], a["alignments"], rtol=1e-4, atol=1e-9)
-        assert b["specific_grad_norm"] == pytest.approx(a["specific_grad_norm"], rel=1e-5)
-    np.testing.assert_allclose([m["lm_loss"] for m in distopt], [m["lm_loss"] for m in plain], rtol=1e-5)
-    np.testing.assert_allclose(distopt[-1]["domain_weights"], plain[-1]["domain_weights"], rtol=1e-4)
+    for name, rtol in (("distopt", 1e-4), ("overlap", 1e-6), ("distopt_overlap", 1e-6)):
+        other = runs[name]["metrics"]
+        for a, b in zip(updates, [m for m in other if "alignments" in m]):
+            np.testing.assert_allclose(b["alignments"], a["alignments"], rtol=rtol, atol=1e-9, err_msg=name)
+            assert b["specific_grad_norm"] == pytest.approx(a["specific_grad_norm"], rel=max(rtol, 1e-6)), name
+        np.testing.assert_allclose([m["lm_loss"] for m in other], [m["lm_loss"] for m in plain],
+                                   rtol=min(rtol, 1e-5), err_msg=name)
+        np.testing.assert_allclose(other[-1]["domain_weights"], plain[-1]["domain_weights"], rtol=rtol, err_msg=name)
+        # Every rank's parameters after train(): with --overlap-param-gather they are gathered
+        # (each rank updated only its shard), so they match the plain run on every rank too.
+        for rank, (got, ref) in enumerate(zip(runs[name]["params"], runs["plain"]["params"])):
+            for g, r in zip(got, ref):
+                np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-9, err_msg=f"{name} rank {rank}")
 
 
 # ----------------------------------------------------------------------------- 5. Adam preconditioner
@@ -235,13 +248,32 @@ def test_gloo_test_ranks_see_no_gpu():
     assert run_distributed(_visible, world_size=2) == [("", False), ("", False)]
 
 
-# ----------------------------------------------------------------------------- bf16 on CPU
+# ----------------------------------------------------------------------------- bf16 and fp16 on CPU
 
 
-def test_bf16_trains_with_megatron_mixed_precision_optimizer(shards, tmp_path):
-    argv = _argv(shards, tmp_path, ["--bf16", "--mixing", "dga", "--dga-interval", "2", "--train-iters", "12"])
-    rcs, metrics = run_pretrain(argv, world_size=2)
-    assert rcs == [0, 0]
-    losses = np.array([m["lm_loss"] for m in metrics])
-    assert np.isfinite(losses).all() and losses[-3:].mean() < losses[:3].mean() - 0.1, losses
-    assert len([m for m in metrics if "alignments" in m]) == 6
+def test_bf16_and_fp16_train_with_megatron_mixed_precision_optimizers(shards, tmp_path):
+    dga = ["--mixing", "dga", "--dga-interval", "2", "--train-iters", "12"]
+    # fp16: dynamic loss scaling from 2^20, which overflows this model's fp16 gradients (so do 2^19):
+    # megatron skips those steps and halves the scale each time (hysteresis 1) until they fit.
+    runs = run_trainers({"bf16": _argv(shards, tmp_path / "bf16", ["--bf16", *dga]),
+                         "fp16": _argv(shards, tmp_path / "fp16", ["--fp16", "--initial-loss-scale", str(2**20),
+                                                                    "--hysteresis", "1", *dga])}, world_size=2)
+    for precision in ("bf16", "fp16"):
+        metrics = runs[precision]["metrics"]
+        losses = np.array([m["lm_loss"] for m in metrics])
+        assert np.isfinite(losses).all() and losses[-3:].mean() < losses[:3].mean() - 0.05, (precision, losses)
+        assert len([m for m in metrics if "alignments" in m]) == 6
+    fp16 = runs["fp16"]["metrics"]
+    skipped = [m for m in fp16 if m["skipped_iterations"]]
+    assert skipped and all("grad_norm" not in m for m in skipped)  # no grad norm for a skipped step
+    scales = [2.0**20] + [m["loss_scale"] for m in fp16]
+    for before, m in zip(scales, fp16):  # halved at each skipped step, kept otherwise
+        assert m["loss_scale"] == (before / 2 if m["skipped_iterations"] else before), fp16
+    # A skipped step leaves the LR schedule (and the weights) where they were.
+    first_applied = next(i for i, m in enumerate(fp16) if not m["skipped_iterations"])
+    assert fp16[first_applied]["lr"] == fp16[0]["lr"]
+    # DGA's probes are unscaled, and a probe that overflows at the training loss scale is redone at
+    # a smaller one: every update goes through, with true-gradient magnitudes.
+    assert not any("dga_skipped_updates" in m for m in fp16)
+    updates = [m for m in fp16 if "alignments" in m]
+    assert all(np.isfinite(m["alignments"]).all() and 0.1 < m["specific_grad_norm"] < 10 for m in updates), updates

@@ -231,3 +231,82 @@ def test_full_disk_while_logging_simulated_names_the_file_and_keeps_earlier_line
         m.log(2, {"lm_loss": 2.0})
     real.close()
     assert [r["iteration"] for r in read_metrics(tmp_path)] == [1]
+
+
+# ----------------------------------------------------------------------------- W&B (the optional fourth sink)
+
+
+class _FakeWandb:
+    """A stand-in ``wandb`` module recording what the sink sends (the client is an optional extra)."""
+
+    def __init__(self):
+        import importlib.machinery
+
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # found by importlib.util.find_spec
+        self.inits, self.logs, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, data, step):
+        self.logs.append((step, dict(data)))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_wandb_gets_the_tensorboard_tags_on_the_writer_only(tmp_path, monkeypatch):
+    import sys
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    init = {"project": "p", "name": "run", "dir": str(tmp_path / "wb")}
+    with MetricsLogger(tmp_path, domain_names=DOMAINS, stream=io.StringIO(), wandb_init=init) as m:
+        for it in (1, 2):
+            m.log(it, _scalars(it))
+        expected = [(it, dict(tag for key, value in _scalars(it).items() for tag in m.tags_for(key, _plain(value))))
+                    for it in (1, 2)]
+    assert fake.inits == [init] and fake.finished == 1
+    np.testing.assert_equal(fake.logs, expected)  # same tags, lists one scalar per domain, step = iteration
+    assert fake.logs[1][1]["mixing/weight/books"] == pytest.approx(0.5) and "train/mixing" not in fake.logs[1][1]
+    MetricsLogger(tmp_path / "other", is_writer=False, wandb_init=init).close()
+    assert len(fake.inits) == 1  # other ranks never start a W&B run
+
+
+def _plain(value):
+    from megatron_dga.training.metrics import _plain as plain
+
+    return plain(value, "test")
+
+
+def test_wandb_project_without_the_client_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from megatron_dga.pretrain_gpt import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails, find_spec finds nothing
+    fix = "pip install 'megatron-dga[wandb]' (or pip install wandb), or drop --wandb-project"
+    assert main(["--data-path", "a_text_document", "--wandb-project", "p"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --wandb-project p needs the W&B client") and fix in err and "\n" not in err, err
+    with pytest.raises(ConfigError, match="needs the W&B client") as exc:
+        MetricsLogger(tmp_path, stream=io.StringIO(), wandb_init={"project": "p"})
+    assert fix in str(exc.value)
+
+
+def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the optional W&B client (pip install 'megatron-dga[wandb]')")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    init = {"project": "p", "name": "offline-test", "dir": str(tmp_path / "wb"), "config": {"optimizer": {"lr": 3e-4}}}
+    m = MetricsLogger(tmp_path, domain_names=DOMAINS, stream=io.StringIO(), wandb_init=init)
+    for it in (1, 2, 3):
+        m.log(it, _scalars(it))
+    run = m._wandb
+    assert (run.project, run.name, run.config["optimizer"]["lr"]) == ("p", "offline-test", 3e-4)
+    assert run.summary["train/lm_loss"] == pytest.approx(0.5)  # W&B commits a step when the next one arrives
+    assert run.summary["mixing/weight/books"] == pytest.approx(0.5)
+    m.close()
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

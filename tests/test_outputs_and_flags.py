@@ -261,8 +261,8 @@ def test_megatron_noise_is_filtered_and_dataset_notice_said_once(caplog):
         logging.getLogger("megatron.core.distributed.fsdp.src.megatron_fsdp").info(
             "Using Megatron-FSDP without Transformer Engine.")
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["megatron-core builds each domain's GPTDataset sample indices in memory (no index cache); "
-                        "said once for all domains"], messages
+    assert messages == ["megatron-core builds each domain's GPTDataset sample indices in memory (--data-cache-path "
+                        "DIR would cache them); said once for all domains"], messages
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:

@@ -162,3 +162,36 @@ def test_dataloader_workers_give_the_same_run(shards, tmp_path):
     workers = _run(_args(shards, tmp_path / "w2", 4, extra + ["--num-workers", "2"]))
     np.testing.assert_array_equal(_losses(workers), _losses(inline))
     assert workers[-1]["domain_weights"] == inline[-1]["domain_weights"]
+
+
+def _pretrain_with_fake_wandb(rank, world_size, argv):
+    import sys
+
+    from megatron_dga.pretrain_gpt import main
+    from megatron_dga.training.metrics import read_metrics
+    from tests.test_metrics import _FakeWandb
+
+    fake = sys.modules["wandb"] = _FakeWandb()  # this spawned rank's own module table
+    rc = main(argv)
+    metrics = read_metrics(argv[argv.index("--log-dir") + 1]) if rc == 0 else None
+    return rc, fake.inits, fake.logs, fake.finished, metrics
+
+
+def test_trainer_feeds_wandb_from_the_metrics_path(shards, tmp_path):
+    from megatron_dga.training.metrics import MetricsLogger
+
+    argv = _args(shards, tmp_path / "run", 2, ["--mixing", "dga", "--dga-interval", "2", "--wandb-project", "proj"])
+    rc, inits, logs, finished, metrics = run_distributed(_pretrain_with_fake_wandb, world_size=1, args=(argv,))[0]
+    assert rc == 0 and finished == 1 and len(inits) == 1
+    init = inits[0]
+    # Megatron's wandb.init arguments; the run is named after the log directory, and writes there.
+    assert (init["project"], init["name"], init["dir"]) == ("proj", "run", str(tmp_path / "run"))
+    assert init["config"]["logging"]["wandb_project"] == "proj" and init["config"]["mixing"]["mixing"] == "dga"
+    # Every metrics.jsonl entry, as the TensorBoard tags, at its iteration.
+    labels = MetricsLogger("unused", is_writer=False, domain_names=[os.path.basename(p)[:-len("_text_document")]
+                                                                     for p in shards["domains"]])
+    assert [step for step, _ in logs] == [m["iteration"] for m in metrics] == [1, 2]
+    for (_, sent), entry in zip(logs, metrics):
+        assert sent == dict(tag for key, value in entry.items() if key != "iteration"
+                            for tag in labels.tags_for(key, value))
+    assert "mixing/alignment/" + labels.domain_names[0] in logs[1][1]

@@ -53,7 +53,8 @@ class TrainerView(Protocol):
         """This rank's micro-batches of a probe batch from the specific set."""
 
     def backward(self, micro_batches, *, sync_grads: bool):
-        """Zero the grad buffers, then accumulate the mean-loss gradient of micro_batches (LossStats)."""
+        """Zero the grad buffers, then accumulate the mean-loss gradient of micro_batches (LossStats).
+        The gradient is the true one: with --fp16 the loss scale is divided out."""
 
     def parameters(self) -> List[torch.nn.Parameter]:
         """This rank's trainable parameters, in the order of grads()."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
-from megatron_dga.data.domains import parse_data_path
+from megatron_dga.data.domains import parse_data_path, read_data_args_file, read_per_split_data_args
 from megatron_dga.errors import ConfigError
 from megatron_dga.model import GPTModelConfig
 from megatron_dga.platform import ParallelConfig
@@ -54,12 +54,39 @@ def _positive(obj, *names):
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value!r}")
 
 
+DEFAULT_SPLIT = "98,2"
+"""--split when not given."""
+
+
 @dataclass
 class DataConfig:
-    """Where the tokens come from."""
+    """Where the tokens come from: exactly one of --data-path, --data-args-path,
+    --per-split-data-args-path and --mock-data (Megatron's choices)."""
 
     data_path: List[str] = field(default_factory=list)
     """Megatron's --data-path: `W1 P1 W2 P2 ...` or plain shard prefixes (one per domain)."""
+    data_args_path: Optional[str] = None
+    """--data-args-path FILE: a file holding the --data-path value (Megatron's format: `W1 P1 W2 P2 ...`
+    or prefixes, separated by any whitespace), for mixtures too long for a command line."""
+    per_split_data_args_path: Optional[str] = None
+    """--per-split-data-args-path FILE: Megatron's JSON {"train": [...], "valid": [...], "test": [...]}, each
+    a --data-path value (a list, or one string). "train" gives the training domains, used whole (no
+    --split). "valid" gives their held-out eval sets: plain prefixes naming the same domains as
+    "train" (matched by name, any order), or null/[] to evaluate on training samples; anything else
+    is an error. A non-empty "test" is an error (this trainer runs no test evaluation)."""
+    mock_data: bool = False
+    """--mock-data: synthetic data for smoke tests (Megatron's flag): three Markov-chain domains
+    mock0..mock2 and a specific set mock_specific (half mock0, half mock1; used as
+    --specific-data-path unless that is given), documents of --seq-length tokens with ids below the
+    tokenizer's vocabulary (e.g. --tokenizer-type NullTokenizer --vocab-size 127), written to a
+    temporary directory at start-up, the same on every rank for the same --seed."""
+    data_cache_path: Optional[str] = None
+    """--data-cache-path DIR: where megatron-core caches each domain's GPTDataset indices (document,
+    sample and shuffle .npy files, named after a hash of the shard path, --split part, --seed,
+    --seq-length and tokenizer), as in Megatron: the first run writes them, later runs on the same
+    data load them instead of rebuilding. Unset: built in memory at every start-up. Rank 0 writes,
+    the other ranks read: DIR must be on a filesystem every node sees. A shard rewritten in place
+    keeps its cache entry: clear DIR after re-running preprocessing."""
     specific_data_path: Optional[str] = None
     """Shard prefix of the small specific set whose gradient steers DGA (--specific-data-path)."""
     specific_eval_data_path: Optional[str] = None
@@ -74,9 +101,10 @@ class DataConfig:
     """--merge-file (GPT-2 BPE)."""
     vocab_size: Optional[int] = None
     """--vocab-size (NullTokenizer only)."""
-    split: str = "98,2"
+    split: str = DEFAULT_SPLIT
     """--split TRAIN,VALID[,TEST]: per-domain document split (Megatron's convention, normalised);
-    the VALID part gives the held-out per-domain eval loss. "100,0" evaluates on training samples."""
+    the VALID part gives the held-out per-domain eval loss. "100,0" evaluates on training samples.
+    Not with --per-split-data-args-path (its "valid" shards are the held-out part)."""
     domain_token_limit: Optional[List[int]] = None
     """--domain-token-limit: distinct tokens per domain (the paper's token-limited regime), one value
     for every domain or one per domain in --data-path order (0 = unlimited); a capped domain
@@ -85,8 +113,7 @@ class DataConfig:
     """--num-workers: DataLoader worker processes (indices are always computed in the main process)."""
 
     def __post_init__(self):
-        if not self.data_path:
-            raise ConfigError("--data-path is required: give shard prefixes, e.g. --data-path data/web_text_document")
+        self._resolve_data_source()
         self.train_fraction  # validates --split
         if isinstance(self.domain_token_limit, int):  # YAML or API callers may give one number
             self.domain_token_limit = [self.domain_token_limit]
@@ -96,9 +123,74 @@ class DataConfig:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
 
 
+    def _resolve_data_source(self) -> None:
+        """Exactly one source of training data; a data-args file's value becomes data_path.
+
+        A resolved config (data_path read from the file) validates again: the file's value
+        is not a second source.
+        """
+        from_file, splits = None, None
+        if self.data_args_path:
+            from_file = read_data_args_file(self.data_args_path)
+        elif self.per_split_data_args_path:
+            splits = read_per_split_data_args(self.per_split_data_args_path)
+            from_file = splits["train"]
+        given = [(flag, value) for flag, value in (
+            ("--data-path", " ".join(self.data_path) if self.data_path and self.data_path != from_file else None),
+            ("--data-args-path", self.data_args_path),
+            ("--per-split-data-args-path", self.per_split_data_args_path),
+            ("--mock-data", "" if self.mock_data else None)) if value is not None]
+        if len(given) > 1:
+            shown = " and ".join(f"{flag} {value}".rstrip() if len(value) <= 60 else f"{flag} {value[:57]}..."
+                                 for flag, value in given)
+            raise ConfigError(f"{shown} each give the training data (Megatron takes one of them); keep one")
+        if not given:
+            raise ConfigError("--data-path is required: give shard prefixes, e.g. --data-path data/web_text_document "
+                              "(or --data-args-path FILE, --per-split-data-args-path FILE, or --mock-data)")
+        if splits is not None:
+            self._check_per_split(splits)
+        if from_file is not None:
+            self.data_path = from_file
+
+    def _check_per_split(self, splits: Dict[str, Optional[List[str]]]) -> None:
+        """The "valid" shards must name the "train" domains, without weights; "test" and --split would be ignored."""
+        where = f"--per-split-data-args-path {self.per_split_data_args_path}"
+        if self.split != DEFAULT_SPLIT:
+            raise ConfigError(f"--split {self.split} with {where}: each split comes from its own shards there, so "
+                              "--split would be ignored; drop --split")
+        if splits["test"]:
+            raise ConfigError(f"{where}: \"test\" gives {' '.join(splits['test'])[:60]}, but this trainer runs no test "
+                              "evaluation (it would be ignored); set \"test\" to [] or remove it")
+        if splits["valid"]:
+            train_names = parse_data_path(splits["train"])[0]
+            names, _, weights = parse_data_path(splits["valid"])
+            if weights is not None:
+                raise ConfigError(f"{where}: \"valid\" gives weights, but the eval loss is reported per domain (the "
+                                  "weights would be ignored); list the prefixes only")
+            if sorted(names) != sorted(train_names):
+                raise ConfigError(
+                    f"{where}: \"valid\" names domains {names}, \"train\" {train_names}; the held-out sets are the "
+                    "per-domain eval sets, matched by name (a shard's basename without _text_document): give one "
+                    "per training domain, or [] to evaluate on training samples"
+                )
+
+    @property
+    def per_split_valid_prefixes(self) -> Optional[List[str]]:
+        """The held-out shards of --per-split-data-args-path, in the order of the training domains
+        (None without that flag or with an empty "valid")."""
+        if not self.per_split_data_args_path:
+            return None
+        valid = read_per_split_data_args(self.per_split_data_args_path)["valid"]
+        if not valid:
+            return None
+        by_name = dict(zip(*parse_data_path(valid)[:2]))
+        return [by_name[name] for name in parse_data_path(self.data_path)[0]]
+
     @property
     def train_fraction(self) -> float:
         """Fraction of each domain's documents used for training (the rest is held out)."""
+        if self.per_split_data_args_path:
+            return 1.0  # Megatron's per-split blends: each split is whole shards
         try:
             parts = [float(x) for x in self.split.replace("/", ",").split(",")]
         except ValueError:
@@ -124,6 +216,14 @@ class OptimizerConfig:
     """Linear warmup from 0 (--lr-warmup-iters)."""
     lr_decay_iters: Optional[int] = None
     """Iterations over which to decay (--lr-decay-iters); None means --train-iters."""
+    lr_warmup_fraction: Optional[float] = None
+    """--lr-warmup-fraction F: warm up over F x the decay length (Megatron's alternative to
+    --lr-warmup-iters/--lr-warmup-samples, an error together with them); 0 <= F < 1."""
+    lr_warmup_samples: int = 0
+    """--lr-warmup-samples: linear warmup over this many samples (with --train-samples only, as in Megatron)."""
+    lr_decay_samples: Optional[int] = None
+    """--lr-decay-samples: samples over which to decay (with --train-samples only); None means
+    --train-samples."""
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """--lr-decay-style."""
     weight_decay: float = 0.01
@@ -139,6 +239,21 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer), megatron-core's
     DistributedOptimizer; DGA then all-reduces (not reduce-scatters) its specific gradient."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass (--overlap-grad-reduce):
+    megatron-core's DDP splits its grad buffers into buckets (--ddp-bucket-size) and starts each
+    bucket's all-reduce (reduce-scatter with --use-distributed-optimizer) as soon as the last
+    micro-batch's backward has filled it. Same gradients and losses; DGA's domain probes still keep
+    their local gradients (the whole probe runs under megatron's no_sync)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward pass
+    (--overlap-param-gather): after a step each rank holds only its shard of the new parameters,
+    and megatron-core's forward pre-hooks gather them bucket by bucket (checkpoints gather first).
+    Needs --use-distributed-optimizer and --overlap-grad-reduce, as in Megatron."""
+    ddp_bucket_size: Optional[int] = None
+    """Parameters per gradient-reduction bucket with --overlap-grad-reduce (--ddp-bucket-size;
+    default megatron-core's max(40M, 1M x data-parallel size)). Without --overlap-grad-reduce
+    megatron-core reduces each grad buffer whole, so the flag is an error there."""
     loss_scale: Optional[float] = None
     """Static loss scale with --fp16 (--loss-scale; a power of 2 such as 4096 works best). Unset:
     dynamic loss scaling (Megatron's default), tuned by the four flags below. --fp16 only."""
@@ -155,6 +270,7 @@ class OptimizerConfig:
 
     def __post_init__(self):
         _positive(self, "lr")
+        self._check_overlap()
         for name in LOSS_SCALE_FLAGS:
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -170,11 +286,38 @@ class OptimizerConfig:
             raise ConfigError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ConfigError(f"--lr-decay-style must be cosine, linear or constant, got {self.lr_decay_style!r}")
-        if self.lr_warmup_iters < 0 or self.clip_grad < 0 or self.weight_decay < 0:
-            raise ConfigError("--lr-warmup-iters, --clip-grad and --weight-decay must be >= 0")
+        if self.lr_warmup_iters < 0 or self.lr_warmup_samples < 0 or self.clip_grad < 0 or self.weight_decay < 0:
+            raise ConfigError("--lr-warmup-iters, --lr-warmup-samples, --clip-grad and --weight-decay must be >= 0")
+        if self.lr_decay_samples is not None and self.lr_decay_samples <= 0:
+            raise ConfigError(f"--lr-decay-samples must be > 0, got {self.lr_decay_samples}")
+        if self.lr_warmup_fraction is not None:
+            if not 0 <= self.lr_warmup_fraction < 1:
+                raise ConfigError(f"--lr-warmup-fraction must be in [0, 1) (a fraction of the decay length), "
+                                  f"got {self.lr_warmup_fraction}")
+            for name in ("lr_warmup_iters", "lr_warmup_samples"):
+                if getattr(self, name):
+                    raise ConfigError(f"--lr-warmup-fraction {self.lr_warmup_fraction} and {_flag(name)} "
+                                      f"{getattr(self, name)} both set the warmup (Megatron takes one); keep one")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+
+    def _check_overlap(self) -> None:
+        """Megatron's rules for the overlap flags; a flag that would do nothing is an error."""
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter all-gather, "
+                              "and --use-distributed-optimizer is not given (without it every rank updates "
+                              "whole parameters: nothing to gather); add --use-distributed-optimizer or drop "
+                              "--overlap-param-gather")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (Megatron's rule: the "
+                              "parameter all-gather is overlapped only together with the gradient "
+                              "reduce-scatter); add --overlap-grad-reduce")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size <= 0:
+            raise ConfigError(f"--ddp-bucket-size must be > 0 (parameters per bucket), got {self.ddp_bucket_size}")
+        if not self.overlap_grad_reduce:
+            _refuse_without({"ddp_bucket_size": self.ddp_bucket_size} if self.ddp_bucket_size is not None else {},
+                            "--overlap-grad-reduce", "megatron-core reduces each grad buffer as one bucket")
 
 
 @dataclass
@@ -185,8 +328,18 @@ class ScheduleConfig:
     """Sequences per forward/backward on one rank (--micro-batch-size)."""
     global_batch_size: int = 16
     """Sequences per optimizer step over all ranks (--global-batch-size); the rest is accumulation."""
-    train_iters: int = 100
-    """Optimizer steps (--train-iters)."""
+    train_iters: Optional[int] = None
+    """Optimizer steps (--train-iters); 100 when neither it nor --train-samples is given."""
+    train_samples: Optional[int] = None
+    """--train-samples N: train on N samples instead of a number of iterations (Megatron's sample-based
+    training, an error together with --train-iters): N // --global-batch-size iterations (the last
+    partial batch is dropped, as in Megatron), and the LR schedule counts samples (--lr-warmup-samples,
+    --lr-decay-samples or --lr-warmup-fraction; the *-iters flags are errors with it)."""
+    rampup_batch_size: Optional[List[int]] = None
+    """--rampup-batch-size START INCR SAMPLES (Megatron: grow the global batch size from START by INCR
+    over SAMPLES samples): refused. The mixture sampler draws every global batch at --global-batch-size
+    (its per-domain allocation carries a deficit between batches of that size, saved in checkpoints),
+    and DGA's updates assume that constant batch."""
     exit_interval: Optional[int] = None
     """Save and stop when the iteration is a multiple of this (--exit-interval); the LR schedule
     still follows --train-iters, so a later --load continues the same run. Needs --save (without
@@ -209,7 +362,29 @@ class ScheduleConfig:
     """Micro-batches per domain (and of the specific eval set) per evaluation (--eval-iters)."""
 
     def __post_init__(self):
-        _positive(self, "micro_batch_size", "global_batch_size", "train_iters", "log_interval")
+        _positive(self, "micro_batch_size", "global_batch_size", "log_interval")
+        if self.rampup_batch_size is not None:
+            raise ConfigError(
+                f"--rampup-batch-size {' '.join(map(str, self.rampup_batch_size))}: ramping up the global batch "
+                f"size is not supported; every global batch is drawn at --global-batch-size {self.global_batch_size} "
+                "(the mixture sampler's per-domain allocation, its checkpointed state and DGA's updates assume one "
+                "batch size); drop --rampup-batch-size and train with a constant --global-batch-size"
+            )
+        if self.train_samples is not None:
+            _positive(self, "train_samples")
+            iters = self.train_samples // self.global_batch_size
+            # A resolved config (train_iters filled in from train_samples) validates again.
+            if self.train_iters not in (None, iters):
+                raise ConfigError(f"--train-iters {self.train_iters} and --train-samples {self.train_samples} both set "
+                                  "the length of the run (Megatron takes one); keep one")
+            if iters == 0:
+                raise ConfigError(f"--train-samples {self.train_samples} is less than one --global-batch-size "
+                                  f"{self.global_batch_size}: no step would run; give at least "
+                                  f"{self.global_batch_size}")
+            self.train_iters = iters
+        elif self.train_iters is None:
+            self.train_iters = 100
+        _positive(self, "train_iters")
         if self.exit_interval is not None and self.exit_interval <= 0:
             raise ConfigError(f"--exit-interval must be > 0, got {self.exit_interval}")
         if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
@@ -249,6 +424,18 @@ class CheckpointConfig:
     reset_mixing_state: bool = False
     """--reset-mixing-state: resume model, optimizer and data stream, but start the mixing
     strategy afresh (required when --mixing differs from the checkpoint's). Needs --load."""
+    finetune: bool = False
+    """--finetune: load the model weights only from --load and start at iteration 0 with a fresh
+    optimizer, LR schedule, RNG, data stream and mixing state (Megatron's meaning). The domains,
+    --data-path and --mixing may differ from the checkpoint's (a new mixture over new data); the
+    model shape may not. Needs --load."""
+    load_optim: bool = True
+    """--no-load-optim: resume the iteration, model, RNG, data stream and mixing state from --load,
+    but start a fresh optimizer (no Adam moments) and LR schedule (warmup and decay restart), as in
+    Megatron; --use-distributed-optimizer may then differ from the checkpoint's. Needs --load."""
+    load_rng: bool = True
+    """--no-load-rng: resume from --load without restoring its random-number generator states
+    (they restart from --seed), as in Megatron. Needs --load."""
     dist_ckpt_optim_fully_reshardable: bool = False
     """--dist-ckpt-optim-fully-reshardable: save the distributed optimizer's state per model
     parameter (megatron's 'fully_reshardable'), so a resume may change TP and PP too; the save
@@ -268,8 +455,20 @@ class CheckpointConfig:
                              if getattr(self, k) not in (None, default)}, "--save", "nothing is saved", "--save DIR")
         if not self.load:
             _refuse_without({k: v for k, v in (("ckpt_step", self.ckpt_step),
-                                                ("reset_mixing_state", self.reset_mixing_state or None))
+                                                ("reset_mixing_state", self.reset_mixing_state or None),
+                                                ("finetune", self.finetune or None),
+                                                ("no_load_optim", (not self.load_optim) or None),
+                                                ("no_load_rng", (not self.load_rng) or None))
                              if v is not None}, "--load", "nothing is resumed", "--load DIR")
+        if self.finetune:
+            redundant = [flag for flag, on in (("--no-load-optim", not self.load_optim),
+                                               ("--no-load-rng", not self.load_rng),
+                                               ("--reset-mixing-state", self.reset_mixing_state)) if on]
+            if redundant:
+                one = len(redundant) == 1
+                raise ConfigError(f"{', '.join(redundant)} with --finetune, which loads the model weights only (a "
+                                  "fresh optimizer, LR schedule, RNG, data stream and mixing state): "
+                                  f"{'it has' if one else 'they have'} no effect; drop {'it' if one else 'them'}")
         if self.distrib_optim_fully_reshardable_mem_efficient and not self.dist_ckpt_optim_fully_reshardable:
             raise ConfigError("--distrib-optim-fully-reshardable-mem-efficient acts with "
                               "--dist-ckpt-optim-fully-reshardable only; add it or drop the flag")
@@ -298,6 +497,28 @@ class LoggingConfig:
     """Tensorboard event files (--tensorboard-dir); none when unset. Like Megatron, a run adds its
     own event file to the directory and never deletes others (where steps overlap, TensorBoard
     shows the newest run's). Checked writable at start-up."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project (--wandb-project): the logging rank also sends every TensorBoard
+    scalar (same tags) to a W&B run. Needs the optional client: pip install 'megatron-dga[wandb]'.
+    WANDB_MODE=offline writes the run locally, without a network (upload it with `wandb sync`)."""
+    wandb_exp_name: Optional[str] = None
+    """W&B run name (--wandb-exp-name); default the log directory's name. Needs --wandb-project."""
+    wandb_save_dir: Optional[str] = None
+    """Directory W&B writes its wandb/ folder of run files into (--wandb-save-dir); default the log
+    directory. Checked writable at start-up. Needs --wandb-project."""
+
+    def __post_init__(self):
+        if not self.wandb_project:
+            _refuse_without({k: v for k, v in (("wandb_exp_name", self.wandb_exp_name),
+                                                ("wandb_save_dir", self.wandb_save_dir)) if v},
+                            "--wandb-project", "nothing is sent to W&B", "--wandb-project NAME")
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            from megatron_dga.training.metrics import wandb_missing
+
+            raise ConfigError(wandb_missing(self.wandb_project))
 
 
 _DGA_DEFAULTS: Dict[str, Any] = {
@@ -477,7 +698,13 @@ class PretrainConfig:
                 "TP, PP and DP); add --use-distributed-optimizer or drop the flag"
             )
         # A malformed --data-path fails here, before anything is built; its weights settle --mixing.
-        self.mixing.resolve_data_path_weights(parse_data_path(self.data.data_path)[2])
+        # (--mock-data has no weights: its domains are written at start-up.)
+        self.mixing.resolve_data_path_weights(parse_data_path(self.data.data_path)[2] if self.data.data_path else None)
+        if self.data.mock_data and self.data.data_cache_path:
+            raise ConfigError(f"--data-cache-path {self.data.data_cache_path} with --mock-data: the mock shards are "
+                              "written to a new temporary directory every run, so their cached indices would never "
+                              "be read again; drop --data-cache-path")
+        self._check_schedule_units()
         self._check_model_flags()
         sched = self.schedule
         if not self.checkpoint.save:
@@ -500,6 +727,23 @@ class PretrainConfig:
                 "--use-distributed-optimizer"
             )
 
+    def _check_schedule_units(self) -> None:
+        """Megatron's rule: a run counts iterations or samples, and its LR flags count the same."""
+        opt, sched = self.optimizer, self.schedule
+        if sched.train_samples is None:
+            _refuse_without({k: getattr(opt, k) for k, unset in (("lr_warmup_samples", 0), ("lr_decay_samples", None))
+                             if getattr(opt, k) != unset},
+                            "--train-samples", "with --train-iters the LR schedule counts iterations "
+                            "(--lr-warmup-iters, --lr-decay-iters)", "--train-samples N")
+            return
+        by_iters = {k: getattr(opt, k) for k, unset in (("lr_warmup_iters", 0), ("lr_decay_iters", None))
+                    if getattr(opt, k) != unset}
+        if by_iters:
+            names = ", ".join(f"{_flag(k)} {v}" for k, v in by_iters.items())
+            raise ConfigError(f"{names} with --train-samples {sched.train_samples}: a run by samples counts its LR "
+                              "schedule in samples (Megatron's rule); use --lr-warmup-samples/--lr-decay-samples or "
+                              "--lr-warmup-fraction")
+
     def _check_model_flags(self) -> None:
         """Model flags this machine or this trainer cannot honour: an error at start-up, never a fallback."""
         from megatron_dga.model import transformer_engine_available
@@ -510,12 +754,12 @@ class PretrainConfig:
             _refuse_without({k: getattr(self.optimizer, k) for k in LOSS_SCALE_FLAGS
                              if getattr(self.optimizer, k) is not None},
                             "--fp16", "only fp16 training scales its loss")
-        else:
-            # megatron-core's fp16 path itself runs on CPU and GPU (tests/test_parallel_gpt.py), but the
-            # trainer does not hand the optimizer's scale_loss to the schedule yet: the optimizer would
-            # unscale gradients that were never scaled, and DGA's probes would need unscaling.
-            raise ConfigError("--fp16 is not wired into the trainer yet (megatron-core's loss scaling must reach "
-                              "its schedule and DGA's gradient probes); use --bf16")
+        if (model.bf16 or model.fp16) and self.mixing.mixing == "dga" and self.mixing.dga_estimator == "fd":
+            # fd moves the parameters by h ~ 1e-4 |theta| along g_spe: in half precision that step
+            # rounds away (and fd.py refuses half-precision parameters at the first update).
+            precision = "--bf16" if model.bf16 else "--fp16"
+            raise ConfigError(f"--dga-estimator fd with {precision}: the finite-difference step is rounded away in "
+                              "16-bit parameters; use --dga-estimator exact (the default)")
         if model.sequence_parallel and self.mixing.mixing == "dga":
             raise ConfigError(
                 "--sequence-parallel with --mixing dga: DGA's domain probes skip megatron's tensor-parallel "

@@ -1,7 +1,7 @@
-"""One path for training metrics: console line, TensorBoard scalars, metrics.jsonl.
+"""One path for training metrics: console line, TensorBoard scalars, metrics.jsonl, W&B.
 
 The trainer calls :meth:`MetricsLogger.log` with a flat dict of values; the logger
-fans them out to three sinks:
+fans them out to up to four sinks:
 
 * a Megatron-style console line (scalar values only; lists are not printed)::
 
@@ -15,7 +15,12 @@ fans them out to three sinks:
 * ``<log_dir>/metrics.jsonl``: one JSON object per :meth:`log` call,
   ``{"iteration": N, **values}``, flushed line by line. Non-finite floats are
   written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (strict JSON has
-  no such numbers) and :func:`read_metrics` turns them back into floats.
+  no such numbers) and :func:`read_metrics` turns them back into floats;
+* Weights & Biases (--wandb-project, the optional ``wandb`` client): the TensorBoard
+  scalars, same tags, same per-domain expansion of lists, one ``wandb.log`` per call
+  at ``step=iteration``. ``WANDB_MODE=offline`` writes the run under --wandb-save-dir
+  without a network (``wandb sync`` uploads it later). W&B cannot drop a crashed run's
+  steps: a resumed run is a new W&B run starting at the resumed iteration.
 
 Resume rule: a logger built with ``start_iteration=S > 0`` (a run resumed from the
 checkpoint of iteration S) keeps only the existing ``metrics.jsonl`` entries with
@@ -71,6 +76,8 @@ TENSORBOARD_TAGS: Mapping[str, str] = {
     "consumed_samples": "train/consumed_samples",
     "consumed_tokens": "train/consumed_tokens",
     "global_batch_size": "train/global_batch_size",
+    "loss_scale": "train/loss_scale",
+    "skipped_iterations": "train/skipped_iterations",
     "domain_train_loss": "train/domain_loss",
     "domain_weights": "mixing/weight",
     "domain_alignment": "mixing/alignment",
@@ -99,7 +106,9 @@ _CONSOLE_FIELDS: Sequence[tuple[str, str, str]] = (
     ("lr", "learning rate", "{:.6E}"),
     ("global_batch_size", "global batch size", "{:5d}"),
     ("lm_loss", "lm loss", "{:.6E}"),
+    ("loss_scale", "loss scale", "{:.1f}"),
     ("grad_norm", "grad norm", "{:.3f}"),
+    ("skipped_iterations", "number of skipped iterations", "{:3d}"),
     ("specific_eval_loss", "specific eval loss", "{:.6E}"),
 )
 _CONSOLE_KEYS = {key for key, _, _ in _CONSOLE_FIELDS}
@@ -334,7 +343,7 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Writes each iteration's metrics to the console, TensorBoard and metrics.jsonl.
+    """Writes each iteration's metrics to the console, TensorBoard, metrics.jsonl and W&B.
 
     Args:
         log_dir: Directory of ``metrics.jsonl`` (created).
@@ -348,6 +357,13 @@ class MetricsLogger:
         list_labels: Per-key labels overriding ``domain_names`` (e.g. bases for DGA over bases).
         stream: Console stream; default ``sys.stdout``.
         timestamps: Prefix console lines with ``[YYYY-mm-dd HH:MM:SS]`` like Megatron.
+        wandb_init: Keyword arguments of ``wandb.init`` (``project``, ``name``, ``dir``,
+            ``config``); None disables W&B. Needs the ``wandb`` package (``pip install
+            'megatron-dga[wandb]'``).
+
+    Raises:
+        ConfigError: ``wandb_init`` given and the ``wandb`` package missing, or ``wandb.init``
+            failing (not logged in and not offline); on the writer rank only.
     """
 
     def __init__(
@@ -363,6 +379,7 @@ class MetricsLogger:
         list_labels: Optional[Mapping[str, Sequence[str]]] = None,
         stream: Optional[TextIO] = None,
         timestamps: bool = True,
+        wandb_init: Optional[Mapping[str, Any]] = None,
     ):
         if not isinstance(log_interval, int) or log_interval < 1:
             raise ConfigError(f"--log-interval must be a positive integer, got {log_interval!r}")
@@ -377,6 +394,7 @@ class MetricsLogger:
         self._stream = stream
         self._file = None
         self._tb = None
+        self._wandb = None
         if not is_writer:
             return
         self.path = Path(log_dir) / METRICS_FILENAME
@@ -406,6 +424,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter  # heavy import, only when used
 
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=start_iteration + 1)
+        if wandb_init is not None:
+            self._wandb = _start_wandb(dict(wandb_init))
 
     # ------------------------------------------------------------------ public API
 
@@ -446,6 +466,8 @@ class MetricsLogger:
             for tag, number in tags:
                 self._tb.add_scalar(tag, number, global_step=iteration)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(dict(tags), step=int(iteration))
         line = self.format_line(iteration, values)
         if console:
             print(line, file=self._stream or sys.stdout, flush=True)
@@ -494,12 +516,38 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> "MetricsLogger":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def wandb_missing(project: str) -> str:
+    """The error for --wandb-project without the W&B client (one message for start-up and logger)."""
+    return (f"--wandb-project {project} needs the W&B client (the optional 'wandb' package), which is not "
+            "installed; pip install 'megatron-dga[wandb]' (or pip install wandb), or drop --wandb-project")
+
+
+def _start_wandb(init: dict):
+    """``wandb.init(**init)``, its failures as one ConfigError naming the fix."""
+    project = init.get("project")
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(wandb_missing(project)) from None
+    try:
+        return wandb.init(**init)
+    except Exception as exc:  # noqa: BLE001 - wandb's own errors (no API key, no network) vary by version
+        raise ConfigError(
+            f"--wandb-project {project}: wandb.init failed ({type(exc).__name__}: {exc}); log in with "
+            "`wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to write the run locally "
+            "(--wandb-save-dir, default the log directory) and upload it later with `wandb sync`"
+        ) from None
 
 
 def _format(value: float | int, fmt: str) -> str:

@@ -1,7 +1,8 @@
 """megatron-core's optimizer and learning-rate/weight-decay scheduler, on CPU and GPU alike.
 
-``get_megatron_optimizer`` picks megatron's FP32Optimizer, its bf16 mixed-precision
-optimizer (fp32 master weights) or its DistributedOptimizer (state sharded over
+``get_megatron_optimizer`` picks megatron's FP32Optimizer, its bf16/fp16 mixed-precision
+optimizer (fp32 master weights; with fp16 a static or dynamic loss scaler that skips the
+steps whose gradients overflow) or its DistributedOptimizer (state sharded over
 data-parallel ranks); it does the global grad norm (TP duplicates and tied copies
 counted once) and the clipping. ``OptimizerParamScheduler`` applies the LR warmup/decay
 and each parameter group's ``wd_mult``/``lr_mult`` (no weight decay on biases and norm
@@ -20,7 +21,7 @@ import torch
 
 from megatron_dga import platform
 from megatron_dga.errors import ConfigError
-from megatron_dga.training.config import OptimizerConfig
+from megatron_dga.training.config import OptimizerConfig, ScheduleConfig
 
 
 def counted_params(params) -> List[bool]:
@@ -70,28 +71,59 @@ def megatron_optimizer_config(cfg: OptimizerConfig, *, bf16: bool, fp16: bool = 
     )
 
 
-def scheduler_arguments(cfg: OptimizerConfig, train_iters: int) -> dict:
-    """Keyword arguments of megatron-core's OptimizerParamScheduler, in iterations.
+def ddp_config(cfg: OptimizerConfig):
+    """megatron-core's DistributedDataParallelConfig for our flags (Megatron's names and meanings).
 
-    Megatron-LM counts these steps in samples when training by samples; with
-    --train-iters one step is one iteration, which is what we pass.
+    Gradients accumulate and reduce in fp32 (also with --bf16/--fp16); --overlap-grad-reduce,
+    --overlap-param-gather and --ddp-bucket-size map onto the fields of the same names.
     """
-    decay_iters = cfg.lr_decay_iters or train_iters
-    if cfg.lr_warmup_iters >= decay_iters:
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        overlap_grad_reduce=cfg.overlap_grad_reduce,
+        overlap_param_gather=cfg.overlap_param_gather,
+        bucket_size=cfg.ddp_bucket_size,
+    )
+
+
+def scheduler_arguments(cfg: OptimizerConfig, schedule: ScheduleConfig) -> dict:
+    """Keyword arguments of megatron-core's OptimizerParamScheduler, counted in iterations.
+
+    The trainer steps the scheduler once per iteration. Megatron-LM steps it by the global
+    batch size (it counts samples, converting --lr-warmup-iters/--lr-decay-iters to samples);
+    here the sample flags of a --train-samples run are converted to iterations instead
+    (samples / --global-batch-size, fractional where they do not divide). Every decay style
+    is a function of step/warmup and (step - warmup)/(decay - warmup), so each iteration gets
+    Megatron's learning rate. --lr-warmup-fraction F warms up over F x the decay length.
+    """
+    if schedule.train_samples is None:
+        decay, decay_flags = cfg.lr_decay_iters or schedule.train_iters, "--lr-decay-iters, else --train-iters"
+        warmup, wd_incr = cfg.lr_warmup_iters, schedule.train_iters
+    else:
+        per_iteration = schedule.global_batch_size
+        decay = (cfg.lr_decay_samples or schedule.train_samples) / per_iteration
+        decay_flags = "--lr-decay-samples, else --train-samples, in iterations of --global-batch-size"
+        warmup, wd_incr = cfg.lr_warmup_samples / per_iteration, schedule.train_samples / per_iteration
+    if cfg.lr_warmup_fraction is not None:
+        warmup = cfg.lr_warmup_fraction * decay  # < decay: the config keeps the fraction below 1
+    if warmup >= decay:
+        unit = "iters" if schedule.train_samples is None else "samples"
         raise ConfigError(
-            f"--lr-warmup-iters {cfg.lr_warmup_iters} must be smaller than the decay length "
-            f"{decay_iters} (--lr-decay-iters, else --train-iters); shorten the warmup"
+            f"--lr-warmup-{unit} {getattr(cfg, f'lr_warmup_{unit}')} must be shorter than the decay "
+            f"({decay:g} iterations: {decay_flags}); shorten the warmup"
         )
     return dict(
         init_lr=0.0,  # Megatron's --lr-warmup-init default
         max_lr=cfg.lr,
         min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.lr_warmup_iters,
-        lr_decay_steps=decay_iters,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=decay,
         lr_decay_style=cfg.lr_decay_style,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
-        wd_incr_steps=train_iters,
+        wd_incr_steps=wd_incr,
         wd_incr_style="constant",
     )
 
@@ -105,14 +137,14 @@ class Optimizer:
     ``step()`` once per iteration.
     """
 
-    def __init__(self, ddp_model, cfg: OptimizerConfig, *, bf16: bool, train_iters: int):
+    def __init__(self, ddp_model, cfg: OptimizerConfig, *, bf16: bool, schedule: ScheduleConfig, fp16: bool = False):
         from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         self.cfg = cfg
         with platform.megatron_cuda_calls_on_cpu():
-            self.inner = get_megatron_optimizer(megatron_optimizer_config(cfg, bf16=bf16), [ddp_model])
-            self.scheduler = OptimizerParamScheduler(self.inner, **scheduler_arguments(cfg, train_iters))
+            self.inner = get_megatron_optimizer(megatron_optimizer_config(cfg, bf16=bf16, fp16=fp16), [ddp_model])
+            self.scheduler = OptimizerParamScheduler(self.inner, **scheduler_arguments(cfg, schedule))
 
     @property
     def lr(self) -> float:
@@ -124,12 +156,28 @@ class Optimizer:
         with platform.megatron_cuda_calls_on_cpu():
             self.inner.zero_grad()
 
-    def step(self) -> float:
-        """Clip, step, advance the schedule; returns the grad norm before clipping."""
+    @property
+    def loss_scale(self) -> float:
+        """The factor the schedule multiplies each loss by (megatron's ``get_loss_scale``): the
+        current fp16 loss scale, 1.0 for fp32 and bf16."""
+        return float(self.inner.get_loss_scale())
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Megatron's ``config.grad_scale_func``: the loss times the current loss scale."""
+        return self.inner.scale_loss(loss)
+
+    def step(self) -> Optional[float]:
+        """Clip, step, advance the schedule; returns the grad norm before clipping.
+
+        Returns None when megatron skipped the step (Megatron's convention): with --fp16 the
+        gradients overflowed at the current loss scale, so the weights, Adam's state and the LR
+        schedule stay put and the dynamic loss scaler lowers the scale for the next step.
+        """
         with platform.megatron_cuda_calls_on_cpu():
             update_successful, grad_norm, _ = self.inner.step()
-        if update_successful:
-            self.scheduler.step(increment=1)
+        if not update_successful:
+            return None
+        self.scheduler.step(increment=1)
         return float("nan") if grad_norm is None else float(grad_norm)
 
     # ------------------------------------------------------------------ Adam's second moments (DGA)
@@ -208,6 +256,16 @@ class Optimizer:
             self.inner.load_state_dict(state["optimizer"])
         _repair_torch_adam_steps(self.inner)
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
+
+    def reload_model_params(self) -> None:
+        """Copy the model's parameters into the optimizer's main (fp32 master) parameters.
+
+        After loading model weights without the optimizer (--finetune, --no-load-optim), as
+        Megatron does: the bf16 optimizer and the distributed optimizer hold master copies made
+        from the initial weights, which the next step would otherwise write back into the model.
+        """
+        with platform.megatron_cuda_calls_on_cpu(), torch.no_grad():
+            self.inner.reload_model_params()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Where a training run writes, decided and checked before any work: --save, --log-dir, --tensorboard-dir.
+"""Where a training run writes, decided and checked before any work: --save, --log-dir, --tensorboard-dir,
+--data-cache-path.
 
 :func:`prepare_outputs` runs first thing at Trainer start, before any dataset, model or optimizer
 is built, so a read-only, full or mistyped output location costs seconds, not a training run:
@@ -7,7 +8,8 @@ is built, so a read-only, full or mistyped output location costs seconds, not a 
   every run (two runs started in the same directory never share one; where it goes is printed).
   The logging rank names it and every rank receives it, so all ranks agree;
 * each location is created if missing and probed (a file created, written, removed) by the rank
-  that writes there: --save by rank 0 (the checkpoint coordinator), the log and TensorBoard
+  that writes there: --save and --data-cache-path by rank 0 (the checkpoint coordinator, and
+  the rank that builds megatron's index cache), the log, TensorBoard and W&B (--wandb-save-dir)
   directories by the logging rank;
 * one all-gather of (errors, log directory) spreads any failure: every rank raises the same
   ConfigError naming each failing flag, instead of one rank failing and the others hanging.
@@ -56,8 +58,12 @@ def prepare_outputs(cfg: PretrainConfig, ctx: ParallelContext) -> str:
         checks.append((log_dir, flag))
         if cfg.logging.tensorboard_dir:
             checks.append((cfg.logging.tensorboard_dir, "--tensorboard-dir"))
+        if cfg.logging.wandb_save_dir:
+            checks.append((cfg.logging.wandb_save_dir, "--wandb-save-dir"))
     if ctx.rank == 0 and save:
         checks.append((save, "--save"))
+    if ctx.rank == 0 and cfg.data.data_cache_path:  # megatron writes the index cache on rank 0
+        checks.append((cfg.data.data_cache_path, "--data-cache-path"))
     errors = []
     for directory, flag in checks:
         try:

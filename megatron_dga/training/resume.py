@@ -21,6 +21,11 @@ must stay the same. Both formats carry the same JSON facts (``job_facts``) in th
 checkpoint's metadata file, checked against this run *before* anything is loaded, so a
 changed model shape, another domain list or another --mixing is one clear error, not a
 traceback from inside a load.
+
+Megatron's partial loads: --finetune loads the model only (iteration 0, everything else
+fresh), --no-load-optim everything but the optimizer and scheduler, --no-load-rng everything
+but the RNG states. With torch_dist the parts not loaded are left out of the sharded template
+(``dist_checkpointing`` loads a subset of a checkpoint's keys), so they are never read.
 """
 from __future__ import annotations
 
@@ -86,7 +91,12 @@ def job_facts(trainer) -> Dict[str, object]:
 
 
 def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
-    """Raise ConfigError naming the flag and both values when this run cannot continue ``where``."""
+    """Raise ConfigError naming the flag and both values when this run cannot continue ``where``.
+
+    The model shape is always checked. --finetune takes nothing else from the checkpoint, so
+    its domains, --mixing and optimizer layout may differ; --no-load-optim lets the optimizer
+    layout (--use-distributed-optimizer) differ.
+    """
     mine = job_facts(trainer)
     saved_model = facts.get("model", {})
     for name, flag in MODEL_SHAPE_FLAGS.items():
@@ -95,6 +105,8 @@ def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
                 f"{flag}: the checkpoint {where} was trained with {saved_model[name]!r}, this run has "
                 f"{mine['model'][name]!r}; resume with the checkpoint's value (parameter shapes must match)"
             )
+    if trainer.cfg.checkpoint.finetune:
+        return
     saved_domains, domains = list(facts.get("domains", [])), mine["domains"]
     if saved_domains and saved_domains != domains:
         missing = [d for d in saved_domains if d not in domains]
@@ -111,12 +123,14 @@ def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
             f"--data-path: the checkpoint {where} lists the same domains in another order ({saved_domains})"
         )
     saved_distopt = facts.get("use_distributed_optimizer")
-    if saved_distopt is not None and saved_distopt != mine["use_distributed_optimizer"]:
+    if (saved_distopt is not None and saved_distopt != mine["use_distributed_optimizer"]
+            and trainer.cfg.checkpoint.load_optim):
         raise ConfigError(
             f"--use-distributed-optimizer: the checkpoint {where} was saved "
             f"{'with' if saved_distopt else 'without'} it and this run is "
             f"{'with' if mine['use_distributed_optimizer'] else 'without'} it; the optimizer states "
-            "are laid out differently, resume with the same setting"
+            "are laid out differently, resume with the same setting (or pass --no-load-optim to start a fresh "
+            "optimizer)"
         )
     if facts.get("mixing") not in (None, mine["mixing"]) and not trainer.cfg.checkpoint.reset_mixing_state:
         raise ConfigError(
@@ -134,8 +148,8 @@ def align_domains_to_checkpoint(cfg) -> None:
     continues the saved run exactly; per-domain --domain-token-limit values move with their
     domains. Another set of domains is left for :func:`check_resumable` to refuse.
     """
-    if not cfg.checkpoint.load:
-        return
+    if not cfg.checkpoint.load or cfg.checkpoint.finetune or not cfg.data.data_path:
+        return  # nothing loaded is indexed by domain (--finetune), or fixed names (--mock-data)
     from megatron_dga.data.domains import parse_data_path
 
     try:
@@ -172,11 +186,12 @@ def common_state(trainer) -> Dict[str, object]:
     }
 
 
-def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True,
+def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True, with_optimizer: bool = True,
                   sharding_type: Optional[str] = None) -> Dict[str, object]:
     """This rank's megatron sharded state dict of the whole job (see the module docstring).
 
-    ``sharding_type``: the distributed optimizer's format; this run's by default, the
+    ``with_rng``/``with_optimizer`` False leave those parts out (a load then does not read
+    them). ``sharding_type``: the distributed optimizer's format; this run's by default, the
     checkpoint's when loading.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -185,8 +200,9 @@ def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True,
     metadata = dist_ckpt_metadata(sharding_type or optimizer_sharding_type(trainer.cfg),
                                   trainer.cfg.checkpoint.distrib_optim_fully_reshardable_mem_efficient)
     model_sd = trainer.model.sharded_state_dict(metadata=metadata)
-    state = {"model": model_sd, **trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                                      metadata=metadata)}
+    state = {"model": model_sd}
+    if with_optimizer:
+        state.update(trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata))
     state["megatron_dga"] = common_state(trainer)
     if with_rng:
         state["rng_state"] = ShardedObject("rng_state", capture_rng_state(), (ctx.pp_size, ctx.tp_size),
@@ -313,15 +329,37 @@ def check_common_state(common, trainer, ckpt_dir, iteration: int) -> None:
 
 
 def load_job(trainer, load_dir: str) -> int:
-    """Resume ``trainer`` from ``load_dir`` (either format); returns the iteration loaded."""
-    ckpt_dir, meta = ckpt.resolve_checkpoint(load_dir, trainer.cfg.checkpoint.ckpt_step)
-    check_resumable(meta.get("extra", {}), trainer, str(ckpt_dir))
+    """Resume ``trainer`` from ``load_dir`` (either format); returns the checkpoint's iteration.
+
+    With --finetune only the model weights are taken and the trainer stays at iteration 0;
+    with --no-load-optim / --no-load-rng the optimizer and scheduler / the RNG states stay fresh.
+    """
+    cfg = trainer.cfg.checkpoint
+    ckpt_dir, meta = ckpt.resolve_checkpoint(load_dir, cfg.ckpt_step)
+    extra = meta.get("extra", {})
+    if extra.get("contents") == ["model"] and not cfg.finetune:
+        source = extra.get("converted_from", {}).get("path", "another format")
+        raise ConfigError(
+            f"--load {load_dir}: {ckpt_dir} holds model weights only (converted from {source}), no optimizer, "
+            "data or mixing state to resume; add --finetune to start a run from these weights"
+        )
+    check_resumable(extra, trainer, str(ckpt_dir))
     ctx = trainer.ctx
+    saved_padded = extra.get("padded_vocab_size")
+    if saved_padded is not None and saved_padded != trainer.cfg.model.padded_vocab_size(ctx.tp_size):
+        raise ConfigError(
+            f"--tensor-model-parallel-size {ctx.tp_size} / --make-vocab-size-divisible-by "
+            f"{trainer.cfg.model.make_vocab_size_divisible_by}: this run pads the vocabulary to "
+            f"{trainer.cfg.model.padded_vocab_size(ctx.tp_size)} rows, the checkpoint {ckpt_dir} has {saved_padded}; "
+            "convert it again for this TP size, or choose a TP size and --make-vocab-size-divisible-by that pad alike"
+        )
     saved = meta["layout"]
     same_model_layout = (saved["tp_size"], saved["pp_size"]) == (ctx.tp_size, ctx.pp_size)
+    load_optim, load_rng = cfg.load_optim and not cfg.finetune, cfg.load_rng and not cfg.finetune
     # Checkpoints written before the flag existed hold Megatron's default format.
     sharding = meta.get("extra", {}).get("distrib_optim_sharding_type", "dp_reshardable")
-    if trainer.cfg.optimizer.use_distributed_optimizer and not same_model_layout and sharding == "dp_reshardable":
+    if (load_optim and trainer.cfg.optimizer.use_distributed_optimizer and not same_model_layout
+            and sharding == "dp_reshardable"):
         raise ConfigError(
             f"--tensor-model-parallel-size/--pipeline-model-parallel-size: the checkpoint {ckpt_dir} holds the "
             f"distributed optimizer's state in Megatron's dp_reshardable format for TP={saved['tp_size']} "
@@ -330,17 +368,23 @@ def load_job(trainer, load_dir: str) -> int:
             "to change TP/PP later"
         )
     if meta.get("ckpt_format", "torch") == "torch_dist":
-        template = sharded_state(trainer, is_loading=True, with_rng=same_model_layout, sharding_type=sharding)
+        template = sharded_state(trainer, is_loading=True, with_rng=load_rng and same_model_layout,
+                                 with_optimizer=load_optim, sharding_type=sharding)
         state = ckpt.load_distributed_checkpoint(ckpt_dir, meta, template)
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state)
-        common, rng = state["megatron_dga"], state.get("rng_state")
+        optimizer_state = state
+        common, rng = state.get("megatron_dga"), state.get("rng_state")  # a converted checkpoint has no common
     else:
         layout = ckpt.CheckpointLayout.from_context(ctx)
         _, state, common = ckpt.load_checkpoint(load_dir, layout=layout, iteration=meta["iteration"])
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
+        optimizer_state, rng = state["optimizer"], state["rng"] if load_rng else None
+    trainer.model.load_state_dict(state["model"])
+    if load_optim:
+        trainer.optimizer.load_state_dict(optimizer_state)
+    else:
+        trainer.optimizer.reload_model_params()
+    if cfg.finetune:
+        trainer.data.set_weights(trainer.mixing.initial_weights())
+        return int(meta["iteration"])
     check_common_state(common, trainer, ckpt_dir, int(meta["iteration"]))
     trainer.iteration = int(common["iteration"])
     trainer.consumed_samples = int(common["consumed_samples"])
@@ -352,7 +396,7 @@ def load_job(trainer, load_dir: str) -> int:
         trainer.mixing.load_state_dict(common["mixing"])
     if rng is not None:
         restore_rng_state(rng)
-    elif ctx.is_logging_rank:
+    elif load_rng and ctx.is_logging_rank:
         logger.warning(
             "checkpoint %s was saved with TP=%d PP=%d, this run uses TP=%d PP=%d: its random streams do not "
             "map onto the new ranks and restart from --seed (no effect without dropout)",

@@ -13,6 +13,14 @@ all-reduce, or reduce-scatter with the distributed optimizer; tied-embedding all
 over the first and last stage). DGA's domain probes skip the data-parallel part and
 keep only the tied-embedding all-reduce (``sync_grads=False``).
 
+The schedule hooks are set as Megatron's ``train()`` sets them: ``no_sync_func`` (DDP's
+``no_sync``: only the last micro-batch's backward may start the reduction), with
+--overlap-grad-reduce ``grad_sync_func`` (DDP's ``start_grad_sync``, which 1F1B calls on the
+stages that reduce in the pipeline bubble), and the fp16 loss scale through the model
+config's ``grad_scale_func`` (set once by the trainer). With --overlap-grad-reduce DDP's
+backward hooks start each bucket's reduction themselves, outside ``finalize_model_grads``,
+so a probe that must keep its local gradients runs entirely inside ``no_sync``.
+
 Losses stay on the device during the schedule and reach the host once per call: one
 broadcast from the last pipeline stage (when there are several), one copy.
 """
@@ -74,7 +82,7 @@ def _finalize_without_data_parallel(model, num_tokens=None, pg_collection=None, 
 
 @contextlib.contextmanager
 def _schedule_settings(config, **values):
-    """Set megatron TransformerConfig fields the schedule reads, for one call."""
+    """Set attributes megatron reads (TransformerConfig fields of the schedule, DDP's), for one call."""
     saved = {name: getattr(config, name) for name in values}
     for name, value in values.items():
         setattr(config, name, value)
@@ -129,17 +137,28 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
         return output, functools.partial(loss_func, batch["loss_mask"].float())
 
     schedule = get_forward_backward_func()
+    overlap = model.ddp_config.overlap_grad_reduce
     settings = dict(
-        no_sync_func=model.no_sync,
+        # A probe keeping local gradients holds no_sync for the whole call (below): a nested
+        # no_sync would re-enable the reduction on exit, before the last micro-batch.
+        no_sync_func=model.no_sync if sync_grads else contextlib.nullcontext,
         finalize_model_grads_func=finalize_model_grads if sync_grads else _finalize_without_data_parallel,
-        grad_sync_func=None,
+        # Megatron's train() with --overlap-grad-reduce (and its default --align-grad-reduce).
+        grad_sync_func=model.start_grad_sync if overlap and sync_grads else None,
+        # Only the interleaved schedule (not used here) reads it; Megatron leaves it unset
+        # without --align-param-gather: the forward pre-hooks gather the parameters.
         param_sync_func=None,
         # Probe shares and eval tails can be smaller than --micro-batch-size: let the
         # pipeline send shapes first when the sizes in this call differ.
         variable_seq_lengths=len(sizes) > 1 and _pipeline_stages(config) > 1,
     )
     grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
-    with _schedule_settings(config, **settings), platform.megatron_cuda_calls_on_cpu(), grad_ctx:
+    # DDP's backward hooks start the overlapped reductions with DDP's own force_all_reduce,
+    # not the schedule's argument (which reaches finalize_model_grads only).
+    ddp_settings = _schedule_settings(model, force_all_reduce=bool(force_all_reduce and sync_grads))
+    local_grads = model.no_sync() if not (sync_grads or forward_only) else contextlib.nullcontext()
+    with (_schedule_settings(config, **settings), ddp_settings, local_grads, platform.megatron_cuda_calls_on_cpu(),
+          grad_ctx):
         schedule(
             forward_step_func=forward_step,
             data_iterator=iter(micro_batches),

@@ -13,13 +13,13 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from megatron_dga import comm
-from megatron_dga.errors import NumericalError
+from megatron_dga import comm, platform
+from megatron_dga.errors import ConfigError, NumericalError
 from megatron_dga.fileio import atomic_write_json
 from megatron_dga.mixing.base import MixingStrategy, build_mixing
 from megatron_dga.model import build_stage_model, uses_transformer_engine
@@ -29,19 +29,24 @@ from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput
 from megatron_dga.training.outputs import prepare_outputs
-from megatron_dga.training.optim import Optimizer, counted_params
+from megatron_dga.training.optim import Optimizer, counted_params, ddp_config
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 from megatron_dga.training.step import LossStats, forward_backward
 from megatron_dga.training.stopping import StopConditions
 
 logger = logging.getLogger(__name__)
 
+PROBE_OVERFLOW_RETRIES = 4
+"""With --fp16, how often a DGA probe that overflows is redone at half the loss scale (down to 1/16 of
+the training scale: a probe batch whose gradient outgrows the training batches' by more is not
+an overflow)."""
+
 
 class Trainer:
     """Owns the model, optimizer, data and mixing of one job; ``train()`` runs it."""
 
     def __init__(self, cfg: PretrainConfig, ctx: ParallelContext):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallel
 
         self.cfg, self.ctx = cfg, ctx
         # First, before any dataset or model is built: an unwritable --save/--log-dir fails now.
@@ -50,16 +55,16 @@ class Trainer:
         resume.align_domains_to_checkpoint(cfg)  # a reordered --data-path resumes by domain name
         self.data = DataPipeline(cfg, ctx)
         cfg.model.vocab_size = self.data.vocab_size
-        # This rank's pipeline stage (the whole model with one stage); with --bf16 wrapped in
+        # This rank's pipeline stage (the whole model with one stage); with --bf16/--fp16 wrapped in
         # megatron's Float16Module, as Megatron's get_model does.
         self.model, module = build_stage_model(cfg.model, ctx)
-        self.ddp = DistributedDataParallel(
-            self.model.config,
-            DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer),
-            module,
-        )
+        self.ddp = DistributedDataParallel(self.model.config, ddp_config(cfg.optimizer), module)
         self.groups = ctx.groups
-        self.optimizer = Optimizer(self.ddp, cfg.optimizer, bf16=cfg.model.bf16, train_iters=cfg.schedule.train_iters)
+        self.optimizer = Optimizer(self.ddp, cfg.optimizer, bf16=cfg.model.bf16, fp16=cfg.model.fp16,
+                                   schedule=cfg.schedule)
+        # As Megatron's train(): the schedule multiplies each loss by the optimizer's loss scale
+        # (--fp16; 1 otherwise), and the optimizer divides the gradients by it before clipping.
+        self.model.config.grad_scale_func = self.optimizer.scale_loss
         self.params = [p for p in self.ddp.parameters() if p.requires_grad]
         self._counted = counted_params(self.params)
         self.mixing: MixingStrategy = build_mixing(cfg.mixing, self.data.domain_info)
@@ -74,20 +79,7 @@ class Trainer:
             self.load_checkpoint(cfg.checkpoint.load)
         else:
             self.data.set_weights(self.mixing.initial_weights())
-        self.metrics = MetricsLogger(
-            log_dir,
-            cfg.logging.tensorboard_dir,
-            is_writer=ctx.is_logging_rank,
-            log_interval=cfg.schedule.log_interval,
-            train_iters=cfg.schedule.train_iters,
-            start_iteration=self.iteration,
-            domain_names=self.data.domain_info.names,
-            # With --dga-basis the per-update lists run over the N bases, not the K domains.
-            list_labels=None if self.mixing.basis is None else {
-                key: list(self.mixing.basis.basis_names)
-                for key in ("alignments", "domain_grad_norms", "basis_weights")
-            },
-        )
+        self.metrics = self._build_metrics(log_dir)
         self.throughput = Throughput()
         self._pending_save = None  # a checkpoint being checksummed in the background
         self.stop = StopConditions(cfg.schedule, ctx.device)
@@ -95,6 +87,43 @@ class Trainer:
             self._write_run_info(log_dir)
         self._window_losses: List[float] = []
         self._window_grad_norms: List[float] = []
+        self._window_skipped = 0  # steps megatron skipped since the last log line (fp16 overflows)
+
+    def _build_metrics(self, log_dir: str) -> MetricsLogger:
+        """The metrics sinks; a W&B start-up failure on the logging rank stops every rank."""
+        cfg = self.cfg
+        wandb_init = None
+        if cfg.logging.wandb_project:  # Megatron's wandb.init arguments
+            wandb_init = dict(project=cfg.logging.wandb_project,
+                              name=cfg.logging.wandb_exp_name or os.path.basename(os.path.normpath(log_dir)),
+                              dir=cfg.logging.wandb_save_dir or log_dir,
+                              config=dataclasses.asdict(cfg))
+        error, metrics = None, None
+        try:
+            metrics = MetricsLogger(
+                log_dir,
+                cfg.logging.tensorboard_dir,
+                is_writer=self.ctx.is_logging_rank,
+                log_interval=cfg.schedule.log_interval,
+                train_iters=cfg.schedule.train_iters,
+                start_iteration=self.iteration,
+                domain_names=self.data.domain_info.names,
+                # With --dga-basis the per-update lists run over the N bases, not the K domains.
+                list_labels=None if self.mixing.basis is None else {
+                    key: list(self.mixing.basis.basis_names)
+                    for key in ("alignments", "domain_grad_norms", "basis_weights")
+                },
+                wandb_init=wandb_init,
+            )
+        except ConfigError as exc:
+            error = str(exc)
+        if wandb_init is not None:  # only the logging rank starts W&B: the others learn of its failure
+            error = next((e for e in comm.all_gather_object(error) if e), None)
+        if error:
+            if metrics is not None:
+                metrics.close()
+            raise ConfigError(error)
+        return metrics
 
     def _write_run_info(self, log_dir: str) -> None:
         """run_info.json beside metrics.jsonl: the names behind list metrics, and the config."""
@@ -127,7 +156,10 @@ class Trainer:
             if new_weights is not None:
                 self.data.set_weights(new_weights)
             self._window_losses.append(loss)
-            self._window_grad_norms.append(grad_norm)
+            if grad_norm is None:  # megatron skipped the step (fp16 overflow)
+                self._window_skipped += 1
+            else:
+                self._window_grad_norms.append(grad_norm)
             done = self.iteration == sched.train_iters
             eval_now = sched.eval_interval and (self.iteration % sched.eval_interval == 0 or done)
             if eval_now or self.iteration % sched.log_interval == 0 or done:
@@ -150,15 +182,20 @@ class Trainer:
                 break
         self.finish_pending_save()
         self.stop.restore_handlers()
+        self.sync_params()  # the parameters as the optimizer left them, for whoever reads them next
+        self.metrics.close()
         return last
 
-    def _check_finite(self, loss: float, grad_norm: float) -> None:
+    def _check_finite(self, loss: float, grad_norm: Optional[float]) -> None:
         """Stop the run, naming the iteration, when the step's loss or grad norm is not finite.
 
         Both values are identical on every rank (the loss is the data-parallel mean, the norm
         megatron's global one), so every rank stops at the same iteration, before the save hook.
+        A step megatron skipped (``grad_norm`` None: fp16 gradients overflowed at the current loss
+        scale) is no error: the weights did not move and the loss scaler lowers the scale, as in
+        Megatron; its loss is still checked.
         """
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
             return
         self.finish_pending_save()  # it was checked finite: publish it, the message points to it
         from megatron_dga.training.checkpoint import latest_iteration
@@ -181,7 +218,8 @@ class Trainer:
         self.optimizer.zero_grad()
 
     def train_step(self):
-        """One optimizer step on the next global batch. Returns (global mean loss, grad norm, lr)."""
+        """One optimizer step on the next global batch. Returns (global mean loss, grad norm, lr);
+        the grad norm is None when megatron skipped the step (an fp16 overflow)."""
         lr = self.optimizer.lr
         self.zero_grads()
         micro_batches = self.data.next_train_micro_batches()
@@ -207,18 +245,23 @@ class Trainer:
         values: Dict[str, object] = {
             "lm_loss": float(np.mean(self._window_losses)),
             "lr": lr,
-            "grad_norm": float(np.mean(self._window_grad_norms)),
+            # Over the steps applied in the window; none when megatron skipped them all (as Megatron).
+            **({"grad_norm": float(np.mean(self._window_grad_norms))} if self._window_grad_norms else {}),
             "tokens_per_sec": window.tokens_per_sec,
             "ms_per_iter": window.ms_per_iter,
             "consumed_samples": self.consumed_samples,
             "consumed_tokens": self.consumed_tokens,
             "domain_weights": [float(w) for w in self.data.weights],
         }
+        if self.cfg.model.fp16:  # Megatron's "loss scale" and "number of skipped iterations"
+            values["loss_scale"] = self.optimizer.loss_scale
+            values["skipped_iterations"] = self._window_skipped
         values.update(self.data.consumption_since_last_log())
         values.update(self.mixing.metrics())
         values.update(eval_results)
         self._window_losses.clear()
         self._window_grad_norms.clear()
+        self._window_skipped = 0
         self.metrics.log(self.iteration, values)
         return values
 
@@ -261,6 +304,7 @@ class Trainer:
         are computed in a background thread and the checkpoint is published by a later
         ``_poll_pending_save``/``finish_pending_save`` (called by every rank at the same step)."""
         self.finish_pending_save()
+        self.sync_params()
         if blocking:
             self._report_saved(self.iteration, resume.save_job(self))
         else:
@@ -276,6 +320,18 @@ class Trainer:
             pending, self._pending_save = self._pending_save, None
             self._report_saved(pending.iteration, pending.finish())
 
+    def sync_params(self) -> None:
+        """With --overlap-param-gather, all-gather the parameters the last step updated now.
+
+        The distributed optimizer leaves each rank its own shard of the new values; megatron's
+        forward pre-hooks gather the rest at the next forward. What reads the parameters without a
+        forward (a checkpoint save, the caller of ``train()``) gathers first, as Megatron's
+        ``disable_forward_pre_hook`` does before its saves. A no-op without the flag.
+        """
+        if self.ddp.ddp_config.overlap_param_gather:
+            with platform.megatron_cuda_calls_on_cpu():
+                self.ddp.start_param_sync(force_sync=True)
+
     def _report_saved(self, iteration: int, path) -> None:
         if self.ctx.is_logging_rank:
             print(f"saved checkpoint at iteration {iteration} to {path}", flush=True)
@@ -283,7 +339,8 @@ class Trainer:
     def load_checkpoint(self, load_dir: str) -> None:
         iteration = resume.load_job(self, load_dir)
         if self.ctx.is_logging_rank:
-            print(f"resumed from {load_dir} at iteration {iteration}", flush=True)
+            print(f"loaded the model weights of {load_dir} (iteration {iteration}) to finetune from iteration 0"
+                  if self.cfg.checkpoint.finetune else f"resumed from {load_dir} at iteration {iteration}", flush=True)
 
     # ------------------------------------------------------------------ TrainerView (for mixing strategies)
 
@@ -297,11 +354,46 @@ class Trainer:
         return self.data.probe_specific(size)
 
     def backward(self, micro_batches, *, sync_grads: bool) -> LossStats:
+        """A probe's gradient in the grad buffers, unscaled (see :meth:`_probe_backward`)."""
+        # With --fp16 the schedule scales the probe's loss by the optimizer's loss scale
+        # (grad_scale_func), as for a training step. Dynamic loss scaling keeps that scale near the
+        # largest the training batches allow, so a probe batch may overflow at it: the probe is then
+        # redone at half the scale (megatron's scaler would halve it too), a few times at most; what
+        # still overflows is a real NaN/Inf, which DGA reports and skips.
+        scale = self.optimizer.loss_scale
+        stats = self._probe_backward(micro_batches, sync_grads, None)
+        for _ in range(PROBE_OVERFLOW_RETRIES):
+            if not (self.cfg.model.fp16 and scale > 1.0 and self._probe_overflowed(sync_grads)):
+                break
+            scale /= 2.0
+            stats = self._probe_backward(micro_batches, sync_grads, scale)
+        # DGA gets true gradients (alignments, norms, the fd direction). A power of two: exact.
+        if scale != 1.0:
+            self.ddp.scale_gradients(1.0 / scale)
+        return stats
+
+    def _probe_backward(self, micro_batches, sync_grads: bool, scale: Optional[float]) -> LossStats:
+        """Zero the buffers, forward/backward ``micro_batches``; ``scale`` replaces the loss scale."""
         self.zero_grads()
-        # A synchronised probe (the specific gradient g_spe) must be whole on every rank, also
-        # with the distributed optimizer, whose training steps only reduce-scatter.
-        return forward_backward(self.ddp, micro_batches, self.ctx.device, sync_grads=sync_grads,
-                                force_all_reduce=sync_grads)
+        config = self.model.config
+        if scale is not None:
+            config.grad_scale_func = lambda loss: loss * scale
+        try:
+            # A synchronised probe (the specific gradient g_spe) must be whole on every rank, also
+            # with the distributed optimizer, whose training steps only reduce-scatter.
+            return forward_backward(self.ddp, micro_batches, self.ctx.device, sync_grads=sync_grads,
+                                    force_all_reduce=sync_grads)
+        finally:
+            config.grad_scale_func = self.optimizer.scale_loss
+
+    def _probe_overflowed(self, sync_grads: bool) -> bool:
+        """Any rank's probe gradient not finite. A local probe (no data-parallel reduction) runs in
+        step with its model-parallel peers only, so only they agree; a synchronised one with all."""
+        bad = torch.zeros(1, dtype=torch.float32, device=self.ctx.device)
+        for buffer in self.ddp.buffers + self.ddp.expert_parallel_buffers:
+            bad += (~torch.isfinite(buffer.grad_data)).any()
+        comm.all_reduce(bad, self.groups.by_name("world" if sync_grads else "mp"))
+        return bool(bad.item() > 0)
 
     def grads(self) -> List[torch.Tensor]:
         return [p.main_grad for p in self.params]
