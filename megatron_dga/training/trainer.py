@@ -176,9 +176,8 @@ class Trainer:
                 self.save_checkpoint(blocking=bool(done or stop))
                 self.throughput.reset()
             if stop:
-                if self.ctx.is_logging_rank:
-                    saved = "" if self.cfg.checkpoint.save else " without saving (no --save)"
-                    print(f"exiting at iteration {self.iteration}{saved}: {stop}", flush=True)
+                if self.ctx.is_logging_rank:  # every stop condition needs --save (config.py), so it saved
+                    print(f"exiting at iteration {self.iteration}: {stop}", flush=True)
                 break
         self.finish_pending_save()
         self.stop.restore_handlers()
