@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     preset = PRESETS[args.preset]
     out = os.path.abspath(os.path.join(args.out, args.scenario))
     os.makedirs(out, exist_ok=True)
-    from megatron_dga.data.default_corpus import prepare_default_data
+    from megatron_dga.prep.default_corpus import prepare_default_data
 
     data = prepare_default_data(os.path.join(os.path.abspath(args.out), "data"))
     jobs = (token_limited if args.scenario == "token-limited" else fine_grained)(data, preset, args, out)

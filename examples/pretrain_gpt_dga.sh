@@ -32,7 +32,7 @@ if [ "$DEVICE" = cpu ]; then
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     # Build (once) the embedded corpus and train on it.
     eval "$("$PYTHON" -W ignore - <<'PY'
-from megatron_dga.data.default_corpus import prepare_default_data
+from megatron_dga.prep.default_corpus import prepare_default_data
 d = prepare_default_data("runs/default_data")
 print("DATA_ARGS=(--data-path " + " ".join(d.domain_prefixes[n] for n in d.domains)
       + f" --specific-data-path {d.target_train_prefix} --specific-eval-data-path {d.target_eval_prefix}"

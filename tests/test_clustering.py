@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from megatron_dga.data import clustering as cl
-from megatron_dga.data.embeddings import (
+from megatron_dga.prep import clustering as cl
+from megatron_dga.prep.embeddings import (
     SentenceTransformerConfig,
     SentenceTransformerEmbedder,
     TfidfSvdConfig,

@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from megatron_dga.data import default_corpus as dc
-from megatron_dga.data.default_corpus import CorpusConfig, prepare_default_data
+from megatron_dga.prep import default_corpus as dc
+from megatron_dga.prep.default_corpus import CorpusConfig, prepare_default_data
 from megatron_dga.data.tokenizers import build_tokenizer
 from megatron_dga.errors import ConfigError, DataError
 

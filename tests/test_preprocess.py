@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from megatron_dga.data import preprocess as pp
-from megatron_dga.data.preprocess import PreprocessConfig, preprocess
+from megatron_dga.prep import preprocess as pp
+from megatron_dga.prep.preprocess import PreprocessConfig, preprocess
 from megatron_dga.data.tokenizers import SentencePieceTrainConfig, TokenizerSpec, build_tokenizer, train_sentencepiece
 from megatron_dga.errors import ConfigError, DataError
 

@@ -5,7 +5,7 @@ Example::
     python tools/build_default_corpus.py --out data/default --vocab-size 2048 --seed 1234
 
 Everything comes from the running Python installation (see
-megatron_dga/data/default_corpus.py for the domains and the output layout). A second run with
+megatron_dga/prep/default_corpus.py for the domains and the output layout). A second run with
 the same flags finds the manifest, checks the file hashes and returns at once. Prints the paths
 the trainer needs (--data-path prefixes, --tokenizer-model, the target set).
 """
@@ -18,7 +18,7 @@ import logging
 import sys
 from dataclasses import asdict
 
-from megatron_dga.data.default_corpus import CorpusConfig, prepare_default_data
+from megatron_dga.prep.default_corpus import CorpusConfig, prepare_default_data
 from megatron_dga.errors import DGAError
 from megatron_dga.fileio import ensure_writable_dir
 from megatron_dga.logging_setup import setup_logging

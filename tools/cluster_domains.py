@@ -28,17 +28,15 @@ import time
 
 import numpy as np
 
-from megatron_dga.data.clustering import CENTROIDS_FILE, CLUSTERS_FORMAT, MANIFEST_FILE, KMeansConfig, hierarchical_kmeans
-from megatron_dga.data.embeddings import (
+from megatron_dga.prep.clustering import CENTROIDS_FILE, CLUSTERS_FORMAT, MANIFEST_FILE, KMeansConfig, hierarchical_kmeans
+from megatron_dga.prep.embeddings import (
     EMBEDDER_STATE_FILE,
     TFIDF_PAYLOAD_FILE,
     TfidfSvdEmbedder,
     add_embedding_args,
     embedder_from_args,
-    expand_jsonl_inputs,
-    iter_jsonl,
-    parse_text,
 )
+from megatron_dga.prep.inputs import expand_jsonl_inputs, iter_jsonl, parse_text
 from megatron_dga.errors import ConfigError, DataError, DGAError, OutputError
 from megatron_dga.fileio import atomic_write_json, ensure_writable_dir, output_error
 from megatron_dga.logging_setup import setup_logging

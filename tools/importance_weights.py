@@ -17,7 +17,7 @@ Domains come from either
                            centroids = mean embedding of each domain's documents, with an embedder fitted on
                            these documents (or loaded from --embedder-dir).
 
-Smoothing, for counts c_j over K domains, n = sum c_j (see megatron_dga/data/clustering.py):
+Smoothing, for counts c_j over K domains, n = sum c_j (see megatron_dga/prep/clustering.py):
   --smoothing-mode uniform (default), eps in [0, 1]:   p_j = (1 - eps) * c_j / n + eps / K
   --smoothing-mode laplace, eps >= 0 (pseudo-count):   p_j = (c_j + eps) / (n + K * eps)
 
@@ -38,7 +38,7 @@ import sys
 
 import numpy as np
 
-from megatron_dga.data.clustering import (
+from megatron_dga.prep.clustering import (
     CENTROIDS_FILE,
     CLUSTERS_FORMAT,
     MANIFEST_FILE,
@@ -47,15 +47,14 @@ from megatron_dga.data.clustering import (
     mean_centroids,
     smooth_distribution,
 )
-from megatron_dga.data.embeddings import (
+from megatron_dga.prep.embeddings import (
     Embedder,
     TfidfSvdEmbedder,
     add_embedding_args,
     embedder_from_args,
-    expand_jsonl_inputs,
     load_embedder,
-    read_jsonl_texts,
 )
+from megatron_dga.prep.inputs import expand_jsonl_inputs, read_jsonl_texts
 from megatron_dga.errors import ConfigError, DataError, DGAError
 from megatron_dga.fileio import ensure_writable_parent
 from megatron_dga.logging_setup import setup_logging

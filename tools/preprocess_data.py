@@ -13,7 +13,7 @@ Examples::
 
 --input also takes a quoted glob ('parts/*.jsonl'): the matching files go, in sorted order,
 into one shard. Bad lines are skipped and reported per reason at the end; see
-megatron_dga/data/preprocess.py for the sidecar .json fields and the atomic-write protocol.
+megatron_dga/prep/preprocess.py for the sidecar .json fields and the atomic-write protocol.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 
-from megatron_dga.data.preprocess import PreprocessConfig, format_report, preprocess
+from megatron_dga.prep.preprocess import PreprocessConfig, format_report, preprocess
 from megatron_dga.data.tokenizers import TOKENIZER_TYPES, TokenizerSpec
 from megatron_dga.errors import DGAError
 from megatron_dga.logging_setup import setup_logging

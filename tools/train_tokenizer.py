@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_dga.data.preprocess import expand_inputs, sample_documents
+from megatron_dga.prep.inputs import expand_jsonl_inputs
+from megatron_dga.prep.preprocess import sample_documents
 from megatron_dga.data.tokenizers import SentencePieceTrainConfig, train_sentencepiece
 from megatron_dga.errors import ConfigError, DGAError
 from megatron_dga.fileio import ensure_writable_parent
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             character_coverage=args.character_coverage,
             num_threads=args.num_threads,
         )
-        files = expand_inputs(args.input)
+        files = expand_jsonl_inputs(args.input)
         texts, bad = sample_documents(files, args.json_keys, args.sample_docs or None, args.seed)
         if not texts:
             raise ConfigError(

@@ -64,6 +64,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from megatron_dga.data.tokenizers import BaseTokenizer, TokenizerSpec
+from megatron_dga.prep.inputs import jsonl_files_in
 from megatron_dga.errors import ConfigError, DataError, DGAError
 from megatron_dga.fileio import ensure_writable_dir, output_error
 
@@ -145,11 +146,6 @@ class ShardResult:
 
 
 # --------------------------------------------------------------------------- input discovery
-def _is_jsonl(name: str) -> bool:
-    # Not *.json: directories of domains often hold a manifest.json beside the data.
-    return name.endswith((".jsonl", ".jsonl.gz"))
-
-
 def domain_name(path: str) -> str:
     """Shard name of an input file: its basename without ``.gz`` and ``.jsonl``."""
     return os.path.basename(path).removesuffix(".gz").removesuffix(".jsonl")
@@ -162,11 +158,7 @@ def resolve_inputs(input_spec: str, output_prefix: str) -> list[tuple[str, list[
         DataError: nothing matches, or a directory holds no jsonl file.
     """
     if os.path.isdir(input_spec):
-        files = sorted(
-            os.path.join(input_spec, n)
-            for n in os.listdir(input_spec)
-            if _is_jsonl(n) and os.path.isfile(os.path.join(input_spec, n))
-        )
+        files = jsonl_files_in(input_spec)
         if not files:
             raise DataError(
                 f"--input {input_spec!r} is a directory without *.jsonl or *.jsonl.gz files. "
@@ -559,31 +551,6 @@ def format_report(results: Sequence[ShardResult]) -> str:
 
 
 # --------------------------------------------------------------------------- sampling
-def expand_inputs(inputs: Sequence[str], flag: str = "--input") -> list[str]:
-    """Files named by ``inputs`` (files, directories of jsonl, quoted globs), sorted, deduplicated.
-
-    Raises:
-        DataError: an entry matches nothing.
-    """
-    files: list[str] = []
-    for spec in inputs:
-        if os.path.isdir(spec):
-            found = sorted(
-                os.path.join(spec, n) for n in os.listdir(spec)
-                if _is_jsonl(n) and os.path.isfile(os.path.join(spec, n))
-            )
-        elif os.path.isfile(spec):
-            found = [spec]
-        else:
-            found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
-        if not found:
-            raise DataError(
-                f"{flag} {spec!r}: no such file, no jsonl file in it, and no match as a glob."
-            )
-        files.extend(found)
-    return sorted(set(os.path.abspath(f) for f in files))
-
-
 def sample_documents(
     files: Sequence[str],
     json_keys: Sequence[str],

