@@ -6,10 +6,12 @@ Prints, for the same number of samples:
     helpers_cpp.build_blending_indices (the C++ greedy behind BlendedDataset; it
     produces dataset ids and per-dataset counters only, no within-domain shuffle);
   * the cost of a weight change: set_weights for k=64 and set_basis_weights for
-    K=262144 fine domains with N=32 basis rows (dense and CSR).
+    K=262144 fine domains with N=32 basis rows (dense and CSR);
+  * one global batch at K=262144, all domains non-empty and with 60% of them empty
+    (fine domains of a clustering whose leaves hold no documents).
 
-Ours runs on the C++ kernels of megatron_dga._C when built (the header line says which;
-MEGATRON_DGA_OPS=reference measures the numpy reference). Both sides are single-threaded.
+Ours runs on the C++ kernels of megatron_dga._C, the sampler's only implementation (the
+numpy oracle in tests/ exists to check them, not to run). Both sides are single-threaded.
 Timings are best-of-N, the two sides interleaved, so that load from other processes on a
 shared machine hits both alike; the load average is printed with the table.
 
@@ -25,7 +27,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig
+from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig, load_kernels
 
 # megatron-core announces at import that apex/TE are absent: expected on CPU, not part of the table.
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
@@ -86,6 +88,12 @@ def weight_change_costs():
         out[f"set_basis_weights K={K} N={N} {label}"] = best_of(lambda: [big.set_basis_weights(g) for g in gammas], 3) / len(gammas)
     big.set_basis_weights(gammas[0])
     out[f"global_batch K={K} (GBS 512)"] = best_of(big.global_batch, 5)
+    # 60% empty domains: the kernel runs over the non-empty ones only, basis rows renormalised.
+    sizes = np.where(rng.random(K) < 0.6, 0, 100)
+    sparse = DynamicMixtureSampler(sizes, MixtureSamplerConfig(global_batch_size=512, micro_batch_size=1))
+    sparse.set_basis(sp.csr_matrix(dense))
+    sparse.set_basis_weights(gammas[0])
+    out[f"global_batch K={K}, 60% empty (GBS 512)"] = best_of(sparse.global_batch, 5)
     return out
 
 
@@ -94,9 +102,8 @@ def main():
     parser.add_argument("--steps", type=int, default=256, help="global batches per throughput measurement")
     parser.add_argument("--repeat", type=int, default=7, help="best of this many timings per side")
     args = parser.parse_args()
-    backend = DynamicMixtureSampler([1], MixtureSamplerConfig(global_batch_size=1, micro_batch_size=1)).backend
-    print(f"ours: {backend}; load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
-          f"({os.cpu_count()} CPUs)")
+    print(f"ours: the C++ kernels of {load_kernels().__file__}; load average before: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
     print(f"== index throughput (samples/s), same number of samples, best of {args.repeat} ==")
     print(f"{'k':>5} {'GBS':>5} {'per call':>8} {'samples':>9} {'ours':>12} {'megatron':>12} {'ratio':>7}")
     for k, gbs, per_call in [(8, 1024, 1), (64, 1024, 1), (8, 1024, 32), (64, 1024, 32), (64, 4096, 32)]:

@@ -1,6 +1,6 @@
 // Host kernels of the dynamic mixture sampler; see sampler.h and megatron_dga/data/README.md.
 //
-// Bit-identity with the numpy reference rests on three things:
+// Bit-identity with the numpy oracle (tests/sampler_oracle.py) rests on three things:
 //   * integers: the same wrapping uint32/uint64 operations (the Feistel rounds use Lemire's
 //     exact 32-bit division by multiplication instead of `%` and `/`, which gives the same
 //     quotient and remainder for every 32-bit operand);
@@ -8,7 +8,7 @@
 //     multiply-add (setup.py compiles with -std=c++17, i.e. -ffp-contract=off in GCC, and
 //     without -ffast-math or -march flags), and numpy's own pairwise summation for the one
 //     reduction (the carry's mean);
-//   * orders: the stable argsort of the numpy code is replaced by a per-batch bucket sort on
+//   * orders: the oracle's stable argsort is replaced by a per-batch bucket sort on
 //     the same keys with ties broken by position, which yields the same permutation.
 #include "sampler.h"
 
@@ -36,7 +36,7 @@ constexpr int64_t kMaxSize = int64_t{1} << 31;  // sizes must be below 2**31 (ui
 #error "sampler_cpu.cpp needs a compiler with unsigned __int128 (GCC or Clang on a 64-bit target)"
 #endif
 
-// splitmix64 finaliser (the numpy _mix64).
+// splitmix64 finaliser.
 inline uint64_t mix64(uint64_t z) {
   z ^= z >> 30;
   z *= kMix1;
@@ -45,7 +45,7 @@ inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// 32-bit multiply-xorshift round function (the numpy _round_function).
+// 32-bit multiply-xorshift round function.
 inline uint32_t round_fn(uint32_t v, uint32_t key, uint32_t rc) {
   uint32_t f = (v ^ key) + rc;
   f *= kRoundMul1;
@@ -55,7 +55,7 @@ inline uint32_t round_fn(uint32_t v, uint32_t key, uint32_t rc) {
 }
 
 // Keyed bijection of [0, n): 6-round mixed-radix Feistel network on Z_a x Z_{2^w} with
-// cycle walking; the element-wise numpy keyed_permutation.
+// cycle walking (the oracle's keyed_permutation).
 struct Feistel {
   uint32_t n = 1, w = 0, mask = 0, a = 1;
   // ceil(2^64 / a) for a >= 2: q = (magic * y) >> 64 is y / a and ((magic * y mod 2^64) * a)
@@ -103,7 +103,7 @@ struct Feistel {
     return y;
   }
   // Cycle walking: the network permutes [0, a * 2^w), which exceeds n by < 2^w; re-apply it
-  // until the value falls in [0, n) (the numpy code re-applies all rounds the same way).
+  // until the value falls in [0, n) (the oracle re-applies all rounds the same way).
   inline uint32_t walk(uint32_t y) const {
     while (y >= n) y = network(y);
     return y;
@@ -165,7 +165,7 @@ Scratch& scratch() {
   return s;
 }
 
-// The numpy allocate_counts: `total` repetitions of "serve the largest remaining deficit,
+// `total` repetitions of "serve the largest remaining deficit,
 // lowest index on ties", by finding the level of the total-th largest candidate value.
 void allocate_counts(const double* deficit, int64_t k, int64_t total, int64_t* counts, Scratch& s) {
   s.fl.resize(k);
@@ -354,7 +354,7 @@ py::array_t<int64_t> sampler_global_batches(
     for (int64_t i = 0; i < k; ++i) s.target[i] = bd * w[i];
     Feistel perm, subset;
     for (int64_t t = 0; t < num; ++t) {
-      // Allocation on the carried deficit, then re-centre the carry (numpy: carry -= carry.sum() / k).
+      // Allocation on the carried deficit, then re-centre the carry (oracle: carry -= carry.sum() / k).
       for (int64_t i = 0; i < k; ++i) s.deficit[i] = c[i] + s.target[i];
       allocate_counts(s.deficit.data(), k, B, s.counts.data(), s);
       for (int64_t i = 0; i < k; ++i) c[i] = s.deficit[i] - static_cast<double>(s.counts[i]);

@@ -1,26 +1,29 @@
-"""DynamicMixtureSampler: allocation bound, epochs, token limits, checkpoints, DP, bases, probes."""
+"""DynamicMixtureSampler: allocation bound, epochs, token limits, empty domains, checkpoints, DP, bases,
+probes; and its C++ kernels (megatron_dga._C, the only implementation) against the numpy oracle in
+tests/sampler_oracle.py, bit for bit."""
 import json
 import types
-import warnings
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from megatron_dga.data.sampler import (
-    DynamicMixtureSampler,
-    MixtureSamplerConfig,
-    allocate_counts,
-    harmonic,
-    keyed_permutation,
-)
+from megatron_dga import _C
+from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig
 from megatron_dga.errors import CheckpointError, ConfigError
+from tests import sampler_oracle as oracle
+from tests.sampler_oracle import harmonic
 
 
 def make(sizes, gbs=32, mbs=4, seed=7, **kw):
-    cfg_kw = {k: kw.pop(k) for k in ("sequence_length", "token_limits", "backend") if k in kw}
+    cfg_kw = {k: kw.pop(k) for k in ("sequence_length", "token_limits") if k in kw}
     cfg = MixtureSamplerConfig(global_batch_size=gbs, micro_batch_size=mbs, seed=seed, **cfg_kw)
     return DynamicMixtureSampler(sizes, cfg, **kw)
+
+
+def make_pair(sizes, **kw):
+    """(production sampler, the same sampler computing its indices with the numpy oracle)."""
+    return make(sizes, **kw), oracle.use_oracle(make(sizes, **kw))
 
 
 def brute_force_counts(deficit, total):
@@ -32,6 +35,7 @@ def brute_force_counts(deficit, total):
 
 
 def test_allocation_equals_sequential_greedy():
+    """Kernel and oracle against megatron's one-sample-at-a-time rule."""
     rng = np.random.default_rng(0)
     for _ in range(500):
         k, total = int(rng.integers(1, 12)), int(rng.integers(1, 40))
@@ -39,16 +43,25 @@ def test_allocation_equals_sequential_greedy():
         carry -= carry.mean()
         w = rng.dirichlet(np.full(k, 0.3)) if rng.random() < 0.7 else np.eye(k)[rng.integers(k)]
         d = carry + total * w
-        np.testing.assert_array_equal(allocate_counts(d, total), brute_force_counts(d, total))
+        want = brute_force_counts(d, total)
+        np.testing.assert_array_equal(_C.sampler_allocate_counts(d, total), want)
+        np.testing.assert_array_equal(oracle.sampler_allocate_counts(d, total), want)
+
+
+def permute(x, n, key):
+    """The kernel's keyed bijection of [0, n) at positions x, one key."""
+    x = np.asarray(x, dtype=np.int64)
+    return _C.sampler_permute(x, np.full(x.size, n, dtype=np.int64), np.full(x.size, key, dtype=np.uint64))
 
 
 def test_keyed_permutation_is_a_bijection_and_depends_on_key():
     for n in [1, 2, 3, 7, 64, 65, 1000, 4099]:
         x = np.arange(n)
-        p = keyed_permutation(x, n, np.uint64(11))
+        p = permute(x, n, 11)
         np.testing.assert_array_equal(np.sort(p), x)
+        np.testing.assert_array_equal(p, oracle.keyed_permutation(x, n, np.uint64(11)))
         if n >= 64:
-            assert not np.array_equal(p, keyed_permutation(x, n, np.uint64(12)))
+            assert not np.array_equal(p, permute(x, n, 12))
             assert not np.array_equal(p, x)
 
 
@@ -172,6 +185,12 @@ def test_state_dict_resume_mid_epoch_is_identical():
     rest = drive(b, 10, 2)
     for x, y in zip(ref, first + rest):
         np.testing.assert_array_equal(x, y)
+    # A v1 state (sizes as full lists, before the digests) resumes the same way.
+    v1 = dict(state, format="megatron-dga/mixture-sampler-v1", domain_sizes=sizes, accessible_sizes=sizes)
+    c = make(sizes, gbs=12, mbs=2)
+    c.load_state_dict(v1)
+    for x, y in zip(rest, drive(c, 10, 2)):
+        np.testing.assert_array_equal(x, y)
     with pytest.raises(CheckpointError, match="seed"):
         make(sizes, gbs=12, mbs=2, seed=8).load_state_dict(state)
     with pytest.raises(CheckpointError, match="domain_sizes"):
@@ -294,30 +313,120 @@ def test_consumption_deltas_and_global_batches_equivalence():
 def test_keyed_permutation_images_are_close_to_uniform():
     # Over many keys, where position 1 lands must be ~uniform (a weak Feistel is visibly biased).
     keys = np.arange(1, 50_001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    ones = np.ones(keys.size, dtype=np.int64)
     for n in (3, 10):
-        freq = np.bincount(keyed_permutation(np.ones(keys.size, dtype=np.int64), n, keys), minlength=n) / keys.size
+        freq = np.bincount(_C.sampler_permute(ones, n * ones, keys), minlength=n) / keys.size
         np.testing.assert_allclose(freq * n, 1.0, atol=0.05)
 
 
-# ------------------------------------------------- C++ kernels (megatron_dga._C) vs the numpy reference
-def extension_or_skip():
-    try:
-        from megatron_dga import _C
-    except ImportError as exc:
-        pytest.skip(f"megatron_dga._C is not built ({exc})")
-    if not hasattr(_C, "sampler_global_batches"):
-        pytest.skip("megatron_dga._C predates the sampler kernels; rebuild it")
-    return _C
+# ------------------------------------------------- empty domains
+def test_empty_domains_are_never_drawn_and_the_bound_holds_over_the_others():
+    # 60% of 500 domains empty; weights change every step and put most of their mass on empty
+    # domains (dropped): no empty domain is ever drawn, and the README's bound holds over the
+    # k' non-empty ones with H_k' (float64 reference of the renormalised weights).
+    rng = np.random.default_rng(4)
+    k, gbs, steps = 500, 64, 300
+    sizes = rng.integers(5, 60, k) * (rng.random(k) >= 0.6)
+    live = np.flatnonzero(sizes > 0)
+    s = make(sizes, gbs=gbs)
+    np.testing.assert_array_equal(s.empty_domains, np.flatnonzero(sizes == 0))
+    hk = harmonic(live.size)
+    j = np.arange(1, live.size + 1)
+    top_bound = j * (hk - np.cumsum(1.0 / j))
+    target, counts = np.zeros(k), np.zeros(k, dtype=np.int64)
+    worst = 0.0
+    for t in range(steps):
+        w = rng.dirichlet(np.full(k, 0.2)) * (rng.random(k) < 0.7)
+        w[live[rng.integers(live.size)]] += 0.01
+        s.set_weights(w)
+        kept = np.where(sizes > 0, w, 0.0)
+        np.testing.assert_allclose(s.weights, kept / kept.sum(), rtol=1e-12, atol=1e-15)
+        target += gbs * kept / kept.sum()
+        batch = s.global_batch()
+        assert sizes[batch[:, 0]].min() > 0 and np.all(batch[:, 1] < sizes[batch[:, 0]])
+        counts += np.bincount(batch[:, 0], minlength=k)
+        dev = (target - counts)[live]
+        assert dev.min() >= -1 - 1e-9 and dev.max() <= hk - 1 + 1e-9
+        assert np.all(np.cumsum(np.sort(dev)[::-1]) <= top_bound + 1e-9)
+        worst = max(worst, np.abs(dev).max())
+    assert worst > 0.0 and counts[sizes == 0].sum() == 0
+    stats = s.consumption()
+    np.testing.assert_array_equal(stats["samples"], counts)
+    assert np.all(stats["epochs"][sizes == 0] == 0) and np.all(np.isfinite(stats["epochs"]))
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_empty_domains_weights_basis_probes_and_resume(sparse):
+    sizes, names = [20, 0, 15, 0, 0, 30], list("abcdef")
+    kw = dict(gbs=8, mbs=2, domain_names=names, sequence_length=4, token_limits=[None, 8, 40, None, None, None],
+              held_out_sizes=[5])
+    s = make(sizes, **kw)
+    assert s.accessible_sizes.tolist() == [20, 0, 10, 0, 0, 30]  # a token limit on an empty domain is harmless
+    np.testing.assert_allclose(s.weights, [1 / 3, 0, 1 / 3, 0, 0, 1 / 3])  # default: uniform over non-empty
+    with pytest.raises(ConfigError, match="'b' \\(id 1\\) is empty"):
+        s.probe_batch(1, 2)
+    with pytest.raises(ConfigError, match="'d' \\(id 3\\) is empty"):
+        s.eval_batches(3, 1, 2)
+    with pytest.raises(ConfigError, match="all their mass on empty domains \\('b', 'e'"):
+        s.set_weights([0, 1, 0, 0, 2, 0])
+    s.set_weights([1, 5, 1, 0, 0, 2])  # b's mass is dropped, the rest renormalised
+    np.testing.assert_allclose(s.weights, [0.25, 0, 0.25, 0, 0, 0.5], rtol=1e-15)
+    as_basis = sp.csr_matrix if sparse else np.asarray
+    with pytest.raises(ConfigError, match="'junk' has all its mass on empty domains"):
+        s.set_basis(as_basis(np.array([[0.2, 0.4, 0.4, 0, 0, 0], [0, 0.5, 0, 0.25, 0.25, 0]])), ["web", "junk"])
+    P = np.array([[0.2, 0.4, 0.4, 0, 0, 0], [0, 0, 0, 0, 0.5, 0.5], [0.5, 0, 0, 0, 0, 0.5]])
+    s.set_basis(as_basis(P), ["web", "code", "kept"])
+    s.set_basis_weights([0.5, 0.25, 0.25])  # rows restricted to non-empty domains: [1/3, 2/3], [1], [1/2, 1/2]
+    np.testing.assert_allclose(s.weights, [1 / 6 + 1 / 8, 0, 1 / 3, 0, 0, 1 / 4 + 1 / 8], rtol=1e-12)
+    got = np.bincount(s.probe_batch_from_basis(0, 30)[:, 0], minlength=6)
+    np.testing.assert_array_equal(got, [10, 0, 20, 0, 0, 0])
+    for _ in range(40):  # several epochs of every non-empty domain
+        b = s.global_batch()
+        assert set(b[:, 0].tolist()) <= {0, 2, 5}
+        s.probe_batch(int(b[0, 0]), 3)
+    state = json.loads(json.dumps(s.state_dict()))
+    assert set(state["consumed"]["index"]) <= {0, 2, 5} and all(state["carry"][i] == 0.0 for i in (1, 3, 4))
+    r = make(sizes, **kw)
+    r.set_basis(as_basis(P), ["web", "code", "kept"])
+    r.load_state_dict(state)
+    for _ in range(5):
+        np.testing.assert_array_equal(r.global_batch(), s.global_batch())
+        np.testing.assert_array_equal(r.probe_batch_from_basis(2, 7), s.probe_batch_from_basis(2, 7))
+    assert r.state_dict() == s.state_dict()
+    state["consumed"]["index"].append(3)
+    state["consumed"]["value"].append(4)
+    with pytest.raises(CheckpointError, match="non-zero consumed on empty domains"):
+        make(sizes, **kw).load_state_dict(state)
+    with pytest.raises(ConfigError, match="all 3 training domains are empty"):
+        make([0, 0, 0])
+    with pytest.raises(ConfigError, match="'x' has -1 samples"):
+        make([3, -1], domain_names=["w", "x"])
+
+
+def test_kernels_reject_a_size_of_zero_before_any_work():
+    # The sampler never hands an empty domain to a kernel; if anything did, it gets an error, not a
+    # division by zero, and the in/out arrays are untouched.
+    zero_keys = np.zeros(2, dtype=np.uint64)
+    sizes = np.array([5, 0], dtype=np.int64)
+    with pytest.raises(ValueError, match="outside \\[1, 2\\*\\*31\\)"):
+        _C.sampler_permute(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), zero_keys[:1])
+    with pytest.raises(ValueError, match="outside \\[1, 2\\*\\*31\\)"):
+        _C.sampler_stream_samples(np.array([1]), np.array([0]), sizes, sizes, np.zeros(2, bool), zero_keys, zero_keys)
+    carry, consumed = np.zeros(2), np.zeros(2, dtype=np.int64)
+    with pytest.raises(ValueError, match="outside \\[1, 2\\*\\*31\\)"):
+        _C.sampler_global_batches(np.array([1.0, 0.0]), carry, consumed, sizes, sizes, np.zeros(2, bool), zero_keys,
+                                  zero_keys, 1, 4, 0, 0.6, 0.4)
+    assert not carry.any() and not consumed.any()
+
+
+# ------------------------------------------------- the kernels (megatron_dga._C) vs the numpy oracle
 def assert_same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa == sb
     assert a._carry.tobytes() == b._carry.tobytes()  # bit-identical floats, not just equal
 
 
-def test_extension_allocation_and_permutation_match_reference():
-    ext = extension_or_skip()
+def test_kernel_allocation_and_permutation_match_oracle():
     rng = np.random.default_rng(5)
     for trial in range(600):
         k, total = int(rng.integers(1, 40)), int(rng.integers(1, 300))
@@ -329,41 +438,43 @@ def test_extension_allocation_and_permutation_match_reference():
             carry -= carry.mean()
             w = rng.dirichlet(np.full(k, 0.3)) if trial % 3 else np.eye(k)[rng.integers(k)]
             d = carry + total * w
-        got = ext.sampler_allocate_counts(d, total)
-        np.testing.assert_array_equal(got, allocate_counts(d, total))
+        got = _C.sampler_allocate_counts(d, total)
+        np.testing.assert_array_equal(got, oracle.sampler_allocate_counts(d, total))
         if total <= 60:
             np.testing.assert_array_equal(got, brute_force_counts(d, total))
     for n in [1, 2, 3, 4, 5, 7, 8, 9, 64, 65, 1000, 4099, 65537, 123_456_789, 2**31 - 1]:
         x = rng.integers(0, n, 3000)
         keys = rng.integers(0, 2**63, 3000).astype(np.uint64) * np.uint64(3)  # full 64-bit range
-        np.testing.assert_array_equal(ext.sampler_permute(x, np.full(x.size, n), keys), keyed_permutation(x, n, keys))
+        nn = np.full(x.size, n)
+        np.testing.assert_array_equal(_C.sampler_permute(x, nn, keys), oracle.sampler_permute(x, nn, keys))
 
 
 def drive_both(pair, steps, rng):
     """The same random calls on both samplers; asserts every result and the state agree."""
-    n_src = pair[0]._sizes.size
+    sizes = np.concatenate([pair[0].domain_sizes, pair[0]._sizes[pair[0].num_domains :]])
+    live, sources = np.flatnonzero(pair[0].domain_sizes > 0), np.flatnonzero(sizes > 0)
     for t in range(steps):
         if t % 4 == 0:
             w = rng.dirichlet(np.full(pair[0].num_domains, 0.5)) * (rng.random(pair[0].num_domains) < 0.7)
-            w[int(rng.integers(w.size))] += 0.1
+            w[live[int(rng.integers(live.size))]] += 0.1
             for s in pair:
                 s.set_weights(w)
         num = int(rng.integers(1, 4))
         got = [s.global_batches(num) if t % 2 else s.global_batch()[None] for s in pair]
         np.testing.assert_array_equal(got[0], got[1])
-        d, size = int(rng.integers(n_src)), int(rng.integers(1, 40))
+        d, size = int(rng.choice(sources)), int(rng.integers(1, 40))
         np.testing.assert_array_equal(pair[0].probe_batch(d, size), pair[1].probe_batch(d, size))
         for x, y in zip(pair[0].eval_batches(d, 2, 7), pair[1].eval_batches(d, 2, 7)):
             np.testing.assert_array_equal(x, y)
         assert_same_state(*pair)
 
 
-def test_extension_streams_are_bit_identical_to_reference():
-    extension_or_skip()
-    sizes = [37, 50, 23, 1000, 1, 300, 2]
-    kw = dict(gbs=48, mbs=4, sequence_length=4, token_limits=[None, 80, None, 400, None, 4, None], held_out_sizes=[9, 70])
-    ext, ref = make(sizes, backend="extension", **kw), make(sizes, backend="reference", **kw)
-    assert (ext.backend, ref.backend) == ("extension", "reference")
+def test_kernels_are_bit_identical_to_oracle():
+    sizes = [37, 50, 0, 23, 1000, 1, 0, 300, 2]
+    kw = dict(gbs=48, mbs=4, sequence_length=4, token_limits=[None, 80, None, None, 400, None, 8, 4, None],
+              held_out_sizes=[9, 70])
+    ext, ref = make_pair(sizes, **kw)
+    assert ext._ext is _C and ref._ext is oracle
     rng = np.random.default_rng(11)
     drive_both((ext, ref), 150, rng)  # many epochs of the small and token-limited domains
     P = rng.dirichlet(np.ones(len(sizes)), size=3) * (rng.random((3, len(sizes))) < 0.6)
@@ -380,7 +491,7 @@ def test_extension_streams_are_bit_identical_to_reference():
     assert_same_state(ext, ref)
     # Resume across implementations: a checkpoint of one continues identically in the other.
     state = json.loads(json.dumps(ext.state_dict()))
-    ext2, ref2 = make(sizes, backend="extension", **kw), make(sizes, backend="reference", **kw)
+    ext2, ref2 = make_pair(sizes, **kw)
     for s in (ext2, ref2):
         s.set_basis(P)
         s.load_state_dict(state)
@@ -390,19 +501,24 @@ def test_extension_streams_are_bit_identical_to_reference():
         assert_same_state(a, b)
 
 
-def test_extension_matches_reference_with_262144_sparse_domains():
-    extension_or_skip()
+@pytest.mark.parametrize("empty_fraction", [0.0, 0.6])
+def test_kernels_match_oracle_with_262144_domains(empty_fraction):
+    # The paper's K = 262,144 fine domains; with 60% of them empty (leaves of a k-means tree
+    # without documents), weights and basis rows partly on empty domains. The state stays small
+    # (sparse counters, digests of the sizes) and resumes bit for bit.
     K = 262_144
     rng = np.random.default_rng(2)
-    sizes = rng.integers(1, 300, K)
-    ext, ref = make(sizes, gbs=512, mbs=8, backend="extension"), make(sizes, gbs=512, mbs=8, backend="reference")
+    sizes = rng.integers(1, 300, K) * (rng.random(K) >= empty_fraction)
+    ext, ref = make_pair(sizes, gbs=512, mbs=8)
     w = np.zeros(K)
     live = rng.choice(K, 2000, replace=False)
     w[live] = rng.dirichlet(np.full(live.size, 0.3))
     for s in (ext, ref):
         s.set_weights(w)
     for t in range(6):
-        np.testing.assert_array_equal(ext.global_batch(), ref.global_batch())
+        b = ext.global_batch()
+        np.testing.assert_array_equal(b, ref.global_batch())
+        assert sizes[b[:, 0]].min() > 0
     P = sp.random(8, K, density=1e-3, random_state=3, format="csr")
     P.data[:] = rng.random(P.nnz)
     P = sp.diags(1.0 / np.asarray(P.sum(axis=1)).ravel()) @ P
@@ -410,37 +526,42 @@ def test_extension_matches_reference_with_262144_sparse_domains():
     for s in (ext, ref):
         s.set_basis(P)
         s.set_basis_weights(gamma)
-    np.testing.assert_array_equal(ext.global_batches(3), ref.global_batches(3))
-    np.testing.assert_array_equal(ext.probe_batch_from_basis(5, 64), ref.probe_batch_from_basis(5, 64))
+    b = ext.global_batches(3)
+    np.testing.assert_array_equal(b, ref.global_batches(3))
+    pb = ext.probe_batch_from_basis(5, 64)
+    np.testing.assert_array_equal(pb, ref.probe_batch_from_basis(5, 64))
+    assert sizes[b[..., 0]].min() > 0 and sizes[pb[:, 0]].min() > 0
     assert_same_state(ext, ref)
+    if empty_fraction == 0.0:
+        return  # resume at this size: with empty domains below (the small cases cover both)
+    state = json.loads(json.dumps(ext.state_dict()))
+    # Besides the carry and the weights (k floats each; 0.0 on empty domains), a few kilobytes:
+    # no per-domain sizes, counters only for the domains drawn.
+    assert len(json.dumps({k: v for k, v in state.items() if k not in ("carry", "weights")})) < 50_000
+    assert len(state["carry"]) == len(state["weights"]) == K
+    again = make(sizes, gbs=512, mbs=8)
+    again.set_basis(P)
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(again.global_batches(2), ext.global_batches(2))
+    assert_same_state(again, ext)
 
 
-def test_backend_selection_env_var_and_missing_extension(monkeypatch):
+def test_the_extension_is_required_and_MEGATRON_DGA_OPS_does_not_apply(monkeypatch):
     from megatron_dga.ops import _backend
 
-    monkeypatch.setenv("MEGATRON_DGA_OPS", "reference")
-    assert make([5, 6]).backend == "reference"
-    with pytest.raises(ConfigError, match="backend='fast'"):
-        MixtureSamplerConfig(global_batch_size=4, micro_batch_size=1, backend="fast")
-    # A missing extension: numpy results, one warning shared with the fused ops, or an error if forced.
+    monkeypatch.setenv("MEGATRON_DGA_OPS", "reference")  # the fused ops' switch; the sampler ignores it
+    forced = make([30, 40])
     monkeypatch.delenv("MEGATRON_DGA_OPS")
+    assert forced._ext is _C
+    np.testing.assert_array_equal(forced.global_batches(3), make([30, 40]).global_batches(3))
+    # A missing extension: one ConfigError naming the build command, when the sampler is built.
     monkeypatch.setattr(_backend, "_ext", None)
     monkeypatch.setattr(_backend, "_ext_tried", True)
     monkeypatch.setattr(_backend, "_ext_error", "ImportError: not built (test)")
-    monkeypatch.setattr(_backend, "_warned", set())
-    ref = make([30, 40], backend="reference")
-    with pytest.warns(RuntimeWarning, match="mixture sampler and the alignment ops fall back"):
-        auto = make([30, 40])
-        np.testing.assert_array_equal(auto.global_batch(), ref.global_batch())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        np.testing.assert_array_equal(auto.global_batches(2), ref.global_batches(2))
-        assert _backend.resolve("cpu") is None  # the ops do not warn a second time
-    with pytest.raises(ConfigError, match="does not import"):
-        make([30, 40], backend="extension").global_batch()
+    with pytest.raises(ConfigError, match="megatron_dga._C, which does not import \\(ImportError: not built \\(test\\)\\).*"
+                                          "scripts/setup_env.sh"):
+        make([30, 40])
     # An extension built before the sampler kernels existed.
     monkeypatch.setattr(_backend, "_ext", types.SimpleNamespace())
-    with pytest.warns(RuntimeWarning, match="no mixture-sampler kernels"):
-        assert make([3]).backend == "reference"
-    with pytest.raises(ConfigError, match="rebuild"):
-        make([3], backend="extension").global_batch()
+    with pytest.raises(ConfigError, match="lacks sampler_global_batches.*rebuild it"):
+        make([3])

@@ -6,20 +6,20 @@ data-parallel rank computes the same global batch without communication. No
 torch.distributed. The maths (allocation bound, epochs, two-level sampling) is in
 ``megatron_dga/data/README.md``.
 
-Two implementations compute the same indices bit for bit: the numpy code in this module
-(the reference, and the fallback) and the C++ kernels ``sampler_*`` of the extension
-``megatron_dga._C`` (``csrc/sampler_cpu.cpp``), used when it is built. The choice follows
-the fused ops (``megatron_dga.ops``): ``MixtureSamplerConfig.backend``, else the
-environment variable ``MEGATRON_DGA_OPS`` (``auto`` | ``extension`` | ``reference``), else
-auto, with one warning per process when the extension is missing.
+One implementation computes the indices: the C++ kernels ``sampler_*`` of the extension
+``megatron_dga._C`` (``csrc/sampler_cpu.cpp``). The extension is required: a sampler
+cannot be built without it (a ConfigError names the build command). ``MEGATRON_DGA_OPS``,
+the fused ops' switch to their torch reference, does not apply here. This module validates
+inputs, keeps the weights and the state, and calls the kernels; the tests compare the
+kernels bit for bit with a numpy oracle (``tests/sampler_oracle.py``).
 
 Pieces:
 
 * **Composition** of a global batch of ``B`` samples: deterministic water-filling on a
-  carried deficit ``c`` (:func:`allocate_counts`), the batch form of megatron's
-  ``build_blending_indices`` greedy. For any sequence of weights, at every step and for
-  every domain ``-1 <= sum_s B*w_i(s) - count_i <= H_k - 1`` (``H_k`` the k-th harmonic
-  number), and any ``j`` domains together are at most ``j*(H_k - H_j)`` samples behind.
+  carried deficit ``c``, the batch form of megatron's ``build_blending_indices`` greedy.
+  For any sequence of weights, at every step and for every domain
+  ``-1 <= sum_s B*w_i(s) - count_i <= H_k - 1`` (``H_k`` the k-th harmonic number), and
+  any ``j`` domains together are at most ``j*(H_k - H_j)`` samples behind.
 * **Order** inside the batch: each domain's samples are spread evenly over the batch
   (low-discrepancy keys), so every micro-batch is a representative slice.
 * **Per-domain streams**: samples come in a seeded pseudo-random order without
@@ -27,6 +27,9 @@ Pieces:
   keyed bijections (Feistel networks with cycle walking) of ``(seed, domain, epoch)``,
   evaluated on demand: nothing is stored per domain but a consumed counter, so 262,144
   domains cost nothing until used.
+* **Empty domains** (0 samples, e.g. empty leaves of a fine-domain clustering) are allowed
+  and never sampled: the kernels only see the domains with samples, weight or basis mass on
+  empty domains is dropped and the rest renormalised, and probing one is an error.
 * **Token limits**: a limited domain is restricted to a fixed subset of its samples (the
   first ones of a seeded order, up to its token budget), repeated epoch after epoch.
 * **Two-level form**: basis matrix ``P`` (N x K) and basis weights ``gamma``; the fine
@@ -38,19 +41,18 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from megatron_dga.errors import CheckpointError, ConfigError
 
-_BACKENDS = ("auto", "extension", "reference")
-# Kernels the sampler needs from megatron_dga._C; an older build may lack them.
-_EXT_KERNELS = ("sampler_global_batches", "sampler_stream_samples", "sampler_permute")
-_backend_module: Any = None  # megatron_dga.ops._backend once imported
-_checked_ext: Any = None  # the extension module once found to have the sampler kernels
-
-STATE_FORMAT = "megatron-dga/mixture-sampler-v1"
+STATE_FORMAT = "megatron-dga/mixture-sampler-v2"
+# v1 held the domain and accessible sizes as full lists (v2: a digest); it loads alike.
+_READABLE_FORMATS = ("megatron-dga/mixture-sampler-v1", STATE_FORMAT)
+# Kernels the sampler calls in megatron_dga._C; a build from older sources may lack them.
+_KERNELS = ("sampler_global_batches", "sampler_stream_samples", "sampler_permute")
 
 # Stream salts: each use of a domain's data gets its own independent keyed order.
 _SALT_TRAIN = 0x7452_4149_4E00_0001
@@ -61,19 +63,16 @@ _SALT_BASIS = 0x4241_5349_5300_0004
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_ROUND_CONSTANTS_32 = [np.uint32(c) for c in (0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1,
-                                              0x9E3779B1, 0x7FEB352D)]
-_M32_1 = np.uint32(0x7FEB352D)
-_M32_2 = np.uint32(0x846CA68B)
+# Offsets of the in-batch order (golden-ratio and sqrt(2) sequences), passed to the kernel.
 _PHI = (math.sqrt(5.0) - 1.0) / 2.0
 _SQRT2_FRAC = math.sqrt(2.0) - 1.0
 
 
 # --------------------------------------------------------------------------------------
-# Keyed permutations (vectorised, stateless)
+# Stream keys (O(k) once per sampler; the per-sample work is in the kernels)
 # --------------------------------------------------------------------------------------
 def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on a uint64 array (wrapping arithmetic)."""
+    """splitmix64 finaliser on a uint64 array (wrapping arithmetic; the kernels' mix64)."""
     with np.errstate(over="ignore"):
         z = z ^ (z >> np.uint64(30))
         z = z * _M1
@@ -88,215 +87,37 @@ def _domain_keys(seed: int, salt: int, domains: np.ndarray) -> np.ndarray:
     return _mix64(base ^ np.asarray(domains).astype(np.uint64))
 
 
-def _epoch_keys(domain_keys: np.ndarray, epochs: np.ndarray) -> np.ndarray:
-    """Key of each (domain, epoch) order from the domain keys."""
-    with np.errstate(over="ignore"):
-        return _mix64(domain_keys + np.asarray(epochs).astype(np.uint64) * _GOLDEN)
-
-
 def _stream_keys(seed: int, salt: int, domains: np.ndarray, epochs: np.ndarray) -> np.ndarray:
     """64-bit key of the (seed, salt, domain, epoch) stream, per element."""
-    return _epoch_keys(_domain_keys(seed, salt, domains), epochs)
-
-
-def _bit_length(values: np.ndarray) -> np.ndarray:
-    """Exact bit length of non-negative int64 values below 2**53."""
-    _, exponent = np.frexp(values.astype(np.float64))
-    return exponent.astype(np.int64)
-
-
-def keyed_permutation(x: np.ndarray, n: np.ndarray, keys: np.ndarray, rounds: int = 6) -> np.ndarray:
-    """Apply, element-wise, a keyed bijection of ``[0, n)`` to ``x``.
-
-    A mixed-radix Feistel network on ``Z_a x Z_{2^w}`` (``w = bit_length(n - 1) // 2``,
-    ``a = ceil(n / 2^w)``, so the network's domain exceeds ``n`` by less than ``2^w ~
-    sqrt(n)``) with a multiply-xorshift round function, made a bijection of ``[0, n)`` by
-    cycle walking (re-apply while the result is ``>= n``; rare, since the excess is
-    below ``1/sqrt(n)`` of the domain). Rounds alternate ``(L, R) -> (R, (L + F(R)) mod a)``
-    and ``(H, L) -> (L, H xor F(L))``, each invertible. Equal keys give the same
-    permutation, different keys independent-looking ones. Only wrapping uint32/uint64
-    integer arithmetic is used: results are identical on every platform and numpy version.
-
-    Args:
-        x: int64 positions, ``0 <= x < n``.
-        n: int64 sizes (broadcast to ``x``), ``1 <= n < 2**31``.
-        keys: uint64 keys (broadcast to ``x``).
-        rounds: even number of Feistel rounds.
-
-    Returns:
-        int64 array, the images of ``x``.
-    """
-    x = np.asarray(x, dtype=np.int64)
-    shape = x.shape
-    n = np.broadcast_to(np.asarray(n, dtype=np.int64), shape).ravel()
-    if n.size and int(n.max()) >= 2**31:
-        raise ConfigError(f"a source has {int(n.max())} samples; the sampler supports fewer than 2**31 per domain")
-    keys = np.broadcast_to(np.asarray(keys, dtype=np.uint64), shape).ravel()
-    w = (_bit_length(n - 1) // 2).astype(np.uint32)
-    one = np.uint32(1)
-    mask = (one << w) - one
-    nu = n.astype(np.uint32)
-    modulus = (nu + mask) >> w  # a = ceil(n / 2^w) >= 1
-    # Round keys: the two 32-bit halves of the 64-bit key.
-    k_lo = (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    k_hi = (keys >> np.uint64(32)).astype(np.uint32)
-    out = x.ravel().astype(np.uint32)
-    todo = None  # first pass over everything, then only over the elements still >= n
     with np.errstate(over="ignore"):
-        while True:
-            if todo is None:
-                y, ww, m, a, lo, hi = out, w, mask, modulus, k_lo, k_hi
-            else:
-                y, ww, m, a = out[todo], w[todo], mask[todo], modulus[todo]
-                lo, hi = k_lo[todo], k_hi[todo]
-            for r in range(rounds):
-                if r % 2 == 0:  # layout L * 2^w + R  ->  R * a + ((L + F(R)) mod a)
-                    left, right = y >> ww, y & m
-                    f = _round_function(right, lo, r)
-                    f %= a
-                    f += left
-                    f %= a
-                    y = right * a
-                    y += f
-                else:  # layout H * a + L  ->  L * 2^w + (H xor F(L))
-                    high, low = np.divmod(y, a)
-                    f = _round_function(low, hi, r)
-                    f &= m
-                    f ^= high
-                    y = low << ww
-                    y |= f
-            if todo is None:
-                out = y
-                todo = np.flatnonzero(out >= nu)
-            else:
-                out[todo] = y
-                todo = todo[y >= nu[todo]]
-            if todo.size == 0:
-                break
-    return out.astype(np.int64).reshape(shape)
+        return _mix64(_domain_keys(seed, salt, domains) + np.asarray(epochs).astype(np.uint64) * _GOLDEN)
 
 
-def _sampler_extension(backend: Optional[str]) -> Any:
-    """The extension module when the sampler should use its kernels, else None (numpy).
+def load_kernels() -> ModuleType:
+    """The extension ``megatron_dga._C``, checked to carry the sampler's kernels.
 
-    Shares the fused ops' selection and their once-per-process warning (``megatron_dga.ops
-    ._backend``), so a missing extension is reported once for both. Imported lazily: loading
-    the extension loads torch's libraries.
+    Shares the fused ops' loader (``megatron_dga.ops._backend``): the extension is imported
+    once per process. Imported lazily, since loading it loads torch's libraries.
 
     Raises:
-        ConfigError: ``"extension"`` was forced but the extension, or its sampler kernels,
-            is not available; or an unknown backend name.
+        ConfigError: the extension does not import, or was built from sources older than
+            the sampler kernels; the message gives the build command.
     """
-    global _backend_module, _checked_ext
-    _backend = _backend_module
-    if _backend is None:
-        from megatron_dga.ops import _backend  # noqa: PLC0415 - lazy: imports torch
+    from megatron_dga.ops import _backend  # noqa: PLC0415 - lazy: imports torch
 
-        _backend_module = _backend
-    mode = _backend.requested_mode(backend)
-    if mode == "reference":
-        return None
     ext = _backend.load_extension()
-    if ext is not None and ext is _checked_ext:  # the common case, once per call: keep it cheap
-        return ext
     if ext is None:
-        if mode == "extension":
-            raise ConfigError(
-                f"the mixture sampler's kernels in megatron_dga._C were requested ({_backend.ENV_VAR}/"
-                f"backend='extension') but the extension does not import ({_backend.extension_error()}); "
-                f"{_backend.BUILD_HINT}"
-            )
-        _backend._warn_once(  # same key as the ops: one warning per process for both
-            "missing",
-            f"megatron_dga._C is not built ({_backend.extension_error()}); the mixture sampler and the "
-            f"alignment ops fall back to their numpy/torch references, which are slower. To fix, "
-            f"{_backend.BUILD_HINT}. Set {_backend.ENV_VAR}=reference to choose the references on "
-            "purpose and silence this.",
+        raise ConfigError(
+            "the mixture sampler computes its indices in the compiled extension megatron_dga._C, which does "
+            f"not import ({_backend.extension_error()}); {_backend.BUILD_HINT}"
         )
-        return None
-    if not all(hasattr(ext, name) for name in _EXT_KERNELS):
-        if mode == "extension":
-            raise ConfigError(
-                "megatron_dga._C was built before the mixture sampler's kernels existed "
-                f"({_backend.ENV_VAR}/backend='extension'); rebuild it: {_backend.BUILD_HINT}"
-            )
-        _backend._warn_once(
-            "sampler-stale",
-            "megatron_dga._C has no mixture-sampler kernels (built from older sources); the sampler "
-            f"uses its numpy reference. Rebuild: {_backend.BUILD_HINT}.",
+    missing = [name for name in _KERNELS if not hasattr(ext, name)]
+    if missing:
+        raise ConfigError(
+            f"megatron_dga._C ({getattr(ext, '__file__', 'no file')}) was built from sources older than the "
+            f"mixture sampler's kernels (it lacks {', '.join(missing)}); rebuild it: {_backend.BUILD_HINT}"
         )
-        return None
-    _checked_ext = ext
     return ext
-
-
-def _round_function(v: np.ndarray, key: np.ndarray, r: int) -> np.ndarray:
-    """32-bit multiply-xorshift hash of (v, key, round)."""
-    f = v ^ key
-    f += _ROUND_CONSTANTS_32[r]
-    f *= _M32_1
-    f ^= f >> np.uint32(15)
-    f *= _M32_2
-    f ^= f >> np.uint32(13)
-    return f
-
-
-# --------------------------------------------------------------------------------------
-# Allocation
-# --------------------------------------------------------------------------------------
-def allocate_counts(deficit: np.ndarray, total: int) -> np.ndarray:
-    """Split ``total`` samples over domains by water-filling the carried deficit.
-
-    Equivalent to ``total`` times "give one sample to the domain with the largest
-    remaining deficit ``deficit_i - count_i`` (lowest index on ties)", which is
-    megatron's ``build_blending_indices`` rule inside one batch, computed in O(k + total):
-    every domain's candidate values are ``d_i, d_i - 1, d_i - 2, ...``; we find the
-    integer level ``L`` holding the ``total``-th largest value, take every value above
-    ``L + 1`` and the largest fractional parts at level ``L``.
-
-    Args:
-        deficit: float64 (k,), ``carry + total * weights``; must sum to ``total``
-            (up to rounding) with every entry ``>= -1``.
-        total: samples to allocate (the global batch size).
-
-    Returns:
-        int64 (k,) counts, ``>= 0``, summing to ``total``.
-    """
-    floor = np.floor(deficit)
-    frac = deficit - floor
-    fl = floor.astype(np.int64)
-    positive = fl[fl >= 1]
-    if int(positive.sum()) < total:
-        level = 0  # the usual case: values >= 1 are fewer than the batch
-    else:
-        # count(L) = #values >= L = sum_{fl_i >= L} (fl_i - L + 1); largest L with count(L) >= total.
-        hist = np.bincount(positive)
-        v = np.arange(hist.size, dtype=np.int64)
-        s0 = np.cumsum(hist[::-1])[::-1]
-        s1 = np.cumsum((hist * v)[::-1])[::-1]
-        counts_at = s1 - (v - 1) * s0
-        ok = np.flatnonzero(counts_at[1:] >= total) + 1
-        level = int(ok[-1])
-    counts = np.maximum(fl - level, 0)
-    remaining = total - int(counts.sum())
-    cand = np.flatnonzero(fl >= level)
-    if remaining < 0 or remaining > cand.size:  # pragma: no cover - internal invariant
-        raise AssertionError(f"allocation invariant broken: remaining={remaining}, candidates={cand.size}")
-    if remaining == cand.size:
-        counts[cand] += 1
-    elif remaining > 0:
-        vals = frac[cand]
-        thr = np.partition(vals, cand.size - remaining)[cand.size - remaining]
-        above = cand[vals > thr]
-        ties = cand[vals == thr][: remaining - above.size]  # lowest indices first
-        counts[above] += 1
-        counts[ties] += 1
-    return counts
-
-
-def harmonic(k: int) -> float:
-    """H_k = 1 + 1/2 + ... + 1/k."""
-    return float(np.sum(1.0 / np.arange(1, k + 1, dtype=np.float64)))
 
 
 # --------------------------------------------------------------------------------------
@@ -319,9 +140,6 @@ class MixtureSamplerConfig:
     floor(limit / sequence_length) samples, repeated epoch after epoch (the paper's token-limited regime)."""
     data_parallel_size: Optional[int] = None
     """If given, checked now: global_batch_size must be divisible by micro_batch_size * data_parallel_size."""
-    backend: Optional[str] = None
-    """Index kernels: "extension" (C++ in megatron_dga._C), "reference" (numpy) or "auto" (the extension
-    when built). None: the environment variable MEGATRON_DGA_OPS, else auto. Both give identical batches."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "micro_batch_size"):
@@ -344,11 +162,6 @@ class MixtureSamplerConfig:
                     )
         if self.data_parallel_size is not None:
             check_batch_geometry(self.global_batch_size, self.micro_batch_size, self.data_parallel_size)
-        if self.backend is not None and self.backend not in _BACKENDS:
-            raise ConfigError(
-                f"mixture sampler backend={self.backend!r} is not one of {', '.join(_BACKENDS)} "
-                "(or None to follow MEGATRON_DGA_OPS)"
-            )
 
 
 def check_batch_geometry(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
@@ -373,12 +186,18 @@ class DynamicMixtureSampler:
 
     Args:
         domain_sizes: samples per domain in one epoch (``len`` of each domain dataset).
+            A size of 0 is allowed (an empty domain, e.g. an empty leaf of a fine-domain
+            map): it is never sampled or probed, and weight on it is dropped.
         config: batch geometry, seed, token limits.
-        weights: initial weights (length k); default uniform.
+        weights: initial weights (length k); default uniform over the non-empty domains.
         domain_names: names used in error messages and statistics; default ``domain{i}``.
         held_out_sizes: sizes of extra sources (e.g. the specific set) that never enter
             the training mixture but can be probed and evaluated; their ids are
             ``k, k+1, ...``.
+
+    Raises:
+        ConfigError: the extension megatron_dga._C is not built (see :func:`load_kernels`),
+            or invalid sizes, names or weights.
 
     Every data-parallel rank builds the same sampler and calls :meth:`global_batch` once
     per step; :meth:`rank_micro_batches` then cuts out its share.
@@ -392,13 +211,27 @@ class DynamicMixtureSampler:
         domain_names: Optional[Sequence[str]] = None,
         held_out_sizes: Sequence[int] = (),
     ) -> None:
+        self._ext = load_kernels()  # first: without it nothing below is of use
         sizes = np.asarray(domain_sizes, dtype=np.int64).ravel()
         k = sizes.size
         if k == 0:
             raise ConfigError("the mixture needs at least one domain, got none")
-        if np.any(sizes < 1):
-            bad = int(np.flatnonzero(sizes < 1)[0])
-            raise ConfigError(f"domain {bad} has {int(sizes[bad])} samples; every domain needs at least one")
+        self.config = config
+        self.num_domains = k
+        self.domain_names = list(domain_names) if domain_names is not None else [f"domain{i}" for i in range(k)]
+        if len(self.domain_names) != k:
+            raise ConfigError(f"{len(self.domain_names)} domain names for {k} domains")
+        if np.any(sizes < 0):
+            bad = int(np.flatnonzero(sizes < 0)[0])
+            raise ConfigError(f"domain {self.domain_names[bad]!r} has {int(sizes[bad])} samples; sizes must be >= 0")
+        # The training domains with samples: the kernels see only these (ids mapped back).
+        self._live = np.flatnonzero(sizes > 0)
+        if self._live.size == 0:
+            raise ConfigError(
+                f"all {k} training domains are empty (0 samples each); the mixture needs at least one domain "
+                "with samples (check --data-path / the domain map)"
+            )
+        self._is_empty = sizes == 0
         held = np.asarray(held_out_sizes, dtype=np.int64).ravel()
         if np.any(held < 1):
             raise ConfigError(f"held-out sources need at least one sample each, got sizes {held.tolist()}")
@@ -409,11 +242,6 @@ class DynamicMixtureSampler:
                     f"{what} {bad} has {int(values[bad])} samples; the sampler supports fewer than 2**31 "
                     "per source (split the domain into several)"
                 )
-        self.config = config
-        self.num_domains = k
-        self.domain_names = list(domain_names) if domain_names is not None else [f"domain{i}" for i in range(k)]
-        if len(self.domain_names) != k:
-            raise ConfigError(f"{len(self.domain_names)} domain names for {k} domains")
         # Sizes of all sources: training domains first, then held-out sources.
         self._sizes = np.concatenate([sizes, held])
         self._access = self._sizes.copy()  # samples reachable in training/probing (subset if limited)
@@ -422,35 +250,41 @@ class DynamicMixtureSampler:
             if len(config.token_limits) != k:
                 raise ConfigError(f"token_limits has {len(config.token_limits)} entries for {k} domains")
             for i, lim in enumerate(config.token_limits):
-                if lim is not None:
+                if lim is not None:  # an empty domain keeps accessible size 0, unlimited
                     m = min(int(sizes[i]), int(lim) // int(config.sequence_length))
                     if m < sizes[i]:
                         self._access[i] = m
                         self._limited[i] = True
-        self._any_limited = bool(self._limited.any())
         self._seed = int(config.seed)
         # Per-source keys of each stream family; an order is keyed by (family key, epoch).
         all_ids = np.arange(self._sizes.size)
         self._keys = {salt: _domain_keys(self._seed, salt, all_ids) for salt in (_SALT_TRAIN, _SALT_PROBE, _SALT_SUBSET)}
+        # The training kernel's per-domain arrays, over the non-empty domains only.
+        self._kernel_domains = tuple(
+            np.ascontiguousarray(a[self._live])
+            for a in (self._access, self._sizes, self._limited, self._keys[_SALT_TRAIN], self._keys[_SALT_SUBSET])
+        )
         self._batch_size = int(config.global_batch_size)
-        self._consumed = np.zeros(k, dtype=np.int64)
-        self._reported = np.zeros(k, dtype=np.int64)
-        self._carry = np.zeros(k, dtype=np.float64)
+        # Training-stream state over the non-empty domains (compact: the kernel updates it in place).
+        self._consumed = np.zeros(self._live.size, dtype=np.int64)
+        self._reported = np.zeros(self._live.size, dtype=np.int64)
+        self._carry = np.zeros(self._live.size, dtype=np.float64)
         self._batches_drawn = 0
-        self._probe_consumed = np.zeros(self._sizes.size, dtype=np.int64)
+        self._probe_consumed = np.zeros(self._sizes.size, dtype=np.int64)  # every source, by id
         self._basis = None
         self._basis_fingerprint: Optional[str] = None
         self._basis_cdf: Dict[int, tuple] = {}
         self._basis_probe_calls: Dict[int, int] = {}
-        self._gamma: Optional[np.ndarray] = None
-        self._weights = np.full(k, 1.0 / k)
+        uniform = np.zeros(k)
+        uniform[self._live] = 1.0 / self._live.size
+        self._install_weights(uniform, None)
         if weights is not None:
             self.set_weights(weights)
 
     # ----------------------------------------------------------------- weights
     @property
     def weights(self) -> np.ndarray:
-        """Current fine-domain weights (a copy), summing to one."""
+        """Current fine-domain weights (a copy), summing to one, 0 on empty domains."""
         return self._weights.copy()
 
     @property
@@ -473,6 +307,11 @@ class DynamicMixtureSampler:
         """Samples each training domain may use (its token-limited subset, else all)."""
         return self._access[: self.num_domains].copy()
 
+    @property
+    def empty_domains(self) -> np.ndarray:
+        """Ids of the training domains with no samples (never sampled or probed)."""
+        return np.flatnonzero(self._is_empty)
+
     def _validate_simplex(self, values: Any, length: int, what: str, names: Sequence[str]) -> np.ndarray:
         try:
             w = np.asarray(values, dtype=np.float64).ravel()
@@ -491,29 +330,66 @@ class DynamicMixtureSampler:
             raise ConfigError(f"{what}: all {length} entries are zero; give at least one positive weight")
         return w / total
 
+    def _empty_names(self, ids: np.ndarray) -> str:
+        shown = ", ".join(repr(self.domain_names[i]) for i in ids[:5])
+        return shown + (f" and {ids.size - 5} more" if ids.size > 5 else "")
+
+    def _drop_empty(self, w: np.ndarray, what: str) -> np.ndarray:
+        """``w`` (normalised, k entries) with the mass on empty domains dropped and the rest renormalised.
+
+        Raises:
+            ConfigError: all of the mass is on empty domains (named).
+        """
+        if self._live.size == self.num_domains:
+            return w
+        dropped = np.flatnonzero(self._is_empty & (w > 0))
+        if dropped.size == 0:
+            return w
+        w = w.copy()
+        w[dropped] = 0.0
+        total = w.sum()
+        if not total > 0:
+            raise ConfigError(
+                f"{what} put all their mass on empty domains ({self._empty_names(dropped)}: 0 samples each), "
+                f"which are never sampled; give positive weight to at least one of the {self._live.size} "
+                "domains with samples"
+            )
+        return w / total
+
+    def _install_weights(self, weights: np.ndarray, gamma: Optional[np.ndarray]) -> None:
+        """Current weights (k entries, 0 on empty domains) and the kernel's copy over non-empty ones."""
+        self._weights = weights
+        compact = self._live.size < self.num_domains
+        self._live_weights = np.ascontiguousarray(weights[self._live]) if compact else weights
+        self._gamma = gamma
+
     def set_weights(self, weights: Sequence[float]) -> None:
         """Replace the mixture weights; they apply from the next :meth:`global_batch`.
 
         Args:
-            weights: k finite numbers >= 0, not all zero (normalised here).
+            weights: k finite numbers >= 0, not all zero (normalised here). Weight on
+                empty domains is dropped and the rest renormalised.
 
         Raises:
-            ConfigError: wrong length, NaN/Inf, a negative entry or all zeros (the message
-                names the domain).
+            ConfigError: wrong length, NaN/Inf, a negative entry, all zeros, or all the
+                weight on empty domains (the message names the domain).
         """
-        self._weights = self._validate_simplex(weights, self.num_domains, "mixture weights", self.domain_names)
-        self._gamma = None
+        w = self._validate_simplex(weights, self.num_domains, "mixture weights", self.domain_names)
+        self._install_weights(self._drop_empty(w, "mixture weights"), None)
 
     def set_basis(self, matrix: Any, basis_names: Optional[Sequence[str]] = None) -> None:
         """Install the basis matrix P (N x K, rows on the simplex) for two-level sampling.
+
+        Each row's mass on empty domains is dropped and the row renormalised, so a basis
+        distribution is "P_n restricted to the domains with samples", for training and probes.
 
         Args:
             matrix: dense numpy array or scipy.sparse matrix (converted to CSR).
             basis_names: names used in error messages; default ``basis{n}``.
 
         Raises:
-            ConfigError: wrong number of columns, negative/non-finite entries, or a row
-                that does not sum to one (within 1e-6).
+            ConfigError: wrong number of columns, negative/non-finite entries, a row that
+                does not sum to one (within 1e-6), or a row whose mass is all on empty domains.
         """
         import scipy.sparse as sp
 
@@ -544,11 +420,50 @@ class DynamicMixtureSampler:
             raise ConfigError(
                 f"basis row {names[bad[0]]!r} sums to {rows[bad[0]]:.8g}, not 1; normalise each row of P"
             )
-        self._basis = P
+        self._basis = self._basis_without_empty_domains(P, names)
         self._basis_names = names
         self._basis_fingerprint = f"{n_basis}x{k}:{digest.hexdigest()}"
         self._basis_cdf = {}
         self._gamma = None
+
+    def _basis_without_empty_domains(self, P: Any, names: Sequence[str]) -> Any:
+        """``P`` with each row's mass on empty domains dropped and the row renormalised.
+
+        Rows without such mass are kept bit for bit (and ``P`` itself when no row has any).
+
+        Raises:
+            ConfigError: a row has all of its mass on empty domains (named).
+        """
+        if self._live.size == self.num_domains:
+            return P
+        empty = self._is_empty
+        if isinstance(P, np.ndarray):
+            lost = P[:, empty].sum(axis=1)
+            if not lost.any():
+                return P
+            kept = np.where(empty[None, :], 0.0, P)
+        else:  # CSR: drop the stored entries in empty columns
+            in_empty = empty[P.indices]
+            row_of = np.repeat(np.arange(P.shape[0]), np.diff(P.indptr))
+            lost = np.bincount(row_of[in_empty], weights=P.data[in_empty], minlength=P.shape[0])
+            if not lost.any():
+                return P
+            kept = P.copy()
+            kept.data[in_empty] = 0.0
+            kept.eliminate_zeros()
+        remaining = np.asarray(kept.sum(axis=1)).ravel()
+        dead = np.flatnonzero(remaining <= 0)
+        if dead.size:
+            raise ConfigError(
+                f"basis row {names[dead[0]]!r} has all its mass on empty domains (0 samples), which are never "
+                "sampled; drop that row from the basis or give it mass on domains with samples"
+            )
+        scale = np.where(lost > 0, 1.0 / remaining, 1.0)
+        if isinstance(kept, np.ndarray):
+            kept *= scale[:, None]
+        else:
+            kept.data *= np.repeat(scale, np.diff(kept.indptr))
+        return kept
 
     def set_basis_weights(self, gamma: Sequence[float]) -> None:
         """Set weights over the bases; the fine weights become ``alpha = gamma^T P``.
@@ -569,13 +484,7 @@ class DynamicMixtureSampler:
         else:
             alpha = self._basis.T @ g
         alpha = np.maximum(np.asarray(alpha, dtype=np.float64).ravel(), 0.0)
-        self._weights = alpha / alpha.sum()
-        self._gamma = g
-
-    @property
-    def backend(self) -> str:
-        """Which implementation computes the indices now: ``"extension"`` or ``"reference"``."""
-        return "reference" if _sampler_extension(self.config.backend) is None else "extension"
+        self._install_weights(alpha / alpha.sum(), g)
 
     # ----------------------------------------------------------------- training stream
     def global_batch(self) -> np.ndarray:
@@ -598,76 +507,27 @@ class DynamicMixtureSampler:
             int64 array (num, global_batch_size, 2).
         """
         num = _positive(num, "number of global batches")
-        ext = _sampler_extension(self.config.backend)
-        if ext is not None:
-            # Same batches, carry and counters as the numpy code below; carry and consumed are
-            # updated in place (both are arrays this object owns).
-            out = ext.sampler_global_batches(
-                self._weights, self._carry, self._consumed, self._access, self._sizes, self._limited,
-                self._keys[_SALT_TRAIN], self._keys[_SALT_SUBSET], num, self._batch_size,
-                self._batches_drawn, _PHI, _SQRT2_FRAC,
-            )
-            self._batches_drawn += num
-            return out
-        B, k = self._batch_size, self.num_domains
-        target = B * self._weights
-        carry = self._carry
-        all_counts = np.empty((num, k), dtype=np.int64)
-        for t in range(num):
-            deficit = carry + target
-            counts = allocate_counts(deficit, B)
-            carry = deficit - counts
-            # Float rounding would let sum(carry) drift from 0; re-centre to keep the invariant.
-            carry -= carry.sum() / k
-            all_counts[t] = counts
-        self._carry = carry
-        bi, nz = np.nonzero(all_counts)  # row-major: batch by batch, domains ascending
-        cnt = all_counts[bi, nz]
-        dom = np.repeat(nz, cnt)
-        starts = np.cumsum(cnt) - cnt
-        rank = np.arange(num * B, dtype=np.int64) - np.repeat(starts, cnt)
-        # Stream position = consumed before this call + taken by earlier batches of this call.
-        before = np.cumsum(all_counts, axis=0) - all_counts
-        pos = np.repeat(self._consumed[nz] + before[bi, nz], cnt) + rank
-        samples = self._stream_samples(dom, pos, _SALT_TRAIN)
-        self._consumed += all_counts.sum(axis=0)
-        order = self._mixed_order(nz, cnt, rank, bi, self._batches_drawn)
+        # Allocation, carry update, stream positions, permutations and the in-batch order of
+        # all num batches in one call; carry and consumed (arrays this object owns) are
+        # updated in place. The kernel numbers the non-empty domains 0..k'-1.
+        out = self._ext.sampler_global_batches(
+            self._live_weights, self._carry, self._consumed, *self._kernel_domains, num, self._batch_size,
+            self._batches_drawn, _PHI, _SQRT2_FRAC,
+        )
         self._batches_drawn += num
-        return np.stack([dom[order], samples[order]], axis=1).reshape(num, B, 2)
+        if self._live.size < self.num_domains:
+            out[..., 0] = self._live[out[..., 0]]
+        return out
 
     def _stream_samples(self, dom: np.ndarray, pos: np.ndarray, salt: int) -> np.ndarray:
-        """Sample index at stream position ``pos`` of each domain (epoch = pos // accessible size)."""
-        ext = _sampler_extension(self.config.backend)
-        if ext is not None:
-            return ext.sampler_stream_samples(
-                dom, pos, self._access, self._sizes, self._limited, self._keys[salt], self._keys[_SALT_SUBSET]
-            )
-        m = self._access[dom]
-        epoch, local = np.divmod(pos, m)
-        x = keyed_permutation(local, m, _epoch_keys(self._keys[salt][dom], epoch))
-        if self._any_limited:
-            sel = self._limited[dom]
-            if sel.any():
-                x[sel] = self._subset_order(dom[sel], x[sel])
-        return x
+        """Sample index at stream position ``pos`` of each source (epoch = pos // accessible size)."""
+        return self._ext.sampler_stream_samples(
+            dom, pos, self._access, self._sizes, self._limited, self._keys[salt], self._keys[_SALT_SUBSET]
+        )
 
     def _subset_order(self, dom: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Position ``pos`` of each source's fixed seeded order; a limited domain's subset is its first m entries."""
-        keys = _epoch_keys(self._keys[_SALT_SUBSET][dom], 0 * dom)
-        ext = _sampler_extension(self.config.backend)
-        if ext is not None:
-            return ext.sampler_permute(pos, self._sizes[dom], keys)
-        return keyed_permutation(pos, self._sizes[dom], keys)
-
-    @staticmethod
-    def _mixed_order(nz: np.ndarray, cnt: np.ndarray, rank: np.ndarray, bi: np.ndarray, step: int) -> np.ndarray:
-        # Sample r of a domain with n samples in its batch sits at (r + u)/n in [0, 1): each
-        # domain is spread evenly, so any contiguous slice of length m holds m*n/B +- 1 of its
-        # samples. The offset u (golden-ratio sequence over domains and steps) keeps domains
-        # from lining up. Adding the batch index keeps batches apart in one sort.
-        u = np.mod((nz + 1) * _PHI + (step + bi) * _SQRT2_FRAC, 1.0)
-        key = (rank + np.repeat(u, cnt)) / np.repeat(cnt, cnt) + np.repeat(bi, cnt)
-        return np.argsort(key, kind="stable")
+        return self._ext.sampler_permute(pos, self._sizes[dom], _mix64(self._keys[_SALT_SUBSET][dom]))
 
     def rank_micro_batches(self, batch: np.ndarray, dp_rank: int, dp_size: int) -> List[np.ndarray]:
         """This rank's micro-batches of a global batch (Megatron semantics).
@@ -688,11 +548,14 @@ class DynamicMixtureSampler:
         return [mine[i * mbs : (i + 1) * mbs] for i in range(num_micro)]
 
     # ----------------------------------------------------------------- probe and eval
-    def _check_source(self, domain_id: int, allow_held_out: bool = True) -> int:
-        limit = self._sizes.size if allow_held_out else self.num_domains
+    def _check_source(self, domain_id: int, purpose: str) -> int:
+        limit = self._sizes.size
         if not isinstance(domain_id, (int, np.integer)) or not 0 <= domain_id < limit:
             raise ConfigError(f"domain id {domain_id!r} is outside [0, {limit})")
-        return int(domain_id)
+        d = int(domain_id)
+        if d < self.num_domains and self._is_empty[d]:
+            raise ConfigError(f"domain {self.domain_names[d]!r} (id {d}) is empty (0 samples); it cannot be {purpose}")
+        return d
 
     def probe_batch(self, domain_id: int, size: int) -> np.ndarray:
         """A batch from one source for gradient probes, from its own shuffled cycle.
@@ -703,8 +566,11 @@ class DynamicMixtureSampler:
 
         Returns:
             int64 (size, 2) ``(domain_id, sample_index)`` rows.
+
+        Raises:
+            ConfigError: an id out of range, or an empty domain.
         """
-        d = self._check_source(domain_id)
+        d = self._check_source(domain_id, "probed")
         size = _positive(size, "probe batch size")
         pos = self._probe_consumed[d] + np.arange(size, dtype=np.int64)
         dom = np.full(size, d, dtype=np.int64)
@@ -718,7 +584,8 @@ class DynamicMixtureSampler:
         The ``size`` points ``(u + i) / size`` are mapped through the row's CDF, so fine
         domain j gets ``floor`` or ``ceil`` of ``size * P_nj`` samples; the offset ``u``
         changes deterministically from call to call. Samples then come from each fine
-        domain's probe stream. Never advances the training stream.
+        domain's probe stream. Never advances the training stream. Empty domains hold
+        no mass in the installed rows, so they are never picked.
 
         Returns:
             int64 (size, 2) rows, grouped by fine domain.
@@ -768,8 +635,11 @@ class DynamicMixtureSampler:
 
         Returns:
             ``num_batches`` int64 arrays of shape (batch_size, 2).
+
+        Raises:
+            ConfigError: an id out of range, or an empty domain.
         """
-        d = self._check_source(domain_id)
+        d = self._check_source(domain_id, "evaluated")
         nb, bs = _positive(num_batches, "eval batches"), _positive(batch_size, "eval batch size")
         size = int(self._sizes[d])
         j = np.arange(nb * bs, dtype=np.int64)
@@ -780,6 +650,12 @@ class DynamicMixtureSampler:
         return [rows[i * bs : (i + 1) * bs] for i in range(nb)]
 
     # ----------------------------------------------------------------- statistics
+    def _per_domain(self, values: np.ndarray) -> np.ndarray:
+        """Values held over the non-empty domains, as k entries (0 on empty domains)."""
+        out = np.zeros(self.num_domains, dtype=values.dtype)
+        out[self._live] = values
+        return out
+
     def consumption(self, reset: bool = True) -> Dict[str, np.ndarray]:
         """Per-domain samples, tokens and epochs consumed by the training stream.
 
@@ -788,21 +664,22 @@ class DynamicMixtureSampler:
 
         Returns:
             Dict of (k,) arrays: ``samples``, ``epochs`` (fractional, over the accessible
-            set), ``samples_delta``, ``epochs_delta`` (since the last call with
-            ``reset=True``) and, when ``sequence_length`` is set, ``tokens`` and
+            set; 0 for empty domains), ``samples_delta``, ``epochs_delta`` (since the last
+            call with ``reset=True``) and, when ``sequence_length`` is set, ``tokens`` and
             ``tokens_delta``.
         """
-        access = self._access[: self.num_domains].astype(np.float64)
+        access = self._access[self._live].astype(np.float64)  # over the non-empty domains, like the counters
         delta = self._consumed - self._reported
+        samples, samples_delta = self._per_domain(self._consumed), self._per_domain(delta)
         out = {
-            "samples": self._consumed.copy(),
-            "epochs": self._consumed / access,
-            "samples_delta": delta,
-            "epochs_delta": delta / access,
+            "samples": samples,
+            "epochs": self._per_domain(self._consumed / access),
+            "samples_delta": samples_delta,
+            "epochs_delta": self._per_domain(delta / access),
         }
         if self.config.sequence_length is not None:
-            out["tokens"] = self._consumed * int(self.config.sequence_length)
-            out["tokens_delta"] = delta * int(self.config.sequence_length)
+            out["tokens"] = samples * int(self.config.sequence_length)
+            out["tokens_delta"] = samples_delta * int(self.config.sequence_length)
         if reset:
             self._reported = self._consumed.copy()
         return out
@@ -814,21 +691,26 @@ class DynamicMixtureSampler:
 
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> Dict[str, Any]:
-        """JSON/pickle-friendly state (counters, carry, weights, seeds; no permutations)."""
+        """JSON/pickle-friendly state (counters, carry, weights, seeds; no permutations).
+
+        Small at any k: counters are sparse (ids and values of the non-zero ones), sizes
+        are kept as a digest; the carry and the weights are k floats (0 on empty domains).
+        """
+        k = self.num_domains
         return {
             "format": STATE_FORMAT,
             "seed": self._seed,
-            "domain_sizes": self._sizes[: self.num_domains].tolist(),
-            "held_out_sizes": self._sizes[self.num_domains :].tolist(),
-            "accessible_sizes": self._access.tolist(),
+            "domain_sizes": _sizes_digest(self._sizes[:k]),
+            "held_out_sizes": self._sizes[k:].tolist(),
+            "accessible_sizes": _sizes_digest(self._access),
             "batches_drawn": self._batches_drawn,
-            "consumed": _sparse(self._consumed),
-            "reported": _sparse(self._reported),
-            "carry": self._carry.tolist(),
+            "consumed": _sparse(self._consumed, self._live),
+            "reported": _sparse(self._reported, self._live),
+            "carry": self._per_domain(self._carry).tolist(),
             "weights": self._weights.tolist(),
             "basis_weights": None if self._gamma is None else self._gamma.tolist(),
             "basis_fingerprint": self._basis_fingerprint if self._gamma is not None else None,
-            "probe_consumed": _sparse(self._probe_consumed),
+            "probe_consumed": _sparse(self._probe_consumed, np.arange(self._sizes.size)),
             "basis_probe_calls": {str(n): c for n, c in sorted(self._basis_probe_calls.items())},
         }
 
@@ -841,35 +723,46 @@ class DynamicMixtureSampler:
             CheckpointError: the state was written for other domains, sizes, token limits,
                 seed or basis, or is malformed.
         """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"not a mixture-sampler state (format {state.get('format') if isinstance(state, dict) else type(state)!r}, expected {STATE_FORMAT!r})")
+        fmt = state.get("format") if isinstance(state, dict) else type(state)
+        if fmt not in _READABLE_FORMATS:
+            raise CheckpointError(f"not a mixture-sampler state (format {fmt!r}, expected {STATE_FORMAT!r})")
+        k = self.num_domains
+
+        def sizes_id(value: Any) -> Any:  # v1 states hold the full lists
+            return _sizes_digest(np.asarray(value, dtype=np.int64)) if isinstance(value, list) else value
+
         checks = [
             ("seed", self._seed, state.get("seed")),
-            ("domain_sizes", self._sizes[: self.num_domains].tolist(), state.get("domain_sizes")),
-            ("held_out_sizes", self._sizes[self.num_domains :].tolist(), state.get("held_out_sizes")),
-            ("accessible_sizes (token limits)", self._access.tolist(), state.get("accessible_sizes")),
+            ("domain_sizes", _sizes_digest(self._sizes[:k]), sizes_id(state.get("domain_sizes"))),
+            ("held_out_sizes", self._sizes[k:].tolist(), state.get("held_out_sizes")),
+            ("accessible_sizes (token limits)", _sizes_digest(self._access), sizes_id(state.get("accessible_sizes"))),
         ]
         for what, mine, theirs in checks:
             if mine != theirs:
-                shown = lambda v: v if not isinstance(v, list) or len(v) <= 8 else f"[{len(v)} values]"
                 raise CheckpointError(
-                    f"mixture-sampler checkpoint has {what} {shown(theirs)}, this run has {shown(mine)}; resume with the "
+                    f"mixture-sampler checkpoint has {what} {theirs}, this run has {mine}; resume with the "
                     "same data, --seed and token limits"
                 )
-        k = self.num_domains
         try:
             consumed = _dense(state["consumed"], k)
             reported = _dense(state["reported"], k)
             probe = _dense(state["probe_consumed"], self._sizes.size)
-            # Copies: the extension updates the carry in place, the caller's state must not change.
             carry = np.array(state["carry"], dtype=np.float64)
             weights = np.array(state["weights"], dtype=np.float64)
             batches = int(state["batches_drawn"])
             calls = {int(n): int(c) for n, c in state["basis_probe_calls"].items()}
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"mixture-sampler checkpoint is malformed ({exc!r})") from None
         if carry.shape != (k,) or weights.shape != (k,):
             raise CheckpointError(f"mixture-sampler checkpoint carry/weights have {carry.size}/{weights.size} entries, expected {k}")
+        empty = self._is_empty
+        on_empty = [name for name, v in (("consumed", consumed), ("reported", reported), ("probe_consumed", probe[:k]),
+                                         ("carry", carry), ("weights", weights)) if np.any(v[empty] != 0)]
+        if on_empty:
+            raise CheckpointError(
+                f"mixture-sampler checkpoint has non-zero {', '.join(on_empty)} on empty domains, which are never "
+                "sampled: the state is damaged; resume from an earlier checkpoint"
+            )
         gamma = state.get("basis_weights")
         if gamma is not None:
             if self._basis is None or state.get("basis_fingerprint") != self._basis_fingerprint:
@@ -879,8 +772,11 @@ class DynamicMixtureSampler:
                     "--dga-basis with set_basis() before loading"
                 )
             gamma = np.asarray(gamma, dtype=np.float64)
-        self._consumed, self._reported, self._probe_consumed = consumed, reported, probe
-        self._carry, self._weights, self._gamma = carry, weights, gamma
+        live = self._live
+        # Fresh arrays (fancy indexing copies): the kernel updates carry and consumed in place.
+        self._consumed, self._reported, self._carry = consumed[live], reported[live], carry[live]
+        self._probe_consumed = probe
+        self._install_weights(weights, gamma)
         self._batches_drawn = batches
         self._basis_probe_calls = calls
 
@@ -891,9 +787,17 @@ def _positive(value: Any, what: str) -> int:
     return int(value)
 
 
-def _sparse(values: np.ndarray) -> Dict[str, List[int]]:
+def _sizes_digest(sizes: np.ndarray) -> str:
+    """Identity of a size vector for checkpoints: count, total and a hash (k ints would make the state big)."""
+    sizes = np.ascontiguousarray(sizes, dtype=np.int64)
+    digest = hashlib.blake2b(sizes.astype("<i8").tobytes(), digest_size=12).hexdigest()
+    return f"{sizes.size} entries, {int(sizes.sum())} samples, blake2b {digest}"
+
+
+def _sparse(values: np.ndarray, ids: np.ndarray) -> Dict[str, List[int]]:
+    """The non-zero entries of ``values`` as ``{"index": ids[...], "value": [...]}``."""
     idx = np.flatnonzero(values)
-    return {"index": idx.tolist(), "value": values[idx].tolist()}
+    return {"index": ids[idx].tolist(), "value": values[idx].tolist()}
 
 
 def _dense(sparse: Dict[str, List[int]], size: int) -> np.ndarray:
