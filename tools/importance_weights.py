@@ -2,31 +2,56 @@
 """CRISP-style importance weights and the basis matrix for distribution reweighting.
 
 Importance weights: embed the specific set in the same space as the generic
-domains, assign each specific document to its nearest domain centroid
-(Euclidean), and use the (optionally smoothed) histogram of assignments as the
-mixture weights (``--mixing importance`` or ``--dga-init FILE``).
+domains, assign each specific document to its nearest domain (Euclidean), and use
+the (optionally smoothed) histogram of assignments as the mixture weights
+(``--mixing importance`` or ``--dga-init FILE``).
 
 Basis (``--dga-basis FILE``): for each auxiliary set A_1..A_N the same histogram
 over the K (fine) domains; the N x K matrix of these rows is the basis of DGA's
 distribution reweighting.
 
-Domains come from either
-  --clusters DIR           the output of tools/cluster_domains.py: its manifest's domain order,
-                           its centroids.npy and its saved embedder; or
+Domains come from one of
+  --clusters DIR           the output of tools/cluster_domains.py --input: its manifest's domain order,
+                           its centroids.npy and its saved embedder;
   --labelled-domains DIR   one jsonl per domain (name = file stem, e.g. law.jsonl -> law, sorted by name);
                            centroids = mean embedding of each domain's documents, with an embedder fitted on
-                           these documents (or loaded from --embedder-dir).
+                           these documents (or loaded from --embedder-dir);
+  --domain-map FILE        a fine-domain map written by tools/cluster_domains.py --input-shards ... --output-map
+                           FILE: its K fine domains (K = 262,144 for 64 x 64 x 64), named as the map names them
+                           (c03_05_01), documents assigned level by level through the centroids and embedder
+                           saved in the map's clusters directory (a labelled map, without one, is refused).
+
+Document sets (the specific set, and each basis set) are jsonl files or Megatron shards:
+  --specific FILES            jsonl files, globs or directories;
+  --specific-shards PREFIX..  the documents of these shards (alone or together with --specific: one set);
+  --basis-sets [NAME=]PATH    one basis row per jsonl file/glob/directory (NAME defaults to the file stem);
+  --basis-shards [NAME=]PREFIX  one basis row per shard (NAME defaults to the shard's domain name, its
+                              basename without _text_document); rows of --basis-sets come first.
+The map's embedding works on token ids (token-tfidf), so jsonl sets are tokenized first: pass the
+tokenizer the shards were built with (--tokenizer-type ..., as for tools/preprocess_data.py; it is
+checked against the shards' sidecar record in the map). Shard sets are embedded from their token ids
+directly; with a text embedding (--clusters, --labelled-domains) they are detokenised, which needs
+the tokenizer flags too.
 
 Smoothing, for counts c_j over K domains, n = sum c_j (see megatron_dga/prep/clustering.py):
   --smoothing-mode uniform (default), eps in [0, 1]:   p_j = (1 - eps) * c_j / n + eps / K
   --smoothing-mode laplace, eps >= 0 (pseudo-count):   p_j = (c_j + eps) / (n + K * eps)
+With --domain-map, K counts the NON-EMPTY fine domains only: an empty fine domain (no document of
+the map's shards) keeps weight 0, since the trainer can never sample it.
+
+Output sizes: weights files list every domain (262,144 names and weights with a 64^3 map); the
+histogram counts go into the file's meta as a list for K <= 4096, as nonzero {index, value} pairs
+beyond. The basis is written dense, or in CSR form (megatron_dga/mixing/weights_io.py) when that is
+less than half the size and K >= 4096 (--basis-format auto; dense or sparse force one).
 
 The trainer matches weights to its domains BY NAME (the file's "domains" list against
-the shard prefixes' basenames without "_text_document"), never by position.
+the shard prefixes' basenames without "_text_document", or the map's fine-domain names), never by position.
 
     python tools/importance_weights.py --clusters domains/ --specific task.jsonl --output weights.json
     python tools/importance_weights.py --clusters fine/ --basis-sets law=law.jsonl mmlu.jsonl \\
         --basis-output basis.npz --smoothing 0.01
+    python tools/importance_weights.py --domain-map fine.npz --specific-shards task/task_text_document \\
+        --output iw.json --basis-shards aux/law_text_document aux/mmlu_text_document --basis-output basis.npz
 """
 from __future__ import annotations
 
@@ -35,6 +60,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -42,6 +68,7 @@ from megatron_dga.prep.clustering import (
     CENTROIDS_FILE,
     CLUSTERS_FORMAT,
     MANIFEST_FILE,
+    CentroidTree,
     assign_nearest,
     histogram,
     mean_centroids,
@@ -49,10 +76,13 @@ from megatron_dga.prep.clustering import (
 )
 from megatron_dga.prep.embeddings import (
     Embedder,
-    TfidfSvdEmbedder,
     add_embedding_args,
+    add_tokenizer_args,
+    as_embedder_input,
     embedder_from_args,
     load_embedder,
+    missing_tokenizer,
+    tokenizer_from_args,
 )
 from megatron_dga.prep.inputs import expand_jsonl_inputs, read_jsonl_texts
 from megatron_dga.errors import ConfigError, DataError, DGAError
@@ -63,42 +93,79 @@ from megatron_dga.mixing.weights_io import save_basis, save_weights
 logger = logging.getLogger("importance_weights")
 
 _DOMAIN_SUFFIXES = (".jsonl.gz", ".jsonl")
+_DENSE_COUNTS_MAX = 4096
+"""Up to this many domains the weights file's meta lists every count; beyond, the nonzero ones."""
+_SPARSE_BASIS_MIN_K = 4096
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--clusters", help="output directory of tools/cluster_domains.py")
+    src.add_argument("--clusters", help="output directory of tools/cluster_domains.py --input")
     src.add_argument("--labelled-domains", help="directory of per-domain jsonl files (domain = file stem)")
+    src.add_argument("--domain-map", help="fine-domain map of tools/cluster_domains.py --input-shards --output-map")
     p.add_argument("--embedder-dir", default=None,
                    help="with --labelled-domains: load this saved embedder instead of fitting one")
     p.add_argument("--specific", nargs="+", default=None, help="specific-set jsonl files, globs or directories")
+    p.add_argument("--specific-shards", nargs="+", default=None, metavar="PREFIX",
+                   help="specific-set Megatron shard prefixes (with --specific: one set)")
     p.add_argument("--output", default=None, help="weights file to write (JSON, megatron-dga/weights-v1)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose values are embedded (joined)")
     p.add_argument("--smoothing", type=float, default=0.0, help="smoothing amount eps (see the formulas above)")
     p.add_argument("--smoothing-mode", choices=["uniform", "laplace"], default="uniform")
     p.add_argument("--basis-sets", nargs="+", default=None,
-                   help="auxiliary sets, each [NAME=]PATH (file, glob or directory); NAME defaults to the file stem")
+                   help="auxiliary jsonl sets, each [NAME=]PATH (file, glob or directory); NAME defaults to the file stem")
+    p.add_argument("--basis-shards", nargs="+", default=None, metavar="[NAME=]PREFIX",
+                   help="auxiliary sets, one Megatron shard each; NAME defaults to its domain name")
     p.add_argument("--basis-output", default=None, help="basis .npz to write")
     p.add_argument("--basis-smoothing", type=float, default=None, help="eps for basis rows (default: --smoothing)")
+    p.add_argument("--basis-format", choices=["auto", "dense", "sparse"], default="auto",
+                   help="auto: CSR when under half the dense size and K >= 4096")
     p.add_argument("--seed", type=int, default=1234, help="seed of the embedder fit (--labelled-domains)")
     p.add_argument("--no-progress", action="store_true")
     add_embedding_args(p)
+    add_tokenizer_args(p)
     args = p.parse_args(argv)
-    if args.specific is None and args.basis_sets is None:
-        p.error("nothing to do: pass --specific (with --output) and/or --basis-sets (with --basis-output)")
-    if args.specific is not None and args.output is None:
-        p.error("--specific needs --output (the weights file to write)")
-    if args.basis_sets is not None and args.basis_output is None:
-        p.error("--basis-sets needs --basis-output (the .npz to write)")
+    has_specific = args.specific is not None or args.specific_shards is not None
+    has_basis = args.basis_sets is not None or args.basis_shards is not None
+    if not has_specific and not has_basis:
+        p.error("nothing to do: pass --specific/--specific-shards (with --output) and/or "
+                "--basis-sets/--basis-shards (with --basis-output)")
+    if has_specific and args.output is None:
+        p.error("--specific/--specific-shards need --output (the weights file to write)")
+    if has_basis and args.basis_output is None:
+        p.error("--basis-sets/--basis-shards need --basis-output (the .npz to write)")
     if args.embedder_dir is not None and args.labelled_domains is None:
-        p.error("--embedder-dir applies to --labelled-domains only (--clusters uses the embedder saved in it)")
+        p.error("--embedder-dir applies to --labelled-domains only (--clusters and --domain-map use the embedder "
+                "saved with them)")
     return args
 
 
-# --------------------------------------------------------------------------- domain space
-def load_cluster_space(directory: str) -> tuple[list[str], np.ndarray, Embedder]:
-    """Domain names (manifest order), centroids and embedder of a cluster_domains output."""
+# --------------------------------------------------------------------------- domain spaces
+class DomainSpace:
+    """The K domains weights are computed over, and how a document is assigned to one.
+
+    (A plain class, not a dataclass: tests import this script by path, outside sys.modules.)
+
+    Attributes:
+        names: Domain names, in output order.
+        embedder: The embedder the domains were built with.
+        assign: Embeddings (n, dim) -> domain index (n,) in [0, K).
+        source: Provenance for the output files' meta.
+        support: Boolean (K,): the domains that hold documents (smoothing spreads over them only);
+            None = all.
+        tokenizer_record: The tokenizer fields of the shards the domains were built from (None: unknown).
+    """
+
+    def __init__(self, names: list[str], embedder: Embedder, assign: Callable[[np.ndarray], np.ndarray],
+                 source: dict[str, Any], support: Optional[np.ndarray] = None,
+                 tokenizer_record: Optional[dict] = None):
+        self.names, self.embedder, self.assign, self.source = names, embedder, assign, source
+        self.support, self.tokenizer_record = support, tokenizer_record
+
+
+def load_cluster_space(directory: str) -> DomainSpace:
+    """Domain names (manifest order), centroids and embedder of a cluster_domains --input output."""
     path = os.path.join(directory, MANIFEST_FILE)
     try:
         with open(path, encoding="utf-8") as f:
@@ -123,10 +190,11 @@ def load_cluster_space(directory: str) -> tuple[list[str], np.ndarray, Embedder]
     embedder = load_embedder(directory)
     if embedder.dim != centroids.shape[1]:
         raise DataError(f"{cpath}: centroid dim {centroids.shape[1]} != embedder dim {embedder.dim}; re-run cluster_domains.py")
-    return names, centroids, embedder
+    return DomainSpace(names, embedder, lambda x: assign_nearest(x, centroids),
+                       {"clusters": os.path.abspath(directory), "assignment": "nearest centroid (Euclidean)"})
 
 
-def load_labelled_space(directory: str, json_keys, args) -> tuple[list[str], np.ndarray, Embedder]:
+def load_labelled_space(directory: str, json_keys, args, tokenizer) -> DomainSpace:
     """Domain names (sorted stems), mean-embedding centroids and embedder of a labelled-domains directory."""
     if not os.path.isdir(directory):
         raise DataError(f"--labelled-domains {directory} is not a directory")
@@ -154,30 +222,93 @@ def load_labelled_space(directory: str, json_keys, args) -> tuple[list[str], np.
         embedder = load_embedder(args.embedder_dir)
     else:
         embedder = embedder_from_args(args)
-        if isinstance(embedder, TfidfSvdEmbedder):
-            embedder.fit(all_texts)
-    x = embedder.embed(all_texts, show_progress=not args.no_progress)
-    return names, mean_centroids(x, labels, len(names)), embedder
+    docs = as_embedder_input(embedder, all_texts, tokenizer, what="--labelled-domains documents")
+    if args.embedder_dir is None and hasattr(embedder, "fit"):
+        embedder.fit(docs)
+    x = embedder.embed(docs, show_progress=not args.no_progress)
+    centroids = mean_centroids(x, labels, len(names))
+    return DomainSpace(names, embedder, lambda y: assign_nearest(y, centroids),
+                       {"labelled_domains": os.path.abspath(directory), "assignment": "nearest centroid (Euclidean)"})
 
 
-# --------------------------------------------------------------------------- histograms
-def set_counts(files: list[str], json_keys, embedder: Embedder, centroids: np.ndarray, what: str,
-               show_progress: bool) -> np.ndarray:
-    """Counts of nearest-centroid assignments of a document set, (K,) int64."""
-    texts = read_jsonl_texts(files, json_keys)
-    if not texts:
-        raise DataError(f"{what} {' '.join(files)}: no document (all lines blank)")
-    x = embedder.embed(texts, show_progress=show_progress)
-    return histogram(assign_nearest(x, centroids), centroids.shape[0])
+def load_map_space(path: str) -> DomainSpace:
+    """The K fine domains of a domain map, assigned through its clusters directory's centroid tree."""
+    from megatron_dga.data.domain_map import clusters_path, read_domain_map
+
+    dmap = read_domain_map(path)
+    cdir = clusters_path(path, dmap)
+    if cdir is None:
+        raise DataError(
+            f"--domain-map {path} is a labelled map (clusters_dir is null): it has no centroids to assign new "
+            "documents to. Build weights over labelled domains with --labelled-domains DIR (one jsonl per domain), "
+            "or cluster the shards with tools/cluster_domains.py --input-shards ... --output-map FILE"
+        )
+    if not os.path.isdir(cdir):
+        raise DataError(f"--domain-map {path}: its clusters directory {cdir} is missing (it holds the centroids and "
+                        "the embedder); keep it beside the map, or re-run tools/cluster_domains.py --input-shards")
+    tree = CentroidTree.load(cdir)
+    embedder = load_embedder(cdir)
+    recorded = dmap.metadata.get("tree_id")
+    if tree.levels != dmap.levels or (recorded and tree.tree_id != recorded):
+        raise DataError(
+            f"--domain-map {path}: {cdir} belongs to another clustering run (levels {tree.levels} vs the map's "
+            f"{dmap.levels}, tree id {tree.tree_id[:12]} vs {str(recorded)[:12]}); re-run tools/cluster_domains.py "
+            "--input-shards ... --output-map to write both again"
+        )
+    if embedder.dim != tree.dim:
+        raise DataError(f"{cdir}: embedder dim {embedder.dim} != centroid dim {tree.dim}; the directory is "
+                        "inconsistent: re-run tools/cluster_domains.py --input-shards")
+    names = [dmap.domain_name(j) for j in range(dmap.num_domains)]
+    tok = dmap.metadata.get("tokenizer")
+    return DomainSpace(names, embedder, tree.assign,
+                       {"domain_map": os.path.abspath(path), "levels": list(dmap.levels),
+                        "assignment": "nearest non-empty centroid, level by level (Euclidean)"},
+                       support=dmap.domain_counts() > 0, tokenizer_record=tok if isinstance(tok, dict) else None)
 
 
-def parse_basis_specs(specs: list[str]) -> list[tuple[str, list[str]]]:
-    """``[NAME=]PATH`` items -> (name, files); names default to the file or directory stem."""
-    out, seen = [], set()
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or os.path.exists(spec):
-            name, path = "", spec
+# --------------------------------------------------------------------------- document sets
+class DocumentSet:
+    """A specific or basis set: jsonl files and/or Megatron shards.
+
+    Attributes:
+        name: The set's name (a basis row's name).
+        what: The flag that named it, for messages.
+        files: jsonl files.
+        prefixes: Shard prefixes.
+        corpus: The opened :class:`~megatron_dga.prep.shard_corpus.ShardCorpus` of ``prefixes``
+            (validated up front by :func:`open_shards`).
+    """
+
+    def __init__(self, name: str, what: str, files: Optional[list[str]] = None,
+                 prefixes: Optional[list[str]] = None):
+        self.name, self.what = name, what
+        self.files, self.prefixes = list(files or []), list(prefixes or [])
+        self.corpus = None
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.files:
+            out["files"] = [os.path.abspath(f) for f in self.files]
+        if self.prefixes:
+            out["shards"] = [os.path.abspath(p) for p in self.prefixes]
+        return out
+
+
+def _split_name(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a bare PATH (or one that exists with '=' in it) -> ("", PATH)."""
+    name, sep, path = spec.partition("=")
+    if not sep or os.path.exists(spec) or os.path.exists(spec + ".idx"):
+        return "", spec
+    return name, path
+
+
+def parse_basis_specs(specs: list[str] | None, shard_specs: list[str] | None) -> list[DocumentSet]:
+    """``[NAME=]PATH`` (jsonl) and ``[NAME=]PREFIX`` (shard) items -> basis sets, jsonl ones first."""
+    from megatron_dga.data.domains import domain_name
+
+    out: list[DocumentSet] = []
+    for spec in specs or []:
+        name, path = _split_name(spec)
         files = expand_jsonl_inputs([path], flag="--basis-sets")
         if not name:
             base = os.path.basename(os.path.normpath(path))
@@ -186,66 +317,175 @@ def parse_basis_specs(specs: list[str]) -> list[tuple[str, list[str]]]:
                     base = base[: -len(suf)]
                     break
             name = base
-        if name in seen:
-            raise ConfigError(f"--basis-sets: name {name!r} used twice; write NAME=PATH to give distinct names")
-        seen.add(name)
-        out.append((name, files))
+        out.append(DocumentSet(name, f"--basis-sets {name}", files=files))
+    for spec in shard_specs or []:
+        name, prefix = _split_name(spec)
+        out.append(DocumentSet(name or domain_name(prefix), f"--basis-shards {spec}", prefixes=[prefix]))
+    seen = set()
+    for s in out:
+        if s.name in seen:
+            raise ConfigError(f"--basis-sets/--basis-shards: name {s.name!r} used twice; write NAME=PATH to give "
+                              "distinct names")
+        seen.add(s.name)
     return out
 
 
-def smoothing_meta(eps: float, mode: str) -> dict:
+def open_shards(sets: list[DocumentSet], space: DomainSpace) -> None:
+    """Validate every set's shards (inspect, one tokenizer) before any embedding; check them against the space."""
+    from megatron_dga.prep.shard_corpus import ShardCorpus, tokenizer_mismatch
+
+    for s in sets:
+        if not s.prefixes:
+            continue
+        s.corpus = ShardCorpus(s.prefixes, s.what.split()[0])
+        if space.tokenizer_record and s.corpus.tokenizer:
+            diff = tokenizer_mismatch(space.tokenizer_record, s.corpus.tokenizer)
+            if diff:
+                raise DataError(f"{s.what}: the shards were tokenized with another tokenizer than the map's shards "
+                                f"({'; '.join(diff)}; map vs set): token-id embeddings are only comparable under one "
+                                "tokenizer; re-run tools/preprocess_data.py on the set with the map's tokenizer")
+
+
+def check_conversions(sets: list[DocumentSet], space: DomainSpace, tokenizer) -> None:
+    """ConfigError before any embedding when a set needs a tokenizer (or the tokenizer does not fit the space)."""
+    from megatron_dga.prep.shard_corpus import tokenizer_mismatch
+
+    for s in sets:
+        for present, are_tokens in ((s.files, False), (s.prefixes, True)):
+            error = missing_tokenizer(space.embedder, are_tokens, f"{s.what} documents") if present else None
+            if error is not None and tokenizer is None:
+                raise error
+    if tokenizer is not None and space.tokenizer_record:
+        diff = tokenizer_mismatch(space.tokenizer_record, tokenizer.fingerprint())
+        if diff:
+            raise ConfigError(f"--tokenizer-type/--tokenizer-model: not the tokenizer the map's shards were built with "
+                              f"({'; '.join(diff)}; map vs flags); pass the one tools/preprocess_data.py used")
+
+
+def set_counts(docs: DocumentSet, space: DomainSpace, args, tokenizer) -> np.ndarray:
+    """Counts of the assignments of a document set's documents to the space's domains, (K,) int64."""
+    from megatron_dga.prep.progress import Progress
+
+    k = len(space.names)
+    counts = np.zeros(k, dtype=np.int64)
+    if docs.files:
+        texts = read_jsonl_texts(docs.files, args.json_keys)
+        inputs = as_embedder_input(space.embedder, texts, tokenizer, what=f"{docs.what} documents")
+        x = space.embedder.embed(inputs, show_progress=not args.no_progress)
+        counts += histogram(space.assign(x), k)
+    if docs.corpus is not None:
+        eod = docs.corpus.eod()
+        drop = [] if eod is None else [eod]
+        with Progress(docs.corpus.num_documents, f"embed {docs.name}",
+                      enabled=False if args.no_progress else None) as bar:
+            for _, chunk in docs.corpus.iter_chunks(8192, 1 << 22):
+                inputs = as_embedder_input(space.embedder, chunk, tokenizer, drop, f"{docs.what} documents")
+                counts += histogram(space.assign(space.embedder.embed(inputs, show_progress=False)), k)
+                bar.update(len(chunk))
+    if counts.sum() == 0:
+        where = " ".join(docs.files + docs.prefixes)
+        raise DataError(f"{docs.what} {where}: no document (all lines blank, or empty shards)")
+    return counts
+
+
+def smooth_over(counts: np.ndarray, eps: float, mode: str, support: Optional[np.ndarray]) -> np.ndarray:
+    """:func:`smooth_distribution` over the ``support`` domains (all when None); 0 elsewhere."""
+    if support is None:
+        return smooth_distribution(counts, eps, mode)
+    if np.any(counts[~support]):  # assignment only ever picks non-empty nodes
+        raise AssertionError("documents assigned to an empty fine domain")
+    p = np.zeros(counts.shape[0], dtype=np.float64)
+    p[support] = smooth_distribution(counts[support], eps, mode)
+    return p
+
+
+def smoothing_meta(eps: float, mode: str, support: Optional[np.ndarray] = None) -> dict:
     formula = "(1 - eps) * c_j / n + eps / K" if mode == "uniform" else "(c_j + eps) / (n + K * eps)"
-    return {"eps": eps, "mode": mode, "formula": formula}
+    out = {"eps": eps, "mode": mode, "formula": formula}
+    if support is not None:
+        out["K"] = f"{int(support.sum())} non-empty fine domains (empty ones keep weight 0)"
+    return out
 
 
+def counts_meta(counts: np.ndarray) -> dict:
+    """The histogram for a file's meta: every count up to 4096 domains, the nonzero ones beyond."""
+    if counts.shape[0] <= _DENSE_COUNTS_MAX:
+        return {"counts": counts.tolist()}
+    nz = np.flatnonzero(counts)
+    return {"nonzero_counts": {"index": nz.tolist(), "value": counts[nz].tolist()}}
+
+
+def basis_matrix(rows: list[np.ndarray], fmt: str):
+    """Stack the basis rows, as CSR when ``fmt`` says so or (auto) when that saves half the size at K >= 4096."""
+    import scipy.sparse as sp
+
+    m = np.stack(rows)
+    nnz = int(np.count_nonzero(m))
+    sparse = fmt == "sparse" or (fmt == "auto" and m.shape[1] >= _SPARSE_BASIS_MIN_K and 16 * nnz < 0.5 * 8 * m.size)
+    return sp.csr_matrix(m) if sparse else m
+
+
+# --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging(logging.INFO, "%(asctime)s %(name)s %(levelname)s %(message)s")
-    progress = not args.no_progress
     try:
-        # Before any embedding: an unwritable or full destination fails now, in one line.
-        for path, flag in ((args.output, "--output"), (args.basis_output, "--basis-output")):
-            if path:
-                ensure_writable_parent(path, flag)
-        basis_eps = args.smoothing if args.basis_smoothing is None else args.basis_smoothing
-        # Validate smoothing before any expensive embedding.
-        smooth_distribution(np.ones(1), args.smoothing, args.smoothing_mode)
-        smooth_distribution(np.ones(1), basis_eps, args.smoothing_mode)
-        basis_specs = parse_basis_specs(args.basis_sets) if args.basis_sets else []
-        specific_files = expand_jsonl_inputs(args.specific, flag="--specific") if args.specific else []
-        if args.clusters:
-            names, centroids, embedder = load_cluster_space(args.clusters)
-            source = {"clusters": os.path.abspath(args.clusters)}
-        else:
-            names, centroids, embedder = load_labelled_space(args.labelled_domains, args.json_keys, args)
-            source = {"labelled_domains": os.path.abspath(args.labelled_domains)}
-        common = {**source, "embedding": embedder.kind, "assignment": "nearest centroid (Euclidean)",
-                  "json_keys": list(args.json_keys)}
-        if specific_files:
-            counts = set_counts(specific_files, args.json_keys, embedder, centroids, "--specific", progress)
-            weights = smooth_distribution(counts, args.smoothing, args.smoothing_mode)
-            meta = {"method": "importance", **common, "specific": [os.path.abspath(f) for f in specific_files],
-                    "num_docs": int(counts.sum()), "counts": counts.tolist(),
-                    "smoothing": smoothing_meta(args.smoothing, args.smoothing_mode)}
-            save_weights(args.output, names, weights, meta)
-            top = np.argsort(-weights)[:5]
-            logger.info("%d specific docs over %d domains -> %s; top: %s", counts.sum(), len(names), args.output,
-                        ", ".join(f"{names[i]}={weights[i]:.3f}" for i in top))
-        if basis_specs:
-            rows, set_meta = [], {}
-            for name, files in basis_specs:
-                c = set_counts(files, args.json_keys, embedder, centroids, f"--basis-sets {name}", progress)
-                rows.append(smooth_distribution(c, basis_eps, args.smoothing_mode))
-                set_meta[name] = {"files": [os.path.abspath(f) for f in files], "num_docs": int(c.sum()),
-                                  "num_nonzero_domains": int(np.count_nonzero(c))}
-            meta = {"method": "importance-basis", **common, "sets": set_meta,
-                    "smoothing": smoothing_meta(basis_eps, args.smoothing_mode)}
-            save_basis(args.basis_output, np.stack(rows), [n for n, _ in basis_specs], names, meta)
-            logger.info("basis %d x %d -> %s", len(rows), len(names), args.basis_output)
+        run(args)
     except DGAError as e:
         print(f"importance_weights: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run(args) -> None:
+    # Before any embedding: an unwritable or full destination fails now, in one line.
+    for path, flag in ((args.output, "--output"), (args.basis_output, "--basis-output")):
+        if path:
+            ensure_writable_parent(path, flag)
+    basis_eps = args.smoothing if args.basis_smoothing is None else args.basis_smoothing
+    # Validate smoothing before any expensive embedding.
+    smooth_distribution(np.ones(1), args.smoothing, args.smoothing_mode)
+    smooth_distribution(np.ones(1), basis_eps, args.smoothing_mode)
+    basis_sets = parse_basis_specs(args.basis_sets, args.basis_shards)
+    specific = None
+    if args.specific is not None or args.specific_shards is not None:
+        specific = DocumentSet("specific", "--specific" if args.specific else "--specific-shards",
+                               files=expand_jsonl_inputs(args.specific, flag="--specific") if args.specific else [],
+                               prefixes=list(args.specific_shards or []))
+    tokenizer = tokenizer_from_args(args)
+    if args.clusters:
+        space = load_cluster_space(args.clusters)
+    elif args.domain_map:
+        space = load_map_space(args.domain_map)
+    else:
+        space = load_labelled_space(args.labelled_domains, args.json_keys, args, tokenizer)
+    sets = ([specific] if specific else []) + basis_sets
+    check_conversions(sets, space, tokenizer)
+    open_shards(sets, space)
+    names = space.names
+    common = {**space.source, "embedding": space.embedder.kind, "json_keys": list(args.json_keys)}
+    if specific is not None:
+        counts = set_counts(specific, space, args, tokenizer)
+        weights = smooth_over(counts, args.smoothing, args.smoothing_mode, space.support)
+        meta = {"method": "importance", **common, "specific": specific.describe(), "num_docs": int(counts.sum()),
+                **counts_meta(counts), "smoothing": smoothing_meta(args.smoothing, args.smoothing_mode, space.support)}
+        save_weights(args.output, names, weights, meta)
+        top = np.argsort(-weights, kind="stable")[:5]
+        logger.info("%d specific docs over %d domains (%d hit) -> %s; top: %s", counts.sum(), len(names),
+                    np.count_nonzero(counts), args.output, ", ".join(f"{names[i]}={weights[i]:.3g}" for i in top))
+    if basis_sets:
+        rows, set_meta = [], {}
+        for s in basis_sets:
+            c = set_counts(s, space, args, tokenizer)
+            rows.append(smooth_over(c, basis_eps, args.smoothing_mode, space.support))
+            set_meta[s.name] = {**s.describe(), "num_docs": int(c.sum()),
+                                "num_nonzero_domains": int(np.count_nonzero(c))}
+        meta = {"method": "importance-basis", **common, "sets": set_meta,
+                "smoothing": smoothing_meta(basis_eps, args.smoothing_mode, space.support)}
+        matrix = basis_matrix(rows, args.basis_format)
+        save_basis(args.basis_output, matrix, [s.name for s in basis_sets], names, meta)
+        logger.info("basis %d x %d (%s) -> %s", len(rows), len(names),
+                    "dense" if isinstance(matrix, np.ndarray) else f"CSR, {matrix.nnz} nonzeros", args.basis_output)
 
 
 if __name__ == "__main__":

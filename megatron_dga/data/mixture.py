@@ -1,5 +1,8 @@
 """Torch glue: a map-style dataset keyed by ``(domain_id, sample_index)`` and step-wise loading.
 
+A source is one dataset (a megatron-core ``GPTDataset``), or one of the many sources a
+:class:`MultiSource` stands for (the K fine domains of a domain map, in one object).
+
 Sample *indices* are always computed in the main process by
 :class:`~megatron_dga.data.sampler.DynamicMixtureSampler`; DataLoader workers only read
 samples. So a weight change made by the trainer reaches the data without talking to
@@ -31,7 +34,7 @@ Two ways to load:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -40,45 +43,94 @@ from megatron_dga.data.sampler import DynamicMixtureSampler, check_batch_geometr
 from megatron_dga.errors import ConfigError, DataError
 
 
+class MultiSource:
+    """Many sources in one object, for when one dataset object per source would not scale.
+
+    A :class:`MixtureDataset` part is either one dataset (one source) or a ``MultiSource``
+    standing for ``len(num_samples)`` consecutive sources, e.g. the K = 262,144 fine domains of
+    a domain map (``megatron_dga.data.fine_domains.FineDomains``), with no per-source object.
+    Subclasses set :attr:`num_samples` and implement :meth:`get`.
+    """
+
+    num_samples: np.ndarray
+    """int64 (n,): samples of each source; zero is allowed (an empty source is never sampled)."""
+
+    def get(self, source: int, index: int) -> Dict[str, Any]:
+        """Sample ``index`` of local source ``source`` as a dict of tensors or arrays."""
+        raise NotImplementedError
+
+    def source_name(self, source: int) -> str:
+        """Name of local source ``source`` in error messages."""
+        return f"source {source}"
+
+    def source_path(self, source: int, index: int) -> Optional[str]:
+        """The shard prefix a sample was read from (named in errors), if known."""
+        return None
+
+
 class MixtureDataset(torch.utils.data.Dataset):
     """Map-style dataset over several sources, indexed by ``(domain_id, sample_index)``.
 
     Args:
-        domain_datasets: the k training domains (e.g. megatron-core ``GPTDataset`` s).
-        held_out_datasets: extra sources (the specific set, held-out evaluation sets)
-            with ids ``k, k+1, ...``, matching the sampler's ``held_out_sizes``.
+        domain_datasets: the training domains, in source-id order: datasets (e.g. megatron-core
+            ``GPTDataset`` s, one source each) and/or :class:`MultiSource` objects (``n``
+            consecutive sources each).
+        held_out_datasets: extra sources (the specific set, held-out evaluation sets), same
+            kinds, with the ids after the domains', matching the sampler's ``held_out_sizes``.
         vocab_size: when given, every batch collated through :meth:`load` or
             :class:`StepLoader` must hold token ids in ``[0, vocab_size)``
             (:meth:`check_token_ids`).
-        source_names: names of the sources in error messages (default ``source <id>``).
+        source_names: names of the sources in error messages: one per source, or a function of
+            the source id (default: a MultiSource's own names, else ``source <id>``).
 
     ``dataset[(d, i)]`` returns source d's sample i as a dict of tensors (numpy arrays
     are converted) with an extra ``domain_id`` (int64 scalar tensor).
     """
 
     def __init__(self, domain_datasets: Sequence[Any], held_out_datasets: Sequence[Any] = (),
-                 vocab_size: Optional[int] = None, source_names: Optional[Sequence[str]] = None) -> None:
-        if len(domain_datasets) == 0:
+                 vocab_size: Optional[int] = None,
+                 source_names: Optional[Union[Sequence[str], Callable[[int], str]]] = None) -> None:
+        self._parts = list(domain_datasets) + list(held_out_datasets)
+        counts = [len(p.num_samples) if isinstance(p, MultiSource) else 1 for p in self._parts]
+        self.num_domains = int(sum(counts[:len(domain_datasets)]))
+        if self.num_domains == 0:
             raise ConfigError("MixtureDataset needs at least one domain dataset")
-        self.sources = list(domain_datasets) + list(held_out_datasets)
-        self.num_domains = len(domain_datasets)
-        self.sizes = [len(s) for s in self.sources]
+        # Source id -> part: the first source id of every part (few parts, any number of sources).
+        self._part_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.sizes = np.concatenate([np.asarray(p.num_samples, dtype=np.int64) if isinstance(p, MultiSource)
+                                     else np.array([len(p)], dtype=np.int64) for p in self._parts])
         self.vocab_size = vocab_size
-        self.source_names = list(source_names) if source_names is not None else [
-            f"source {i}" for i in range(len(self.sources))]
-        if len(self.source_names) != len(self.sources):
-            raise ConfigError(f"{len(self.source_names)} source names for {len(self.sources)} sources")
+        self._names = source_names
+        if source_names is not None and not callable(source_names) and len(source_names) != len(self.sizes):
+            raise ConfigError(f"{len(source_names)} source names for {len(self.sizes)} sources")
+
+    @property
+    def num_sources(self) -> int:
+        """Training domains plus held-out sources."""
+        return int(self.sizes.size)
+
+    def _locate(self, source: int):
+        """(part, local source id) of a global source id."""
+        p = int(np.searchsorted(self._part_start, source, side="right")) - 1
+        return self._parts[p], source - int(self._part_start[p])
+
+    def source_name(self, source: int) -> str:
+        if self._names is not None:
+            return self._names(source) if callable(self._names) else self._names[source]
+        part, local = self._locate(source)
+        return part.source_name(local) if isinstance(part, MultiSource) else f"source {source}"
 
     def __len__(self) -> int:
-        return int(sum(self.sizes))
+        return int(self.sizes.sum())
 
     def __getitem__(self, key) -> Dict[str, torch.Tensor]:
         domain_id, sample_index = int(key[0]), int(key[1])
-        if not 0 <= domain_id < len(self.sources):
-            raise IndexError(f"domain id {domain_id} is outside [0, {len(self.sources)})")
+        if not 0 <= domain_id < self.num_sources:
+            raise IndexError(f"domain id {domain_id} is outside [0, {self.num_sources})")
         if not 0 <= sample_index < self.sizes[domain_id]:
             raise IndexError(f"sample {sample_index} is outside domain {domain_id} of size {self.sizes[domain_id]}")
-        sample = self.sources[domain_id][sample_index]
+        part, local = self._locate(domain_id)
+        sample = part.get(local, sample_index) if isinstance(part, MultiSource) else part[sample_index]
         out = {name: (torch.from_numpy(np.asarray(v)) if not isinstance(v, torch.Tensor) else v)
                for name, v in sample.items()}
         out["domain_id"] = torch.tensor(domain_id, dtype=torch.int64)
@@ -113,9 +165,11 @@ class MixtureDataset(torch.utils.data.Dataset):
             row = int(bad.reshape(len(ids), -1).any(dim=1).nonzero()[0])
             value = int(ids[row][bad[row]][0])
             source, sample = (int(x) for x in keys[row])
-            path = getattr(self.sources[source], "dataset_path", None)
+            part, local = self._locate(source)
+            path = (part.source_path(local, sample) if isinstance(part, MultiSource)
+                    else getattr(part, "dataset_path", None))
             raise DataError(
-                f"{self.source_names[source]}{f' ({path}.bin)' if path else ''}, sample {sample}: {name} hold id "
+                f"{self.source_name(source)}{f' ({path}.bin)' if path else ''}, sample {sample}: {name} hold id "
                 f"{value}, outside the vocabulary [0, {self.vocab_size}); the shard was tokenized with another "
                 "tokenizer: train with the one the shards were made with (--tokenizer-model/--vocab-file, or a "
                 "--vocab-size above the largest id for NullTokenizer), or re-run preprocessing with this one"

