@@ -2,8 +2,8 @@
 
 No torch.distributed here: the parallel layout comes in through ``ParallelContext``
 (megatron-core reads its own parallel_state, which ``platform.initialize`` set up).
-With pipeline parallelism each rank builds its stage (``build_stage_model``); megatron's
-schedules (``training/step.py``) connect the stages.
+With pipeline parallelism each rank builds its stage, with virtual pipeline stages its
+model chunks (``build_model_chunks``); megatron's schedules (``training/step.py``) connect them.
 
 ``GPTModelConfig`` holds Megatron-LM's model flags under their names and meanings (shape,
 Llama-style attention/MLP/RoPE, recomputation, precision, attention backend);
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import List, Literal, Optional, Tuple
 
 import torch
 
@@ -116,7 +116,8 @@ class GPTModelConfig:
     --recompute-num-layers layers of each stage and stores the rest."""
     recompute_num_layers: Optional[int] = None
     """Layers per recomputed chunk (uniform) or recomputed layers per stage (block)
-    (--recompute-num-layers), 1 to layers per pipeline stage; with --recompute-granularity full only."""
+    (--recompute-num-layers), 1 to layers per pipeline stage (per virtual stage with
+    --num-layers-per-virtual-pipeline-stage); with --recompute-granularity full only."""
     sequence_parallel: bool = False
     """Split norms, dropout and residuals along the sequence over the tensor-parallel ranks
     (--sequence-parallel). Needs transformer-engine layers (CUDA): megatron-core's local layer spec
@@ -281,8 +282,11 @@ class GPTModelConfig:
         multiple = self.make_vocab_size_divisible_by * tp_size
         return -(-self.vocab_size // multiple) * multiple
 
-    def check_parallel(self, tp_size: int, pp_size: int) -> None:
-        """Errors for layouts megatron-core would reject deep inside model construction."""
+    def check_parallel(self, tp_size: int, pp_size: int, vp_size: Optional[int] = None) -> None:
+        """Errors for layouts megatron-core would reject deep inside model construction.
+
+        ``vp_size``: model chunks per pipeline rank (virtual stages; None or 1 without them).
+        """
         if self.num_attention_heads % tp_size:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not divisible by "
@@ -301,11 +305,17 @@ class GPTModelConfig:
             raise ConfigError(
                 f"--num-layers {self.num_layers} is not divisible by --pipeline-model-parallel-size {pp_size}"
             )
-        per_stage = self.num_layers // pp_size
-        if self.recompute_num_layers is not None and self.recompute_num_layers > per_stage:
+        chunks = vp_size or 1
+        if self.num_layers % (pp_size * chunks):  # platform.ParallelConfig names the flag that set vp_size
+            raise ConfigError(f"--num-layers {self.num_layers} is not divisible by {pp_size} pipeline stages x "
+                              f"{chunks} virtual stages per rank; change --num-layers or the virtual pipeline flag")
+        # megatron-core recomputes within each model chunk (a pipeline stage, or a virtual stage).
+        per_chunk = self.num_layers // (pp_size * chunks)
+        if self.recompute_num_layers is not None and self.recompute_num_layers > per_chunk:
+            where = (f"pipeline stage (--num-layers {self.num_layers} / --pipeline-model-parallel-size {pp_size})"
+                     if chunks == 1 else f"virtual pipeline stage ({chunks} per pipeline rank)")
             raise ConfigError(
-                f"--recompute-num-layers {self.recompute_num_layers} exceeds the {per_stage} layers of each pipeline "
-                f"stage (--num-layers {self.num_layers} / --pipeline-model-parallel-size {pp_size})"
+                f"--recompute-num-layers {self.recompute_num_layers} exceeds the {per_chunk} layers of each {where}"
             )
 
     def check_machine(self, transformer_engine: bool) -> None:
@@ -373,7 +383,8 @@ def uses_transformer_engine(cfg: GPTModelConfig) -> bool:
     return transformer_engine_available() and cfg.effective_attention_backend != "local"
 
 
-def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int) -> dict:
+def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int,
+                                 vp_size: Optional[int] = None) -> dict:
     """Keyword arguments of megatron-core's TransformerConfig for ``cfg`` on this layout.
 
     One mapping for every machine: the GPU-only values (a transformer-engine attention backend,
@@ -385,7 +396,7 @@ def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.utils import openai_gelu
 
-    cfg.check_parallel(tp_size, pp_size)
+    cfg.check_parallel(tp_size, pp_size, vp_size)
     on_cpu = not torch.cuda.is_available()
     granularity = cfg.effective_recompute_granularity
     return dict(
@@ -413,6 +424,12 @@ def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int
         recompute_num_layers=cfg.recompute_num_layers,
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=pp_size,
+        virtual_pipeline_model_parallel_size=vp_size,
+        # Megatron-LM's defaults: the interleaved schedule overlaps its stage-to-stage sends and receives
+        # (--overlap-p2p-communication, needed at PP=2: two batched exchanges between the same two ranks
+        # could deadlock), the plain 1F1B schedule batches them.
+        overlap_p2p_comm=vp_size is not None,
+        batch_p2p_comm=vp_size is None,
         # Megatron-LM turns sequence parallelism off at TP=1 (it would only change numerics).
         sequence_parallel=cfg.sequence_parallel and tp_size > 1,
         pipeline_dtype=cfg.params_dtype,
@@ -432,7 +449,7 @@ def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int
     )
 
 
-def build_transformer_config(cfg: GPTModelConfig, tp_size: int, pp_size: int):
+def build_transformer_config(cfg: GPTModelConfig, tp_size: int, pp_size: int, vp_size: Optional[int] = None):
     """The megatron-core TransformerConfig for ``cfg`` on this layout (refusing what this machine cannot run)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -440,7 +457,7 @@ def build_transformer_config(cfg: GPTModelConfig, tp_size: int, pp_size: int):
     if cfg.sequence_parallel and tp_size == 1:
         logger.warning("--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
                        "running without it (as Megatron does)")
-    return TransformerConfig(**transformer_config_arguments(cfg, tp_size, pp_size))
+    return TransformerConfig(**transformer_config_arguments(cfg, tp_size, pp_size, vp_size))
 
 
 def layer_spec_arguments(cfg: GPTModelConfig, use_transformer_engine: bool) -> dict:
@@ -465,7 +482,8 @@ def layer_spec_for(cfg: GPTModelConfig, use_transformer_engine: bool):
 
 def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, pre_process: bool = True,
                     post_process: bool = True, initialize: bool = True,
-                    use_transformer_engine: Optional[bool] = None):
+                    use_transformer_engine: Optional[bool] = None, vp_stage: Optional[int] = None,
+                    config=None):
     """Build this rank's part of the GPT (its TP slice and PP stage), on the current device.
 
     Args:
@@ -478,12 +496,17 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
         use_transformer_engine: transformer-engine layers (None: where they run, see
             :func:`uses_transformer_engine`); False builds megatron-core's local layers anywhere
             (checkpoint converters map their parameter names; checkpoints are the same for both).
+        vp_stage: this chunk's virtual pipeline stage (megatron-core builds its layers and numbers them
+            globally from it), None without virtual stages.
+        config: the TransformerConfig to build with (one object shared by a rank's chunks, as in
+            Megatron: the schedule reads its hooks from the first chunk's); None builds it for ``cfg``.
     """
     import dataclasses
 
     from megatron.core.models.gpt import GPTModel
 
-    config = build_transformer_config(cfg, tp_size, pp_size)
+    if config is None:
+        config = build_transformer_config(cfg, tp_size, pp_size)
     if not initialize:
         config = dataclasses.replace(config, perform_initialization=False)
     if use_transformer_engine is None:
@@ -498,6 +521,7 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
         post_process=post_process,
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
+        vp_stage=vp_stage,
         **rope_arguments(cfg),
     )
     if torch.cuda.is_available():
@@ -531,45 +555,81 @@ def unwrap(model):
 
 
 def build_stage_model(cfg: GPTModelConfig, ctx):
-    """This rank's pipeline stage of the GPT (its TP slice); bf16/fp16 models wrapped like Megatron's.
+    """This rank's pipeline stage of the GPT (its TP slice) as one model; see :func:`build_model_chunks`.
+
+    Returns:
+        (core, module) of the rank's only chunk.
+
+    Raises:
+        RuntimeError: with virtual pipeline stages (each rank holds several chunks).
+    """
+    chunks = build_model_chunks(cfg, ctx)
+    if len(chunks) != 1:
+        raise RuntimeError(f"this rank holds {len(chunks)} model chunks (virtual pipeline stages); "
+                           "use build_model_chunks")
+    return chunks[0]
+
+
+def build_model_chunks(cfg: GPTModelConfig, ctx) -> List[Tuple[object, object]]:
+    """This rank's model chunks: one per virtual pipeline stage (``ctx.vp_size``), one without them.
+
+    As Megatron's ``get_model``: chunk ``i`` of pipeline rank ``r`` holds the layers of virtual stage
+    ``i * pp_size + r``; only chunk 0 of the first rank embeds and only the last chunk of the last rank
+    holds the output layer and loss. All chunks share one TransformerConfig.
 
     Args:
         cfg: model shape.
-        ctx: the ``platform.ParallelContext`` (tp/pp sizes, this rank's stage).
+        ctx: the ``platform.ParallelContext`` (tp/pp/vp sizes, this rank's stage).
 
     Returns:
-        (core, module): the megatron ``GPTModel`` (state dicts, parameters) and the module to
-        wrap in DDP: the core itself in fp32, megatron's ``Float16Module`` around it with
-        --bf16 or --fp16 (it casts the first stage's inputs to bf16/fp16 and the last stage's
-        output back to fp32, as in Megatron's ``get_model``).
+        [(core, module)] in virtual-stage order: the megatron ``GPTModel`` (state dicts, parameters) and
+        the module to wrap in DDP: the core itself in fp32, megatron's ``Float16Module`` around it with
+        --bf16 or --fp16 (it casts the first stage's inputs to bf16/fp16 and the last stage's output
+        back to fp32, as in Megatron's ``get_model``).
     """
     from megatron_dga import platform
 
-    # GPTModelConfig.check_parallel (inside build_gpt_model) rejects layers not divisible by stages.
-    # With several stages megatron's LanguageModule moves the tied embedding to CUDA to
-    # all-reduce it between the first and last stage at construction.
-    with platform.megatron_cuda_calls_on_cpu():
-        core = build_gpt_model(cfg, ctx.tp_size, ctx.pp_size, pre_process=ctx.is_first_stage,
-                               post_process=ctx.is_last_stage)
-    if core.config.sequence_parallel and ctx.pp_size > 1:
+    vp = ctx.vp_size if ctx.vp_size > 1 else None
+    config = build_transformer_config(cfg, ctx.tp_size, ctx.pp_size, vp)
+    if config.sequence_parallel and ctx.pp_size > 1:
         raise ConfigError(f"--sequence-parallel with --pipeline-model-parallel-size {ctx.pp_size} is not supported "
                           "here (the schedule's stage-to-stage shapes assume whole sequences); "
                           "drop --sequence-parallel")
+    chunks = []
+    for stage in range(ctx.vp_size):
+        # With several stages megatron's LanguageModule moves the tied embedding to CUDA to
+        # all-reduce it between the first and last stage at construction.
+        with platform.megatron_cuda_calls_on_cpu():
+            core = build_gpt_model(cfg, ctx.tp_size, ctx.pp_size, config=config, vp_stage=stage if vp else None,
+                                   pre_process=ctx.is_first_stage and stage == 0,
+                                   post_process=ctx.is_last_stage and stage == ctx.vp_size - 1)
+        chunks.append((core, _precision_wrapper(cfg, core)))
+    return chunks
+
+
+def _precision_wrapper(cfg: GPTModelConfig, core):
+    """The module DDP wraps: megatron's ``Float16Module`` around ``core`` with --bf16/--fp16, else ``core``."""
     if not (cfg.bf16 or cfg.fp16):
-        return core, core
+        return core
     from megatron.core.transformer.module import Float16Module
 
-    return core, Float16Module(core.config, core)
+    return Float16Module(core.config, core)
 
 
 def global_parameter_names(model) -> dict:
-    """This stage's parameters under the names they have in the unsplit (one-stage) model.
+    """This rank's parameters under the names they have in the unsplit (one-stage) model.
 
-    Megatron numbers a stage's layers from 0 in its module names; the global index comes
-    from each layer's ``layer_number`` (1-based, offset by the stage). The last stage's
-    tied copy of the word embedding (``output_layer.weight`` marked ``shared``) is left
-    out: the first stage owns ``embedding.word_embeddings.weight``.
+    ``model``: a model, or the list of this rank's model chunks (virtual pipeline stages).
+    Megatron numbers a chunk's layers from 0 in its module names; the global index comes
+    from each layer's ``layer_number`` (1-based, offset by the pipeline and virtual stage). The
+    last stage's tied copy of the word embedding (``output_layer.weight`` marked ``shared``) is
+    left out: the first stage owns ``embedding.word_embeddings.weight``.
     """
+    if isinstance(model, (list, tuple)):
+        named = {}
+        for chunk in model:
+            named.update(global_parameter_names(chunk))
+        return named
     core = unwrap(model)
     layers = getattr(getattr(core, "decoder", None), "layers", [])
     offsets = {f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}." for i, layer in enumerate(layers)}

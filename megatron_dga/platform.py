@@ -42,19 +42,119 @@ class ParallelConfig:
     """Pipeline stages the layers are split over (--pipeline-model-parallel-size)."""
     backend: Optional[str] = None
     """torch.distributed backend; None picks nccl when CUDA is available, else gloo."""
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """Transformer layers per virtual pipeline stage (--num-layers-per-virtual-pipeline-stage): each
+    pipeline rank holds (layers / pipeline stages) / this many model chunks and megatron-core's
+    interleaved 1F1B schedule runs them (a smaller pipeline bubble, more stage-to-stage traffic).
+    Needs --pipeline-model-parallel-size >= 2; --num-layers must be divisible by pipeline size x
+    this; the micro-batches per step (global batch / (micro batch x data-parallel size)) must be a
+    multiple of the pipeline size. Not with --num-virtual-stages-per-pipeline-rank."""
+    num_virtual_stages_per_pipeline_rank: Optional[int] = None
+    """Model chunks per pipeline rank (--num-virtual-stages-per-pipeline-rank, Megatron's newer
+    spelling of the same choice): --num-layers must be divisible by pipeline size x this. Not with
+    --num-layers-per-virtual-pipeline-stage."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Derived, not a flag: model chunks per pipeline rank (megatron-core's name), None without
+    virtual stages (also when the flags give one chunk per rank, as in Megatron). Set by
+    :meth:`resolve_virtual_pipeline`."""
+    context_parallel_size: int = 1
+    """Ranks each sequence is split over (--context-parallel-size). Only 1 runs here: megatron-core's
+    local attention supports no context parallelism (transformer-engine's attention does, on GPU), and
+    this trainer does not split sequences or reduce losses over context-parallel ranks yet."""
     seed: int = 1234
     """Base random seed (--seed). Pipeline stages offset it the way Megatron does."""
     timeout_minutes: int = 30
     """Collective timeout; raise it for very slow first steps (compilation, huge checkpoints)."""
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        for name in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.backend not in (None, "nccl", "gloo"):
             raise ConfigError(f"backend must be 'nccl', 'gloo' or None (auto), got {self.backend!r}")
+        self._check_virtual_pipeline_flags()
+        if self.num_virtual_stages_per_pipeline_rank is not None and self.virtual_pipeline_model_parallel_size is None:
+            # Known without the model shape (resolve_virtual_pipeline checks --num-layers against it).
+            vp = self.num_virtual_stages_per_pipeline_rank
+            self.virtual_pipeline_model_parallel_size = vp if vp > 1 else None
+
+    def _virtual_pipeline_flag(self) -> Optional[str]:
+        """The virtual-pipeline flag given, with its value (None when neither is)."""
+        for name in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"):
+            if getattr(self, name) is not None:
+                return f"--{name.replace('_', '-')} {getattr(self, name)}"
+        return None
+
+    def _check_virtual_pipeline_flags(self) -> None:
+        """Megatron's rules for virtual stages that need no model shape (see resolve_virtual_pipeline)."""
+        flag = self._virtual_pipeline_flag()
+        if flag is None:
+            return
+        if (self.num_layers_per_virtual_pipeline_stage is not None
+                and self.num_virtual_stages_per_pipeline_rank is not None):
+            raise ConfigError(
+                f"--num-layers-per-virtual-pipeline-stage {self.num_layers_per_virtual_pipeline_stage} and "
+                f"--num-virtual-stages-per-pipeline-rank {self.num_virtual_stages_per_pipeline_rank} both set the "
+                "virtual pipeline stages (Megatron takes one of them); keep one"
+            )
+        if self.pipeline_model_parallel_size < 2:
+            raise ConfigError(
+                f"{flag} interleaves the stages of a pipeline, and --pipeline-model-parallel-size is "
+                f"{self.pipeline_model_parallel_size}; add --pipeline-model-parallel-size 2 (or more) or drop {flag}"
+            )
+
+    def resolve_virtual_pipeline(self, num_layers: int) -> None:
+        """Set ``virtual_pipeline_model_parallel_size`` from the flags and --num-layers (Megatron's rules).
+
+        Raises:
+            ConfigError: --num-layers is not divisible by pipeline size x layers per virtual stage (or x
+                virtual stages per rank).
+        """
+        flag = self._virtual_pipeline_flag()
+        if flag is None:
+            self.virtual_pipeline_model_parallel_size = None
+            return
+        pp = self.pipeline_model_parallel_size
+        per_chunk = self.num_layers_per_virtual_pipeline_stage
+        chunks = self.num_virtual_stages_per_pipeline_rank
+        divisor = pp * (per_chunk or chunks)
+        if num_layers % divisor:
+            what = "layers per virtual stage" if per_chunk else "virtual stages per rank"
+            raise ConfigError(
+                f"--num-layers {num_layers} is not divisible by --pipeline-model-parallel-size {pp} x {flag} = "
+                f"{divisor} ({what}); use a --num-layers that is a multiple of {divisor}, or another {flag.split()[0]}"
+            )
+        vp = chunks if chunks else num_layers // pp // per_chunk
+        # As Megatron: one chunk per rank is the plain (non-interleaved) schedule.
+        self.virtual_pipeline_model_parallel_size = vp if vp > 1 else None
+
+    def check_context_parallel(self, transformer_engine: bool) -> None:
+        """ConfigError for --context-parallel-size > 1, naming why here (see the field's docstring).
+
+        Args:
+            transformer_engine: transformer-engine layers can run here (``model.transformer_engine_available()``).
+        """
+        cp = self.context_parallel_size
+        if cp == 1:
+            return
+        trainer_gap = ("this trainer does not split sequences over context-parallel ranks yet (megatron-core's CP "
+                       "process groups, get_batch_on_this_cp_rank's sequence slicing and the loss all-reduce over "
+                       "CP ranks are not wired)")
+        if not transformer_engine:
+            here = ("this machine has no CUDA GPU" if not torch.cuda.is_available()
+                    else "transformer-engine is not installed")
+            raise ConfigError(
+                f"--context-parallel-size {cp} needs Transformer Engine's attention (megatron-core's local "
+                f"DotProductAttention supports only 1), and {here}; besides, {trainer_gap}; use "
+                "--context-parallel-size 1"
+            )
+        raise ConfigError(f"--context-parallel-size {cp}: {trainer_gap}; use --context-parallel-size 1")
 
 
 @dataclass(frozen=True)
@@ -98,6 +198,8 @@ class ParallelContext:
     backend: str
     groups: Optional[ProcessGroups] = None
     """This rank's process groups (set by :func:`initialize`)."""
+    vp_size: int = 1
+    """Model chunks on this rank: virtual pipeline stages (megatron-core's interleaved schedule), else 1."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -118,8 +220,9 @@ class ParallelContext:
         return f"mp_rank_{self.tp_rank:02d}_{self.pp_rank:03d}"
 
     def describe(self) -> str:
+        vp = f", {self.vp_size} virtual stages per pp rank" if self.vp_size > 1 else ""
         return (
-            f"world={self.world_size} (tp={self.tp_size} x pp={self.pp_size} x dp={self.dp_size}) "
+            f"world={self.world_size} (tp={self.tp_size} x pp={self.pp_size} x dp={self.dp_size}{vp}) "
             f"backend={self.backend} device={self.device}"
         )
 
@@ -238,6 +341,9 @@ def initialize(config: ParallelConfig) -> ParallelContext:
     if backend == "nccl" and not use_cuda:
         raise ConfigError("backend 'nccl' needs CUDA, and no GPU is visible; use gloo (the default on CPU)")
 
+    from megatron_dga.model import transformer_engine_available
+
+    config.check_context_parallel(transformer_engine_available())  # also for callers without PretrainConfig
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -280,6 +386,8 @@ def initialize(config: ParallelConfig) -> ParallelContext:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        # Megatron's get_forward_backward_func picks the interleaved schedule from this.
+        virtual_pipeline_model_parallel_size=config.virtual_pipeline_model_parallel_size,
         distributed_timeout_minutes=config.timeout_minutes,
         # megatron-core's optimizer factory asks for its gloo side groups on CPU and GPU alike
         # (the distributed optimizer's checkpointing uses them); on CPU they duplicate the main ones.
@@ -297,6 +405,7 @@ def initialize(config: ParallelConfig) -> ParallelContext:
         dp_size=parallel_state.get_data_parallel_world_size(),
         device=device,
         backend=backend,
+        vp_size=config.virtual_pipeline_model_parallel_size or 1,
         groups=ProcessGroups(
             dp=parallel_state.get_data_parallel_group(),
             tp=parallel_state.get_tensor_model_parallel_group(),

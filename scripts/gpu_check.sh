@@ -61,7 +61,7 @@ fi
 log "build: $BUILD"
 
 # --- 2. every GPU-marked test (CUDA ops vs float64, TE/bf16/fp32 trainer, distributed optimizer, resume,
-#        a Llama-style model on flash attention with recomputation)
+#        a Llama-style model on flash attention with recomputation, the --context-parallel-size refusal's reason)
 log "GPU tests"
 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider --timeout=600 --junitxml="$OUT/gpu_tests.xml" \
     tests/test_ops.py tests/test_checkpoint.py tests/test_gpu_training.py >"$OUT/gpu_tests.log" 2>&1

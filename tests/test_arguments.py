@@ -37,7 +37,8 @@ def test_every_config_field_has_a_documented_flag():
                  "--recompute-num-layers", "--sequence-parallel", "--fp16", "--loss-scale", "--initial-loss-scale",
                  "--min-loss-scale", "--loss-scale-window", "--hysteresis", "--use-flash-attn", "--attention-backend",
                  "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "--wandb-project",
-                 "--wandb-exp-name", "--wandb-save-dir"):
+                 "--wandb-exp-name", "--wandb-save-dir", "--num-layers-per-virtual-pipeline-stage",
+                 "--num-virtual-stages-per-pipeline-rank", "--context-parallel-size"):
         assert helps.get(flag), f"{flag} missing or undocumented"
 
 
@@ -184,11 +185,16 @@ CPU_REFUSED = [
     (["--sequence-parallel", "--tensor-model-parallel-size", "2"],
      "--sequence-parallel needs transformer-engine layers on a CUDA GPU: megatron-core's local layer spec builds "
      "torch norms, which do not support it; this machine has no CUDA GPU; drop --sequence-parallel"),
+    (["--context-parallel-size", "2"],
+     "--context-parallel-size 2 needs Transformer Engine's attention (megatron-core's local DotProductAttention "
+     "supports only 1), and this machine has no CUDA GPU; besides, this trainer does not split sequences over "
+     "context-parallel ranks yet"),
 ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="these flags run where CUDA (and transformer-engine) is")
-@pytest.mark.parametrize("argv, message", CPU_REFUSED, ids=["use-flash-attn", "attention-backend", "sequence-parallel"])
+@pytest.mark.parametrize("argv, message", CPU_REFUSED, ids=["use-flash-attn", "attention-backend", "sequence-parallel",
+                                                        "context-parallel-size"])
 def test_flags_this_machine_cannot_run_exit_2_with_one_line(capsys, argv, message):
     from megatron_dga.pretrain_gpt import main
 

@@ -112,3 +112,18 @@ def test_llama_style_flash_attention_with_recompute(shards, tmp_path):
     _learns(flash)
     _, unfused = _run(shards, tmp_path / "unfused", extra + ["--attention-backend", "unfused"])
     np.testing.assert_allclose(_losses(flash), _losses(unfused), rtol=2e-2)
+
+
+def test_context_parallel_is_refused_naming_why():
+    """--context-parallel-size > 1 is refused on GPU too (the trainer does not split sequences over
+    context-parallel ranks yet); only without transformer-engine does the message also name its
+    attention (CPU CI checks that wording in tests/test_arguments.py)."""
+    from megatron_dga.errors import ConfigError
+    from megatron_dga.model import transformer_engine_available
+    from megatron_dga.training.arguments import parse_args
+
+    with pytest.raises(ConfigError) as exc:
+        parse_args(["--data-path", "a_text_document", "--context-parallel-size", "2"])
+    message = str(exc.value)
+    assert "does not split sequences over context-parallel ranks yet" in message
+    assert ("needs Transformer Engine's attention" in message) != transformer_engine_available()

@@ -178,3 +178,74 @@ def test_every_collective_goes_through_the_comm_module():
                 if isinstance(node.value, ast.Name) and node.value.id == "torch":
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert offenders == []
+
+
+def test_virtual_pipeline_calls_bind():
+    """Virtual pipeline stages (--num-layers-per-virtual-pipeline-stage): the megatron-core calls
+    model.build_model_chunks, platform.initialize, the trainer and step.forward_backward make
+    (tests/test_virtual_pipeline.py runs them over gloo; this binds them against any megatron-core)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_dga.model import GPTModelConfig, transformer_config_arguments
+    from megatron_dga.training.step import microbatch_group_size
+
+    inspect.signature(parallel_state.initialize_model_parallel).bind(
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
+        distributed_timeout_minutes=30, create_gloo_process_groups=True)
+    inspect.signature(GPTModel).bind(config=None, transformer_layer_spec=None, vocab_size=64, max_sequence_length=8,
+                                     pre_process=True, post_process=False, vp_stage=1)
+    inspect.signature(DistributedDataParallel).bind(object(), DistributedDataParallelConfig(), object(),
+                                                    disable_bucketing=True)
+    # get_forward_backward_func picks the interleaved schedule from parallel_state's virtual size.
+    interleaved = schedules.forward_backward_pipelining_with_interleaving
+    assert schedules.get_forward_backward_func(pp_size=2, vp_size=2) is interleaved
+    # Our TransformerConfig for 2 chunks per rank: Megatron's p2p settings for the interleaved schedule.
+    kwargs = transformer_config_arguments(GPTModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4), 1, 2, 2)
+    config = TransformerConfig(**kwargs)
+    p2p = (config.virtual_pipeline_model_parallel_size, config.overlap_p2p_comm, config.batch_p2p_comm)
+    assert p2p == (2, True, False)
+    assert config.microbatch_group_size_per_vp_stage == 2  # megatron's default: PP, which training steps fill
+    # The schedule's rules that step.microbatch_group_size and step._pad_for_interleaving satisfy.
+    source = inspect.getsource(schedules.forward_backward_pipelining_with_interleaving)
+    assert "config.microbatch_group_size_per_vp_stage > num_microbatches" in source
+    assert "num_microbatches % config.microbatch_group_size_per_vp_stage" in source
+    assert "data_iterator, list" in source  # one iterator per chunk
+    for pp in (2, 3, 4):
+        for m in range(pp, 13):
+            group = microbatch_group_size(m, pp)
+            assert pp <= group <= m and (m % group == 0 or m % group >= pp), (m, pp, group)
+        assert microbatch_group_size(2 * pp, pp) == pp
+
+
+def test_context_parallel_needs_transformer_engine_attention():
+    """--context-parallel-size > 1 is refused without transformer-engine (GPTModelConfig/ParallelConfig)
+    because megatron-core's local layer spec attends with DotProductAttention, which refuses CP > 1."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_dga.model import GPTModelConfig, layer_spec_arguments
+
+    spec = get_gpt_layer_local_spec(**layer_spec_arguments(GPTModelConfig(), False))
+    assert spec.submodules.self_attention.submodules.core_attention is DotProductAttention
+    config = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, context_parallel_size=2)
+    with pytest.raises(AssertionError, match="only supported by TEDotProductAttention"):
+        DotProductAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+
+
+def test_fine_domain_sample_and_shard_calls_bind():
+    """fine_domains builds samples with megatron's mask/position function and reads shards with
+    IndexedDataset.get; mock.write_packed_shard writes the index with megatron's _IndexWriter."""
+    from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, _IndexWriter
+
+    inspect.signature(_get_ltor_masks_and_position_ids).bind(torch.zeros(4, dtype=torch.long), 3, False, False,
+                                                             False, False)
+    inspect.signature(IndexedDataset.get).bind(object(), 0, offset=0, length=4)
+    inspect.signature(_IndexWriter).bind("x.idx", object())
+    inspect.signature(_IndexWriter.write).bind(object(), [4], None, [0, 1])

@@ -36,7 +36,8 @@ SECTIONS = {
     "mixing": MixingConfig,
 }
 # Fields that are derived, not user flags.
-_NOT_FLAGS = {("model", "vocab_size"), ("mixing", "static_weights")}
+_NOT_FLAGS = {("model", "vocab_size"), ("mixing", "static_weights"),
+              ("parallel", "virtual_pipeline_model_parallel_size")}
 # Megatron's spelling where it differs from the field name.
 _FLAG_NAMES = {("parallel", "backend"): "distributed-backend"}
 

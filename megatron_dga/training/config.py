@@ -65,6 +65,12 @@ class DataConfig:
 
     data_path: List[str] = field(default_factory=list)
     """Megatron's --data-path: `W1 P1 W2 P2 ...` or plain shard prefixes (one per domain)."""
+    domain_map: Optional[str] = None
+    """--domain-map FILE: a fine-domain map (written by tools/cluster_domains.py --input-shards ... --output-map
+    FILE) giving every document of the --data-path shards its fine domain. Each fine domain (the map's K, up to
+    hundreds of thousands) is then a training domain, its samples packed from its own documents only, and
+    --split applies per fine domain. --data-path must list exactly the map's shards (any order) as plain
+    prefixes: the map defines the domains. See megatron_dga/data/README.md, "Fine domains from a map"."""
     data_args_path: Optional[str] = None
     """--data-args-path FILE: a file holding the --data-path value (Megatron's format: `W1 P1 W2 P2 ...`
     or prefixes, separated by any whitespace), for mixtures too long for a command line."""
@@ -121,7 +127,36 @@ class DataConfig:
             raise ConfigError(f"--domain-token-limit values must be >= 0 (0 = unlimited), got {self.domain_token_limit}")
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.domain_map is not None:
+            self._check_domain_map()
 
+
+    def _check_domain_map(self) -> None:
+        """--domain-map needs the map's shards as plain --data-path prefixes; the flags it replaces are errors."""
+        import os
+
+        where = f"--domain-map {self.domain_map}"
+        if self.mock_data:
+            raise ConfigError(f"{where} with --mock-data: the mock shards are written at start-up and no map fits them; "
+                              "give the map's shards with --data-path, or drop --domain-map")
+        if not os.path.isfile(self.domain_map):
+            raise ConfigError(f"{where}: no such file; write one with tools/cluster_domains.py --input-shards PREFIX "
+                              "[PREFIX ...] --output-map FILE")
+        if parse_data_path(self.data_path)[2] is not None:
+            raise ConfigError(
+                f"{where} with weights in --data-path: the map defines the domains (its fine domains, not the shards), "
+                "so shard weights cannot apply; give the shards as plain prefixes, and static weights over the fine "
+                "domains as a weights file (--mixing importance --importance-weights FILE, or --mixing dga "
+                "--dga-init FILE)")
+        if self.per_split_data_args_path and self.per_split_valid_prefixes is not None:
+            raise ConfigError(
+                f"{where} with --per-split-data-args-path {self.per_split_data_args_path} giving \"valid\" shards: "
+                "the map covers the training shards only, so their fine domains have no held-out shards; use "
+                "--data-path with --split (applied per fine domain), or set \"valid\" to []")
+        if self.domain_token_limit and len(self.domain_token_limit) > 1:
+            raise ConfigError(
+                f"{where} with {len(self.domain_token_limit)} --domain-token-limit values: with a map give one value, "
+                "applied to every fine domain")
 
     def _resolve_data_source(self) -> None:
         """Exactly one source of training data; a data-args file's value becomes data_path.
@@ -506,8 +541,16 @@ class LoggingConfig:
     wandb_save_dir: Optional[str] = None
     """Directory W&B writes its wandb/ folder of run files into (--wandb-save-dir); default the log
     directory. Checked writable at start-up. Needs --wandb-project."""
+    log_domains_limit: int = 64
+    """--log-domains-limit N: per-domain lists (weights, samples, epochs, alignments, eval losses) longer than
+    N are logged as a summary instead of one value per domain: metrics.jsonl gets the entropy, the effective
+    number of domains exp(H), the 10 largest entries by name, the count of non-zero entries and, with a
+    hierarchical domain map, the mass per top-level cluster; TensorBoard and W&B get summary scalars only
+    (e.g. mixing/weight_entropy, mixing/weight_top1). Keeps logs readable with thousands of fine domains."""
 
     def __post_init__(self):
+        if not isinstance(self.log_domains_limit, int) or self.log_domains_limit < 1:
+            raise ConfigError(f"--log-domains-limit must be a positive integer, got {self.log_domains_limit!r}")
         if not self.wandb_project:
             _refuse_without({k: v for k, v in (("wandb_exp_name", self.wandb_exp_name),
                                                 ("wandb_save_dir", self.wandb_save_dir)) if v},
@@ -676,6 +719,10 @@ class MixingConfig:
         self.dga_init = self.dga_init or "uniform"
 
 
+DGA_MAX_DIRECT_DOMAINS = 256
+"""Most domains --mixing dga probes one by one; beyond, --dga-basis is required (each update probes every domain)."""
+
+
 @dataclass
 class PretrainConfig:
     """Everything one pretraining job needs."""
@@ -699,12 +746,15 @@ class PretrainConfig:
             )
         # A malformed --data-path fails here, before anything is built; its weights settle --mixing.
         # (--mock-data has no weights: its domains are written at start-up.)
+        if self.data.domain_map is not None:  # before --data-path weights settle --mixing: a map has none
+            self._check_mixing_over_map()
         self.mixing.resolve_data_path_weights(parse_data_path(self.data.data_path)[2] if self.data.data_path else None)
         if self.data.mock_data and self.data.data_cache_path:
             raise ConfigError(f"--data-cache-path {self.data.data_cache_path} with --mock-data: the mock shards are "
                               "written to a new temporary directory every run, so their cached indices would never "
                               "be read again; drop --data-cache-path")
         self._check_schedule_units()
+        self.parallel.resolve_virtual_pipeline(self.model.num_layers)
         self._check_model_flags()
         sched = self.schedule
         if not self.checkpoint.save:
@@ -726,6 +776,24 @@ class PretrainConfig:
                 "holds Adam's second moments for its own shard only; use --dga-preconditioner none or drop "
                 "--use-distributed-optimizer"
             )
+
+    def _check_mixing_over_map(self) -> None:
+        """Mixings that cannot work over a map's fine domains fail before any data is read."""
+        mixing, path = self.mixing, self.data.domain_map
+        if mixing.mixing == "static":
+            raise ConfigError(f"--mixing static with --domain-map {path}: static weights over the fine domains come "
+                              "from a weights file: use --mixing importance --importance-weights FILE (written by "
+                              f"tools/importance_weights.py --domain-map {path})")
+        if mixing.mixing == "dga" and not mixing.dga_basis:
+            from megatron_dga.data.domain_map import read_domain_map
+
+            k = read_domain_map(path).num_domains
+            if k > DGA_MAX_DIRECT_DOMAINS:
+                raise ConfigError(
+                    f"--mixing dga over the {k} fine domains of --domain-map {path} would probe every domain at every "
+                    f"update ({k} probe batches; at most {DGA_MAX_DIRECT_DOMAINS} without a basis): reweight N basis "
+                    f"distributions instead: tools/importance_weights.py --domain-map {path} --basis-sets ... "
+                    "--basis-output basis.npz, then --dga-basis basis.npz")
 
     def _check_schedule_units(self) -> None:
         """Megatron's rule: a run counts iterations or samples, and its LR flags count the same."""
@@ -750,6 +818,7 @@ class PretrainConfig:
 
         model = self.model
         model.check_machine(transformer_engine_available())
+        self.parallel.check_context_parallel(transformer_engine_available())
         if not model.fp16:
             _refuse_without({k: getattr(self.optimizer, k) for k in LOSS_SCALE_FLAGS
                              if getattr(self.optimizer, k) is not None},

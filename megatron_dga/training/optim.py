@@ -129,7 +129,8 @@ def scheduler_arguments(cfg: OptimizerConfig, schedule: ScheduleConfig) -> dict:
 
 
 class Optimizer:
-    """megatron-core's optimizer + OptimizerParamScheduler for one DDP-wrapped model.
+    """megatron-core's optimizer + OptimizerParamScheduler for one DDP-wrapped model (or this rank's
+    DDP-wrapped model chunks, with virtual pipeline stages: one optimizer over all of them, as in Megatron).
 
     The trainer calls ``zero_grad()`` before every forward/backward (megatron's
     FP32Optimizer leaves ``param.grad`` aliased to ``main_grad`` after a step; without
@@ -143,7 +144,8 @@ class Optimizer:
 
         self.cfg = cfg
         with platform.megatron_cuda_calls_on_cpu():
-            self.inner = get_megatron_optimizer(megatron_optimizer_config(cfg, bf16=bf16, fp16=fp16), [ddp_model])
+            chunks = list(ddp_model) if isinstance(ddp_model, (list, tuple)) else [ddp_model]
+            self.inner = get_megatron_optimizer(megatron_optimizer_config(cfg, bf16=bf16, fp16=fp16), chunks)
             self.scheduler = OptimizerParamScheduler(self.inner, **scheduler_arguments(cfg, schedule))
 
     @property

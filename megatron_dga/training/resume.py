@@ -5,7 +5,9 @@ written by every rank through ``dist_checkpointing`` and resharded on load, so a
 saved with (TP, PP, DP) resumes with (TP', PP', DP') (the distributed optimizer's state:
 only DP' unless saved with --dist-ckpt-optim-fully-reshardable, see ``dist_ckpt_metadata``):
 
-    model                 GPTModel.sharded_state_dict()           ShardedTensors (resharded)
+    model                 GPTModel.sharded_state_dict()           ShardedTensors (resharded);
+                          (model0, model1, ... per virtual         keyed by global layer number, so
+                          pipeline stage, as in Megatron)          the chunk split may change too
     optimizer             MegatronOptimizer.sharded_state_dict()   resharded; the distributed
                                                                    optimizer's 'dp_reshardable'
                                                                    (DP only) or
@@ -30,7 +32,7 @@ but the RNG states. With torch_dist the parts not loaded are left out of the sha
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from megatron_dga.errors import ConfigError
 from megatron_dga.training import checkpoint as ckpt
@@ -87,6 +89,8 @@ def job_facts(trainer) -> Dict[str, object]:
         "seq_length": model.seq_length,
         "use_distributed_optimizer": trainer.cfg.optimizer.use_distributed_optimizer,
         "distrib_optim_sharding_type": optimizer_sharding_type(trainer.cfg),
+        # The distributed optimizer's dp_reshardable state is laid out per chunk's grad buffer.
+        "virtual_pipeline_stages": trainer.cfg.parallel.virtual_pipeline_model_parallel_size or 1,
     }
 
 
@@ -199,15 +203,47 @@ def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True, with_opti
     ctx = trainer.ctx
     metadata = dist_ckpt_metadata(sharding_type or optimizer_sharding_type(trainer.cfg),
                                   trainer.cfg.checkpoint.distrib_optim_fully_reshardable_mem_efficient)
-    model_sd = trainer.model.sharded_state_dict(metadata=metadata)
-    state = {"model": model_sd}
+    state = model_state_dicts(trainer.chunks, lambda chunk: chunk.sharded_state_dict(metadata=metadata))
     if with_optimizer:
-        state.update(trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata))
+        # megatron's optimizer finds each parameter's ShardedTensor in the model entries (Megatron hands it
+        # model0, model1, ... of the virtual stages together).
+        models = state["model"] if len(trainer.chunks) == 1 else dict(state)
+        state.update(trainer.optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=metadata))
     state["megatron_dga"] = common_state(trainer)
     if with_rng:
         state["rng_state"] = ShardedObject("rng_state", capture_rng_state(), (ctx.pp_size, ctx.tp_size),
                                            (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank)
     return state
+
+
+def model_keys(num_chunks: int) -> List[str]:
+    """Megatron's model entries of a checkpoint: ``model`` for one chunk, ``model0``, ``model1``, ... for
+    the chunks of virtual pipeline stages (megatron/training/checkpointing.py's keys)."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def model_state_dicts(chunks, state_dict_of) -> Dict[str, object]:
+    """``{key: state_dict_of(chunk)}`` under :func:`model_keys`."""
+    return dict(zip(model_keys(len(chunks)), map(state_dict_of, chunks)))
+
+
+def load_model_state_dicts(chunks, state: Dict[str, object], where: str) -> None:
+    """Load the entries :func:`model_state_dicts` wrote into ``chunks``.
+
+    Raises:
+        ConfigError: a --ckpt-format torch checkpoint of another number of virtual pipeline stages
+            (torch_dist templates are built from ``chunks``, so they always match).
+    """
+    keys = model_keys(len(chunks))
+    if any(key not in state for key in keys):
+        saved = [key for key in state if key == "model" or (key.startswith("model") and key[5:].isdigit())]
+        raise ConfigError(
+            f"--num-layers-per-virtual-pipeline-stage: the checkpoint {where} holds the model as {saved}, this run "
+            f"builds {keys} (another number of virtual pipeline stages per rank); resume with the checkpoint's "
+            "virtual pipeline flags, or save with --ckpt-format torch_dist, which reshards"
+        )
+    for key, chunk in zip(keys, chunks):
+        chunk.load_state_dict(state[key])
 
 
 def check_parameters_finite(trainer) -> None:
@@ -250,7 +286,7 @@ def save_job(trainer, *, background: bool = False):
                                                 layout=layout, keep_last=cfg.keep_last, metadata=facts,
                                                 background=background)
     state = {
-        "model": trainer.model.state_dict(),
+        **model_state_dicts(trainer.chunks, lambda chunk: chunk.state_dict()),
         "optimizer": trainer.optimizer.state_dict(),
         "rng": capture_rng_state(),
     } if layout.is_writer else {}
@@ -358,14 +394,16 @@ def load_job(trainer, load_dir: str) -> int:
     load_optim, load_rng = cfg.load_optim and not cfg.finetune, cfg.load_rng and not cfg.finetune
     # Checkpoints written before the flag existed hold Megatron's default format.
     sharding = meta.get("extra", {}).get("distrib_optim_sharding_type", "dp_reshardable")
-    if (load_optim and trainer.cfg.optimizer.use_distributed_optimizer and not same_model_layout
-            and sharding == "dp_reshardable"):
+    saved_vp = int(extra.get("virtual_pipeline_stages", 1))
+    if (load_optim and trainer.cfg.optimizer.use_distributed_optimizer and sharding == "dp_reshardable"
+            and not (same_model_layout and saved_vp == ctx.vp_size)):
+        virtual = f" with {saved_vp} virtual pipeline stages per rank" if saved_vp > 1 else ""
         raise ConfigError(
-            f"--tensor-model-parallel-size/--pipeline-model-parallel-size: the checkpoint {ckpt_dir} holds the "
-            f"distributed optimizer's state in Megatron's dp_reshardable format for TP={saved['tp_size']} "
-            f"PP={saved['pp_size']}, which reshards over data-parallel ranks only; resume with "
-            f"TP={saved['tp_size']} PP={saved['pp_size']} (any DP), or save with --dist-ckpt-optim-fully-reshardable "
-            "to change TP/PP later"
+            f"--tensor-model-parallel-size/--pipeline-model-parallel-size/--num-layers-per-virtual-pipeline-stage: "
+            f"the checkpoint {ckpt_dir} holds the distributed optimizer's state in Megatron's dp_reshardable format "
+            f"for TP={saved['tp_size']} PP={saved['pp_size']}{virtual}, which reshards over data-parallel ranks "
+            f"only; resume with TP={saved['tp_size']} PP={saved['pp_size']}{virtual} (any DP), or save with "
+            "--dist-ckpt-optim-fully-reshardable to change TP/PP later"
         )
     if meta.get("ckpt_format", "torch") == "torch_dist":
         template = sharded_state(trainer, is_loading=True, with_rng=load_rng and same_model_layout,
@@ -377,7 +415,7 @@ def load_job(trainer, load_dir: str) -> int:
         layout = ckpt.CheckpointLayout.from_context(ctx)
         _, state, common = ckpt.load_checkpoint(load_dir, layout=layout, iteration=meta["iteration"])
         optimizer_state, rng = state["optimizer"], state["rng"] if load_rng else None
-    trainer.model.load_state_dict(state["model"])
+    load_model_state_dicts(trainer.chunks, state, str(ckpt_dir))
     if load_optim:
         trainer.optimizer.load_state_dict(optimizer_state)
     else:

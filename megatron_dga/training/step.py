@@ -2,7 +2,8 @@
 
 Every forward/backward of the job (training steps, DGA probes, evaluation, the
 finite-difference forwards) goes through megatron-core's ``get_forward_backward_func``:
-the no-pipelining schedule with one stage, 1F1B with several. On CPU the schedule runs
+the no-pipelining schedule with one stage, 1F1B with several, the interleaved 1F1B schedule
+with virtual pipeline stages (each rank passes its list of model chunks). On CPU the schedule runs
 over gloo inside ``platform.megatron_cuda_calls_on_cpu`` (it hard-codes a few CUDA
 allocations); on GPU it runs untouched. So the schedule CI tests is the one GPUs run.
 
@@ -19,7 +20,14 @@ The schedule hooks are set as Megatron's ``train()`` sets them: ``no_sync_func``
 stages that reduce in the pipeline bubble), and the fp16 loss scale through the model
 config's ``grad_scale_func`` (set once by the trainer). With --overlap-grad-reduce DDP's
 backward hooks start each bucket's reduction themselves, outside ``finalize_model_grads``,
-so a probe that must keep its local gradients runs entirely inside ``no_sync``.
+so a probe that must keep its local gradients runs entirely inside ``no_sync``. With model
+chunks the hooks are per chunk (``no_sync`` enters every chunk's).
+
+The interleaved schedule runs a step's micro-batches in groups of PP per virtual stage
+(megatron's ``microbatch_group_size_per_vp_stage``): training steps must bring a multiple
+of PP (``check_interleaved_micro_batches``, at start-up); a DGA probe or evaluation call of
+another size gets the smallest group megatron accepts (``microbatch_group_size``), and one
+of fewer than PP micro-batches is padded with micro-batches whose loss mask is all zero.
 
 Losses stay on the device during the schedule and reach the host once per call: one
 broadcast from the last pipeline stage (when there are several), one copy.
@@ -99,7 +107,8 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
     """Accumulate gradients of the mean loss over ``micro_batches`` into main_grad.
 
     Args:
-        model: the megatron DDP-wrapped model (its grad buffers receive the gradients).
+        model: the megatron DDP-wrapped model (its grad buffers receive the gradients), or the list of
+            this rank's DDP-wrapped model chunks (virtual pipeline stages: the interleaved schedule).
         micro_batches: this rank's micro-batches of one step (dicts from the mixture dataset);
             every pipeline stage passes the same ones.
         device: where the model lives.
@@ -114,62 +123,155 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
     Returns:
         LossStats, identical on every stage of the pipeline.
     """
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     n = len(micro_batches)
     if n == 0:
         return LossStats(0.0, 0, 0, 0.0, {}, {}, [] if keep_token_losses else None)
-    config = unwrap(model).config
+    config = unwrap(chunks[0]).config  # shared by the chunks (model.build_model_chunks)
     sizes = {len(mb["tokens"]) for mb in micro_batches}
     seq_length = int(micro_batches[0]["tokens"].shape[1])
+    scheduled = _pad_for_interleaving(list(micro_batches), len(chunks), _pipeline_stages(config))
+    # The schedule divides each loss by len(scheduled); padding must not shrink the real ones.
+    loss_factor = len(scheduled) / n
     collected: List[torch.Tensor] = []  # last stage: masked per-token losses, on the device
 
-    def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    def loss_func(loss_mask: torch.Tensor, padding: bool, output_tensor: torch.Tensor):
         losses = output_tensor.float() * loss_mask
-        collected.append(losses.detach())
-        return losses.sum() / loss_mask.sum().clamp(min=1.0), {}
+        if not padding:
+            collected.append(losses.detach())
+        loss = losses.sum() / loss_mask.sum().clamp(min=1.0)
+        return (loss * loss_factor if loss_factor != 1 else loss), {}
 
     def forward_step(data_iterator: Iterator, stage_model):
         batch = _to_device(next(data_iterator), device)
         mask = causal_attention_mask(seq_length, device)
         output = stage_model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
-        return output, functools.partial(loss_func, batch["loss_mask"].float())
+        return output, functools.partial(loss_func, batch["loss_mask"].float(), batch.get(_PADDING, False))
 
     schedule = get_forward_backward_func()
-    overlap = model.ddp_config.overlap_grad_reduce
-    settings = dict(
-        # A probe keeping local gradients holds no_sync for the whole call (below): a nested
-        # no_sync would re-enable the reduction on exit, before the last micro-batch.
-        no_sync_func=model.no_sync if sync_grads else contextlib.nullcontext,
-        finalize_model_grads_func=finalize_model_grads if sync_grads else _finalize_without_data_parallel,
-        # Megatron's train() with --overlap-grad-reduce (and its default --align-grad-reduce).
-        grad_sync_func=model.start_grad_sync if overlap and sync_grads else None,
-        # Only the interleaved schedule (not used here) reads it; Megatron leaves it unset
-        # without --align-param-gather: the forward pre-hooks gather the parameters.
-        param_sync_func=None,
-        # Probe shares and eval tails can be smaller than --micro-batch-size: let the
-        # pipeline send shapes first when the sizes in this call differ.
-        variable_seq_lengths=len(sizes) > 1 and _pipeline_stages(config) > 1,
-    )
     grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
+    local_grads = _no_sync_func(chunks)() if not (sync_grads or forward_only) else contextlib.nullcontext()
+    settings = _call_settings(chunks, config, sync_grads, len(scheduled), variable=len(sizes) > 1)
     # DDP's backward hooks start the overlapped reductions with DDP's own force_all_reduce,
     # not the schedule's argument (which reaches finalize_model_grads only).
-    ddp_settings = _schedule_settings(model, force_all_reduce=bool(force_all_reduce and sync_grads))
-    local_grads = model.no_sync() if not (sync_grads or forward_only) else contextlib.nullcontext()
+    ddp_settings = contextlib.ExitStack()
+    for chunk in chunks:
+        ddp_settings.enter_context(_schedule_settings(chunk, force_all_reduce=bool(force_all_reduce and sync_grads)))
     with (_schedule_settings(config, **settings), ddp_settings, local_grads, platform.megatron_cuda_calls_on_cpu(),
           grad_ctx):
         schedule(
             forward_step_func=forward_step,
-            data_iterator=iter(micro_batches),
-            model=[model],
-            num_microbatches=n,
+            # The interleaved schedule draws each chunk's micro-batches from its own iterator.
+            data_iterator=[iter(scheduled) for _ in chunks] if len(chunks) > 1 else iter(scheduled),
+            model=chunks,
+            num_microbatches=len(scheduled),
             seq_length=seq_length,
             micro_batch_size=max(sizes),
             forward_only=forward_only,
             force_all_reduce=force_all_reduce,
         )
     return _stats(collected, micro_batches, config, device, keep_token_losses)
+
+
+def _call_settings(chunks, config, sync_grads: bool, num_micro_batches: int, variable: bool) -> dict:
+    """The TransformerConfig hooks one schedule call runs with (Megatron's ``train()`` sets the same)."""
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    interleaved = len(chunks) > 1
+    overlap = chunks[0].ddp_config.overlap_grad_reduce
+    grad_sync = [chunk.start_grad_sync for chunk in chunks] if overlap and sync_grads else None
+    settings = dict(
+        # A probe keeping local gradients holds no_sync for the whole call (forward_backward): a nested
+        # no_sync would re-enable the reduction on exit, before the last micro-batch.
+        no_sync_func=_no_sync_func(chunks) if sync_grads else contextlib.nullcontext,
+        finalize_model_grads_func=finalize_model_grads if sync_grads else _finalize_without_data_parallel,
+        # Megatron's train() with --overlap-grad-reduce (and its default --align-grad-reduce): one per chunk.
+        grad_sync_func=grad_sync if interleaved or grad_sync is None else grad_sync[0],
+        # Only the interleaved schedule reads it; Megatron leaves it unset without --align-param-gather:
+        # the forward pre-hooks gather the parameters.
+        param_sync_func=None,
+        # Probe shares and eval tails can be smaller than --micro-batch-size: let the
+        # pipeline send shapes first when the sizes in this call differ.
+        variable_seq_lengths=variable and _pipeline_stages(config) > 1,
+    )
+    if interleaved:
+        settings["microbatch_group_size_per_vp_stage"] = microbatch_group_size(num_micro_batches,
+                                                                                _pipeline_stages(config))
+    return settings
+
+
+def _no_sync_func(chunks):
+    """DDP's ``no_sync`` over every chunk at once (the interleaved schedule enters and leaves them together)."""
+    if len(chunks) == 1:
+        return chunks[0].no_sync
+
+    def no_sync_all():
+        stack = contextlib.ExitStack()
+        for chunk in chunks:
+            stack.enter_context(chunk.no_sync())
+        return stack
+
+    return no_sync_all
+
+
+_PADDING = "_padding"
+"""Key marking a micro-batch added only to fill the interleaved schedule (no loss, no gradient)."""
+
+
+def microbatch_group_size(num_micro_batches: int, pp_size: int) -> int:
+    """Micro-batches each virtual stage runs in a row (megatron's ``microbatch_group_size_per_vp_stage``).
+
+    megatron-core's interleaved schedule needs a group size in [PP, M] whose remainder M % group is 0
+    or at least PP. Megatron's default, PP (depth-first, least activation memory), fits when M is a
+    multiple of PP, which training steps are (``check_interleaved_micro_batches``); DGA probes and
+    evaluation calls of other sizes get the smallest group that fits (M itself at worst).
+    """
+    for group in range(pp_size, num_micro_batches + 1):
+        remainder = num_micro_batches % group
+        if remainder == 0 or remainder >= pp_size:
+            return group
+    raise ValueError(f"{num_micro_batches} micro-batches cannot fill an interleaved pipeline of {pp_size} stages")
+
+
+def _pad_for_interleaving(micro_batches: List[Dict[str, torch.Tensor]], num_chunks: int, pp_size: int):
+    """Fill a call of fewer than PP micro-batches up to PP for the interleaved schedule (which needs PP).
+
+    The added micro-batches repeat the last one with an all-zero loss mask: they contribute neither
+    loss nor gradient (forward_backward rescales the real losses for the larger count). Only small
+    probe and evaluation calls need it; training steps are checked to be multiples of PP.
+    """
+    missing = pp_size - len(micro_batches)
+    if num_chunks == 1 or missing <= 0:
+        return micro_batches
+    last = micro_batches[-1]
+    filler = {**last, "loss_mask": torch.zeros_like(last["loss_mask"]), _PADDING: True}
+    return micro_batches + [filler] * missing
+
+
+def check_interleaved_micro_batches(num_micro_batches: int, pp_size: int, vp_size: int, flags: str) -> None:
+    """ConfigError unless a training step's micro-batches fit megatron-core's interleaved schedule.
+
+    With virtual stages megatron-core runs micro-batches in groups of PP per virtual stage
+    (``microbatch_group_size_per_vp_stage``, Megatron's default) and refuses a last group smaller than
+    PP mid-step; this says so before training.
+
+    Args:
+        num_micro_batches: micro-batches per step on each data-parallel rank.
+        pp_size, vp_size: pipeline stages and model chunks per pipeline rank.
+        flags: how the user chose the micro-batch count (for the message).
+    """
+    if vp_size <= 1 or num_micro_batches % pp_size == 0:
+        return
+    from megatron_dga.errors import ConfigError
+
+    raise ConfigError(
+        f"{flags} gives {num_micro_batches} micro-batches per step, and the interleaved pipeline schedule "
+        f"(--pipeline-model-parallel-size {pp_size} with {vp_size} virtual stages per rank) runs them in groups of "
+        f"{pp_size}: use a --global-batch-size that gives a multiple of {pp_size} micro-batches, or drop the "
+        "virtual pipeline flag"
+    )
 
 
 def _stats(collected: List[torch.Tensor], micro_batches, config, device, keep_token_losses: bool) -> LossStats:

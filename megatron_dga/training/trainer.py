@@ -4,8 +4,8 @@ Each iteration: draw the next global batch from the current weights, forward/bac
 over this rank's micro-batches (megatron-core's schedule, ``training/step.py``),
 megatron-core's optimizer step and LR/WD schedule (``training/optim.py``); then the
 hooks — mixing (which may hand the sampler new weights), logging, evaluation,
-checkpointing. With pipeline parallelism each rank holds one stage; losses come back
-identical on every stage.
+checkpointing. With pipeline parallelism each rank holds one stage (with virtual pipeline
+stages, several model chunks: ``Trainer.chunks``); losses come back identical on every stage.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from megatron_dga import comm, platform
 from megatron_dga.errors import ConfigError, NumericalError
 from megatron_dga.fileio import atomic_write_json
 from megatron_dga.mixing.base import MixingStrategy, build_mixing
-from megatron_dga.model import build_stage_model, uses_transformer_engine
+from megatron_dga.model import build_model_chunks, uses_transformer_engine
 from megatron_dga.platform import ParallelContext
 from megatron_dga.training import resume
 from megatron_dga.training.config import PretrainConfig
@@ -31,7 +31,7 @@ from megatron_dga.training.metrics import MetricsLogger, Throughput
 from megatron_dga.training.outputs import prepare_outputs
 from megatron_dga.training.optim import Optimizer, counted_params, ddp_config
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
-from megatron_dga.training.step import LossStats, forward_backward
+from megatron_dga.training.step import LossStats, check_interleaved_micro_batches, forward_backward
 from megatron_dga.training.stopping import StopConditions
 
 logger = logging.getLogger(__name__)
@@ -52,20 +52,29 @@ class Trainer:
         # First, before any dataset or model is built: an unwritable --save/--log-dir fails now.
         log_dir = prepare_outputs(cfg, ctx)
         self.num_micro_batches = cfg.schedule.num_micro_batches(ctx.dp_size)
+        check_interleaved_micro_batches(
+            self.num_micro_batches, ctx.pp_size, ctx.vp_size,
+            f"--global-batch-size {cfg.schedule.global_batch_size} / (--micro-batch-size "
+            f"{cfg.schedule.micro_batch_size} x data-parallel size {ctx.dp_size})")
         resume.align_domains_to_checkpoint(cfg)  # a reordered --data-path resumes by domain name
         self.data = DataPipeline(cfg, ctx)
         cfg.model.vocab_size = self.data.vocab_size
-        # This rank's pipeline stage (the whole model with one stage); with --bf16/--fp16 wrapped in
-        # megatron's Float16Module, as Megatron's get_model does.
-        self.model, module = build_stage_model(cfg.model, ctx)
-        self.ddp = DistributedDataParallel(self.model.config, ddp_config(cfg.optimizer), module)
+        # This rank's pipeline stage (the whole model with one stage), one chunk per virtual stage; with
+        # --bf16/--fp16 wrapped in megatron's Float16Module, as Megatron's get_model does.
+        built = build_model_chunks(cfg.model, ctx)
+        self.chunks = [core for core, _ in built]  # megatron GPTModels, in virtual-stage order
+        # The chunks in megatron DDP (their grad buffers receive the gradients). As Megatron's get_model:
+        # only the first chunk's grad buffer is split into buckets.
+        self.ddp_chunks = [DistributedDataParallel(core.config, ddp_config(cfg.optimizer), module,
+                                                   disable_bucketing=i > 0) for i, (core, module) in enumerate(built)]
         self.groups = ctx.groups
-        self.optimizer = Optimizer(self.ddp, cfg.optimizer, bf16=cfg.model.bf16, fp16=cfg.model.fp16,
+        self.optimizer = Optimizer(self.ddp_chunks, cfg.optimizer, bf16=cfg.model.bf16, fp16=cfg.model.fp16,
                                    schedule=cfg.schedule)
         # As Megatron's train(): the schedule multiplies each loss by the optimizer's loss scale
         # (--fp16; 1 otherwise), and the optimizer divides the gradients by it before clipping.
-        self.model.config.grad_scale_func = self.optimizer.scale_loss
-        self.params = [p for p in self.ddp.parameters() if p.requires_grad]
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        # Every chunk's parameters, each once (chunks hold disjoint layers).
+        self.params = [p for ddp in self.ddp_chunks for p in ddp.parameters() if p.requires_grad]
         self._counted = counted_params(self.params)
         self.mixing: MixingStrategy = build_mixing(cfg.mixing, self.data.domain_info)
         if self.mixing.basis is not None:
@@ -89,6 +98,28 @@ class Trainer:
         self._window_grad_norms: List[float] = []
         self._window_skipped = 0  # steps megatron skipped since the last log line (fp16 overflows)
 
+    @property
+    def config(self):
+        """The megatron TransformerConfig every chunk shares (the schedule reads its hooks)."""
+        return self.chunks[0].config
+
+    @property
+    def model(self):
+        """The megatron GPTModel of this rank; with virtual pipeline stages use ``chunks``."""
+        return self._only(self.chunks)
+
+    @property
+    def ddp(self):
+        """The DDP-wrapped model of this rank; with virtual pipeline stages use ``ddp_chunks``."""
+        return self._only(self.ddp_chunks)
+
+    @staticmethod
+    def _only(chunks):
+        if len(chunks) != 1:
+            raise RuntimeError(f"this rank holds {len(chunks)} model chunks (virtual pipeline stages); "
+                               "iterate over Trainer.chunks / Trainer.ddp_chunks")
+        return chunks[0]
+
     def _build_metrics(self, log_dir: str) -> MetricsLogger:
         """The metrics sinks; a W&B start-up failure on the logging rank stops every rank."""
         cfg = self.cfg
@@ -108,12 +139,18 @@ class Trainer:
                 train_iters=cfg.schedule.train_iters,
                 start_iteration=self.iteration,
                 domain_names=self.data.domain_info.names,
-                # With --dga-basis the per-update lists run over the N bases, not the K domains.
-                list_labels=None if self.mixing.basis is None else {
-                    key: list(self.mixing.basis.basis_names)
-                    for key in ("alignments", "domain_grad_norms", "basis_weights")
+                list_labels={
+                    # With a hierarchical --domain-map the eval losses are per top-level cluster.
+                    "domain_eval_loss": list(self.data.eval_names or []),
+                    # With --dga-basis the per-update lists run over the N bases, not the K domains.
+                    **({} if self.mixing.basis is None else {
+                        key: list(self.mixing.basis.basis_names)
+                        for key in ("alignments", "domain_grad_norms", "basis_weights")}),
                 },
                 wandb_init=wandb_init,
+                list_limit=cfg.logging.log_domains_limit,  # longer per-domain lists are summarised
+                domain_clusters=self.data.domain_groups,
+                cluster_names=self.data.domain_group_names,
             )
         except ConfigError as exc:
             error = str(exc)
@@ -130,7 +167,8 @@ class Trainer:
         info = {
             "domains": self.data.domain_info.names,
             "basis_names": None if self.mixing.basis is None else list(self.mixing.basis.basis_names),
-            "world": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size},
+            "world": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size,
+                      "vp": self.ctx.vp_size},
             "config": dataclasses.asdict(self.cfg),
         }
         atomic_write_json(os.path.join(log_dir, "run_info.json"), info, indent=1, default=str)
@@ -213,7 +251,8 @@ class Trainer:
         Both, always: megatron's FP32Optimizer leaves ``param.grad`` aliased to ``main_grad``
         after a step, and the next backward would add into it twice.
         """
-        self.ddp.zero_grad_buffer()
+        for ddp in self.ddp_chunks:
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
 
     def train_step(self):
@@ -222,7 +261,7 @@ class Trainer:
         lr = self.optimizer.lr
         self.zero_grads()
         micro_batches = self.data.next_train_micro_batches()
-        stats = forward_backward(self.ddp, micro_batches, self.ctx.device, sync_grads=True)
+        stats = forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, sync_grads=True)
         grad_norm = self.optimizer.step()
         loss = self._dp_mean(stats.mean_loss)
         tokens = self.cfg.schedule.global_batch_size * self.cfg.model.seq_length
@@ -273,17 +312,20 @@ class Trainer:
         rng = capture_rng_state()
         if self.data.has_specific_eval:
             results["specific_eval_loss"] = self._eval_loss(self.data.specific_eval_micro_batches(iters))
-        results["domain_eval_loss"] = [
-            self._eval_loss(self.data.domain_eval_micro_batches(d, iters)) for d in range(self.data.domain_info.k)
-        ]
+        if self.data.eval_names is not None:  # None: too many fine domains in a flat map (logged at start-up)
+            results["domain_eval_loss"] = [
+                self._eval_loss(self.data.domain_eval_micro_batches(i, iters)) for i in range(len(self.data.eval_names))
+            ]
         restore_rng_state(rng)
         return results
 
     def _eval_loss(self, micro_batches) -> float:
         """Token-weighted mean loss over micro-batches spread across data-parallel ranks."""
-        self.ddp.eval()
-        stats = forward_backward(self.ddp, micro_batches, self.ctx.device, forward_only=True)
-        self.ddp.train()
+        for ddp in self.ddp_chunks:
+            ddp.eval()
+        stats = forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, forward_only=True)
+        for ddp in self.ddp_chunks:
+            ddp.train()
         t = torch.tensor([stats.token_loss_sum, float(stats.tokens)], dtype=torch.float64, device=self.ctx.device)
         comm.all_reduce(t, self.groups.dp)
         return float(t[0] / t[1]) if t[1] > 0 else float("nan")
@@ -327,9 +369,10 @@ class Trainer:
         forward (a checkpoint save, the caller of ``train()``) gathers first, as Megatron's
         ``disable_forward_pre_hook`` does before its saves. A no-op without the flag.
         """
-        if self.ddp.ddp_config.overlap_param_gather:
+        if self.ddp_chunks[0].ddp_config.overlap_param_gather:
             with platform.megatron_cuda_calls_on_cpu():
-                self.ddp.start_param_sync(force_sync=True)
+                for ddp in self.ddp_chunks:
+                    ddp.start_param_sync(force_sync=True)
 
     def _report_saved(self, iteration: int, path) -> None:
         if self.ctx.is_logging_rank:
@@ -368,19 +411,20 @@ class Trainer:
             stats = self._probe_backward(micro_batches, sync_grads, scale)
         # DGA gets true gradients (alignments, norms, the fd direction). A power of two: exact.
         if scale != 1.0:
-            self.ddp.scale_gradients(1.0 / scale)
+            for ddp in self.ddp_chunks:
+                ddp.scale_gradients(1.0 / scale)
         return stats
 
     def _probe_backward(self, micro_batches, sync_grads: bool, scale: Optional[float]) -> LossStats:
         """Zero the buffers, forward/backward ``micro_batches``; ``scale`` replaces the loss scale."""
         self.zero_grads()
-        config = self.model.config
+        config = self.config
         if scale is not None:
             config.grad_scale_func = lambda loss: loss * scale
         try:
             # A synchronised probe (the specific gradient g_spe) must be whole on every rank, also
             # with the distributed optimizer, whose training steps only reduce-scatter.
-            return forward_backward(self.ddp, micro_batches, self.ctx.device, sync_grads=sync_grads,
+            return forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, sync_grads=sync_grads,
                                     force_all_reduce=sync_grads)
         finally:
             config.grad_scale_func = self.optimizer.scale_loss
@@ -389,8 +433,9 @@ class Trainer:
         """Any rank's probe gradient not finite. A local probe (no data-parallel reduction) runs in
         step with its model-parallel peers only, so only they agree; a synchronised one with all."""
         bad = torch.zeros(1, dtype=torch.float32, device=self.ctx.device)
-        for buffer in self.ddp.buffers + self.ddp.expert_parallel_buffers:
-            bad += (~torch.isfinite(buffer.grad_data)).any()
+        for ddp in self.ddp_chunks:
+            for buffer in ddp.buffers + ddp.expert_parallel_buffers:
+                bad += (~torch.isfinite(buffer.grad_data)).any()
         comm.all_reduce(bad, self.groups.by_name("world" if sync_grads else "mp"))
         return bool(bad.item() > 0)
 
@@ -406,7 +451,8 @@ class Trainer:
 
     def forward_token_losses(self, micro_batches) -> List[torch.Tensor]:
         """Per-token losses (b, s) times the loss mask of each micro-batch: forward only, no grad."""
-        stats = forward_backward(self.ddp, micro_batches, self.ctx.device, forward_only=True, keep_token_losses=True)
+        stats = forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, forward_only=True,
+                                 keep_token_losses=True)
         return stats.token_losses
 
     def adam_preconditioner(self):
