@@ -1,34 +1,57 @@
-"""The paper's two scenarios at small scale, on the embedded default corpus or your own shards.
+"""The paper's comparison on your own domains and target, or on the embedded corpus: several methods
+over several seeds, resumable, with means, spreads, paired differences and plain-words verdicts.
 
-  token-limited   every generic domain is capped (--domain-token-limit), as in the paper's
-                  30M-tokens-per-domain regime: importance sampling keeps drawing the few domains
-                  nearest the target and repeats them epoch after epoch; DGA sees their gradients
-                  shrink as they are overfit and moves weight on.
+Scenarios:
+  token-limited   every generic domain is capped (--token-limit tokens, --domain-token-limit), as in
+                  the paper's 30M-tokens-per-domain regime: importance sampling keeps drawing the few
+                  domains nearest the target and repeats them epoch after epoch; DGA sees their
+                  gradients shrink as they are overfit and moves weight on.
+  unlimited       the same methods without a cap (the paper's Fig. 1 sets both side by side).
   fine-grained    little specific data (--specific-docs documents) and many fine domains from
-                  hierarchical k-means (--fine-clusters 8 4 -> 32); DGA runs on N basis
-                  distributions (the coarse domains' importance histograms over the fine
-                  domains: distribution reweighting), beside importance sampling on the fine
-                  domains and uniform.
+                  hierarchical k-means of the jsonl domains (--fine-clusters 8 4 -> 32); DGA runs on N
+                  basis distributions (the coarse domains' importance histograms over the fine ones:
+                  distribution reweighting), beside importance sampling on the fine domains and uniform.
 
-Each method is a real pretraining job; the markdown table and plots come from their
-metrics.jsonl. Presets: cpu (a 0.7M-parameter GPT, minutes on 2 cores) and gpu (a 125M GPT in
-bf16, one process per visible GPU).
+Data, one of:
+  (nothing)                         the embedded default corpus, built from this Python installation
+  --corpus-dir DIR --target-train FILE.jsonl --target-eval FILE.jsonl
+                                    DIR holds one <domain>.jsonl per domain; the runner trains the
+                                    tokenizer, writes the shards and the importance weights with
+                                    tools/train_tokenizer.py, preprocess_data.py, importance_weights.py
+                                    (cached under OUT/data: a re-run skips what is done)
+  --data-path P1 P2 ... --specific-data-path P --specific-eval-data-path P --tokenizer-model M
+                                    shards built beforehand (+ --importance-weights FILE for the
+                                    importance method)
+
+Every method runs under every --seeds value as a real pretraining job in
+OUT/<scenario>/runs/<method>/seed<seed>/. A re-run of the same command skips finished runs and
+resumes an interrupted one from its checkpoint (Ctrl-C saves first). The results, recomputed
+from the runs' metrics.jsonl: OUT/<scenario>/results.md, results.csv (per method), runs.csv (per
+run) and PNG plots. Presets: cpu (a 0.7M-parameter GPT, minutes on 2 cores) and gpu (a 125M GPT
+in bf16, one process per visible GPU).
 
     python examples/experiments.py token-limited --out runs/exp
-    python examples/experiments.py fine-grained --out runs/exp --preset gpu
+    python examples/experiments.py unlimited --corpus-dir corpus/ --target-train t.jsonl \\
+        --target-eval t_eval.jsonl --seeds 1 2 3 --methods uniform,importance,dga,dga_ema --out runs/mine
+    # one command for a sweep: every DGA method once per (eta, beta), baselines once per seed
+    python examples/experiments.py token-limited ... --methods uniform,importance,dga_ema \\
+        --sweep dga-eta=3,10,30 dga-ema=0.1,0.3,1.0
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import subprocess
+import shlex
 import sys
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
-from megatron_dga.experiment import results_table, run_pretrain, write_plots
+from megatron_dga import experiment as ex
+from megatron_dga.errors import ConfigError, DGAError
+from megatron_dga.fileio import atomic_write_json, atomic_write_text, ensure_writable_dir
 
-TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+SCENARIOS = ("token-limited", "unlimited", "fine-grained")
 
 PRESETS = {
     "cpu": {
@@ -53,35 +76,185 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("scenario", choices=["token-limited", "fine-grained"])
-    p.add_argument("--out", default="runs/experiments")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    p.add_argument("--train-iters", type=int, default=None, help="default: the preset's")
-    p.add_argument("--token-limit", type=int, default=None, help="token-limited: tokens per domain (default: preset's)")
-    p.add_argument("--fine-clusters", type=int, nargs="+", default=[8, 4], help="fine-grained: k1 k2 [k3]")
-    p.add_argument("--specific-docs", type=int, default=60, help="fine-grained: specific documents kept")
-    p.add_argument("--methods", default=None, help="comma-separated subset of the scenario's methods")
-    p.add_argument("--dga-interval", type=int, default=10, help="T_r")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--out", default="runs/experiments", help="output directory (default: runs/experiments)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model/optimizer preset (default: cpu)")
+    g = p.add_argument_group("data: jsonl domains")
+    g.add_argument("--corpus-dir", help="directory of <domain>.jsonl files, one per domain")
+    g.add_argument("--target-train", help="the target's training split (jsonl), DGA's specific set")
+    g.add_argument("--target-eval", help="the target's evaluation split (jsonl)")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="tokenizer vocabulary (default: 4096 with --corpus-dir, the builder's with the embedded corpus)")
+    g.add_argument("--prep-seed", type=int, default=1234, help="seed of tokenizer sampling and clustering")
+    g = p.add_argument_group("data: shards built beforehand")
+    g.add_argument("--data-path", nargs="+", help="one shard prefix per domain (<dir>/<name>_text_document)")
+    g.add_argument("--specific-data-path", help="shard prefix of the target's training split")
+    g.add_argument("--specific-eval-data-path", help="shard prefix of the target's evaluation split")
+    g.add_argument("--tokenizer-type", default="SentencePieceTokenizer", help="the shards' tokenizer type")
+    g.add_argument("--tokenizer-model", help="the shards' tokenizer model")
+    g.add_argument("--importance-weights", help="weights file of the importance method (tools/importance_weights.py)")
+    g = p.add_argument_group("runs")
+    g.add_argument("--seeds", type=int, nargs="+", default=[1234], help="one run per seed and method (default: 1234)")
+    g.add_argument("--methods", default=None, help="comma-separated subset of the scenario's methods (default: all)")
+    g.add_argument("--train-iters", type=int, default=None, help="default: the preset's")
+    g.add_argument("--token-limit", type=int, default=None, help="token-limited: tokens per domain (default: preset's)")
+    g.add_argument("--dga-interval", type=int, default=10, help="T_r of the DGA methods")
+    g.add_argument("--eval-interval", type=int, default=None, help="default: train-iters / 12, at least 10")
+    g.add_argument("--eval-iters", type=int, default=2, help="evaluation batches (default: 2)")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="checkpoint interval of every run, for resuming (default: train-iters / 4)")
+    g.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoints of finished runs")
+    g.add_argument("--extra-args", default="",
+                   help="trainer flags for every run, quoted; they replace the preset's (e.g. '--lr 1e-3'; one "
+                        "flag alone: --extra-args=--bf16)")
+    g.add_argument("--dga-args", default="", help="trainer flags for the DGA methods' runs only (e.g. "
+                                                  "'--dga-preconditioner adam')")
+    g.add_argument("--sweep", nargs="+", default=[], metavar="FLAG=V1,V2",
+                   help="a DGA flag and its values: every DGA method runs once per combination of all --sweep "
+                        "items (e.g. dga-eta=3,10 dga-ema=0.1,0.3); baselines run once per seed")
+    g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads per run (default: all cores)")
+    g = p.add_argument_group("fine-grained")
+    g.add_argument("--fine-clusters", type=int, nargs="+", default=[8, 4], help="k1 k2 [k3] (default: 8 4)")
+    g.add_argument("--specific-docs", type=int, default=60, help="specific documents kept (default: 60)")
     return p.parse_args(argv)
 
 
-def _tool(name: str, *args: str) -> None:
-    subprocess.run([sys.executable, os.path.join(TOOLS, name), *args], check=True)
+# --------------------------------------------------------------------------- flags
+def parse_flags(text: str, what: str) -> List[tuple]:
+    """``"--a 1 --b x y --c"`` -> ``[("--a", ["1"]), ("--b", ["x", "y"]), ("--c", [])]``."""
+    tokens = shlex.split(text)
+    if tokens and not tokens[0].startswith("--"):
+        raise ConfigError(f"{what} {text!r}: expected trainer flags starting with '--', e.g. '--lr 1e-3'")
+    flags: List[tuple] = []
+    for tok in tokens:
+        if tok.startswith("--"):
+            flags.append((tok, []))
+        else:
+            flags[-1][1].append(tok)
+    return flags
 
 
-def common_args(data, preset: dict, args) -> List[str]:
+def set_flag(argv: Sequence[str], flag: str, values: Sequence[str]) -> List[str]:
+    """``argv`` with every occurrence of ``flag`` (and its values) replaced by ``flag values`` at the end."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == flag:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                i += 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return [*out, flag, *values]
+
+
+def with_flags(argv: Sequence[str], flags: Sequence[tuple]) -> List[str]:
+    for flag, values in flags:
+        argv = set_flag(argv, flag, values)
+    return list(argv)
+
+
+def is_dga(argv: Sequence[str]) -> bool:
+    return any(a == "--mixing" and b == "dga" for a, b in zip(argv, argv[1:]))
+
+
+def parse_sweep(items: Sequence[str]) -> List[tuple]:
+    """``["dga-eta=3,10", ...]`` -> ``[("--dga-eta", ["3", "10"]), ...]``."""
+    out = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        flag = "--" + key.strip().lstrip("-").replace("_", "-")
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or flag == "--" or not vals:
+            raise ConfigError(f"--sweep {item!r}: write FLAG=V1,V2,... (e.g. dga-eta=3,10,30)")
+        if not flag.startswith("--dga-"):
+            raise ConfigError(f"--sweep {item!r}: only DGA flags (--dga-*) are swept, baselines run once per seed; "
+                              "give other flags to every method with --extra-args")
+        out.append((flag, vals))
+    return out
+
+
+def sweep_variants(methods: Dict[str, List[str]], sweep: Sequence[tuple]) -> Dict[str, List[str]]:
+    """Each DGA method replaced by one variant per combination of the sweep's values, named
+    ``<method>+<flag without --dga->=<value>...``; variants that equal an earlier one are dropped."""
+    if not sweep:
+        return methods
+    out: Dict[str, List[str]] = {}
+    for name, argv in methods.items():
+        if not is_dga(argv):
+            out[name] = argv
+            continue
+        for combo in itertools.product(*(vals for _, vals in sweep)):
+            variant = with_flags(argv, [(flag, [v]) for (flag, _), v in zip(sweep, combo)])
+            label = name + "".join(f"+{flag[len('--dga-'):]}={v}" for (flag, _), v in zip(sweep, combo))
+            same = next((n for n, a in out.items() if a == variant), None)
+            if same:
+                ex.say(f"[sweep] {label} runs the same flags as {same}: dropped")
+            else:
+                out[label] = variant
+    return out
+
+
+# --------------------------------------------------------------------------- data
+def prepare_data(args, data_dir: str) -> ex.ExperimentData:
+    """The experiment's shards and tokenizer from the data flags (module docstring)."""
+    jsonl = [f for f in ("corpus_dir", "target_train", "target_eval") if getattr(args, f)]
+    shards = [f for f in ("data_path", "specific_data_path", "specific_eval_data_path", "tokenizer_model")
+              if getattr(args, f)]
+    if jsonl and shards:
+        raise ConfigError(f"--{jsonl[0].replace('_', '-')} with --{shards[0].replace('_', '-')}: give jsonl domains "
+                          "(--corpus-dir, --target-train, --target-eval) or prepared shards (--data-path, ...), not both")
+    if jsonl:
+        missing = [f for f in ("corpus_dir", "target_train", "target_eval") if not getattr(args, f)]
+        if missing:
+            raise ConfigError(f"--corpus-dir needs --target-train and --target-eval; --{missing[0].replace('_', '-')} "
+                              "is missing")
+        return ex.prepare_jsonl_corpus(args.corpus_dir, args.target_train, args.target_eval, data_dir,
+                                       vocab_size=args.vocab_size or 4096, seed=args.prep_seed,
+                                       workers=max(1, args.threads))
+    if shards:
+        missing = [f for f in ("data_path", "specific_data_path", "specific_eval_data_path", "tokenizer_model")
+                   if not getattr(args, f)]
+        if missing:
+            raise ConfigError(f"prepared shards need --data-path, --specific-data-path, --specific-eval-data-path and "
+                              f"--tokenizer-model; --{missing[0].replace('_', '-')} is missing")
+        if args.scenario == "fine-grained":
+            raise ConfigError("fine-grained clusters jsonl documents: give --corpus-dir (or no data flag: the "
+                              "embedded corpus), not prepared shards")
+        return ex.shards_data(args.data_path, args.specific_data_path, args.specific_eval_data_path,
+                              ["--tokenizer-type", args.tokenizer_type, "--tokenizer-model", args.tokenizer_model],
+                              args.importance_weights)
+    if args.importance_weights:
+        raise ConfigError("--importance-weights goes with prepared shards (--data-path ...); with jsonl domains or "
+                          "the embedded corpus the runner computes the weights")
+    return ex.embedded_data(data_dir, args.vocab_size, args.prep_seed)
+
+
+def check_same_source(out: str, data: ex.ExperimentData) -> None:
+    """One --out holds one experiment's data: refuse another source before any run starts."""
+    path = os.path.join(out, "experiment.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            previous = json.load(fh).get("source")
+        if previous != data.source:
+            raise ConfigError(f"--out {out} holds runs on {previous}; this command trains on {data.source}. Pass "
+                              "another --out")
+    else:
+        atomic_write_json(path, {"source": data.source}, indent=1)
+
+
+# --------------------------------------------------------------------------- methods
+def common_args(data: ex.ExperimentData, preset: dict, args) -> List[str]:
     iters = args.train_iters or preset["train_iters"]
     # Warmup over the first 1/30 of the run (20 of the CPU preset's 600 iterations), so a
     # shortened run keeps megatron's warmup < decay length.
-    warmup = iters // 30
     return [
-        "--lr-warmup-iters", str(warmup),
-        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data.tokenizer_model,
-        "--seed", str(args.seed), "--train-iters", str(iters), *preset["model"], *preset["batch"], *preset["optim"],
-        "--log-interval", "10", "--eval-interval", str(max(iters // 12, 10)), "--eval-iters", "2",
+        "--lr-warmup-iters", str(iters // 30), *data.tokenizer_args, "--train-iters", str(iters),
+        *preset["model"], *preset["batch"], *preset["optim"], "--log-interval", "10",
+        "--eval-interval", str(args.eval_interval or max(iters // 12, 10)), "--eval-iters", str(args.eval_iters),
     ]
 
 
@@ -90,50 +263,72 @@ def dga_args(preset: dict, args) -> List[str]:
     return ["--mixing", "dga", "--dga-interval", str(args.dga_interval), "--dga-eta", "10", *preset["dga"]]
 
 
-def token_limited(data, preset: dict, args, out: str) -> Dict[str, List[str]]:
-    weights = os.path.join(out, "importance_weights.json")
-    if not os.path.exists(weights):
-        _tool("importance_weights.py", "--labelled-domains", os.path.dirname(next(iter(data.domain_jsonl.values()))),
-              "--specific", data.target_train_jsonl, "--output", weights, "--smoothing", "0.02", "--no-progress")
-    base = ["--data-path", *[data.domain_prefixes[d] for d in data.domains],
-            "--specific-data-path", data.target_train_prefix, "--specific-eval-data-path", data.target_eval_prefix,
-            "--domain-token-limit", str(args.token_limit or preset["token_limit"]), *common_args(data, preset, args)]
-    return {
+def domain_methods(data: ex.ExperimentData, preset: dict, args) -> Dict[str, List[str]]:
+    """token-limited and unlimited: uniform, importance sampling, DGA without and with EMA."""
+    base = ["--data-path", *data.domain_prefixes, "--specific-data-path", data.specific_prefix,
+            "--specific-eval-data-path", data.specific_eval_prefix, *common_args(data, preset, args)]
+    if args.scenario == "token-limited":
+        base += ["--domain-token-limit", str(args.token_limit or preset["token_limit"])]
+    methods = {
         "uniform": base + ["--mixing", "uniform"],
-        "importance": base + ["--mixing", "importance", "--importance-weights", weights],
         "dga": base + [*dga_args(preset, args), "--dga-ema", "1.0"],
         "dga_ema": base + [*dga_args(preset, args), "--dga-ema", "0.1"],
     }
+    if data.importance_weights:  # computed or given only when the importance method runs
+        methods["importance"] = base + ["--mixing", "importance", "--importance-weights", data.importance_weights]
+    return methods
 
 
-def fine_grained(data, preset: dict, args, out: str) -> Dict[str, List[str]]:
-    fine_dir, shard_dir = os.path.join(out, "fine_domains"), os.path.join(out, "fine_shards")
-    corpus_dir = os.path.dirname(next(iter(data.domain_jsonl.values())))
-    if not os.path.exists(os.path.join(fine_dir, "manifest.json")):
-        _tool("cluster_domains.py", "--input", corpus_dir, "--output", fine_dir,
-              "--num-clusters", *map(str, args.fine_clusters), "--seed", str(args.seed), "--no-progress")
-    manifest = json.load(open(os.path.join(fine_dir, "manifest.json")))
-    fine = list(manifest["domains"])
+def fine_grained_methods(data: ex.ExperimentData, preset: dict, args, data_dir: str) -> Dict[str, List[str]]:
+    """fine-grained: hierarchical k-means of the jsonl domains, then uniform, importance and DGA
+    over the coarse domains' histograms (basis distributions). Prepared once under OUT/data/fine-grained."""
+    if not (data.domain_jsonl_dir and data.target_train_jsonl):
+        raise ConfigError("fine-grained clusters jsonl documents: give --corpus-dir or use the embedded corpus")
+    prep = os.path.join(data_dir, "fine-grained")
+    stamps = os.path.join(prep, "stamps")
+    os.makedirs(stamps, exist_ok=True)
+    fine_dir, shard_dir = os.path.join(prep, "fine_domains"), os.path.join(prep, "fine_shards")
+    from megatron_dga.prep.inputs import jsonl_files_in
+
+    domain_files = jsonl_files_in(data.domain_jsonl_dir)
+    cluster = ["--input", data.domain_jsonl_dir, "--output", fine_dir, "--num-clusters", *map(str, args.fine_clusters),
+               "--seed", str(args.prep_seed), "--no-progress", "--overwrite"]
+    manifest = os.path.join(fine_dir, "manifest.json")
+    ex.cached_step("fine-clusters", stamps, {"inputs": ex.file_fingerprint(domain_files), "args": cluster}, [manifest],
+                   lambda: ex.run_tool("cluster_domains.py", *cluster))
+    with open(manifest, encoding="utf-8") as fh:
+        fine = list(json.load(fh)["domains"])
+    tokenizer = [*data.tokenizer_args, "--append-eod"]
+    workers = ["--workers", str(max(1, args.threads))]  # (speed only: not in the stamps)
+    shards = ["--input", fine_dir, "--output-prefix", shard_dir, *tokenizer]
+    ex.cached_step("fine-shards", stamps, {"clusters": ex.file_fingerprint([manifest]), "args": shards},
+                   [os.path.join(shard_dir, f"{d}_text_document.idx") for d in fine],
+                   lambda: ex.run_tool("preprocess_data.py", *shards, *workers))
     # Little specific data: the first --specific-docs documents of the target's training split.
-    small = os.path.join(out, "specific_small.jsonl")
-    with open(data.target_train_jsonl) as src, open(small, "w") as dst:
-        for i, line in enumerate(src):
-            if i >= args.specific_docs:
-                break
-            dst.write(line)
-    tok = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", data.tokenizer_model, "--append-eod"]
-    if not os.path.exists(os.path.join(shard_dir, f"{fine[-1]}_text_document.idx")):
-        _tool("preprocess_data.py", "--input", fine_dir, "--output-prefix", shard_dir, *tok, "--no-progress")
-    small_prefix = os.path.join(out, "specific_small")
-    _tool("preprocess_data.py", "--input", small, "--output-prefix", small_prefix, *tok, "--no-progress")
-    weights, basis = os.path.join(out, "fine_importance.json"), os.path.join(out, "basis.npz")
-    coarse_sets = [f"{d}={data.domain_jsonl[d]}" for d in data.domains]
-    _tool("importance_weights.py", "--clusters", fine_dir, "--specific", small, "--output", weights,
-          "--smoothing", "0.02", "--basis-sets", *coarse_sets, "--basis-output", basis, "--basis-smoothing", "0.01",
-          "--no-progress")
+    small_dir = os.path.join(prep, "specific")
+    small = os.path.join(small_dir, "specific_small.jsonl")
+
+    def write_small():
+        os.makedirs(small_dir, exist_ok=True)
+        with open(data.target_train_jsonl, encoding="utf-8") as src:
+            kept = [line for line in itertools.islice((ln for ln in src if ln.strip()), args.specific_docs)]
+        atomic_write_text(small, "".join(kept))
+        ex.run_tool("preprocess_data.py", "--input", small, "--output-prefix", os.path.join(small_dir, "specific_small"),
+                    *tokenizer, *workers)
+
+    small_prefix = os.path.join(small_dir, "specific_small_text_document")
+    ex.cached_step("fine-specific", stamps, {"inputs": ex.file_fingerprint([data.target_train_jsonl]),
+                                             "docs": args.specific_docs, "tokenizer": list(tokenizer)},
+                   [small, small_prefix + ".idx"], write_small)
+    weights, basis = os.path.join(prep, "fine_importance.json"), os.path.join(prep, "basis.npz")
+    coarse_sets = [f"{os.path.basename(f).split('.jsonl')[0]}={f}" for f in domain_files]
+    iw = ["--clusters", fine_dir, "--specific", small, "--output", weights, "--smoothing", "0.02",
+          "--basis-sets", *coarse_sets, "--basis-output", basis, "--basis-smoothing", "0.01", "--no-progress"]
+    ex.cached_step("fine-weights", stamps, {"inputs": ex.file_fingerprint([manifest, small]), "args": iw},
+                   [weights, basis], lambda: ex.run_tool("importance_weights.py", *iw))
     base = ["--data-path", *[os.path.join(shard_dir, f"{d}_text_document") for d in fine],
-            "--specific-data-path", small_prefix + "_text_document",
-            "--specific-eval-data-path", data.target_eval_prefix, *common_args(data, preset, args),
+            "--specific-data-path", small_prefix, "--specific-eval-data-path", data.specific_eval_prefix,
+            *common_args(data, preset, args),
             # Some fine clusters hold a handful of documents: no per-domain held-out part.
             "--split", "100,0"]
     return {
@@ -143,42 +338,112 @@ def fine_grained(data, preset: dict, args, out: str) -> Dict[str, List[str]]:
     }
 
 
+SCENARIO_METHODS = {"token-limited": ("uniform", "importance", "dga", "dga_ema"),
+                    "unlimited": ("uniform", "importance", "dga", "dga_ema"),
+                    "fine-grained": ("uniform", "importance", "dga_basis")}
+
+
+def chosen_methods(args) -> List[str]:
+    names = SCENARIO_METHODS[args.scenario]
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(names)
+    unknown = [m for m in chosen if m not in names]
+    if unknown or not chosen:
+        raise ConfigError(f"--methods {args.methods!r}: {unknown or 'none'} not a method of {args.scenario}; choose "
+                          f"from {', '.join(names)}")
+    return chosen
+
+
+def build_jobs(args, data: ex.ExperimentData, out: str, data_dir: str) -> List[ex.Job]:
+    """One job per (method or sweep variant, seed), method-major."""
+    preset = PRESETS[args.preset]
+    chosen = chosen_methods(args)
+    if args.scenario == "fine-grained":
+        methods = fine_grained_methods(data, preset, args, data_dir)
+    else:
+        if "importance" in chosen:
+            data = ex.with_importance_weights(data, data_dir)
+        methods = domain_methods(data, preset, args)
+    methods = {m: methods[m] for m in chosen}
+    extra, dga_extra = parse_flags(args.extra_args, "--extra-args"), parse_flags(args.dga_args, "--dga-args")
+    methods = {m: with_flags(with_flags(a, extra), dga_extra if is_dga(a) else []) for m, a in methods.items()}
+    methods = sweep_variants(methods, parse_sweep(args.sweep))
+    return [ex.Job(m, seed, argv, os.path.join(out, "runs", m, f"seed{seed}"))
+            for m, argv in methods.items() for seed in args.seeds]
+
+
+# --------------------------------------------------------------------------- results
+def write_results(args, data: ex.ExperimentData, results: Sequence[ex.RunResult], methods: Sequence[str],
+                  out: str, command: str) -> str:
+    """results.md, results.csv, runs.csv and the plots; returns the markdown."""
+    from megatron_dga import experiment_results as er
+
+    summary = er.Summary.of(results, methods)
+    iters = args.train_iters or PRESETS[args.preset]["train_iters"]
+    title = (f"### {args.scenario}: {data.source}; {args.preset} preset, {iters} iterations, "
+             f"seeds {' '.join(map(str, args.seeds))}")
+    if args.scenario == "token-limited":
+        title += f", {args.token_limit or PRESETS[args.preset]['token_limit']:,} tokens per domain"
+    if args.scenario == "fine-grained":
+        title += (f", {' x '.join(map(str, args.fine_clusters))} fine domains, {args.specific_docs} specific "
+                  "documents")
+    table = er.markdown(summary, title)
+    if len(args.seeds) == 1:
+        table += ("\n\nOne seed: seeds move the target loss by ~0.05-0.1 nats at this scale, more than some gaps "
+                  "between methods; compare over several (--seeds 1 2 3) before concluding.")
+    plots = er.write_plots(results, out)
+    text = (f"{table}\n\nCommand:\n\n    {command}\n\nPlots:\n" + "".join(f"- {os.path.relpath(p, out)}\n" for p in plots))
+    atomic_write_text(os.path.join(out, "results.md"), text)
+    atomic_write_text(os.path.join(out, "results.csv"), er.csv_text(summary))
+    atomic_write_text(os.path.join(out, "runs.csv"),
+                      er.runs_csv_text(summary, {(r.method, r.seed): r.run_dir for r in results}))
+    return table
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    preset = PRESETS[args.preset]
-    out = os.path.abspath(os.path.join(args.out, args.scenario))
-    os.makedirs(out, exist_ok=True)
-    from megatron_dga.prep.default_corpus import prepare_default_data
+    command = "python examples/experiments.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    root = os.path.abspath(args.out)
+    out, data_dir = os.path.join(root, args.scenario), os.path.join(root, "data")
+    try:
+        if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+            raise ConfigError(f"--seeds {args.seeds}: give distinct non-negative integers")
+        chosen_methods(args)  # before any preparation
+        parse_sweep(args.sweep)
+        ensure_writable_dir(out, "--out")
+        data = prepare_data(args, data_dir)
+        check_same_source(root, data)
+        jobs = build_jobs(args, data, out, data_dir)
+        nproc = 1
+        if args.preset == "gpu":
+            import torch
 
-    data = prepare_default_data(os.path.join(os.path.abspath(args.out), "data"))
-    jobs = (token_limited if args.scenario == "token-limited" else fine_grained)(data, preset, args, out)
-    chosen = [m.strip() for m in args.methods.split(",")] if args.methods else list(jobs)
-    unknown = [m for m in chosen if m not in jobs]
-    if unknown:
-        print(f"error: --methods {unknown} unknown for {args.scenario}; choose from {list(jobs)}", file=sys.stderr)
+            nproc = max(torch.cuda.device_count(), 1)
+        iters = args.train_iters or PRESETS[args.preset]["train_iters"]
+        save_interval = args.save_interval or max(iters // 4, 1)
+        results, unfinished = [], []
+        for i, job in enumerate(jobs, 1):
+            ex.say(f"\n[{i}/{len(jobs)}] {args.scenario} / {job.method} / seed {job.seed}")
+            result = ex.run_job(job, save_interval=save_interval, threads=args.threads, nproc=nproc,
+                                keep_checkpoints=args.keep_checkpoints)
+            (results if result is not None else unfinished).append(result or job)
+    except ex.Interrupted as exc:
+        print(f"\ninterrupted: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted: re-run the same command to go on (finished preparation steps and runs are kept)",
+              file=sys.stderr)
+        return 130
+    except DGAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    nproc = 1
-    if args.preset == "gpu":
-        import torch
-
-        nproc = max(torch.cuda.device_count(), 1)
-    results = []
-    for name in chosen:
-        print(f"\n=== {args.scenario} / {name}", flush=True)
-        results.append(run_pretrain(name, jobs[name], os.path.join(out, "runs", name), threads=args.threads,
-                                    nproc=nproc))
-    names = json.load(open(os.path.join(results[0].run_dir, "run_info.json")))["domains"]
-    basis_names = None
-    for r in results:
-        info = json.load(open(os.path.join(r.run_dir, "run_info.json")))
-        basis_names = basis_names or info.get("basis_names")
-    table = results_table(results, f"### {args.scenario} ({args.preset} preset)\n")
-    plots = write_plots(results, names, out, basis_names)
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write(table + "\n\nPlots:\n" + "\n".join(f"- {os.path.relpath(p, out)}" for p in plots) + "\n")
-    print("\n" + table + "\n\nwritten: " + os.path.join(out, "results.md"))
-    for p in plots:
-        print(f"  {p}")
+    if unfinished:
+        print(f"\n{len(unfinished)} run(s) stopped before --train-iters: "
+              f"{', '.join(f'{j.method}/seed{j.seed}' for j in unfinished)}. Re-run the same command to resume them; "
+              "the results are written once every run has finished.", file=sys.stderr)
+        return 3
+    methods = list(dict.fromkeys(j.method for j in jobs))
+    table = write_results(args, data, results, methods, out, command)
+    print("\n" + table + f"\n\nwritten: {os.path.join(out, 'results.md')}, results.csv, runs.csv and the plots")
     return 0
 
 

@@ -1,87 +1,494 @@
-"""Running and comparing several pretraining jobs: the glue of the demo and the experiment runner.
+"""Running method comparisons: data preparation, resumable training jobs, results read back.
 
-Each method is a real ``python -m megatron_dga.pretrain_gpt`` process (optionally under
-torchrun); results are read back from its metrics.jsonl, never from a file of numbers.
+The glue of ``examples/experiments.py`` (and through it ``scripts/demo.sh``):
+
+* :func:`prepare_jsonl_corpus` turns a directory of ``<domain>.jsonl`` files plus a target's
+  train/eval jsonl into a tokenizer, Megatron shards and (on demand) importance weights, with
+  the project's own tools (``tools/train_tokenizer.py``, ``preprocess_data.py``,
+  ``importance_weights.py``), their ``main(argv)`` called in-process with the arguments a user
+  would type (one megatron-core import, not one per step). Each step leaves a stamp (its inputs' sizes and
+  mtimes, its arguments) under ``<data dir>/stamps/``; a re-run skips a step whose stamp
+  matches and whose outputs exist.
+* :func:`run_job` runs one training job (``python -m megatron_dga.pretrain_gpt``, optionally
+  under torchrun) so that it can always be resumed: ``--save`` in its run directory, a
+  ``job.json`` with its arguments, ``--load`` when a checkpoint is there. A finished job
+  (``job.json`` says so and ``metrics.jsonl`` reaches ``--train-iters``) is skipped. Ctrl-C
+  stops the running job through Megatron's ``--exit-signal-handler`` (it saves, then exits).
+* :class:`RunResult` holds what a finished job logged; ``megatron_dga/experiment_results.py``
+  turns several into tables.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
+from megatron_dga.errors import ConfigError, DataError
+from megatron_dga.fileio import atomic_write_json
 from megatron_dga.training.metrics import read_metrics
+
+TOOLS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+"""The repository's tools/ (the runner calls them as a user would)."""
+
+JOB_FORMAT = "megatron-dga/experiment-job-v1"
+JOB_FILE = "job.json"
+"""In each run directory: the job's arguments, whether it finished, and the time of each attempt."""
+
+STOP_ONLY_FLAGS = {"--exit-interval": 1, "--exit-duration-in-mins": 1, "--exit-signal-handler": 0}
+"""Trainer flags that decide when a job pauses, not what it computes (flag -> number of values):
+they may differ between the attempts of one job."""
+
+
+def say(message: str) -> None:
+    """One progress line of the runner (stdout, flushed: the runs' lines interleave with it)."""
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------- data preparation
+_TOOLS: Dict[str, object] = {}
+
+
+def load_tool(name: str):
+    """The module of ``tools/<name>`` (loaded once): the runner calls its ``main(argv)`` in-process,
+    with the arguments a user would type, so megatron-core is imported once, not once per step."""
+    if name not in _TOOLS:
+        import importlib.util
+
+        path = os.path.join(TOOLS_DIR, name)
+        spec = importlib.util.spec_from_file_location(f"megatron_dga_tool_{name[:-3]}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _TOOLS[name] = module
+    return _TOOLS[name]
+
+
+def run_tool(name: str, *args: str) -> None:
+    """Run ``tools/<name> args`` to completion (its progress goes to our stderr); DataError if it fails."""
+    started = time.monotonic()
+    say(f"[prep] python tools/{name} {' '.join(args)}")
+    try:
+        rc = load_tool(name).main(list(args))
+    except SystemExit as exc:  # argparse rejected the arguments
+        rc = exc.code if isinstance(exc.code, int) else 2
+    if rc != 0:
+        raise DataError(f"tools/{name} failed (exit {rc}): its error is printed above; the command was "
+                        f"python tools/{name} {' '.join(args)}")
+    say(f"[prep] tools/{name} done in {time.monotonic() - started:.1f}s")
+
+
+def file_fingerprint(paths: Sequence[str]) -> List[list]:
+    """(absolute path, size, mtime) of each file: what a cached step's output depends on."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def cached_step(name: str, stamp_dir: str, key: dict, outputs: Sequence[str], work: Callable[[], None]) -> None:
+    """Run ``work`` unless its stamp holds ``key`` and every output exists; then write the stamp.
+
+    The stamp is written after ``work`` returns (atomically), so an interrupted step runs again.
+    """
+    stamp = os.path.join(stamp_dir, f"{name}.json")
+    try:
+        with open(stamp, encoding="utf-8") as fh:
+            previous = json.load(fh)
+    except (OSError, ValueError):
+        previous = None
+    if previous == key and all(os.path.exists(p) for p in outputs):
+        say(f"[prep] {name}: up to date, skipped")
+        return
+    say(f"[prep] {name} ...")
+    work()
+    missing = [p for p in outputs if not os.path.exists(p)]
+    if missing:
+        raise DataError(f"[prep] {name} finished without writing {missing}")
+    atomic_write_json(stamp, key, indent=1)
+
+
+@dataclass(frozen=True)
+class ExperimentData:
+    """What the training jobs of an experiment read: shards, tokenizer, weights (absolute paths)."""
+
+    source: str
+    """Where the data comes from, in words (the results' title)."""
+    domains: tuple
+    """Generic domain names, in --data-path order."""
+    domain_prefixes: tuple
+    """Shard prefix of each domain (``.../<domain>_text_document``)."""
+    specific_prefix: str
+    """Shard prefix of the target's training split (--specific-data-path)."""
+    specific_eval_prefix: str
+    """Shard prefix of the target's evaluation split (--specific-eval-data-path)."""
+    tokenizer_args: tuple
+    """--tokenizer-type ... flags of every job."""
+    importance_weights: Optional[str] = None
+    """Weights file of --mixing importance (None: not computed yet, or not available)."""
+    domain_jsonl_dir: Optional[str] = None
+    """Directory of the domains' jsonl files (importance weights, fine-grained clustering)."""
+    target_train_jsonl: Optional[str] = None
+    """The target's training split as jsonl (importance weights, fine-grained clustering)."""
+
+
+def prefix_name(prefix: str) -> str:
+    """A domain's name: the prefix's basename without a trailing ``_text_document``."""
+    base = os.path.basename(prefix)
+    return base[: -len("_text_document")] if base.endswith("_text_document") else base
+
+
+def check_prefix(prefix: str, flag: str) -> str:
+    """The absolute prefix; DataError naming ``flag`` when its .bin/.idx pair is missing."""
+    missing = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
+    if missing:
+        raise DataError(f"{flag} {prefix}: no {prefix}{missing[0]}; give a shard prefix written by "
+                        "tools/preprocess_data.py (<dir>/<name>_text_document)")
+    return os.path.abspath(prefix)
+
+
+def shards_data(data_paths: Sequence[str], specific: str, specific_eval: str, tokenizer_args: Sequence[str],
+                importance_weights: Optional[str]) -> ExperimentData:
+    """ExperimentData over shards built beforehand (no preparation)."""
+    prefixes = tuple(check_prefix(p, "--data-path") for p in data_paths)
+    names = tuple(prefix_name(p) for p in prefixes)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--data-path: two shards share a domain name ({sorted(names)}); rename one")
+    if importance_weights is not None and not os.path.isfile(importance_weights):
+        raise DataError(f"--importance-weights {importance_weights}: no such file; write it with "
+                        "tools/importance_weights.py --labelled-domains DIR --specific TARGET.jsonl --output FILE")
+    return ExperimentData(
+        source=f"shards ({len(prefixes)} domains)", domains=names, domain_prefixes=prefixes,
+        specific_prefix=check_prefix(specific, "--specific-data-path"),
+        specific_eval_prefix=check_prefix(specific_eval, "--specific-eval-data-path"),
+        tokenizer_args=tuple(tokenizer_args),
+        importance_weights=os.path.abspath(importance_weights) if importance_weights else None)
+
+
+def domain_files(corpus_dir: str) -> Dict[str, str]:
+    """``<domain>.jsonl`` (or ``.jsonl.gz``) files of a corpus directory, by domain name."""
+    from megatron_dga.prep.inputs import jsonl_files_in
+
+    if not os.path.isdir(corpus_dir):
+        raise DataError(f"--corpus-dir {corpus_dir} is not a directory; give a directory holding one "
+                        "<domain>.jsonl per domain")
+    files: Dict[str, str] = {}
+    for path in jsonl_files_in(corpus_dir):
+        base = os.path.basename(path)
+        name = base[: -len(".jsonl.gz")] if base.endswith(".jsonl.gz") else base[: -len(".jsonl")]
+        if name in files:
+            raise DataError(f"--corpus-dir {corpus_dir}: domain {name!r} has two files ({files[name]}, {path}); keep one")
+        files[name] = path
+    if len(files) < 2:
+        raise DataError(f"--corpus-dir {corpus_dir} holds {len(files)} <domain>.jsonl file(s); a mixture needs "
+                        "at least 2 domains")
+    return files
+
+
+def prepare_jsonl_corpus(corpus_dir: str, target_train: str, target_eval: str, data_dir: str, *,
+                         vocab_size: int, seed: int, workers: int) -> ExperimentData:
+    """Tokenizer and shards of a ``<domain>.jsonl`` directory and a target's train/eval jsonl.
+
+    Writes ``data_dir/tokenizer/spm.model``, ``data_dir/shards/domains/<domain>_text_document``
+    and ``data_dir/shards/targets/{target_train,target_eval}_text_document``; each step is
+    skipped when its stamp matches (module docstring).
+    """
+    files = domain_files(corpus_dir)
+    for path, flag in ((target_train, "--target-train"), (target_eval, "--target-eval")):
+        if not os.path.isfile(path):
+            raise DataError(f"{flag} {path}: no such file; give the target's {flag[9:]} split as jsonl")
+    corpus_dir, data_dir = os.path.abspath(corpus_dir), os.path.abspath(data_dir)
+    stamps = os.path.join(data_dir, "stamps")
+    os.makedirs(stamps, exist_ok=True)
+    # The target files keep their names out of the way: fixed names, linked into one directory.
+    targets_in = os.path.join(data_dir, "targets_jsonl")
+    os.makedirs(targets_in, exist_ok=True)
+    for name, path in (("target_train", target_train), ("target_eval", target_eval)):
+        link = os.path.join(targets_in, f"{name}.jsonl")
+        if not (os.path.islink(link) and os.readlink(link) == os.path.abspath(path)):
+            if os.path.lexists(link):
+                os.unlink(link)
+            os.symlink(os.path.abspath(path), link)
+    inputs = file_fingerprint([*files.values(), target_train, target_eval])
+    model = os.path.join(data_dir, "tokenizer", "spm.model")
+    tok_args = ["--input", corpus_dir, os.path.abspath(target_train), "--vocab-size", str(vocab_size),
+                "--model-prefix", model[: -len(".model")], "--seed", str(seed)]
+    cached_step("tokenizer", stamps, {"inputs": inputs[:-1], "args": tok_args}, [model],
+                lambda: run_tool("train_tokenizer.py", *tok_args))
+    tokenizer = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model]
+    model_fp = file_fingerprint([model])
+    shard_dir = os.path.join(data_dir, "shards")
+    for sub, src, names in (("domains", corpus_dir, list(files)), ("targets", targets_in, ["target_train", "target_eval"])):
+        out = os.path.join(shard_dir, sub)
+        args = ["--input", src, "--output-prefix", out, *tokenizer, "--append-eod"]
+        key_inputs = inputs[: len(files)] if sub == "domains" else inputs[len(files):]
+        # (--workers changes the speed, not the shards: it stays out of the stamp)
+        cached_step(f"shards-{sub}", stamps, {"inputs": key_inputs, "tokenizer": model_fp, "args": args},
+                    [os.path.join(out, f"{n}_text_document.idx") for n in names],
+                    lambda args=args: run_tool("preprocess_data.py", *args, "--workers", str(workers)))
+    return ExperimentData(
+        source=f"--corpus-dir {corpus_dir} ({len(files)} domains)", domains=tuple(files),
+        domain_prefixes=tuple(os.path.join(shard_dir, "domains", f"{n}_text_document") for n in files),
+        specific_prefix=os.path.join(shard_dir, "targets", "target_train_text_document"),
+        specific_eval_prefix=os.path.join(shard_dir, "targets", "target_eval_text_document"),
+        tokenizer_args=tuple(tokenizer), domain_jsonl_dir=corpus_dir,
+        target_train_jsonl=os.path.abspath(target_train))
+
+
+def embedded_data(data_dir: str, vocab_size: Optional[int], seed: int) -> ExperimentData:
+    """The embedded default corpus (built from this Python installation), built or reused."""
+    from megatron_dga.prep.default_corpus import prepare_default_data
+
+    kwargs = {} if vocab_size is None else {"vocab_size": vocab_size}
+    d = prepare_default_data(os.path.join(data_dir, "embedded"), seed=seed, log=say, **kwargs)
+    return ExperimentData(
+        source="the embedded default corpus (text of the local Python installation)", domains=tuple(d.domains),
+        domain_prefixes=tuple(d.domain_prefixes[n] for n in d.domains), specific_prefix=d.target_train_prefix,
+        specific_eval_prefix=d.target_eval_prefix,
+        tokenizer_args=("--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", d.tokenizer_model),
+        domain_jsonl_dir=os.path.dirname(d.domain_jsonl[d.domains[0]]), target_train_jsonl=d.target_train_jsonl)
+
+
+def with_importance_weights(data: ExperimentData, data_dir: str, *, smoothing: float = 0.02) -> ExperimentData:
+    """``data`` with importance weights: given ones, else computed by tools/importance_weights.py
+    --labelled-domains over the domains' jsonl (cached like the other preparation steps)."""
+    if data.importance_weights:
+        return data
+    if not (data.domain_jsonl_dir and data.target_train_jsonl):
+        raise ConfigError("--methods importance on prepared shards needs "
+                          "--importance-weights FILE (tools/importance_weights.py --labelled-domains DIR "
+                          "--specific TARGET.jsonl --output FILE writes it)")
+    out = os.path.join(os.path.abspath(data_dir), "importance_weights.json")
+    args = ["--labelled-domains", data.domain_jsonl_dir, "--specific", data.target_train_jsonl, "--output", out,
+            "--smoothing", str(smoothing), "--no-progress"]
+    from megatron_dga.prep.inputs import jsonl_files_in
+
+    inputs = file_fingerprint([*jsonl_files_in(data.domain_jsonl_dir), data.target_train_jsonl])
+    stamps = os.path.join(os.path.abspath(data_dir), "stamps")
+    os.makedirs(stamps, exist_ok=True)
+    cached_step("importance-weights", stamps, {"inputs": inputs, "args": args}, [out],
+                lambda: run_tool("importance_weights.py", *args))
+    return ExperimentData(**{**data.__dict__, "importance_weights": out})
+
+
+# --------------------------------------------------------------------------- jobs
+@dataclass
+class Job:
+    """One training run of an experiment: a method under one seed."""
+
+    method: str
+    """Method (or sweep variant) name, e.g. ``dga_ema`` or ``dga_ema+eta=3``."""
+    seed: int
+    """--seed of the run."""
+    argv: List[str]
+    """Trainer flags, without --seed, --log-dir, --save, --load (:func:`run_job` adds them)."""
+    run_dir: str
+    """The run's directory: metrics.jsonl, run_info.json, stdout.log, job.json, ckpt/."""
 
 
 @dataclass
 class RunResult:
-    name: str
+    """What one finished run logged."""
+
+    method: str
+    seed: int
     run_dir: str
     seconds: float
+    """Wall-clock seconds of all its attempts (start-up, evaluation and checkpoints included)."""
     metrics: List[dict] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+    """run_info.json (domain and basis names, the resolved config)."""
 
     def evals(self, key: str = "specific_eval_loss") -> List[float]:
         return [m[key] for m in self.metrics if m.get(key) is not None]
 
 
-def run_pretrain(name: str, argv: Sequence[str], run_dir: str, *, threads: int = 1, nproc: int = 1,
-                 echo: bool = True) -> RunResult:
-    """Run one training job to completion, streaming its Megatron log lines; raise on failure."""
-    os.makedirs(run_dir, exist_ok=True)
+def strip_stop_flags(argv: Sequence[str]) -> List[str]:
+    """``argv`` without the flags of :data:`STOP_ONLY_FLAGS` (what a job's identity ignores)."""
+    out, i = [], 0
+    while i < len(argv):
+        n = STOP_ONLY_FLAGS.get(argv[i])
+        if n is None:
+            out.append(argv[i])
+            i += 1
+        else:
+            i += 1 + n
+    return out
+
+
+def job_argv(job: Job, save_interval: int) -> List[str]:
+    """The trainer flags of every attempt: the job's, its seed, and where it saves and logs."""
+    return [*job.argv, "--seed", str(job.seed), "--log-dir", job.run_dir, "--save", os.path.join(job.run_dir, "ckpt"),
+            "--save-interval", str(save_interval), "--exit-signal-handler"]
+
+
+def train_iters_of(argv: Sequence[str]) -> int:
+    """The value of the last --train-iters in ``argv``."""
+    idx = max(i for i, a in enumerate(argv) if a == "--train-iters")
+    return int(argv[idx + 1])
+
+
+def _read_job_file(run_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(run_dir, JOB_FILE), encoding="utf-8") as fh:
+            state = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{os.path.join(run_dir, JOB_FILE)} is unreadable ({exc}); delete the run directory "
+                        f"{run_dir} to run it again") from None
+    if state.get("format") != JOB_FORMAT:
+        raise DataError(f"{os.path.join(run_dir, JOB_FILE)}: format {state.get('format')!r}, expected {JOB_FORMAT!r}")
+    return state
+
+
+def _last_iteration(run_dir: str) -> int:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return 0
+    metrics = read_metrics(path)
+    return int(metrics[-1]["iteration"]) if metrics else 0
+
+
+def job_status(job: Job, save_interval: int) -> str:
+    """``new``, ``finished`` or ``interrupted``; ConfigError when the run directory holds another job."""
+    state = _read_job_file(job.run_dir)
+    if state is None:
+        return "new"
+    mine = strip_stop_flags(job_argv(job, save_interval))
+    theirs = strip_stop_flags(state.get("argv", []))
+    if theirs != mine:
+        at = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
+        flag = next((a for a in reversed(mine[: at + 1]) if a.startswith("--")), "the flags")
+        diff = f"{flag}: {' '.join(theirs[at:at + 3])!r}... vs {' '.join(mine[at:at + 3])!r}..."
+        raise ConfigError(
+            f"run directory {job.run_dir} holds a run of {job.method} (seed {job.seed}) with other arguments "
+            f"(first difference, before vs now: {diff}); re-run with the same arguments to resume it, "
+            "or pass another --out (or delete that directory) to start afresh")
+    if state.get("finished") and _last_iteration(job.run_dir) >= train_iters_of(mine):
+        return "finished"
+    return "interrupted"
+
+
+def load_result(job: Job) -> RunResult:
+    """The RunResult of a finished job, read from its run directory."""
+    state = _read_job_file(job.run_dir) or {}
+    with open(os.path.join(job.run_dir, "run_info.json"), encoding="utf-8") as fh:
+        info = json.load(fh)
+    seconds = sum(a.get("seconds", 0.0) for a in state.get("attempts", []))
+    return RunResult(job.method, job.seed, job.run_dir, seconds, read_metrics(os.path.join(job.run_dir, "metrics.jsonl")),
+                     info)
+
+
+class Interrupted(Exception):
+    """The user stopped the runner (Ctrl-C); the running job saved a checkpoint first."""
+
+
+def run_job(job: Job, *, save_interval: int, threads: int = 1, nproc: int = 1, echo: bool = True,
+            keep_checkpoints: bool = False) -> Optional[RunResult]:
+    """Run (or resume, or skip) one job; its RunResult, or None when it stopped before --train-iters.
+
+    A finished job is skipped. An interrupted one resumes from the latest checkpoint under
+    ``<run_dir>/ckpt`` (``--load``). A job that stops early but cleanly (``--exit-interval``,
+    ``--exit-duration-in-mins`` in the job's flags) returns None and resumes next time. When the
+    job finishes, its checkpoints are deleted unless ``keep_checkpoints`` (results come from
+    metrics.jsonl; a finished job never resumes).
+
+    Raises:
+        ConfigError: the run directory holds a job with other arguments.
+        DataError: the trainer failed (the message points at its stdout.log).
+        Interrupted: Ctrl-C; the job saved and stopped, a re-run resumes it.
+    """
+    label = f"{job.method} seed {job.seed}"
+    status = job_status(job, save_interval)
+    if status == "finished":
+        say(f"=== {label}: finished before, skipped ({job.run_dir})")
+        return load_result(job)
+    argv = job_argv(job, save_interval)
+    state = _read_job_file(job.run_dir) or {"format": JOB_FORMAT, "argv": argv, "finished": False, "attempts": []}
+    state["argv"], state["finished"] = argv, False
+    os.makedirs(job.run_dir, exist_ok=True)
+    ckpt = os.path.join(job.run_dir, "ckpt")
+    resumed_from = None
+    if os.path.isdir(ckpt):  # (imports torch: only when there is something to resume)
+        from megatron_dga.training.checkpoint import latest_iteration
+
+        resumed_from = latest_iteration(ckpt)
+    if resumed_from is not None:
+        argv = [*argv, "--load", ckpt]
+    say(f"=== {label}: " + (f"resuming from iteration {resumed_from}" if resumed_from is not None else "starting"))
+    atomic_write_json(os.path.join(job.run_dir, JOB_FILE), state, indent=1)
+    rc, seconds, interrupted = _launch(label, argv, job.run_dir, threads, nproc, echo, append=resumed_from is not None)
+    state["attempts"].append({"seconds": seconds, "from_iteration": resumed_from or 0, "exit_code": rc})
+    last = _last_iteration(job.run_dir) if rc == 0 else None
+    state["finished"] = rc == 0 and last >= train_iters_of(argv)
+    atomic_write_json(os.path.join(job.run_dir, JOB_FILE), state, indent=1)
+    if interrupted:
+        from megatron_dga.training.checkpoint import latest_iteration
+
+        saved = latest_iteration(ckpt) if os.path.isdir(ckpt) else None
+        raise Interrupted(f"{label} stopped; its last checkpoint is at iteration {saved}: re-run the same command to "
+                          "resume it" if saved is not None else f"{label} stopped before its first checkpoint: "
+                          "re-run the same command to start it again")
+    if rc != 0:
+        raise DataError(f"{label} failed (exit {rc}); see {os.path.join(job.run_dir, 'stdout.log')}. Re-running "
+                        "the same command resumes it from its last checkpoint")
+    if not state["finished"]:
+        from megatron_dga.training.checkpoint import latest_iteration
+
+        say(f"=== {label}: stopped at iteration {latest_iteration(ckpt)} (saved); re-run the same command to "
+            "resume it")
+        return None
+    if not keep_checkpoints:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    say(f"=== {label}: done in {seconds:.0f}s")
+    return load_result(job)
+
+
+def _launch(label: str, argv: Sequence[str], run_dir: str, threads: int, nproc: int, echo: bool,
+            append: bool) -> tuple:
+    """Run the trainer once; (exit code, seconds, whether Ctrl-C came). Its output goes to
+    stdout.log (appended on a resume); Megatron's log lines are echoed with the job's label."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     launcher = [sys.executable, "-m", "megatron_dga.pretrain_gpt"]
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                     "-m", "megatron_dga.pretrain_gpt"]
+    # Ctrl-C: the trainer's --exit-signal-handler saves and exits 0, and the runner waits for that
+    # instead of dying first (the signal is passed on, in case it reached the runner only). A
+    # second Ctrl-C kills the trainer: it resumes from its previous checkpoint.
+    interrupted: List[int] = []
+    proc = None
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        if proc is not None and proc.poll() is None:
+            if len(interrupted) == 1:
+                proc.send_signal(signal.SIGINT)
+            else:
+                proc.kill()
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal.signal works
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main_thread else None
     start = time.time()
-    with open(os.path.join(run_dir, "stdout.log"), "w") as log:
-        proc = subprocess.Popen([*launcher, *argv, "--log-dir", run_dir], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            log.write(line)
-            if echo and (line.startswith("[20") or line.startswith("error") or "Error" in line):
-                text = line.rstrip()
-                print(f"  {name:>12} | {text[22:] if text.startswith('[20') else text}", flush=True)
-        if proc.wait() != 0:
-            raise SystemExit(f"{name} failed (exit {proc.returncode}); see {run_dir}/stdout.log")
-    seconds = time.time() - start
-    return RunResult(name, run_dir, seconds, read_metrics(os.path.join(run_dir, "metrics.jsonl")))
-
-
-def results_table(results: Sequence[RunResult], title: str = "") -> str:
-    """Markdown table: final and best held-out target loss, mean generic eval loss, wall time."""
-    rows = []
-    for r in results:
-        evals = r.evals()
-        last_eval = next((m for m in reversed(r.metrics) if m.get("specific_eval_loss") is not None), {})
-        generic = last_eval.get("domain_eval_loss") or []
-        rows.append((r.name, evals[-1] if evals else float("nan"), min(evals) if evals else float("nan"),
-                     sum(generic) / len(generic) if generic else float("nan"), r.seconds))
-    best = min(row[1] for row in rows)
-    lines = [title] if title else []
-    lines += ["| method | final target eval loss | best target eval loss | mean generic eval loss | wall time |",
-              "|---|---:|---:|---:|---:|"]
-    for name, final, best_seen, generic, secs in rows:
-        mark = " *" if final == best else ""
-        lines.append(f"| {name} | {final:.4f}{mark} | {best_seen:.4f} | {generic:.4f} | {secs:.0f} s |")
-    return "\n".join(lines)
-
-
-def write_plots(results: Sequence[RunResult], names: Sequence[str], out: str,
-                basis_names: Optional[Sequence[str]] = None) -> List[str]:
-    """Target-loss curves of all runs and, per non-uniform run, its weights over time."""
-    from megatron_dga.plots import plot_curves, plot_domain_weights
-
-    paths = [plot_curves({r.name: r.metrics for r in results}, "specific_eval_loss",
-                         os.path.join(out, "target_loss.png"), "held-out target loss", "target eval loss by method")]
-    for r in results:
-        if r.name == "uniform":
-            continue
-        paths.append(plot_domain_weights(r.metrics, names, os.path.join(out, f"weights_{r.name}.png"),
-                                         title=f"domain weights: {r.name}"))
-        if basis_names and any("basis_weights" in m for m in r.metrics):
-            paths.append(plot_domain_weights(r.metrics, basis_names, os.path.join(out, f"basis_weights_{r.name}.png"),
-                                             title=f"basis weights: {r.name}", key="basis_weights"))
-    return [p for p in paths if p]
+    try:
+        with open(os.path.join(run_dir, "stdout.log"), "a" if append else "w") as log:
+            proc = subprocess.Popen([*launcher, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    env=env)
+            for line in proc.stdout:
+                log.write(line)
+                if echo and (line.startswith("[20") or line.startswith("error") or "Error" in line
+                             or line.startswith("resumed from")):
+                    text = line.rstrip()
+                    say(f"  {label:>20} | {text[22:] if text.startswith('[20') else text}")
+            rc = proc.wait()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+    return rc, time.time() - start, bool(interrupted)

@@ -1,28 +1,46 @@
-"""Train a SentencePiece tokenizer on a deterministic sample of jsonl documents.
+"""Train a SentencePiece tokenizer on jsonl documents, the way SentencePiece users do.
 
 Example::
 
     python tools/train_tokenizer.py --input data/ more/*.jsonl.gz --model-prefix tok/spm \\
-        --vocab-size 4096 --model-type unigram --sample-docs 20000 --seed 1234
+        --vocab-size 4096 --model-type unigram --seed 1234
 
 Writes <model-prefix>.model and <model-prefix>.vocab. Special ids: unk=0, bos=1, eos=2 (the
 end-of-document id the trainer and tools/preprocess_data.py --append-eod use), pad=3. The
-model keeps whitespace and newlines (lossless on code). Sampling is reservoir sampling over the
-documents of the sorted input files with --seed, so the same inputs, flags and seed give a
-byte-identical model (the learned model also depends on --num-threads: keep it fixed).
+model keeps whitespace and newlines (lossless on code).
+
+Sentences are the non-blank lines of the documents (SentencePiece's "one sentence per line";
+newlines are a piece of their own, so no piece spans two lines either way). Every input file
+is read once, as a stream, with progress on stderr; a uniform, shuffled sample of
+--input-sentence-size lines is kept (reservoir sampling with --seed: SentencePiece's
+--input_sentence_size and --shuffle_input_sentence, made reproducible), so the time and memory
+of training stay bounded whatever the corpus size; SentencePiece trains on --num-threads cores. Its own
+log (loading, seed pieces, each EM round of the unigram trainer) is shown, condensed, with
+the elapsed time. The same inputs, flags and seed give a byte-identical model; the model also
+depends on --num-threads, so keep it fixed to reproduce one.
+
+--sample-docs N first draws N whole documents (reservoir sampling, in memory) and trains on
+their lines only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+import re
 import sys
+import threading
+import time
+from typing import Iterator, Sequence
 
-from megatron_dga.prep.inputs import expand_jsonl_inputs
-from megatron_dga.prep.preprocess import sample_documents
 from megatron_dga.data.tokenizers import SentencePieceTrainConfig, train_sentencepiece
 from megatron_dga.errors import ConfigError, DGAError
 from megatron_dga.fileio import ensure_writable_parent
 from megatron_dga.logging_setup import setup_logging
+from megatron_dga.prep.inputs import expand_jsonl_inputs
+from megatron_dga.prep.preprocess import _file_total, _iter_line_batches, _parse_line, _Progress, sample_documents
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -30,25 +48,126 @@ def get_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True, help="jsonl(.gz) files, directories of them, or quoted globs")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl fields to train on (default: text)")
-    group.add_argument("--sample-docs", type=int, default=100_000, help="documents sampled for training (0: all)")
-    group.add_argument("--max-sentence-length", type=int, default=16384, help="longest document in bytes (longer ones are cut)")
-    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--input-sentence-size", type=int, default=1_000_000,
+                       help="lines SentencePiece samples (uniformly, shuffled) for training; 0: all (default: 1000000)")
+    group.add_argument("--sample-docs", type=int, default=0,
+                       help="first draw this many documents and train on their lines (0: every document, the default)")
+    group.add_argument("--max-sentence-length", type=int, default=16384, help="longest line in bytes (longer ones are cut)")
+    group.add_argument("--seed", type=int, default=1234, help="seed of the document and sentence sampling")
     group = parser.add_argument_group("model")
     group.add_argument("--model-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
     group.add_argument("--vocab-size", type=int, default=4096)
     group.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     group.add_argument("--character-coverage", type=float, default=0.9995)
-    group.add_argument("--num-threads", type=int, default=1, help="trainer threads (the model depends on it)")
+    group.add_argument("--num-threads", type=int, default=os.cpu_count() or 1,
+                       help="trainer threads (default: the CPU count; the model depends on it)")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--log-interval", type=int, default=5000, help="documents between progress lines without a tty")
+    group.add_argument("--no-progress", action="store_true", help="never show the progress bar")
     return parser.parse_args(argv)
+
+
+class InputStats:
+    """What the sentence stream has read so far (for the summary line and the bad-line report)."""
+
+    def __init__(self, started: float, sample_size: int):
+        self.started = started
+        self.sample_size = sample_size
+        self.docs = 0
+        self.lines = 0
+        self.bytes = 0
+        self.bad: dict = {}
+
+
+def document_lines(texts) -> Iterator[str]:
+    """The non-blank lines of each text (the training sentences)."""
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip():
+                yield line
+
+
+def stream_sentences(files: Sequence[str], json_keys: Sequence[str], stats: InputStats, progress) -> Iterator[str]:
+    """Every non-blank line of every document of ``files``, read once, with progress."""
+    keys = tuple(json_keys)
+    for batch in _iter_line_batches(files):
+        docs = nbytes = 0
+        for _, _, raw in batch:
+            nbytes += len(raw)
+            status, texts = _parse_line(raw, keys)
+            if status != "ok":
+                stats.bad[status] = stats.bad.get(status, 0) + 1
+                continue
+            docs += 1
+            for line in document_lines(texts):
+                stats.lines += 1
+                yield line
+        stats.docs += docs
+        stats.bytes += nbytes
+        progress.update(docs, nbytes)
+    progress.close()
+    kept = f"{min(stats.lines, stats.sample_size):,} sampled" if stats.sample_size else "all"
+    print(f"[inputs        +{time.monotonic() - stats.started:6.1f}s] read {stats.docs:,} documents, {stats.lines:,} "
+          f"lines, {stats.bytes / 1e6:.1f} MB; training on {kept} lines", file=sys.stderr, flush=True)
+
+
+_SPM_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] (.*)$")
+_SPM_DROP = ("Adding meta_piece", "All log messages before absl::InitializeLog()")
+
+
+@contextlib.contextmanager
+def condensed_sentencepiece_log(started: float):
+    """Show SentencePiece's own stderr log (it writes to fd 2 from C++) one line per event,
+    prefixed with the elapsed time; drop its config dump and its 260 "Adding meta_piece" lines.
+    Everything else written to stderr meanwhile passes through unchanged."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump():
+        in_spec = False
+        with os.fdopen(read_end, "r", errors="replace") as src, os.fdopen(os.dup(saved), "w") as dst:
+            for line in src:
+                match = _SPM_LINE.match(line)
+                if match is None:
+                    if in_spec:  # the multi-line trainer/normalizer spec dump
+                        in_spec = not line.startswith("denormalizer_spec")
+                    elif line.strip() and not any(d in line for d in _SPM_DROP):  # blank: the "\\n" piece's line
+                        dst.write(line)
+                else:
+                    message = match.group(1)
+                    in_spec = message.startswith("Starts training with")
+                    if not any(d in message for d in _SPM_DROP):
+                        dst.write(f"[sentencepiece +{time.monotonic() - started:6.1f}s] "
+                                  f"{'starts training' if in_spec else message}\n")
+                dst.flush()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    # Python's own writes (a tqdm bar redraws without newlines) go straight to the terminal.
+    python_stderr, sys.stderr = sys.stderr, os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        yield
+    finally:
+        sys.stderr.close()
+        sys.stderr = python_stderr
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes the pipe's last write end: the pump sees EOF
+        os.close(saved)
+        thread.join(timeout=10)
 
 
 def main(argv=None) -> int:
     args = get_args(argv)
-    setup_logging()
+    setup_logging(logging.INFO, "%(asctime)s %(message)s")
     try:
-        ensure_writable_parent(args.model_prefix + ".model", "--model-prefix")  # before sampling and training
+        ensure_writable_parent(args.model_prefix + ".model", "--model-prefix")  # before reading and training
         if args.sample_docs < 0:
             raise ConfigError(f"--sample-docs {args.sample_docs} must be >= 0 (0 keeps every document).")
+        if args.log_interval < 1:
+            raise ConfigError(f"--log-interval {args.log_interval} must be >= 1.")
         if any(not k.strip() for k in args.json_keys):
             raise ConfigError(f"--json-keys {args.json_keys!r}: field names must be non-empty.")
         config = SentencePieceTrainConfig(
@@ -58,22 +177,46 @@ def main(argv=None) -> int:
             max_sentence_length=args.max_sentence_length,
             character_coverage=args.character_coverage,
             num_threads=args.num_threads,
+            input_sentence_size=args.input_sentence_size,
+            seed=args.seed,
+            minloglevel=0,
         )
         files = expand_jsonl_inputs(args.input)
-        texts, bad = sample_documents(files, args.json_keys, args.sample_docs or None, args.seed)
-        if not texts:
-            raise ConfigError(
-                f"no usable document in {len(files)} input file(s) for --json-keys "
-                f"{args.json_keys} (skipped lines: {bad}). Check the key names."
-            )
-        if bad:
-            print(f"skipped lines: {dict(sorted(bad.items()))}", file=sys.stderr)
-        print(f"training {args.model_type} SentencePiece (vocab {args.vocab_size}) on {len(texts)} documents "
-              f"from {len(files)} file(s)", file=sys.stderr)
-        model = train_sentencepiece(texts, config)
+        started = time.monotonic()
+        stats = InputStats(started, args.input_sentence_size)
+        sample = (f"up to {args.input_sentence_size:,} lines (a shuffled sample when there are more)"
+                  if args.input_sentence_size else "every line")
+        print(f"training a {args.model_type} SentencePiece (vocab {args.vocab_size}, {args.num_threads} threads) on "
+              f"{sample} of {'every document' if not args.sample_docs else f'{args.sample_docs:,} sampled documents'} "
+              f"in {len(files)} file(s)", file=sys.stderr, flush=True)
+        if args.sample_docs:
+            texts, stats.bad = sample_documents(files, args.json_keys, args.sample_docs, args.seed)
+            stats.docs = len(texts)
+        try:
+            with condensed_sentencepiece_log(started):
+                if args.sample_docs:
+                    sentences = document_lines(texts)
+                else:
+                    progress = _Progress(_file_total(files), "reading inputs", False if args.no_progress else None,
+                                         args.log_interval)
+                    sentences = stream_sentences(files, args.json_keys, stats, progress)
+                try:
+                    model = train_sentencepiece(sentences, config)
+                finally:
+                    if not args.sample_docs:
+                        progress.close()
+        except DGAError:
+            if not stats.docs:
+                raise ConfigError(f"no usable document in {len(files)} input file(s) for --json-keys "
+                                  f"{args.json_keys} (skipped lines: {stats.bad}). Check the key names.") from None
+            raise
     except DGAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if stats.bad:
+        print(f"skipped lines: {dict(sorted(stats.bad.items()))}", file=sys.stderr)
+    read = f"{stats.docs:,} documents" + (f", {stats.lines:,} lines, {stats.bytes / 1e6:.1f} MB" if stats.lines else "")
+    print(f"done in {time.monotonic() - started:.1f}s ({read}): {model}", file=sys.stderr)
     print(model)
     return 0
 

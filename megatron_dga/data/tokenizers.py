@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -658,6 +659,16 @@ class SentencePieceTrainConfig:
     """Fraction of characters covered by single-character pieces (the rest: byte fallback)."""
     num_threads: int = 1
     """Trainer threads. The learned model depends on it: keep it fixed for reproducibility."""
+    input_sentence_size: int = 0
+    """Sentences to train on: a uniform sample of this many (reservoir sampling with ``seed``, then
+    shuffled), so training time and memory stay bounded whatever the corpus size; 0 trains on every
+    sentence, in the given order. (SentencePiece's own sampler is not used: it ignores
+    ``set_random_generator_seed`` in sentencepiece 0.2 and draws a new sample in every process.)"""
+    seed: int = 1234
+    """Seed of the sentence sample (with ``input_sentence_size``)."""
+    minloglevel: int = 2
+    """SentencePiece's own log level on stderr: 0 info (its progress: loading, seed pieces, each EM
+    round), 1 warnings, 2 errors (library callers stay quiet)."""
     seed_pieces: int = 200_000
     """Unigram seed sentencepiece size (smaller is faster on small corpora)."""
     hard_vocab_limit: bool = False
@@ -682,7 +693,11 @@ class SentencePieceTrainConfig:
                 f"--character-coverage {self.character_coverage} must be in (0.5, 1]."
             )
         if self.num_threads < 1:
-            raise ConfigError(f"num_threads {self.num_threads} must be >= 1.")
+            raise ConfigError(f"--num-threads {self.num_threads} must be >= 1.")
+        if self.input_sentence_size < 0:
+            raise ConfigError(f"--input-sentence-size {self.input_sentence_size} must be >= 0 (0 keeps every sentence).")
+        if self.minloglevel not in (0, 1, 2, 3):
+            raise ConfigError(f"minloglevel {self.minloglevel} must be 0 (info), 1, 2 or 3 (fatal only).")
 
 
 def _cut_utf8(text: str, max_bytes: int) -> str:
@@ -692,16 +707,37 @@ def _cut_utf8(text: str, max_bytes: int) -> str:
     return raw[:max_bytes].decode("utf-8", errors="ignore")
 
 
+def sample_sentences(sentences: Iterable[str], size: int, seed: int) -> list:
+    """A uniform sample of ``size`` items of a stream (all of them if fewer), shuffled.
+
+    Reservoir sampling: one pass, memory for ``size`` items, a deterministic function of the
+    stream and ``seed``.
+    """
+    rng = random.Random(seed)
+    reservoir: list = []
+    for seen, sentence in enumerate(sentences):
+        if seen < size:
+            reservoir.append(sentence)
+        else:
+            j = rng.randrange(seen + 1)
+            if j < size:
+                reservoir[j] = sentence
+    rng.shuffle(reservoir)
+    return reservoir
+
+
 def train_sentencepiece(texts: Iterable[str], config: SentencePieceTrainConfig) -> str:
-    """Train a SentencePiece model on ``texts`` (whole documents, newlines kept).
+    """Train a SentencePiece model on ``texts`` (sentences: whole documents or lines, newlines kept).
 
     Special ids: unk=0, bos=1, eos=2 (used as ``eod``), pad=3. The model is lossless on
     code and prose: identity normalisation, whitespace runs kept, ``"\\n"`` is a piece,
     unseen characters fall back to bytes. The output is a deterministic function of the
-    texts (their order included) and the config.
+    texts (their order included) and the config. ``texts`` is consumed once, as a stream:
+    with ``config.input_sentence_size`` only a bounded sample is kept, so memory does not
+    grow with the corpus.
 
     Args:
-        texts: training documents, in a deterministic order.
+        texts: training sentences, in a deterministic order (any iterable, e.g. a generator).
         config: see ``SentencePieceTrainConfig``.
 
     Returns:
@@ -709,11 +745,15 @@ def train_sentencepiece(texts: Iterable[str], config: SentencePieceTrainConfig) 
     """
     import sentencepiece as spm
 
-    docs = [_cut_utf8(t, config.max_sentence_length) for t in texts if t and t.strip()]
-    if not docs:
-        raise DataError("train_sentencepiece: no non-empty training text. Check --input/--json-keys.")
     out_dir = os.path.dirname(os.path.abspath(config.model_prefix))
     os.makedirs(out_dir, exist_ok=True)
+    sentences = (_cut_utf8(t, config.max_sentence_length) for t in texts if t and t.strip())
+    if config.input_sentence_size:
+        sentences = sample_sentences(sentences, config.input_sentence_size, config.seed)
+    else:
+        sentences = list(sentences)
+    if not sentences:
+        raise DataError("train_sentencepiece: no non-empty training text. Check --input/--json-keys.")
     model = io.BytesIO()
     kwargs = dict(
         vocab_size=int(config.vocab_size),
@@ -726,7 +766,7 @@ def train_sentencepiece(texts: Iterable[str], config: SentencePieceTrainConfig) 
         user_defined_symbols=["\n", "\t"],
         character_coverage=config.character_coverage,
         max_sentence_length=config.max_sentence_length,
-        input_sentence_size=0,
+        input_sentence_size=0,  # sampled above, reproducibly
         shuffle_input_sentence=False,
         num_threads=config.num_threads,
         seed_sentencepiece_size=config.seed_pieces,
@@ -735,11 +775,11 @@ def train_sentencepiece(texts: Iterable[str], config: SentencePieceTrainConfig) 
         bos_id=1,
         eos_id=2,
         pad_id=3,
-        minloglevel=2,
+        minloglevel=config.minloglevel,
     )
     kwargs.update(config.extra)
     try:
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_writer=model, **kwargs)
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **kwargs)
     except RuntimeError as exc:
         raise DataError(
             f"SentencePiece training failed: {exc}. With a small corpus lower --vocab-size."

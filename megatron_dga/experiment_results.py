@@ -1,0 +1,363 @@
+"""Comparing methods over seeds: per-run numbers, per-method spreads, paired differences, verdicts.
+
+Everything is recomputed from the runs' metrics.jsonl and run_info.json (``experiment.RunResult``),
+never from a file of numbers. For each run (a method under one seed):
+
+* final target loss: the last ``specific_eval_loss``; best: its minimum, and the iteration of
+  the first minimum;
+* generic loss: the mean over domains of ``domain_eval_loss`` at the last evaluation;
+* training time: sum over log windows of ``ms_per_iter`` x iterations in the window (the
+  trainer's step clock: training steps and DGA updates, not evaluation, checkpoints or start-up);
+* cost model of DGA's extra work per training step (docs/algorithm.md, benchmarks/bench_dga_overhead.py):
+  exact ``(k b_dom + b_spe) / (T_r B)``, finite differences ``(b_spe + 2/3 k b_dom) / (T_r B)``,
+  with k the domains, or the basis distributions with --dga-basis.
+
+Paired differences compare a method with a baseline (uniform, importance) seed by seed:
+``d_s = final(method, s) - final(baseline, s)``, over the seeds both ran. Negative is better.
+The verdict uses the baseline's own seed spread as the noise level:
+
+    noise = max_s final(baseline, s) - min_s final(baseline, s)
+    beats         every d_s < 0 and mean(d) < -noise
+    worse         every d_s > 0 and mean(d) > +noise
+    within noise  otherwise (and "one seed: no verdict" with fewer than 2 paired seeds)
+
+So a method "beats" a baseline only when it wins under every seed by more, on average, than
+seeds alone move the baseline.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from megatron_dga.fileio import atomic_write_json
+
+PLOTS_FILE = "plots.json"
+"""Beside the plots: the runs they were drawn from (a re-run with no new run keeps them)."""
+
+BASELINES = ("uniform", "importance")
+"""The methods every other one is paired with, when they ran."""
+
+NOISE_FOOTNOTE = (
+    "Paired difference d_s = final target eval loss of the method minus that of the baseline under the same "
+    "seed s (negative: the method is better); mean [min, max] over the seeds both ran. noise = the baseline's "
+    "own spread over seeds (max - min of its final target eval loss). Verdict: beats = every d_s < 0 and "
+    "mean(d) < -noise; worse = every d_s > 0 and mean(d) > noise; otherwise within noise; fewer than 2 "
+    "seeds: no verdict.")
+
+
+@dataclass
+class RunStats:
+    """The numbers of one run."""
+
+    method: str
+    seed: int
+    final: float
+    """Last specific (target) eval loss."""
+    best: float
+    """Lowest specific eval loss."""
+    best_iter: int
+    """Iteration of the first evaluation reaching ``best``."""
+    generic: float
+    """Mean over domains of the domain eval losses at the last evaluation."""
+    train_seconds: float
+    """Time in training steps and mixing updates (module docstring)."""
+    wall_seconds: float
+    """Wall-clock seconds of all attempts of the run."""
+    cost_model: Optional[float]
+    """DGA's extra forward+backward work per step over the training step's (None: no DGA)."""
+    final_epochs: List[float] = field(default_factory=list)
+    """Epochs consumed per domain at the end (``domain_epochs``)."""
+
+
+def _train_seconds(metrics: Sequence[dict]) -> float:
+    total, previous = 0.0, 0
+    for m in metrics:
+        it, ms = int(m["iteration"]), m.get("ms_per_iter")
+        if ms is not None and math.isfinite(ms) and it > previous:
+            total += ms * (it - previous) / 1000.0
+        previous = it
+    return total
+
+
+def cost_model(info: dict) -> Optional[float]:
+    """DGA's cost-model overhead of a run from its run_info.json config; None without DGA."""
+    config = info.get("config", {})
+    mixing = config.get("mixing", {})
+    if mixing.get("mixing") != "dga":
+        return None
+    sources = len(info.get("basis_names") or info.get("domains") or [])
+    b_dom, b_spe = mixing["dga_domain_batch_size"], mixing["dga_specific_batch_size"]
+    per_step = mixing["dga_interval"] * config["schedule"]["global_batch_size"]
+    if mixing.get("dga_estimator") == "fd":
+        return (b_spe + 2.0 / 3.0 * sources * b_dom) / per_step
+    return (sources * b_dom + b_spe) / per_step
+
+
+def run_stats(result) -> RunStats:
+    """RunStats of an ``experiment.RunResult``."""
+    evals = [(int(m["iteration"]), m["specific_eval_loss"]) for m in result.metrics
+             if m.get("specific_eval_loss") is not None]
+    if not evals:
+        raise ValueError(f"{result.run_dir}: no specific_eval_loss in metrics.jsonl (was --eval-iters 0?)")
+    best_iter, best = min(evals, key=lambda e: (e[1], e[0]))
+    last_eval = next(m for m in reversed(result.metrics) if m.get("specific_eval_loss") is not None)
+    generic = last_eval.get("domain_eval_loss") or []
+    if isinstance(generic, dict):  # thousands of domains: the trainer logs a summary (its mean)
+        generic_mean = generic.get("mean", math.nan)
+    else:
+        generic_mean = sum(generic) / len(generic) if generic else math.nan
+    epochs = next((m["domain_epochs"] for m in reversed(result.metrics) if isinstance(m.get("domain_epochs"), list)),
+                  [])
+    return RunStats(result.method, result.seed, evals[-1][1], best, best_iter, generic_mean,
+                    _train_seconds(result.metrics), result.seconds, cost_model(result.info), list(epochs))
+
+
+@dataclass
+class Spread:
+    """mean, min, max of values over seeds."""
+
+    mean: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Spread":
+        values = list(values)
+        if not values:
+            return cls(math.nan, math.nan, math.nan)
+        return cls(sum(values) / len(values), min(values), max(values))
+
+    def text(self, fmt: str = "{:.4f}") -> str:
+        if math.isnan(self.mean):
+            return "-"
+        if self.min == self.max:
+            return fmt.format(self.mean)
+        return f"{fmt.format(self.mean)} [{fmt.format(self.min)}, {fmt.format(self.max)}]"
+
+
+@dataclass
+class Pair:
+    """A method against a baseline, seed by seed (module docstring)."""
+
+    method: str
+    baseline: str
+    diffs: Dict[int, float]
+    """Seed -> final(method) - final(baseline)."""
+    noise: float
+    """The baseline's spread of final target loss over the paired seeds."""
+
+    @property
+    def spread(self) -> Spread:
+        return Spread.of(self.diffs.values())
+
+    @property
+    def verdict(self) -> str:
+        d = list(self.diffs.values())
+        if len(d) < 2:
+            return "one seed: no verdict"
+        mean = sum(d) / len(d)
+        if all(x < 0 for x in d) and mean < -self.noise:
+            return "beats"
+        if all(x > 0 for x in d) and mean > self.noise:
+            return "worse"
+        return "within noise"
+
+
+@dataclass
+class Summary:
+    """All runs of one scenario, grouped by method."""
+
+    runs: Dict[str, List[RunStats]]
+    """Method -> its runs, by seed."""
+    pairs: List[Pair]
+
+    @classmethod
+    def of(cls, results: Sequence, methods: Sequence[str]) -> "Summary":
+        runs: Dict[str, List[RunStats]] = {m: [] for m in methods}
+        for r in results:
+            runs.setdefault(r.method, []).append(run_stats(r))
+        for stats in runs.values():
+            stats.sort(key=lambda s: s.seed)
+        pairs = []
+        for base in BASELINES:
+            if not runs.get(base):
+                continue
+            by_seed = {s.seed: s.final for s in runs[base]}
+            for method, stats in runs.items():
+                if method == base or (base == "importance" and method == "uniform"):
+                    continue
+                diffs = {s.seed: s.final - by_seed[s.seed] for s in stats if s.seed in by_seed}
+                if diffs:
+                    baseline = [by_seed[seed] for seed in diffs]
+                    pairs.append(Pair(method, base, diffs, max(baseline) - min(baseline)))
+        return cls(runs, pairs)
+
+    def overhead(self, method: str) -> Optional[Spread]:
+        """Training-time overhead of ``method`` over the same seed's uniform run (importance
+        without uniform): time(method, s) / time(reference, s) - 1; None for non-DGA methods."""
+        if all(s.cost_model is None for s in self.runs[method]):
+            return None
+        ref = next((b for b in BASELINES if self.runs.get(b)), None)
+        if ref is None:
+            return None
+        times = {s.seed: s.train_seconds for s in self.runs[ref]}
+        ratios = [s.train_seconds / times[s.seed] - 1.0 for s in self.runs[method]
+                  if times.get(s.seed, 0) > 0 and s.train_seconds > 0]
+        return Spread.of(ratios) if ratios else None
+
+    def pair(self, method: str, baseline: str) -> Optional[Pair]:
+        return next((p for p in self.pairs if p.method == method and p.baseline == baseline), None)
+
+
+def _pct(spread: Optional[Spread]) -> str:
+    if spread is None or math.isnan(spread.mean):
+        return "-"
+    return spread.text("{:+.0%}")
+
+
+def markdown(summary: Summary, title: str = "") -> str:
+    """The results table, the paired-difference table and its footnote (markdown)."""
+    lines = [title, ""] if title else []
+    lines += ["| method | seeds | final target eval loss | best target eval loss | best at iteration "
+              "| mean generic eval loss | DGA overhead: wall | DGA overhead: cost model |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for method, stats in summary.runs.items():
+        if not stats:
+            continue
+        cost = Spread.of([s.cost_model for s in stats if s.cost_model is not None])
+        lines.append(
+            f"| {method} | {len(stats)} | {Spread.of(s.final for s in stats).text()} "
+            f"| {Spread.of(s.best for s in stats).text()} | {', '.join(str(s.best_iter) for s in stats)} "
+            f"| {Spread.of(s.generic for s in stats).text()} | {_pct(summary.overhead(method))} "
+            f"| {'-' if math.isnan(cost.mean) else f'{cost.mean:.0%}'} |")
+    lines += ["", "Values: mean [min, max] over seeds. Wall overhead: training-step time (DGA updates included; "
+              "evaluation, checkpoints and start-up excluded) over the same seed's uniform run (importance "
+              "sampling's without uniform), minus 1. Cost model: DGA's extra forward+backward samples per "
+              "training sample.", ""]
+    if summary.pairs:
+        lines += ["| method | vs | mean difference | min | max | per seed | noise | verdict |",
+                  "|---|---|---:|---:|---:|---|---:|---|"]
+        for p in summary.pairs:
+            s = p.spread
+            per_seed = ", ".join(f"{seed}: {d:+.4f}" for seed, d in sorted(p.diffs.items()))
+            lines.append(f"| {p.method} | {p.baseline} | {s.mean:+.4f} | {s.min:+.4f} | {s.max:+.4f} | {per_seed} "
+                         f"| {p.noise:.4f} | **{p.verdict}** |")
+        lines += ["", NOISE_FOOTNOTE]
+    return "\n".join(lines)
+
+
+CSV_COLUMNS = (
+    "method", "seeds", "final_mean", "final_min", "final_max", "best_mean", "best_min", "best_max", "best_iters",
+    "generic_mean", "train_seconds_mean", "wall_seconds_mean", "overhead_wall_mean", "overhead_wall_min",
+    "overhead_wall_max", "overhead_cost_model",
+    *(f"vs_{b}_{c}" for b in BASELINES for c in ("mean", "min", "max", "noise", "verdict")),
+)
+
+
+def csv_text(summary: Summary) -> str:
+    """One row per method (columns: :data:`CSV_COLUMNS`; empty where not applicable)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for method, stats in summary.runs.items():
+        if not stats:
+            continue
+        final, best = Spread.of(s.final for s in stats), Spread.of(s.best for s in stats)
+        over = summary.overhead(method)
+        costs = [s.cost_model for s in stats if s.cost_model is not None]
+        row = [method, " ".join(str(s.seed) for s in stats), final.mean, final.min, final.max, best.mean, best.min,
+               best.max, " ".join(str(s.best_iter) for s in stats), Spread.of(s.generic for s in stats).mean,
+               Spread.of(s.train_seconds for s in stats).mean, Spread.of(s.wall_seconds for s in stats).mean,
+               *((over.mean, over.min, over.max) if over else ("", "", "")), (sum(costs) / len(costs)) if costs else ""]
+        for base in BASELINES:
+            p = summary.pair(method, base)
+            row += [p.spread.mean, p.spread.min, p.spread.max, p.noise, p.verdict] if p else [""] * 5
+        writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+    return buf.getvalue()
+
+
+RUNS_CSV_COLUMNS = ("method", "seed", "final", "best", "best_iter", "generic", "train_seconds", "wall_seconds",
+                    "cost_model", "run_dir")
+
+
+def runs_csv_text(summary: Summary, run_dirs: Dict[Tuple[str, int], str]) -> str:
+    """One row per run (columns: :data:`RUNS_CSV_COLUMNS`)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(RUNS_CSV_COLUMNS)
+    for method, stats in summary.runs.items():
+        for s in stats:
+            writer.writerow([method, s.seed, repr(s.final), repr(s.best), s.best_iter, repr(s.generic),
+                             f"{s.train_seconds:.3f}", f"{s.wall_seconds:.1f}",
+                             "" if s.cost_model is None else f"{s.cost_model:.6g}", run_dirs.get((method, s.seed), "")])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- plots
+def _mean_series(runs: Sequence, key: str) -> List[dict]:
+    """Per iteration logged by every run, the element-wise mean of list metric ``key`` over runs."""
+    per_run = [{int(m["iteration"]): m[key] for m in r.metrics if isinstance(m.get(key), list) and m[key]}
+               for r in runs]  # (summaries of thousands of domains are not drawn)
+    per_run = [p for p in per_run if p]
+    if not per_run:
+        return []
+    steps = sorted(set.intersection(*(set(p) for p in per_run)))
+    return [{"iteration": s, key: [sum(col) / len(col) for col in zip(*(p[s] for p in per_run))]} for s in steps]
+
+
+def write_plots(results: Sequence, out: str) -> List[str]:
+    """PNGs under ``out``: target eval loss per method (mean over seeds, min-max band); for each
+    non-uniform method its domain weights over time (mean over seeds; basis weights too with
+    --dga-basis); final epochs consumed per domain, one bar per method."""
+    import os
+
+    from megatron_dga.plots import plot_band, plot_domain_weights, plot_grouped_bars
+
+    previous = os.path.join(out, PLOTS_FILE)
+    newest_run = max(os.path.getmtime(os.path.join(r.run_dir, "metrics.jsonl")) for r in results)
+    try:
+        with open(previous, encoding="utf-8") as fh:
+            listed = json.load(fh)
+        if (listed["runs"] == sorted(r.run_dir for r in results)
+                and all(os.path.isfile(p) and os.path.getmtime(p) >= newest_run for p in listed["plots"])):
+            return listed["plots"]  # drawn from these very runs already
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    by_method: Dict[str, list] = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(r)
+    paths = [plot_band({m: [[(int(x["iteration"]), x["specific_eval_loss"]) for x in r.metrics
+                             if x.get("specific_eval_loss") is not None] for r in runs]
+                        for m, runs in by_method.items()},
+                       os.path.join(out, "target_loss.png"), "held-out target eval loss",
+                       "target eval loss by method (mean over seeds, band: min-max)")]
+    names = list(results[0].info.get("domains") or []) if results else []
+    for method, runs in by_method.items():
+        if method == "uniform":
+            continue
+        seeds = f"mean over {len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
+        paths.append(plot_domain_weights(_mean_series(runs, "domain_weights"), names,
+                                         os.path.join(out, f"weights_{method}.png"),
+                                         title=f"domain weights: {method} ({seeds})"))
+        basis = runs[0].info.get("basis_names")
+        if basis:
+            paths.append(plot_domain_weights(_mean_series(runs, "basis_weights"), basis,
+                                             os.path.join(out, f"basis_weights_{method}.png"),
+                                             title=f"basis weights: {method} ({seeds})", key="basis_weights"))
+    epochs = {}
+    for method, runs in by_method.items():
+        last = [next((m["domain_epochs"] for m in reversed(r.metrics) if isinstance(m.get("domain_epochs"), list)), None)
+                for r in runs]
+        last = [e for e in last if e]
+        if last:
+            epochs[method] = [sum(col) / len(col) for col in zip(*last)]
+    if names and len(names) <= 64:
+        paths.append(plot_grouped_bars(epochs, names, os.path.join(out, "epochs.png"), "epochs consumed",
+                                       "epochs consumed per domain at the end (mean over seeds)"))
+    paths = [p for p in paths if p]
+    atomic_write_json(previous, {"runs": sorted(r.run_dir for r in results), "plots": paths}, indent=1)
+    return paths
