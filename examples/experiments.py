@@ -7,10 +7,12 @@ Scenarios:
                   domains nearest the target and repeats them epoch after epoch; DGA sees their
                   gradients shrink as they are overfit and moves weight on.
   unlimited       the same methods without a cap (the paper's Fig. 1 sets both side by side).
-  fine-grained    little specific data (--specific-docs documents) and many fine domains from
-                  hierarchical k-means of the jsonl domains (--fine-clusters 8 4 -> 32); DGA runs on N
-                  basis distributions (the coarse domains' importance histograms over the fine ones:
-                  distribution reweighting), beside importance sampling on the fine domains and uniform.
+  fine-grained    little specific data (--specific-docs documents) and many fine domains: the
+                  domains' shards are clustered into a fine-domain map (hierarchical k-means on the
+                  documents' token ids, --fine-clusters 16 16 16 -> 4,096 fine domains inside the
+                  ordinary shards, trained with --data-path <shards> --domain-map map.npz); DGA runs on
+                  N basis distributions (each coarse domain's histogram over the fine ones: distribution
+                  reweighting, --dga-basis), beside importance sampling on the fine domains and uniform.
 
 Data, one of:
   (nothing)                         the embedded default corpus, built from this Python installation
@@ -21,7 +23,7 @@ Data, one of:
                                     (cached under OUT/data: a re-run skips what is done)
   --data-path P1 P2 ... --specific-data-path P --specific-eval-data-path P --tokenizer-model M
                                     shards built beforehand (+ --importance-weights FILE for the
-                                    importance method)
+                                    importance method; fine-grained computes its own over the map)
 
 Every method runs under every --seeds value as a real pretraining job in
 OUT/<scenario>/runs/<method>/seed<seed>/. A re-run of the same command skips finished runs and
@@ -117,8 +119,10 @@ def parse_args(argv=None):
                         "items (e.g. dga-eta=3,10 dga-ema=0.1,0.3); baselines run once per seed")
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads per run (default: all cores)")
     g = p.add_argument_group("fine-grained")
-    g.add_argument("--fine-clusters", type=int, nargs="+", default=[8, 4], help="k1 k2 [k3] (default: 8 4)")
-    g.add_argument("--specific-docs", type=int, default=60, help="specific documents kept (default: 60)")
+    g.add_argument("--fine-clusters", type=int, nargs="+", default=[16, 16, 16],
+                   help="k-means levels of the fine-domain map, k1 [k2 ...] (default: 16 16 16 = 4,096 fine domains)")
+    g.add_argument("--specific-docs", type=int, default=60,
+                   help="documents of the target's training split kept as the specific set (default: 60)")
     return p.parse_args(argv)
 
 
@@ -221,9 +225,10 @@ def prepare_data(args, data_dir: str) -> ex.ExperimentData:
         if missing:
             raise ConfigError(f"prepared shards need --data-path, --specific-data-path, --specific-eval-data-path and "
                               f"--tokenizer-model; --{missing[0].replace('_', '-')} is missing")
-        if args.scenario == "fine-grained":
-            raise ConfigError("fine-grained clusters jsonl documents: give --corpus-dir (or no data flag: the "
-                              "embedded corpus), not prepared shards")
+        if args.scenario == "fine-grained" and args.importance_weights:
+            raise ConfigError(f"--importance-weights {args.importance_weights} with fine-grained: that scenario "
+                              "computes the importance weights over the fine domains of the map it builds from "
+                              "--data-path; drop --importance-weights")
         return ex.shards_data(args.data_path, args.specific_data_path, args.specific_eval_data_path,
                               ["--tokenizer-type", args.tokenizer_type, "--tokenizer-model", args.tokenizer_model],
                               args.importance_weights)
@@ -279,62 +284,17 @@ def domain_methods(data: ex.ExperimentData, preset: dict, args) -> Dict[str, Lis
     return methods
 
 
-def fine_grained_methods(data: ex.ExperimentData, preset: dict, args, data_dir: str) -> Dict[str, List[str]]:
-    """fine-grained: hierarchical k-means of the jsonl domains, then uniform, importance and DGA
-    over the coarse domains' histograms (basis distributions). Prepared once under OUT/data/fine-grained."""
-    if not (data.domain_jsonl_dir and data.target_train_jsonl):
-        raise ConfigError("fine-grained clusters jsonl documents: give --corpus-dir or use the embedded corpus")
-    prep = os.path.join(data_dir, "fine-grained")
-    stamps = os.path.join(prep, "stamps")
-    os.makedirs(stamps, exist_ok=True)
-    fine_dir, shard_dir = os.path.join(prep, "fine_domains"), os.path.join(prep, "fine_shards")
-    from megatron_dga.prep.inputs import jsonl_files_in
-
-    domain_files = jsonl_files_in(data.domain_jsonl_dir)
-    cluster = ["--input", data.domain_jsonl_dir, "--output", fine_dir, "--num-clusters", *map(str, args.fine_clusters),
-               "--seed", str(args.prep_seed), "--no-progress", "--overwrite"]
-    manifest = os.path.join(fine_dir, "manifest.json")
-    ex.cached_step("fine-clusters", stamps, {"inputs": ex.file_fingerprint(domain_files), "args": cluster}, [manifest],
-                   lambda: ex.run_tool("cluster_domains.py", *cluster))
-    with open(manifest, encoding="utf-8") as fh:
-        fine = list(json.load(fh)["domains"])
-    tokenizer = [*data.tokenizer_args, "--append-eod"]
-    workers = ["--workers", str(max(1, args.threads))]  # (speed only: not in the stamps)
-    shards = ["--input", fine_dir, "--output-prefix", shard_dir, *tokenizer]
-    ex.cached_step("fine-shards", stamps, {"clusters": ex.file_fingerprint([manifest]), "args": shards},
-                   [os.path.join(shard_dir, f"{d}_text_document.idx") for d in fine],
-                   lambda: ex.run_tool("preprocess_data.py", *shards, *workers))
-    # Little specific data: the first --specific-docs documents of the target's training split.
-    small_dir = os.path.join(prep, "specific")
-    small = os.path.join(small_dir, "specific_small.jsonl")
-
-    def write_small():
-        os.makedirs(small_dir, exist_ok=True)
-        with open(data.target_train_jsonl, encoding="utf-8") as src:
-            kept = [line for line in itertools.islice((ln for ln in src if ln.strip()), args.specific_docs)]
-        atomic_write_text(small, "".join(kept))
-        ex.run_tool("preprocess_data.py", "--input", small, "--output-prefix", os.path.join(small_dir, "specific_small"),
-                    *tokenizer, *workers)
-
-    small_prefix = os.path.join(small_dir, "specific_small_text_document")
-    ex.cached_step("fine-specific", stamps, {"inputs": ex.file_fingerprint([data.target_train_jsonl]),
-                                             "docs": args.specific_docs, "tokenizer": list(tokenizer)},
-                   [small, small_prefix + ".idx"], write_small)
-    weights, basis = os.path.join(prep, "fine_importance.json"), os.path.join(prep, "basis.npz")
-    coarse_sets = [f"{os.path.basename(f).split('.jsonl')[0]}={f}" for f in domain_files]
-    iw = ["--clusters", fine_dir, "--specific", small, "--output", weights, "--smoothing", "0.02",
-          "--basis-sets", *coarse_sets, "--basis-output", basis, "--basis-smoothing", "0.01", "--no-progress"]
-    ex.cached_step("fine-weights", stamps, {"inputs": ex.file_fingerprint([manifest, small]), "args": iw},
-                   [weights, basis], lambda: ex.run_tool("importance_weights.py", *iw))
-    base = ["--data-path", *[os.path.join(shard_dir, f"{d}_text_document") for d in fine],
-            "--specific-data-path", small_prefix, "--specific-eval-data-path", data.specific_eval_prefix,
-            *common_args(data, preset, args),
-            # Some fine clusters hold a handful of documents: no per-domain held-out part.
-            "--split", "100,0"]
+def fine_grained_methods(data: ex.ExperimentData, fine: ex.FineDomainData, preset: dict, args) -> Dict[str, List[str]]:
+    """fine-grained: uniform, importance and DGA over the basis distributions, all over the K fine
+    domains of the map (``ex.prepare_fine_domains``), sampled inside the domains' ordinary shards."""
+    base = ["--data-path", *data.domain_prefixes, "--domain-map", fine.domain_map,
+            "--data-cache-path", fine.cache_dir,  # the fine-domain index: built by the first run, read by the others
+            "--specific-data-path", fine.specific_prefix, "--specific-eval-data-path", data.specific_eval_prefix,
+            *common_args(data, preset, args)]
     return {
         "uniform": base + ["--mixing", "uniform"],
-        "importance": base + ["--mixing", "importance", "--importance-weights", weights],
-        "dga_basis": base + [*dga_args(preset, args), "--dga-ema", "0.1", "--dga-basis", basis],
+        "importance": base + ["--mixing", "importance", "--importance-weights", fine.importance_weights],
+        "dga_basis": base + [*dga_args(preset, args), "--dga-ema", "0.1", "--dga-basis", fine.basis],
     }
 
 
@@ -353,12 +313,13 @@ def chosen_methods(args) -> List[str]:
     return chosen
 
 
-def build_jobs(args, data: ex.ExperimentData, out: str, data_dir: str) -> List[ex.Job]:
-    """One job per (method or sweep variant, seed), method-major."""
+def build_jobs(args, data: ex.ExperimentData, out: str, data_dir: str,
+               fine: "ex.FineDomainData | None" = None) -> List[ex.Job]:
+    """One job per (method or sweep variant, seed), method-major (``fine``: the fine-grained scenario's data)."""
     preset = PRESETS[args.preset]
     chosen = chosen_methods(args)
     if args.scenario == "fine-grained":
-        methods = fine_grained_methods(data, preset, args, data_dir)
+        methods = fine_grained_methods(data, fine, preset, args)
     else:
         if "importance" in chosen:
             data = ex.with_importance_weights(data, data_dir)
@@ -373,7 +334,7 @@ def build_jobs(args, data: ex.ExperimentData, out: str, data_dir: str) -> List[e
 
 # --------------------------------------------------------------------------- results
 def write_results(args, data: ex.ExperimentData, results: Sequence[ex.RunResult], methods: Sequence[str],
-                  out: str, command: str) -> str:
+                  out: str, command: str, fine: "ex.FineDomainData | None" = None) -> str:
     """results.md, results.csv, runs.csv and the plots; returns the markdown."""
     from megatron_dga import experiment_results as er
 
@@ -383,9 +344,10 @@ def write_results(args, data: ex.ExperimentData, results: Sequence[ex.RunResult]
              f"seeds {' '.join(map(str, args.seeds))}")
     if args.scenario == "token-limited":
         title += f", {args.token_limit or PRESETS[args.preset]['token_limit']:,} tokens per domain"
-    if args.scenario == "fine-grained":
-        title += (f", {' x '.join(map(str, args.fine_clusters))} fine domains, {args.specific_docs} specific "
-                  "documents")
+    if fine is not None:
+        title += (f", {fine.num_domains:,} fine domains ({' x '.join(map(str, fine.levels))} k-means, "
+                  f"{fine.empty_domains:,} empty) from a domain map over the {len(data.domains)} domains' shards, "
+                  f"{len(fine.basis_names)} basis distributions, {fine.specific_docs} specific documents")
     table = er.markdown(summary, title)
     if len(args.seeds) == 1:
         table += ("\n\nOne seed: seeds move the target loss by ~0.05-0.1 nats at this scale, more than some gaps "
@@ -409,10 +371,16 @@ def main(argv=None) -> int:
             raise ConfigError(f"--seeds {args.seeds}: give distinct non-negative integers")
         chosen_methods(args)  # before any preparation
         parse_sweep(args.sweep)
+        fine = None
+        if args.scenario == "fine-grained":
+            ex.check_fine_args(args.fine_clusters, args.specific_docs)
         ensure_writable_dir(out, "--out")
         data = prepare_data(args, data_dir)
         check_same_source(root, data)
-        jobs = build_jobs(args, data, out, data_dir)
+        if args.scenario == "fine-grained":
+            fine = ex.prepare_fine_domains(data, data_dir, levels=args.fine_clusters, specific_docs=args.specific_docs,
+                                           seed=args.prep_seed, workers=args.threads)
+        jobs = build_jobs(args, data, out, data_dir, fine)
         nproc = 1
         if args.preset == "gpu":
             import torch
@@ -442,7 +410,7 @@ def main(argv=None) -> int:
               "the results are written once every run has finished.", file=sys.stderr)
         return 3
     methods = list(dict.fromkeys(j.method for j in jobs))
-    table = write_results(args, data, results, methods, out, command)
+    table = write_results(args, data, results, methods, out, command, fine)
     print("\n" + table + f"\n\nwritten: {os.path.join(out, 'results.md')}, results.csv, runs.csv and the plots")
     return 0
 

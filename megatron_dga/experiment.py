@@ -9,6 +9,11 @@ The glue of ``examples/experiments.py`` (and through it ``scripts/demo.sh``):
   would type (one megatron-core import, not one per step). Each step leaves a stamp (its inputs' sizes and
   mtimes, its arguments) under ``<data dir>/stamps/``; a re-run skips a step whose stamp
   matches and whose outputs exist.
+* :func:`prepare_fine_domains` (the fine-grained scenario, on any of the data sources) clusters
+  the domains' shards into a fine-domain map (``tools/cluster_domains.py --input-shards
+  --output-map``), cuts a little specific set from the target's shard, and writes the importance
+  weights and the basis over the map's fine domains (``tools/importance_weights.py
+  --domain-map``), stamped the same way under ``<data dir>/fine-grained/<configuration>/stamps/``.
 * :func:`run_job` runs one training job (``python -m megatron_dga.pretrain_gpt``, optionally
   under torchrun) so that it can always be resumed: ``--save`` in its run directory, a
   ``job.json`` with its arguments, ``--load`` when a checkpoint is there. A finished job
@@ -20,6 +25,7 @@ The glue of ``examples/experiments.py`` (and through it ``scripts/demo.sh``):
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -133,9 +139,9 @@ class ExperimentData:
     importance_weights: Optional[str] = None
     """Weights file of --mixing importance (None: not computed yet, or not available)."""
     domain_jsonl_dir: Optional[str] = None
-    """Directory of the domains' jsonl files (importance weights, fine-grained clustering)."""
+    """Directory of the domains' jsonl files (the importance weights over the domains)."""
     target_train_jsonl: Optional[str] = None
-    """The target's training split as jsonl (importance weights, fine-grained clustering)."""
+    """The target's training split as jsonl (the importance weights over the domains)."""
 
 
 def prefix_name(prefix: str) -> str:
@@ -275,6 +281,98 @@ def with_importance_weights(data: ExperimentData, data_dir: str, *, smoothing: f
     cached_step("importance-weights", stamps, {"inputs": inputs, "args": args}, [out],
                 lambda: run_tool("importance_weights.py", *args))
     return ExperimentData(**{**data.__dict__, "importance_weights": out})
+
+
+def shard_fingerprint(prefixes: Sequence[str]) -> List[list]:
+    """:func:`file_fingerprint` of the shards' ``.bin`` and ``.idx`` files."""
+    return file_fingerprint([p + suffix for p in prefixes for suffix in (".bin", ".idx")])
+
+
+@dataclass(frozen=True)
+class FineDomainData:
+    """What the fine-grained scenario's jobs read beside :class:`ExperimentData` (absolute paths)."""
+
+    domain_map: str
+    """The fine-domain map over the domains' shards (--domain-map; the shards stay --data-path)."""
+    levels: tuple
+    """k1, k2, ... of the hierarchical k-means (--num-clusters of tools/cluster_domains.py)."""
+    num_domains: int
+    """K = k1 * k2 * ... fine domains (empty ones included: the trainer never samples them)."""
+    empty_domains: int
+    """Fine domains without a document."""
+    specific_prefix: str
+    """The little specific set: the first ``specific_docs`` documents of the target's training shard."""
+    specific_docs: int
+    """Documents in it."""
+    importance_weights: str
+    """Importance histogram of the little specific set over the K fine domains (--importance-weights)."""
+    basis: str
+    """N x K basis: each domain shard's own histogram over the fine domains (--dga-basis)."""
+    basis_names: tuple
+    """The N basis distributions: the domains' names."""
+    cache_dir: str
+    """--data-cache-path of the jobs: the fine-domain index is built once, then shared by every run."""
+
+
+def check_fine_args(levels: Sequence[int], specific_docs: int) -> None:
+    """ConfigError for fine-grained flags that cannot work (called before any preparation)."""
+    if not levels or any(k < 1 for k in levels) or math.prod(levels) < 2:
+        raise ConfigError(f"--fine-clusters {' '.join(map(str, levels))}: give the k-means levels k1 [k2 ...], each "
+                          ">= 1, with at least 2 fine domains in all (e.g. 16 16 16 = 4,096)")
+    if specific_docs < 1:
+        raise ConfigError(f"--specific-docs {specific_docs}: the little specific set needs at least 1 document")
+
+
+def prepare_fine_domains(data: ExperimentData, data_dir: str, *, levels: Sequence[int], specific_docs: int,
+                         seed: int, workers: int, smoothing: float = 0.02,
+                         basis_smoothing: float = 0.01) -> FineDomainData:
+    """The fine-grained scenario's data under ``data_dir/fine-grained/<k1>x<k2>..._seed<seed>_<n>docs``
+    (cached steps, module docstring).
+
+    1. ``map.npz`` (+ ``map.clusters/``): tools/cluster_domains.py --input-shards over the domains'
+       shards, ``levels`` of k-means on the documents' token ids: K = prod(levels) fine domains
+       inside the ordinary shards (no shard per fine domain).
+    2. ``specific/specific_small_text_document``: the first ``specific_docs`` documents of the
+       target's training shard (the scenario's premise: little specific data).
+    3. ``fine_importance.json`` and ``basis.npz``: tools/importance_weights.py --domain-map, the
+       little specific set's histogram over the fine domains (importance sampling), and one basis
+       row per domain shard, its own histogram (--basis-shards NAME=PREFIX): DGA reweights the
+       coarse domains' distributions over the fine ones.
+    """
+    from megatron_dga.data.domain_map import read_domain_map
+    from megatron_dga.data.domains import inspect_shard
+    from megatron_dga.prep.preprocess import copy_documents
+
+    check_fine_args(levels, specific_docs)
+    # One directory per configuration: the jobs' flags name its files, so a run over another map
+    # or specific set never passes for a finished one (the runner compares a job's flags).
+    tag = f"{'x'.join(str(k) for k in levels)}_seed{seed}_{specific_docs}docs"
+    prep = os.path.join(os.path.abspath(data_dir), "fine-grained", tag)
+    stamps = os.path.join(prep, "stamps")
+    os.makedirs(stamps, exist_ok=True)
+    domains = list(data.domain_prefixes)
+    map_path = os.path.join(prep, "map.npz")
+    cluster = ["--input-shards", *domains, "--output-map", map_path, "--num-clusters", *(str(k) for k in levels),
+               "--seed", str(seed), "--no-progress"]
+    # (--workers changes the speed only: it stays out of the stamps, as in prepare_jsonl_corpus)
+    cached_step("fine-map", stamps, {"shards": shard_fingerprint(domains), "args": cluster},
+                [map_path, os.path.join(prep, "map.clusters")],
+                lambda: run_tool("cluster_domains.py", *cluster, "--workers", str(max(1, workers))))
+    small = os.path.join(prep, "specific", "specific_small_text_document")
+    cached_step("fine-specific", stamps, {"shard": shard_fingerprint([data.specific_prefix]), "docs": specific_docs},
+                [small + ".bin", small + ".idx"], lambda: copy_documents(data.specific_prefix, small, specific_docs))
+    weights, basis = os.path.join(prep, "fine_importance.json"), os.path.join(prep, "basis.npz")
+    iw = ["--domain-map", map_path, "--specific-shards", small, "--output", weights, "--smoothing", str(smoothing),
+          "--basis-shards", *(f"{n}={p}" for n, p in zip(data.domains, domains)), "--basis-output", basis,
+          "--basis-smoothing", str(basis_smoothing), "--no-progress"]
+    cached_step("fine-weights", stamps, {"inputs": file_fingerprint([map_path, small + ".idx"]), "args": iw},
+                [weights, basis], lambda: run_tool("importance_weights.py", *iw))
+    dmap = read_domain_map(map_path)
+    return FineDomainData(
+        domain_map=map_path, levels=tuple(dmap.levels), num_domains=dmap.num_domains,
+        empty_domains=int((dmap.domain_counts() == 0).sum()), specific_prefix=small,
+        specific_docs=inspect_shard(small).num_documents, importance_weights=weights,
+        basis=basis, basis_names=tuple(data.domains), cache_dir=os.path.join(prep, "index-cache"))
 
 
 # --------------------------------------------------------------------------- jobs
