@@ -8,6 +8,7 @@ round by round (so load on the machine hits all alike), one DGA period of T_r st
   * fd:     T_r training steps + one finite-difference update (two forward passes).
 
 It prints the measured overheads (median over rounds) next to the cost models
+(megatron_dga/mixing/cost_model.py)
 
   exact: (k * b_dom + b_spe) / (T_r * B)              extra forward+backward samples
   fd:    (b_spe + 2/3 * k * b_dom) / (T_r * B)        a forward costs ~1/3 of forward+backward
@@ -34,6 +35,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from megatron_dga.mixing.cost_model import dga_overhead
 
 VOCAB = 256  # NullTokenizer --vocab-size 255: ids 0..254 plus eod 255
 
@@ -197,7 +200,7 @@ def main():
         for _ in range(args.rounds):
             for name, method in (("static", None), ("exact", exact), ("fd", fd)):
                 times[name].append(period(trainer, method, T))
-        model = {"exact": (k * args.b_dom + args.b_spe) / (T * B), "fd": (args.b_spe + 2.0 / 3.0 * k * args.b_dom) / (T * B)}
+        model = {name: dga_overhead(k, args.b_dom, args.b_spe, T, B, name) for name in ("exact", "fd")}
         for clock, col in (("process CPU time", 0), ("wall-clock time", 1)):
             med = {name: statistics.median(t[col] for t in v) for name, v in times.items()}
             over = {name: med[name] / med["static"] - 1.0 for name in ("exact", "fd")}

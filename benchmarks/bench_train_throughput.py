@@ -21,6 +21,8 @@ import tempfile
 
 import numpy as np
 
+from megatron_dga.mixing.cost_model import dga_overhead
+
 PRESETS = {
     # GPT-2 small shape; micro-batch 8 x 1024 tokens.
     "gpu": dict(layers=12, hidden=768, heads=12, seq=1024, vocab=32000, micro_batch=8, batch=32, iters=40,
@@ -87,7 +89,7 @@ def main() -> None:
         results[name] = float(np.mean([m["tokens_per_sec"] for m in steady]))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     shape = f"{p['layers']}x{p['hidden']}, seq {p['seq']}, batch {p['batch']}{' bf16' if '--bf16' in p['extra'] else ''}"
-    model = (args.domains * b_dom + b_spe) / (args.dga_interval * p["batch"])
+    model = dga_overhead(args.domains, b_dom, b_spe, args.dga_interval, p["batch"])
     print(f"RESULT tokens/s static mixing ({shape}, {device}): {results['static']:,.0f}")
     print(f"RESULT tokens/s DGA every {args.dga_interval} steps: {results['dga']:,.0f}")
     print(f"RESULT DGA overhead measured / cost model: {results['static'] / results['dga'] - 1:.1%} / {model:.1%}")

@@ -8,7 +8,7 @@ never from a file of numbers. For each run (a method under one seed):
 * generic loss: the mean over domains of ``domain_eval_loss`` at the last evaluation;
 * training time: sum over log windows of ``ms_per_iter`` x iterations in the window (the
   trainer's step clock: training steps and DGA updates, not evaluation, checkpoints or start-up);
-* cost model of DGA's extra work per training step (docs/algorithm.md, benchmarks/bench_dga_overhead.py):
+* cost model of DGA's extra work per training step (:mod:`megatron_dga.mixing.cost_model`):
   exact ``(k b_dom + b_spe) / (T_r B)``, finite differences ``(b_spe + 2/3 k b_dom) / (T_r B)``,
   with k the domains, or the basis distributions with --dga-basis.
 
@@ -84,17 +84,19 @@ def _train_seconds(metrics: Sequence[dict]) -> float:
 
 
 def cost_model(info: dict) -> Optional[float]:
-    """DGA's cost-model overhead of a run from its run_info.json config; None without DGA."""
+    """DGA's cost-model overhead (:func:`megatron_dga.mixing.cost_model.dga_overhead`) of a run, from
+    its run_info.json config; None without DGA. The sources are the basis distributions with
+    --dga-basis, else the domains."""
+    from megatron_dga.mixing.cost_model import dga_overhead
+
     config = info.get("config", {})
     mixing = config.get("mixing", {})
     if mixing.get("mixing") != "dga":
         return None
     sources = len(info.get("basis_names") or info.get("domains") or [])
-    b_dom, b_spe = mixing["dga_domain_batch_size"], mixing["dga_specific_batch_size"]
-    per_step = mixing["dga_interval"] * config["schedule"]["global_batch_size"]
-    if mixing.get("dga_estimator") == "fd":
-        return (b_spe + 2.0 / 3.0 * sources * b_dom) / per_step
-    return (sources * b_dom + b_spe) / per_step
+    return dga_overhead(sources, mixing["dga_domain_batch_size"], mixing["dga_specific_batch_size"],
+                        mixing["dga_interval"], config["schedule"]["global_batch_size"],
+                        mixing.get("dga_estimator") or "exact")
 
 
 def run_stats(result) -> RunStats:
@@ -298,10 +300,21 @@ def runs_csv_text(summary: Summary, run_dirs: Dict[Tuple[str, int], str]) -> str
 
 
 # --------------------------------------------------------------------------- plots
-def _mean_series(runs: Sequence, key: str) -> List[dict]:
-    """Per iteration logged by every run, the element-wise mean of list metric ``key`` over runs."""
-    per_run = [{int(m["iteration"]): m[key] for m in r.metrics if isinstance(m.get(key), list) and m[key]}
-               for r in runs]  # (summaries of thousands of domains are not drawn)
+def _as_list(value) -> Optional[list]:
+    return value if isinstance(value, list) and value else None
+
+
+def _cluster_mass(value) -> Optional[list]:
+    """The weight mass per top-level cluster of a summarised weight list (thousands of fine domains)."""
+    if isinstance(value, dict) and isinstance(value.get("mass_by_cluster"), dict) and value["mass_by_cluster"]:
+        return list(value["mass_by_cluster"].values())
+    return None
+
+
+def _mean_series(runs: Sequence, key: str, extract=_as_list) -> List[dict]:
+    """Per iteration logged by every run, the element-wise mean over runs of ``extract(metric[key])``
+    (default: list metrics; summaries of thousands of domains are skipped)."""
+    per_run = [{int(m["iteration"]): x for m in r.metrics if (x := extract(m.get(key))) is not None} for r in runs]
     per_run = [p for p in per_run if p]
     if not per_run:
         return []
@@ -311,8 +324,9 @@ def _mean_series(runs: Sequence, key: str) -> List[dict]:
 
 def write_plots(results: Sequence, out: str) -> List[str]:
     """PNGs under ``out``: target eval loss per method (mean over seeds, min-max band); for each
-    non-uniform method its domain weights over time (mean over seeds; basis weights too with
-    --dga-basis); final epochs consumed per domain, one bar per method."""
+    non-uniform method its domain weights over time (mean over seeds; per top-level cluster when
+    thousands of fine domains are logged as summaries; basis weights too with --dga-basis); final
+    epochs consumed per domain, one bar per method."""
     import os
 
     from megatron_dga.plots import plot_band, plot_domain_weights, plot_grouped_bars
@@ -340,9 +354,14 @@ def write_plots(results: Sequence, out: str) -> List[str]:
         if method == "uniform":
             continue
         seeds = f"mean over {len(runs)} seeds" if len(runs) > 1 else f"seed {runs[0].seed}"
-        paths.append(plot_domain_weights(_mean_series(runs, "domain_weights"), names,
-                                         os.path.join(out, f"weights_{method}.png"),
-                                         title=f"domain weights: {method} ({seeds})"))
+        series, labels, what = _mean_series(runs, "domain_weights"), names, "domain weights"
+        if not series:  # summarised (more domains than --log-domains-limit): the mass per top-level cluster
+            series, what = _mean_series(runs, "domain_weights", _cluster_mass), "weight per top-level cluster"
+            first = next((m["domain_weights"] for r in runs for m in r.metrics
+                          if _cluster_mass(m.get("domain_weights")) is not None), {})
+            labels = list(first.get("mass_by_cluster", {}))
+        paths.append(plot_domain_weights(series, labels, os.path.join(out, f"weights_{method}.png"),
+                                         title=f"{what}: {method} ({seeds})"))
         basis = runs[0].info.get("basis_names")
         if basis:
             paths.append(plot_domain_weights(_mean_series(runs, "basis_weights"), basis,

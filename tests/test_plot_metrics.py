@@ -54,3 +54,17 @@ def test_plot_tool_names_a_missing_run(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_metrics.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no metrics.jsonl and no TensorBoard events" in proc.stderr
+
+
+def test_runs_of_one_experiment_get_distinct_names():
+    # The runner's layout <scenario>/runs/<method>/seed<seed>: every run's basename is seed1234.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(ROOT, "tools", "plot_metrics.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    runs = ["out/token-limited/runs/dga_ema/seed1234", "out/token-limited/runs/uniform/seed1234/"]
+    assert tool.run_names(runs) == ["dga_ema_seed1234", "uniform_seed1234"]
+    assert tool.run_names(["logs/a", "logs/b"]) == ["a", "b"]
+    with pytest.raises(Exception, match="more than once"):
+        tool.run_names(["logs/a", "logs/a/"])

@@ -295,3 +295,41 @@ def test_bad_null_tokenizer_token_is_a_counted_bad_line_with_its_location(tmp_pa
     assert _read(str(tmp_path / "d_text_document"))[0] == [[1, 2], [5]]
     for noise in ("Transformer Engine", "Megatron-FSDP", "Detected Megatron Core", "Traceback", "warn"):
         assert noise not in proc.stderr, proc.stderr
+
+
+def test_copy_documents_keeps_the_first_documents_and_the_tokenizer_record(tmp_path, spm_model):
+    texts = _texts(20, seed=5)
+    _write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    (src,) = preprocess(PreprocessConfig(input=str(tmp_path / "t.jsonl"), output_prefix=str(tmp_path / "t"),
+                                         tokenizer=_spm(spm_model), append_eod=True))
+    docs, _ = _read(src.prefix)
+    out = str(tmp_path / "small" / "t_text_document")
+    result = pp.copy_documents(src.prefix, out, 7)
+    copied, ds = _read(out)
+    assert copied == docs[:7] and result.num_documents == 7 and result.num_tokens == sum(map(len, docs[:7]))
+    assert ds.index.dtype == IndexedDataset(src.prefix).index.dtype
+    with open(src.prefix + ".json") as fh:
+        before = json.load(fh)
+    with open(out + ".json") as fh:
+        after = json.load(fh)
+    assert {k: after[k] for k in ("tokenizer_sha256", "vocab_size", "eod")} == \
+        {k: before[k] for k in ("tokenizer_sha256", "vocab_size", "eod")}
+    assert after["num_documents"] == 7 and after["subset_of"]["documents"] == [0, 7]
+    assert pp.copy_documents(src.prefix, out, 100).num_documents == 20  # more than there are: all of them
+    assert _read(out)[0] == docs
+    assert not [f for f in os.listdir(tmp_path / "small") if ".tmp-" in f]
+
+
+def test_progress_lines_without_a_terminal_and_none_with_no_progress(tmp_path, caplog):
+    _write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(str(j % 9) for j in range(i % 7 + 1))} for i in range(600)])
+    lines = {}
+    for progress in (None, False):  # stderr is not a terminal under pytest: log lines, not a bar
+        caplog.clear()
+        with caplog.at_level("INFO", logger="megatron_dga.progress"):
+            preprocess(PreprocessConfig(input=str(tmp_path / "t.jsonl"), output_prefix=str(tmp_path / "o"),
+                                        tokenizer=TokenizerSpec("NullTokenizer", vocab_size=10), log_interval=200, progress=progress))
+        lines[progress] = [r.getMessage() for r in caplog.records if r.name == "megatron_dga.progress"]
+    # 600 lines read in batches of 256: a line once 200, 400 and 600 documents are passed.
+    assert [m.split(",")[0] for m in lines[None]] == ["o: 256 documents", "o: 512 documents", "o: 600 documents"]
+    assert "MB (100.0%)" in lines[None][-1] and "documents/s" in lines[None][-1]
+    assert lines[False] == []

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """Plot weights, alignments and losses of one or more runs from metrics.jsonl or TensorBoard logs.
 
-    python tools/plot_metrics.py runs/demo/runs/dga_ema [more run dirs ...] --out plots/
+    # the runs of the demo (scripts/demo.sh: examples/experiments.py token-limited --out runs/demo)
+    python tools/plot_metrics.py runs/demo/token-limited/runs/*/seed1234 --out plots/
+    python tools/plot_metrics.py logs/ --out plots/          # one run's --log-dir
     python tools/plot_metrics.py tb/ --out plots/            # a --tensorboard-dir
 
 For each run directory (a --log-dir holding metrics.jsonl and run_info.json, or a
 --tensorboard-dir with event files) this writes <name>_weights.png (stacked domain weights), <name>_alignments.png
-(DGA runs) and, over all runs, train_loss.png and specific_eval_loss.png.
+(DGA runs) and, over all runs, train_loss.png and specific_eval_loss.png. <name> is the directory's
+name, with as many parent directories as it takes to tell the runs apart (dga_ema_seed1234 and
+uniform_seed1234 for the command above).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from typing import List, Sequence
 
 from megatron_dga.errors import DGAError
 from megatron_dga.fileio import ensure_writable_dir
@@ -41,6 +46,17 @@ def load_run(run_dir: str):
     return metrics, names
 
 
+def run_names(run_dirs: Sequence[str]) -> List[str]:
+    """A distinct name per run directory: its basename, extended by its parents' names ("_"-joined)
+    until no two runs share one (runs/x/dga/seed1 and runs/x/uniform/seed1 -> dga_seed1, uniform_seed1)."""
+    parts = [os.path.abspath(d).strip(os.sep).split(os.sep) for d in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["_".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise DGAError(f"runs {list(run_dirs)} are given more than once; name each run directory once")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run directories (the runs' --log-dir)")
@@ -50,7 +66,7 @@ def main(argv=None) -> int:
     out = args.out or args.runs[0]
     try:
         ensure_writable_dir(out, "--out" if args.out else "--out (default: the first run directory)")
-        runs = {os.path.basename(os.path.normpath(r)): load_run(r) for r in args.runs}
+        runs = {name: load_run(r) for name, r in zip(run_names(args.runs), args.runs)}
     except (DGAError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ def get_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     group.add_argument("--log-interval", type=int, default=10000, help="documents between log lines without a tty")
-    group.add_argument("--no-progress", action="store_true", help="never show the progress bar")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar and no progress log lines")
     return parser.parse_args(argv)
 
 

@@ -39,8 +39,8 @@ from megatron_dga.data.tokenizers import SentencePieceTrainConfig, train_sentenc
 from megatron_dga.errors import ConfigError, DGAError
 from megatron_dga.fileio import ensure_writable_parent
 from megatron_dga.logging_setup import setup_logging
-from megatron_dga.prep.inputs import expand_jsonl_inputs
-from megatron_dga.prep.preprocess import _file_total, _iter_line_batches, _parse_line, _Progress, sample_documents
+from megatron_dga.prep.inputs import expand_jsonl_inputs, iter_line_batches, parse_line, sample_documents, total_bytes
+from megatron_dga.prep.progress import Progress
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -63,7 +63,7 @@ def get_args(argv=None) -> argparse.Namespace:
                        help="trainer threads (default: the CPU count; the model depends on it)")
     group = parser.add_argument_group("runtime")
     group.add_argument("--log-interval", type=int, default=5000, help="documents between progress lines without a tty")
-    group.add_argument("--no-progress", action="store_true", help="never show the progress bar")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar and no progress log lines")
     return parser.parse_args(argv)
 
 
@@ -87,14 +87,15 @@ def document_lines(texts) -> Iterator[str]:
                 yield line
 
 
-def stream_sentences(files: Sequence[str], json_keys: Sequence[str], stats: InputStats, progress) -> Iterator[str]:
+def stream_sentences(files: Sequence[str], json_keys: Sequence[str], stats: InputStats,
+                     progress: Progress) -> Iterator[str]:
     """Every non-blank line of every document of ``files``, read once, with progress."""
     keys = tuple(json_keys)
-    for batch in _iter_line_batches(files):
+    for batch in iter_line_batches(files):
         docs = nbytes = 0
         for _, _, raw in batch:
             nbytes += len(raw)
-            status, texts = _parse_line(raw, keys)
+            status, texts = parse_line(raw, keys)
             if status != "ok":
                 stats.bad[status] = stats.bad.get(status, 0) + 1
                 continue
@@ -104,7 +105,7 @@ def stream_sentences(files: Sequence[str], json_keys: Sequence[str], stats: Inpu
                 yield line
         stats.docs += docs
         stats.bytes += nbytes
-        progress.update(docs, nbytes)
+        progress.update(nbytes, docs=docs)
     progress.close()
     kept = f"{min(stats.lines, stats.sample_size):,} sampled" if stats.sample_size else "all"
     print(f"[inputs        +{time.monotonic() - stats.started:6.1f}s] read {stats.docs:,} documents, {stats.lines:,} "
@@ -197,8 +198,8 @@ def main(argv=None) -> int:
                 if args.sample_docs:
                     sentences = document_lines(texts)
                 else:
-                    progress = _Progress(_file_total(files), "reading inputs", False if args.no_progress else None,
-                                         args.log_interval)
+                    progress = Progress(total_bytes(files), "reading inputs", unit="B",
+                                        enabled=False if args.no_progress else None, log_every=args.log_interval)
                     sentences = stream_sentences(files, args.json_keys, stats, progress)
                 try:
                     model = train_sentencepiece(sentences, config)

@@ -1,10 +1,21 @@
-"""The jsonl inputs every tool reads: one rule for which files an ``--input`` names, one reader.
+"""The jsonl inputs every tool reads: one rule for which files an ``--input`` names, and the readers.
 
 ``--input`` (and ``--specific``, ``--basis-sets``, ...) take files, quoted globs and
 directories. A directory contributes its ``*.jsonl`` and ``*.jsonl.gz`` files, not
 recursively; ``*.json`` is left out on purpose, because directories of domains often hold a
 ``manifest.json`` beside the data (name a ``.json`` file explicitly to read it). A file
 named explicitly is read whatever its suffix; a glob takes every file it matches.
+
+Two reading policies, for two kinds of tools:
+
+* strict (:func:`iter_jsonl`, :func:`parse_text`, :func:`read_jsonl_texts`): every non-blank
+  line is a document and a bad one is a DataError naming ``file:line``; the clustering and
+  importance tools need it, since their outputs are aligned line by line with the inputs;
+* skip and count (:func:`iter_line_batches`, :func:`parse_line`, :func:`sample_documents`): a
+  bad line is skipped and counted by reason (``blank_line``, ``invalid_utf8``, ``invalid_json``,
+  ``not_object``, ``missing_key``, ``not_string``, ``empty_text``), so one broken line in a
+  large crawl never stops tokenizer training or preprocessing (tools/train_tokenizer.py,
+  tools/preprocess_data.py report the counts at the end).
 """
 from __future__ import annotations
 
@@ -12,11 +23,14 @@ import glob
 import gzip
 import json
 import os
-from typing import Iterator, Sequence
+import random
+from typing import Iterator, Optional, Sequence
 
 from megatron_dga.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+LINE_BATCH = 256
+"""Lines per batch of :func:`iter_line_batches` (the unit handed to tokenizer worker processes)."""
 
 
 def is_jsonl_name(name: str) -> bool:
@@ -114,3 +128,102 @@ def parse_text(raw: str, json_keys: Sequence[str], path: str, lineno: int) -> st
 def read_jsonl_texts(paths: Sequence[str], json_keys: Sequence[str] = ("text",)) -> list[str]:
     """Read every document's text from jsonl files (see :func:`parse_text`)."""
     return [parse_text(raw, json_keys, p, n) for p, n, raw in iter_jsonl(paths)]
+
+
+# --------------------------------------------------------------------------- skip and count
+def total_bytes(files: Sequence[str]) -> Optional[int]:
+    """Bytes the files hold, for a progress bar's total; None when one is gzipped (its size on disk
+    is not what is read)."""
+    if any(f.endswith(".gz") for f in files):
+        return None
+    return sum(os.path.getsize(f) for f in files)
+
+
+def iter_line_batches(files: Sequence[str], batch_lines: int = LINE_BATCH) -> Iterator[list[tuple[int, int, bytes]]]:
+    """Every raw line of ``files`` (blank ones included), in order, in batches of ``batch_lines``
+    ``(file index, line number, raw bytes)``; undecoded, so a worker process decodes and a bad
+    encoding is one skipped line (:func:`parse_line`).
+
+    Raises:
+        DataError: a file cannot be read (naming it).
+    """
+    batch: list[tuple[int, int, bytes]] = []
+    for fi, path in enumerate(files):
+        try:
+            with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+                for lineno, raw in enumerate(f, 1):
+                    batch.append((fi, lineno, raw))
+                    if len(batch) >= batch_lines:
+                        yield batch
+                        batch = []
+        except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"--input file {path!r} could not be read: {exc}.") from None
+    if batch:
+        yield batch
+
+
+def parse_line(raw: bytes, keys: Sequence[str]) -> tuple[str, Optional[list[str]]]:
+    """``("ok", [text of each key])``, or ``(reason, None)`` for a line to skip (module docstring)."""
+    if not raw.strip():
+        return ("blank_line", None)
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ("invalid_utf8", None)
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return ("invalid_json", None)
+    if not isinstance(obj, dict):
+        return ("not_object", None)
+    texts = []
+    for key in keys:
+        if key not in obj:
+            return ("missing_key", None)
+        text = obj[key]
+        if not isinstance(text, str):
+            return ("not_string", None)
+        if not text.strip():
+            return ("empty_text", None)
+        texts.append(text)
+    return ("ok", texts)
+
+
+def sample_documents(
+    files: Sequence[str],
+    json_keys: Sequence[str],
+    sample_docs: Optional[int],
+    seed: int,
+) -> tuple[list[str], dict[str, int]]:
+    """A deterministic uniform sample of texts from jsonl files (reservoir sampling).
+
+    Args:
+        files: jsonl(.gz) files, read in the given order.
+        json_keys: fields to take; every key of an accepted line contributes one text.
+        sample_docs: number of texts to keep; ``None`` keeps all.
+        seed: seed of the reservoir.
+
+    Returns:
+        ``(texts in input order, {skipped reason: count})``.
+    """
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    bad: dict[str, int] = {}
+    seen = 0
+    keys = tuple(json_keys)
+    for batch in iter_line_batches(files):
+        for _, _, raw in batch:
+            status, texts = parse_line(raw, keys)
+            if status != "ok":
+                bad[status] = bad.get(status, 0) + 1
+                continue
+            for text in texts:
+                if sample_docs is None or len(reservoir) < sample_docs:
+                    reservoir.append((seen, text))
+                else:
+                    j = rng.randrange(seen + 1)
+                    if j < sample_docs:
+                        reservoir[j] = (seen, text)
+                seen += 1
+    reservoir.sort(key=lambda item: item[0])
+    return [t for _, t in reservoir], bad

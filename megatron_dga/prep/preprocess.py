@@ -10,10 +10,12 @@ the file stem (``web.jsonl.gz`` -> ``web``), and ``output_prefix`` is a director
 
 Each shard is written with megatron-core's ``IndexedDatasetBuilder`` and
 ``DType.optimal_dtype(vocab_size)``, one document per accepted jsonl line, and is readable by
-``megatron.core.datasets.indexed_dataset.IndexedDataset``.
+``megatron.core.datasets.indexed_dataset.IndexedDataset``. :func:`copy_documents` writes the
+first documents of an existing shard as a shard of their own, the same way.
 
-Bad lines never stop a run. They are skipped, counted per reason and reported at the end
-with the first few ``file:line`` locations. Reasons: ``invalid_utf8``, ``invalid_json``,
+Bad lines never stop a run (``megatron_dga.prep.inputs``' skip-and-count reading). They are
+skipped, counted per reason and reported at the end with the first few ``file:line`` locations.
+Reasons: ``invalid_utf8``, ``invalid_json``,
 ``not_object`` (valid JSON that is not an object), ``missing_key``, ``not_string``,
 ``empty_text`` (empty/whitespace-only text, or text that tokenizes to nothing),
 ``untokenizable`` (the tokenizer refused the text, e.g. NullTokenizer given a non-integer
@@ -48,25 +50,22 @@ Sidecar ``<prefix>_<key>_document.json`` (format ``megatron-dga/shard-v1``), fie
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import logging
 import multiprocessing
 import os
-import random
 import re
 import signal
-import sys
-import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from megatron_dga.data.tokenizers import BaseTokenizer, TokenizerSpec
-from megatron_dga.prep.inputs import jsonl_files_in
 from megatron_dga.errors import ConfigError, DataError, DGAError
 from megatron_dga.fileio import ensure_writable_dir, output_error
+from megatron_dga.prep.inputs import iter_line_batches, jsonl_files_in, parse_line, total_bytes
+from megatron_dga.prep.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ BAD_REASONS = (
     "untokenizable",
     "blank_line",
 )
-_BATCH_LINES = 256
+"""Why a line is skipped: :func:`megatron_dga.prep.inputs.parse_line`'s reasons, and ``untokenizable``."""
 _FIRST_BAD_KEPT = 5
 
 
@@ -104,7 +103,8 @@ class PreprocessConfig:
     log_interval: int = 10000
     """Documents between progress log lines when no progress bar is shown."""
     progress: Optional[bool] = None
-    """Show a tqdm bar; ``None``: only when stderr is a terminal."""
+    """``None``: a tqdm bar when stderr is a terminal, log lines otherwise; ``True``: always the bar;
+    ``False``: neither (``--no-progress``). See :class:`megatron_dga.prep.progress.Progress`."""
 
     def __post_init__(self):
         if not self.input:
@@ -183,29 +183,6 @@ def resolve_inputs(input_spec: str, output_prefix: str) -> list[tuple[str, list[
     return [(output_prefix, matches)]
 
 
-def _open_binary(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
-
-
-def _iter_line_batches(files: Sequence[str]) -> Iterator[list[tuple[int, int, bytes]]]:
-    """Batches of ``(file_index, line_number, raw_line)``."""
-    batch: list[tuple[int, int, bytes]] = []
-    for fi, path in enumerate(files):
-        try:
-            with _open_binary(path) as f:
-                for lineno, raw in enumerate(f, 1):
-                    batch.append((fi, lineno, raw))
-                    if len(batch) >= _BATCH_LINES:
-                        yield batch
-                        batch = []
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise DataError(f"--input file {path!r} could not be read: {exc}.") from None
-    if batch:
-        yield batch
-
-
 # --------------------------------------------------------------------------- tokenisation
 _WORKER_TOKENIZER: Optional[BaseTokenizer] = None
 _WORKER_KEYS: tuple[str, ...] = ()
@@ -230,36 +207,9 @@ def _set_local_tokenizer(tok: BaseTokenizer, keys: tuple[str, ...], append_eod: 
     _WORKER_TOKENIZER, _WORKER_KEYS, _WORKER_EOD = tok, keys, append_eod
 
 
-def _parse_line(raw: bytes, keys: tuple[str, ...]):
-    """``("ok", [text per key])`` or ``(reason, None)`` for a bad line."""
-    if not raw.strip():
-        return ("blank_line", None)
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return ("invalid_utf8", None)
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return ("invalid_json", None)
-    if not isinstance(obj, dict):
-        return ("not_object", None)
-    texts = []
-    for key in keys:
-        if key not in obj:
-            return ("missing_key", None)
-        text = obj[key]
-        if not isinstance(text, str):
-            return ("not_string", None)
-        if not text.strip():
-            return ("empty_text", None)
-        texts.append(text)
-    return ("ok", texts)
-
-
 def _encode_line(raw: bytes):
     """``("ok", [ids per key], nbytes)`` or ``("bad", reason, detail or None)``."""
-    status, texts = _parse_line(raw, _WORKER_KEYS)
+    status, texts = parse_line(raw, _WORKER_KEYS)
     if status != "ok":
         return ("bad", status, None)
     tok = _WORKER_TOKENIZER
@@ -337,48 +287,6 @@ class _ShardWriter:
                 os.unlink(path)
 
 
-class _Progress:
-    """tqdm bar over input bytes with docs/s and MB/s, or log lines every N documents."""
-
-    def __init__(self, total_bytes: Optional[int], desc: str, enabled: Optional[bool], log_interval: int):
-        self.bar = None
-        self.log_interval = log_interval
-        self.desc = desc
-        self.start = time.monotonic()
-        self.docs = 0
-        self.bytes = 0
-        self._next_log = log_interval
-        show = sys.stderr.isatty() if enabled is None else enabled
-        if show:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
-
-    def update(self, docs: int, nbytes: int) -> None:
-        self.docs += docs
-        self.bytes += nbytes
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        if self.bar is not None:
-            self.bar.update(nbytes)
-            self.bar.set_postfix(docs=self.docs, docs_s=f"{self.docs / elapsed:.0f}", refresh=False)
-        elif self.docs >= self._next_log:
-            self._next_log = (self.docs // self.log_interval + 1) * self.log_interval
-            logger.info(
-                "%s: %d documents (%.0f docs/s, %.2f MB/s)",
-                self.desc, self.docs, self.docs / elapsed, self.bytes / elapsed / 1e6,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _file_total(files: Sequence[str]) -> Optional[int]:
-    if any(f.endswith(".gz") for f in files):
-        return None
-    return sum(os.path.getsize(f) for f in files)
-
-
 def _process_group(
     base_prefix: str,
     files: list[str],
@@ -393,13 +301,12 @@ def _process_group(
     writers: list[_ShardWriter] = []
     bad: dict[str, int] = {}
     first_bad: list[str] = []
-    progress = _Progress(
-        _file_total(files), os.path.basename(base_prefix) or base_prefix, config.progress, config.log_interval
-    )
+    progress = Progress(total_bytes(files), os.path.basename(base_prefix) or base_prefix, unit="B",
+                        enabled=config.progress, log_every=config.log_interval)
     try:
         for prefix in prefixes:
             writers.append(_ShardWriter(prefix, dtype))
-        batches = _iter_line_batches(files)
+        batches = iter_line_batches(files)
         results = pool.imap(_encode_batch, batches) if pool is not None else map(_encode_batch, batches)
         for batch in results:
             docs = 0
@@ -415,7 +322,7 @@ def _process_group(
                 for writer, ids in zip(writers, payload):
                     writer.add(ids, textbytes)
                 docs += 1
-            progress.update(docs, nbytes)
+            progress.update(nbytes, docs=docs)
         fingerprint = tokenizer.fingerprint()
         for writer, key in zip(writers, config.json_keys):
             if writer.num_documents == 0:
@@ -501,6 +408,49 @@ def preprocess(config: PreprocessConfig, tokenizer: Optional[BaseTokenizer] = No
     return results
 
 
+def copy_documents(source: str, prefix: str, count: int) -> ShardResult:
+    """The first ``count`` documents of the shard ``source`` as a shard of their own at ``prefix``
+    (e.g. a little specific set cut from a target's shard: the same documents as the first
+    ``count`` lines of its jsonl, without tokenising again).
+
+    Written like every shard here (temp files moved into place, previous outputs untouched on
+    failure). The sidecar is ``source``'s (so the trainer's tokenizer check holds) with the copy's
+    ``num_documents`` and ``num_tokens``, ``num_bytes`` null and ``subset_of``: ``{"shard",
+    "documents"}``.
+
+    Raises:
+        DataError: ``source`` is missing or corrupt (naming it); ``count`` < 1.
+    """
+    from megatron_dga.prep.shard_corpus import ShardCorpus
+
+    if count < 1:
+        raise DataError(f"copy_documents: count {count} must be >= 1")
+    corpus = ShardCorpus([source], "shard")
+    n = min(int(count), corpus.num_documents)
+    docs = corpus.gather(np.arange(n))
+    sidecar: dict = {}
+    if os.path.isfile(source + ".json"):
+        with open(source + ".json", encoding="utf-8") as fh:
+            sidecar = json.load(fh)
+    sidecar.update(num_documents=n, num_tokens=int(docs.offsets[-1]), num_bytes=None,
+                   subset_of={"shard": os.path.abspath(source), "documents": [0, n]})
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    ensure_writable_dir(out_dir, "output prefix")
+    remove_stale_temp_files(out_dir)
+    writer = None
+    try:
+        writer = _ShardWriter(prefix, corpus.infos[0].dtype.type)  # (megatron wants the numpy type)
+        for i in range(n):
+            writer.add(docs.tokens[docs.offsets[i]:docs.offsets[i + 1]], 0)
+        writer.finalize(sidecar)
+        writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return ShardResult(prefix, str(sidecar.get("json_key", "text")), n, int(docs.offsets[-1]), [os.path.abspath(source)])
+
+
 _TEMP_FILE = re.compile(r"_document\.(bin|idx|json)\.tmp-(\d+)$")
 """A shard temp file of _ShardWriter: ``<prefix>_<key>_document.{bin,idx,json}.tmp-<pid>``."""
 
@@ -548,43 +498,3 @@ def format_report(results: Sequence[ShardResult]) -> str:
             lines.append(f"  skipped {sum(r.bad_lines.values())} lines ({counts}); first:")
             lines.extend(f"    {loc}" for loc in r.first_bad)
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- sampling
-def sample_documents(
-    files: Sequence[str],
-    json_keys: Sequence[str],
-    sample_docs: Optional[int],
-    seed: int,
-) -> tuple[list[str], dict[str, int]]:
-    """A deterministic uniform sample of texts from jsonl files (reservoir sampling).
-
-    Args:
-        files: jsonl(.gz) files, read in the given order.
-        json_keys: fields to take; every key of an accepted line contributes one text.
-        sample_docs: number of texts to keep; ``None`` keeps all.
-        seed: seed of the reservoir.
-
-    Returns:
-        ``(texts in input order, {bad reason: count})``.
-    """
-    rng = random.Random(seed)
-    reservoir: list[tuple[int, str]] = []
-    bad: dict[str, int] = {}
-    seen = 0
-    for batch in _iter_line_batches(files):
-        for _, _, raw in batch:
-            status, texts = _parse_line(raw, tuple(json_keys))
-            if status != "ok":
-                bad[status] = bad.get(status, 0) + 1
-                continue
-            for text in texts:
-                if sample_docs is None or len(reservoir) < sample_docs:
-                    reservoir.append((seen, text))
-                else:
-                    j = rng.randrange(seen + 1)
-                    if j < sample_docs:
-                        reservoir[j] = (seen, text)
-                seen += 1
-    reservoir.sort(key=lambda item: item[0])
-    return [t for _, t in reservoir], bad
