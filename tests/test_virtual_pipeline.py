@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from tests.dist_utils import run_distributed
-from tests.synthetic import NULL_TOKENIZER_ARGS, write_domains
-from tests.test_pipeline import EMBEDDING, _gathered, _losses, _metrics
+from tests.synthetic import NULL_TOKENIZER_ARGS
+from tests.test_pipeline import EMBEDDING, _gathered, _losses, _metrics, _trainer, shards  # noqa: F401 (shards: the fixture)
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
          "--make-vocab-size-divisible-by", "64"]
@@ -32,26 +32,11 @@ CONFIGS = {
 ITERS = 4
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_domains(str(tmp_path_factory.mktemp("shards")), k=3, docs_per_domain=48, doc_len=64,
-                         specific_mixture=[0.5, 0.5, 0.0])
-
-
 def _argv(shards, log_dir, extra, iters=ITERS):
     return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
             "--specific-eval-data-path", shards["specific_eval"], *NULL_TOKENIZER_ARGS, *MODEL,
             "--global-batch-size", "8", "--train-iters", str(iters), "--log-interval", "1",
             "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(log_dir), *extra]
-
-
-def _trainer(argv):
-    from megatron_dga import platform
-    from megatron_dga.training.arguments import parse_args
-    from megatron_dga.training.trainer import Trainer
-
-    cfg = parse_args(argv)
-    return Trainer(cfg, platform.initialize(cfg.parallel))
 
 
 def _reference(rank, world_size, runs):
