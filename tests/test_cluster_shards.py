@@ -98,6 +98,14 @@ def test_token_tfidf_matches_dense_oracle_and_roundtrips(tmp_path):
     # Ids beyond the fitted ones (never seen) contribute nothing.
     more = TokenDocuments.from_arrays([np.append(d, [500, 999]) for d in docs])
     np.testing.assert_allclose(emb.embed(more, show_progress=False), got, atol=1e-6)
+    # A damaged payload: one error naming the file and the fix, for both TF-IDF embedders.
+    from megatron_dga.prep.embeddings import TfidfSvdConfig, TfidfSvdEmbedder
+
+    TfidfSvdEmbedder(TfidfSvdConfig(dim=2, min_df=1, seed=0)).fit(["alpha beta gamma", "beta gamma delta", "gamma delta eps"]).save(str(tmp_path / "w"))
+    for directory, payload in ((tmp_path, "embedder_token_tfidf.npz"), (tmp_path / "w", "embedder_tfidf.npz")):
+        (directory / payload).write_bytes((directory / payload).read_bytes()[:100])
+        with pytest.raises(DataError, match=rf"cannot load .*TF-IDF embedder payload '.*{payload}'.*re-run tools/cluster_domains"):
+            load_embedder(str(directory))
 
 
 def test_shard_corpus_reads_documents_like_megatron(corpus):

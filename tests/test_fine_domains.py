@@ -165,6 +165,12 @@ def test_index_is_identical_across_builds_and_from_the_cache(small, tmp_path, mo
     # Another document range (the held-out part) or seed is another cache entry, never the same file.
     build_fine_domains(prefixes, group_ids, 8, _Tokenizer(), cached_cfg, documents=(0.8, 1.0))
     assert len(os.listdir(tmp_path / "cache")) == 2
+    # A truncated cache file (a crash mid-copy, a full disk) is rebuilt, with a warning, not a traceback.
+    cache = tmp_path / "cache" / files[0]
+    cache.write_bytes(cache.read_bytes()[:64])
+    rebuilt = build_fine_domains(prefixes, group_ids, 8, _Tokenizer(), cached_cfg, documents=(0.0, 0.8))
+    for a, b in zip(arrays(first), arrays(rebuilt)):
+        np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- through the trainer

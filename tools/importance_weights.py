@@ -183,7 +183,7 @@ def load_cluster_space(directory: str) -> DomainSpace:
     cpath = os.path.join(directory, manifest.get("centroids", CENTROIDS_FILE))
     try:
         centroids = np.load(cpath, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:
         raise DataError(f"--clusters {directory}: cannot read centroids '{cpath}' ({e})") from None
     if centroids.ndim != 2 or centroids.shape[0] != len(names):
         raise DataError(f"{cpath}: shape {centroids.shape}, but the manifest lists {len(names)} domains; re-run cluster_domains.py")

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -283,7 +284,7 @@ def _load_cached(path: str, description: str) -> Optional[FineIndex]:
                 logger.warning("%s was built for other data (hash collision?); rebuilding it", path)
                 return None
             return FineIndex(**{name: npz[name] for name in FineIndex.ARRAYS})
-    except (OSError, ValueError, KeyError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # missing, truncated, damaged
         logger.warning("fine-domain index cache %s is unreadable (%s); rebuilding it", path, exc)
         return None
 

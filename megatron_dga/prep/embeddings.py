@@ -36,6 +36,7 @@ import importlib
 import json
 import logging
 import os
+import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Sequence
@@ -76,6 +77,61 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     # Zero rows (empty documents) stay zero instead of becoming NaN.
     np.divide(x, norms, out=x, where=norms > 0)
     return x
+
+
+# --------------------------------------------------------------------------- TF-IDF + SVD, shared by both TF-IDFs
+def _fit_sample(n: int, max_docs: int, seed: int) -> np.ndarray | None:
+    """Sorted indices of a seeded subset of ``max_docs`` of ``n`` fitting documents (None: fit on all)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_docs, replace=False)) if n > max_docs else None
+
+
+def _smoothed_idf(df: np.ndarray, n: int) -> np.ndarray:
+    """scikit-learn's smoothed idf, ``ln((1+n)/(1+df)) + 1``."""
+    return np.log((1.0 + n) / (1.0 + np.asarray(df, dtype=np.float64))) + 1.0
+
+
+def _tfidf_rows(counts: sp.spmatrix, idf: np.ndarray, sublinear_tf: bool) -> sp.csr_matrix:
+    """float64 TF-IDF rows of a count matrix (``1 + ln tf`` when ``sublinear_tf``), L2-normalised (empty rows stay 0)."""
+    x = sp.csr_matrix(counts, dtype=np.float64, copy=True)
+    if sublinear_tf:
+        np.log(x.data, out=x.data)
+        x.data += 1.0
+    x.data *= idf[x.indices]
+    norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    x.data *= np.repeat(inv, np.diff(x.indptr))
+    return x
+
+
+def _svd_components(x: sp.csr_matrix, dim: int, seed: int, what: str) -> np.ndarray:
+    """(dim', V) float32 truncated-SVD directions of the TF-IDF rows ``x``; dim' is ``dim`` or less when ``x`` is
+    too small (logged)."""
+    from sklearn.decomposition import TruncatedSVD
+
+    if min(x.shape) <= 1:  # one column or one document: the only direction is the first axis
+        comp = np.zeros((1, x.shape[1]), dtype=np.float32)
+        comp[0, 0] = 1.0
+        return comp
+    fitted = min(dim, x.shape[1] - 1, x.shape[0] - 1)
+    if fitted < dim:
+        logger.warning("%s: dim reduced from %d to %d (%d columns, %d fitting documents)", what, dim, fitted,
+                       x.shape[1], x.shape[0])
+    svd = TruncatedSVD(n_components=fitted, algorithm="randomized", n_iter=5, random_state=seed)
+    svd.fit(x)
+    return svd.components_.astype(np.float32)
+
+
+def _project(rows: sp.csr_matrix, components: np.ndarray) -> np.ndarray:
+    return np.asarray(rows @ components.T.astype(np.float64), dtype=np.float32)
+
+
+def _load_payload(path: str, keys: Sequence[str], what: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an embedder's ``.npz`` payload, or one DataError naming the file and the fix."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, truncated, not an npz
+        raise DataError(f"cannot load {what} embedder payload '{path}' ({e}); re-run tools/cluster_domains.py") from None
 
 
 class TokenDocuments:
@@ -242,17 +298,12 @@ class TfidfSvdEmbedder(Embedder):
         Raises:
             DataError: No documents, or no term survives the document-frequency filters.
         """
-        from sklearn.decomposition import TruncatedSVD
-
         c = self.config
         n = len(texts)
         if n == 0:
             raise DataError("cannot fit the TF-IDF embedder on 0 documents; check the input files")
-        if n > c.fit_max_docs:
-            pick = np.sort(np.random.default_rng(c.seed).choice(n, size=c.fit_max_docs, replace=False))
-            fit_texts = [texts[i] for i in pick]
-        else:
-            fit_texts = list(texts)
+        pick = _fit_sample(n, c.fit_max_docs, c.seed)
+        fit_texts = list(texts) if pick is None else [texts[i] for i in pick]
         # min_df/max_df are meaningless on a handful of documents; relax them rather than fail.
         vec = self._make_vectorizer()
         if len(fit_texts) < 2 * c.min_df:
@@ -269,38 +320,14 @@ class TfidfSvdEmbedder(Embedder):
         for term, j in vocab.items():
             terms[j] = term
         self.terms = terms.astype(np.str_)
-        df = np.bincount(counts.indices, minlength=len(vocab)).astype(np.float64)
-        self.idf = np.log((1.0 + counts.shape[0]) / (1.0 + df)) + 1.0
+        self.idf = _smoothed_idf(np.bincount(counts.indices, minlength=len(vocab)), counts.shape[0])
         self._vectorizer = self._make_vectorizer(vocabulary=vocab)
-
-        x = self._tfidf(counts)
-        dim = min(c.dim, x.shape[1] - 1, x.shape[0] - 1) if min(x.shape) > 1 else 1
-        if dim < c.dim:
-            logger.warning(
-                "TF-IDF embedder: dim reduced from %d to %d (vocabulary %d terms, %d fitting documents)",
-                c.dim, dim, x.shape[1], x.shape[0],
-            )
-        if min(x.shape) > 1:
-            svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=5, random_state=c.seed)
-            svd.fit(x)
-            self.components = svd.components_.astype(np.float32)
-        else:
-            # One term or one document: the only direction is the first axis.
-            comp = np.zeros((1, x.shape[1]), dtype=np.float32)
-            comp[0, 0] = 1.0
-            self.components = comp
+        self.components = _svd_components(self._tfidf(counts), c.dim, c.seed, "TF-IDF embedder (columns: terms)")
         return self
 
     # -- transform ---------------------------------------------------------------
     def _tfidf(self, counts: sp.spmatrix) -> sp.csr_matrix:
-        x = sp.csr_matrix(counts, dtype=np.float64, copy=True)
-        if self.config.sublinear_tf:
-            np.log(x.data, out=x.data)
-            x.data += 1.0
-        x = x @ sp.diags(self.idf)
-        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
-        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        return sp.csr_matrix(sp.diags(inv) @ x)
+        return _tfidf_rows(counts, self.idf, self.config.sublinear_tf)
 
     @property
     def dim(self) -> int:
@@ -316,10 +343,8 @@ class TfidfSvdEmbedder(Embedder):
         if self._vectorizer is None:
             self._vectorizer = self._make_vectorizer(vocabulary={t: i for i, t in enumerate(self.terms.tolist())})
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        comp_t = self.components.T.astype(np.float64)
         for s, e in _batches(len(texts), self.config.batch_size, show_progress, "embed (tfidf)"):
-            x = self._tfidf(self._vectorizer.transform(texts[s:e]))
-            out[s:e] = np.asarray(x @ comp_t, dtype=np.float32)
+            out[s:e] = _project(self._tfidf(self._vectorizer.transform(texts[s:e])), self.components)
         return _l2_normalise(out)
 
     # -- persistence ---------------------------------------------------------------
@@ -336,11 +361,8 @@ class TfidfSvdEmbedder(Embedder):
         """Rebuild from ``embedder.json`` contents and the ``.npz`` payload in ``directory``."""
         emb = cls(TfidfSvdConfig(**state["config"]))
         path = os.path.join(directory, TFIDF_PAYLOAD_FILE)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                emb.terms, emb.idf, emb.components = z["terms"], z["idf"].astype(np.float64), z["components"]
-        except (OSError, KeyError, ValueError) as e:
-            raise DataError(f"cannot load TF-IDF embedder payload '{path}' ({e}); re-run tools/cluster_domains.py") from None
+        z = _load_payload(path, ("terms", "idf", "components"), "TF-IDF")
+        emb.terms, emb.idf, emb.components = z["terms"], z["idf"].astype(np.float64), z["components"]
         if emb.components.shape[1] != emb.terms.shape[0] or emb.idf.shape[0] != emb.terms.shape[0]:
             raise DataError(
                 f"{path}: inconsistent shapes terms {emb.terms.shape}, idf {emb.idf.shape}, "
@@ -431,15 +453,7 @@ class TokenTfidfEmbedder(Embedder):
         return m
 
     def _tfidf(self, counts: sp.csr_matrix) -> sp.csr_matrix:
-        x = counts.copy()
-        if self.config.sublinear_tf:
-            np.log(x.data, out=x.data)
-            x.data += 1.0
-        x.data *= self.idf[x.indices]
-        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1)).ravel())
-        inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-        x.data *= np.repeat(inv, np.diff(x.indptr))
-        return x
+        return _tfidf_rows(counts, self.idf, self.config.sublinear_tf)
 
     # -- fitting ---------------------------------------------------------------
     def fit(self, docs: TokenDocuments) -> "TokenTfidfEmbedder":
@@ -448,14 +462,12 @@ class TokenTfidfEmbedder(Embedder):
         Raises:
             DataError: No documents, or no token id survives the document-frequency filters.
         """
-        from sklearn.decomposition import TruncatedSVD
-
         c = self.config
         n = len(docs)
         if n == 0:
             raise DataError("cannot fit the token TF-IDF embedder on 0 documents; the shards hold no document")
-        if n > c.fit_max_docs:
-            pick = np.sort(np.random.default_rng(c.seed).choice(n, size=c.fit_max_docs, replace=False))
+        pick = _fit_sample(n, c.fit_max_docs, c.seed)
+        if pick is not None:
             docs = take_documents(docs, pick)
             n = len(docs)
         top = int(docs.tokens.max(initial=0)) + 1
@@ -471,20 +483,10 @@ class TokenTfidfEmbedder(Embedder):
                 "--tfidf-max-df"
             )
         self.token_ids = kept.astype(np.int64)
-        self.idf = np.log((1.0 + n) / (1.0 + df[kept])) + 1.0
+        self.idf = _smoothed_idf(df[kept], n)
         self._column = None
-        x = self._tfidf(counts[:, kept].tocsr())
-        dim = min(c.dim, x.shape[1] - 1, x.shape[0] - 1) if min(x.shape) > 1 else 1
-        if dim < c.dim:
-            logger.warning("token TF-IDF embedder: dim reduced from %d to %d (%d token ids kept, %d fitting documents)",
-                           c.dim, dim, x.shape[1], x.shape[0])
-        if min(x.shape) > 1:
-            svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=5, random_state=c.seed)
-            svd.fit(x)
-            self.components = svd.components_.astype(np.float32)
-        else:  # one id or one document: the only direction is the first axis
-            self.components = np.zeros((1, x.shape[1]), dtype=np.float32)
-            self.components[0, 0] = 1.0
+        self.components = _svd_components(self._tfidf(counts[:, kept].tocsr()), c.dim, c.seed,
+                                          "token TF-IDF embedder (columns: kept token ids)")
         return self
 
     # -- transform ---------------------------------------------------------------
@@ -506,14 +508,13 @@ class TokenTfidfEmbedder(Embedder):
             self._column = np.full(int(self.token_ids[-1]) + 1, -1, dtype=np.int64)
             self._column[self.token_ids] = np.arange(self.token_ids.size)
         out = np.empty((len(docs), self.dim), dtype=np.float32)
-        comp_t = self.components.T.astype(np.float64)
         batches = list(token_batches(docs, self.config.batch_size, self.config.batch_tokens))
         from tqdm import tqdm
 
         for s, e in tqdm(batches, desc="embed (token tfidf)", unit="batch", disable=not show_progress or not batches,
                          mininterval=1.0):
             counts = self._counts(docs.slice(s, e), self._column, self.token_ids.size)
-            out[s:e] = np.asarray(self._tfidf(counts) @ comp_t, dtype=np.float32)
+            out[s:e] = _project(self._tfidf(counts), self.components)
         return _l2_normalise(out)
 
     # -- persistence ---------------------------------------------------------------
@@ -530,13 +531,9 @@ class TokenTfidfEmbedder(Embedder):
         """Rebuild from ``embedder.json`` contents and the ``.npz`` payload in ``directory``."""
         emb = cls(TokenTfidfConfig(**state["config"]))
         path = os.path.join(directory, TOKEN_TFIDF_PAYLOAD_FILE)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                emb.token_ids = z["token_ids"].astype(np.int64)
-                emb.idf, emb.components = z["idf"].astype(np.float64), z["components"].astype(np.float32)
-        except (OSError, KeyError, ValueError) as e:
-            raise DataError(f"cannot load token TF-IDF embedder payload '{path}' ({e}); "
-                            "re-run tools/cluster_domains.py") from None
+        z = _load_payload(path, ("token_ids", "idf", "components"), "token TF-IDF")
+        emb.token_ids = z["token_ids"].astype(np.int64)
+        emb.idf, emb.components = z["idf"].astype(np.float64), z["components"].astype(np.float32)
         m = emb.token_ids.shape[0]
         if (emb.idf.shape != (m,) or emb.components.ndim != 2 or emb.components.shape[1] != m or m == 0
                 or np.any(np.diff(emb.token_ids) <= 0) or emb.token_ids[0] < 0):
