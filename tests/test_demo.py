@@ -16,7 +16,8 @@ def _experiment(tmp_path, scenario, methods, *extra):
     out = tmp_path / "exp"
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "experiments.py"), scenario, "--out", str(out),
-         "--train-iters", "6", "--methods", ",".join(methods), "--threads", "1", "--dga-interval", "2", *extra],
+         "--train-iters", "6", "--methods", ",".join(methods), "--threads", "1", "--dga-interval", "2",
+         "--save-interval", "100", *extra],  # (the default, iters // 4, would save at every one of the 6 steps)
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
