@@ -286,7 +286,7 @@ def paper_scale(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_262144_fine_domains_train_dga_over_a_basis_and_resume_bit_for_bit(paper_scale, tmp_path):
+def test_262144_fine_domains_train_dga_over_a_basis_resume_bit_for_bit_and_with_workers(paper_scale, tmp_path):
     d = paper_scale
     dga = ["--mixing", "dga", "--dga-basis", d["basis"], "--dga-interval", "2", "--dga-domain-batch-size", "2",
            "--dga-specific-batch-size", "2", "--specific-data-path", d["specific"],
@@ -296,8 +296,12 @@ def test_262144_fine_domains_train_dga_over_a_basis_and_resume_bit_for_bit(paper
         "straight": _argv(d["prefixes"], d["map"], tmp_path / "a", dga),
         "first": _argv(d["prefixes"], d["map"], tmp_path / "b", dga + ["--save", ckpt, "--exit-interval", "2"]),
         "resumed": _argv(d["prefixes"], d["map"], tmp_path / "b", dga + ["--load", ckpt]),
+        # DataLoader workers receive the fine-domain datasets pickled; indices are still drawn in the main process.
+        "workers": _argv(d["prefixes"], d["map"], tmp_path / "c", dga + ["--num-workers", "1"]),
     })
     straight = runs["straight"]["metrics"]
+    for a, b in zip(straight, runs["workers"]["metrics"], strict=True):
+        assert a["lm_loss"] == b["lm_loss"] and a["basis_weights"] == b["basis_weights"], (a, b)
     resumed = [m for m in runs["resumed"]["metrics"] if m["iteration"] > 2]  # 1, 2: the first part's entries
     assert [m["iteration"] for m in resumed] == [3, 4]
     for a, b in zip(straight[2:], resumed):
