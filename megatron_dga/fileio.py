@@ -19,9 +19,14 @@ import json
 import os
 import shutil
 import uuid
+import zipfile
 from typing import Any, Callable, IO, Iterator, Optional
 
 from megatron_dga.errors import ConfigError, OutputError
+
+NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+"""What ``np.load`` raises for a missing, truncated or damaged ``.npz``/``.npy`` (a missing member's KeyError is
+the caller's to add): every reader of the project's arrays catches this one tuple."""
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM}

@@ -86,7 +86,7 @@ from megatron_dga.prep.embeddings import (
 )
 from megatron_dga.prep.inputs import expand_jsonl_inputs, read_jsonl_texts
 from megatron_dga.errors import ConfigError, DataError, DGAError
-from megatron_dga.fileio import ensure_writable_parent
+from megatron_dga.fileio import NPZ_READ_ERRORS, ensure_writable_parent
 from megatron_dga.logging_setup import setup_logging
 from megatron_dga.mixing.weights_io import save_basis, save_weights
 
@@ -183,7 +183,7 @@ def load_cluster_space(directory: str) -> DomainSpace:
     cpath = os.path.join(directory, manifest.get("centroids", CENTROIDS_FILE))
     try:
         centroids = np.load(cpath, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
+    except NPZ_READ_ERRORS as e:
         raise DataError(f"--clusters {directory}: cannot read centroids '{cpath}' ({e})") from None
     if centroids.ndim != 2 or centroids.shape[0] != len(names):
         raise DataError(f"{cpath}: shape {centroids.shape}, but the manifest lists {len(names)} domains; re-run cluster_domains.py")

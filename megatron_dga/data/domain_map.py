@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_dga.errors import DataError
+from megatron_dga.fileio import NPZ_READ_ERRORS
 
 MAP_FORMAT = "megatron-dga/domain-map-v1"
 """The ``format`` string of the header; any other value is refused."""
@@ -309,7 +310,7 @@ def read_domain_map(path: str) -> DomainMap:
             ids = npz["domain_ids"]
     except DataError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except NPZ_READ_ERRORS as exc:
         raise DataError(f"{not_npz}: numpy cannot read it ({exc})") from None
     if header_arr.shape != () or header_arr.dtype.kind != "U":
         raise DataError(f"{not_npz}: member 'header' must be a 0-d unicode array, got {header_arr.dtype} "

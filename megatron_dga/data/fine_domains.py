@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import time
-import zipfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -48,6 +47,7 @@ from megatron_dga.data.domains import (DomainDatasetConfig, ShardInfo, _Tokenize
                                        _check_vocab, _index_arrays, inspect_shard)
 from megatron_dga.data.mixture import MultiSource
 from megatron_dga.errors import ConfigError, DataError
+from megatron_dga.fileio import NPZ_READ_ERRORS, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -284,14 +284,12 @@ def _load_cached(path: str, description: str) -> Optional[FineIndex]:
                 logger.warning("%s was built for other data (hash collision?); rebuilding it", path)
                 return None
             return FineIndex(**{name: npz[name] for name in FineIndex.ARRAYS})
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # missing, truncated, damaged
+    except (*NPZ_READ_ERRORS, KeyError) as exc:
         logger.warning("fine-domain index cache %s is unreadable (%s); rebuilding it", path, exc)
         return None
 
 
 def _save_cached(path: str, description: str, index: FineIndex) -> None:
-    from megatron_dga.fileio import atomic_write
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     arrays = {name: getattr(index, name) for name in FineIndex.ARRAYS}
     atomic_write(path, lambda fh: np.savez(fh, description=np.array(description), **arrays))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -43,7 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from megatron_dga.errors import DataError
-from megatron_dga.fileio import atomic_write
+from megatron_dga.fileio import NPZ_READ_ERRORS, atomic_write
 
 WEIGHTS_FORMAT = "megatron-dga/weights-v1"
 """Value of the ``format`` key every weights file carries."""
@@ -406,7 +405,7 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
         raise
     except ValueError as e:  # object arrays (allow_pickle=False) or a non-npz file
         raise DataError(f"{source}: cannot read as a basis .npz ({e}); names must be unicode arrays, not objects") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: a truncated or damaged .npz
+    except NPZ_READ_ERRORS as e:  # (ValueError is answered above) a truncated or damaged .npz
         raise DataError(
             f"{source}: cannot read as a basis .npz ({e}); the file is damaged: rebuild it with "
             "tools/importance_weights.py --basis-sets"

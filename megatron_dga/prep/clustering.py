@@ -28,13 +28,12 @@ import json
 import logging
 import os
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from megatron_dga.errors import ConfigError, DataError
-from megatron_dga.fileio import atomic_write
+from megatron_dga.fileio import NPZ_READ_ERRORS, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -625,7 +624,7 @@ class CentroidTree:
                 counts = [z[f"counts_{l}"].astype(np.int64) for l in range(len(levels))]
         except DataError:
             raise
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        except (*NPZ_READ_ERRORS, KeyError) as e:
             raise DataError(f"cannot read centroid tree {path} ({e}); {fix}") from None
         nodes = 1
         for level, k in enumerate(levels):

@@ -36,7 +36,6 @@ import importlib
 import json
 import logging
 import os
-import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Sequence
@@ -45,7 +44,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from megatron_dga.errors import ConfigError, DataError
-from megatron_dga.fileio import atomic_write, atomic_write_json
+from megatron_dga.fileio import NPZ_READ_ERRORS, atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +120,6 @@ def _svd_components(x: sp.csr_matrix, dim: int, seed: int, what: str) -> np.ndar
     return svd.components_.astype(np.float32)
 
 
-def _project(rows: sp.csr_matrix, components: np.ndarray) -> np.ndarray:
-    return np.asarray(rows @ components.T.astype(np.float64), dtype=np.float32)
 
 
 def _load_payload(path: str, keys: Sequence[str], what: str) -> dict[str, np.ndarray]:
@@ -130,7 +127,7 @@ def _load_payload(path: str, keys: Sequence[str], what: str) -> dict[str, np.nda
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in keys}
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # missing, truncated, not an npz
+    except (*NPZ_READ_ERRORS, KeyError) as e:
         raise DataError(f"cannot load {what} embedder payload '{path}' ({e}); re-run tools/cluster_domains.py") from None
 
 
@@ -343,8 +340,9 @@ class TfidfSvdEmbedder(Embedder):
         if self._vectorizer is None:
             self._vectorizer = self._make_vectorizer(vocabulary={t: i for i, t in enumerate(self.terms.tolist())})
         out = np.empty((len(texts), self.dim), dtype=np.float32)
+        comp_t = self.components.T.astype(np.float64)
         for s, e in _batches(len(texts), self.config.batch_size, show_progress, "embed (tfidf)"):
-            out[s:e] = _project(self._tfidf(self._vectorizer.transform(texts[s:e])), self.components)
+            out[s:e] = self._tfidf(self._vectorizer.transform(texts[s:e])) @ comp_t
         return _l2_normalise(out)
 
     # -- persistence ---------------------------------------------------------------
@@ -508,13 +506,14 @@ class TokenTfidfEmbedder(Embedder):
             self._column = np.full(int(self.token_ids[-1]) + 1, -1, dtype=np.int64)
             self._column[self.token_ids] = np.arange(self.token_ids.size)
         out = np.empty((len(docs), self.dim), dtype=np.float32)
+        comp_t = self.components.T.astype(np.float64)
         batches = list(token_batches(docs, self.config.batch_size, self.config.batch_tokens))
         from tqdm import tqdm
 
         for s, e in tqdm(batches, desc="embed (token tfidf)", unit="batch", disable=not show_progress or not batches,
                          mininterval=1.0):
             counts = self._counts(docs.slice(s, e), self._column, self.token_ids.size)
-            out[s:e] = _project(self._tfidf(counts), self.components)
+            out[s:e] = self._tfidf(counts) @ comp_t
         return _l2_normalise(out)
 
     # -- persistence ---------------------------------------------------------------
