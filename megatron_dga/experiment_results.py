@@ -13,16 +13,23 @@ never from a file of numbers. For each run (a method under one seed):
   with k the domains, or the basis distributions with --dga-basis.
 
 Paired differences compare a method with a baseline (uniform, importance) seed by seed:
-``d_s = final(method, s) - final(baseline, s)``, over the seeds both ran. Negative is better.
-The verdict uses the baseline's own seed spread as the noise level:
+``d_s = final(method, s) - final(baseline, s)``, over the n seeds both ran. Negative is better.
+The verdict is a paired t interval on those differences (the pairing removes what a seed does to
+both runs alike, such as the initial weights):
 
-    noise = max_s final(baseline, s) - min_s final(baseline, s)
-    beats         every d_s < 0 and mean(d) < -noise
-    worse         every d_s > 0 and mean(d) > +noise
-    within noise  otherwise (and "one seed: no verdict" with fewer than 2 paired seeds)
+    mean(d) +- t(0.975, n-1) * sd(d) / sqrt(n)     (sd with n-1 in the denominator)
+    beats         the whole 95 % interval below 0
+    worse         the whole interval above 0
+    within noise  otherwise ("one seed: no verdict" with fewer than 2 paired seeds)
 
-So a method "beats" a baseline only when it wins under every seed by more, on average, than
-seeds alone move the baseline.
+beside the sign count (how many d_s < 0). With 3 seeds t = 4.30, with 2 seeds t = 12.71: two seeds
+separate only a gap much larger than its seed-to-seed variation.
+
+The earlier rule is kept beside it (:attr:`Pair.spread_verdict`, the ``noise`` and ``verdict``
+columns of results.csv). It compares the mean difference with the baseline's own spread over seeds,
+``noise = max_s final(baseline, s) - min_s final(baseline, s)``: beats when every d_s < 0 and
+mean(d) < -noise, worse symmetrically. It ignores the pairing, so a method better on every seed by
+less than the baseline's spread stays "within noise" under it.
 """
 from __future__ import annotations
 
@@ -43,10 +50,35 @@ BASELINES = ("uniform", "importance")
 
 NOISE_FOOTNOTE = (
     "Paired difference d_s = final target eval loss of the method minus that of the baseline under the same "
-    "seed s (negative: the method is better); mean [min, max] over the seeds both ran. noise = the baseline's "
-    "own spread over seeds (max - min of its final target eval loss). Verdict: beats = every d_s < 0 and "
-    "mean(d) < -noise; worse = every d_s > 0 and mean(d) > noise; otherwise within noise; fewer than 2 "
-    "seeds: no verdict.")
+    "seed s (negative: the method is better), over the n seeds both ran; mean, min, max and per seed. Verdict "
+    "(paired t): the 95% interval of mean(d) is mean(d) +- t(0.975, n-1) sd(d) / sqrt(n); beats = the whole "
+    "interval below 0, worse = the whole interval above 0, otherwise within noise; fewer than 2 seeds: no "
+    "verdict (t = 4.30 with 3 seeds, 12.71 with 2). Seeds lower: how many d_s < 0. Kept beside it, the earlier "
+    "spread rule, which ignores the pairing: baseline spread = max - min of the baseline's own final target "
+    "eval loss over the seeds; beats = every d_s < 0 and mean(d) < -spread; worse = every d_s > 0 and "
+    "mean(d) > spread; otherwise within noise.")
+
+T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+         2.200985, 2.178813, 2.160369, 2.144787, 2.13145, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.04523, 2.042272)
+"""Student's t 0.975 quantiles for 1..30 degrees of freedom (``scipy.stats.t.ppf(0.975, df)``, 6 decimals)."""
+
+Z_975 = 1.959963984540054
+"""The standard normal's 0.975 quantile: t's limit as the degrees of freedom grow."""
+
+
+def t_quantile_975(df: int) -> float:
+    """Student's t 0.975 quantile (a two-sided 95 % interval) for ``df`` >= 1 degrees of freedom: the
+    table :data:`T_975` up to 30, beyond it the Cornish-Fisher expansion around :data:`Z_975` (error
+    below 1e-7 from df 31 on). A table, not scipy: the runner needs no optional dependency."""
+    if df < 1:
+        raise ValueError(f"t quantile: df={df}, needs at least 1 degree of freedom (2 paired seeds)")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z, v = Z_975, float(df)
+    return (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3)
+            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * v ** 4))
 
 
 @dataclass
@@ -150,14 +182,46 @@ class Pair:
     diffs: Dict[int, float]
     """Seed -> final(method) - final(baseline)."""
     noise: float
-    """The baseline's spread of final target loss over the paired seeds."""
+    """The baseline's spread of final target loss over the paired seeds (the earlier rule's noise)."""
 
     @property
     def spread(self) -> Spread:
         return Spread.of(self.diffs.values())
 
     @property
+    def lower(self) -> int:
+        """How many seeds have d_s < 0 (the method lower than the baseline)."""
+        return sum(1 for x in self.diffs.values() if x < 0)
+
+    @property
+    def interval(self) -> Optional[Tuple[float, float]]:
+        """The paired t 95 % interval of mean(d); None with fewer than 2 seeds or a non-finite d."""
+        d = list(self.diffs.values())
+        if len(d) < 2 or not all(math.isfinite(x) for x in d):
+            return None
+        n = len(d)
+        mean = math.fsum(d) / n
+        sd = math.sqrt(math.fsum((x - mean) ** 2 for x in d) / (n - 1))
+        half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+        return mean - half, mean + half
+
+    @property
     def verdict(self) -> str:
+        """The paired t rule (module docstring): beats / worse / within noise."""
+        if len(self.diffs) < 2:
+            return "one seed: no verdict"
+        ci = self.interval
+        if ci is None:
+            return "non-finite loss: no verdict"
+        if ci[1] < 0:
+            return "beats"
+        if ci[0] > 0:
+            return "worse"
+        return "within noise"
+
+    @property
+    def spread_verdict(self) -> str:
+        """The earlier rule, against the baseline's own spread over seeds (module docstring)."""
         d = list(self.diffs.values())
         if len(d) < 2:
             return "one seed: no verdict"
@@ -241,13 +305,17 @@ def markdown(summary: Summary, title: str = "") -> str:
               "sampling's without uniform), minus 1. Cost model: DGA's extra forward+backward samples per "
               "training sample.", ""]
     if summary.pairs:
-        lines += ["| method | vs | mean difference | min | max | per seed | noise | verdict |",
-                  "|---|---|---:|---:|---:|---|---:|---|"]
+        lines += ["| method | vs | mean difference | 95% interval (paired t) | seeds lower | verdict (paired t) "
+                  "| min | max | per seed | baseline spread | verdict (spread rule) |",
+                  "|---|---|---:|---|---:|---|---:|---:|---|---:|---|"]
         for p in summary.pairs:
             s = p.spread
             per_seed = ", ".join(f"{seed}: {d:+.4f}" for seed, d in sorted(p.diffs.items()))
-            lines.append(f"| {p.method} | {p.baseline} | {s.mean:+.4f} | {s.min:+.4f} | {s.max:+.4f} | {per_seed} "
-                         f"| {p.noise:.4f} | **{p.verdict}** |")
+            ci = p.interval
+            ci_text = "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+            lines.append(f"| {p.method} | {p.baseline} | {s.mean:+.4f} | {ci_text} | {p.lower}/{len(p.diffs)} "
+                         f"| **{p.verdict}** | {s.min:+.4f} | {s.max:+.4f} | {per_seed} | {p.noise:.4f} "
+                         f"| {p.spread_verdict} |")
         lines += ["", NOISE_FOOTNOTE]
     return "\n".join(lines)
 
@@ -257,7 +325,12 @@ CSV_COLUMNS = (
     "generic_mean", "train_seconds_mean", "wall_seconds_mean", "overhead_wall_mean", "overhead_wall_min",
     "overhead_wall_max", "overhead_cost_model",
     *(f"vs_{b}_{c}" for b in BASELINES for c in ("mean", "min", "max", "noise", "verdict")),
+    *(f"vs_{b}_{c}" for b in BASELINES for c in ("seeds", "lower", "ci_low", "ci_high", "paired_verdict")),
 )
+"""results.csv's columns. Per baseline b: ``vs_b_mean/min/max`` of the paired differences, ``vs_b_noise``
+and ``vs_b_verdict`` the earlier spread rule's (kept as they were); appended after them, ``vs_b_seeds``
+(paired seeds), ``vs_b_lower`` (seeds with d < 0), ``vs_b_ci_low/high`` (the paired t 95 % interval of the
+mean difference) and ``vs_b_paired_verdict`` (the verdict by that interval, as in results.md)."""
 
 
 def csv_text(summary: Summary) -> str:
@@ -275,9 +348,12 @@ def csv_text(summary: Summary) -> str:
                best.max, " ".join(str(s.best_iter) for s in stats), Spread.of(s.generic for s in stats).mean,
                Spread.of(s.train_seconds for s in stats).mean, Spread.of(s.wall_seconds for s in stats).mean,
                *((over.mean, over.min, over.max) if over else ("", "", "")), (sum(costs) / len(costs)) if costs else ""]
-        for base in BASELINES:
-            p = summary.pair(method, base)
-            row += [p.spread.mean, p.spread.min, p.spread.max, p.noise, p.verdict] if p else [""] * 5
+        pairs = [summary.pair(method, base) for base in BASELINES]
+        for p in pairs:
+            row += [p.spread.mean, p.spread.min, p.spread.max, p.noise, p.spread_verdict] if p else [""] * 5
+        for p in pairs:
+            ci = p.interval if p else None
+            row += ([len(p.diffs), p.lower, *(ci if ci else ("", "")), p.verdict] if p else [""] * 5)
         writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
     return buf.getvalue()
 

@@ -1,6 +1,7 @@
 """examples/experiments.py, the multi-seed method comparison: data preparation from jsonl domains,
 resumable runs, and the table's statistics recomputed here from the runs' metrics.jsonl."""
 import csv
+import io
 import json
 import os
 import random
@@ -110,8 +111,14 @@ def test_runner_end_to_end_resumes_skips_and_reports_seed_statistics(tmp_path):
     assert row["vs_uniform_verdict"] == verdict
     assert float(row["overhead_cost_model"]) == pytest.approx((3 * 2 + 2) / (2 * 4))  # (k b_dom + b_spe) / (T_r B)
     assert rows["uniform"]["overhead_cost_model"] == ""
+    half = T_975_EXACT[1] * abs(diffs[0] - diffs[1]) / 2  # t(0.975, 1) sd(d) / sqrt(2), sd = |d1 - d2| / sqrt(2)
+    paired = "beats" if mean + half < 0 else "worse" if mean - half > 0 else "within noise"
+    assert row["vs_uniform_paired_verdict"] == paired
+    assert float(row["vs_uniform_ci_low"]) == pytest.approx(mean - half, rel=1e-4, abs=1e-7)
+    assert float(row["vs_uniform_ci_high"]) == pytest.approx(mean + half, rel=1e-4, abs=1e-7)
     md = (out / "results.md").read_text()
-    assert f"| dga_ema | uniform | {mean:+.4f} |" in md and f"**{verdict}**" in md
+    assert f"| dga_ema | uniform | {mean:+.4f} | [{mean - half:+.4f}, {mean + half:+.4f}] |" in md
+    assert f"**{paired}**" in md and f"| {verdict} |" in md
     for png in ("target_loss.png", "weights_dga_ema.png", "epochs.png"):
         assert (out / png).stat().st_size > 1000, png
 
@@ -124,12 +131,125 @@ def test_runner_end_to_end_resumes_skips_and_reports_seed_statistics(tmp_path):
 
 
 # --------------------------------------------------------------------------- fast unit tests
-def test_verdict_rule():
-    assert er.Pair("m", "b", {1: -0.2, 2: -0.15, 3: -0.3}, noise=0.1).verdict == "beats"
-    assert er.Pair("m", "b", {1: -0.2, 2: -0.15, 3: -0.3}, noise=0.25).verdict == "within noise"  # mean -0.217
-    assert er.Pair("m", "b", {1: -0.2, 2: 0.01, 3: -0.3}, noise=0.0).verdict == "within noise"  # one seed loses
-    assert er.Pair("m", "b", {1: 0.2, 2: 0.15}, noise=0.1).verdict == "worse"
-    assert er.Pair("m", "b", {1: -0.5}, noise=0.0).verdict == "one seed: no verdict"
+T_975_EXACT = {1: 12.706204736174698, 2: 4.302652729911275}
+"""Student's t 0.975 quantiles (the textbook 12.706 and 4.303), full precision, for the brute-force oracle."""
+
+
+def test_verdict_rules_paired_t_and_the_earlier_spread_rule():
+    # better on every seed by less than the baseline's spread: within noise by spread, beats by the pairing
+    p = er.Pair("m", "b", {1: -0.2, 2: -0.15, 3: -0.3}, noise=0.25)
+    assert (p.spread_verdict, p.verdict, p.lower) == ("within noise", "beats", 3)
+    assert p.interval == pytest.approx((-0.21667 - 4.30265 * 0.076376 / 3 ** 0.5, -0.21667 + 4.30265 * 0.076376 / 3 ** 0.5),
+                                       abs=1e-4)
+    assert er.Pair("m", "b", {1: -0.2, 2: -0.15, 3: -0.3}, noise=0.1).spread_verdict == "beats"
+    mixed = er.Pair("m", "b", {1: -0.2, 2: 0.01, 3: -0.3}, noise=0.0)  # one seed loses; the spread of d is wide
+    assert (mixed.spread_verdict, mixed.verdict, mixed.lower) == ("within noise", "within noise", 2)
+    two = er.Pair("m", "b", {1: 0.2, 2: 0.15}, noise=0.1)  # two seeds: t = 12.71, +0.175 +- 0.318
+    assert (two.spread_verdict, two.verdict) == ("worse", "within noise")
+    assert er.Pair("m", "b", {1: 0.3, 2: 0.31, 3: 0.29}, noise=0.5).verdict == "worse"
+    assert er.Pair("m", "b", {1: -0.1, 2: -0.1}, noise=0.0).verdict == "beats"  # no spread in d: a point interval
+    one = er.Pair("m", "b", {1: -0.5}, noise=0.0)
+    assert (one.verdict, one.spread_verdict, one.interval) == ("one seed: no verdict", "one seed: no verdict", None)
+    assert er.Pair("m", "b", {1: -0.5, 2: float("nan")}, noise=0.0).verdict == "non-finite loss: no verdict"
+
+
+def test_t_quantiles_match_the_t_distribution():
+    assert er.t_quantile_975(1) == pytest.approx(12.706, abs=5e-4) and er.t_quantile_975(2) == pytest.approx(4.303, abs=5e-4)
+    stats = pytest.importorskip("scipy.stats")
+    for df in [*range(1, 41), 45, 60, 100, 120, 1000, 10 ** 6]:
+        assert er.t_quantile_975(df) == pytest.approx(float(stats.t.ppf(0.975, df)), abs=1e-6), df
+    with pytest.raises(ValueError, match="df=0"):
+        er.t_quantile_975(0)
+
+
+def _fake_run(root, method, seed, evals, mixing="uniform"):
+    """A finished run's files as the trainer and the runner write them: metrics.jsonl (one target eval
+    per logged iteration), run_info.json, job.json; returns its RunResult read back by the runner's loader."""
+    job = ex.Job(method, seed, ["--mixing", mixing], str(root / "runs" / method / f"seed{seed}"))
+    os.makedirs(job.run_dir)
+    with open(os.path.join(job.run_dir, "metrics.jsonl"), "w") as fh:
+        for i, loss in enumerate(evals, start=1):
+            fh.write(json.dumps({"iteration": 10 * i, "ms_per_iter": 5.0, "specific_eval_loss": loss,
+                                 "domain_eval_loss": [loss + 0.5, loss + 0.7]}) + "\n")
+    config = {"mixing": {"mixing": mixing, "dga_domain_batch_size": 2, "dga_specific_batch_size": 2,
+                         "dga_interval": 10}, "schedule": {"global_batch_size": 4}}
+    with open(os.path.join(job.run_dir, "run_info.json"), "w") as fh:
+        json.dump({"config": config, "domains": ["a", "b"]}, fh)
+    with open(os.path.join(job.run_dir, ex.JOB_FILE), "w") as fh:
+        json.dump({"format": ex.JOB_FORMAT, "argv": job.argv, "finished": True, "attempts": [{"seconds": 1.0}]}, fh)
+    return ex.load_result(job)
+
+
+def test_paired_statistics_from_run_files_match_a_float64_oracle(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    seeds = (1, 2, 3)
+    # The issue's fine-grained case: DGA over the bases lower on every seed (-0.34, -0.41, -0.23) while
+    # uniform's own final losses spread by 0.43 over the seeds.
+    finals = {"uniform": {1: 5.02, 2: 5.45, 3: 5.21}}
+    finals["dga_basis"] = {s: finals["uniform"][s] + d for s, d in zip(seeds, (-0.34, -0.41, -0.23))}
+    finals["importance"] = {s: finals["uniform"][s] + d for s, d in zip(seeds, (0.05, -0.02, 0.09))}
+    finals["dga"] = {s: finals["uniform"][s] + 0.2 + 0.01 * s for s in seeds}  # worse on every seed, tightly
+    finals["dga_ema"] = {1: finals["uniform"][1] - 0.5}  # one paired seed
+    results = []
+    for method, by_seed in finals.items():
+        for seed, final in by_seed.items():
+            # the final eval is not the run's best: the statistics must take the last one
+            evals = [final + 1.0, final - 0.05 * rng.random(), final]
+            results.append(_fake_run(tmp_path, method, seed, evals, "dga" if method.startswith("dga") else method))
+    methods = list(finals)
+    summary = er.Summary.of(results, methods)
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO(er.csv_text(summary)))}
+    md = er.markdown(summary)
+
+    def oracle(method, base):
+        paired = sorted(set(finals[method]) & set(finals[base]))
+        d = np.array([finals[method][s] for s in paired], np.float64) - np.array([finals[base][s] for s in paired])
+        b = np.array([finals[base][s] for s in paired], np.float64)
+        out = {"d": d, "noise": b.max() - b.min(), "lower": int((d < 0).sum())}
+        if len(d) >= 2:
+            half = T_975_EXACT[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d))
+            out["ci"] = (d.mean() - half, d.mean() + half)
+            out["verdict"] = "beats" if d.mean() + half < 0 else "worse" if d.mean() - half > 0 else "within noise"
+            out["spread"] = ("beats" if (d < 0).all() and d.mean() < -out["noise"] else
+                             "worse" if (d > 0).all() and d.mean() > out["noise"] else "within noise")
+        else:
+            out["ci"], out["verdict"], out["spread"] = None, "one seed: no verdict", "one seed: no verdict"
+        return out
+
+    checked = 0
+    for base in er.BASELINES:
+        for method in methods:
+            if method == base or (base == "importance" and method == "uniform"):
+                continue
+            o, row, p = oracle(method, base), rows[method], summary.pair(method, base)
+            assert float(row[f"vs_{base}_mean"]) == pytest.approx(o["d"].mean(), abs=1e-5)
+            assert float(row[f"vs_{base}_min"]) == pytest.approx(o["d"].min(), abs=1e-5)
+            assert float(row[f"vs_{base}_max"]) == pytest.approx(o["d"].max(), abs=1e-5)
+            assert float(row[f"vs_{base}_noise"]) == pytest.approx(o["noise"], abs=1e-5)
+            assert (row[f"vs_{base}_verdict"], row[f"vs_{base}_paired_verdict"]) == (o["spread"], o["verdict"])
+            assert (int(row[f"vs_{base}_seeds"]), int(row[f"vs_{base}_lower"])) == (len(o["d"]), o["lower"])
+            if o["ci"] is None:
+                assert row[f"vs_{base}_ci_low"] == row[f"vs_{base}_ci_high"] == "" and p.interval is None
+                ci_text = "-"
+            else:
+                assert p.interval == pytest.approx(o["ci"], abs=1e-6)  # the t table holds 6 decimals
+                assert (float(row[f"vs_{base}_ci_low"]), float(row[f"vs_{base}_ci_high"])) == pytest.approx(o["ci"],
+                                                                                                        abs=1e-5)
+                ci_text = f"[{o['ci'][0]:+.4f}, {o['ci'][1]:+.4f}]"
+            assert (f"| {method} | {base} | {o['d'].mean():+.4f} | {ci_text} | {o['lower']}/{len(o['d'])} "
+                    f"| **{o['verdict']}** |") in md
+            assert md.count(f"| {o['noise']:.4f} | {o['spread']} |") >= 1
+            checked += 1
+    assert checked == 7
+    # The issue's case and the rule's other outcomes, named
+    issue = summary.pair("dga_basis", "uniform")
+    assert (issue.spread_verdict, issue.verdict, issue.lower) == ("within noise", "beats", 3)
+    assert summary.pair("dga", "uniform").verdict == "worse"
+    assert summary.pair("importance", "uniform").verdict == "within noise"
+    assert summary.pair("dga_ema", "uniform").verdict == "one seed: no verdict"
+    assert "paired t" in md and "spread rule" in md
 
 
 def test_sweep_makes_one_variant_per_combination_of_dga_methods_only():
