@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from tests.dist_utils import run_distributed
+from tests.layouts import EMBEDDING, load_initial as _load_initial, named as _named
+from tests.layouts import shared_copy as _shared_copy, trainer_from as _trainer
 from tests.synthetic import NULL_TOKENIZER_ARGS, write_domains
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
@@ -27,7 +29,6 @@ CONFIGS = {
     "dga_fd": ["--micro-batch-size", "4", "--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8",
                "--dga-estimator", "fd"],
 }
-EMBEDDING = "embedding.word_embeddings.weight"
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +42,6 @@ def _argv(shards, log_dir, extra, iters=ITERS):
             "--specific-eval-data-path", shards["specific_eval"], *NULL_TOKENIZER_ARGS, *MODEL,
             "--global-batch-size", "8", "--train-iters", str(iters), "--log-interval", "1",
             "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(log_dir), *extra]
-
-
-def _trainer(argv):
-    from megatron_dga import platform
-    from megatron_dga.training.arguments import parse_args
-    from megatron_dga.training.trainer import Trainer
-
-    cfg = parse_args(argv)
-    return Trainer(cfg, platform.initialize(cfg.parallel))
-
-
-def _named(trainer):
-    from megatron_dga.model import global_parameter_names
-
-    return {name: p.detach().cpu().numpy().copy() for name, p in global_parameter_names(trainer.model).items()}
 
 
 def _metrics(trainer, log_dir):
@@ -74,35 +60,6 @@ def _reference(rank, world_size, runs):
         last = trainer.train()
         out[name] = {"init": init, "final": _named(trainer), "metrics": _metrics(trainer, log_dir), "last": last}
     return out
-
-
-def _shared_copy(trainer):
-    """The last stage's tied copy of the word embedding (None elsewhere or untied)."""
-    core = trainer.model
-    if core.pre_process or not core.share_embeddings_and_output_weights:
-        return None
-    weight = core.shared_embedding_or_output_weight()
-    assert getattr(weight, "shared", False)
-    return weight
-
-
-def _load_initial(trainer, init):
-    import torch
-
-    from megatron_dga.model import global_parameter_names
-
-    def tp_slice(p, full):
-        # Tensor-parallel weights hold the tp_rank-th contiguous chunk along partition_dim.
-        if not getattr(p, "tensor_model_parallel", False):
-            return full
-        return np.split(full, trainer.ctx.tp_size, axis=p.partition_dim)[trainer.ctx.tp_rank]
-
-    with torch.no_grad():
-        for name, p in global_parameter_names(trainer.model).items():
-            p.copy_(torch.from_numpy(tp_slice(p, init[name])))
-        shared = _shared_copy(trainer)
-        if shared is not None:
-            shared.copy_(torch.from_numpy(tp_slice(shared, init[EMBEDDING])))
 
 
 def _pipelined(rank, world_size, runs, inits, resume):

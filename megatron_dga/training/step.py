@@ -17,7 +17,8 @@ keep only the tied-embedding all-reduce (``sync_grads=False``).
 The schedule hooks are set as Megatron's ``train()`` sets them: ``no_sync_func`` (DDP's
 ``no_sync``: only the last micro-batch's backward may start the reduction), with
 --overlap-grad-reduce ``grad_sync_func`` (DDP's ``start_grad_sync``, which 1F1B calls on the
-stages that reduce in the pipeline bubble), and the fp16 loss scale through the model
+stages that reduce in the pipeline bubble; not for DGA's specific gradient, which must be all-reduced,
+see ``_call_settings``), and the fp16 loss scale through the model
 config's ``grad_scale_func`` (set once by the trainer). With --overlap-grad-reduce DDP's
 backward hooks start each bucket's reduction themselves, outside ``finalize_model_grads``,
 so a probe that must keep its local gradients runs entirely inside ``no_sync``. With model
@@ -153,7 +154,8 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
     schedule = get_forward_backward_func()
     grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     local_grads = _no_sync_func(chunks)() if not (sync_grads or forward_only) else contextlib.nullcontext()
-    settings = _call_settings(chunks, config, sync_grads, len(scheduled), variable=len(sizes) > 1)
+    settings = _call_settings(chunks, config, sync_grads, len(scheduled), variable=len(sizes) > 1,
+                              force_all_reduce=force_all_reduce)
     # DDP's backward hooks start the overlapped reductions with DDP's own force_all_reduce,
     # not the schedule's argument (which reaches finalize_model_grads only).
     ddp_settings = contextlib.ExitStack()
@@ -175,13 +177,23 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
     return _stats(collected, micro_batches, config, device, keep_token_losses)
 
 
-def _call_settings(chunks, config, sync_grads: bool, num_micro_batches: int, variable: bool) -> dict:
-    """The TransformerConfig hooks one schedule call runs with (Megatron's ``train()`` sets the same)."""
+def _call_settings(chunks, config, sync_grads: bool, num_micro_batches: int, variable: bool,
+                   force_all_reduce: bool = False) -> dict:
+    """The TransformerConfig hooks one schedule call runs with (Megatron's ``train()`` sets the same).
+
+    With --overlap-grad-reduce a training step gets megatron's ``grad_sync_func`` (DDP's
+    ``start_grad_sync``: the pipeline stages past the first reduce in the bubble). A call that must
+    all-reduce (``force_all_reduce``: DGA's specific gradient) gets none: ``start_grad_sync`` takes no
+    ``force_all_reduce`` and would reduce-scatter with the distributed optimizer, leaving each rank
+    only its shard of g_spe. Without it the schedules re-enable DDP's backward hooks for the last
+    micro-batch, and the hooks reduce with DDP's ``force_all_reduce`` attribute (forward_backward
+    sets it), as ``finalize_model_grads(force_all_reduce=True)`` expects.
+    """
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     interleaved = len(chunks) > 1
     overlap = chunks[0].ddp_config.overlap_grad_reduce
-    grad_sync = [chunk.start_grad_sync for chunk in chunks] if overlap and sync_grads else None
+    grad_sync = [chunk.start_grad_sync for chunk in chunks] if overlap and sync_grads and not force_all_reduce else None
     settings = dict(
         # A probe keeping local gradients holds no_sync for the whole call (forward_backward): a nested
         # no_sync would re-enable the reduction on exit, before the last micro-batch.
