@@ -117,7 +117,7 @@ def parse_args(argv=None):
     g.add_argument("--sweep", nargs="+", default=[], metavar="FLAG=V1,V2",
                    help="a DGA flag and its values: every DGA method runs once per combination of all --sweep "
                         "items (e.g. dga-eta=3,10 dga-ema=0.1,0.3); baselines run once per seed")
-    g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads per run (default: all cores)")
+    g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OpenMP threads per run, shared by its ranks (default: all cores)")
     g = p.add_argument_group("fine-grained")
     g.add_argument("--fine-clusters", type=int, nargs="+", default=[16, 16, 16],
                    help="k-means levels of the fine-domain map, k1 [k2 ...] (default: 16 16 16 = 4,096 fine domains)")

@@ -549,15 +549,24 @@ def run_job(job: Job, *, save_interval: int, threads: int = 1, nproc: int = 1, e
     return load_result(job)
 
 
+def launch_command(threads: int, nproc: int) -> tuple:
+    """(command prefix, environment) of one trainer run of ``nproc`` ranks sharing ``threads`` cores.
+
+    Each rank gets its share of OpenMP threads, ``threads // nproc`` (at least 1): oversubscribed
+    OpenMP threads spin against each other (two 2-thread ranks on 2 cores run several times slower).
+    """
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // max(nproc, 1))), PYTHONUNBUFFERED="1")
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "megatron_dga.pretrain_gpt"], env
+    return [sys.executable, "-m", "megatron_dga.pretrain_gpt"], env
+
+
 def _launch(label: str, argv: Sequence[str], run_dir: str, threads: int, nproc: int, echo: bool,
             append: bool) -> tuple:
     """Run the trainer once; (exit code, seconds, whether Ctrl-C came). Its output goes to
     stdout.log (appended on a resume); Megatron's log lines are echoed with the job's label."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    launcher = [sys.executable, "-m", "megatron_dga.pretrain_gpt"]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                    "-m", "megatron_dga.pretrain_gpt"]
+    launcher, env = launch_command(threads, nproc)
     # Ctrl-C: the trainer's --exit-signal-handler saves and exits 0, and the runner waits for that
     # instead of dying first (the signal is passed on, in case it reached the runner only). A
     # second Ctrl-C kills the trainer: it resumes from its previous checkpoint.

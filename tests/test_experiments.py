@@ -297,3 +297,11 @@ def test_train_tokenizer_samples_lines_reproducibly_with_progress(tmp_path):
     assert "read 200 documents, 1,000 lines" in proc.stderr and "training on 300 sampled lines" in proc.stderr
     assert "[sentencepiece +" in proc.stderr and "EM sub_iter" in proc.stderr and "meta_piece" not in proc.stderr
     assert models[0] == models[1] and models[0] != models[2]  # the sample follows --seed, not the process
+
+
+@pytest.mark.parametrize("threads, nproc, per_rank", [(2, 1, 2), (2, 2, 1), (16, 8, 2), (4, 8, 1)])
+def test_each_rank_of_a_run_gets_its_share_of_the_threads(threads, nproc, per_rank):
+    launcher, env = ex.launch_command(threads, nproc)
+    assert env["OMP_NUM_THREADS"] == str(per_rank)
+    assert ("torch.distributed.run" in launcher) == (nproc > 1)
+    assert launcher[-1] == "megatron_dga.pretrain_gpt"

@@ -111,12 +111,13 @@ def test_crash_during_save_keeps_previous_checkpoint(shards, tmp_path):
     # A second save dies after writing its files but before publishing them.
     rc, err = run_distributed(_pretrain_crash_in_save, world_size=1,
                               args=(_args(shards, tmp_path / "b", 6, ["--load", str(ckpt), "--save", str(ckpt),
-                                                                       "--save-interval", "2"]),))[0]
+                                                                       "--save-interval", "2",
+                                                                       "--use-checkpoint-opt_param-scheduler"]),))[0]
     assert rc == "crashed"
     from megatron_dga.training.checkpoint import latest_iteration
 
     assert latest_iteration(ckpt) == 4
-    resumed = _run(_args(shards, tmp_path / "c", 5, ["--load", str(ckpt)]))
+    resumed = _run(_args(shards, tmp_path / "c", 5, ["--load", str(ckpt), "--use-checkpoint-opt_param-scheduler"]))
     assert resumed[-1]["iteration"] == 5
 
 
@@ -195,3 +196,41 @@ def test_trainer_feeds_wandb_from_the_metrics_path(shards, tmp_path):
         assert sent == dict(tag for key, value in entry.items() if key != "iteration"
                             for tag in labels.tags_for(key, value))
     assert "mixing/alignment/" + labels.domain_names[0] in logs[1][1]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_probe_overflow_check_finds_nan_and_inf_without_a_buffer_sized_temporary(dtype):
+    """The fp16 probe check reads the grad buffers with reductions only: nothing the size of a buffer is allocated."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_dga.training.trainer import local_grads_not_finite
+
+    class Buffer:
+        def __init__(self, n):
+            self.grad_data = torch.full((n,), 60000.0, dtype=getattr(torch, dtype))  # near fp16's largest
+
+    class Chunk:
+        def __init__(self, *sizes):
+            self.buffers, self.expert_parallel_buffers = [Buffer(n) for n in sizes], []
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel())
+            return out
+
+    chunks = [Chunk(4096, 1000), Chunk(3000)]
+    with LargestOutput():
+        assert float(local_grads_not_finite(chunks, "cpu")) == 0.0  # 7e8 in total: no float32 overflow
+    assert LargestOutput.largest <= 1
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        chunks[1].buffers[0].grad_data[1234] = bad
+        assert float(local_grads_not_finite(chunks, "cpu")) == 1.0, bad
+        chunks[1].buffers[0].grad_data[1234] = 0.0
+    chunks[0].buffers[0].grad_data[[5, 9]] = torch.tensor([float("inf"), float("-inf")], dtype=getattr(torch, dtype))
+    assert float(local_grads_not_finite(chunks, "cpu")) == 1.0  # +Inf and -Inf do not cancel
