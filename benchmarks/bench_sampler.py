@@ -8,7 +8,9 @@ Prints, for the same number of samples:
   * the cost of a weight change: set_weights for k=64 and set_basis_weights for
     K=262144 fine domains with N=32 basis rows (dense and CSR);
   * one global batch at K=262144, all domains non-empty and with 60% of them empty
-    (fine domains of a clustering whose leaves hold no documents).
+    (fine domains of a clustering whose leaves hold no documents);
+  * the time a step waits for its global batch at K=262144, computed on demand vs by the
+    look-ahead (``prefetch()``: the next batch computed in a background thread during the step).
 
 Ours runs on the C++ kernels of megatron_dga._C, the sampler's only implementation (the
 numpy oracle in tests/ exists to check them, not to run). Both sides are single-threaded.
@@ -97,6 +99,36 @@ def weight_change_costs():
     return out
 
 
+def critical_path(k=262_144, gbs=512, steps=40, step_ms=20.0, empty=0.0):
+    """Time spent inside global_batch() per step, without and with the look-ahead.
+
+    Between two batches the trainer runs a step; on a GPU host the CPU mostly waits for it, which
+    ``time.sleep(step_ms)`` stands in for. With ``prefetch()`` after each batch (what the trainer's
+    StepLoader does) the next batch is computed during that wait. Both sides draw the same batches
+    (checked). Returns (ms per call on demand, ms per call with look-ahead, look-ahead hits).
+    """
+    rng = np.random.default_rng(3)
+    sizes = np.where(rng.random(k) < empty, 0, 100)
+    w = rng.random(k)
+
+    def run(lookahead):
+        s = DynamicMixtureSampler(sizes, MixtureSamplerConfig(global_batch_size=gbs, micro_batch_size=1), weights=w)
+        spent, batches = 0.0, []
+        for _ in range(steps):
+            t = time.perf_counter()
+            batches.append(s.global_batch())
+            spent += time.perf_counter() - t
+            if lookahead:
+                s.prefetch()
+            time.sleep(step_ms / 1e3)
+        return spent / steps, np.stack(batches), s.lookahead_hits
+
+    on_demand, a, _ = run(False)
+    ahead, b, hits = run(True)
+    assert np.array_equal(a, b), "the look-ahead changed the batches"
+    return on_demand, ahead, hits
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=256, help="global batches per throughput measurement")
@@ -112,6 +144,11 @@ def main():
     print("== weight change cost ==")
     for name, seconds in weight_change_costs().items():
         print(f"{name:<46} {seconds * 1e3:9.3f} ms")
+    print("== global batch on the critical path, K=262144, GBS 512, a 20 ms step between batches (40 steps) ==")
+    print(f"{'domains':<22} {'on demand':>10} {'look-ahead':>11} {'ratio':>7} {'hits':>5}")
+    for label, empty in (("all non-empty", 0.0), ("60% empty", 0.6)):
+        on_demand, ahead, hits = critical_path(empty=empty)
+        print(f"{label:<22} {on_demand * 1e3:8.3f}ms {ahead * 1e3:9.3f}ms {ahead / on_demand:6.3f}x {hits:>5}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -565,3 +565,39 @@ def test_the_extension_is_required_and_MEGATRON_DGA_OPS_does_not_apply(monkeypat
     monkeypatch.setattr(_backend, "_ext", types.SimpleNamespace())
     with pytest.raises(ConfigError, match="lacks sampler_global_batches.*rebuild it"):
         make([3])
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["dense", "with_empty_domains"])
+def test_lookahead_gives_the_same_batches_and_state_as_computing_on_demand(empty):
+    """prefetch() after every batch (the trainer's StepLoader does so) changes nothing but where the work runs:
+    weight changes, basis weights, state round trips and multi-batch calls in between are all honoured."""
+    k = 300
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(5, 200, k)
+    if empty:
+        sizes[rng.choice(k, 120, replace=False)] = 0
+    cfg = MixtureSamplerConfig(global_batch_size=64, micro_batch_size=8, seed=11)
+    plain, ahead = DynamicMixtureSampler(sizes, cfg), DynamicMixtureSampler(sizes, cfg)
+    basis = sp.random(4, k, density=0.3, random_state=1, format="csr") + sp.csr_matrix(np.full((4, k), 1e-3))
+    basis = sp.csr_matrix(basis.multiply(1.0 / basis.sum(axis=1)))
+    for s in (plain, ahead):
+        s.set_basis(basis)
+    saved = None
+    for step in range(40):
+        if step % 7 == 3:  # a mixing update between two steps: the prefetched batch is stale
+            gamma = rng.dirichlet(np.ones(4))
+            for s in (plain, ahead):
+                s.set_basis_weights(gamma)
+        if step == 20:
+            saved = ahead.state_dict()
+        if step == 25:  # a resume into the same object while a look-ahead is pending
+            for s in (plain, ahead):
+                s.load_state_dict(json.loads(json.dumps(saved)))
+        if step == 30:  # several steps at once (no look-ahead for those)
+            np.testing.assert_array_equal(ahead.global_batches(3), plain.global_batches(3))
+        np.testing.assert_array_equal(ahead.global_batch(), plain.global_batch(), err_msg=f"step {step}")
+        ahead.prefetch()
+        assert ahead.state_dict() == plain.state_dict()  # a pending look-ahead changes no state
+    # Most batches came from the look-ahead: it is used, not silently bypassed.
+    assert ahead.lookahead_hits >= 30 and plain.lookahead_hits == 0
+    np.testing.assert_array_equal(ahead.consumption()["samples"], plain.consumption()["samples"])

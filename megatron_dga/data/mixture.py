@@ -253,6 +253,8 @@ class StepLoader:
             :attr:`last_global_batch`.
         """
         batch = self.sampler.global_batch()
+        # The next step's global batch is computed while this step runs (the same batch either way).
+        self.sampler.prefetch()
         self.last_global_batch = batch
         mbs = self.sampler.rank_micro_batches(batch, self.dp_rank, self.dp_size)
         keys = [_as_key_list(m) for m in mbs]

@@ -35,11 +35,17 @@ Pieces:
 * **Two-level form**: basis matrix ``P`` (N x K) and basis weights ``gamma``; the fine
   weights ``alpha = gamma^T P`` drive the same allocation.
 * **Probe and eval batches** with their own counters, never advancing the training stream.
+* **Look-ahead**: the allocation is O(k) per global batch (5 ms at k = 262,144), so
+  :meth:`DynamicMixtureSampler.prefetch` computes the next batch in a background thread (the
+  kernel releases the GIL) while the current step runs, on copies of the state; the next
+  :meth:`~DynamicMixtureSampler.global_batch` takes it when nothing changed in between (weights,
+  basis, loaded state) and recomputes it otherwise. The batches are the same bits either way.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Dict, List, Optional, Sequence
@@ -270,6 +276,9 @@ class DynamicMixtureSampler:
         self._reported = np.zeros(self._live.size, dtype=np.int64)
         self._carry = np.zeros(self._live.size, dtype=np.float64)
         self._batches_drawn = 0
+        self._ahead: Optional[_LookAhead] = None
+        self.lookahead_hits = 0
+        """Global batches served from :meth:`prefetch` (the rest were computed when asked for)."""
         self._probe_consumed = np.zeros(self._sizes.size, dtype=np.int64)  # every source, by id
         self._basis = None
         self._basis_fingerprint: Optional[str] = None
@@ -507,17 +516,42 @@ class DynamicMixtureSampler:
             int64 array (num, global_batch_size, 2).
         """
         num = _positive(num, "number of global batches")
-        # Allocation, carry update, stream positions, permutations and the in-batch order of
-        # all num batches in one call; carry and consumed (arrays this object owns) are
-        # updated in place. The kernel numbers the non-empty domains 0..k'-1.
-        out = self._ext.sampler_global_batches(
-            self._live_weights, self._carry, self._consumed, *self._kernel_domains, num, self._batch_size,
-            self._batches_drawn, _PHI, _SQRT2_FRAC,
-        )
+        ahead = self._take_lookahead()
+        if num == 1 and ahead is not None:
+            out, self._carry, self._consumed = ahead
+            self.lookahead_hits += 1
+        else:
+            # Allocation, carry update, stream positions, permutations and the in-batch order of
+            # all num batches in one call; carry and consumed (arrays this object owns) are
+            # updated in place. The kernel numbers the non-empty domains 0..k'-1.
+            out = self._ext.sampler_global_batches(
+                self._live_weights, self._carry, self._consumed, *self._kernel_domains, num, self._batch_size,
+                self._batches_drawn, _PHI, _SQRT2_FRAC,
+            )
         self._batches_drawn += num
         if self._live.size < self.num_domains:
             out[..., 0] = self._live[out[..., 0]]
         return out
+
+    def prefetch(self) -> None:
+        """Start computing the next global batch in a background thread (off the step's critical path).
+
+        The next :meth:`global_batch` takes it if the sampler's state is the one it started from
+        (no weight, basis or state change in between; a change makes that call compute the batch
+        itself), so the batches are exactly those without look-ahead. The thread works on copies
+        of the carry and the counters; nothing of this object changes until the batch is taken.
+        """
+        if self._ahead is not None:
+            return
+        self._ahead = _LookAhead(self._ext, self._live_weights, self._carry, self._consumed, self._kernel_domains,
+                                 self._batch_size, self._batches_drawn)
+
+    def _take_lookahead(self) -> Optional[tuple]:
+        """The prefetched (batch, carry, consumed) when it was computed from the current state, else None."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        return ahead.result(self._live_weights, self._carry, self._consumed, self._batches_drawn)
 
     def _stream_samples(self, dom: np.ndarray, pos: np.ndarray, salt: int) -> np.ndarray:
         """Sample index at stream position ``pos`` of each source (epoch = pos // accessible size)."""
@@ -779,6 +813,39 @@ class DynamicMixtureSampler:
         self._install_weights(weights, gamma)
         self._batches_drawn = batches
         self._basis_probe_calls = calls
+
+
+class _LookAhead:
+    """One global batch computed in a background thread from a snapshot of the sampler's state.
+
+    The snapshot holds the state's arrays themselves: the sampler replaces them (new weights, a
+    loaded state) rather than writing into them, except in the kernel call of
+    :meth:`DynamicMixtureSampler.global_batches`, which first takes (joins) this look-ahead. So the
+    state is unchanged exactly when the same objects and the same batch count are current.
+    """
+
+    def __init__(self, ext, weights, carry, consumed, domains, batch_size: int, drawn: int) -> None:
+        self._inputs = (weights, carry, consumed, drawn)
+        self._out: list = []
+
+        def work():
+            try:
+                c, n = carry.copy(), consumed.copy()
+                batch = ext.sampler_global_batches(weights, c, n, *domains, 1, batch_size, drawn, _PHI, _SQRT2_FRAC)
+                self._out.append((batch, c, n))
+            except BaseException as exc:  # noqa: BLE001 - the synchronous call recomputes it and raises
+                self._out.append(exc)
+
+        self._thread = threading.Thread(target=work, name="mixture-sampler-lookahead", daemon=True)
+        self._thread.start()
+
+    def result(self, weights, carry, consumed, drawn: int) -> Optional[tuple]:
+        self._thread.join()
+        w, c, n, d = self._inputs
+        if not (w is weights and c is carry and n is consumed and d == drawn):
+            return None
+        out = self._out[0] if self._out else None
+        return None if out is None or isinstance(out, BaseException) else out
 
 
 def _positive(value: Any, what: str) -> int:
