@@ -85,6 +85,8 @@ setup(
         "hf": ["transformers", "safetensors", "tokenizers"],
         # Weights & Biases logging (--wandb-project); ~20 MB with its dependencies, so not in the CPU pins
         "wandb": ["wandb"],
+        # downstream accuracy: tools/evaluate.py, examples/experiments.py --eval-tasks (megatron_dga/evaluation.py)
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         "test": ["pytest", "pytest-timeout"],
     },
     entry_points={
