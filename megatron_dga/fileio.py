@@ -5,6 +5,13 @@ models, checkpoint files, run info): write a temporary file beside the target, f
 fsync it, ``os.replace`` it over the target, fsync the directory; on any failure (Ctrl-C
 included) the temporary file is removed and the target is untouched.
 
+Writes never follow a symbolic link: the temporary file is created anew (``O_EXCL |
+O_NOFOLLOW``) and the final rename replaces whatever is at the target, a planted link included,
+instead of writing through it (:func:`atomic_write`, :func:`atomic_write_path`,
+:func:`atomic_copy`). Relative paths read from input files (an index's file names, a
+checkpoint's file list) are accepted only when they stay inside their directory
+(:func:`is_relative_inside`).
+
 Every output location is checked once at start-up with :func:`ensure_writable_dir` (the
 trainer's --save/--log-dir/--tensorboard-dir, every tool's output), so a read-only or full
 destination fails before any work is done. A write that fails later (the disk filled up
@@ -20,6 +27,7 @@ import os
 import shutil
 import uuid
 import zipfile
+from pathlib import PurePosixPath
 from typing import Any, Callable, IO, Iterator, Optional
 
 from megatron_dga.errors import ConfigError, OutputError
@@ -182,6 +190,39 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _create_exclusive(path: str) -> int:
+    """A new file at ``path`` for writing; fails if anything (a symbolic link included) is there."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+
+
+def atomic_write_path(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """:func:`atomic_write` for writers that take a file name: ``write(tmp_path)`` fills a new temporary
+    file beside ``path`` (created empty first, so nothing is written through a link), which is then
+    fsynced and renamed over ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    created = False
+    try:
+        os.close(_create_exclusive(tmp))
+        created = True
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if created and os.path.lexists(tmp):
+            os.unlink(tmp)
+        translated = output_error(exc, path) if isinstance(exc, OSError) else exc
+        if translated is not exc:
+            raise translated from exc
+        raise
+    fsync_dir(directory)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary: bool = True) -> None:
     """Write through ``write(fileobj)`` to a temporary file beside ``path``, then rename it over ``path``.
 
@@ -191,23 +232,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary:
         OutputError: no space left, permission denied, read-only file system or a file in the
             way (an ``OSError`` with the original errno, and a message naming ``path``).
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    def fill(tmp: str) -> None:
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        translated = output_error(exc, path) if isinstance(exc, OSError) else exc
-        if translated is not exc:
-            raise translated from exc
-        raise
-    fsync_dir(directory)
+
+    atomic_write_path(path, fill)
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Copy ``source``'s bytes (a symbolic link there is followed: it is an input) to ``path`` atomically,
+    keeping its permission bits; a link at ``path`` is replaced, never written through."""
+    def copy(tmp: str) -> None:
+        fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        shutil.copymode(source, tmp)
+
+    atomic_write_path(path, copy)
+
+
+def is_relative_inside(rel: Any) -> bool:
+    """True for a relative POSIX path read from an input file that stays inside its directory: not empty,
+    not absolute, no ``..`` component, no backslash or NUL (what a file list or an index may name)."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel or os.path.isabs(rel):
+        return False
+    parts = PurePosixPath(rel).parts
+    return bool(parts) and not PurePosixPath(rel).is_absolute() and ".." not in parts and parts != (".",)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

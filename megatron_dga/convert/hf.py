@@ -33,14 +33,13 @@ import json
 import logging
 import os
 import shlex
-import shutil
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from megatron_dga.errors import CheckpointError, ConfigError, DataError
-from megatron_dga.fileio import atomic_write_text
+from megatron_dga.fileio import atomic_copy, atomic_write_path, atomic_write_text, is_relative_inside
 from megatron_dga.model import GPTModelConfig
 
 logger = logging.getLogger(__name__)
@@ -399,9 +398,15 @@ class HFWeights:
             if index.is_file():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
-                except (OSError, ValueError, KeyError, TypeError) as exc:
+                    items = list(weight_map.items())
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                     raise DataError(f"cannot read the weight index {index}: {exc!r}") from None
-                self._files = {name: self.dir / file for name, file in weight_map.items()}
+                outside = [(name, file) for name, file in items if not is_relative_inside(file)]
+                if outside:
+                    raise DataError(f"the weight index {index} maps {outside[0][0]!r} to {outside[0][1]!r}, not a "
+                                    f"file inside {self.dir} (an absolute path or one through '..'); the converter "
+                                    "reads only the model directory's own files: fix weight_map")
+                self._files = {name: self.dir / file for name, file in items}
                 break
             if (self.dir / single).is_file():
                 self._files = dict.fromkeys(self._names_in(self.dir / single), self.dir / single)
@@ -666,15 +671,16 @@ def source_dtype(hf: dict) -> torch.dtype:
 
 
 def _check_output_dir(out_dir: Path, flag: str) -> None:
+    """``out_dir`` is new or empty (a conversion writes only new files: never over, or through a link
+    planted in, anything already there) and writable."""
     from megatron_dga.fileio import ensure_writable_dir
-    from megatron_dga.training.checkpoint import TRACKER_FILENAME
 
+    if out_dir.is_dir():
+        taken = sorted(p.name for p in out_dir.iterdir())
+        if taken:
+            raise ConfigError(f"{flag} {out_dir} is not empty (it holds {taken[:3]}); give a new or empty directory "
+                              "(a conversion never writes over or into existing files)")
     ensure_writable_dir(out_dir, flag)
-    taken = [p.name for p in out_dir.iterdir() if p.name == TRACKER_FILENAME or p.name.startswith("iter_")
-             or p.name in ("config.json", "model.safetensors", "model.safetensors.index.json")]
-    if taken:
-        raise ConfigError(f"{flag} {out_dir} already holds {sorted(taken)[:3]}; give an empty or new directory "
-                          "(a conversion never overwrites a checkpoint)")
 
 
 def to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seq_length: Optional[int] = None,
@@ -782,18 +788,6 @@ def reshardable_tp_sizes(cfg: GPTModelConfig, padded: int, candidates=(1, 2, 4, 
     return sizes
 
 
-def _saved_tensor(ckpt_dir: Path, key: str):
-    from megatron.core import dist_checkpointing
-
-    from megatron_dga import platform
-
-    with platform.megatron_cuda_calls_on_cpu():
-        metadata = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
-    if key not in metadata:
-        raise CheckpointError(f"checkpoint {ckpt_dir} holds no {key}: not a GPT model checkpoint of ours")
-    return metadata[key]
-
-
 def to_hf(load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_flags_given: Optional[dict] = None,
           reference_dir: Optional[str | os.PathLike] = None, tokenizer_dir: Optional[str | os.PathLike] = None,
           architecture: Optional[str] = None, ckpt_step: Optional[int] = None,
@@ -859,15 +853,20 @@ def to_hf(load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_flag
                           "--hf-architecture")
 
     _check_output_dir(out_dir, "--output")
-    embedding = _saved_tensor(ckpt_dir, "embedding.word_embeddings.weight")
-    padded, saved_dtype = int(embedding.global_shape[0]), embedding.dtype
+    # Checksums and the restricted unpickling of what torch will read, before anything reads the checkpoint.
+    saved = ckpt.verify_checkpoint(ckpt_dir, meta).state_dict_metadata
+    embedding = saved.get("embedding.word_embeddings.weight")
+    if getattr(embedding, "size", None) is None:
+        raise CheckpointError(f"checkpoint {ckpt_dir} holds no embedding.word_embeddings.weight tensor: not a GPT "
+                              "model checkpoint of ours")
+    padded, saved_dtype = int(embedding.size[0]), embedding.properties.dtype
     # The Hugging Face embedding's rows: the reference's, else the converted source's, else the vocabulary.
     hf_vocab = int(base["vocab_size"] if base else extra.get("converted_from", {}).get("vocab_size", cfg.vocab_size))
     if padded < cfg.vocab_size:
         raise CheckpointError(f"checkpoint {ckpt_dir}: its embedding has {padded} rows, fewer than the vocabulary "
                               f"({cfg.vocab_size})")
     model = _one_process_model(cfg, padded, saved_dtype)
-    state = ckpt.load_distributed_checkpoint(ckpt_dir, meta, {"model": model.sharded_state_dict()})
+    state = ckpt.load_distributed_checkpoint(ckpt_dir, meta, {"model": model.sharded_state_dict()}, verified=True)
     model.load_state_dict(state["model"])
     tensors = {name: t.detach() for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
     hf_state = megatron_to_hf(cfg, kind, tensors, hf_vocab)
@@ -898,7 +897,7 @@ def _copy_side_files(source: Path, out_dir: Path) -> None:
     for entry in sorted(source.iterdir()):
         if entry.is_file() and entry.name != "config.json" and not entry.name.endswith(_WEIGHT_SUFFIXES) \
                 and not entry.name.endswith(".index.json"):
-            shutil.copy2(entry, out_dir / entry.name)
+            atomic_copy(entry, out_dir / entry.name)
 
 
 def _write_hf(out_dir: Path, config: dict, tensors: Dict[str, torch.Tensor],
@@ -919,13 +918,16 @@ def _write_hf(out_dir: Path, config: dict, tensors: Dict[str, torch.Tensor],
         shards[-1][name] = tensors[name]
         size += nbytes
     metadata = {"format": "pt"}
+    def write(shard: Dict[str, torch.Tensor], file: str) -> None:
+        atomic_write_path(out_dir / file, lambda tmp: save_file(shard, tmp, metadata=metadata))
+
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata=metadata)
+        write(shards[0], "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(out_dir / file), metadata=metadata)
+            write(shard, file)
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         atomic_write_text(out_dir / "model.safetensors.index.json",

@@ -38,6 +38,19 @@ Atomicity protocol of :func:`save_checkpoint` (all ranks of ``group`` call it):
 A crash at any point therefore leaves the tracker naming a complete checkpoint.
 All ranks are assumed to see the same file system under ``save_dir``.
 
+Trust model: loading a checkpoint never runs code from it. Before any library reads the
+directory, :func:`resolve_checkpoint` checks the completeness marker (every field, every file
+of the directory listed in it, every listed path a plain relative one inside it, no symbolic
+links), and :func:`verify_checkpoint` checks every file's CRC-32 and vets every pickle a
+library will read with a restricted loader: torch.distributed.checkpoint's ``.metadata``
+(plain ``pickle.load`` in torch) admits only DCP's metadata dataclasses, torch.Size, dtypes and
+layouts (:data:`DCP_METADATA_GLOBALS`); ``common.pt`` and every object stored inside a
+``.distcp`` file (DCP unpickles those with ``weights_only=False``) must load with
+``torch.load(weights_only=True)``. Anything else, and any damaged file, is one CheckpointError
+naming the file and the fix; the loaded parameters are checked finite. The checksums detect
+damage, not tampering (whoever can edit the files can rewrite the marker): the safety comes
+from the vetting, which holds for files that do not change while they are loaded.
+
 Serialisation: ``torch.save``; loading uses ``torch.load(weights_only=True)`` by
 default, so states must consist of tensors and plain Python values (dict, list,
 tuple, str, int, float, bool, None, torch.dtype/Size/device). :func:`save_checkpoint`
@@ -49,9 +62,11 @@ source: unpickling can run code).
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -67,7 +82,8 @@ import torch
 import megatron_dga
 from megatron_dga import comm
 from megatron_dga.errors import CheckpointError, ConfigError
-from megatron_dga.fileio import atomic_write, atomic_write_text, describe_os_error, fsync_dir
+from megatron_dga.fileio import (atomic_write, atomic_write_text, describe_os_error, fsync_dir,
+                                 is_relative_inside)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +94,11 @@ METADATA_FILENAME = "megatron_dga.json"
 COMMON_FILENAME = "common.pt"
 MODEL_FILENAME = "model_optim_rng.pt"
 METADATA_FORMAT = "megatron-dga/checkpoint-v2"
+CKPT_FORMATS = ("torch_dist", "torch")
+DCP_METADATA_FILENAME = ".metadata"
+"""torch.distributed.checkpoint's pickled index of a torch_dist checkpoint."""
+DIST_CKPT_CONFIG_FILENAME = "metadata.json"
+"""megatron dist_checkpointing's own JSON metadata of a torch_dist checkpoint."""
 
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _SCRATCH_DIR = re.compile(r"^iter_(\d{7,})\.(tmp|old|del)-[0-9a-z]+$")
@@ -545,15 +566,16 @@ def latest_iteration(load_dir: str | os.PathLike) -> Optional[int]:
     """
     tracker = Path(load_dir) / TRACKER_FILENAME
     try:
-        text = tracker.read_text().strip()
+        raw = tracker.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint tracker {tracker}: {exc}") from exc
-    if not text.isdigit():
+    text = raw.decode("ascii", errors="replace").strip()
+    if not text.isdigit() or not text.isascii():
         raise CheckpointError(
             f"checkpoint tracker {tracker} holds {text[:40]!r}, not an iteration number; "
-            "write the iteration of a complete iter_XXXXXXX directory into it"
+            "write the iteration of a complete iter_XXXXXXX directory into it, or pick one with --ckpt-step"
         )
     return int(text)
 
@@ -579,18 +601,84 @@ def _resolve_dir(root: Path, iteration: int) -> Path:
     )
 
 
+def _fallback(root: Path, iteration: int) -> str:
+    """The fix for a damaged checkpoint: the previous iteration under ``root``, if any."""
+    earlier = [it for it in _list_iterations(root) if it < iteration]
+    return (f"load the previous checkpoint with --ckpt-step {earlier[-1]}" if earlier
+            else "no earlier checkpoint exists under this --load")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _marker_problem(meta) -> Optional[str]:
+    """What is wrong with a parsed completeness marker (None: well-formed)."""
+    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
+        return f"it is not megatron-dga checkpoint metadata (format {METADATA_FORMAT!r})"
+    if not _is_count(meta.get("iteration")):
+        return f"iteration is {meta.get('iteration')!r}, expected an integer >= 0"
+    if meta.get("ckpt_format", "torch") not in CKPT_FORMATS:
+        return f"ckpt_format is {meta.get('ckpt_format')!r}, expected one of {list(CKPT_FORMATS)}"
+    layout = meta.get("layout")
+    if not isinstance(layout, dict) or not all(
+            _is_count(layout.get(k)) and layout[k] >= 1 for k in ("tp_size", "pp_size", "dp_size")):
+        return f"layout is {layout!r}, expected {{tp_size, pp_size, dp_size}} positive integers"
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"files is {type(files).__name__ if files is not None else 'missing'}, expected the record of every file"
+    for rel, rec in files.items():
+        if not is_relative_inside(rel) or rel == METADATA_FILENAME:
+            return f"files names {rel!r}, not a relative path inside the checkpoint directory"
+        if not (isinstance(rec, dict) and _is_count(rec.get("size")) and _is_count(rec.get("crc32"))):
+            return f"files[{rel!r}] is {rec!r}, expected {{size, crc32}} integers"
+    if not isinstance(meta.get("extra", {}), dict):
+        return f"extra is {type(meta['extra']).__name__}, expected an object"
+    return None
+
+
 def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> dict:
-    """Parse ``<iter dir>/megatron_dga.json``; CheckpointError when missing or malformed."""
+    """Parse and check ``<iter dir>/megatron_dga.json``; CheckpointError when missing or malformed."""
     path = Path(ckpt_dir) / METADATA_FILENAME
+    named = re.match(r"^iter_(\d{7,})", Path(ckpt_dir).name)
+    fallback = _fallback(Path(ckpt_dir).parent, int(named.group(1)) if named else 1 << 62)
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {METADATA_FILENAME} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint metadata {path}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != METADATA_FORMAT:
-        raise CheckpointError(f"{path} is not megatron-dga checkpoint metadata (format {METADATA_FORMAT!r})")
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"cannot read checkpoint metadata {path}: {type(exc).__name__}: {exc}; "
+                              f"{fallback}") from None
+    problem = _marker_problem(meta)
+    if problem:
+        raise CheckpointError(f"checkpoint metadata {path} is malformed: {problem}; it was not written by a "
+                              f"complete save of megatron-dga; {fallback}")
     return meta
+
+
+def check_listing(ckpt_dir: Path, meta: dict) -> None:
+    """Every file of ``ckpt_dir`` is listed in its marker and every listed file is there; no symbolic links.
+
+    A file the marker does not list would be read unverified (a library reads every file it finds).
+    """
+    listed = set(meta["files"])
+    fallback = _fallback(ckpt_dir.parent, meta["iteration"])
+    for dirpath, dirnames, filenames in os.walk(ckpt_dir):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                raise CheckpointError(f"checkpoint {ckpt_dir} holds a symbolic link {path} (a save never writes "
+                                      f"one; the checkpoint reads only its own files); {fallback}")
+        for name in sorted(filenames):
+            rel = (Path(dirpath) / name).relative_to(ckpt_dir).as_posix()
+            if rel not in listed and rel != METADATA_FILENAME:
+                raise CheckpointError(
+                    f"checkpoint file {ckpt_dir / rel} is not listed in {ckpt_dir / METADATA_FILENAME}, so it cannot "
+                    f"be verified (it was added after the save); remove it, or {fallback}")
+    missing = sorted(rel for rel in listed if not (ckpt_dir / rel).is_file())
+    if missing:
+        raise CheckpointError(f"checkpoint file {ckpt_dir / missing[0]} is missing (the directory was modified "
+                              f"after saving; {len(missing)} listed file(s) absent); {fallback}")
 
 
 def load_checkpoint(
@@ -633,6 +721,9 @@ def load_checkpoint(
     verify_files(root, ckpt_dir, meta, [shard, COMMON_FILENAME])
     state = _torch_load(ckpt_dir / shard, map_location, weights_only)
     common = _torch_load(ckpt_dir / COMMON_FILENAME, map_location, weights_only)
+    error = check_finite(state, str(ckpt_dir / shard), _fallback(root, iteration))
+    if error:
+        raise CheckpointError(error)
     return iteration, state, common
 
 
@@ -641,10 +732,11 @@ def verify_files(root: Path, ckpt_dir: Path, meta: dict, rels: list) -> None:
     for rel in rels:
         path = ckpt_dir / rel
         expected = meta["files"].get(rel)
+        if expected is None:
+            raise CheckpointError(f"checkpoint file {path} is not listed in {ckpt_dir / METADATA_FILENAME}; "
+                                  f"{_fallback(root, meta['iteration'])}")
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing (the directory was modified after saving)")
-        if expected is None:
-            continue
         got = file_record(path)
         if got == expected:
             continue
@@ -652,10 +744,180 @@ def verify_files(root: Path, ckpt_dir: Path, meta: dict, rels: list) -> None:
             problem = f"is truncated or was replaced: {got['size']} bytes, {expected['size']} at save time"
         else:
             problem = f"is corrupt: CRC-32 {got['crc32']:08x}, {expected['crc32']:08x} at save time"
-        earlier = [it for it in _list_iterations(root) if it < meta["iteration"]]
-        fallback = (f"load the previous checkpoint with --ckpt-step {earlier[-1]}" if earlier
-                    else "no earlier checkpoint exists under this --load")
-        raise CheckpointError(f"checkpoint file {path} {problem}; {fallback}")
+        raise CheckpointError(f"checkpoint file {path} {problem}; {_fallback(root, meta['iteration'])}")
+
+
+def check_finite(state: Any, where: str, fallback: str) -> Optional[str]:
+    """The error (None: none) for the first floating-point tensors of ``state`` holding NaN or Inf."""
+    bad = []
+
+    def walk(obj, path):
+        if isinstance(obj, torch.Tensor):
+            if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
+                bad.append(path)
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(value, f"{path}[{key!r}]" if path else str(key))
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, f"{path}[{i}]")
+
+    walk(state, "")
+    if not bad:
+        return None
+    return (f"checkpoint {where}: {len(bad)} loaded tensor(s) hold NaN or Inf ({', '.join(bad[:3])}); the run that "
+            f"saved it had diverged or the files were altered; {fallback}")
+
+
+# ----------------------------------------------------------------------------- vetting what libraries unpickle
+
+
+DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},  # torch.layout's pickle: a lookup by name
+    "torch": {"Size"},  # and every torch.<dtype>, admitted by _DCPMetadataUnpickler.find_class
+    "collections": {"OrderedDict"},
+}
+"""The globals torch.distributed.checkpoint's ``.metadata`` pickle may name (the DCP dataclasses of
+Metadata and its plans, torch.Size, dtypes, layouts); tests/test_checkpoint_trust.py lists those of a real
+checkpoint with pickletools and checks they are all here."""
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only :data:`DCP_METADATA_GLOBALS` (and dtypes): no code runs."""
+
+    def find_class(self, module: str, name: str):
+        if name in DCP_METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(
+            f"it names {module}.{name}, which is not a torch.distributed.checkpoint metadata class")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("it holds a persistent reference, which DCP metadata never does")
+
+
+def _read_dcp_metadata(path: Path):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    with open(path, "rb") as fh:
+        md = _DCPMetadataUnpickler(fh).load()
+    if not isinstance(md, Metadata) or not isinstance(getattr(md, "storage_data", None), dict) \
+            or not isinstance(getattr(md, "state_dict_metadata", None), dict):
+        raise pickle.UnpicklingError(f"it holds a {type(md).__name__}, not torch.distributed.checkpoint's Metadata")
+    return md
+
+
+def _vet_torch_pickle(data, what: str) -> None:
+    """``data`` (a path or bytes) loads with ``torch.load(weights_only=True)``; else the reason, raised."""
+    try:
+        torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling raises many kinds; all mean "refused"
+        reason = str(exc).strip().splitlines()
+        detail = next((line for line in reason if "Unsupported global" in line or "GLOBAL" in line),
+                      reason[0] if reason else "")
+        raise pickle.UnpicklingError(f"{what} does not load with torch.load(weights_only=True): "
+                                     f"{type(exc).__name__}: {detail[:300]}") from None
+
+
+def vet_distributed_checkpoint(ckpt_dir: Path, meta: dict):
+    """Vet every file of a torch_dist checkpoint that megatron or torch will parse or unpickle.
+
+    ``metadata.json`` must be a JSON object; ``.metadata`` goes through the restricted unpickler and
+    may point only at files of the directory; ``common.pt`` and each object (BytesStorageMetadata item)
+    stored in a ``.distcp`` file must load with ``torch.load(weights_only=True)``.
+
+    Returns:
+        The vetted torch.distributed.checkpoint ``Metadata`` (tensor shapes and dtypes).
+
+    Raises:
+        CheckpointError: naming the file, what it holds and the fix.
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    fallback = _fallback(ckpt_dir.parent, meta["iteration"])
+    path = ckpt_dir / DIST_CKPT_CONFIG_FILENAME
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError(f"it holds a {type(config).__name__}, not a JSON object")
+        path = ckpt_dir / DCP_METADATA_FILENAME
+        md = _read_dcp_metadata(path)
+        for index, info in md.storage_data.items():
+            rel = getattr(info, "relative_path", None)
+            if not (isinstance(rel, str) and rel in meta["files"] and "/" not in rel):
+                raise ValueError(f"it points {getattr(index, 'fqn', index)!r} at {rel!r}, not a file of the checkpoint")
+            if getattr(info, "transform_descriptors", None):
+                raise ValueError(f"it stores {index.fqn!r} through transforms {info.transform_descriptors!r}, "
+                                 "which megatron-dga never writes")
+            if not isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+                continue
+            path = ckpt_dir / rel
+            if not (_is_count(info.offset) and _is_count(info.length)
+                    and info.offset + info.length <= meta["files"][rel]["size"]):
+                raise ValueError(f"object {index.fqn!r} lies outside the file")
+            with open(path, "rb") as fh:
+                fh.seek(info.offset)
+                _vet_torch_pickle(fh.read(info.length), f"object {index.fqn!r}")
+        path = ckpt_dir / COMMON_FILENAME
+        if path.is_file():
+            _vet_torch_pickle(path, "it")
+    except Exception as exc:  # noqa: BLE001 - a garbled pickle raises almost any kind; all mean "refused"
+        raise CheckpointError(f"checkpoint file {path} is refused: {type(exc).__name__}: {exc} (loading a checkpoint "
+                              f"never runs code from it); {fallback}") from None
+    return md
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line`` of ``exc``, or of the first rank's failure inside a DCP CheckpointException."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        exc = first[0] if isinstance(first, tuple) and first and isinstance(first[0], BaseException) else exc
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def verify_checkpoint(ckpt_dir: Path, meta: dict, *, group=None):
+    """Everything a load checks before any library reads ``ckpt_dir``; every rank of ``group`` calls it.
+
+    The ranks checksum the listed files between them (:func:`verify_files`), then each vets what
+    libraries will unpickle (:func:`vet_distributed_checkpoint`, torch_dist checkpoints). A failure
+    on any rank is a CheckpointError on every rank.
+
+    Returns:
+        The vetted torch.distributed.checkpoint ``Metadata`` of a torch_dist checkpoint, else None.
+    """
+    ranks = _Comm(group)
+    rels = sorted(meta["files"])
+    error = None
+    try:
+        verify_files(ckpt_dir.parent, ckpt_dir, meta, rels[ranks.rank::ranks.size])
+    except CheckpointError as exc:
+        error = str(exc)
+    _raise_on_every_rank(ranks, error)
+    md, error = None, None
+    if meta.get("ckpt_format") == "torch_dist":
+        try:
+            md = vet_distributed_checkpoint(ckpt_dir, meta)
+        except CheckpointError as exc:
+            error = str(exc)
+        _raise_on_every_rank(ranks, error)
+    return md
+
+
+def _raise_on_every_rank(ranks: "_Comm", error: Optional[str]) -> None:
+    """CheckpointError on every rank when any rank has an ``error`` (one rank's message as it is)."""
+    failed = [(rank, msg) for rank, msg in enumerate(ranks.all_gather(error)) if msg is not None]
+    if len({msg for _, msg in failed}) == 1:
+        raise CheckpointError(failed[0][1])
+    if failed:
+        raise CheckpointError("; ".join(f"rank {rank}: {msg}" for rank, msg in failed))
 
 
 # ----------------------------------------------------------------------------- torch_dist format
@@ -697,7 +959,12 @@ def save_distributed_checkpoint(
 
 
 def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = None) -> tuple[Path, dict]:
-    """(iteration directory, its metadata) of the checkpoint ``--load``/``--ckpt-step`` name."""
+    """(iteration directory, its metadata) of the checkpoint ``--load``/``--ckpt-step`` name.
+
+    Reads only the tracker and the completeness marker, and checks the marker is well-formed and
+    lists exactly the files of the directory (:func:`check_listing`); the contents are checked by
+    :func:`verify_checkpoint` (which :func:`load_distributed_checkpoint` and :func:`load_checkpoint` run).
+    """
     root = Path(load_dir)
     if not root.is_dir():
         raise CheckpointError(
@@ -721,14 +988,18 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = N
         raise CheckpointError(
             f"{ckpt_dir / METADATA_FILENAME} says iteration {meta['iteration']}, expected {iteration}"
         )
+    check_listing(ckpt_dir, meta)
     return ckpt_dir, meta
 
 
-def load_distributed_checkpoint(ckpt_dir: Path, meta: dict, sharded_state: dict, *, group=None) -> dict:
-    """Verify every file's checksum (split over the ranks), then megatron's dist_checkpointing.load.
+def load_distributed_checkpoint(ckpt_dir: Path, meta: dict, sharded_state: dict, *, group=None,
+                                verified: bool = False) -> dict:
+    """:func:`verify_checkpoint` (unless ``verified``: the caller ran it), then megatron's dist_checkpointing.load.
 
     ``sharded_state`` is this run's sharded state dict (its own TP/PP/DP layout): megatron
-    reshards the saved tensors into it. Returns the loaded state dict (common values included).
+    reshards the saved tensors into it. Returns the loaded state dict (common values included),
+    whose floating-point tensors are checked finite. Every rank of ``group`` calls it; a failure
+    on any rank is a CheckpointError on every rank.
     """
     from megatron.core import dist_checkpointing
 
@@ -736,12 +1007,17 @@ def load_distributed_checkpoint(ckpt_dir: Path, meta: dict, sharded_state: dict,
 
     if meta.get("ckpt_format") != "torch_dist":
         raise CheckpointError(f"{ckpt_dir} is a {meta.get('ckpt_format', 'torch')!r} checkpoint, not torch_dist")
-    rels = sorted(meta["files"])
-    error = None
+    if not verified:
+        verify_checkpoint(ckpt_dir, meta, group=group)
+    fallback = _fallback(ckpt_dir.parent, meta["iteration"])
+    state, error = None, None
     try:
-        verify_files(ckpt_dir.parent, ckpt_dir, meta, rels[comm.rank(group)::comm.size(group)])
-    except CheckpointError as exc:
-        error = str(exc)
-    _gather_or_raise(_Comm(group), error, f"{ckpt_dir} failed verification")
-    with platform.megatron_cuda_calls_on_cpu():
-        return dist_checkpointing.load(sharded_state, str(ckpt_dir))
+        with platform.megatron_cuda_calls_on_cpu():
+            state = dist_checkpointing.load(sharded_state, str(ckpt_dir))
+    except (Exception, comm.DistCheckpointException) as exc:  # noqa: BLE001 - one line on every rank below
+        error = (f"cannot load {ckpt_dir}: {_one_line(exc)}; it does not match this model's "
+                 f"flags, or is damaged; {fallback}")
+    if error is None:
+        error = check_finite(state, str(ckpt_dir), fallback)
+    _raise_on_every_rank(_Comm(group), error)
+    return state
