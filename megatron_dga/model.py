@@ -14,6 +14,7 @@ megatron-core code needs CUDA and transformer-engine are refused elsewhere
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Tuple
@@ -47,7 +48,9 @@ class GPTModelConfig:
     vocab_size: int = 0
     """Tokenizer vocabulary size; padded up for TP (see padded_vocab_size). Set from the tokenizer."""
     make_vocab_size_divisible_by: int = 128
-    """Pad the vocabulary to a multiple of this x TP size (--make-vocab-size-divisible-by)."""
+    """Pad the vocabulary to a multiple of this x TP size (--make-vocab-size-divisible-by). The padded
+    entries are kept out of the loss (:func:`mask_padded_vocab`), so the model computes the same
+    function at every TP size and a checkpoint resumes on another one unchanged."""
     position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
     """--position-embedding-type."""
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
@@ -503,8 +506,6 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
     """
     import dataclasses
 
-    from megatron.core.models.gpt import GPTModel
-
     if config is None:
         config = build_transformer_config(cfg, tp_size, pp_size)
     if not initialize:
@@ -512,7 +513,7 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
     if use_transformer_engine is None:
         use_transformer_engine = uses_transformer_engine(cfg)
     layer_spec = layer_spec_for(cfg, use_transformer_engine=use_transformer_engine)
-    model = GPTModel(
+    model = _gpt_model_class()(
         config=config,
         transformer_layer_spec=layer_spec,
         vocab_size=cfg.padded_vocab_size(tp_size),
@@ -524,9 +525,53 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
         vp_stage=vp_stage,
         **rope_arguments(cfg),
     )
+    model.unpadded_vocab_size = cfg.vocab_size
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, vocab_start: int) -> torch.Tensor:
+    """``logits`` with its padded vocabulary entries set to the dtype's lowest value, in place.
+
+    Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP; the padded
+    rows' logits would enter the softmax (zero rows of a checkpoint resharded to a larger padding
+    add exp(0) terms: ln(768/640) = 0.18 nats at 640 -> 768 entries), so the loss would depend on the
+    TP size. Masked, they take no probability and get no gradient.
+
+    Args:
+        logits: [..., V/TP], this tensor-parallel rank's slice of the vocabulary.
+        vocab_size: the tokenizer's vocabulary; entries from it on are padding.
+        vocab_start: the global index of the slice's first entry.
+    """
+    first = max(vocab_size - vocab_start, 0)
+    if first < logits.shape[-1]:
+        logits[..., first:] = torch.finfo(logits.dtype).min
+    return logits
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt_model_class():
+    """megatron-core's GPTModel whose language-model loss leaves the padded vocabulary out (built on first use:
+    importing megatron-core is slow, and the config classes here are read by the command line)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.utils import get_pg_rank
+
+    class GPTModelOverVocabulary(GPTModel):
+        """GPTModel whose loss sees only the first ``unpadded_vocab_size`` entries (``build_gpt_model`` sets it).
+
+        Only the loss: logits returned without labels keep every entry (the converters' comparisons
+        read the model's own rows).
+        """
+
+        unpadded_vocab_size: int = 0
+
+        def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            start = get_pg_rank(self.pg_collection.tp) * logits.shape[-1]  # [s, b, V/TP]: this rank's slice
+            return super().compute_language_model_loss(
+                labels, mask_padded_vocab(logits, self.unpadded_vocab_size, start))
+
+    return GPTModelOverVocabulary
 
 
 def rope_arguments(cfg: GPTModelConfig) -> dict:

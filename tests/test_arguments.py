@@ -38,7 +38,8 @@ def test_every_config_field_has_a_documented_flag():
                  "--min-loss-scale", "--loss-scale-window", "--hysteresis", "--use-flash-attn", "--attention-backend",
                  "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "--wandb-project",
                  "--wandb-exp-name", "--wandb-save-dir", "--num-layers-per-virtual-pipeline-stage",
-                 "--num-virtual-stages-per-pipeline-rank", "--context-parallel-size"):
+                 "--num-virtual-stages-per-pipeline-rank", "--context-parallel-size",
+                 "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"):
         assert helps.get(flag), f"{flag} missing or undocumented"
 
 
@@ -60,6 +61,40 @@ def test_unknown_yaml_key_is_reported(tmp_path):
     cfg_file.write_text("learning-rate: 0.1\n")
     with pytest.raises(ConfigError, match="unknown keys \\['learning-rate'\\]"):
         parse_args(BASE + ["--config", str(cfg_file)])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: 0.001\ntrain-iters: 7\nlr: 0.002\n", "--lr is set twice ('lr' on line 1, 'lr' on line 3)"),
+    ("train_iters: 7\nmixing: dga\ntrain-iters: 9\n",
+     "--train-iters is set twice ('train_iters' on line 1, 'train-iters' on line 3)"),
+])
+def test_yaml_key_given_twice_is_refused_naming_file_key_and_lines(tmp_path, text, message):
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        parse_args(BASE + ["--config", str(cfg_file)])
+    assert str(exc.value).startswith(f"--config {cfg_file}: {message}"), str(exc.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--override-opt_param-scheduler"], "--override-opt_param-scheduler given without --load"),
+    (["--load", "c", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"],
+     "contradict each other; keep one"),
+    (["--load", "c", "--use-checkpoint-opt_param-scheduler", "--no-load-optim"],
+     "--use-checkpoint-opt_param-scheduler with --no-load-optim, which starts a fresh LR schedule"),
+])
+def test_scheduler_resume_flags_that_cannot_act_are_refused(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(BASE + argv)
+
+
+
+def test_scheduler_resume_flags_keep_megatrons_spelling_and_read_from_yaml(tmp_path):
+    opt = parse_args(BASE + ["--load", "c", "--override-opt_param-scheduler"]).optimizer
+    assert opt.override_opt_param_scheduler and not opt.use_checkpoint_opt_param_scheduler
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text("load: c\nuse_checkpoint_opt_param_scheduler: true\n")
+    assert parse_args(BASE + ["--config", str(cfg_file)]).optimizer.use_checkpoint_opt_param_scheduler
 
 
 def test_data_path_is_required():

@@ -115,7 +115,8 @@ def test_checkpoint_with_non_finite_mixing_weights_is_refused(shards, tmp_path):
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     before = _contents(ckpt)
-    rc, err = _pretrain(argv + ["--load", ckpt, "--save", ckpt, "--train-iters", "4"])
+    rc, err = _pretrain(argv + ["--load", ckpt, "--save", ckpt, "--train-iters", "4",
+                                "--use-checkpoint-opt_param-scheduler"])
     _assert_clean_exit_2(rc, err, f"checkpoint {it_dir}: mixing weights has non-finite entries at positions [0]",
                          "--ckpt-step", "--reset-mixing-state")
     assert _contents(ckpt) == before

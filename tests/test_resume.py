@@ -18,6 +18,7 @@ from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_sha
 
 DGA = ["--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8"]
 FULLY_RESHARDABLE = ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"]
+PAD_48 = ["--make-vocab-size-divisible-by", "48"]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,9 @@ LAYOUTS = {
     "distopt_pp2_to_pp1_mem_efficient": (
         ["--pipeline-model-parallel-size", "2", *FULLY_RESHARDABLE, "--distrib-optim-fully-reshardable-mem-efficient"],
         2, ["--use-distributed-optimizer"], 1, 1e-4),
+    # The 128-token vocabulary pads to 144 entries at TP=1 and to 192 at TP=2 (multiples of 48 x TP): the
+    # checkpoint's padded rows and the new zero rows stay out of the loss, so the same model computes the same.
+    "tp1_to_tp2_padded_vocab": (PAD_48, 1, ["--tensor-model-parallel-size", "2", *PAD_48], 2, 1e-4),
 }
 
 
@@ -63,6 +67,8 @@ def test_resume_on_another_layout_continues_the_run(shards, tmp_path, case):
                                 world_b)
     assert set(rcs) == {0}
     assert [m["iteration"] for m in resumed] == [5, 6, 7, 8]
+    # Iteration 5: the checkpoint's weights on the same batch; only the order of the sums differs.
+    np.testing.assert_allclose(_losses(resumed)[0], _losses(straight, 4)[0], rtol=1e-6)
     np.testing.assert_allclose(_losses(resumed), _losses(straight, 4), rtol=rtol)
     # The sampler stream and the DGA weights continue: same weights after the updates at 6 and 8.
     for a, b in zip([m for m in straight if m["iteration"] > 4], resumed):
@@ -139,6 +145,64 @@ def test_resume_refuses_other_domains(shards, saved, tmp_path):
     assert "Traceback" not in err
 
 
+def test_resume_refuses_another_lr_schedule_naming_each_flag(shards, saved, tmp_path):
+    # ``saved`` trained 4 iterations at --lr 3e-3 (cosine to --min-lr 3e-5, --weight-decay 0.01); this run asks
+    # for 8 (the decay length) and other values of every schedule flag. megatron-core's scheduler would keep the
+    # checkpoint's values silently (and decay over 4 iterations: the rest at --min-lr).
+    rc, err = _resume_error(shards, tmp_path, ["--load", saved, "--lr", "1e-3", "--min-lr", "1e-5",
+                                               "--lr-decay-style", "linear", "--weight-decay", "0.1"])
+    assert rc == 2, err[-3000:]
+    for named in ("--lr: the checkpoint has 0.003, this run 0.001",
+                  "--min-lr: the checkpoint has 3e-05, this run 1e-05",
+                  "--lr-decay-style: the checkpoint has cosine, this run linear",
+                  "--weight-decay: the checkpoint has 0.01, this run 0.1",
+                  "decay length (--lr-decay-iters, else --train-iters): the checkpoint has 4, this run 8",
+                  "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"):
+        assert named in err, (named, err[-3000:])
+    assert "weight-decay length" not in err  # constant weight decay: its length changes nothing
+    assert "Traceback" not in err
+
+
+def test_extend_a_run_with_override_or_keep_the_checkpoint_schedule(shards, saved, tmp_path):
+    import json
+    import math
+
+    from tests.dist_utils import run_trainers
+
+    resume = ["--load", saved, "--lr", "1e-3"]  # 8 iterations (the checkpoint: 4), another peak LR
+    runs = run_trainers({
+        "override": _argv(shards, tmp_path / "override", resume + ["--override-opt_param-scheduler"]),
+        "keep": _argv(shards, tmp_path / "keep", resume + ["--use-checkpoint-opt_param-scheduler"]),
+    })
+    lrs = {name: [m["lr"] for m in run["metrics"]] for name, run in runs.items()}
+    assert [m["iteration"] for m in runs["override"]["metrics"]] == [5, 6, 7, 8]
+    # This run's schedule: cosine from 1e-3 to 3e-5 over 8 iterations, continued at step 4 (iteration 5 is step 4).
+    want = [3e-5 + (1e-3 - 3e-5) * 0.5 * (1 + math.cos(math.pi * step / 8)) for step in (4, 5, 6, 7)]
+    np.testing.assert_allclose(lrs["override"], want, rtol=1e-6)
+    # The checkpoint's: its decay ended at iteration 4, so the rest runs at its --min-lr; run_info.json says so.
+    np.testing.assert_allclose(lrs["keep"], [3e-5] * 4, rtol=1e-6)
+    info = json.loads((tmp_path / "keep" / "run_info.json").read_text())["config"]["optimizer"]
+    assert (info["lr"], info["min_lr"], info["lr_decay_iters"]) == (3e-3, 3e-5, 4)
+
+
+def test_schedule_differences_skip_values_that_do_not_act():
+    from megatron_dga.training.config import OptimizerConfig, ScheduleConfig
+    from megatron_dga.training.optim import schedule_differences, scheduler_arguments
+
+    def sched(iters):
+        return ScheduleConfig(train_iters=iters, global_batch_size=8, micro_batch_size=2)
+
+    constant = OptimizerConfig(lr_decay_style="constant")
+    saved = scheduler_arguments(constant, sched(4))
+    # A constant LR: a longer run or another --min-lr changes no step's LR or weight decay.
+    assert schedule_differences(saved, OptimizerConfig(lr_decay_style="constant", min_lr=0.0), sched(8)) == []
+    assert schedule_differences(saved, OptimizerConfig(lr_decay_style="constant", lr=1e-3), sched(4)) == [
+        ("--lr", 3e-4, 1e-3)]
+    cosine = scheduler_arguments(OptimizerConfig(), sched(4))
+    assert [d[0] for d in schedule_differences(cosine, OptimizerConfig(weight_decay=0.1), sched(8))] == [
+        "decay length (--lr-decay-iters, else --train-iters)", "--weight-decay"]
+
+
 def test_reordered_data_path_resumes_by_domain_name(shards, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     rcs, straight = run_pretrain(_argv(shards, tmp_path / "a", ["--save", ckpt, "--save-interval", "4"]))
@@ -154,7 +218,8 @@ def test_reordered_data_path_resumes_by_domain_name(shards, tmp_path):
 
 def test_reset_mixing_state_starts_the_new_strategy_afresh(shards, saved, tmp_path):
     rcs, metrics = run_pretrain(_argv(shards, tmp_path, ["--load", saved, "--mixing", "uniform",
-                                                         "--reset-mixing-state"]))
+                                                         "--reset-mixing-state",
+                                                         "--use-checkpoint-opt_param-scheduler"]))
     assert rcs == [0]
     assert metrics[0]["iteration"] == 5
     for m in metrics:

@@ -272,7 +272,9 @@ def _checkpoint_flag_runs(shards, tmp):
     restored = []
     real_restore = resume.restore_rng_state
     resume.restore_rng_state = lambda state: restored.append(1) or real_restore(state)
-    for name, flags in (("resumed", []), ("no_load_optim", ["--no-load-optim"]), ("no_load_rng", ["--no-load-rng"])):
+    keep = ["--use-checkpoint-opt_param-scheduler"]  # 6 iterations on a checkpoint of 4: its LR schedule
+    for name, flags in (("resumed", keep), ("no_load_optim", ["--no-load-optim"]), ("no_load_rng", ["--no-load-rng",
+                                                                                                     *keep])):
         restored.clear()
         out[name] = _main(_argv(f"{tmp}/{name}", dga + ["--load", ckpt, *flags], iters=6, data=data))
         out[f"{name}_rng_restored"] = len(restored)
@@ -287,7 +289,7 @@ def _checkpoint_flag_runs(shards, tmp):
     new_data = [data[1], data[0]]
     finetune = ["--load", ckpt, "--finetune", "--mixing", "uniform"]
     tuned = trainer(_argv(f"{tmp}/tuned", finetune, data=new_data))
-    whole = trainer(_argv(f"{tmp}/whole", dga + ["--load", ckpt], iters=6, data=data))
+    whole = trainer(_argv(f"{tmp}/whole", dga + ["--load", ckpt, *keep], iters=6, data=data))
     fresh = trainer(_argv(f"{tmp}/fresh", ["--mixing", "uniform"], data=new_data))
     out["tuned_start"] = (tuned.iteration, tuned.consumed_samples, tuned.data.sampler.batches_drawn,
                           len(tuned.optimizer.inner.state_dict()["state"]), tuned.data.weights.tolist())
@@ -309,7 +311,7 @@ def _checkpoint_flag_runs(shards, tmp):
     # The legacy torch format.
     tuned_torch = trainer(_argv(f"{tmp}/tuned_torch", ["--load", ckpt_torch, "--finetune", "--mixing", "uniform"],
                                 data=new_data))
-    whole_torch = trainer(_argv(f"{tmp}/whole_torch", dga + ["--load", ckpt_torch], data=data))
+    whole_torch = trainer(_argv(f"{tmp}/whole_torch", dga + ["--load", ckpt_torch, *keep], data=data))
     out["torch_format_weights"] = all(torch.equal(a, b) for a, b in zip(tuned_torch.params, whole_torch.params))
     # The model shape is still checked.
     try:

@@ -16,6 +16,7 @@ from megatron_dga.errors import ConfigError
 from megatron_dga.model import GPTModelConfig
 from megatron_dga.platform import ParallelConfig
 from megatron_dga.training.config import (
+    SCHEDULER_RESUME_FLAGS,
     CheckpointConfig,
     DataConfig,
     LoggingConfig,
@@ -39,7 +40,8 @@ SECTIONS = {
 _NOT_FLAGS = {("model", "vocab_size"), ("mixing", "static_weights"),
               ("parallel", "virtual_pipeline_model_parallel_size")}
 # Megatron's spelling where it differs from the field name.
-_FLAG_NAMES = {("parallel", "backend"): "distributed-backend"}
+_FLAG_NAMES = {("parallel", "backend"): "distributed-backend",
+               **{("optimizer", name): flag[2:] for name, flag in SCHEDULER_RESUME_FLAGS.items()}}
 
 
 def _flag(section: str, name: str) -> str:
@@ -112,22 +114,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _yaml_key(key) -> str:
+    """A YAML key as the flag it names: 'train_iters' and 'train-iters' are both --train-iters."""
+    return str(key).replace("_", "-")
+
+
+def _refuse_repeated_keys(path: str, text: str, flags: Dict[str, str]) -> None:
+    """ConfigError naming the file, the flag and the lines when the top-level mapping sets a flag twice.
+
+    YAML loaders keep the last of repeated keys silently; here 'lr' twice, or 'train_iters' and
+    'train-iters' (one flag), is an error, as two values for one flag are on a command line of
+    another program. Called on text that parses; ``flags`` maps :func:`_yaml_key` names to the flags.
+    """
+    import yaml
+
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: Dict[str, List[tuple]] = {}
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode):
+            seen.setdefault(_yaml_key(key_node.value), []).append((key_node.value, key_node.start_mark.line + 1))
+    for flag, uses in seen.items():
+        if len(uses) > 1:
+            where = ", ".join(f"'{key}' on line {line}" for key, line in uses)
+            times = "twice" if len(uses) == 2 else f"{len(uses)} times"
+            raise ConfigError(f"--config {path}: {flags.get(flag, flag)} is set {times} ({where}); YAML would keep the "
+                              "last silently; keep one")
+
+
 def _yaml_values(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     import yaml
 
     try:
         with open(path) as fh:
-            raw = yaml.safe_load(fh) or {}
+            text = fh.read()
+        raw = yaml.safe_load(text) or {}
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: file not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of flag: value, got {type(raw).__name__}")
-    by_flag = {a.option_strings[0][2:]: a.dest for a in parser._actions if a.option_strings and "." in a.dest}
+    actions = [a for a in parser._actions if a.option_strings and "." in a.dest]
+    _refuse_repeated_keys(path, text, {_yaml_key(a.option_strings[0][2:]): a.option_strings[0] for a in actions})
+    by_flag = {_yaml_key(a.option_strings[0][2:]): a.dest for a in actions}
     values, unknown = {}, []
     for key, value in raw.items():
-        flag = str(key).replace("_", "-")
+        flag = _yaml_key(key)
         if flag not in by_flag:
             unknown.append(key)
         else:

@@ -27,8 +27,13 @@ def _check_finite_numbers(cfg) -> None:
                     raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
+SCHEDULER_RESUME_FLAGS = {"override_opt_param_scheduler": "--override-opt_param-scheduler",
+                          "use_checkpoint_opt_param_scheduler": "--use-checkpoint-opt_param-scheduler"}
+"""OptimizerConfig fields whose flags keep Megatron-LM's spelling (an underscore in 'opt_param')."""
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return SCHEDULER_RESUME_FLAGS.get(name) or "--" + name.replace("_", "-")
 
 
 def _refuse_without(given: Dict[str, Any], needed: str, consequence: str, add: Optional[str] = None) -> None:
@@ -263,6 +268,17 @@ class OptimizerConfig:
     """--lr-decay-style."""
     weight_decay: float = 0.01
     """--weight-decay (not applied to biases and norms, as in Megatron)."""
+    override_opt_param_scheduler: bool = False
+    """--override-opt_param-scheduler: on resume, this run's --lr, --min-lr, --lr-decay-style,
+    --weight-decay and warmup/decay lengths replace the checkpoint's (Megatron's flag). The lengths
+    are recomputed from this run's flags as if it had been planned so from iteration 0, and the
+    iteration count continues: e.g. --train-iters 8 on a checkpoint saved at 4 of 4 continues at
+    iteration 4 of an 8-iteration decay. Without this flag or --use-checkpoint-opt_param-scheduler a
+    resume whose schedule differs from the checkpoint's is refused before anything is loaded."""
+    use_checkpoint_opt_param_scheduler: bool = False
+    """--use-checkpoint-opt_param-scheduler: on resume, keep the checkpoint's learning-rate and
+    weight-decay schedule (peak and minimum LR, decay style, warmup and decay lengths, weight
+    decay), whatever this run's flags say (Megatron's flag; run_info.json records the values used)."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (--clip-grad); 0 disables."""
     adam_beta1: float = 0.9
@@ -333,6 +349,10 @@ class OptimizerConfig:
                 if getattr(self, name):
                     raise ConfigError(f"--lr-warmup-fraction {self.lr_warmup_fraction} and {_flag(name)} "
                                       f"{getattr(self, name)} both set the warmup (Megatron takes one); keep one")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise ConfigError("--override-opt_param-scheduler (this run's LR schedule wins) and "
+                              "--use-checkpoint-opt_param-scheduler (the checkpoint's wins) contradict each "
+                              "other; keep one")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
@@ -764,6 +784,7 @@ class PretrainConfig:
                              if v is not None},
                             "--save", "the run would stop early with no checkpoint to resume from (to end it "
                             "earlier, lower --train-iters)", "--save DIR")
+        self._check_scheduler_resume_flags()
         if self.optimizer.use_distributed_optimizer and self.checkpoint.ckpt_format == "torch" and self.checkpoint.save:
             raise ConfigError(
                 "--use-distributed-optimizer with --ckpt-format torch would lose the sharded optimizer state; "
@@ -776,6 +797,22 @@ class PretrainConfig:
                 "holds Adam's second moments for its own shard only; use --dga-preconditioner none or drop "
                 "--use-distributed-optimizer"
             )
+
+    def _check_scheduler_resume_flags(self) -> None:
+        """--override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler act only when a resume loads
+        the checkpoint's LR schedule: an error with nothing to load, --finetune or --no-load-optim."""
+        opt, ckpt = self.optimizer, self.checkpoint
+        given = {k: True for k in ("override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler")
+                 if getattr(opt, k)}
+        if not given:
+            return
+        if not ckpt.load:
+            _refuse_without(given, "--load", "there is no checkpoint schedule to override or keep", "--load DIR")
+        if ckpt.finetune or not ckpt.load_optim:
+            names = ", ".join(map(_flag, given))
+            why = "--finetune" if ckpt.finetune else "--no-load-optim"
+            raise ConfigError(f"{names} with {why}, which starts a fresh LR schedule from this run's flags (the "
+                              "checkpoint's is not loaded): it has no effect; drop it")
 
     def _check_mixing_over_map(self) -> None:
         """Mixings that cannot work over a map's fine domains fail before any data is read."""

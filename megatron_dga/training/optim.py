@@ -15,7 +15,7 @@ Only megatron-core's optimizer implementation differs by machine: transformer-en
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -98,13 +98,13 @@ def scheduler_arguments(cfg: OptimizerConfig, schedule: ScheduleConfig) -> dict:
     is a function of step/warmup and (step - warmup)/(decay - warmup), so each iteration gets
     Megatron's learning rate. --lr-warmup-fraction F warms up over F x the decay length.
     """
+    flags = scheduler_flags(schedule)
     if schedule.train_samples is None:
-        decay, decay_flags = cfg.lr_decay_iters or schedule.train_iters, "--lr-decay-iters, else --train-iters"
+        decay = cfg.lr_decay_iters or schedule.train_iters
         warmup, wd_incr = cfg.lr_warmup_iters, schedule.train_iters
     else:
         per_iteration = schedule.global_batch_size
         decay = (cfg.lr_decay_samples or schedule.train_samples) / per_iteration
-        decay_flags = "--lr-decay-samples, else --train-samples, in iterations of --global-batch-size"
         warmup, wd_incr = cfg.lr_warmup_samples / per_iteration, schedule.train_samples / per_iteration
     if cfg.lr_warmup_fraction is not None:
         warmup = cfg.lr_warmup_fraction * decay  # < decay: the config keeps the fraction below 1
@@ -112,7 +112,7 @@ def scheduler_arguments(cfg: OptimizerConfig, schedule: ScheduleConfig) -> dict:
         unit = "iters" if schedule.train_samples is None else "samples"
         raise ConfigError(
             f"--lr-warmup-{unit} {getattr(cfg, f'lr_warmup_{unit}')} must be shorter than the decay "
-            f"({decay:g} iterations: {decay_flags}); shorten the warmup"
+            f"({decay:g} iterations: {flags['lr_decay_steps']}); shorten the warmup"
         )
     return dict(
         init_lr=0.0,  # Megatron's --lr-warmup-init default
@@ -126,6 +126,60 @@ def scheduler_arguments(cfg: OptimizerConfig, schedule: ScheduleConfig) -> dict:
         wd_incr_steps=wd_incr,
         wd_incr_style="constant",
     )
+
+
+def scheduler_flags(schedule: ScheduleConfig) -> Dict[str, str]:
+    """The flags behind each value of megatron's ``OptimizerParamScheduler.state_dict()`` (lengths in iterations)."""
+    if schedule.train_samples is None:
+        warmup = "--lr-warmup-iters or --lr-warmup-fraction"
+        decay = "--lr-decay-iters, else --train-iters"
+        wd_incr = "--train-iters"
+    else:
+        per = "in iterations of --global-batch-size"
+        warmup = f"--lr-warmup-samples or --lr-warmup-fraction, {per}"
+        decay = f"--lr-decay-samples, else --train-samples, {per}"
+        wd_incr = f"--train-samples, {per}"
+    return {
+        "max_lr": "--lr",
+        "min_lr": "--min-lr",
+        "lr_decay_style": "--lr-decay-style",
+        "lr_warmup_steps": f"warmup length ({warmup})",
+        "lr_decay_steps": f"decay length ({decay})",
+        "start_wd": "--weight-decay",
+        "end_wd": "--weight-decay",
+        "wd_incr_steps": f"weight-decay length ({wd_incr})",
+        "wd_incr_style": "weight-decay style",
+    }
+
+
+def schedule_differences(saved: Dict[str, object], cfg: OptimizerConfig,
+                         schedule: ScheduleConfig) -> List[Tuple[str, object, object]]:
+    """(flag, checkpoint's value, this run's value) for each schedule value that differs and acts.
+
+    ``saved``: a checkpoint's ``OptimizerParamScheduler.state_dict()`` (or the same keys from its
+    job facts). Megatron compares every value; here two that cannot change the learning rate or the
+    weight decay are skipped: the decay length and --min-lr when both decay styles are constant
+    (megatron's constant style returns --lr after the warmup), and the weight-decay length when both
+    weight-decay styles are constant (always here: --weight-decay is one value). Each flag is named
+    once (--weight-decay sets the start and the end).
+    """
+    mine = scheduler_arguments(cfg, schedule)
+    flags = scheduler_flags(schedule)
+    both_constant = {
+        "lr_decay_steps": ("lr_decay_style", "constant"), "min_lr": ("lr_decay_style", "constant"),
+        "wd_incr_steps": ("wd_incr_style", "constant"),
+    }
+    out, named = [], set()
+    for key, flag in flags.items():
+        if key not in saved or flag in named:
+            continue
+        style = both_constant.get(key)
+        if style and saved.get(style[0]) == style[1] == mine[style[0]]:
+            continue
+        if saved[key] != mine[key]:
+            out.append((flag, saved[key], mine[key]))
+            named.add(flag)
+    return out
 
 
 class Optimizer:
@@ -146,7 +200,13 @@ class Optimizer:
         with platform.megatron_cuda_calls_on_cpu():
             chunks = list(ddp_model) if isinstance(ddp_model, (list, tuple)) else [ddp_model]
             self.inner = get_megatron_optimizer(megatron_optimizer_config(cfg, bf16=bf16, fp16=fp16), chunks)
-            self.scheduler = OptimizerParamScheduler(self.inner, **scheduler_arguments(cfg, schedule))
+            # On load megatron's scheduler keeps the checkpoint's values (--use-checkpoint-opt_param-scheduler)
+            # or takes this run's. Without either flag resume.check_schedule has refused any difference
+            # that acts, so this run's values are then the checkpoint's.
+            keep = cfg.use_checkpoint_opt_param_scheduler
+            self.scheduler = OptimizerParamScheduler(self.inner, **scheduler_arguments(cfg, schedule),
+                                                     use_checkpoint_opt_param_scheduler=keep,
+                                                     override_opt_param_scheduler=not keep)
 
     @property
     def lr(self) -> float:
@@ -258,6 +318,19 @@ class Optimizer:
             self.inner.load_state_dict(state["optimizer"])
         _repair_torch_adam_steps(self.inner)
         self.scheduler.load_state_dict(state["opt_param_scheduler"])
+        self._apply_scheduler_lr_range()
+
+    def _apply_scheduler_lr_range(self) -> None:
+        """Give every parameter group the scheduler's peak and minimum LR, and re-apply the schedule.
+
+        megatron-core's scheduler reads each group's own ``max_lr``/``min_lr`` (set from --lr/--min-lr
+        when the optimizer is built), and loading the optimizer's state puts the checkpoint's back into
+        the groups: without this a new --lr under --override-opt_param-scheduler would be ignored.
+        No group here has its own LR (megatron's decoupled or per-parameter LRs are not used).
+        """
+        for group in self.inner.param_groups:
+            group["max_lr"], group["min_lr"] = self.scheduler.max_lr, self.scheduler.min_lr
+        self.scheduler.step(increment=0)  # the LR and weight decay of the loaded step, from those values
 
     def reload_model_params(self) -> None:
         """Copy the model's parameters into the optimizer's main (fp32 master) parameters.

@@ -22,7 +22,10 @@ torch (legacy): ``checkpoint.save_checkpoint``'s per-model-parallel-rank files; 
 must stay the same. Both formats carry the same JSON facts (``job_facts``) in the
 checkpoint's metadata file, checked against this run *before* anything is loaded, so a
 changed model shape, another domain list or another --mixing is one clear error, not a
-traceback from inside a load.
+traceback from inside a load. The facts also hold the LR/weight-decay schedule in effect: a
+resume whose flags give another one is refused (Megatron's rule) unless
+--override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler says which wins
+(:func:`check_schedule`).
 
 Megatron's partial loads: --finetune loads the model only (iteration 0, everything else
 fresh), --no-load-optim everything but the optimizer and scheduler, --no-load-rng everything
@@ -94,6 +97,11 @@ def job_facts(trainer) -> Dict[str, object]:
     }
 
 
+def schedule_facts(trainer) -> Dict[str, object]:
+    """The LR/weight-decay schedule in effect, for :func:`check_schedule` (the scheduler's state but its step)."""
+    return {k: v for k, v in trainer.optimizer.scheduler.state_dict().items() if k != "num_steps"}
+
+
 def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
     """Raise ConfigError naming the flag and both values when this run cannot continue ``where``.
 
@@ -142,6 +150,59 @@ def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
             "resume with the same --mixing, or pass --reset-mixing-state to start the new strategy "
             "from its initial weights"
         )
+
+
+def check_schedule(saved: Dict[str, object], trainer, where: str) -> None:
+    """Megatron's rule for a resume whose LR/weight-decay schedule differs from the checkpoint's.
+
+    ``saved``: the checkpoint's scheduler values (its job facts, or its scheduler state when it
+    predates them). A difference that acts (``optim.schedule_differences``) is a ConfigError naming
+    each flag with both values, unless --override-opt_param-scheduler (this run's values, the
+    iteration count continues) or --use-checkpoint-opt_param-scheduler (the checkpoint's values,
+    written into the config so run_info.json records them) says which one wins.
+    """
+    from megatron_dga.training.optim import schedule_differences
+
+    cfg = trainer.cfg
+    diffs = schedule_differences(saved, cfg.optimizer, cfg.schedule)
+    if not diffs:
+        return
+    listed = "; ".join(f"{flag}: the checkpoint has {_shown(a)}, this run {_shown(b)}"
+                       for flag, a, b in diffs)
+    opt, loud = cfg.optimizer, trainer.ctx.is_logging_rank
+    if opt.override_opt_param_scheduler:
+        if loud:
+            logger.warning("--override-opt_param-scheduler: this run's LR schedule replaces the one of checkpoint "
+                           "%s (%s)", where, listed)
+        return
+    if opt.use_checkpoint_opt_param_scheduler:
+        if loud:
+            logger.warning("--use-checkpoint-opt_param-scheduler: the LR schedule of checkpoint %s is kept, this "
+                           "run's flags are not used (%s)", where, listed)
+        _record_checkpoint_schedule(saved, cfg)
+        return
+    raise ConfigError(
+        f"the checkpoint {where} was trained with another LR schedule: {listed}; resume with the checkpoint's "
+        "values, or pass --override-opt_param-scheduler to use this run's (its warmup and decay lengths are "
+        "recomputed from this run's flags and the iteration count continues: how a run is extended), or "
+        "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"
+    )
+
+
+def _shown(value) -> str:
+    """A schedule value as the message shows it: 0.003, 4, cosine."""
+    return f"{value:g}" if isinstance(value, float) and float(value).is_integer() else str(value)
+
+
+def _record_checkpoint_schedule(saved: Dict[str, object], cfg) -> None:
+    """Put the checkpoint's schedule into ``cfg`` where a flag holds it, so run_info.json records the values used."""
+    opt = cfg.optimizer
+    opt.lr, opt.min_lr, opt.lr_decay_style = saved["max_lr"], saved["min_lr"], saved["lr_decay_style"]
+    if saved.get("start_wd") == saved.get("end_wd"):
+        opt.weight_decay = saved["start_wd"]
+    warmup, decay = float(saved["lr_warmup_steps"]), float(saved["lr_decay_steps"])
+    if cfg.schedule.train_samples is None and warmup.is_integer() and decay.is_integer():
+        opt.lr_warmup_iters, opt.lr_decay_iters, opt.lr_warmup_fraction = int(warmup), int(decay), None
 
 
 def align_domains_to_checkpoint(cfg) -> None:
@@ -280,7 +341,7 @@ def save_job(trainer, *, background: bool = False):
     check_parameters_finite(trainer)
     cfg = trainer.cfg.checkpoint
     layout = ckpt.CheckpointLayout.from_context(trainer.ctx)
-    facts = job_facts(trainer)
+    facts = {**job_facts(trainer), "opt_param_scheduler": schedule_facts(trainer)}
     if cfg.ckpt_format == "torch_dist":
         return ckpt.save_distributed_checkpoint(cfg.save, trainer.iteration, sharded_state(trainer, is_loading=False),
                                                 layout=layout, keep_last=cfg.keep_last, metadata=facts,
@@ -380,6 +441,9 @@ def load_job(trainer, load_dir: str) -> int:
             "data or mixing state to resume; add --finetune to start a run from these weights"
         )
     check_resumable(extra, trainer, str(ckpt_dir))
+    load_optim, load_rng = cfg.load_optim and not cfg.finetune, cfg.load_rng and not cfg.finetune
+    if load_optim and "opt_param_scheduler" in extra:
+        check_schedule(extra["opt_param_scheduler"], trainer, str(ckpt_dir))
     ctx = trainer.ctx
     saved_padded = extra.get("padded_vocab_size")
     if saved_padded is not None and saved_padded != trainer.cfg.model.padded_vocab_size(ctx.tp_size):
@@ -391,7 +455,6 @@ def load_job(trainer, load_dir: str) -> int:
         )
     saved = meta["layout"]
     same_model_layout = (saved["tp_size"], saved["pp_size"]) == (ctx.tp_size, ctx.pp_size)
-    load_optim, load_rng = cfg.load_optim and not cfg.finetune, cfg.load_rng and not cfg.finetune
     # Checkpoints written before the flag existed hold Megatron's default format.
     sharding = meta.get("extra", {}).get("distrib_optim_sharding_type", "dp_reshardable")
     saved_vp = int(extra.get("virtual_pipeline_stages", 1))
@@ -415,6 +478,8 @@ def load_job(trainer, load_dir: str) -> int:
         layout = ckpt.CheckpointLayout.from_context(ctx)
         _, state, common = ckpt.load_checkpoint(load_dir, layout=layout, iteration=meta["iteration"])
         optimizer_state, rng = state["optimizer"], state["rng"] if load_rng else None
+    if load_optim and "opt_param_scheduler" not in extra:  # saved before the job facts held the schedule
+        check_schedule(optimizer_state["opt_param_scheduler"], trainer, str(ckpt_dir))
     load_model_state_dicts(trainer.chunks, state, str(ckpt_dir))
     if load_optim:
         trainer.optimizer.load_state_dict(optimizer_state)
