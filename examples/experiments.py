@@ -35,6 +35,9 @@ in bf16, one process per visible GPU).
     python examples/experiments.py token-limited --out runs/exp
     python examples/experiments.py unlimited --corpus-dir corpus/ --target-train t.jsonl \\
         --target-eval t_eval.jsonl --seeds 1 2 3 --methods uniform,importance,dga,dga_ema --out runs/mine
+    # does the learned mixture transfer? dga_ema->static trains --mixing static on the time-averaged
+    # mixture of the dga_ema run of the same seed (tools/export_mixture.py), after it
+    python examples/experiments.py unlimited --methods 'uniform,dga_ema,dga_ema->static' --out runs/transfer
     # one command for a sweep: every DGA method once per (eta, beta), baselines once per seed
     python examples/experiments.py token-limited ... --methods uniform,importance,dga_ema \\
         --sweep dga-eta=3,10,30 dga-ema=0.1,0.3,1.0
@@ -100,7 +103,8 @@ def parse_args(argv=None):
     g.add_argument("--importance-weights", help="weights file of the importance method (tools/importance_weights.py)")
     g = p.add_argument_group("runs")
     g.add_argument("--seeds", type=int, nargs="+", default=[1234], help="one run per seed and method (default: 1234)")
-    g.add_argument("--methods", default=None, help="comma-separated subset of the scenario's methods (default: all)")
+    g.add_argument("--methods", default=None, help="comma-separated subset of the scenario's methods (default: all); "
+                   "<method>->static (quoted in a shell) trains --mixing static on that method's time-averaged mixture")
     g.add_argument("--train-iters", type=int, default=None, help="default: the preset's")
     g.add_argument("--token-limit", type=int, default=None, help="token-limited: tokens per domain (default: preset's)")
     g.add_argument("--dga-interval", type=int, default=10, help="T_r of the DGA methods")
@@ -281,6 +285,8 @@ def domain_methods(data: ex.ExperimentData, preset: dict, args) -> Dict[str, Lis
     }
     if data.importance_weights:  # computed or given only when the importance method runs
         methods["importance"] = base + ["--mixing", "importance", "--importance-weights", data.importance_weights]
+    # <A>->static: --mixing static on A's time-averaged mixture (its weights join --data-path at run time)
+    methods.update({m + ex.TRANSFER_SUFFIX: base + ["--mixing", "static"] for m in list(methods)})
     return methods
 
 
@@ -304,13 +310,29 @@ SCENARIO_METHODS = {"token-limited": ("uniform", "importance", "dga", "dga_ema")
 
 
 def chosen_methods(args) -> List[str]:
+    """The --methods in order, each transfer method ``<A>->static`` after the methods it depends on."""
     names = SCENARIO_METHODS[args.scenario]
     chosen = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(names)
-    unknown = [m for m in chosen if m not in names]
+    transfers = [m for m in chosen if m.endswith(ex.TRANSFER_SUFFIX)]
+    unknown = [m for m in chosen if m not in names and m not in transfers]
     if unknown or not chosen:
         raise ConfigError(f"--methods {args.methods!r}: {unknown or 'none'} not a method of {args.scenario}; choose "
-                          f"from {', '.join(names)}")
-    return chosen
+                          f"from {', '.join(names)}, or <method>{ex.TRANSFER_SUFFIX} (a static run on that method's "
+                          "time-averaged mixture)")
+    for m in transfers:
+        source = m[: -len(ex.TRANSFER_SUFFIX)]
+        if args.scenario == "fine-grained":
+            raise ConfigError(f"--methods {m}: transfer methods run in token-limited and unlimited (with a domain "
+                              "map, --data-path takes no weights); export the mixture with tools/export_mixture.py "
+                              "and train with --mixing importance --importance-weights FILE")
+        if source not in names:
+            raise ConfigError(f"--methods {m}: {source!r} is not a method of {args.scenario} ({', '.join(names)})")
+        if source not in chosen:
+            raise ConfigError(f"--methods {m} trains on the mixture of {source}'s runs: add {source} to --methods")
+        if getattr(args, "sweep", None):
+            raise ConfigError(f"--methods {m} with --sweep: the sweep renames {source} into variants; run the "
+                              "transfer without --sweep")
+    return [m for m in chosen if m not in transfers] + transfers
 
 
 def build_jobs(args, data: ex.ExperimentData, out: str, data_dir: str,
@@ -328,8 +350,13 @@ def build_jobs(args, data: ex.ExperimentData, out: str, data_dir: str,
     extra, dga_extra = parse_flags(args.extra_args, "--extra-args"), parse_flags(args.dga_args, "--dga-args")
     methods = {m: with_flags(with_flags(a, extra), dga_extra if is_dga(a) else []) for m, a in methods.items()}
     methods = sweep_variants(methods, parse_sweep(args.sweep))
-    return [ex.Job(m, seed, argv, os.path.join(out, "runs", m, f"seed{seed}"))
-            for m, argv in methods.items() for seed in args.seeds]
+    jobs = []
+    for m, argv in methods.items():
+        source = m[: -len(ex.TRANSFER_SUFFIX)] if m.endswith(ex.TRANSFER_SUFFIX) else None
+        run_name = f"{source}-to-static" if source else m
+        jobs += [ex.Job(m, seed, argv, os.path.join(out, "runs", run_name, f"seed{seed}"), mixture_from=source)
+                 for seed in args.seeds]
+    return jobs
 
 
 # --------------------------------------------------------------------------- results
@@ -391,6 +418,13 @@ def main(argv=None) -> int:
         results, unfinished = [], []
         for i, job in enumerate(jobs, 1):
             ex.say(f"\n[{i}/{len(jobs)}] {args.scenario} / {job.method} / seed {job.seed}")
+            if job.mixture_from is not None:  # after its source's run (chosen_methods orders them)
+                source = next((r for r in results if (r.method, r.seed) == (job.mixture_from, job.seed)), None)
+                if source is None:
+                    ex.say(f"=== {job.method} seed {job.seed}: waits for {job.mixture_from} seed {job.seed} to finish")
+                    unfinished.append(job)
+                    continue
+                job = ex.with_transferred_mixture(job, source)
             result = ex.run_job(job, save_interval=save_interval, threads=args.threads, nproc=nproc,
                                 keep_checkpoints=args.keep_checkpoints)
             (results if result is not None else unfinished).append(result or job)

@@ -388,6 +388,34 @@ class Job:
     """Trainer flags, without --seed, --log-dir, --save, --load (:func:`run_job` adds them)."""
     run_dir: str
     """The run's directory: metrics.jsonl, run_info.json, stdout.log, job.json, ckpt/."""
+    mixture_from: Optional[str] = None
+    """For a transfer method ``<A>->static``: the method A whose run (same seed) gives the mixture;
+    ``argv`` gets its weights (:func:`with_transferred_mixture`) once that run has finished."""
+
+
+TRANSFER_SUFFIX = "->static"
+"""A method named ``<A>->static`` trains with --mixing static on the time-averaged mixture of A's run."""
+
+
+def with_transferred_mixture(job: Job, source: "RunResult") -> Job:
+    """``job`` (a ``<A>->static`` method) with --data-path W1 P1 ... set to the time-averaged weights of
+    ``source`` (A's finished run of the same seed), as tools/export_mixture.py --format data-path
+    writes them; the weights file goes to ``<run_dir>/mixture.json`` for the record.
+
+    The weights are in the job's flags, so a later run of A with other results makes the runner
+    refuse this run directory (other arguments) instead of reusing a run on a stale mixture.
+    """
+    from megatron_dga.mixing import export
+
+    exp = export.export_mixture(source.run_dir)
+    data_path = job.argv[job.argv.index("--data-path") + 1:]
+    data_path = data_path[: next((i for i, a in enumerate(data_path) if a.startswith("--")), len(data_path))]
+    tokens = export.data_path_tokens(exp.names, export.exact_simplex(exp.weights, "data-path"), data_path)
+    at = job.argv.index("--data-path")
+    argv = [*job.argv[:at + 1], *tokens, *job.argv[at + 1 + len(data_path):]]
+    os.makedirs(job.run_dir, exist_ok=True)
+    export.write_export(exp, os.path.join(job.run_dir, "mixture.json"), "weights")
+    return Job(job.method, job.seed, argv, job.run_dir, job.mixture_from)
 
 
 @dataclass

@@ -305,3 +305,55 @@ def test_each_rank_of_a_run_gets_its_share_of_the_threads(threads, nproc, per_ra
     assert env["OMP_NUM_THREADS"] == str(per_rank)
     assert ("torch.distributed.run" in launcher) == (nproc > 1)
     assert launcher[-1] == "megatron_dga.pretrain_gpt"
+
+
+def test_transfer_method_trains_static_on_the_source_runs_time_averaged_mixture(tmp_path):
+    """dga_ema->static: ordered after dga_ema, its --data-path weights are the float64 time average of
+    the dga_ema run of the same seed (each step drew from the weights logged before it), kept bit for bit
+    by --data-path's normalisation; the results table has it as one more method."""
+    import numpy as np
+
+    from megatron_dga.data.domains import parse_data_path
+
+    args = experiments.parse_args(["unlimited", "--methods", "dga_ema->static,uniform,dga_ema", "--seeds", "1",
+                                   "--train-iters", "6", "--out", str(tmp_path / "out")])
+    assert experiments.chosen_methods(args) == ["uniform", "dga_ema", "dga_ema->static"]
+    prefixes = tuple(str(tmp_path / f"{n}_text_document") for n in ("a", "b", "c"))
+    data = ex.ExperimentData("test", ("a", "b", "c"), prefixes, "spec", "spec_eval", ("--tokenizer-type", "X"))
+    jobs = experiments.build_jobs(args, data, str(tmp_path / "out"), str(tmp_path / "data"))
+    static = jobs[-1]
+    assert (static.method, static.mixture_from) == ("dga_ema->static", "dga_ema")
+    assert static.run_dir.endswith(os.path.join("runs", "dga_ema-to-static", "seed1"))
+    assert static.argv[static.argv.index("--mixing") + 1] == "static" and "--dga-eta" not in static.argv
+    # The source run: logged at 2, 4, 6 with --dga-interval 2 (each line right after an update).
+    src = tmp_path / "src"
+    src.mkdir()
+    logged = np.random.default_rng(3).dirichlet(np.ones(3), size=3)
+    with open(src / "metrics.jsonl", "w") as fh:
+        for i, w in enumerate(logged, start=1):
+            fh.write(json.dumps({"iteration": 2 * i, "consumed_samples": 8 * i, "domain_weights": w.tolist()}) + "\n")
+    config = {"mixing": {"mixing": "dga", "dga_interval": 2, "dga_init": "uniform"}, "schedule": {"log_interval": 2},
+              "data": {"data_path": list(prefixes)}}
+    (src / "run_info.json").write_text(json.dumps({"domains": ["a", "b", "c"], "config": config}))
+    source = ex.RunResult("dga_ema", 1, str(src), 1.0)
+    resolved = ex.with_transferred_mixture(static, source)
+    at = resolved.argv.index("--data-path")
+    tokens = resolved.argv[at + 1: at + 7]
+    assert tokens[1::2] == list(prefixes) and resolved.argv[at + 7].startswith("--")
+    weights = np.array([float(t) for t in tokens[0::2]])
+    oracle = (np.full(3, 1 / 3) * 16 + logged[0] * 16 + logged[1] * 16) / 48
+    np.testing.assert_allclose(weights, oracle, rtol=0, atol=1e-15)
+    parsed = np.asarray(parse_data_path(tokens)[2])
+    np.testing.assert_array_equal(parsed / parsed.sum(), weights)  # what --mixing static samples by
+    assert os.path.isfile(os.path.join(static.run_dir, "mixture.json"))  # the weights file, for the record
+    for bad, message in (("dga_ema->static", "add dga_ema to --methods"), ("bogus->static", "not a method")):
+        with pytest.raises(ConfigError, match=message):
+            experiments.chosen_methods(experiments.parse_args(["unlimited", "--methods", bad]))
+    with pytest.raises(ConfigError, match="fine-grained|token-limited and unlimited"):
+        experiments.chosen_methods(experiments.parse_args(["fine-grained", "--methods", "uniform,uniform->static"]))
+    # In the tables like any other method, paired with uniform seed by seed.
+    results = [_fake_run(tmp_path / "res", "uniform", 1, [5.0, 4.0]),
+               _fake_run(tmp_path / "res", "dga_ema->static", 1, [5.0, 3.5], mixing="static")]
+    summary = er.Summary.of(results, ["uniform", "dga_ema->static"])
+    assert summary.pair("dga_ema->static", "uniform").diffs == {1: pytest.approx(-0.5)}
+    assert "| dga_ema->static | 1 |" in er.markdown(summary)
