@@ -30,7 +30,17 @@ def _source_then_static(rank, world_size, shards, tmp):
 
     src = os.path.join(tmp, "dga")
     assert main(_args(shards, src, 6, ["--mixing", "dga", "--dga-interval", "3", "--dga-eta", "30",
-                                       "--dga-ema", "1.0", "--dga-specific-batch-size", "8"])) == 0
+                                       "--dga-ema", "1.0", "--dga-specific-batch-size", "8",
+                                       "--save", os.path.join(src, "ckpt"), "--save-interval", "4"])) == 0
+    # The Hugging Face export of the iteration-4 checkpoint (one plain process, as the tool runs)
+    import runpy
+
+    torchrun = {key: os.environ.pop(key) for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                      "LOCAL_RANK", "LOCAL_WORLD_SIZE") if key in os.environ}
+    convert = runpy.run_path(os.path.join(ROOT, "tools", "convert_hf_checkpoint.py"))["main"]
+    assert convert(["to-hf", "--load", os.path.join(src, "ckpt"), "--ckpt-step", "4", "--output",
+                    os.path.join(tmp, "hf"), *TINY_GPT_ARGS]) == 0
+    os.environ.update(torchrun)
     for fmt in ("data-path", "weights"):
         assert export_mixture.main([src, "--format", fmt, "--output", os.path.join(tmp, f"mix.{fmt}")]) == 0
     # --data-args-path holds the --data-path value: the weighted prefixes (plain ones replaced)
@@ -121,6 +131,22 @@ def test_windows_pieces_and_what_the_log_cannot_tell(runs, tmp_path):
     assert doc["format"] == export.SCHEDULE_FORMAT and doc["domains"] == ["dom0", "dom1", "dom2"]
     assert [(s["start_iteration"], s["end_iteration"]) for s in doc["segments"]] == [(i, i + 1) for i in range(6)]
     assert doc["segments"][4]["weights"] == src[3]["domain_weights"]
+
+
+def test_hugging_face_export_carries_the_mixture_history(runs):
+    """to-hf of the iteration-4 checkpoint writes mixture_history.json beside config.json: the weights logged
+    up to iteration 4 and the tokens drawn per domain by then, from the run's metrics.jsonl."""
+    src = _read(os.path.join(runs, "dga", "metrics.jsonl"))[:4]
+    hf = os.path.join(runs, "hf")
+    assert os.path.isfile(os.path.join(hf, "config.json"))
+    doc = json.load(open(os.path.join(hf, export.HISTORY_FILENAME)))
+    assert doc["format"] == export.HISTORY_FORMAT and doc["checkpoint_iteration"] == 4
+    assert doc["domains"] == ["dom0", "dom1", "dom2"] and doc["iterations"] == [1, 2, 3, 4]
+    assert doc["domain_weights"] == [m["domain_weights"] for m in src]
+    assert doc["consumed_tokens"] == [m["consumed_tokens"] for m in src] == [256, 512, 768, 1024]
+    assert doc["tokens_per_domain"] == (np.sum([m["domain_samples"] for m in src], axis=0) * 32).tolist()
+    assert sum(doc["tokens_per_domain"]) == 1024
+    np.testing.assert_allclose(doc["time_averaged_weights"], _oracle(src, 3), rtol=0, atol=1e-15)
 
 
 def test_export_errors_name_the_flag_and_the_fix(runs, tmp_path, capsys):

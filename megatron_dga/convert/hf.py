@@ -799,6 +799,10 @@ def to_hf(load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_flag
     flags (``model_flags_given``, {field: value}, which override it); the checkpoint's own facts
     (vocabulary, shapes) are checked against them.
 
+    Beside config.json goes ``mixture_history.json`` (mixing/export.py): the training run's domain
+    weights over time and tokens per domain up to the exported iteration, when the run's --log-dir
+    is ``load_dir`` or its parent.
+
     Args:
         load_dir: the checkpoint root (the trainer's --save / --load).
         out_dir: new or empty directory.
@@ -879,7 +883,23 @@ def to_hf(load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_flag
     _write_hf(out_dir, config, hf_state)
     if tok_source:
         _copy_side_files(Path(tok_source), out_dir)
+    _write_mixture_history(load_dir, out_dir, int(meta["iteration"]))
     return out_dir
+
+
+def _write_mixture_history(load_dir, out_dir: Path, iteration: int) -> None:
+    """``mixture_history.json`` beside config.json: the training run's domain weights over time and tokens
+    per domain up to the exported iteration (mixing/export.py), when its --log-dir is ``load_dir`` or its
+    parent (run_info.json names ``load_dir`` as --save); a converted model without training logs has none."""
+    from megatron_dga.mixing import export
+
+    try:
+        doc = export.mixture_history(export.find_log_dir(load_dir), up_to=iteration)
+    except DataError as exc:
+        logger.info("no %s written: %s", export.HISTORY_FILENAME, exc)
+        return
+    doc["checkpoint_iteration"] = iteration
+    atomic_write_text(out_dir / export.HISTORY_FILENAME, json.dumps(doc, indent=1) + "\n")
 
 
 def _token_ids(tokenizer_dir) -> dict:

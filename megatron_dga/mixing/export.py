@@ -460,7 +460,7 @@ def write_export(exp: Export, output: str | os.PathLike, fmt: str = "weights",
 
 
 # --------------------------------------------------------------------------- history beside a model
-def mixture_history(log_dir: str | os.PathLike) -> dict:
+def mixture_history(log_dir: str | os.PathLike, up_to: Optional[int] = None) -> dict:
     """The run's mixture over time and the tokens it drew per domain, as written beside an exported
     model (:data:`HISTORY_FILENAME`)::
 
@@ -469,8 +469,14 @@ def mixture_history(log_dir: str | os.PathLike) -> dict:
          "domain_weights": [[K] per line] (or the logged summaries), "basis_weights": [[N] ...] | null,
          "tokens_per_domain": [K] (summed domain_samples x --seq-length) | null,
          "time_averaged_weights": [K] | null}
+
+    ``up_to``: keep the lines up to that iteration (a checkpoint's: the history of the exported weights).
     """
     run = read_run(log_dir)
+    if up_to is not None:
+        run.entries = [m for m in run.entries if int(m.get("iteration", 0)) <= up_to]
+        if not run.entries:
+            raise DataError(f"{log_dir}: no line logged up to iteration {up_to}")
     seq = (run.config.get("model") or {}).get("seq_length")
     samples = [m.get("domain_samples") for m in run.entries]
     tokens = None
