@@ -29,7 +29,8 @@ Every method runs under every --seeds value as a real pretraining job in
 OUT/<scenario>/runs/<method>/seed<seed>/. A re-run of the same command skips finished runs and
 resumes an interrupted one from its checkpoint (Ctrl-C saves first). The results, recomputed
 from the runs' metrics.jsonl: OUT/<scenario>/results.md, results.csv (per method), runs.csv (per
-run) and PNG plots. Presets: cpu (a 0.7M-parameter GPT, minutes on 2 cores) and gpu (a 125M GPT
+run) and PNG plots; with --eval-tasks also each run's downstream accuracy (lm-evaluation-harness on its
+final checkpoint, the same statistics and paired verdicts). Presets: cpu (a 0.7M-parameter GPT, minutes on 2 cores) and gpu (a 125M GPT
 in bf16, one process per visible GPU).
 
     python examples/experiments.py token-limited --out runs/exp
@@ -92,7 +93,8 @@ def parse_args(argv=None):
     g.add_argument("--target-train", help="the target's training split (jsonl), DGA's specific set")
     g.add_argument("--target-eval", help="the target's evaluation split (jsonl)")
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer vocabulary (default: 4096 with --corpus-dir, the builder's with the embedded corpus)")
+                   help="tokenizer vocabulary (default: 4096 with --corpus-dir, the builder's with the embedded corpus; "
+                        "prepared shards with --tokenizer-type NullTokenizer: the trainer's --vocab-size)")
     g.add_argument("--prep-seed", type=int, default=1234, help="seed of tokenizer sampling and clustering")
     g = p.add_argument_group("data: shards built beforehand")
     g.add_argument("--data-path", nargs="+", help="one shard prefix per domain (<dir>/<name>_text_document)")
@@ -122,6 +124,13 @@ def parse_args(argv=None):
                    help="a DGA flag and its values: every DGA method runs once per combination of all --sweep "
                         "items (e.g. dga-eta=3,10 dga-ema=0.1,0.3); baselines run once per seed")
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OpenMP threads per run, shared by its ranks (default: all cores)")
+    g = p.add_argument_group("downstream accuracy (lm-evaluation-harness: pip install '.[eval]')")
+    g.add_argument("--eval-tasks", default=None,
+                   help="evaluate each run's final checkpoint on these lm_eval tasks (comma-separated names, e.g. "
+                        "arc_easy,hellaswag,piqa,sciq,mmlu, and/or directories of task YAMLs with local data); the "
+                        "accuracies join results.md/csv with the same statistics and verdicts as the losses")
+    g.add_argument("--eval-limit", type=float, default=None, help="items per task (or a fraction < 1; default: all)")
+    g.add_argument("--eval-num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
     g = p.add_argument_group("fine-grained")
     g.add_argument("--fine-clusters", type=int, nargs="+", default=[16, 16, 16],
                    help="k-means levels of the fine-domain map, k1 [k2 ...] (default: 16 16 16 = 4,096 fine domains)")
@@ -224,18 +233,20 @@ def prepare_data(args, data_dir: str) -> ex.ExperimentData:
                                        vocab_size=args.vocab_size or 4096, seed=args.prep_seed,
                                        workers=max(1, args.threads))
     if shards:
-        missing = [f for f in ("data_path", "specific_data_path", "specific_eval_data_path", "tokenizer_model")
-                   if not getattr(args, f)]
+        null = args.tokenizer_type == "NullTokenizer"  # synthetic shards of token ids: --vocab-size, no model file
+        missing = [f for f in ("data_path", "specific_data_path", "specific_eval_data_path",
+                               "vocab_size" if null else "tokenizer_model") if not getattr(args, f)]
         if missing:
             raise ConfigError(f"prepared shards need --data-path, --specific-data-path, --specific-eval-data-path and "
-                              f"--tokenizer-model; --{missing[0].replace('_', '-')} is missing")
+                              f"--tokenizer-model (--vocab-size with --tokenizer-type NullTokenizer); "
+                              f"--{missing[0].replace('_', '-')} is missing")
         if args.scenario == "fine-grained" and args.importance_weights:
             raise ConfigError(f"--importance-weights {args.importance_weights} with fine-grained: that scenario "
                               "computes the importance weights over the fine domains of the map it builds from "
                               "--data-path; drop --importance-weights")
+        tokenizer = ["--vocab-size", str(args.vocab_size)] if null else ["--tokenizer-model", args.tokenizer_model]
         return ex.shards_data(args.data_path, args.specific_data_path, args.specific_eval_data_path,
-                              ["--tokenizer-type", args.tokenizer_type, "--tokenizer-model", args.tokenizer_model],
-                              args.importance_weights)
+                              ["--tokenizer-type", args.tokenizer_type, *tokenizer], args.importance_weights)
     if args.importance_weights:
         raise ConfigError("--importance-weights goes with prepared shards (--data-path ...); with jsonl domains or "
                           "the embedded corpus the runner computes the weights")
@@ -388,6 +399,23 @@ def write_results(args, data: ex.ExperimentData, results: Sequence[ex.RunResult]
     return table
 
 
+def downstream_config(args):
+    """The runs' evaluation.EvalConfig (None without --eval-tasks); a missing lm_eval fails here, before any run."""
+    if not args.eval_tasks:
+        if args.eval_limit is not None or args.eval_num_fewshot is not None:
+            raise ConfigError("--eval-limit/--eval-num-fewshot need --eval-tasks")
+        return None
+    from megatron_dga import evaluation
+
+    evaluation.require_lm_eval()
+    limit = args.eval_limit
+    tasks = [os.path.abspath(t) if os.path.isdir(t) else t for t in args.eval_tasks.split(",") if t.strip()]
+    cfg = evaluation.EvalConfig(tasks=tasks, num_fewshot=args.eval_num_fewshot,
+                                limit=int(limit) if limit is not None and limit >= 1 else limit)
+    evaluation.split_tasks(cfg.tasks)  # a missing task directory fails now
+    return cfg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python examples/experiments.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
@@ -397,6 +425,7 @@ def main(argv=None) -> int:
         if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
             raise ConfigError(f"--seeds {args.seeds}: give distinct non-negative integers")
         chosen_methods(args)  # before any preparation
+        downstream = downstream_config(args)
         parse_sweep(args.sweep)
         fine = None
         if args.scenario == "fine-grained":
@@ -426,7 +455,7 @@ def main(argv=None) -> int:
                     continue
                 job = ex.with_transferred_mixture(job, source)
             result = ex.run_job(job, save_interval=save_interval, threads=args.threads, nproc=nproc,
-                                keep_checkpoints=args.keep_checkpoints)
+                                keep_checkpoints=args.keep_checkpoints, evaluation=downstream)
             (results if result is not None else unfinished).append(result or job)
     except ex.Interrupted as exc:
         print(f"\ninterrupted: {exc}", file=sys.stderr)

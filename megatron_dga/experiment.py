@@ -19,8 +19,12 @@ The glue of ``examples/experiments.py`` (and through it ``scripts/demo.sh``):
   ``job.json`` with its arguments, ``--load`` when a checkpoint is there. A finished job
   (``job.json`` says so and ``metrics.jsonl`` reaches ``--train-iters``) is skipped. Ctrl-C
   stops the running job through Megatron's ``--exit-signal-handler`` (it saves, then exits).
-* :class:`RunResult` holds what a finished job logged; ``megatron_dga/experiment_results.py``
-  turns several into tables.
+* :func:`ensure_downstream` (``--eval-tasks``): a finished job's final checkpoint evaluated with
+  ``tools/evaluate.py`` (lm-evaluation-harness, :mod:`megatron_dga.evaluation`) into
+  ``<run_dir>/downstream.json``, before the checkpoints are deleted; a re-run with the same tasks
+  skips it.
+* :class:`RunResult` holds what a finished job logged (and its downstream accuracies);
+  ``megatron_dga/experiment_results.py`` turns several into tables.
 """
 from __future__ import annotations
 
@@ -430,6 +434,8 @@ class RunResult:
     metrics: List[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
     """run_info.json (domain and basis names, the resolved config)."""
+    downstream: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    """{task: {metric: value}} of its downstream.json (--eval-tasks); empty without one."""
 
     def evals(self, key: str = "specific_eval_loss") -> List[float]:
         return [m[key] for m in self.metrics if m.get(key) is not None]
@@ -508,8 +514,65 @@ def load_result(job: Job) -> RunResult:
     with open(os.path.join(job.run_dir, "run_info.json"), encoding="utf-8") as fh:
         info = json.load(fh)
     seconds = sum(a.get("seconds", 0.0) for a in state.get("attempts", []))
+    downstream_path = os.path.join(job.run_dir, DOWNSTREAM_FILE)
+    downstream = {}
+    if os.path.isfile(downstream_path):
+        from megatron_dga.evaluation import read_results
+
+        downstream = read_results(downstream_path)["results"]
     return RunResult(job.method, job.seed, job.run_dir, seconds, read_metrics(os.path.join(job.run_dir, "metrics.jsonl")),
-                     info)
+                     info, downstream)
+
+
+DOWNSTREAM_FILE = "downstream.json"
+"""In a run directory: its final checkpoint's downstream results (``evaluation.RESULTS_FILE``)."""
+
+
+def downstream_current(run_dir: str, evaluation) -> bool:
+    """Whether ``run_dir`` holds downstream results of exactly ``evaluation``'s tasks and settings."""
+    from megatron_dga.evaluation import read_results
+
+    path = os.path.join(run_dir, DOWNSTREAM_FILE)
+    if not os.path.isfile(path):
+        return False
+    try:
+        done = read_results(path)
+    except DataError:
+        return False
+    return (done.get("tasks"), done.get("num_fewshot"), done.get("limit"), done.get("seed")) == (
+        list(evaluation.tasks), evaluation.num_fewshot, evaluation.limit, evaluation.seed)
+
+
+def ensure_downstream(job: Job, evaluation) -> None:
+    """Evaluate the job's final checkpoint on ``evaluation`` (an ``evaluation.EvalConfig``) into
+    ``<run_dir>/downstream.json`` with tools/evaluate.py, unless that is done already.
+
+    Raises:
+        ConfigError: the results are missing and the checkpoints are gone (a run finished before
+            without --eval-tasks, or with other tasks, and without --keep-checkpoints).
+        DataError: the evaluation failed (the checkpoint is kept: a re-run evaluates again).
+    """
+    label = f"{job.method} seed {job.seed}"
+    if downstream_current(job.run_dir, evaluation):
+        say(f"=== {label}: downstream results up to date, skipped")
+        return
+    ckpt = os.path.join(job.run_dir, "ckpt")
+    from megatron_dga.training.checkpoint import latest_iteration
+
+    if not os.path.isdir(ckpt) or latest_iteration(ckpt) is None:
+        raise ConfigError(
+            f"--eval-tasks: {label} finished before without downstream results for these tasks, and its checkpoints "
+            f"were deleted ({ckpt}); delete {job.run_dir} to train it again, or pass --keep-checkpoints when runs "
+            "may be evaluated later")
+    args = ["--load", ckpt, "--output", os.path.join(job.run_dir, DOWNSTREAM_FILE), "--tasks", *evaluation.tasks,
+            "--seed", str(evaluation.seed), "--eval-batch-size", str(evaluation.batch_size),
+            "--eval-micro-batch-size", str(evaluation.micro_batch_size)]
+    if evaluation.num_fewshot is not None:
+        args += ["--num-fewshot", str(evaluation.num_fewshot)]
+    if evaluation.limit is not None:
+        args += ["--limit", str(evaluation.limit)]
+    say(f"=== {label}: downstream evaluation of {ckpt}")
+    run_tool("evaluate.py", *args)
 
 
 class Interrupted(Exception):
@@ -517,14 +580,16 @@ class Interrupted(Exception):
 
 
 def run_job(job: Job, *, save_interval: int, threads: int = 1, nproc: int = 1, echo: bool = True,
-            keep_checkpoints: bool = False) -> Optional[RunResult]:
+            keep_checkpoints: bool = False, evaluation=None) -> Optional[RunResult]:
     """Run (or resume, or skip) one job; its RunResult, or None when it stopped before --train-iters.
 
     A finished job is skipped. An interrupted one resumes from the latest checkpoint under
     ``<run_dir>/ckpt`` (``--load``). A job that stops early but cleanly (``--exit-interval``,
     ``--exit-duration-in-mins`` in the job's flags) returns None and resumes next time. When the
     job finishes, its checkpoints are deleted unless ``keep_checkpoints`` (results come from
-    metrics.jsonl; a finished job never resumes).
+    metrics.jsonl; a finished job never resumes). With ``evaluation`` (an ``evaluation.EvalConfig``,
+    the runner's --eval-tasks) the final checkpoint is evaluated first (:func:`ensure_downstream`),
+    also for a job that finished before.
 
     Raises:
         ConfigError: the run directory holds a job with other arguments.
@@ -535,6 +600,8 @@ def run_job(job: Job, *, save_interval: int, threads: int = 1, nproc: int = 1, e
     status = job_status(job, save_interval)
     if status == "finished":
         say(f"=== {label}: finished before, skipped ({job.run_dir})")
+        if evaluation is not None:
+            ensure_downstream(job, evaluation)
         return load_result(job)
     argv = job_argv(job, save_interval)
     state = _read_job_file(job.run_dir) or {"format": JOB_FORMAT, "argv": argv, "finished": False, "attempts": []}
@@ -571,6 +638,8 @@ def run_job(job: Job, *, save_interval: int, threads: int = 1, nproc: int = 1, e
         say(f"=== {label}: stopped at iteration {latest_iteration(ckpt)} (saved); re-run the same command to "
             "resume it")
         return None
+    if evaluation is not None:
+        ensure_downstream(job, evaluation)
     if not keep_checkpoints:
         shutil.rmtree(ckpt, ignore_errors=True)
     say(f"=== {label}: done in {seconds:.0f}s")

@@ -25,6 +25,12 @@ both runs alike, such as the initial weights):
 beside the sign count (how many d_s < 0). With 3 seeds t = 4.30, with 2 seeds t = 12.71: two seeds
 separate only a gap much larger than its seed-to-seed variation.
 
+Downstream accuracies (``--eval-tasks``: each run's downstream.json, lm_eval's ``acc`` and
+``acc_norm`` per task) get the same statistics: mean/min/max over seeds per method, and paired
+differences ``d_s = acc(method, s) - acc(baseline, s)`` with the same paired t interval, where higher
+is better: beats when the whole interval is above 0, worse when it is below (:class:`Pair` with
+``higher_is_better``).
+
 The earlier rule is kept beside it (:attr:`Pair.spread_verdict`, the ``noise`` and ``verdict``
 columns of results.csv). It compares the mean difference with the baseline's own spread over seeds,
 ``noise = max_s final(baseline, s) - min_s final(baseline, s)``: beats when every d_s < 0 and
@@ -57,6 +63,15 @@ NOISE_FOOTNOTE = (
     "spread rule, which ignores the pairing: baseline spread = max - min of the baseline's own final target "
     "eval loss over the seeds; beats = every d_s < 0 and mean(d) < -spread; worse = every d_s > 0 and "
     "mean(d) > spread; otherwise within noise.")
+
+ACCURACY_METRICS = ("acc", "acc_norm")
+"""lm_eval metrics reported as downstream accuracies (higher is better)."""
+
+ACCURACY_FOOTNOTE = (
+    "Downstream accuracy (lm-evaluation-harness on each run's final checkpoint): mean [min, max] over seeds. "
+    "Paired difference d_s = accuracy of the method minus that of the baseline under the same seed s (positive: "
+    "the method is better); verdict (paired t): beats = the whole 95% interval above 0, worse = the whole "
+    "interval below 0, otherwise within noise; seeds higher: how many d_s > 0.")
 
 T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
          2.200985, 2.178813, 2.160369, 2.144787, 2.13145, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
@@ -103,6 +118,14 @@ class RunStats:
     """DGA's extra forward+backward work per step over the training step's (None: no DGA)."""
     final_epochs: List[float] = field(default_factory=list)
     """Epochs consumed per domain at the end (``domain_epochs``)."""
+    downstream: Dict[str, float] = field(default_factory=dict)
+    """Downstream accuracies of the final checkpoint, {"<task>:<metric>": value} (:data:`ACCURACY_METRICS`)."""
+
+
+def accuracies(downstream: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """{"<task>:<metric>": value} of lm_eval's per-task metrics, the :data:`ACCURACY_METRICS` only."""
+    return {f"{task}:{metric}": float(values[metric]) for task, values in sorted(downstream.items())
+            for metric in ACCURACY_METRICS if metric in values}
 
 
 def _train_seconds(metrics: Sequence[dict]) -> float:
@@ -147,7 +170,8 @@ def run_stats(result) -> RunStats:
     epochs = next((m["domain_epochs"] for m in reversed(result.metrics) if isinstance(m.get("domain_epochs"), list)),
                   [])
     return RunStats(result.method, result.seed, evals[-1][1], best, best_iter, generic_mean,
-                    _train_seconds(result.metrics), result.seconds, cost_model(result.info), list(epochs))
+                    _train_seconds(result.metrics), result.seconds, cost_model(result.info), list(epochs),
+                    accuracies(getattr(result, "downstream", None) or {}))
 
 
 @dataclass
@@ -183,6 +207,10 @@ class Pair:
     """Seed -> final(method) - final(baseline)."""
     noise: float
     """The baseline's spread of final target loss over the paired seeds (the earlier rule's noise)."""
+    metric: str = "final"
+    """What is compared: ``final`` (target eval loss), or a downstream accuracy ``<task>:<metric>``."""
+    higher_is_better: bool = False
+    """True for accuracies: beats = the interval above 0."""
 
     @property
     def spread(self) -> Spread:
@@ -192,6 +220,11 @@ class Pair:
     def lower(self) -> int:
         """How many seeds have d_s < 0 (the method lower than the baseline)."""
         return sum(1 for x in self.diffs.values() if x < 0)
+
+    @property
+    def better(self) -> int:
+        """How many seeds have d_s on the better side of 0 (below for losses, above for accuracies)."""
+        return sum(1 for x in self.diffs.values() if (x > 0 if self.higher_is_better else x < 0))
 
     @property
     def interval(self) -> Optional[Tuple[float, float]]:
@@ -214,9 +247,9 @@ class Pair:
         if ci is None:
             return "non-finite loss: no verdict"
         if ci[1] < 0:
-            return "beats"
+            return "worse" if self.higher_is_better else "beats"
         if ci[0] > 0:
-            return "worse"
+            return "beats" if self.higher_is_better else "worse"
         return "within noise"
 
     @property
@@ -227,9 +260,9 @@ class Pair:
             return "one seed: no verdict"
         mean = sum(d) / len(d)
         if all(x < 0 for x in d) and mean < -self.noise:
-            return "beats"
+            return "worse" if self.higher_is_better else "beats"
         if all(x > 0 for x in d) and mean > self.noise:
-            return "worse"
+            return "beats" if self.higher_is_better else "worse"
         return "within noise"
 
 
@@ -240,6 +273,13 @@ class Summary:
     runs: Dict[str, List[RunStats]]
     """Method -> its runs, by seed."""
     pairs: List[Pair]
+    accuracy_pairs: List[Pair] = field(default_factory=list)
+    """Paired differences of every downstream accuracy (:attr:`accuracy_keys`), higher is better."""
+
+    @property
+    def accuracy_keys(self) -> List[str]:
+        """The "<task>:<metric>" accuracies any run has, sorted."""
+        return sorted({k for stats in self.runs.values() for s in stats for k in s.downstream})
 
     @classmethod
     def of(cls, results: Sequence, methods: Sequence[str]) -> "Summary":
@@ -260,7 +300,34 @@ class Summary:
                 if diffs:
                     baseline = [by_seed[seed] for seed in diffs]
                     pairs.append(Pair(method, base, diffs, max(baseline) - min(baseline)))
-        return cls(runs, pairs)
+        summary = cls(runs, pairs)
+        summary.accuracy_pairs = summary._accuracy_pairs()
+        return summary
+
+    def _accuracy_pairs(self) -> List[Pair]:
+        pairs = []
+        for key in self.accuracy_keys:
+            for base in BASELINES:
+                by_seed = {s.seed: s.downstream[key] for s in self.runs.get(base, []) if key in s.downstream}
+                if not by_seed:
+                    continue
+                for method, stats in self.runs.items():
+                    if method == base or (base == "importance" and method == "uniform"):
+                        continue
+                    diffs = {s.seed: s.downstream[key] - by_seed[s.seed] for s in stats
+                             if s.seed in by_seed and key in s.downstream}
+                    if diffs:
+                        baseline = [by_seed[seed] for seed in diffs]
+                        pairs.append(Pair(method, base, diffs, max(baseline) - min(baseline), key, True))
+        return pairs
+
+    def accuracy(self, method: str, key: str) -> Spread:
+        """mean/min/max over seeds of accuracy ``key`` of ``method``'s runs (NaN without any)."""
+        return Spread.of(s.downstream[key] for s in self.runs.get(method, []) if key in s.downstream)
+
+    def accuracy_pair(self, method: str, baseline: str, key: str) -> Optional[Pair]:
+        return next((p for p in self.accuracy_pairs
+                     if p.method == method and p.baseline == baseline and p.metric == key), None)
 
     def overhead(self, method: str) -> Optional[Spread]:
         """Training-time overhead of ``method`` over the same seed's uniform run (importance
@@ -317,7 +384,30 @@ def markdown(summary: Summary, title: str = "") -> str:
                          f"| **{p.verdict}** | {s.min:+.4f} | {s.max:+.4f} | {per_seed} | {p.noise:.4f} "
                          f"| {p.spread_verdict} |")
         lines += ["", NOISE_FOOTNOTE]
+    lines += _accuracy_markdown(summary)
     return "\n".join(lines)
+
+
+def _accuracy_markdown(summary: Summary) -> List[str]:
+    keys = summary.accuracy_keys
+    if not keys:
+        return []
+    lines = ["", "Downstream accuracy", "",
+             "| method | seeds | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    for method, stats in summary.runs.items():
+        if stats:
+            lines.append(f"| {method} | {len(stats)} | "
+                         + " | ".join(summary.accuracy(method, k).text() for k in keys) + " |")
+    if summary.accuracy_pairs:
+        lines += ["", "| method | vs | accuracy | mean difference | 95% interval (paired t) | seeds higher "
+                  "| verdict (paired t) | min | max | per seed |", "|---|---|---|---:|---|---:|---|---:|---:|---|"]
+        for p in summary.accuracy_pairs:
+            s, ci = p.spread, p.interval
+            per_seed = ", ".join(f"{seed}: {d:+.4f}" for seed, d in sorted(p.diffs.items()))
+            ci_text = "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+            lines.append(f"| {p.method} | {p.baseline} | {p.metric} | {s.mean:+.4f} | {ci_text} "
+                         f"| {p.better}/{len(p.diffs)} | **{p.verdict}** | {s.min:+.4f} | {s.max:+.4f} | {per_seed} |")
+    return lines + ["", ACCURACY_FOOTNOTE]
 
 
 CSV_COLUMNS = (
@@ -337,7 +427,7 @@ def csv_text(summary: Summary) -> str:
     """One row per method (columns: :data:`CSV_COLUMNS`; empty where not applicable)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(CSV_COLUMNS + tuple(accuracy_columns(summary)))
     for method, stats in summary.runs.items():
         if not stats:
             continue
@@ -354,8 +444,33 @@ def csv_text(summary: Summary) -> str:
         for p in pairs:
             ci = p.interval if p else None
             row += ([len(p.diffs), p.lower, *(ci if ci else ("", "")), p.verdict] if p else [""] * 5)
-        writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row])
+        writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row + _accuracy_cells(summary, method)])
     return buf.getvalue()
+
+
+def accuracy_columns(summary: Summary) -> List[str]:
+    """results.csv's columns after :data:`CSV_COLUMNS` when the runs have downstream accuracies: per
+    accuracy k ("<task>:<metric>"), ``k_mean/_min/_max`` over seeds, then per baseline b
+    ``vs_b_k_mean/_min/_max/_seeds/_higher/_ci_low/_ci_high/_paired_verdict`` (as the loss columns)."""
+    cols = []
+    for k in summary.accuracy_keys:
+        cols += [f"{k}_{c}" for c in ("mean", "min", "max")]
+        cols += [f"vs_{b}_{k}_{c}" for b in BASELINES
+                 for c in ("mean", "min", "max", "seeds", "higher", "ci_low", "ci_high", "paired_verdict")]
+    return cols
+
+
+def _accuracy_cells(summary: Summary, method: str) -> list:
+    cells = []
+    for k in summary.accuracy_keys:
+        acc = summary.accuracy(method, k)
+        cells += ["", "", ""] if math.isnan(acc.mean) else [acc.mean, acc.min, acc.max]
+        for b in BASELINES:
+            p = summary.accuracy_pair(method, b, k)
+            ci = p.interval if p else None
+            cells += ([p.spread.mean, p.spread.min, p.spread.max, len(p.diffs), p.better, *(ci if ci else ("", "")),
+                       p.verdict] if p else [""] * 8)
+    return cells
 
 
 RUNS_CSV_COLUMNS = ("method", "seed", "final", "best", "best_iter", "generic", "train_seconds", "wall_seconds",
@@ -366,12 +481,14 @@ def runs_csv_text(summary: Summary, run_dirs: Dict[Tuple[str, int], str]) -> str
     """One row per run (columns: :data:`RUNS_CSV_COLUMNS`)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(RUNS_CSV_COLUMNS)
+    keys = summary.accuracy_keys
+    writer.writerow(RUNS_CSV_COLUMNS + tuple(keys))
     for method, stats in summary.runs.items():
         for s in stats:
             writer.writerow([method, s.seed, repr(s.final), repr(s.best), s.best_iter, repr(s.generic),
                              f"{s.train_seconds:.3f}", f"{s.wall_seconds:.1f}",
-                             "" if s.cost_model is None else f"{s.cost_model:.6g}", run_dirs.get((method, s.seed), "")])
+                             "" if s.cost_model is None else f"{s.cost_model:.6g}", run_dirs.get((method, s.seed), ""),
+                             *(repr(s.downstream[k]) if k in s.downstream else "" for k in keys)])
     return buf.getvalue()
 
 

@@ -1,5 +1,6 @@
 """Downstream evaluation (megatron_dga/evaluation.py, tools/evaluate.py) on the local multiple-choice task
 tests/data/lm_eval_tiny: the harness's accuracy against the model's own log-likelihoods computed here."""
+import io
 import json
 import os
 import subprocess
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from megatron_dga.data import mock
-from tests.dist_utils import run_pretrain
-from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, VOCAB, EOD, three_domain_shards
+from tests.dist_utils import run_distributed
+from tests.synthetic import EOD, VOCAB, three_domain_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK_DIR = os.path.join(ROOT, "tests", "data", "lm_eval_tiny")
@@ -47,18 +48,73 @@ def test_the_shipped_task_items_are_the_generated_ones():
     assert shipped == chain_items()
 
 
-def _train(out_dir) -> str:
-    """A tiny model trained 60 steps on three_domain_shards (it learns the chains' successors); its
-    checkpoint root, which holds run_info.json too (--log-dir = --save)."""
-    shards = three_domain_shards(os.path.join(out_dir, "shards"))
-    ckpt = os.path.join(out_dir, "ckpt")
-    argv = ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
-            *TINY_GPT_ARGS, "--micro-batch-size", "8", "--global-batch-size", "8", "--train-iters", "60",
-            "--log-interval", "60", "--eval-interval", "0", "--lr", "1e-2", "--mixing", "uniform",
-            "--save", ckpt, "--log-dir", ckpt]
-    rcs, _ = run_pretrain(argv)
-    assert rcs == [0]
-    return ckpt
+RUNNER_MODEL = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --make-vocab-size-divisible-by 64 "
+                "--micro-batch-size 8 --global-batch-size 8 --lr 1e-2 --min-lr 1e-3 --log-interval 20")
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """examples/experiments.py --eval-tasks tests/data/lm_eval_tiny: uniform and dga_ema, seeds 1 and 2, 60 steps
+    each on three_domain_shards (the models learn the chains' successors), checkpoints kept."""
+    root = tmp_path_factory.mktemp("experiment")
+    shards = three_domain_shards(str(root / "shards"))
+    cmd = [sys.executable, os.path.join(ROOT, "examples", "experiments.py"), "unlimited",
+           "--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
+           "--specific-eval-data-path", shards["specific_eval"], "--tokenizer-type", "NullTokenizer",
+           "--vocab-size", str(VOCAB - 1), "--seeds", "1", "2", "--methods", "uniform,dga_ema", "--train-iters", "60",
+           "--eval-interval", "30", "--eval-iters", "1", "--threads", "1", "--out", str(root / "out"),
+           "--dga-interval", "10", "--extra-args", RUNNER_MODEL, "--keep-checkpoints",
+           "--dga-args", "--dga-domain-batch-size 4 --dga-specific-batch-size 4", "--eval-tasks", TASK_DIR]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return root / "out" / "unlimited", cmd, proc.stdout
+
+
+def _run_dir(out, method, seed):
+    return out / "runs" / method / f"seed{seed}"
+
+
+def test_runner_reports_downstream_accuracy_statistics_from_the_run_files(experiment):
+    """results.md/csv's accuracies, per-seed spreads, paired differences and verdicts, recomputed here from
+    each run's downstream.json; a re-run evaluates nothing again."""
+    import csv
+
+    from megatron_dga import experiment_results as er
+
+    out, cmd, log = experiment
+    acc = {(m, s): json.loads((_run_dir(out, m, s) / "downstream.json").read_text())["results"]["tiny_chain"]["acc"]
+           for m in ("uniform", "dga_ema") for s in (1, 2)}
+    assert all(0.0 <= a <= 1.0 for a in acc.values()) and max(acc.values()) >= 0.75, acc  # chance: 0.25
+    md = (out / "results.md").read_text()
+    assert "Downstream accuracy" in md
+    for method in ("uniform", "dga_ema"):
+        vals = [acc[(method, 1)], acc[(method, 2)]]
+        spread = er.Spread.of(vals).text()
+        assert f"| {method} | 2 | {spread} |" in md, md
+    d = [acc[("dga_ema", s)] - acc[("uniform", s)] for s in (1, 2)]
+    mean = sum(d) / 2
+    sd = abs(d[0] - d[1]) / 2 ** 0.5
+    lo, hi = mean - 12.706205 * sd / 2 ** 0.5, mean + 12.706205 * sd / 2 ** 0.5
+    verdict = "beats" if lo > 0 else "worse" if hi < 0 else "within noise"
+    higher = sum(x > 0 for x in d)
+    row = next(line for line in md.splitlines() if line.startswith("| dga_ema | uniform | tiny_chain:acc |"))
+    assert f"| {mean:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {higher}/2 | **{verdict}** |" in row, row
+    assert f"1: {d[0]:+.4f}, 2: {d[1]:+.4f}" in row
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((out / "results.csv").read_text()))}
+    dga = rows["dga_ema"]
+    assert float(dga["tiny_chain:acc_mean"]) == pytest.approx((acc[("dga_ema", 1)] + acc[("dga_ema", 2)]) / 2, abs=1e-6)
+    assert float(dga["vs_uniform_tiny_chain:acc_mean"]) == pytest.approx(mean, abs=1e-6)
+    assert float(dga["vs_uniform_tiny_chain:acc_ci_low"]) == pytest.approx(lo, abs=1e-5)
+    assert dga["vs_uniform_tiny_chain:acc_paired_verdict"] == verdict
+    runs = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
+    assert {(r["method"], int(r["seed"])): float(r["tiny_chain:acc"]) for r in runs} == acc
+    # a re-run: finished runs and their evaluations are skipped, the same table comes out
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("downstream results up to date, skipped") == 4
+    assert (out / "results.md").read_text().split("Command:")[0] == md.split("Command:")[0]
 
 
 def _items_as_tokens():
@@ -99,33 +155,29 @@ def _scores(rank, world_size, ckpt, layouts):
     return out
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return _train(str(tmp_path_factory.mktemp("evaluate")))
-
-
-def test_tool_accuracy_on_the_local_task_is_the_models_own_choice(trained, tmp_path):
-    """tools/evaluate.py through lm_eval: its accuracy is the share of items whose answer has the highest
-    log-likelihood under the model's logits (computed here), and the trained model is far above chance."""
-    out = tmp_path / "downstream.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load", trained,
-                           "--tasks", TASK_DIR, "--output", str(out), "--eval-batch-size", "16"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+def test_accuracy_is_the_models_own_choice_on_any_layout(experiment):
+    """A run's downstream accuracy (lm_eval through the runner) is the share of items whose answer has the
+    highest log-likelihood under the model's logits (computed here); the scores are the same on two pipeline
+    stages and on two tensor-parallel ranks."""
+    out, _, _ = experiment
+    run = _run_dir(out, "dga_ema", 1)
+    result = json.loads((run / "downstream.json").read_text())
     assert result["iteration"] == 60 and result["task_names"] == ["tiny_chain"]
     acc = result["results"]["tiny_chain"]["acc"]
-
-    (scores,) = [r for r in __import__("tests.dist_utils", fromlist=["x"]).run_distributed(
-        _scores, world_size=1, args=(trained, {"one": {}}))]
+    ckpt = str(run / "ckpt")
+    (one,) = run_distributed(_scores, world_size=1, args=(ckpt, {"one": {}}))
     items, _ = _items_as_tokens()
-    ours, oracle = np.array(scores["one"]).reshape(len(items), 4), np.array(scores["one_oracle"]).reshape(len(items), 4)
+    ours, oracle = np.array(one["one"]).reshape(len(items), 4), np.array(one["one_oracle"]).reshape(len(items), 4)
     np.testing.assert_allclose(ours, oracle, rtol=0, atol=1e-4)
     labels = np.array([it["label"] for it in items])
-    assert acc == pytest.approx(float(np.mean(oracle.argmax(axis=1) == labels)), abs=1e-12)
-    assert acc >= 0.75, acc  # chance: 0.25
-    assert result["results"]["tiny_chain"]["acc_stderr"] == pytest.approx(np.std(oracle.argmax(1) == labels, ddof=1)
-                                                                            / np.sqrt(len(items)))
+    right = oracle.argmax(axis=1) == labels
+    assert acc == pytest.approx(float(np.mean(right)), abs=1e-12)
+    assert result["results"]["tiny_chain"]["acc_stderr"] == pytest.approx(np.std(right, ddof=1) / np.sqrt(len(items)))
+    ranks = run_distributed(_scores, world_size=2, args=(ckpt, {
+        "pp2": {"parallel.pipeline_model_parallel_size": 2}, "tp2": {"parallel.tensor_model_parallel_size": 2}}))
+    for layout in ("pp2", "tp2"):
+        for r in ranks:
+            np.testing.assert_allclose(r[layout], one["one"], rtol=0, atol=1e-5)
 
 
 def test_without_lm_eval_the_error_names_the_install_command(monkeypatch):
@@ -157,3 +209,14 @@ def test_tasks_the_model_cannot_score_and_foreign_flags_are_refused_by_name(tmp_
     assert evaluation.trainer_overrides(["--num-layers", "2", "--tokenizer-type", "NullTokenizer",
                                          "--pipeline-model-parallel-size", "2"]) == {
         "model.num_layers": 2, "data.tokenizer_type": "NullTokenizer", "parallel.pipeline_model_parallel_size": 2}
+
+
+def test_accuracy_verdicts_count_higher_as_better():
+    from megatron_dga import experiment_results as er
+
+    up = er.Pair("dga", "uniform", {1: 0.10, 2: 0.12, 3: 0.11}, 0.05, "t:acc", higher_is_better=True)
+    down = er.Pair("dga", "uniform", {1: -0.10, 2: -0.12, 3: -0.11}, 0.05, "t:acc", higher_is_better=True)
+    assert (up.verdict, up.spread_verdict, up.better) == ("beats", "beats", 3)
+    assert (down.verdict, down.spread_verdict, down.better) == ("worse", "worse", 0)
+    loss = er.Pair("dga", "uniform", {1: -0.10, 2: -0.12, 3: -0.11}, 0.05)
+    assert (loss.verdict, loss.better) == ("beats", 3)
