@@ -234,3 +234,86 @@ def test_probe_overflow_check_finds_nan_and_inf_without_a_buffer_sized_temporary
         chunks[1].buffers[0].grad_data[1234] = 0.0
     chunks[0].buffers[0].grad_data[[5, 9]] = torch.tensor([float("inf"), float("-inf")], dtype=getattr(torch, dtype))
     assert float(local_grads_not_finite(chunks, "cpu")) == 1.0  # +Inf and -Inf do not cancel
+
+
+def _host_reads(rank, world_size, argv):
+    """Host reads of tensor values during train(), by the innermost library frame that asked for them."""
+    import collections
+    import sys
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megatron_dga import platform
+    from tests.layouts import trainer_from
+
+    trainer = trainer_from(argv)
+    counts, phase = collections.Counter(), ["train"]
+
+    def owner():
+        frame = sys._getframe(2)
+        while frame is not None:
+            path = frame.f_code.co_filename.replace("\\", "/")
+            if "/megatron_dga/data/" in path:
+                return "data"  # the sampler and the batches are host data on a GPU machine too
+            if "/megatron_dga/" in path:
+                return "ours"
+            if "/megatron/core/" in path:
+                return "megatron"
+            frame = frame.f_back
+        return "other"
+
+    def count():
+        counts[(phase[0], owner())] += 1
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:  # .item(), float(t), bool(t)
+                count()
+            return func(*args, **(kwargs or {}))
+
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")}
+
+    def counted(name):
+        def method(self, *args, **kwargs):
+            count()
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    def in_phase(name, method):
+        def wrapped(*args, **kwargs):
+            phase[0] = name
+            try:
+                return method(*args, **kwargs)
+            finally:
+                phase[0] = "train"
+        return wrapped
+
+    trainer._log = in_phase("log", trainer._log)
+    trainer.save_checkpoint = in_phase("save", trainer.save_checkpoint)
+    for name in originals:
+        setattr(torch.Tensor, name, counted(name))
+    try:
+        with Reads():
+            trainer.train()
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+    platform.shutdown()
+    return {f"{p}/{o}": n for (p, o), n in counts.items()}
+
+
+@pytest.mark.parametrize("extra, ours_per_step", [([], 0), (["--exit-signal-handler", "--save", "{tmp}/ckpt", "--save-interval", "1000"], 1)],
+                         ids=["plain", "exit_signal_handler"])
+def test_a_training_step_reads_no_more_device_values_than_megatron(shards, tmp_path, extra, ours_per_step):
+    """Per step the trainer adds no host read of a device value (a GPU sync) to megatron-core's own
+    (its grad-norm read); --exit-signal-handler adds one, the stop flag, as Megatron's own handler does.
+    The loss stays on the device until it is logged."""
+    iters = 6
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    argv = _args(shards, tmp_path / "run", iters, ["--log-interval", "100", "--mixing", "dga", "--dga-interval", "100",
+                                                  *extra])
+    reads = run_distributed(_host_reads, world_size=2, args=(argv,))[0]
+    assert reads.get("train/ours", 0) == ours_per_step * (iters - 1), reads  # the last step stops anyway
+    assert 1 <= reads.get("log/ours", 0) <= 2, reads  # the window's loss (and nothing per step)
+    assert reads.get("train/megatron", 0) >= iters, reads  # megatron's grad norm: the count sees GPU syncs

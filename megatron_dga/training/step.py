@@ -68,6 +68,23 @@ class LossStats:
         return self.loss_sum / max(self.num_micro_batches, 1)
 
 
+@dataclass
+class StepLoss:
+    """A training step's loss, kept on the device: no host read until it is logged.
+
+    ``forward_backward(..., host_stats=False)`` returns it; the same sum as ``LossStats.loss_sum``
+    (each micro-batch's masked mean in float64), identical on every stage of the pipeline.
+    """
+
+    loss_sum: torch.Tensor
+    """One float64 element on the device: the sum over micro-batches of their masked mean loss."""
+    num_micro_batches: int
+
+    @property
+    def mean_loss(self) -> torch.Tensor:
+        return self.loss_sum / max(self.num_micro_batches, 1)
+
+
 def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -104,7 +121,7 @@ def _schedule_settings(config, **values):
 
 def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], device, *, sync_grads: bool = True,
                      force_all_reduce: bool = False, forward_only: bool = False,
-                     keep_token_losses: bool = False) -> LossStats:
+                     keep_token_losses: bool = False, host_stats: bool = True):
     """Accumulate gradients of the mean loss over ``micro_batches`` into main_grad.
 
     Args:
@@ -120,15 +137,19 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
             so every rank holds the whole reduced gradient (DGA's specific gradient g_spe).
         forward_only: evaluation; no backward, no_grad.
         keep_token_losses: also return every micro-batch's per-token losses (on every stage).
+        host_stats: False for training steps: return a :class:`StepLoss` that stays on the device
+            (a host read per step would wait for the whole step; the trainer reads it when it logs).
 
     Returns:
-        LossStats, identical on every stage of the pipeline.
+        LossStats (or StepLoss), identical on every stage of the pipeline.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     n = len(micro_batches)
     if n == 0:
+        if not host_stats:
+            return StepLoss(torch.zeros(1, dtype=torch.float64, device=device), 0)
         return LossStats(0.0, 0, 0, 0.0, {}, {}, [] if keep_token_losses else None)
     config = unwrap(chunks[0]).config  # shared by the chunks (model.build_model_chunks)
     sizes = {len(mb["tokens"]) for mb in micro_batches}
@@ -137,11 +158,15 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
     # The schedule divides each loss by len(scheduled); padding must not shrink the real ones.
     loss_factor = len(scheduled) / n
     collected: List[torch.Tensor] = []  # last stage: masked per-token losses, on the device
+    means: List[torch.Tensor] = []  # last stage, host_stats=False: each micro-batch's masked mean (float64)
 
     def loss_func(loss_mask: torch.Tensor, padding: bool, output_tensor: torch.Tensor):
         losses = output_tensor.float() * loss_mask
         if not padding:
-            collected.append(losses.detach())
+            if host_stats:
+                collected.append(losses.detach())
+            else:
+                means.append(losses.detach().double().sum() / loss_mask.double().sum().clamp(min=1.0))
         loss = losses.sum() / loss_mask.sum().clamp(min=1.0)
         return (loss * loss_factor if loss_factor != 1 else loss), {}
 
@@ -174,6 +199,9 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
             forward_only=forward_only,
             force_all_reduce=force_all_reduce,
         )
+    if not host_stats:
+        total = torch.stack(means).sum().reshape(1) if means else None
+        return StepLoss(_from_last_stage(total, (1,), torch.float64, config, device), n)
     return _stats(collected, micro_batches, config, device, keep_token_losses)
 
 

@@ -48,9 +48,10 @@ class StopConditions:
                 time.monotonic() - self.start >= 60.0 * cfg.exit_duration_in_mins)
             flags = torch.tensor([float(self.received or 0), float(over_time)], device=self.device)
             comm.all_reduce(flags, op=comm.MAX)
-            if flags[0] > 0:
-                return f"received {signal.Signals(int(flags[0])).name} (--exit-signal-handler)"
-            if flags[1] > 0:
+            received, over_time = flags.tolist()  # one host read per step (Megatron's signal handler: one too)
+            if received > 0:
+                return f"received {signal.Signals(int(received)).name} (--exit-signal-handler)"
+            if over_time > 0:
                 return f"--exit-duration-in-mins {cfg.exit_duration_in_mins} reached"
         if cfg.exit_interval and iteration % cfg.exit_interval == 0:
             return f"--exit-interval {cfg.exit_interval}"

@@ -108,7 +108,7 @@ class Trainer:
         self.stop = StopConditions(cfg.schedule, ctx.device)
         if ctx.is_logging_rank:
             self._write_run_info(log_dir)
-        self._window_losses: List[float] = []
+        self._window_losses: List[torch.Tensor] = []  # one-element float64 device tensors
         self._window_grad_norms: List[float] = []
         self._window_skipped = 0  # steps megatron skipped since the last log line (fp16 overflows)
 
@@ -200,10 +200,13 @@ class Trainer:
                   f"from iteration {self.iteration}", flush=True)
         self.throughput.reset()
         while self.iteration < sched.train_iters:
-            loss, grad_norm, lr = self.train_step()
+            loss, grad_norm, lr = self._step()
             self.iteration += 1
-            if sched.check_for_nan_in_loss_and_grad:
-                self._check_finite(loss, grad_norm)
+            # The loss stays on the device (read when logged); megatron's grad norm is on the host. A
+            # non-finite loss makes the gradient non-finite, so only then (or when megatron skipped
+            # the step) is the loss read here.
+            if sched.check_for_nan_in_loss_and_grad and (grad_norm is None or not math.isfinite(grad_norm)):
+                self._check_finite(float(loss), grad_norm)
             new_weights = self.mixing.after_step(self)
             if new_weights is not None:
                 self.data.set_weights(new_weights)
@@ -272,10 +275,15 @@ class Trainer:
     def train_step(self):
         """One optimizer step on the next global batch. Returns (global mean loss, grad norm, lr);
         the grad norm is None when megatron skipped the step (an fp16 overflow)."""
+        loss, grad_norm, lr = self._step()
+        return float(loss), grad_norm, lr
+
+    def _step(self):
+        """:meth:`train_step` with the loss left on the device (a one-element float64 tensor)."""
         lr = self.optimizer.lr
         self.zero_grads()
         micro_batches = self.data.next_train_micro_batches()
-        stats = forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, sync_grads=True)
+        stats = forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, sync_grads=True, host_stats=False)
         grad_norm = self.optimizer.step()
         loss = self._dp_mean(stats.mean_loss)
         tokens = self.cfg.schedule.global_batch_size * self.cfg.model.seq_length
@@ -284,18 +292,19 @@ class Trainer:
         self.throughput.step(tokens=tokens, samples=self.cfg.schedule.global_batch_size)
         return loss, grad_norm, lr
 
-    def _dp_mean(self, value: float) -> float:
+    def _dp_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over data-parallel ranks of a one-element device tensor, left on the device."""
         if self.ctx.dp_size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
+        t = value.clone()
         comm.all_reduce(t, self.groups.dp)
-        return float(t) / self.ctx.dp_size
+        return t / self.ctx.dp_size
 
     # ------------------------------------------------------------------ hooks
 
     def _log(self, lr: float, window, eval_results: Dict[str, object]) -> Dict[str, object]:
         values: Dict[str, object] = {
-            "lm_loss": float(np.mean(self._window_losses)),
+            "lm_loss": float(torch.cat(self._window_losses).mean()),  # the window's one host read
             "lr": lr,
             # Over the steps applied in the window; none when megatron skipped them all (as Megatron).
             **({"grad_norm": float(np.mean(self._window_grad_norms))} if self._window_grad_norms else {}),
