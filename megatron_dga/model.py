@@ -584,10 +584,12 @@ def rope_arguments(cfg: GPTModelConfig) -> dict:
     )
 
 
+@functools.lru_cache(maxsize=8)
 def causal_attention_mask(seq_length: int, device) -> torch.Tensor:
     """Megatron's boolean mask, True where attention is NOT allowed: shape (1, 1, s, s).
 
-    Passed explicitly because megatron-core builds a default one on "cuda".
+    Passed explicitly because megatron-core builds a default one on "cuda". Built once per length
+    and device (read-only: attention only reads it), not once per micro-batch.
     """
     return torch.triu(torch.ones(seq_length, seq_length, dtype=torch.bool, device=device), diagonal=1)[None, None]
 

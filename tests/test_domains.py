@@ -266,13 +266,18 @@ def test_mixture_dataset_returns_megatron_samples(shards):
         ds[(0, len(domains.datasets[0]))]
 
 
-def test_step_loader_with_workers_sees_weight_change(shards):
+@pytest.mark.parametrize("num_workers", [2, 0], ids=["workers", "in_process"])
+def test_step_loader_sees_weight_change(shards, num_workers):
+    """Each step loads its own global batch, with DataLoader workers and in this process alike."""
     domains = build_domain_datasets(shards, Tok(), DomainDatasetConfig(sequence_length=SEQ))
     ds = MixtureDataset(domains.datasets)
     cfg = MixtureSamplerConfig(global_batch_size=8, micro_batch_size=2, seed=3)
     sampler = DynamicMixtureSampler(domains.num_samples, cfg, weights=[1, 0, 0])
-    loader = StepLoader(ds, sampler, dp_rank=1, dp_size=2, num_workers=2)
-    for step, wanted in enumerate([0, 0, 2, 1]):
+    loader = StepLoader(ds, sampler, dp_rank=1, dp_size=2, num_workers=num_workers)
+    schedule = [0, 0, 2, 2, 2, 1, 1]
+    for step, wanted in enumerate(schedule):
+        if step == 0 or wanted != schedule[step - 1]:  # a weight change makes the read-ahead batch stale
+            sampler.set_weights(np.eye(3)[wanted])
         sampler.set_weights(np.eye(3)[wanted])
         mbs = list(loader.next_step())
         assert len(mbs) == 2 and all(mb["tokens"].shape == (2, SEQ) for mb in mbs)

@@ -568,9 +568,12 @@ def test_the_extension_is_required_and_MEGATRON_DGA_OPS_does_not_apply(monkeypat
 
 
 @pytest.mark.parametrize("empty", [False, True], ids=["dense", "with_empty_domains"])
-def test_lookahead_gives_the_same_batches_and_state_as_computing_on_demand(empty):
+def test_lookahead_gives_the_same_batches_and_state_as_computing_on_demand(empty, monkeypatch):
     """prefetch() after every batch (the trainer's StepLoader does so) changes nothing but where the work runs:
     weight changes, basis weights, state round trips and multi-batch calls in between are all honoured."""
+    from megatron_dga.data import sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "LOOKAHEAD_MIN_DOMAINS", 100)  # 300 domains (180 non-empty) look ahead
     k = 300
     rng = np.random.default_rng(5)
     sizes = rng.integers(5, 200, k)
@@ -601,3 +604,15 @@ def test_lookahead_gives_the_same_batches_and_state_as_computing_on_demand(empty
     # Most batches came from the look-ahead: it is used, not silently bypassed.
     assert ahead.lookahead_hits >= 30 and plain.lookahead_hits == 0
     np.testing.assert_array_equal(ahead.consumption()["samples"], plain.consumption()["samples"])
+
+
+
+def test_no_lookahead_below_its_domain_count():
+    """With few domains a global batch costs less than handing it to a thread: prefetch() does nothing."""
+    from megatron_dga.data.sampler import LOOKAHEAD_MIN_DOMAINS
+
+    s = DynamicMixtureSampler(np.full(8, 50), MixtureSamplerConfig(global_batch_size=16, micro_batch_size=4))
+    for _ in range(5):
+        s.global_batch()
+        s.prefetch()
+    assert s.lookahead_hits == 0 and s._worker is None and 8 < LOOKAHEAD_MIN_DOMAINS

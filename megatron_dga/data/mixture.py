@@ -232,6 +232,7 @@ class StepLoader:
         self.dataset, self.sampler = dataset, sampler
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.last_global_batch: Optional[np.ndarray] = None
+        self._workers, self._pin_memory = num_workers, pin_memory
         self._step_sampler = _CurrentStepSampler()
         kwargs: Dict[str, Any] = {}
         if num_workers > 0:
@@ -256,12 +257,24 @@ class StepLoader:
         # The next step's global batch is computed while this step runs (the same batch either way).
         self.sampler.prefetch()
         self.last_global_batch = batch
+        if self._workers == 0:
+            # Read in this process, without a DataLoader iterator per step (it would read the same way).
+            return iter(self._read_rows(batch))
         mbs = self.sampler.rank_micro_batches(batch, self.dp_rank, self.dp_size)
         keys = [_as_key_list(m) for m in mbs]
         self._step_sampler.micro_batches = keys
         # Checked here, in the main process: an error raised inside a worker would come back
         # wrapped in the worker's traceback text. The DataLoader yields batches in order.
         return (self.dataset.check_token_ids(mb, k) for mb, k in zip(self._loader, keys))
+
+
+    def _read_rows(self, batch: np.ndarray) -> List[Dict[str, torch.Tensor]]:
+        """This rank's micro-batches of ``batch``, read and collated in this process."""
+        out = []
+        for rows in self.sampler.rank_micro_batches(batch, self.dp_rank, self.dp_size):
+            micro = self.dataset.load(rows)
+            out.append({k: v.pin_memory() for k, v in micro.items()} if self._pin_memory else micro)
+        return out
 
 
 class MixtureBatchSampler:

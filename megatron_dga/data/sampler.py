@@ -35,9 +35,10 @@ Pieces:
 * **Two-level form**: basis matrix ``P`` (N x K) and basis weights ``gamma``; the fine
   weights ``alpha = gamma^T P`` drive the same allocation.
 * **Probe and eval batches** with their own counters, never advancing the training stream.
-* **Look-ahead**: the allocation is O(k) per global batch (5 ms at k = 262,144), so
-  :meth:`DynamicMixtureSampler.prefetch` computes the next batch in a background thread (the
-  kernel releases the GIL) while the current step runs, on copies of the state; the next
+* **Look-ahead**: the allocation is O(k) per global batch (5 ms at k = 262,144), so from
+  ``LOOKAHEAD_MIN_DOMAINS`` domains on :meth:`DynamicMixtureSampler.prefetch` computes the next
+  batch in a background thread (the kernel releases the GIL) while the current step runs, on
+  copies of the state; the next
   :meth:`~DynamicMixtureSampler.global_batch` takes it when nothing changed in between (weights,
   basis, loaded state) and recomputes it otherwise. The batches are the same bits either way.
 """
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Dict, List, Optional, Sequence
@@ -59,6 +59,11 @@ STATE_FORMAT = "megatron-dga/mixture-sampler-v2"
 _READABLE_FORMATS = ("megatron-dga/mixture-sampler-v1", STATE_FORMAT)
 # Kernels the sampler calls in megatron_dga._C; a build from older sources may lack them.
 _KERNELS = ("sampler_global_batches", "sampler_stream_samples", "sampler_permute")
+
+LOOKAHEAD_MIN_DOMAINS = 1024
+"""prefetch() looks ahead from this many non-empty domains on: below, a global batch costs less than
+handing it to the look-ahead thread, whose Python work also contends for the GIL with the step
+(0.05 ms at 4 domains, 5 ms at 262,144: benchmarks/bench_sampler.py)."""
 
 # Stream salts: each use of a domain's data gets its own independent keyed order.
 _SALT_TRAIN = 0x7452_4149_4E00_0001
@@ -277,6 +282,7 @@ class DynamicMixtureSampler:
         self._carry = np.zeros(self._live.size, dtype=np.float64)
         self._batches_drawn = 0
         self._ahead: Optional[_LookAhead] = None
+        self._worker = None  # one long-lived thread for the look-ahead, started at the first prefetch()
         self.lookahead_hits = 0
         """Global batches served from :meth:`prefetch` (the rest were computed when asked for)."""
         self._probe_consumed = np.zeros(self._sizes.size, dtype=np.int64)  # every source, by id
@@ -518,7 +524,7 @@ class DynamicMixtureSampler:
         num = _positive(num, "number of global batches")
         ahead = self._take_lookahead()
         if num == 1 and ahead is not None:
-            out, self._carry, self._consumed = ahead
+            out, self._carry, self._consumed = ahead  # domain ids already mapped
             self.lookahead_hits += 1
         else:
             # Allocation, carry update, stream positions, permutations and the in-batch order of
@@ -528,9 +534,9 @@ class DynamicMixtureSampler:
                 self._live_weights, self._carry, self._consumed, *self._kernel_domains, num, self._batch_size,
                 self._batches_drawn, _PHI, _SQRT2_FRAC,
             )
+            if self._live.size < self.num_domains:
+                out[..., 0] = self._live[out[..., 0]]
         self._batches_drawn += num
-        if self._live.size < self.num_domains:
-            out[..., 0] = self._live[out[..., 0]]
         return out
 
     def prefetch(self) -> None:
@@ -540,11 +546,16 @@ class DynamicMixtureSampler:
         (no weight, basis or state change in between; a change makes that call compute the batch
         itself), so the batches are exactly those without look-ahead. The thread works on copies
         of the carry and the counters; nothing of this object changes until the batch is taken.
+        Below ``LOOKAHEAD_MIN_DOMAINS`` non-empty domains it does nothing.
         """
-        if self._ahead is not None:
-            return
-        self._ahead = _LookAhead(self._ext, self._live_weights, self._carry, self._consumed, self._kernel_domains,
-                                 self._batch_size, self._batches_drawn)
+        if self._ahead is None and self._live.size >= LOOKAHEAD_MIN_DOMAINS:
+            if self._worker is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixture-sampler-lookahead")
+            live = self._live if self._live.size < self.num_domains else None
+            self._ahead = _LookAhead(self._worker, self._ext, self._live_weights, self._carry, self._consumed,
+                                     self._kernel_domains, self._batch_size, self._batches_drawn, live)
 
     def _take_lookahead(self) -> Optional[tuple]:
         """The prefetched (batch, carry, consumed) when it was computed from the current state, else None."""
@@ -824,28 +835,27 @@ class _LookAhead:
     state is unchanged exactly when the same objects and the same batch count are current.
     """
 
-    def __init__(self, ext, weights, carry, consumed, domains, batch_size: int, drawn: int) -> None:
+    def __init__(self, worker, ext, weights, carry, consumed, domains, batch_size: int, drawn: int,
+                 live: Optional[np.ndarray]) -> None:
         self._inputs = (weights, carry, consumed, drawn)
-        self._out: list = []
 
         def work():
-            try:
-                c, n = carry.copy(), consumed.copy()
-                batch = ext.sampler_global_batches(weights, c, n, *domains, 1, batch_size, drawn, _PHI, _SQRT2_FRAC)
-                self._out.append((batch, c, n))
-            except BaseException as exc:  # noqa: BLE001 - the synchronous call recomputes it and raises
-                self._out.append(exc)
+            c, n = carry.copy(), consumed.copy()
+            batch = ext.sampler_global_batches(weights, c, n, *domains, 1, batch_size, drawn, _PHI, _SQRT2_FRAC)
+            if live is not None:  # the kernel numbers the non-empty domains 0..k'-1
+                batch[..., 0] = live[batch[..., 0]]
+            return batch, c, n
 
-        self._thread = threading.Thread(target=work, name="mixture-sampler-lookahead", daemon=True)
-        self._thread.start()
+        self._future = worker.submit(work)
+
 
     def result(self, weights, carry, consumed, drawn: int) -> Optional[tuple]:
-        self._thread.join()
+        # A failure is not raised here: the synchronous call that follows recomputes the batch and raises it.
+        error = self._future.exception()
         w, c, n, d = self._inputs
-        if not (w is weights and c is carry and n is consumed and d == drawn):
+        if error is not None or not (w is weights and c is carry and n is consumed and d == drawn):
             return None
-        out = self._out[0] if self._out else None
-        return None if out is None or isinstance(out, BaseException) else out
+        return self._future.result()
 
 
 def _positive(value: Any, what: str) -> int:
