@@ -123,9 +123,9 @@ class GPTModelConfig:
     --num-layers-per-virtual-pipeline-stage); with --recompute-granularity full only."""
     sequence_parallel: bool = False
     """Split norms, dropout and residuals along the sequence over the tensor-parallel ranks
-    (--sequence-parallel). Needs transformer-engine layers (CUDA): megatron-core's local layer spec
-    builds torch norms, which refuse it, so it is an error on CPU. Ignored with a warning at
-    tensor-parallel size 1, as in Megatron."""
+    (--sequence-parallel): activations outside the tensor-parallel regions shrink by TP. With
+    transformer-engine layers on GPU, and with megatron-core's local layers (on CPU too: their norms
+    are ``model.SequenceParallelNorm``). Ignored with a warning at tensor-parallel size 1, as in Megatron."""
     hidden_dropout: float = 0.0
     """--hidden-dropout (0 by default: short runs, and deterministic probes)."""
     attention_dropout: float = 0.0
@@ -189,6 +189,13 @@ class GPTModelConfig:
         if self.use_flash_attn and self.attention_backend not in ("auto", "flash"):
             raise ConfigError(f"--use-flash-attn selects --attention-backend flash, but --attention-backend "
                               f"{self.attention_backend} was given too; drop one")
+        if self.effective_attention_backend in ("flash", "fused") and not (self.bf16 or self.fp16):
+            flag = "--use-flash-attn" if self.use_flash_attn else f"--attention-backend {self.attention_backend}"
+            raise ConfigError(
+                f"{flag} needs --bf16 or --fp16: transformer-engine's flash and fused attention kernels take 16-bit "
+                "inputs only (in fp32 the first forward fails with 'No dot product attention backend is available'); "
+                f"add --bf16, or use --attention-backend unfused or auto in fp32"
+            )
 
     def _check_rope(self) -> None:
         rope_flags = {"rotary_base": self.rotary_base, "rotary_percent": self.rotary_percent,
@@ -340,11 +347,6 @@ class GPTModelConfig:
                 f"{flag} selects a transformer-engine attention kernel, which needs a CUDA GPU with "
                 f"transformer-engine; {here}, where megatron-core's local attention runs; drop {flag}"
             )
-        if self.sequence_parallel:
-            raise ConfigError(
-                "--sequence-parallel needs transformer-engine layers on a CUDA GPU: megatron-core's local layer "
-                f"spec builds torch norms, which do not support it; {here}; drop --sequence-parallel"
-            )
 
     def num_parameters(self) -> int:
         """Parameter count of the unsplit model (embeddings counted once when tied)."""
@@ -483,6 +485,44 @@ def layer_spec_for(cfg: GPTModelConfig, use_transformer_engine: bool):
     return fn(**layer_spec_arguments(cfg, use_transformer_engine))
 
 
+class SequenceParallelNorm:
+    """A torch LayerNorm/RMSNorm for megatron-core's local layers that works with --sequence-parallel.
+
+    With sequence parallelism each tensor-parallel rank normalises its own slice of the sequence, so
+    a norm's weight (and bias) gradient is a partial sum over that slice. Like transformer-engine's
+    and apex's norms, this one marks its parameters ``sequence_parallel``: megatron-core's
+    ``finalize_model_grads`` (and DGA's probe finaliser, ``training/step.py``) sum them over the
+    tensor-parallel group. megatron-core's own torch norm (``WrappedTorchNorm``, what its local spec
+    builds without apex) refuses sequence parallelism. Same module and parameter names as that one, so
+    checkpoints do not change. Built by :func:`transformer_block_spec` only with sequence parallelism.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+        del persist_layer_norm, zero_centered_gamma, normalization  # read from the config, as WrappedTorchNorm
+        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
+def transformer_block_spec(cfg: GPTModelConfig, config, use_transformer_engine: bool, vp_stage: Optional[int]):
+    """What GPTModel builds its decoder from: the layer spec, or with --sequence-parallel on local layers
+    the whole block (layers and final norm) with :class:`SequenceParallelNorm` norms."""
+    layer_spec = layer_spec_for(cfg, use_transformer_engine=use_transformer_engine)
+    if use_transformer_engine or not config.sequence_parallel:
+        return layer_spec
+    import dataclasses
+
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+        layer_spec.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm))
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=SequenceParallelNorm)
+
+
 def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, pre_process: bool = True,
                     post_process: bool = True, initialize: bool = True,
                     use_transformer_engine: Optional[bool] = None, vp_stage: Optional[int] = None,
@@ -512,10 +552,9 @@ def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, 
         config = dataclasses.replace(config, perform_initialization=False)
     if use_transformer_engine is None:
         use_transformer_engine = uses_transformer_engine(cfg)
-    layer_spec = layer_spec_for(cfg, use_transformer_engine=use_transformer_engine)
     model = _gpt_model_class()(
         config=config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=transformer_block_spec(cfg, config, use_transformer_engine, vp_stage),
         vocab_size=cfg.padded_vocab_size(tp_size),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -638,10 +677,6 @@ def build_model_chunks(cfg: GPTModelConfig, ctx) -> List[Tuple[object, object]]:
 
     vp = ctx.vp_size if ctx.vp_size > 1 else None
     config = build_transformer_config(cfg, ctx.tp_size, ctx.pp_size, vp)
-    if config.sequence_parallel and ctx.pp_size > 1:
-        raise ConfigError(f"--sequence-parallel with --pipeline-model-parallel-size {ctx.pp_size} is not supported "
-                          "here (the schedule's stage-to-stage shapes assume whole sequences); "
-                          "drop --sequence-parallel")
     chunks = []
     for stage in range(ctx.vp_size):
         # With several stages megatron's LanguageModule moves the tied embedding to CUDA to

@@ -213,13 +213,22 @@ def test_architecture_and_memory_flags_that_would_be_ignored_or_cannot_work(argv
     assert message in str(exc.value)
 
 
+@pytest.mark.parametrize("argv", [["--use-flash-attn"], ["--attention-backend", "flash"],
+                                  ["--attention-backend", "fused"]], ids=lambda a: " ".join(a))
+def test_flash_and_fused_attention_need_16_bit_precision_on_any_machine(argv):
+    """transformer-engine has no fp32 flash/fused attention: refused at start-up, not at the first forward."""
+    with pytest.raises(ConfigError, match="needs --bf16 or --fp16: transformer-engine's flash and fused attention"):
+        parse_args(BASE + argv)
+    for precision in (["--bf16"], ["--fp16"]):  # then only the machine can refuse it (no CUDA GPU here)
+        with pytest.raises(ConfigError, match="needs a CUDA GPU" if not torch.cuda.is_available() else "$^"):
+            parse_args(BASE + argv + precision)
+
+
 CPU_REFUSED = [
-    (["--use-flash-attn"], "--use-flash-attn selects a transformer-engine attention kernel, which needs a CUDA GPU "
-                           "with transformer-engine; this machine has no CUDA GPU"),
-    (["--attention-backend", "fused"], "--attention-backend fused selects a transformer-engine attention kernel"),
-    (["--sequence-parallel", "--tensor-model-parallel-size", "2"],
-     "--sequence-parallel needs transformer-engine layers on a CUDA GPU: megatron-core's local layer spec builds "
-     "torch norms, which do not support it; this machine has no CUDA GPU; drop --sequence-parallel"),
+    (["--use-flash-attn", "--bf16"], "--use-flash-attn selects a transformer-engine attention kernel, which needs a "
+                                     "CUDA GPU with transformer-engine; this machine has no CUDA GPU"),
+    (["--attention-backend", "fused", "--bf16"], "--attention-backend fused selects a transformer-engine attention "
+                                                 "kernel"),
     (["--context-parallel-size", "2"],
      "--context-parallel-size 2 needs Transformer Engine's attention (megatron-core's local DotProductAttention "
      "supports only 1), and this machine has no CUDA GPU; besides, this trainer does not split sequences over "
@@ -228,7 +237,7 @@ CPU_REFUSED = [
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="these flags run where CUDA (and transformer-engine) is")
-@pytest.mark.parametrize("argv, message", CPU_REFUSED, ids=["use-flash-attn", "attention-backend", "sequence-parallel",
+@pytest.mark.parametrize("argv, message", CPU_REFUSED, ids=["use-flash-attn", "attention-backend",
                                                         "context-parallel-size"])
 def test_flags_this_machine_cannot_run_exit_2_with_one_line(capsys, argv, message):
     from megatron_dga.pretrain_gpt import main

@@ -2,13 +2,13 @@
 
 The factors (each a flag set a production launch combines):
 
-    layout     DP=4 | TP=2 x DP=2 | PP=2 x DP=2 | PP=2 x VPP=2 x DP=2         (4 gloo ranks each)
+    layout     DP=4 | TP=2 x DP=2 | TP=2 + SP x DP=2 | PP=2 x DP=2 | PP=2 x VPP=2 x DP=2   (4 gloo ranks each)
     optimizer  plain | --use-distributed-optimizer | + --overlap-grad-reduce | + --overlap-param-gather
     precision  fp32 | --bf16
     estimator  exact | fd              (fd with --bf16 is refused at start-up: not a combination)
 
 Every layout keeps DP=2 or more: the distributed optimizer and the overlapped reduction only act
-across data-parallel ranks. The full product is 48 valid runs; CI runs the 16 rows of a pairwise
+across data-parallel ranks. The full product is 60 valid runs; CI runs the 20 rows of a pairwise
 covering array (row (layout i, optimizer j) takes the (precision, estimator) pair number
 (i + j) mod 3): every pair of values of any two factors appears in some row, and every
 layout x optimizer pair in exactly one. Each row is compared with the one-process run of
@@ -36,6 +36,9 @@ ITERS = 2
 LAYOUTS = {
     "dp4": [],
     "tp2_dp2": ["--tensor-model-parallel-size", "2"],
+    # Sequence parallelism: norms, dropout and residuals split along the sequence (megatron-core's local
+    # layers with model.SequenceParallelNorm); DGA's probes sum the norms' gradients over TP too.
+    "tp2_sp_dp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "pp2_dp2": ["--pipeline-model-parallel-size", "2"],
     "vpp2_dp2": ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
 }
@@ -52,7 +55,7 @@ PRECISIONS = {"fp32": [], "bf16": ["--bf16"]}
 
 
 def rows():
-    """The pairwise covering array: (layout, optimizer, precision, estimator), 16 rows."""
+    """The pairwise covering array: (layout, optimizer, precision, estimator), 20 rows."""
     return [(layout, opt, *PRECISION_ESTIMATOR[(i + j) % 3])
             for i, layout in enumerate(LAYOUTS) for j, opt in enumerate(OPTIMIZERS)]
 

@@ -90,7 +90,7 @@ def _pipelined(rank, world_size, runs, inits, resume):
 
 
 def _four_ranks(rank, world_size, runs, init):
-    """PP=2 combined with DP=2 and with TP=2 on the same four processes."""
+    """PP=2 combined with DP=2, with TP=2 and with TP=2 + sequence parallelism on the same four processes."""
     out = {}
     for name, (argv, log_dir) in runs.items():
         from megatron_dga.model import global_parameter_names
@@ -125,7 +125,8 @@ def results(shards, tmp_path_factory):
     inits = {name: reference[name]["init"] for name in CONFIGS}
     ranks = run_distributed(_pipelined, world_size=2, args=(pp_runs, inits, resume))
     four = {layout: (_argv(shards, tmp / layout, CONFIGS["dga"] + pp + extra), str(tmp / layout))
-            for layout, extra in (("dp2", []), ("tp2", ["--tensor-model-parallel-size", "2"]))}
+            for layout, extra in (("dp2", []), ("tp2", ["--tensor-model-parallel-size", "2"]),
+                                  ("tp2_sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]))}
     four_ranks = run_distributed(_four_ranks, world_size=4, args=(four, inits["dga"]))
     return {"reference": reference, "ranks": ranks, "ckpt": ckpt, "four": four_ranks}
 
@@ -206,7 +207,7 @@ def test_checkpoint_resume_is_bit_identical(results):
             np.testing.assert_array_equal(a[pname], b[pname], err_msg=pname)
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "tp2_sp"])
 def test_pp2_with_dp2_or_tp2_matches_one_process(results, layout):
     ref, four = results["reference"]["dga"], results["four"]
     metrics = four[-1][layout]["metrics"]

@@ -866,9 +866,3 @@ class PretrainConfig:
             precision = "--bf16" if model.bf16 else "--fp16"
             raise ConfigError(f"--dga-estimator fd with {precision}: the finite-difference step is rounded away in "
                               "16-bit parameters; use --dga-estimator exact (the default)")
-        if model.sequence_parallel and self.mixing.mixing == "dga":
-            raise ConfigError(
-                "--sequence-parallel with --mixing dga: DGA's domain probes skip megatron's tensor-parallel "
-                "all-reduce of the sequence-parallel norm gradients, so the alignments would miss part of "
-                "them; drop --sequence-parallel"
-            )

@@ -96,14 +96,22 @@ def _pipeline_stages(config) -> int:
 def _finalize_without_data_parallel(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
     """finalize_model_grads minus the data-parallel reduction (the DGA domain probes).
 
-    Each rank keeps its local gradient; the tied word-embedding copies of the first and
-    last pipeline stage are still summed, so the stage that owns the weight holds its
-    whole gradient (``optim.counted_params`` counts the last stage's copy out).
+    Each rank keeps its local gradient; what megatron sums over the model-parallel ranks is still
+    summed: with --sequence-parallel the norm gradients over the tensor-parallel group (each rank
+    holds its slice of the sequence's partial sum; ``optim.counted_params`` counts them on TP rank
+    0 only), and the tied word-embedding copies of the first and last pipeline stage, so the stage
+    that owns the weight holds its whole gradient (the last stage's copy is counted out).
     """
     del num_tokens, pg_collection, force_all_reduce
-    from megatron.core.distributed.finalize_model_grads import _allreduce_word_embedding_grads
+    from megatron.core import parallel_state
+    from megatron.core.distributed.finalize_model_grads import (
+        _allreduce_non_tensor_model_parallel_grads,
+        _allreduce_word_embedding_grads,
+    )
 
-    _allreduce_word_embedding_grads(model, unwrap(model[0]).config)
+    config = unwrap(model[0]).config
+    _allreduce_non_tensor_model_parallel_grads(model, config, parallel_state.get_tensor_model_parallel_group())
+    _allreduce_word_embedding_grads(model, config)
 
 
 @contextlib.contextmanager
