@@ -55,6 +55,25 @@ MIXING_ARGS=(--mixing dga --dga-interval 10 --dga-eta 10 --dga-ema 0.1
 OUTPUT_ARGS=(--log-interval 10 --eval-interval 25 --eval-iters 2 --log-dir "$RUN_DIR"
              --tensorboard-dir "$RUN_DIR/tensorboard" --save "$RUN_DIR/checkpoints" --save-interval 25)
 
-exec "$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" -m megatron_dga.pretrain_gpt \
+# torchrun runs in the background so that this shell can hand SIGTERM (a scheduler's preemption notice:
+# SLURM's `#SBATCH --signal=B:TERM@120`, `scancel --batch --signal=TERM`) to the training processes alone.
+# Signalled itself, torchrun forwards the signal to them but then fails with its own SignalException
+# (exit 1 and a traceback, after giving them at most 30 s to save), so a scheduler that requeues failed
+# jobs would see a failure. Here the workers save (--exit-signal-handler), print "exiting at iteration N"
+# and exit 0, and so do torchrun and this script. Ctrl-C reaches every process of the terminal's group.
+"$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" -m megatron_dga.pretrain_gpt \
     "${PARALLEL_ARGS[@]}" "${DATA_ARGS[@]}" "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" \
-    "${MIXING_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@"
+    "${MIXING_ARGS[@]}" "${OUTPUT_ARGS[@]}" "$@" &
+TORCHRUN_PID=$!
+SIGNALLED=0
+trap 'SIGNALLED=1; pkill -TERM -P "$TORCHRUN_PID" || true' TERM
+trap 'SIGNALLED=1' INT  # the terminal sent it to torchrun and the workers too: wait for them
+status=0
+wait "$TORCHRUN_PID" || status=$?
+while [ "$SIGNALLED" = 1 ]; do  # wait returned for the trap: wait again for torchrun's own exit code
+    SIGNALLED=0
+    again=0
+    wait "$TORCHRUN_PID" 2>/dev/null || again=$?
+    [ "$again" = 127 ] || status=$again  # 127: it had already exited and been waited for
+done
+exit "$status"

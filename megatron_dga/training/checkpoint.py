@@ -61,6 +61,7 @@ source: unpickling can run code).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
@@ -558,6 +559,43 @@ def _cleanup(root: Path, iteration: int, keep_last: Optional[int]) -> None:
 # ----------------------------------------------------------------------------- load
 
 
+@contextlib.contextmanager
+def reading(ckpt_dir: Path):
+    """Wraps every read of ``ckpt_dir`` (:func:`resolve_checkpoint`, :func:`verify_checkpoint`,
+    :func:`load_distributed_checkpoint`, :func:`load_checkpoint`).
+
+    A checkpoint can disappear while it is read: the --keep-last rotation of the run that saves
+    into that directory removes older checkpoints as it publishes new ones (a converter or an
+    evaluation reading a running job's checkpoints), or someone deletes it. Whatever a reader or
+    library then raises (FileNotFoundError, a damaged-file CheckpointError, DCP's exception) becomes
+    one CheckpointError naming the directory and the fix, when the directory or a file of it is gone.
+    """
+    try:
+        yield
+    except (Exception, comm.DistCheckpointException) as exc:  # noqa: BLE001 - re-raised unless the files vanished
+        ckpt_dir = Path(ckpt_dir)
+        missing_file = any(isinstance(e, FileNotFoundError) for e in _chain(exc))
+        if ckpt_dir.is_dir() and not missing_file:
+            raise
+        raise CheckpointError(vanished_message(ckpt_dir)) from None
+
+
+def _chain(exc: BaseException):
+    """``exc`` and its causes (a DCP CheckpointException's per-rank failures included)."""
+    from megatron_dga.fileio import _causes
+
+    return _causes(exc)
+
+
+def vanished_message(ckpt_dir: Path) -> str:
+    """The error for a checkpoint removed while it was read (:func:`reading`)."""
+    root = ckpt_dir.parent
+    kept = _list_iterations(root)
+    return (f"checkpoint {ckpt_dir} was removed while it was being read (a run saving into {root} with --keep-last "
+            f"deletes older checkpoints as it saves new ones, or it was deleted); pass --ckpt-step N of one that "
+            f"is kept (now under {root}: {kept or 'none'}), or copy the checkpoint elsewhere and read the copy")
+
+
 def latest_iteration(load_dir: str | os.PathLike) -> Optional[int]:
     """The iteration named by the tracker file, or None when there is no tracker.
 
@@ -718,9 +756,10 @@ def load_checkpoint(
             f"{saved['pp_size']} (DP may differ), or convert the checkpoint to the new layout"
         )
     shard = f"{layout.shard_dirname()}/{MODEL_FILENAME}"
-    verify_files(root, ckpt_dir, meta, [shard, COMMON_FILENAME])
-    state = _torch_load(ckpt_dir / shard, map_location, weights_only)
-    common = _torch_load(ckpt_dir / COMMON_FILENAME, map_location, weights_only)
+    with reading(ckpt_dir):
+        verify_files(root, ckpt_dir, meta, [shard, COMMON_FILENAME])
+        state = _torch_load(ckpt_dir / shard, map_location, weights_only)
+        common = _torch_load(ckpt_dir / COMMON_FILENAME, map_location, weights_only)
     error = check_finite(state, str(ckpt_dir / shard), _fallback(root, iteration))
     if error:
         raise CheckpointError(error)
@@ -737,7 +776,11 @@ def verify_files(root: Path, ckpt_dir: Path, meta: dict, rels: list) -> None:
                                   f"{_fallback(root, meta['iteration'])}")
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing (the directory was modified after saving)")
-        got = file_record(path)
+        try:
+            got = file_record(path)
+        except OSError as exc:  # removed or unreadable meanwhile: a CheckpointError, reported to every rank
+            raise CheckpointError(f"cannot read checkpoint file {path}: {describe_os_error(exc, path)}; "
+                                  f"{_fallback(root, meta['iteration'])}") from exc
         if got == expected:
             continue
         if got["size"] != expected["size"]:
@@ -895,19 +938,20 @@ def verify_checkpoint(ckpt_dir: Path, meta: dict, *, group=None):
     """
     ranks = _Comm(group)
     rels = sorted(meta["files"])
-    error = None
-    try:
-        verify_files(ckpt_dir.parent, ckpt_dir, meta, rels[ranks.rank::ranks.size])
-    except CheckpointError as exc:
-        error = str(exc)
-    _raise_on_every_rank(ranks, error)
-    md, error = None, None
-    if meta.get("ckpt_format") == "torch_dist":
+    with reading(ckpt_dir):
+        error = None
         try:
-            md = vet_distributed_checkpoint(ckpt_dir, meta)
+            verify_files(ckpt_dir.parent, ckpt_dir, meta, rels[ranks.rank::ranks.size])
         except CheckpointError as exc:
             error = str(exc)
         _raise_on_every_rank(ranks, error)
+        md, error = None, None
+        if meta.get("ckpt_format") == "torch_dist":
+            try:
+                md = vet_distributed_checkpoint(ckpt_dir, meta)
+            except CheckpointError as exc:
+                error = str(exc)
+            _raise_on_every_rank(ranks, error)
     return md
 
 
@@ -983,12 +1027,13 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = N
             )
             raise CheckpointError(f"--load {root} has no {TRACKER_FILENAME}; {hint}")
     ckpt_dir = _resolve_dir(root, iteration)
-    meta = read_checkpoint_metadata(ckpt_dir)
-    if meta["iteration"] != iteration:
-        raise CheckpointError(
-            f"{ckpt_dir / METADATA_FILENAME} says iteration {meta['iteration']}, expected {iteration}"
-        )
-    check_listing(ckpt_dir, meta)
+    with reading(ckpt_dir):
+        meta = read_checkpoint_metadata(ckpt_dir)
+        if meta["iteration"] != iteration:
+            raise CheckpointError(
+                f"{ckpt_dir / METADATA_FILENAME} says iteration {meta['iteration']}, expected {iteration}"
+            )
+        check_listing(ckpt_dir, meta)
     return ckpt_dir, meta
 
 
@@ -1011,13 +1056,16 @@ def load_distributed_checkpoint(ckpt_dir: Path, meta: dict, sharded_state: dict,
         verify_checkpoint(ckpt_dir, meta, group=group)
     fallback = _fallback(ckpt_dir.parent, meta["iteration"])
     state, error = None, None
-    try:
-        with platform.megatron_cuda_calls_on_cpu():
-            state = dist_checkpointing.load(sharded_state, str(ckpt_dir))
-    except (Exception, comm.DistCheckpointException) as exc:  # noqa: BLE001 - one line on every rank below
-        error = (f"cannot load {ckpt_dir}: {_one_line(exc)}; it does not match this model's "
-                 f"flags, or is damaged; {fallback}")
-    if error is None:
-        error = check_finite(state, str(ckpt_dir), fallback)
-    _raise_on_every_rank(_Comm(group), error)
+    with reading(ckpt_dir):
+        try:
+            with platform.megatron_cuda_calls_on_cpu():
+                state = dist_checkpointing.load(sharded_state, str(ckpt_dir))
+        except (Exception, comm.DistCheckpointException) as exc:  # noqa: BLE001 - one line on every rank below
+            error = (f"cannot load {ckpt_dir}: {_one_line(exc)}; it does not match this model's "
+                     f"flags, or is damaged; {fallback}")
+            if not ckpt_dir.is_dir() or any(isinstance(e, FileNotFoundError) for e in _chain(exc)):
+                error = vanished_message(ckpt_dir)
+        if error is None:
+            error = check_finite(state, str(ckpt_dir), fallback)
+        _raise_on_every_rank(_Comm(group), error)
     return state

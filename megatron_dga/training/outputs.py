@@ -11,6 +11,8 @@ is built, so a read-only, full or mistyped output location costs seconds, not a 
   that writes there: --save and --data-cache-path by rank 0 (the checkpoint coordinator, and
   the rank that builds megatron's index cache), the log, TensorBoard and W&B (--wandb-save-dir)
   directories by the logging rank;
+* rank 0 takes --save's writer lock (``training/save_lock.py``): a second run saving into the same
+  directory is refused here;
 * one all-gather of (errors, log directory) spreads any failure: every rank raises the same
   ConfigError naming each failing flag, instead of one rank failing and the others hanging.
 """
@@ -25,6 +27,7 @@ from megatron_dga import comm
 from megatron_dga.errors import ConfigError
 from megatron_dga.fileio import ensure_writable_dir
 from megatron_dga.platform import ParallelContext
+from megatron_dga.training import save_lock
 from megatron_dga.training.config import PretrainConfig
 
 DEFAULT_LOG_ROOT = "runs"
@@ -68,6 +71,11 @@ def prepare_outputs(cfg: PretrainConfig, ctx: ParallelContext) -> str:
     for directory, flag in checks:
         try:
             ensure_writable_dir(directory, flag)
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if ctx.rank == 0 and save and not errors:  # one writer per --save (training/save_lock.py)
+        try:
+            save_lock.acquire(save)
         except ConfigError as exc:
             errors.append(str(exc))
     records = comm.all_gather_object((errors, log_dir))

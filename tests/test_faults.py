@@ -1,0 +1,225 @@
+"""Runs that meet each other, signals and interrupts (issue 22, classes 4 and 5).
+
+- One writer per --save: a second run saving into a directory a live run holds is refused at start-up
+  naming the holder; a lock left by a dead run is taken over (training/save_lock.py).
+- A checkpoint removed while it is read (the --keep-last rotation of the run saving there) is one
+  CheckpointError naming it and the fix, from every reader entry point (checkpoint.reading).
+- Ctrl-C without --exit-signal-handler: one line and exit code 130, no traceback.
+- SIGTERM to examples/pretrain_gpt_dga.sh (torchrun, 2 CPU ranks, --exit-signal-handler): both ranks
+  save and the script exits 0.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_dga.errors import CheckpointError, ConfigError
+from megatron_dga.training import checkpoint as ckpt
+from megatron_dga.training import save_lock
+from tests.dist_utils import free_port
+from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return three_domain_shards(str(tmp_path_factory.mktemp("shards")))
+
+
+def _argv(shards, run_dir, extra=(), iters=500):
+    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
+            *TINY_GPT_ARGS, "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
+            "--log-interval", "1", "--eval-interval", "0", "--lr", "1e-3", "--log-dir", str(run_dir), *extra]
+
+
+def _wait_for_lines(path: Path, n: int, proc, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run exited early ({proc.returncode}): {proc.communicate()[0][-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} lines in {path} after {timeout} s")
+
+
+# ----------------------------------------------------------------------------- the --save writer lock
+
+
+def _sleeper():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def _plant(save: Path, **fields):
+    record = {"host": socket.gethostname(), "pid": 0, "pid_start": None, "started": "earlier", "run_id": "other",
+              "command": "pretrain_gpt --save x", **fields}
+    (save / save_lock.LOCK_FILENAME).write_text(json.dumps(record))
+    return save / save_lock.LOCK_FILENAME
+
+
+def test_lock_of_a_live_run_is_refused_naming_it(tmp_path):
+    holder = _sleeper()
+    try:
+        lock = _plant(tmp_path, pid=holder.pid, pid_start=save_lock._process_start(holder.pid))
+        with pytest.raises(ConfigError, match=rf"--save {tmp_path} is in use by another run on this host: "
+                                              rf"pid {holder.pid} .*give this run another --save"):
+            save_lock.acquire(tmp_path)
+        assert json.loads(lock.read_text())["run_id"] == "other"  # untouched
+        # Another host's record, refreshed recently: refused, naming the file to delete if that run is gone.
+        _plant(tmp_path, host="node-elsewhere", pid=holder.pid)
+        with pytest.raises(ConfigError, match=rf"on host node-elsewhere .*delete {lock}"):
+            save_lock.acquire(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_locks_are_taken_over_and_released(tmp_path, caplog):
+    dead = _sleeper()
+    dead.kill()
+    dead.wait()
+    lock = _plant(tmp_path, pid=dead.pid)
+    mine = save_lock.acquire(tmp_path)
+    assert "no longer running" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid() and mine.holds()
+    assert save_lock.acquire(tmp_path).holds()  # this process again (a resume of its own --save): no error
+    save_lock.release_all()
+    assert not lock.exists()
+    # Another host's record untouched for longer than the heartbeat allows: taken over.
+    lock = _plant(tmp_path, host="node-elsewhere", pid=12345)
+    old = time.time() - save_lock.STALE_AFTER_S - 60
+    os.utime(lock, (old, old))
+    assert save_lock.acquire(tmp_path).holds()
+    assert "last refreshed" in caplog.text
+    save_lock.release_all()
+    assert not lock.exists()
+
+
+# ----------------------------------------------------------------------------- readers vs --keep-last rotation
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    """A torch-format checkpoint root with iterations 1 and 2 (saved in this process: no ranks)."""
+    root = tmp_path / "ckpt"
+    for it in (1, 2):
+        ckpt.save_checkpoint(root, it, {"w": torch.full((4,), float(it))}, common_state={"iteration": it})
+    return root
+
+
+def _rotate_on_first(monkeypatch, module, name, root, newest=2):
+    """Make ``module.name`` run the writer's --keep-last 1 rotation (as a run saving ``newest``) first."""
+    real = getattr(module, name)
+    fired = []
+
+    def racing(*args, **kwargs):
+        if not fired:
+            fired.append(True)
+            ckpt._cleanup(root, newest, 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, racing)
+
+
+REMOVED = r"checkpoint .*iter_0000001 was removed while it was being read .*--keep-last.*--ckpt-step N .*\[2\]"
+
+
+def test_load_of_a_rotated_checkpoint_names_the_fix(two_checkpoints, monkeypatch):
+    _rotate_on_first(monkeypatch, torch, "load", two_checkpoints)
+    with pytest.raises(CheckpointError, match=REMOVED):
+        ckpt.load_checkpoint(two_checkpoints, iteration=1)
+
+
+def test_verify_of_a_rotated_checkpoint_names_the_fix(two_checkpoints, monkeypatch):
+    ckpt_dir, meta = ckpt.resolve_checkpoint(two_checkpoints, 1)
+    _rotate_on_first(monkeypatch, ckpt, "file_record", two_checkpoints)  # the converter's first read
+    with pytest.raises(CheckpointError, match=REMOVED):
+        ckpt.verify_checkpoint(ckpt_dir, meta)
+
+
+def test_resolve_of_a_rotated_checkpoint_names_the_fix(two_checkpoints, monkeypatch):
+    _rotate_on_first(monkeypatch, ckpt, "check_listing", two_checkpoints)
+    with pytest.raises(CheckpointError, match=REMOVED):
+        ckpt.resolve_checkpoint(two_checkpoints, 1)
+
+
+def test_distributed_load_of_a_rotated_checkpoint_names_the_fix(two_checkpoints, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir, meta = ckpt.resolve_checkpoint(two_checkpoints, 1)
+    meta = {**meta, "ckpt_format": "torch_dist"}
+
+    def load(sharded_state, path):  # what torch's reader meets: the directory went away under it
+        ckpt._cleanup(two_checkpoints, 2, 1)
+        open(Path(path) / ".metadata", "rb")
+
+    monkeypatch.setattr(dist_checkpointing, "load", load)
+    with pytest.raises(CheckpointError, match=REMOVED):
+        ckpt.load_distributed_checkpoint(ckpt_dir, meta, {}, verified=True)
+
+
+# ----------------------------------------------------------------------------- two runs, Ctrl-C
+
+
+def test_second_writer_is_refused_and_ctrl_c_is_one_line(shards, tmp_path):
+    save = tmp_path / "ckpt"
+    log = tmp_path / "first"
+    first = subprocess.Popen([sys.executable, "-m", "megatron_dga.pretrain_gpt",
+                              *_argv(shards, log, ["--save", str(save), "--save-interval", "2"])],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_lines(log / "metrics.jsonl", 3, first)
+        second = subprocess.run([sys.executable, "-m", "megatron_dga.pretrain_gpt",
+                                 *_argv(shards, tmp_path / "second", ["--save", str(save)])],
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert "Traceback" not in second.stderr
+        assert f"--save {save} is in use by another run on this host: pid {first.pid}" in second.stderr
+        assert not (tmp_path / "second" / "metrics.jsonl").exists()  # refused before any work
+        first.send_signal(signal.SIGINT)
+        out, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    last = ckpt.latest_iteration(save)
+    assert last is not None and last >= 2
+    assert f"; the last checkpoint is iteration {last} under --save {save}" in out, out[-2000:]
+    assert "pass --exit-signal-handler" in out
+    assert not (save / save_lock.LOCK_FILENAME).exists()  # released on the way out
+
+
+# ----------------------------------------------------------------------------- SIGTERM to the launch script
+
+
+def test_sigterm_to_the_launch_script_saves_on_both_ranks_and_exits_zero(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "RUN_DIR": str(run_dir),
+           "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    # The documented GPU launch (it has --exit-signal-handler), made tiny and CPU-sized by the extra flags.
+    extra = ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
+             *TINY_GPT_ARGS, "--no-bf16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters",
+             "1000", "--log-interval", "1", "--eval-interval", "0", "--dga-domain-batch-size", "2",
+             "--dga-specific-batch-size", "2", "--no-use-distributed-optimizer"]
+    proc = subprocess.Popen(["bash", str(ROOT / "examples" / "pretrain_gpt_dga.sh"), *extra], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for_lines(run_dir / "metrics.jsonl", 2, proc)
+        proc.send_signal(signal.SIGTERM)  # to the script's shell only, as a scheduler's batch signal
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out and "SignalException" not in out, out[-4000:]
+    stopped = ckpt.latest_iteration(run_dir / "checkpoints")
+    assert stopped is not None and f"exiting at iteration {stopped}: received SIGTERM" in out, out[-3000:]
