@@ -126,6 +126,28 @@ class GPTModelConfig:
     (--sequence-parallel): activations outside the tensor-parallel regions shrink by TP. With
     transformer-engine layers on GPU, and with megatron-core's local layers (on CPU too: their norms
     are ``model.SequenceParallelNorm``). Ignored with a warning at tensor-parallel size 1, as in Megatron."""
+    gradient_accumulation_fusion: bool = True
+    """Fuse the weight-gradient GEMM with its accumulation into main_grad (--no-gradient-accumulation-fusion
+    turns it off; Megatron's default on). Needs apex's fused_weight_gradient_mlp_cuda on a CUDA GPU (the
+    output layer is megatron-core's own linear); off elsewhere, as Megatron-LM falls back. DGA reads the
+    gradients from main_grad either way."""
+    bias_gelu_fusion: bool = True
+    """Fuse bias and GeLU in the MLP (--no-bias-gelu-fusion); transformer-engine layers only, and only with
+    linear biases (Megatron-LM turns it off with --disable-bias-linear)."""
+    bias_swiglu_fusion: bool = True
+    """Fuse bias and SwiGLU in the MLP with --swiglu (--no-bias-swiglu-fusion); transformer-engine layers only."""
+    bias_dropout_fusion: bool = True
+    """Fuse bias, dropout and the residual add (--no-bias-dropout-fusion); transformer-engine layers only."""
+    masked_softmax_fusion: bool = True
+    """Fuse scaling, masking and softmax in attention (--no-masked-softmax-fusion); transformer-engine
+    layers only (local attention on CPU has no kernel for it)."""
+    rope_fusion: bool = True
+    """Fused rotary position embeddings (--no-rope-fusion); transformer-engine layers with
+    --position-embedding-type rope only."""
+    persist_layer_norm: bool = True
+    """apex's persistent layer-norm kernel (--no-persist-layer-norm); used only by apex's fused norm, which
+    these layer specs do not build (transformer-engine norms on GPU, torch norms on CPU): kept for
+    Megatron's command line, effective where apex's kernel is importable with transformer-engine layers."""
     hidden_dropout: float = 0.0
     """--hidden-dropout (0 by default: short runs, and deterministic probes)."""
     attention_dropout: float = 0.0
@@ -444,13 +466,45 @@ def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int
         # CPU init draws the full master weight from the default generator and then splits
         # it, so a TP=2 model starts from the same weights as TP=1 (tests rely on this).
         use_cpu_initialization=on_cpu,
-        # Fusions need apex/TE kernels; off keeps CPU and plain-GPU numerics identical.
-        bias_dropout_fusion=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
+        **fusion_arguments(cfg, uses_transformer_engine(cfg)),
+    )
+
+
+FUSION_FLAGS = ("gradient_accumulation_fusion", "bias_gelu_fusion", "bias_swiglu_fusion", "bias_dropout_fusion",
+                "masked_softmax_fusion", "rope_fusion", "persist_layer_norm")
+"""GPTModelConfig's fusion fields (Megatron's --no-... flags)."""
+
+
+def fusion_arguments(cfg: GPTModelConfig, transformer_engine: bool) -> dict:
+    """Megatron's kernel fusions for ``cfg``: its flags (on by default, as in Megatron-LM), each on only
+    where the layers have its kernel, with Megatron-LM's fallbacks. Local layers (CPU) run none: CI's
+    numerics are those of the plain PyTorch ops.
+
+    Args:
+        transformer_engine: the model is built from transformer-engine layers (:func:`uses_transformer_engine`).
+    """
+    import importlib.util
+
+    def importable(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package missing
+            return False
+
+    te = transformer_engine
+    bias_activation = cfg.bias_swiglu_fusion if cfg.swiglu else (
+        cfg.bias_gelu_fusion and not cfg.disable_bias_linear and not cfg.openai_gelu)
+    wgrad = cfg.gradient_accumulation_fusion and torch.cuda.is_available() and importable("fused_weight_gradient_mlp_cuda")
+    if cfg.gradient_accumulation_fusion and torch.cuda.is_available() and not wgrad:
+        logger.info("gradient accumulation fusion is off: apex's fused_weight_gradient_mlp_cuda is not installed "
+                    "(as Megatron-LM; --no-gradient-accumulation-fusion silences this)")
+    return dict(
+        gradient_accumulation_fusion=wgrad,
+        bias_activation_fusion=te and bias_activation,
+        bias_dropout_fusion=te and cfg.bias_dropout_fusion,
+        masked_softmax_fusion=te and cfg.masked_softmax_fusion,
+        apply_rope_fusion=te and cfg.rope_fusion and cfg.position_embedding_type == "rope",
+        persist_layer_norm=te and cfg.persist_layer_norm and importable("apex.contrib.layer_norm"),
     )
 
 

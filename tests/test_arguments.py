@@ -39,7 +39,9 @@ def test_every_config_field_has_a_documented_flag():
                  "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "--wandb-project",
                  "--wandb-exp-name", "--wandb-save-dir", "--num-layers-per-virtual-pipeline-stage",
                  "--num-virtual-stages-per-pipeline-rank", "--context-parallel-size",
-                 "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"):
+                 "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                 "--gradient-accumulation-fusion", "--bias-gelu-fusion", "--bias-swiglu-fusion",
+                 "--bias-dropout-fusion", "--masked-softmax-fusion", "--rope-fusion", "--persist-layer-norm"):
         assert helps.get(flag), f"{flag} missing or undocumented"
 
 

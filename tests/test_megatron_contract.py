@@ -255,3 +255,37 @@ def test_fine_domain_sample_and_shard_calls_bind():
     inspect.signature(IndexedDataset.get).bind(object(), 0, offset=0, length=4)
     inspect.signature(_IndexWriter).bind("x.idx", object())
     inspect.signature(_IndexWriter.write).bind(object(), [4], None, [0, 1])
+
+
+FUSIONS = ("gradient_accumulation_fusion", "bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
+           "apply_rope_fusion", "persist_layer_norm")
+
+
+@pytest.mark.parametrize("flag, field", [
+    ("--no-bias-gelu-fusion", "bias_activation_fusion"), ("--no-bias-dropout-fusion", "bias_dropout_fusion"),
+    ("--no-masked-softmax-fusion", "masked_softmax_fusion"), ("--no-rope-fusion", "apply_rope_fusion"),
+])
+def test_fusion_flags_reach_megatron_where_the_layers_have_the_kernels(monkeypatch, flag, field):
+    """Megatron's fusion flags, on by default: with transformer-engine layers they reach the TransformerConfig
+    (bound against the installed one), each --no-... turns its own off; on local layers (CPU) all are off."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_dga import model as model_mod
+    from megatron_dga.training.arguments import parse_args
+
+    base = ["--data-path", "d", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127", "--num-layers", "2",
+            "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "1",
+            "--global-batch-size", "1", "--train-iters", "1", "--position-embedding-type", "rope", "--bf16"]
+    local = model_mod.transformer_config_arguments(parse_args(base).model, 1, 1)
+    assert not any(local[name] for name in FUSIONS)  # this machine's local layers: the plain ops
+    monkeypatch.setattr(model_mod, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(model_mod.GPTModelConfig, "check_machine", lambda self, te: None)
+    on = model_mod.transformer_config_arguments(parse_args(base).model, 1, 1)
+    inspect.signature(TransformerConfig).bind(**on)
+    assert all(on[name] for name in FUSIONS if name not in ("gradient_accumulation_fusion", "persist_layer_norm"))
+    off = model_mod.transformer_config_arguments(parse_args(base + [flag]).model, 1, 1)
+    assert not off[field] and all(off[n] == on[n] for n in FUSIONS if n != field)
+    # Megatron-LM's fallback: no bias-GeLU fusion without linear biases (megatron-core refuses that pair).
+    nobias = model_mod.transformer_config_arguments(parse_args(base + ["--disable-bias-linear"]).model, 1, 1)
+    assert not nobias["bias_activation_fusion"]
+    TransformerConfig(**{**nobias, "apply_rope_fusion": False})  # megatron-core accepts what we build

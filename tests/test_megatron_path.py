@@ -277,3 +277,16 @@ def test_bf16_and_fp16_train_with_megatron_mixed_precision_optimizers(shards, tm
     assert not any("dga_skipped_updates" in m for m in fp16)
     updates = [m for m in fp16 if "alignments" in m]
     assert all(np.isfinite(m["alignments"]).all() and 0.1 < m["specific_grad_norm"] < 10 for m in updates), updates
+
+
+def test_adam_step_count_from_torch_state_or_fused_adam_group():
+    """t for Adam's bias correction: torch's Adam keeps it per parameter, TE/apex FusedAdam per group
+    (the GPU path; FusedAdam is absent on CPU, so its layout is stated here)."""
+    import torch
+
+    from megatron_dga.training.optim import adam_step
+
+    assert adam_step({"step": torch.tensor(7.0), "exp_avg_sq": None}, None, "AdamW") == 7
+    assert adam_step({"exp_avg_sq": None}, 12, "FusedAdam") == 12
+    with pytest.raises(RuntimeError, match="FusedAdam keeps no Adam step count"):
+        adam_step({"exp_avg_sq": None}, None, "FusedAdam")

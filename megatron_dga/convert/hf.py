@@ -634,16 +634,17 @@ def _require_one_process() -> None:
 def _one_process_model(cfg: GPTModelConfig, padded_vocab: int, dtype: torch.dtype):
     """The whole model on this process, its vocabulary padded to ``padded_vocab`` rows, uninitialised."""
     from megatron_dga import platform
-    from megatron_dga.model import build_gpt_model
+    from megatron_dga.model import FUSION_FLAGS, build_gpt_model
 
     # make_vocab_size_divisible_by = padded_vocab pads any vocabulary <= padded_vocab to exactly it. The local
     # layer spec (the parameter names the mappings use) on any machine, without the flags that need
-    # transformer-engine layers; no recomputation (there is no forward here).
+    # transformer-engine layers (fusions included); no recomputation (there is no forward here).
     backend = "auto" if cfg.effective_attention_backend in ("flash", "fused", "unfused") else cfg.attention_backend
     shape = dataclasses.replace(
         cfg, make_vocab_size_divisible_by=padded_vocab, bf16=dtype == torch.bfloat16, fp16=False,
         attention_backend=backend, use_flash_attn=False, sequence_parallel=False, recompute_activations=False,
-        recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+        recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
+        **{name: False for name in FUSION_FLAGS})
     with platform.megatron_cuda_calls_on_cpu():
         return build_gpt_model(shape, initialize=False, use_transformer_engine=False)
 

@@ -273,6 +273,9 @@ class Optimizer:
             for model_param, main_param in pairs:
                 main_of[id(model_param)] = main_param
                 owner[id(model_param)] = leaf.optimizer
+        # FusedAdam (TE/apex) keeps its step per group: one lookup table, not a scan of the groups per parameter.
+        group_steps = {id(q): group["step"] for opt in set(owner.values()) for group in opt.param_groups
+                       if "step" in group for q in group["params"]}
         v, steps = [], set()
         for p in params:
             main, opt = main_of[id(p)], owner[id(p)]
@@ -280,7 +283,7 @@ class Optimizer:
             if "exp_avg_sq" not in state:
                 return None  # before the first step
             v.append(state["exp_avg_sq"])
-            steps.add(_adam_step(opt, main, state))
+            steps.add(adam_step(state, group_steps.get(id(main)), type(opt).__name__))
         if len(steps) != 1:
             raise RuntimeError(f"Adam step counts differ between parameter groups: {sorted(steps)}")
         t = steps.pop()
@@ -401,11 +404,11 @@ def _repair_torch_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype)
 
 
-def _adam_step(opt: torch.optim.Optimizer, param: torch.Tensor, state: dict) -> int:
-    """Adam's step count t for ``param``: torch keeps it per parameter, TE/apex FusedAdam per group."""
+def adam_step(state: dict, group_step, optimizer_name: str) -> int:
+    """Adam's step count t of a parameter: torch keeps it in the parameter's state, TE/apex FusedAdam in
+    its group (``group_step``: the group's "step", None when the group has none)."""
     if "step" in state:
         return int(state["step"])
-    for group in opt.param_groups:
-        if any(p is param for p in group["params"]) and "step" in group:
-            return int(group["step"])
-    raise RuntimeError(f"{type(opt).__name__} keeps no Adam step count where megatron-dga looks for it")
+    if group_step is not None:
+        return int(group_step)
+    raise RuntimeError(f"{optimizer_name} keeps no Adam step count where megatron-dga looks for it")
