@@ -333,6 +333,16 @@ class OptimizerConfig:
             raise ConfigError(f"{names} {'tunes' if one else 'tune'} dynamic loss scaling, which --loss-scale "
                               f"{self.loss_scale} turns off (a static scale); drop --loss-scale or drop "
                               f"{'it' if one else 'them'}")
+        # megatron-core's defaults (OptimizerConfig): its grad scaler asserts min <= initial.
+        initial = 2.0 ** 32 if self.initial_loss_scale is None else self.initial_loss_scale
+        floor = 1.0 if self.min_loss_scale is None else self.min_loss_scale
+        if floor > initial:
+            given = lambda name, value, default: f"--{name} {value:g}" + ("" if default else " (the default)")
+            raise ConfigError(
+                f"{given('min-loss-scale', floor, self.min_loss_scale is not None)} is above "
+                f"{given('initial-loss-scale', initial, self.initial_loss_scale is not None)}: dynamic loss "
+                "scaling starts at the initial scale and never goes below the minimum; give --min-loss-scale <= "
+                "--initial-loss-scale")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
