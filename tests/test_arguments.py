@@ -270,3 +270,27 @@ def test_resume_with_another_model_shape_names_the_flag(change, flag):
     resume.check_resumable(saved, trainer(["--rotary-base", "1000000"]), "at iteration 10")  # not a shape
     with pytest.raises(ConfigError, match=f"^{re.escape(flag)}: the checkpoint at iteration 10 was trained with"):
         resume.check_resumable(saved, trainer(change), "at iteration 10")
+
+
+def test_fd_estimator_with_transformer_engine_layers_is_refused(monkeypatch):
+    """transformer-engine runs fp32 GEMMs in TF32: fd's finite differences would drown in its rounding."""
+    from megatron_dga import model as model_mod
+
+    monkeypatch.setattr(model_mod, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(model_mod.GPTModelConfig, "check_machine", lambda self, te: None)
+    fd = ["--mixing", "dga", "--specific-data-path", "s", "--dga-estimator", "fd"]
+    with pytest.raises(ConfigError, match="--dga-estimator fd with transformer-engine layers: they compute fp32 GEMMs"):
+        parse_args(BASE + fd)
+    parse_args(BASE + fd + ["--attention-backend", "local"])  # megatron-core's local layers: true fp32
+    parse_args(BASE + ["--mixing", "dga", "--specific-data-path", "s"])  # the exact estimator
+
+
+def test_a_gpu_forward_passes_no_attention_mask():
+    """On a GPU the attention applies its causal mask type itself (no s x s tensor); on CPU megatron-core
+    needs the explicit mask, built once per length."""
+    from megatron_dga.training.step import attention_mask
+
+    assert attention_mask(32768, torch.device("cuda", 0)) is None and attention_mask(8, "cuda") is None
+    mask = attention_mask(8, "cpu")
+    assert mask.shape == (1, 1, 8, 8) and mask.dtype == torch.bool and bool(mask[0, 0, 0, 1]) and not mask[0, 0, 1, 0]
+    assert attention_mask(8, "cpu") is mask

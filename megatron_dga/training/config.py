@@ -876,3 +876,13 @@ class PretrainConfig:
             precision = "--bf16" if model.bf16 else "--fp16"
             raise ConfigError(f"--dga-estimator fd with {precision}: the finite-difference step is rounded away in "
                               "16-bit parameters; use --dga-estimator exact (the default)")
+        if self.mixing.mixing == "dga" and self.mixing.dga_estimator == "fd":
+            from megatron_dga.model import uses_transformer_engine
+
+            if uses_transformer_engine(model):
+                # fd's +-h losses differ by ~1e-4 relative; transformer-engine runs fp32 GEMMs in TF32 (10-bit
+                # mantissa), whose rounding is that large: the step was tuned, and CI checks it, in true fp32.
+                raise ConfigError(
+                    "--dga-estimator fd with transformer-engine layers: they compute fp32 GEMMs in TF32, whose "
+                    "rounding (~1e-3) swamps the finite differences (~1e-4 of the loss); use --dga-estimator exact "
+                    "(the default), or megatron-core's local layers in true fp32 (--attention-backend local)")

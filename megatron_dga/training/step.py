@@ -178,9 +178,10 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
         loss = losses.sum() / loss_mask.sum().clamp(min=1.0)
         return (loss * loss_factor if loss_factor != 1 else loss), {}
 
+    mask = attention_mask(seq_length, device)
+
     def forward_step(data_iterator: Iterator, stage_model):
         batch = _to_device(next(data_iterator), device)
-        mask = causal_attention_mask(seq_length, device)
         output = stage_model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
         return output, functools.partial(loss_func, batch["loss_mask"].float(), batch.get(_PADDING, False))
 
@@ -211,6 +212,13 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
         total = torch.stack(means).sum().reshape(1) if means else None
         return StepLoss(_from_last_stage(total, (1,), torch.float64, config, device), n)
     return _stats(collected, micro_batches, config, device, keep_token_losses)
+
+
+def attention_mask(seq_length: int, device) -> Optional[torch.Tensor]:
+    """The attention mask a forward passes: None on a GPU (transformer-engine and megatron-core's local
+    attention apply the causal mask type themselves: no s x s tensor, 1 GB at s = 32k), the explicit
+    causal mask on CPU (megatron-core would build its default one on "cuda")."""
+    return None if torch.device(device).type == "cuda" else causal_attention_mask(seq_length, device)
 
 
 def _call_settings(chunks, config, sync_grads: bool, num_micro_batches: int, variable: bool,
