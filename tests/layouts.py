@@ -61,4 +61,4 @@ def load_initial(trainer, init: dict) -> None:
         if shared is not None:
             shared.copy_(torch.from_numpy(tp_slice(shared, init[EMBEDDING])))
     if trainer.cfg.model.bf16 or trainer.cfg.model.fp16:
-        trainer.optimizer.inner.reload_model_params()
+        trainer.optimizer.reload_model_params()
