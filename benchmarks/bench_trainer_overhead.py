@@ -49,6 +49,8 @@ import warnings
 import numpy as np
 import torch
 
+from megatron_dga.data import mock
+
 PRESETS = {
     "tiny": dict(layers=2, hidden=64, heads=4, seq=64, vocab=512, micro_batch=4, batch=8, window=8, rounds=30,
                  extra=[]),
@@ -60,24 +62,6 @@ PRESETS = {
                 extra=["--bf16"]),
 }
 DOMAINS = 4
-
-
-def write_random_shards(out_dir: str, k: int, vocab: int, docs: int, doc_len: int) -> list:
-    """k random-token domains (megatron's IndexedDatasetBuilder), each document ending in eod."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    rng = np.random.default_rng(0)
-    prefixes = []
-    for i in range(k):
-        prefix = os.path.join(out_dir, f"dom{i}_text_document")
-        builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(vocab))
-        for _ in range(docs):
-            doc = rng.integers(0, vocab - 1, size=doc_len)
-            doc[-1] = vocab - 1  # eod
-            builder.add_document(doc, [doc_len])
-        builder.finalize(prefix + ".idx")
-        prefixes.append(prefix)
-    return prefixes
 
 
 def build_trainer(p: dict, prefixes: list, log_dir: str, train_iters: int):
@@ -297,8 +281,10 @@ def run_preset(name: str, p: dict, args) -> dict:
     # The last iteration (after the last boundary) logs and is not timed.
     train_iters = warmup + rounds * window + 1
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
-        prefixes = write_random_shards(tmp, DOMAINS, p["vocab"], docs=max(64, 2 * p["batch"] * train_iters // DOMAINS),
-                                       doc_len=p["seq"] + 1)
+        # The project's synthetic shards (what --mock-data writes): Markov-chain documents, eod-terminated.
+        prefixes = mock.write_domains(tmp, vocab_size=p["vocab"], eod=p["vocab"] - 1, k=DOMAINS,
+                                      docs_per_domain=max(64, 2 * p["batch"] * train_iters // DOMAINS),
+                                      doc_len=p["seq"] + 1)["domains"]
         trainer = build_trainer(p, prefixes, os.path.join(tmp, "run"), train_iters)
         bare = BareLoop(trainer)
         run = Interleaved(trainer, bare, warmup, window, rounds, args.profile)
