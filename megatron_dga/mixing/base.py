@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from megatron_dga.errors import ConfigError
-from megatron_dga.training.config import MixingConfig
+from megatron_dga.mixing.config import MixingConfig
 
 
 @dataclass

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
 from megatron_dga.data.domains import parse_data_path, read_data_args_file, read_per_split_data_args
+from megatron_dga.config_checks import refuse_without
 from megatron_dga.errors import ConfigError
+from megatron_dga.mixing.config import MixingConfig, check_job  # noqa: F401 - MixingConfig re-exported
 from megatron_dga.model import GPTModelConfig
 from megatron_dga.platform import ParallelConfig
 
@@ -37,19 +39,8 @@ def _flag(name: str) -> str:
 
 
 def _refuse_without(given: Dict[str, Any], needed: str, consequence: str, add: Optional[str] = None) -> None:
-    """ConfigError when flags that only act together with ``needed`` were given without it.
-
-    Args:
-        given: field name -> value of the flags given explicitly (booleans: True).
-        needed: the missing flag, e.g. "--save".
-        consequence: what would happen (or not) if the run went on, e.g. "nothing is saved".
-        add: the fix, when it is more than ``needed`` (e.g. "--save DIR").
-    """
-    if not given:
-        return
-    names = ", ".join(_flag(k) if v is True else f"{_flag(k)} {v}" for k, v in given.items())
-    them = "it" if len(given) == 1 else "them"
-    raise ConfigError(f"{names} given without {needed}: {consequence}; add {add or needed} or drop {them}")
+    """:func:`megatron_dga.config_checks.refuse_without` with this module's flag spellings."""
+    refuse_without(given, needed, consequence, add, flag=_flag)
 
 
 def _positive(obj, *names):
@@ -594,165 +585,6 @@ class LoggingConfig:
             raise ConfigError(wandb_missing(self.wandb_project))
 
 
-_DGA_DEFAULTS: Dict[str, Any] = {
-    "dga_interval": 10,
-    "dga_eta": 10.0,
-    "dga_ema": 0.1,
-    "dga_min_weight": 0.0,
-    "dga_domain_batch_size": 8,
-    "dga_specific_batch_size": 16,
-    "dga_preconditioner": "none",
-    "dga_basis": None,
-    "dga_init": None,  # resolved by PretrainConfig: it depends on --data-path
-    "dga_estimator": "exact",
-    "dga_fd_step": 1e-4,
-}
-"""Defaults of the DGA-only fields. The fields default to None ("not given") so that a DGA flag
-given without --mixing dga is an error rather than silently ignored; __post_init__ fills these in."""
-
-
-@dataclass
-class MixingConfig:
-    """How the domain weights are chosen. The DGA flags act with --mixing dga only (an error otherwise)."""
-
-    mixing: Optional[str] = None
-    """--mixing: uniform, natural (by tokens), static (the weights of --data-path W1 P1 W2 P2 ...),
-    importance (--importance-weights FILE), dga. Default: static when --data-path gives weights
-    (Megatron's meaning of them), else natural. Weights in --data-path are never ignored: with
-    --mixing natural, uniform or importance they are an error; with --mixing dga they are DGA's
-    initial weights (--dga-init static)."""
-    static_weights: Optional[List[float]] = None
-    """Weights from `--data-path W1 P1 ...` (used by --mixing static)."""
-    importance_weights: Optional[str] = None
-    """Weights file written by tools/importance_weights.py (--importance-weights), read by --mixing
-    importance and by --mixing dga --dga-init importance (an error with any other mixing)."""
-    dga_interval: Optional[int] = None
-    """T_r: training steps between weight updates (--dga-interval, default 10)."""
-    dga_eta: Optional[float] = None
-    """Mirror-descent step size on the alignments (--dga-eta, default 10)."""
-    dga_ema: Optional[float] = None
-    """beta of alpha_new = (1-beta) alpha + beta alpha_hat (--dga-ema, default 0.1); 1 disables the EMA.
-    The paper's "EMA 0.1" read the other way round corresponds to 0.9 here."""
-    dga_min_weight: Optional[float] = None
-    """Floor c: alpha = (1-c) alpha + c/k keeps every domain alive (--dga-min-weight, default 0)."""
-    dga_domain_batch_size: Optional[int] = None
-    """b_dom: sequences per domain probe (--dga-domain-batch-size, default 8)."""
-    dga_specific_batch_size: Optional[int] = None
-    """b_spe: sequences of the specific set per update (--dga-specific-batch-size, default 16)."""
-    dga_preconditioner: Optional[Literal["none", "adam"]] = None
-    """P in <g_i, P g_spe>: identity (none, the default) or Adam's diag(1/(sqrt(v_hat)+eps))
-    (--dga-preconditioner)."""
-    dga_basis: Optional[str] = None
-    """N x K basis file for distribution reweighting (--dga-basis); DGA then starts uniform over the
-    N bases (--dga-init and --data-path weights, which weigh the K domains, are errors with it)."""
-    dga_init: Optional[str] = None
-    """Initial weights (--dga-init): uniform, natural, static (the weights of --data-path W1 P1 ...),
-    importance (--importance-weights FILE) or a weights file. Default: static when --data-path gives
-    weights, else uniform; --data-path weights with another --dga-init are an error naming both."""
-    dga_estimator: Optional[Literal["exact", "fd"]] = None
-    """Alignment estimator (--dga-estimator): exact gradients (the default), or finite differences
-    along g_spe."""
-    dga_fd_step: Optional[float] = None
-    """fd estimator step h relative to the parameter norm, h = dga_fd_step * |theta| (--dga-fd-step,
-    default 1e-4, with --dga-estimator fd only); 1e-4 minimised the error against the exact
-    estimator in fp32 (curvature above, rounding below)."""
-
-    def __post_init__(self):
-        # "Given" = set to something other than the default: a resolved config (all defaults filled in,
-        # e.g. through dataclasses.replace) validates again as it did the first time.
-        given = {name: getattr(self, name) for name, default in _DGA_DEFAULTS.items()
-                 if getattr(self, name) is not None and getattr(self, name) != default}
-        estimator, init = self.dga_estimator, self.dga_init  # as given, before the defaults fill in
-        for name, default in _DGA_DEFAULTS.items():
-            if getattr(self, name) is None:
-                setattr(self, name, default)
-        # Values first (a typed value that can never work), then combinations that would be ignored.
-        if self.dga_interval <= 0:
-            raise ConfigError(f"--dga-interval must be > 0, got {self.dga_interval}")
-        if not 0 <= self.dga_eta < float("inf"):
-            raise ConfigError(f"--dga-eta must be a finite number >= 0 (the mirror-descent step size), got {self.dga_eta}")
-        if not 0 < self.dga_ema <= 1:
-            raise ConfigError(f"--dga-ema must be in (0, 1] (1 = no EMA), got {self.dga_ema}")
-        if not 0 <= self.dga_min_weight < 1:
-            raise ConfigError(f"--dga-min-weight must be in [0, 1), got {self.dga_min_weight}")
-        if self.dga_domain_batch_size <= 0 or self.dga_specific_batch_size <= 0:
-            raise ConfigError("--dga-domain-batch-size and --dga-specific-batch-size must be > 0")
-        if self.dga_preconditioner not in ("none", "adam"):
-            raise ConfigError(f"--dga-preconditioner must be none or adam, got {self.dga_preconditioner!r}")
-        if not self.dga_fd_step > 0:
-            raise ConfigError(f"--dga-fd-step must be > 0, got {self.dga_fd_step}")
-        if self.dga_estimator not in ("exact", "fd"):
-            raise ConfigError(f"--dga-estimator must be exact or fd, got {self.dga_estimator!r}")
-        if self.mixing != "dga":
-            _refuse_without(given, "--mixing dga", f"DGA is not running (--mixing {self.mixing or 'not given'})")
-        if "dga_fd_step" in given and estimator != "fd":
-            raise ConfigError(f"--dga-fd-step {self.dga_fd_step} acts with --dga-estimator fd only; "
-                              "add --dga-estimator fd or drop --dga-fd-step")
-        if self.dga_basis and init not in (None, "uniform"):
-            raise ConfigError(
-                f"--dga-init {init} weighs the K domains, but with --dga-basis {self.dga_basis} DGA "
-                "weighs the N basis distributions (and starts uniform over them); drop --dga-init"
-            )
-        uses_importance = self.mixing == "importance" or (self.mixing == "dga" and init == "importance")
-        if self.importance_weights and not uses_importance:
-            here = f"--mixing {self.mixing or 'not given'}"
-            if self.mixing == "dga":
-                here += f", --dga-init {init or 'not given'}"
-            raise ConfigError(
-                f"--importance-weights {self.importance_weights} is read by --mixing importance and by --mixing dga "
-                f"--dga-init importance only (here {here}): it would be ignored; add one of those or drop it"
-            )
-        if uses_importance and not self.importance_weights:
-            what = "--mixing importance" if self.mixing == "importance" else "--dga-init importance"
-            raise ConfigError(f"{what} needs --importance-weights FILE (write it with tools/importance_weights.py)")
-
-    def resolve_data_path_weights(self, weights: Optional[List[float]]) -> None:
-        """Settle --mixing and --dga-init against the weights of --data-path (None: plain prefixes).
-
-        Megatron's meaning of `--data-path W1 P1 ...` is a static mixture, so given weights are never
-        ignored: they choose --mixing static when --mixing is not given, start DGA (--dga-init static)
-        with --mixing dga, and are an error with any mixing that would not read them.
-        """
-        shown = "" if weights is None else " ".join(f"{w:g}" for w in weights[:4]) + (" ..." if len(weights) > 4 else "")
-        if weights is not None:
-            if self.mixing is None:
-                self.mixing = "static"
-            elif self.mixing in ("natural", "uniform", "importance"):
-                raise ConfigError(
-                    f"--data-path gives weights ({shown}), which --mixing {self.mixing} would ignore; use "
-                    "--mixing static to sample by them (the default when --mixing is not given), --mixing dga "
-                    "to start DGA from them, or give the prefixes without weights"
-                )
-            elif self.mixing == "dga":
-                if self.dga_basis:
-                    raise ConfigError(
-                        f"--data-path gives weights ({shown}) over the domains, but with --dga-basis {self.dga_basis} "
-                        "DGA weighs the basis distributions (and starts uniform over them); drop the weights"
-                    )
-                if self.dga_init is None:
-                    self.dga_init = "static"
-                elif self.dga_init != "static":
-                    raise ConfigError(
-                        f"--data-path gives weights ({shown}) and --dga-init {self.dga_init} also sets DGA's initial "
-                        "weights; drop the weights from --data-path (plain prefixes) or drop --dga-init"
-                    )
-        else:
-            self.mixing = self.mixing or "natural"
-            if self.mixing == "static":
-                raise ConfigError(
-                    "--mixing static needs weights in --data-path (W1 P1 W2 P2 ...); plain prefixes were given. "
-                    "Add weights or use --mixing natural/uniform"
-                )
-            if self.mixing == "dga" and self.dga_init == "static":
-                raise ConfigError("--dga-init static needs weights in --data-path (W1 P1 W2 P2 ...); plain prefixes "
-                                  "were given. Add weights or choose another --dga-init")
-        self.dga_init = self.dga_init or "uniform"
-
-
-DGA_MAX_DIRECT_DOMAINS = 256
-"""Most domains --mixing dga probes one by one; beyond, --dga-basis is required (each update probes every domain)."""
-
-
 @dataclass
 class PretrainConfig:
     """Everything one pretraining job needs."""
@@ -776,9 +608,7 @@ class PretrainConfig:
             )
         # A malformed --data-path fails here, before anything is built; its weights settle --mixing.
         # (--mock-data has no weights: its domains are written at start-up.)
-        if self.data.domain_map is not None:  # before --data-path weights settle --mixing: a map has none
-            self._check_mixing_over_map()
-        self.mixing.resolve_data_path_weights(parse_data_path(self.data.data_path)[2] if self.data.data_path else None)
+        self._check_mixing()
         if self.data.mock_data and self.data.data_cache_path:
             raise ConfigError(f"--data-cache-path {self.data.data_cache_path} with --mock-data: the mock shards are "
                               "written to a new temporary directory every run, so their cached indices would never "
@@ -800,13 +630,6 @@ class PretrainConfig:
                 "--use-distributed-optimizer with --ckpt-format torch would lose the sharded optimizer state; "
                 "save with --ckpt-format torch_dist (the default)"
             )
-        if (self.mixing.mixing == "dga" and self.mixing.dga_preconditioner == "adam"
-                and self.optimizer.use_distributed_optimizer):
-            raise ConfigError(
-                "--dga-preconditioner adam cannot be combined with --use-distributed-optimizer: each rank "
-                "holds Adam's second moments for its own shard only; use --dga-preconditioner none or drop "
-                "--use-distributed-optimizer"
-            )
 
     def _check_scheduler_resume_flags(self) -> None:
         """--override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler act only when a resume loads
@@ -824,23 +647,17 @@ class PretrainConfig:
             raise ConfigError(f"{names} with {why}, which starts a fresh LR schedule from this run's flags (the "
                               "checkpoint's is not loaded): it has no effect; drop it")
 
-    def _check_mixing_over_map(self) -> None:
-        """Mixings that cannot work over a map's fine domains fail before any data is read."""
-        mixing, path = self.mixing, self.data.domain_map
-        if mixing.mixing == "static":
-            raise ConfigError(f"--mixing static with --domain-map {path}: static weights over the fine domains come "
-                              "from a weights file: use --mixing importance --importance-weights FILE (written by "
-                              f"tools/importance_weights.py --domain-map {path})")
-        if mixing.mixing == "dga" and not mixing.dga_basis:
-            from megatron_dga.data.domain_map import read_domain_map
+    def _check_mixing(self) -> None:
+        """The mixing section's checks against the other sections (mixing/config.py)."""
+        from megatron_dga.model import uses_transformer_engine
 
-            k = read_domain_map(path).num_domains
-            if k > DGA_MAX_DIRECT_DOMAINS:
-                raise ConfigError(
-                    f"--mixing dga over the {k} fine domains of --domain-map {path} would probe every domain at every "
-                    f"update ({k} probe batches; at most {DGA_MAX_DIRECT_DOMAINS} without a basis): reweight N basis "
-                    f"distributions instead: tools/importance_weights.py --domain-map {path} --basis-sets ... "
-                    "--basis-output basis.npz, then --dga-basis basis.npz")
+        model = self.model
+        check_job(self.mixing,
+                  data_path_weights=parse_data_path(self.data.data_path)[2] if self.data.data_path else None,
+                  domain_map=self.data.domain_map,
+                  use_distributed_optimizer=self.optimizer.use_distributed_optimizer,
+                  precision="--bf16" if model.bf16 else "--fp16" if model.fp16 else None,
+                  transformer_engine=uses_transformer_engine(model))
 
     def _check_schedule_units(self) -> None:
         """Megatron's rule: a run counts iterations or samples, and its LR flags count the same."""
@@ -870,19 +687,3 @@ class PretrainConfig:
             _refuse_without({k: getattr(self.optimizer, k) for k in LOSS_SCALE_FLAGS
                              if getattr(self.optimizer, k) is not None},
                             "--fp16", "only fp16 training scales its loss")
-        if (model.bf16 or model.fp16) and self.mixing.mixing == "dga" and self.mixing.dga_estimator == "fd":
-            # fd moves the parameters by h ~ 1e-4 |theta| along g_spe: in half precision that step
-            # rounds away (and fd.py refuses half-precision parameters at the first update).
-            precision = "--bf16" if model.bf16 else "--fp16"
-            raise ConfigError(f"--dga-estimator fd with {precision}: the finite-difference step is rounded away in "
-                              "16-bit parameters; use --dga-estimator exact (the default)")
-        if self.mixing.mixing == "dga" and self.mixing.dga_estimator == "fd":
-            from megatron_dga.model import uses_transformer_engine
-
-            if uses_transformer_engine(model):
-                # fd's +-h losses differ by ~1e-4 relative; transformer-engine runs fp32 GEMMs in TF32 (10-bit
-                # mantissa), whose rounding is that large: the step was tuned, and CI checks it, in true fp32.
-                raise ConfigError(
-                    "--dga-estimator fd with transformer-engine layers: they compute fp32 GEMMs in TF32, whose "
-                    "rounding (~1e-3) swamps the finite differences (~1e-4 of the loss); use --dga-estimator exact "
-                    "(the default), or megatron-core's local layers in true fp32 (--attention-backend local)")
