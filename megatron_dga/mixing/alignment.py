@@ -29,7 +29,7 @@ import torch
 
 from megatron_dga import ops
 from megatron_dga.mixing.base import TrainerView
-from megatron_dga.training.rng import capture_rng_state, restore_rng_state
+from megatron_dga.rng import capture_rng_state, restore_rng_state
 
 
 @dataclass

@@ -52,7 +52,7 @@ from megatron_dga import ops
 from megatron_dga.errors import ConfigError
 from megatron_dga.mixing.alignment import AlignmentResult, preconditioner_kwargs
 from megatron_dga.mixing.base import TrainerView
-from megatron_dga.training.rng import capture_rng_state, restore_rng_state
+from megatron_dga.rng import capture_rng_state, restore_rng_state
 
 FD_RELATIVE_STEP = 1e-4
 """Default h / |theta| (see the module docstring for how it was chosen)."""

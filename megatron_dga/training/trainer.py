@@ -30,7 +30,7 @@ from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput
 from megatron_dga.training.outputs import prepare_outputs
 from megatron_dga.training.optim import Optimizer, counted_params, ddp_config
-from megatron_dga.training.rng import capture_rng_state, restore_rng_state
+from megatron_dga.rng import capture_rng_state, restore_rng_state
 from megatron_dga.training.step import LossStats, check_interleaved_micro_batches, forward_backward
 from megatron_dga.training.stopping import StopConditions
 
