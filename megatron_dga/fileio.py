@@ -36,6 +36,30 @@ NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 """What ``np.load`` raises for a missing, truncated or damaged ``.npz``/``.npy`` (a missing member's KeyError is
 the caller's to add): every reader of the project's arrays catches this one tuple."""
 
+
+
+class NotNpzError(ValueError):
+    """The file :func:`load_npz` was given is not an ``.npz`` archive (a text file, a ``.npy``, a pickle)."""
+
+
+def load_npz(path: str | os.PathLike):
+    """``np.load(path, allow_pickle=False)`` of an ``.npz`` archive, for every reader of the project's arrays.
+
+    The zip signature is checked first: numpy would take any other file for a pickle and answer with advice to
+    allow pickles (which can run code; never follow it here). Raises :class:`NotNpzError` saying what the file
+    starts with instead, or what ``np.load`` raises (:data:`NPZ_READ_ERRORS`).
+    """
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if not head.startswith(b"PK"):
+        kind = ("it is empty" if not head else "it is a single .npy array" if head.startswith(b"\x93NUMPY")
+                else "it is a pickle" if head[:1] == b"\x80" else f"it starts with {head!r}, not a zip archive")
+        raise NotNpzError(f"not an .npz archive ({kind})")
+    return np.load(path, allow_pickle=False)
+
+
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 _DENIED = {errno.EACCES, errno.EPERM}
 _NOT_A_DIR = {errno.ENOTDIR, errno.EEXIST}  # EEXIST: makedirs found a file where the directory goes

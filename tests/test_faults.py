@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +224,102 @@ def test_sigterm_to_the_launch_script_saves_on_both_ranks_and_exits_zero(shards,
     assert "Traceback" not in out and "SignalException" not in out, out[-4000:]
     stopped = ckpt.latest_iteration(run_dir / "checkpoints")
     assert stopped is not None and f"exiting at iteration {stopped}: received SIGTERM" in out, out[-3000:]
+
+
+# ----------------------------------------------------------------------------- errors that name the flag (class 6)
+
+
+def test_min_loss_scale_above_initial_names_both_flags():
+    from megatron_dga.training.arguments import parse_args
+
+    with pytest.raises(ConfigError, match=r"--min-loss-scale 1024 is above --initial-loss-scale 1: .*give "
+                                          r"--min-loss-scale <= --initial-loss-scale"):
+        parse_args(["--mock-data", "--fp16", "--initial-loss-scale", "1", "--min-loss-scale", "1024"])
+    with pytest.raises(ConfigError, match=r"--min-loss-scale 1 \(the default\) is above --initial-loss-scale 0.5"):
+        parse_args(["--mock-data", "--fp16", "--initial-loss-scale", "0.5"])
+    parse_args(["--mock-data", "--fp16", "--initial-loss-scale", "1024", "--min-loss-scale", "1024"])
+
+
+def test_config_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    from megatron_dga.training.arguments import parse_args
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"train-iters: 5\nlog-dir: caf\xe9\n")  # Latin-1
+    with pytest.raises(ConfigError, match=rf"--config {path}: not UTF-8 text \(byte b'\\xe9' at offset 27, line 2\); "
+                                          "save the file as UTF-8"):
+        parse_args(["--config", str(path)])
+    path.write_bytes(b"\xef\xbb\xbftrain-iters: 5\n")  # UTF-8 with a byte-order mark is UTF-8
+    assert parse_args(["--config", str(path), "--mock-data"]).schedule.train_iters == 5
+
+
+@pytest.mark.parametrize("kind", ["text", "npy", "pickle"])
+def test_basis_that_is_not_an_npz_never_suggests_pickle(tmp_path, kind):
+    import pickle
+
+    import numpy as np
+
+    from megatron_dga.errors import DataError
+    from megatron_dga.mixing.weights_io import load_basis
+
+    path = tmp_path / "basis.txt"
+    if kind == "text":
+        path.write_text("law 0.5 0.5 0\n")
+    elif kind == "npy":
+        with open(path, "wb") as fh:
+            np.save(fh, np.eye(2))
+    else:
+        path.write_bytes(pickle.dumps({"matrix": [[1.0]]}))
+    with pytest.raises(DataError) as err:
+        load_basis(path)
+    assert "cannot read as a basis .npz: not an .npz archive" in str(err.value)
+    assert "tools/importance_weights.py --basis-output" in str(err.value)
+    assert "pickle=" not in str(err.value) and "pickle.load" not in str(err.value)
+
+
+BASIS_MATRIX = [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]]
+
+
+def _basis_resumes(rank, world_size, runs):
+    """Each (argv, expect_error) in turn in this process: the ConfigError's message, or None after train()."""
+    from megatron_dga import platform
+    from megatron_dga.training.arguments import parse_args
+    from megatron_dga.training.trainer import Trainer
+
+    out = []
+    for argv in runs:
+        cfg = parse_args(argv)
+        try:
+            Trainer(cfg, platform.initialize(cfg.parallel)).train()
+            out.append(None)
+        except ConfigError as exc:
+            out.append(str(exc))
+    platform.shutdown()
+    return out
+
+
+def test_resume_with_dga_basis_added_or_dropped_names_the_flag(shards, tmp_path):
+    from megatron_dga.mixing.weights_io import save_basis
+    from tests.dist_utils import run_distributed, run_trainers
+
+    basis = str(tmp_path / "basis.npz")
+    save_basis(basis, np.asarray(BASIS_MATRIX), ["law", "news"], ["dom0", "dom1", "dom2"])
+    dga = ["--mixing", "dga", "--dga-interval", "1", "--dga-specific-batch-size", "4", "--lr-decay-iters", "10"]
+    with_basis, plain = str(tmp_path / "with_basis"), str(tmp_path / "plain")
+    run_trainers({"with_basis": _argv(shards, tmp_path / "a", [*dga, "--dga-basis", basis, "--save", with_basis], 2),
+                  "plain": _argv(shards, tmp_path / "b", [*dga, "--save", plain], 2)})
+    resumed = run_distributed(_basis_resumes, 1, args=([
+        _argv(shards, tmp_path / "c", [*dga, "--dga-basis", basis, "--load", plain], 3),
+        _argv(shards, tmp_path / "d", [*dga, "--load", with_basis], 3),
+        _argv(shards, tmp_path / "e", [*dga, "--dga-basis", basis, "--load", plain, "--reset-mixing-state"], 3),
+        _argv(shards, tmp_path / "f", [*dga, "--load", with_basis, "--reset-mixing-state"], 3),
+    ],))[0]
+    added, dropped, added_reset, dropped_reset = resumed
+    assert added is not None and added.startswith(
+        f"--dga-basis: the checkpoint {plain}/iter_0000002 was trained without --dga-basis, this run adds "
+        "--dga-basis;"), added
+    assert dropped is not None and dropped.startswith(
+        f"--dga-basis: the checkpoint {with_basis}/iter_0000002 was trained with --dga-basis (bases ['law', "
+        "'news']), this run drops --dga-basis;"), dropped
+    for message in (added, dropped):
+        assert "resume with the checkpoint's --dga-basis, or pass --reset-mixing-state" in message
+    assert added_reset is None and dropped_reset is None  # the fix the message names works

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_dga.errors import DataError
-from megatron_dga.fileio import NPZ_READ_ERRORS
+from megatron_dga.fileio import NPZ_READ_ERRORS, load_npz
 
 MAP_FORMAT = "megatron-dga/domain-map-v1"
 """The ``format`` string of the header; any other value is refused."""
@@ -301,7 +301,7 @@ def read_domain_map(path: str) -> DomainMap:
     if not zipfile.is_zipfile(path):
         raise DataError(not_npz)
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with load_npz(path) as npz:
             members = set(npz.files)
             missing = sorted({"header", "domain_ids"} - members)
             if missing:

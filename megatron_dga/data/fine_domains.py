@@ -47,7 +47,7 @@ from megatron_dga.data.domains import (DomainDatasetConfig, ShardInfo, _Tokenize
                                        _check_vocab, _index_arrays, inspect_shard)
 from megatron_dga.data.mixture import MultiSource
 from megatron_dga.errors import ConfigError, DataError
-from megatron_dga.fileio import NPZ_READ_ERRORS, atomic_write
+from megatron_dga.fileio import NPZ_READ_ERRORS, load_npz, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def _load_cached(path: str, description: str) -> Optional[FineIndex]:
     if not os.path.isfile(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        with load_npz(path) as npz:
             if str(npz["description"][()]) != description:
                 logger.warning("%s was built for other data (hash collision?); rebuilding it", path)
                 return None

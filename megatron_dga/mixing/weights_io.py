@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from megatron_dga.errors import DataError
-from megatron_dga.fileio import NPZ_READ_ERRORS, atomic_write
+from megatron_dga.fileio import NPZ_READ_ERRORS, NotNpzError, atomic_write, load_npz
 
 WEIGHTS_FORMAT = "megatron-dga/weights-v1"
 """Value of the ``format`` key every weights file carries."""
@@ -385,7 +385,7 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
     """
     source = os.fspath(path)
     try:
-        with np.load(source, allow_pickle=False) as z:
+        with load_npz(source) as z:
             sparse = "matrix" not in z.files and all(k in z.files for k in _CSR_KEYS)
             missing = [k for k in _BASIS_KEYS if k not in z.files and not (sparse and k == "matrix")]
             if missing:
@@ -403,8 +403,12 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
         raise DataError(f"basis file '{source}' not found; build it with tools/importance_weights.py --basis-sets") from None
     except DataError:
         raise
-    except ValueError as e:  # object arrays (allow_pickle=False) or a non-npz file
-        raise DataError(f"{source}: cannot read as a basis .npz ({e}); names must be unicode arrays, not objects") from None
+    except NotNpzError as e:  # a text file, a .npy, a pickle
+        raise DataError(f"{source}: cannot read as a basis .npz: {e}; give the .npz that "
+                        "tools/importance_weights.py --basis-output writes") from None
+    except ValueError:  # an object array inside the archive (allow_pickle=False refuses it)
+        raise DataError(f"{source}: cannot read as a basis .npz: it holds object arrays (names must be unicode "
+                        "arrays); rebuild it with tools/importance_weights.py --basis-output") from None
     except NPZ_READ_ERRORS as e:  # (ValueError is answered above) a truncated or damaged .npz
         raise DataError(
             f"{source}: cannot read as a basis .npz ({e}); the file is damaged: rebuild it with "

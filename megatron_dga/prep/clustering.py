@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_dga.errors import ConfigError, DataError
-from megatron_dga.fileio import NPZ_READ_ERRORS, atomic_write
+from megatron_dga.fileio import NPZ_READ_ERRORS, load_npz, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -614,7 +614,7 @@ class CentroidTree:
         if not os.path.isfile(path):
             raise DataError(f"no centroid tree at {path}: the map's clusters directory is incomplete; {fix}")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            with load_npz(path) as z:
                 header = json.loads(str(z["header"][()]))
                 tag = header.get("format") if isinstance(header, dict) else None
                 if tag != TREE_FORMAT:

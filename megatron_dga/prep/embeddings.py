@@ -44,7 +44,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from megatron_dga.errors import ConfigError, DataError
-from megatron_dga.fileio import NPZ_READ_ERRORS, atomic_write, atomic_write_json
+from megatron_dga.fileio import NPZ_READ_ERRORS, load_npz, atomic_write, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _svd_components(x: sp.csr_matrix, dim: int, seed: int, what: str) -> np.ndar
 def _load_payload(path: str, keys: Sequence[str], what: str) -> dict[str, np.ndarray]:
     """The arrays ``keys`` of an embedder's ``.npz`` payload, or one DataError naming the file and the fix."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with load_npz(path) as z:
             return {k: z[k] for k in keys}
     except (*NPZ_READ_ERRORS, KeyError) as e:
         raise DataError(f"cannot load {what} embedder payload '{path}' ({e}); re-run tools/cluster_domains.py") from None

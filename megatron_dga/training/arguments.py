@@ -147,11 +147,18 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     import yaml
 
     try:
-        with open(path) as fh:
-            text = fh.read()
+        with open(path, "rb") as fh:
+            data = fh.read()
+        text = data.decode("utf-8-sig")  # YAML files are UTF-8 (a byte-order mark is allowed)
         raw = yaml.safe_load(text) or {}
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: file not found") from None
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {data[exc.start:exc.start + 1]!r} at offset "
+                          f"{exc.start}, line {line}); save the file as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):

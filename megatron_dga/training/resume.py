@@ -85,6 +85,7 @@ MODEL_SHAPE_FLAGS = {
 def job_facts(trainer) -> Dict[str, object]:
     """JSON facts a resume checks: layout, model shape, domains, mixing."""
     model = trainer.cfg.model
+    basis = getattr(getattr(trainer, "mixing", None), "basis", None)
     return {
         "mixing": trainer.cfg.mixing.mixing,
         "domains": list(trainer.data.domain_info.names),
@@ -94,7 +95,27 @@ def job_facts(trainer) -> Dict[str, object]:
         "distrib_optim_sharding_type": optimizer_sharding_type(trainer.cfg),
         # The distributed optimizer's dp_reshardable state is laid out per chunk's grad buffer.
         "virtual_pipeline_stages": trainer.cfg.parallel.virtual_pipeline_model_parallel_size or 1,
+        # --dga-basis: the mixing weights are over its N bases instead of the K domains.
+        "dga_basis": None if basis is None else list(basis.basis_names),
     }
+
+
+def basis_change_error(where: str, saved, mine) -> ConfigError:
+    """--dga-basis added, removed or replaced since the checkpoint ``where`` (``saved``/``mine``: the basis
+    names, None without a basis, True for a basis whose names the checkpoint does not record)."""
+    def described(names) -> str:
+        if names is None:
+            return "without --dga-basis"
+        return "with --dga-basis" + ("" if names is True else f" (bases {list(names)[:6]})")
+
+    change = ("adds --dga-basis" if saved is None else "drops --dga-basis" if mine is None
+              else "has another --dga-basis")
+    return ConfigError(
+        f"--dga-basis: the checkpoint {where} was trained {described(saved)}, this run {change}"
+        + ("" if mine is None or change == "adds --dga-basis" else f" (bases {list(mine)[:6]})")
+        + "; the mixing weights are over the bases with a basis and over the domains without: resume with the "
+        "checkpoint's --dga-basis, or pass --reset-mixing-state to keep the model and data position and start "
+        "the mixing weights afresh")
 
 
 def schedule_facts(trainer) -> Dict[str, object]:
@@ -150,6 +171,9 @@ def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
             "resume with the same --mixing, or pass --reset-mixing-state to start the new strategy "
             "from its initial weights"
         )
+    if ("dga_basis" in facts and facts["dga_basis"] != mine["dga_basis"]
+            and not trainer.cfg.checkpoint.reset_mixing_state):
+        raise basis_change_error(where, facts["dga_basis"], mine["dga_basis"])
 
 
 def check_schedule(saved: Dict[str, object], trainer, where: str) -> None:
@@ -422,6 +446,11 @@ def check_common_state(common, trainer, ckpt_dir, iteration: int) -> None:
             fail(f"mixing state is {type(mixing).__name__}, expected a dict", mixing_fix)
         if mixing.get("weights") is not None:
             size = getattr(trainer.mixing, "num_sources", k)
+            saved_basis = data.get("basis_weights") is not None
+            if (isinstance(mixing["weights"], list) and len(mixing["weights"]) != size
+                    and saved_basis != (basis is not None)):  # saved before the job facts recorded --dga-basis
+                raise basis_change_error(str(ckpt_dir), True if saved_basis else None,
+                                         None if basis is None else basis.basis_names)
             vector(mixing["weights"], size, "mixing weights", simplex=True, fix=mixing_fix)
 
 
@@ -492,7 +521,10 @@ def load_job(trainer, load_dir: str) -> int:
     trainer.iteration = int(common["iteration"])
     trainer.consumed_samples = int(common["consumed_samples"])
     trainer.consumed_tokens = int(common["consumed_tokens"])
-    trainer.data.load_state_dict(common["data"])
+    data_state = common["data"]
+    if trainer.cfg.checkpoint.reset_mixing_state:  # its weights (basis weights too) are replaced below
+        data_state = {**data_state, "basis_weights": None}
+    trainer.data.load_state_dict(data_state)
     if trainer.cfg.checkpoint.reset_mixing_state:
         trainer.data.set_weights(trainer.mixing.initial_weights())
     else:
