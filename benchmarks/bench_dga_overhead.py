@@ -92,10 +92,11 @@ class CommCounter:
         self.trainer = trainer
         self.small_bytes = 0
         self.grad_syncs = 0
-        self._all_reduce = trainer.all_reduce
-        self._backward = trainer.backward
-        trainer.all_reduce = self.all_reduce
-        trainer.backward = self.backward
+        view = trainer.view  # what the strategy calls
+        self._all_reduce = view.all_reduce
+        self._backward = view.backward
+        view.all_reduce = self.all_reduce
+        view.backward = self.backward
 
     def all_reduce(self, tensor, group="world"):
         self.small_bytes += tensor.numel() * tensor.element_size()
@@ -121,7 +122,7 @@ def period(trainer, strategy, steps):
         trainer.train_step()
         trainer.iteration += 1
     if strategy is not None:
-        new = strategy.after_step(trainer)  # every period ends on a multiple of T_r: an update
+        new = strategy.after_step(trainer.view)  # every period ends on a multiple of T_r: an update
         if new is not None:
             trainer.data.set_weights(new)
     return time.process_time() - cpu, time.perf_counter() - wall
@@ -135,9 +136,9 @@ def agreement(trainer, exact, fd, updates):
             trainer.train_step()
             trainer.iteration += 1
         state = trainer.data.sampler.state_dict()
-        xs.append(exact.measure_alignments(trainer).alignments)
+        xs.append(exact.measure_alignments(trainer.view).alignments)
         trainer.data.sampler.load_state_dict(state)
-        ys.append(fd.measure_alignments(trainer).alignments)
+        ys.append(fd.measure_alignments(trainer.view).alignments)
     return np.concatenate(xs), np.concatenate(ys)
 
 
@@ -145,12 +146,12 @@ def fd_sweep(trainer, exact, relative_steps):
     from megatron_dga.mixing.fd import fd_alignments
 
     state = trainer.data.sampler.state_dict()
-    ref = exact.measure_alignments(trainer).alignments
+    ref = exact.measure_alignments(trainer.view).alignments
     cfg = trainer.cfg.mixing
     rows = []
     for rel in relative_steps:
         trainer.data.sampler.load_state_dict(state)
-        est = fd_alignments(trainer, list(range(len(ref))), cfg.dga_domain_batch_size, cfg.dga_specific_batch_size,
+        est = fd_alignments(trainer.view, list(range(len(ref))), cfg.dga_domain_batch_size, cfg.dga_specific_batch_size,
                             relative_step=rel).alignments
         rows.append((rel, np.corrcoef(ref, est)[0, 1], np.max(np.abs(est - ref)) / np.max(np.abs(ref))))
     return rows

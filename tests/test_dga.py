@@ -45,7 +45,7 @@ def _train(trainer, steps, apply_weights=True):
     for _ in range(steps):
         trainer.train_step()
         trainer.iteration += 1
-        new = trainer.mixing.after_step(trainer)
+        new = trainer.mixing.after_step(trainer.view)
         if new is not None and apply_weights:
             trainer.data.set_weights(new)
 
@@ -87,16 +87,16 @@ def _layout_run(shards, log_dir, tp, rank, extra=()):
     estimators = (("exact", {}), ("adam", {"dga_preconditioner": "adam"}), ("fd", {"dga_estimator": "fd"}))
     for name, overrides in estimators[:2] if trainer.cfg.model.fp16 else estimators:  # fd: fp32 only
         trainer.data.sampler.load_state_dict(state)  # the same probe samples for every estimator
-        measured = _strategy(trainer, **overrides).measure_alignments(trainer)
+        measured = _strategy(trainer, **overrides).measure_alignments(trainer.view)
         results[name] = measured.alignments
         if name == "exact":
             results["specific_grad_norm"] = measured.specific_grad_norm
     # One DGA update; the weights must be bit-identical on every rank.
     trainer.data.sampler.load_state_dict(state)
-    new = trainer.mixing.after_step(trainer)
+    new = trainer.mixing.after_step(trainer.view)
     # The cross-rank check must catch a one-ulp difference on one rank, on every rank.
     try:
-        check_identical_across_ranks(trainer, np.nextafter(new, 1.0) if rank == 1 else new)
+        check_identical_across_ranks(trainer.view, np.nextafter(new, 1.0) if rank == 1 else new)
         caught = ""
     except NumericalError as exc:
         caught = str(exc)
@@ -219,26 +219,26 @@ def _fd_and_nan(rank, world_size, shards, log_dir):
     for _ in range(3):
         _train(trainer, 10)
         state = trainer.data.sampler.state_dict()
-        out["exact"].append(exact.measure_alignments(trainer).alignments)
+        out["exact"].append(exact.measure_alignments(trainer.view).alignments)
         trainer.data.sampler.load_state_dict(state)
         params = [p.detach().clone() for p in trainer.params]
         rng = torch.get_rng_state()
-        out["fd"].append(fd.measure_alignments(trainer).alignments)
+        out["fd"].append(fd.measure_alignments(trainer.view).alignments)
         after = trainer.data.sampler.state_dict()
         out["untouched"].append(
             all(torch.equal(a, b) for a, b in zip(params, trainer.params))  # restored to the bit
             and torch.equal(rng, torch.get_rng_state())
-            and all(not g.any() for g in trainer.grads())
+            and all(not g.any() for g in trainer.view.grads())
             and all(after[key] == state[key] for key in ("batches_drawn", "consumed", "carry", "weights"))
         )
     # fp32 cancellation sets the lower end of the step range, the O(h^2) term the upper end.
     state = trainer.data.sampler.state_dict()
-    ref = exact.measure_alignments(trainer).alignments
+    ref = exact.measure_alignments(trainer.view).alignments
     k = len(ref)
     out["sweep"] = {}
     for rel in (1e-8, 1e-4, 1e-1):
         trainer.data.sampler.load_state_dict(state)
-        out["sweep"][rel] = (ref, fd_alignments(trainer, list(range(k)), 8, 8, relative_step=rel).alignments)
+        out["sweep"][rel] = (ref, fd_alignments(trainer.view, list(range(k)), 8, 8, relative_step=rel).alignments)
     out["nan"] = _nan_probes(trainer, shards)
     from megatron_dga import platform
 
@@ -254,7 +254,7 @@ def _nan_probes(trainer, shards):
     handler = logging.Handler()
     handler.emit = records.append
     dga_module.logger.addHandler(handler)
-    real_backward, real_forward = trainer.backward, trainer.forward_token_losses
+    real_backward, real_forward = trainer.view.backward, trainer.view.forward_token_losses
     calls = {"n": 0}
 
     def poisoned_backward(target, value):
@@ -263,7 +263,7 @@ def _nan_probes(trainer, shards):
             if sync_grads == (target == "specific"):
                 calls["n"] += 1
                 if target == "specific" or calls["n"] == 2:  # the second domain's gradient
-                    trainer.grads()[3].view(-1)[0] = value
+                    trainer.view.grads()[3].view(-1)[0] = value
             return stats
         return backward
 
@@ -284,12 +284,12 @@ def _nan_probes(trainer, shards):
         before = strategy.weights.copy()
         records.clear()
         calls["n"] = 0
-        setattr(trainer, *patch)
-        skipped = strategy.after_step(trainer)
+        setattr(trainer.view, *patch)
+        skipped = strategy.after_step(trainer.view)
         kept = strategy.weights.copy()
         metrics = strategy.metrics()
-        setattr(trainer, patch[0], real_backward if patch[0] == "backward" else real_forward)
-        recovered = strategy.after_step(trainer)  # the next update, with clean probes, goes through
+        setattr(trainer.view, patch[0], real_backward if patch[0] == "backward" else real_forward)
+        recovered = strategy.after_step(trainer.view)  # the next update, with clean probes, goes through
         results.append({
             "case": name, "returned": skipped, "weights_before": before, "weights_kept": kept,
             "skipped_updates": metrics.get("dga_skipped_updates"),
@@ -351,8 +351,8 @@ def _probes_do_not_change_training(rank, world_size, shards, log_dir):
             run.append(trainer.train_step()[0])
             trainer.iteration += 1
             if probe:
-                trainer.mixing.measure_alignments(trainer)
-                fd.measure_alignments(trainer)
+                trainer.mixing.measure_alignments(trainer.view)
+                fd.measure_alignments(trainer.view)
         losses.append(run)
     from megatron_dga import platform
 

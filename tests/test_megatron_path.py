@@ -135,10 +135,10 @@ def _double_count_run(rank, world_size, argv):
     assert all(isinstance(leaf, FP32Optimizer) for leaf in leaves), [type(x) for x in leaves]
     trainer.train_step()  # megatron's FP32Optimizer.step leaves param.grad = main_grad
     batch = trainer.data.next_train_micro_batches()
-    first = trainer.backward(batch, sync_grads=True)
-    after_step = [g.clone() for g in trainer.grads()]
-    second = trainer.backward(batch, sync_grads=True)
-    again = [g.clone() for g in trainer.grads()]
+    first = trainer.view.backward(batch, sync_grads=True)
+    after_step = [g.clone() for g in trainer.view.grads()]
+    second = trainer.view.backward(batch, sync_grads=True)
+    again = [g.clone() for g in trainer.view.grads()]
     norm_step = trainer.optimizer.step()
     from megatron_dga import platform
 
@@ -193,9 +193,9 @@ def test_distributed_optimizer_and_overlap_give_the_same_alignments(shards, tmp_
 
 def _adam_run(rank, world_size, argv):
     trainer = _trainer(argv)
-    before = trainer.adam_preconditioner()
+    before = trainer.view.adam_preconditioner()
     trainer.train_step()
-    after = trainer.adam_preconditioner()
+    after = trainer.view.adam_preconditioner()
     inner = trainer.optimizer.inner
     leaves = getattr(inner, "chained_optimizers", [inner])
     # megatron's own record of v: its optimizers' torch state, keyed by their main params.

@@ -204,7 +204,7 @@ def test_probe_overflow_check_finds_nan_and_inf_without_a_buffer_sized_temporary
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from megatron_dga.training.trainer import local_grads_not_finite
+    from megatron_dga.training.view import local_grads_not_finite
 
     class Buffer:
         def __init__(self, n):

@@ -77,7 +77,7 @@ def _interleaved(rank, world_size, runs, inits, resume):
         last = trainer.train()
         out[name] = {"final": _named_chunks(trainer), "metrics": _metrics(trainer, log_dir), "last": last,
                      "chunks": _chunk_facts(trainer), "num_params": len(trainer.params),
-                     "counted": sum(trainer.counted())}
+                     "counted": sum(trainer.view.counted())}
     out["resume"] = {}
     for step, argv in resume:
         trainer = _trainer(argv)

@@ -38,7 +38,7 @@ class DomainInfo:
 
 
 class TrainerView(Protocol):
-    """The trainer as a mixing strategy sees it (implemented in training/trainer.py)."""
+    """The trainer as a mixing strategy sees it (implemented in training/view.py)."""
 
     iteration: int
     """Optimizer steps completed so far."""

@@ -31,30 +31,11 @@ from megatron_dga.training.metrics import MetricsLogger, Throughput
 from megatron_dga.training.outputs import prepare_outputs
 from megatron_dga.training.optim import Optimizer, counted_params, ddp_config
 from megatron_dga.rng import capture_rng_state, restore_rng_state
-from megatron_dga.training.step import LossStats, check_interleaved_micro_batches, forward_backward
+from megatron_dga.training.step import check_interleaved_micro_batches, forward_backward
 from megatron_dga.training.stopping import StopConditions
+from megatron_dga.training.view import TrainerView
 
 logger = logging.getLogger(__name__)
-
-PROBE_OVERFLOW_RETRIES = 4
-
-
-def local_grads_not_finite(ddp_chunks, device) -> torch.Tensor:
-    """1.0 when any value in this rank's grad buffers is NaN or +-Inf, else 0.0 (float32, one element).
-
-    One float32 sum per buffer: a NaN or an Inf anywhere makes the sum non-finite (Inf - Inf is NaN),
-    and float32 accumulation cannot overflow on 16-bit gradients. No temporary the size of the buffer
-    (an ``isfinite`` mask would cost 1 byte per parameter per probe: +7 GB on a 7B-parameter shard).
-    """
-    bad = torch.zeros(1, dtype=torch.float32, device=device)
-    for ddp in ddp_chunks:
-        for buffer in ddp.buffers + ddp.expert_parallel_buffers:
-            bad += (~torch.isfinite(buffer.grad_data.sum(dtype=torch.float32))).float()
-    return bad
-"""With --fp16, how often a DGA probe that overflows is redone at half the loss scale (down to 1/16 of
-the training scale: a probe batch whose gradient outgrows the training batches' by more is not
-an overflow)."""
-
 
 class Trainer:
     """Owns the model, optimizer, data and mixing of one job; ``train()`` runs it."""
@@ -89,7 +70,8 @@ class Trainer:
         self.config.grad_scale_func = self.optimizer.scale_loss
         # Every chunk's parameters, each once (chunks hold disjoint layers).
         self.params = [p for ddp in self.ddp_chunks for p in ddp.parameters() if p.requires_grad]
-        self._counted = counted_params(self.params)
+        self.counted_params = counted_params(self.params)  # per parameter: counted on this rank (not a copy)
+        self.view = TrainerView(self)  # what the mixing strategy sees
         self.mixing: MixingStrategy = build_mixing(cfg.mixing, self.data.domain_info)
         if self.mixing.basis is not None:
             self.data.set_basis(self.mixing.basis)
@@ -207,7 +189,7 @@ class Trainer:
             # the step) is the loss read here.
             if sched.check_for_nan_in_loss_and_grad and (grad_norm is None or not math.isfinite(grad_norm)):
                 self._check_finite(float(loss), grad_norm)
-            new_weights = self.mixing.after_step(self)
+            new_weights = self.mixing.after_step(self.view)
             if new_weights is not None:
                 self.data.set_weights(new_weights)
             self._window_losses.append(loss)
@@ -406,83 +388,3 @@ class Trainer:
         if self.ctx.is_logging_rank:
             print(f"loaded the model weights of {load_dir} (iteration {iteration}) to finetune from iteration 0"
                   if self.cfg.checkpoint.finetune else f"resumed from {load_dir} at iteration {iteration}", flush=True)
-
-    # ------------------------------------------------------------------ TrainerView (for mixing strategies)
-
-    def probe_domain(self, domain: int, size: int):
-        return self.data.probe_domain(domain, size)
-
-    def probe_basis(self, basis: int, size: int):
-        return self.data.probe_basis(basis, size)
-
-    def probe_specific(self, size: int):
-        return self.data.probe_specific(size)
-
-    def backward(self, micro_batches, *, sync_grads: bool) -> LossStats:
-        """A probe's gradient in the grad buffers, unscaled (see :meth:`_probe_backward`)."""
-        # With --fp16 the schedule scales the probe's loss by the optimizer's loss scale
-        # (grad_scale_func), as for a training step. Dynamic loss scaling keeps that scale near the
-        # largest the training batches allow, so a probe batch may overflow at it: the probe is then
-        # redone at half the scale (megatron's scaler would halve it too), a few times at most; what
-        # still overflows is a real NaN/Inf, which DGA reports and skips.
-        scale = self.optimizer.loss_scale
-        stats = self._probe_backward(micro_batches, sync_grads, None)
-        for _ in range(PROBE_OVERFLOW_RETRIES):
-            if not (self.cfg.model.fp16 and scale > 1.0 and self._probe_overflowed(sync_grads)):
-                break
-            scale /= 2.0
-            stats = self._probe_backward(micro_batches, sync_grads, scale)
-        # DGA gets true gradients (alignments, norms, the fd direction). A power of two: exact.
-        if scale != 1.0:
-            for ddp in self.ddp_chunks:
-                ddp.scale_gradients(1.0 / scale)
-        return stats
-
-    def _probe_backward(self, micro_batches, sync_grads: bool, scale: Optional[float]) -> LossStats:
-        """Zero the buffers, forward/backward ``micro_batches``; ``scale`` replaces the loss scale."""
-        self.zero_grads()
-        config = self.config
-        if scale is not None:
-            config.grad_scale_func = lambda loss: loss * scale
-        try:
-            # A synchronised probe (the specific gradient g_spe) must be whole on every rank, also
-            # with the distributed optimizer, whose training steps only reduce-scatter.
-            return forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, sync_grads=sync_grads,
-                                    force_all_reduce=sync_grads)
-        finally:
-            config.grad_scale_func = self.optimizer.scale_loss
-
-    def _probe_overflowed(self, sync_grads: bool) -> bool:
-        """Any rank's probe gradient not finite. A local probe (no data-parallel reduction) runs in
-        step with its model-parallel peers only, so only they agree; a synchronised one with all."""
-        bad = local_grads_not_finite(self.ddp_chunks, self.ctx.device)
-        comm.all_reduce(bad, self.groups.by_name("world" if sync_grads else "mp"))
-        return bool(bad.item() > 0)
-
-    def grads(self) -> List[torch.Tensor]:
-        return [p.main_grad for p in self.params]
-
-    def counted(self) -> List[bool]:
-        return self._counted
-
-    def parameters(self) -> List[torch.Tensor]:
-        """The trainable parameters, in grads() order (the finite-difference estimator moves them)."""
-        return self.params
-
-    def forward_token_losses(self, micro_batches) -> List[torch.Tensor]:
-        """Per-token losses (b, s) times the loss mask of each micro-batch: forward only, no grad."""
-        stats = forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, forward_only=True,
-                                 keep_token_losses=True)
-        return stats.token_losses
-
-    def adam_preconditioner(self):
-        moments = self.optimizer.adam_second_moments(self.params)
-        if moments is None:
-            return None
-        return {**moments, "eps": self.cfg.optimizer.adam_eps}
-
-    def all_reduce(self, tensor: torch.Tensor, group: str = "world") -> torch.Tensor:
-        return comm.all_reduce(tensor, self.groups.by_name(group))
-
-    def data_parallel(self):
-        return self.ctx.dp_rank, self.ctx.dp_size
