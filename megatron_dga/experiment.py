@@ -201,6 +201,33 @@ def domain_files(corpus_dir: str) -> Dict[str, str]:
     return files
 
 
+TARGET_LINES_CHECKED = 1000
+"""Lines of each --target-train/--target-eval file checked up front (the tools read them all later)."""
+
+
+def check_target_jsonl(path: str, flag: str) -> None:
+    """DataError naming ``flag`` unless ``path`` is a jsonl file whose first lines are objects with a
+    non-empty "text": checked before the tokenizer is trained and the shards are written, so a wrong
+    file costs a second, not minutes, and is not reported under the runner's internal paths."""
+    from megatron_dga.prep.inputs import iter_jsonl, parse_text
+
+    if not os.path.isfile(path):
+        raise DataError(f"{flag} {path}: no such file; give the target's {flag[9:]} split as jsonl")
+    texts = 0
+    try:
+        for i, (_, lineno, raw) in enumerate(iter_jsonl([path])):
+            if i == TARGET_LINES_CHECKED:
+                break
+            texts += bool(parse_text(raw, ("text",), path, lineno).strip())
+    except DataError as exc:
+        reason = str(exc).replace("; set --json-keys to the field holding the text", "")  # the runner reads "text"
+        raise DataError(f"{flag}: {reason}; give the target's {flag[9:]} split as jsonl, one {{\"text\": ...}} object "
+                        "per line") from None
+    if not texts:
+        raise DataError(f"{flag} {path} holds no document with a non-empty \"text\"; give the target's {flag[9:]} "
+                        "split as jsonl, one {\"text\": ...} object per line")
+
+
 def prepare_jsonl_corpus(corpus_dir: str, target_train: str, target_eval: str, data_dir: str, *,
                          vocab_size: int, seed: int, workers: int) -> ExperimentData:
     """Tokenizer and shards of a ``<domain>.jsonl`` directory and a target's train/eval jsonl.
@@ -211,8 +238,7 @@ def prepare_jsonl_corpus(corpus_dir: str, target_train: str, target_eval: str, d
     """
     files = domain_files(corpus_dir)
     for path, flag in ((target_train, "--target-train"), (target_eval, "--target-eval")):
-        if not os.path.isfile(path):
-            raise DataError(f"{flag} {path}: no such file; give the target's {flag[9:]} split as jsonl")
+        check_target_jsonl(path, flag)
     corpus_dir, data_dir = os.path.abspath(corpus_dir), os.path.abspath(data_dir)
     stamps = os.path.join(data_dir, "stamps")
     os.makedirs(stamps, exist_ok=True)

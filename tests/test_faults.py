@@ -323,3 +323,24 @@ def test_resume_with_dga_basis_added_or_dropped_names_the_flag(shards, tmp_path)
     for message in (added, dropped):
         assert "resume with the checkpoint's --dga-basis, or pass --reset-mixing-state" in message
     assert added_reset is None and dropped_reset is None  # the fix the message names works
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", r"--target-train \S+ holds no document with a non-empty \"text\""),
+    ("plain text, not jsonl\n", r"--target-train: \S+:1: invalid JSON"),
+    ('{"body": "x"}\n', r"--target-train: \S+:1: key 'text' missing \(keys present: \['body'\]\); give the target's"),
+])
+def test_runner_checks_the_target_files_before_any_work(tmp_path, content, message):
+    from megatron_dga import experiment as ex
+    from megatron_dga.errors import DataError
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a", "b"):
+        (corpus / f"{name}.jsonl").write_text('{"text": "some words"}\n')
+    target = tmp_path / "target.jsonl"
+    target.write_text(content)
+    with pytest.raises(DataError, match=message):
+        ex.prepare_jsonl_corpus(str(corpus), str(target), str(corpus / "a.jsonl"), str(tmp_path / "data"),
+                                vocab_size=64, seed=1, workers=1)
+    assert not (tmp_path / "data").exists()  # no tokenizer trained, no shard written
