@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     except DGAError as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"iteration": result["iteration"], "results": result["results"]}, indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the same results
+        print(json.dumps({"iteration": result["iteration"], "results": result["results"]}, indent=1))
     return 0
 
 
