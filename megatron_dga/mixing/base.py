@@ -52,6 +52,12 @@ class TrainerView(Protocol):
     def probe_specific(self, size: int) -> List[Dict[str, torch.Tensor]]:
         """This rank's micro-batches of a probe batch from the specific set."""
 
+    def set_basis(self, basis) -> None:
+        """At setup: sample the fine domains from basis distributions; weights are then over its bases."""
+
+    def check_specific(self, size: int, flag: str) -> None:
+        """At setup: errors unless the specific set exists and ``size`` (set by ``flag``) splits over the ranks."""
+
     def backward(self, micro_batches, *, sync_grads: bool):
         """Zero the grad buffers, then accumulate the mean-loss gradient of micro_batches (LossStats).
         The gradient is the true one: with --fp16 the loss scale is divided out."""
@@ -84,14 +90,18 @@ class MixingStrategy:
     """Base class. Subclasses set ``name`` and override what they need."""
 
     name: str = ""
-    needs_specific_set: bool = False
-    """True for strategies that probe the specific set (the trainer checks it exists up front)."""
 
     def __init__(self, cfg: MixingConfig, domains: DomainInfo):
         self.cfg = cfg
         self.domains = domains
         self.basis = None
         """A weights_io.Basis when the weights are over basis distributions (N) instead of domains (k)."""
+
+    def setup(self, view: TrainerView) -> None:
+        """Called once by the trainer, before the initial weights and any checkpoint load: declare what
+        the strategy needs (``view.check_specific`` for the specific set, ``view.set_basis`` for weights
+        over basis distributions). Nothing by default."""
+        del view
 
     def initial_weights(self) -> np.ndarray:
         raise NotImplementedError
@@ -101,7 +111,17 @@ class MixingStrategy:
         return None
 
     def metrics(self) -> Dict[str, object]:
-        """Values to log at the next log line (e.g. alignments); empty by default."""
+        """Values to log at the next log line (e.g. alignments); empty by default. Their keys are the
+        metrics.jsonl keys; TensorBoard/W&B tags come from mixing/metrics.py."""
+        return {}
+
+    @property
+    def basis_names(self) -> Optional[List[str]]:
+        """Names of the basis distributions the weights are over, or None when they are over the domains."""
+        return None if self.basis is None else list(self.basis.basis_names)
+
+    def list_labels(self) -> Dict[str, List[str]]:
+        """Metric key -> names of its list's entries, for list metrics not over the domains."""
         return {}
 
     def state_dict(self) -> Dict:

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 from megatron_dga.config_checks import refuse_without
 from megatron_dga.errors import ConfigError
+from megatron_dga.mixing.initial import check_initial
 
 DGA_MAX_DIRECT_DOMAINS = 256
 """Most domains --mixing dga probes one by one; beyond, --dga-basis is required (each update probes every domain)."""
@@ -110,11 +111,8 @@ class MixingConfig:
         if "dga_fd_step" in given and estimator != "fd":
             raise ConfigError(f"--dga-fd-step {self.dga_fd_step} acts with --dga-estimator fd only; "
                               "add --dga-estimator fd or drop --dga-fd-step")
-        if self.dga_basis and init not in (None, "uniform"):
-            raise ConfigError(
-                f"--dga-init {init} weighs the K domains, but with --dga-basis {self.dga_basis} DGA "
-                "weighs the N basis distributions (and starts uniform over them); drop --dga-init"
-            )
+        if self.dga_basis and init is not None:
+            check_initial("--dga-init", init, static_given=None, importance_weights=None, basis=self.dga_basis)
         uses_importance = self.mixing == "importance" or (self.mixing == "dga" and init == "importance")
         if self.importance_weights and not uses_importance:
             here = f"--mixing {self.mixing or 'not given'}"
@@ -124,9 +122,9 @@ class MixingConfig:
                 f"--importance-weights {self.importance_weights} is read by --mixing importance and by --mixing dga "
                 f"--dga-init importance only (here {here}): it would be ignored; add one of those or drop it"
             )
-        if uses_importance and not self.importance_weights:
-            what = "--mixing importance" if self.mixing == "importance" else "--dga-init importance"
-            raise ConfigError(f"{what} needs --importance-weights FILE (write it with tools/importance_weights.py)")
+        if uses_importance:
+            check_initial("--mixing" if self.mixing == "importance" else "--dga-init", "importance",
+                          static_given=None, importance_weights=self.importance_weights)
 
     def resolve_data_path_weights(self, weights: Optional[List[float]]) -> None:
         """Settle --mixing and --dga-init against the weights of --data-path (None: plain prefixes).
@@ -161,13 +159,9 @@ class MixingConfig:
         else:
             self.mixing = self.mixing or "natural"
             if self.mixing == "static":
-                raise ConfigError(
-                    "--mixing static needs weights in --data-path (W1 P1 W2 P2 ...); plain prefixes were given. "
-                    "Add weights or use --mixing natural/uniform"
-                )
+                check_initial("--mixing", "static", static_given=False, importance_weights=None)
             if self.mixing == "dga" and self.dga_init == "static":
-                raise ConfigError("--dga-init static needs weights in --data-path (W1 P1 W2 P2 ...); plain prefixes "
-                                  "were given. Add weights or choose another --dga-init")
+                check_initial("--dga-init", "static", static_given=False, importance_weights=None)
         self.dga_init = self.dga_init or "uniform"
 
 

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from megatron_dga import ops
-from megatron_dga.errors import ConfigError, DataError, NumericalError
+from megatron_dga.errors import NumericalError
 from megatron_dga.mixing.alignment import exact_alignments
 from megatron_dga.mixing.base import MixingStrategy, TrainerView, register
 from megatron_dga.mixing.fd import fd_alignments
+from megatron_dga.mixing.initial import initial_weights
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ CHECK_WEIGHTS_ENV = "MEGATRON_DGA_CHECK_WEIGHTS"
 @register("dga")
 class DGA(MixingStrategy):
     """Online reweighting of the domains (or of the basis distributions) by gradient alignment."""
-
-    needs_specific_set = True
 
     def __init__(self, cfg, domains):
         super().__init__(cfg, domains)
@@ -57,6 +56,12 @@ class DGA(MixingStrategy):
         self.skipped_updates = 0
         self._last: Dict[str, object] = {}
 
+    def setup(self, view: TrainerView) -> None:
+        """Probes the specific set; with --dga-basis the sampler draws from the bases."""
+        view.check_specific(self.cfg.dga_specific_batch_size, "--dga-specific-batch-size")
+        if self.basis is not None:
+            view.set_basis(self.basis)
+
     # ------------------------------------------------------------------ weights
 
     def initial_weights(self) -> np.ndarray:
@@ -64,31 +69,9 @@ class DGA(MixingStrategy):
         return self.weights.copy()
 
     def _init_weights(self) -> np.ndarray:
-        init = self.cfg.dga_init
-        n = self.num_sources
-        if init == "uniform":
-            return np.full(n, 1.0 / n)
-        if self.basis is not None:
-            raise ConfigError(f"--dga-init {init!r} is not defined over basis distributions; use uniform with --dga-basis")
-        if init == "natural":
-            tokens = np.asarray(self.domains.num_tokens, dtype=np.float64)
-            return tokens / tokens.sum()
-        if init == "static":  # the weights of --data-path W1 P1 ... (PretrainConfig's default then)
-            if self.domains.static_weights is None:
-                raise ConfigError("--dga-init static needs weights in --data-path (W1 P1 W2 P2 ...); plain "
-                                  "prefixes were given. Add weights or choose another --dga-init")
-            return np.asarray(self.domains.static_weights, dtype=np.float64)
-        from megatron_dga.mixing.weights_io import load_weights
-
-        path = self.cfg.importance_weights if init == "importance" else init
-        if not path:
-            raise ConfigError("--dga-init importance needs --importance-weights FILE")
-        try:
-            return load_weights(path, expected_domains=self.domains.names)
-        except DataError as exc:
-            if init != "importance" and "not found" in str(exc).lower():
-                raise ConfigError(f"--dga-init must be uniform, natural, static, importance or a weights file; {exc}") from None
-            raise
+        cfg = self.cfg
+        return initial_weights("--dga-init", cfg.dga_init, self.domains, importance_weights=cfg.importance_weights,
+                               basis=cfg.dga_basis, num_bases=self.num_sources)
 
     def after_step(self, view: TrainerView) -> Optional[np.ndarray]:
         if view.iteration % self.cfg.dga_interval != 0:
@@ -131,6 +114,11 @@ class DGA(MixingStrategy):
         return exact_alignments(*args, probe_fn=probe_fn)
 
     # ------------------------------------------------------------------ logging and state
+
+    def list_labels(self) -> Dict[str, List[str]]:
+        """With --dga-basis the per-update lists run over the N bases, not the K domains."""
+        names = self.basis_names
+        return {} if names is None else {key: names for key in ("alignments", "domain_grad_norms", "basis_weights")}
 
     def metrics(self) -> Dict[str, object]:
         out, self._last = self._last, {}

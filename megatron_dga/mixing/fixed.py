@@ -3,49 +3,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from megatron_dga.errors import ConfigError
 from megatron_dga.mixing.base import MixingStrategy, register
+from megatron_dga.mixing.initial import initial_weights
+
+
+class _Fixed(MixingStrategy):
+    """The weights of --mixing NAME (mixing/initial.py), kept for the whole run."""
+
+    def initial_weights(self) -> np.ndarray:
+        return initial_weights("--mixing", self.name, self.domains, importance_weights=self.cfg.importance_weights)
 
 
 @register("uniform")
-class Uniform(MixingStrategy):
+class Uniform(_Fixed):
     """Every domain equally often."""
-
-    def initial_weights(self) -> np.ndarray:
-        return np.full(self.domains.k, 1.0 / self.domains.k)
 
 
 @register("natural")
-class Natural(MixingStrategy):
+class Natural(_Fixed):
     """Proportional to domain size in tokens (what concatenating the shards would give)."""
-
-    def initial_weights(self) -> np.ndarray:
-        tokens = np.asarray(self.domains.num_tokens, dtype=np.float64)
-        return tokens / tokens.sum()
 
 
 @register("static")
-class Static(MixingStrategy):
+class Static(_Fixed):
     """The weights given in --data-path W1 P1 W2 P2 ..."""
-
-    def initial_weights(self) -> np.ndarray:
-        if self.domains.static_weights is None:
-            raise ConfigError(
-                "--mixing static needs weights in --data-path (W1 P1 W2 P2 ...); "
-                "plain prefixes were given. Add weights or use --mixing natural/uniform"
-            )
-        return np.asarray(self.domains.static_weights, dtype=np.float64)
 
 
 @register("importance")
-class Importance(MixingStrategy):
+class Importance(_Fixed):
     """CRISP-style importance sampling: the histogram file of tools/importance_weights.py."""
-
-    def initial_weights(self) -> np.ndarray:
-        from megatron_dga.mixing.weights_io import load_weights
-
-        if not self.cfg.importance_weights:
-            raise ConfigError(
-                "--mixing importance needs --importance-weights FILE (write it with tools/importance_weights.py)"
-            )
-        return load_weights(self.cfg.importance_weights, expected_domains=self.domains.names)

@@ -320,18 +320,19 @@ class DataPipeline:
     def probe_basis(self, basis: int, size: int):
         return self._rank_share(self.sampler.probe_batch_from_basis(basis, size))
 
-    def check_specific(self, size: int) -> None:
-        """Errors, before training starts, for a strategy that probes the specific set."""
+    def check_specific(self, size: int, flag: str) -> None:
+        """Errors, before training starts, for a strategy that probes the specific set in batches of ``size``
+        (set by ``flag``)."""
         if self.specific_id is None:
             raise ConfigError("this mixing strategy needs the specific set: pass --specific-data-path PREFIX")
         if size % self.ctx.dp_size:
             raise ConfigError(
-                f"--dga-specific-batch-size {size} must be divisible by the data-parallel size {self.ctx.dp_size} "
+                f"{flag} {size} must be divisible by the data-parallel size {self.ctx.dp_size} "
                 "(the specific gradient is averaged over ranks like a training batch)"
             )
 
     def probe_specific(self, size: int):
-        self.check_specific(size)
+        self.check_specific(size, "the specific probe size")
         return self._rank_share(self.sampler.probe_batch(self.specific_id, size))
 
     def _eval_rows(self, source: int, iters: int) -> np.ndarray:

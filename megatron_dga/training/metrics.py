@@ -65,6 +65,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TextIO
 
 from megatron_dga.errors import ConfigError, DataError, OutputError
 from megatron_dga.fileio import atomic_write_text, output_error
+from megatron_dga.mixing.metrics import TENSORBOARD_TAGS as MIXING_TAGS
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +87,7 @@ TENSORBOARD_TAGS: Mapping[str, str] = {
     "loss_scale": "train/loss_scale",
     "skipped_iterations": "train/skipped_iterations",
     "domain_train_loss": "train/domain_loss",
-    "domain_weights": "mixing/weight",
-    "domain_alignment": "mixing/alignment",
-    "alignments": "mixing/alignment",
-    "domain_grad_norms": "mixing/grad_norm",
-    "specific_grad_norm": "mixing/specific_grad_norm",
-    "basis_weights": "mixing/basis_weight",
-    "dga_update": "mixing/updates",
-    "dga_skipped_updates": "mixing/skipped_updates",
-    "dga_fd_step": "mixing/fd_step",
+    **MIXING_TAGS,  # the mixing strategies' keys (mixing/metrics.py)
     "domain_epochs": "data/epochs",
     "domain_samples": "data/samples",
     "specific_eval_loss": "eval/specific_loss",

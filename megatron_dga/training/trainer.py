@@ -73,10 +73,7 @@ class Trainer:
         self.counted_params = counted_params(self.params)  # per parameter: counted on this rank (not a copy)
         self.view = TrainerView(self)  # what the mixing strategy sees
         self.mixing: MixingStrategy = build_mixing(cfg.mixing, self.data.domain_info)
-        if self.mixing.basis is not None:
-            self.data.set_basis(self.mixing.basis)
-        if self.mixing.needs_specific_set:
-            self.data.check_specific(cfg.mixing.dga_specific_batch_size)
+        self.mixing.setup(self.view)
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
@@ -138,10 +135,7 @@ class Trainer:
                 list_labels={
                     # With a hierarchical --domain-map the eval losses are per top-level cluster.
                     "domain_eval_loss": list(self.data.eval_names or []),
-                    # With --dga-basis the per-update lists run over the N bases, not the K domains.
-                    **({} if self.mixing.basis is None else {
-                        key: list(self.mixing.basis.basis_names)
-                        for key in ("alignments", "domain_grad_norms", "basis_weights")}),
+                    **self.mixing.list_labels(),  # e.g. with --dga-basis, DGA's lists run over the bases
                 },
                 wandb_init=wandb_init,
                 list_limit=cfg.logging.log_domains_limit,  # longer per-domain lists are summarised
@@ -162,7 +156,7 @@ class Trainer:
         """run_info.json beside metrics.jsonl: the names behind list metrics, and the config."""
         info = {
             "domains": self.data.domain_info.names,
-            "basis_names": None if self.mixing.basis is None else list(self.mixing.basis.basis_names),
+            "basis_names": self.mixing.basis_names,
             "world": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size,
                       "vp": self.ctx.vp_size},
             "config": dataclasses.asdict(self.cfg),

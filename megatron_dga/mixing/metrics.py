@@ -1,0 +1,20 @@
+"""TensorBoard/W&B tags of the mixing metrics; training/metrics.py merges them into its one table.
+
+A strategy's ``metrics()`` returns its metrics.jsonl keys; a key listed here gets this tag (a scalar)
+or tag prefix (a list, one tag per domain or basis); an unlisted one gets ``train/<key>``.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+TENSORBOARD_TAGS: Mapping[str, str] = {
+    "domain_weights": "mixing/weight",
+    "domain_alignment": "mixing/alignment",
+    "alignments": "mixing/alignment",
+    "domain_grad_norms": "mixing/grad_norm",
+    "specific_grad_norm": "mixing/specific_grad_norm",
+    "basis_weights": "mixing/basis_weight",
+    "dga_update": "mixing/updates",
+    "dga_skipped_updates": "mixing/skipped_updates",
+    "dga_fd_step": "mixing/fd_step",
+}
