@@ -10,6 +10,8 @@ arguments come from the same helpers the production code calls wherever possible
 import ast
 import inspect
 import pathlib
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -184,6 +186,49 @@ def test_every_collective_goes_through_the_comm_module():
                 if isinstance(node.value, ast.Name) and node.value.id == "torch":
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
     assert offenders == []
+
+
+# mixing/export.py reads a finished run's logs (metrics.jsonl, run_info.json) with training/metrics.py's reader,
+# imported inside read_run(); the algorithm modules themselves never import training/.
+TRAINING_READERS = {"mixing/export.py"}
+
+
+def _imported_modules(path: pathlib.Path, node) -> list:
+    """The absolute module names an import statement of ``path`` may load (relative imports resolved)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        package = ["megatron_dga", *path.parent.relative_to(PACKAGE).parts]
+        base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+    return [base] + [f"{base}.{a.name}" for a in node.names]
+
+
+def test_mixing_and_data_never_import_training():
+    """mixing/ and data/ stand on their own: the trainer imports them, never the other way round."""
+    offenders = []
+    for sub in ("mixing", "data"):
+        for path in (PACKAGE / sub).rglob("*.py"):
+            name = path.relative_to(PACKAGE).as_posix()
+            if name in TRAINING_READERS:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                names = _imported_modules(path, node)
+                if any(n == "megatron_dga.training" or n.startswith("megatron_dga.training.") for n in names):
+                    offenders.append(f"{name}:{node.lineno}")
+    assert offenders == []
+
+
+def test_importing_the_mixing_strategies_loads_neither_training_nor_megatron():
+    """The algorithm (strategies, their config, the alignment estimators) imports without the trainer or megatron."""
+    code = ("import sys; import megatron_dga.mixing.base, megatron_dga.mixing.config, megatron_dga.mixing.dga, "
+            "megatron_dga.mixing.fixed; print(sorted(m for m in sys.modules "
+            "if m.split('.')[0] == 'megatron' or m.startswith('megatron_dga.training')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
 
 
 def test_virtual_pipeline_calls_bind():
