@@ -276,3 +276,16 @@ def test_weight_index_paths_stay_inside_the_model_directory(tmp_path, file):
     (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": file}}))
     with pytest.raises(DataError, match=f"maps 'lm_head.weight' to '{file}', not a file inside"):
         HFWeights(hf)
+
+
+def test_finite_check_skips_adam_step_counters_but_not_states():
+    """The distributed optimizer's load hands back this rank's 'step' placeholders (uninitialised memory;
+    the step is restored from the param groups after): never reported; a NaN moment always is."""
+    import torch
+
+    from megatron_dga.training.checkpoint import check_finite
+
+    state = {"optimizer": {"param_state": {0: {"step": torch.tensor(float("nan")), "exp_avg": torch.zeros(3)}}}}
+    assert check_finite(state, "ckpt", "fix") is None
+    state["optimizer"]["param_state"][0]["exp_avg_sq"] = torch.tensor([1.0, float("inf")])
+    assert "exp_avg_sq" in check_finite(state, "ckpt", "fix")

@@ -800,7 +800,11 @@ def check_finite(state: Any, where: str, fallback: str) -> Optional[str]:
                 bad.append(path)
         elif isinstance(obj, dict):
             for key, value in obj.items():
-                walk(value, f"{path}[{key!r}]" if path else str(key))
+                # Adam's per-parameter 'step' is a counter, not loaded data: the distributed optimizer's format
+                # saves it in the param groups and hands back this rank's placeholder (uninitialised memory),
+                # which optim._repair_torch_adam_steps overwrites after the load.
+                if key != "step":
+                    walk(value, f"{path}[{key!r}]" if path else str(key))
         elif isinstance(obj, (list, tuple)):
             for i, value in enumerate(obj):
                 walk(value, f"{path}[{i}]")
