@@ -47,10 +47,14 @@ WORKER_ENV = {"CUDA_VISIBLE_DEVICES": ""}
 """Set in the environment the spawned ranks start with (inherited at ``Process.start``)."""
 
 
+REPORT_TIMEOUT = 1200.0
+"""Longest wait for a rank's result (the suite's per-test limit, pytest-timeout's 600 s, comes first)."""
+
+
 def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 300.0):
     """Run fn(rank, world_size, *args) on world_size spawned ranks; return the results by rank."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
@@ -69,7 +73,13 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
                 os.environ[k] = v
     results, errors = {}, []
     for _ in range(world_size):
-        rank, ok, value = queue.get()
+        try:  # never wait forever: a rank that died before reporting (or hangs) fails the test
+            rank, ok, value = queue.get(timeout=REPORT_TIMEOUT)
+        except Exception:  # noqa: BLE001 - queue.Empty
+            missing = sorted(set(range(world_size)) - set(results))
+            errors.append(f"ranks {missing} reported nothing within {REPORT_TIMEOUT:.0f} s (died or hung); exit codes "
+                          f"{[p.exitcode for p in procs]}")
+            break
         if ok:
             results[rank] = value
         else:
