@@ -278,14 +278,21 @@ def test_weight_index_paths_stay_inside_the_model_directory(tmp_path, file):
         HFWeights(hf)
 
 
-def test_finite_check_skips_adam_step_counters_but_not_states():
+def test_finite_check_skips_uninitialised_placeholders_but_not_states():
     """The distributed optimizer's load hands back this rank's 'step' placeholders (uninitialised memory;
-    the step is restored from the param groups after): never reported; a NaN moment always is."""
+    the step is restored from the param groups after), and its dp_reshardable buckets save and load the
+    torch.empty padding between parameters: neither is ever reported; a NaN moment always is."""
     import torch
 
     from megatron_dga.training.checkpoint import check_finite
 
     state = {"optimizer": {"param_state": {0: {"step": torch.tensor(float("nan")), "exp_avg": torch.zeros(3)}}}}
     assert check_finite(state, "ckpt", "fix") is None
+    pad = {"exp_avg": torch.tensor([float("nan")]), "exp_avg_sq": torch.tensor([float("inf")]), "padding": True}
+    state["optimizer"]["param_state"][1] = [pad, {"exp_avg": torch.zeros(2), "padding": False}]
+    assert check_finite(state, "ckpt", "fix") is None
+    state["optimizer"]["param_state"][1][1]["exp_avg"][0] = float("nan")
+    assert "param_state'][1][1]['exp_avg']" in check_finite(state, "ckpt", "fix")
+    state["optimizer"]["param_state"][1][1]["exp_avg"][0] = 0.0
     state["optimizer"]["param_state"][0]["exp_avg_sq"] = torch.tensor([1.0, float("inf")])
     assert "exp_avg_sq" in check_finite(state, "ckpt", "fix")

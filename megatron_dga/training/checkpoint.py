@@ -799,6 +799,11 @@ def check_finite(state: Any, where: str, fallback: str) -> Optional[str]:
             if (obj.is_floating_point() or obj.is_complex()) and obj.numel() and not bool(torch.isfinite(obj).all()):
                 bad.append(path)
         elif isinstance(obj, dict):
+            if obj.get("padding") is True:
+                # The distributed optimizer's dp_reshardable format fills the gaps between parameters in a
+                # bucket with torch.empty padding entries ({'exp_avg': ..., 'padding': True}) and saves them
+                # as they are: uninitialised memory, any bit pattern, never read by the optimizer.
+                return
             for key, value in obj.items():
                 # Adam's per-parameter 'step' is a counter, not loaded data: the distributed optimizer's format
                 # saves it in the param groups and hands back this rank's placeholder (uninitialised memory),
