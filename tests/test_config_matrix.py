@@ -8,10 +8,13 @@ The factors (each a flag set a production launch combines):
     estimator  exact | fd              (fd with --bf16 is refused at start-up: not a combination)
 
 Every layout keeps DP=2 or more: the distributed optimizer and the overlapped reduction only act
-across data-parallel ranks. The full product is 60 valid runs; CI runs the 20 rows of a pairwise
-covering array (row (layout i, optimizer j) takes the (precision, estimator) pair number
-(i + j) mod 3): every pair of values of any two factors appears in some row, and every
-layout x optimizer pair in exactly one. Each row is compared with the one-process run of
+across data-parallel ranks. The full product is 60 valid runs. ``MEGATRON_DGA_FULL_MATRIX=1``
+runs the 20 rows of a pairwise covering array (row (layout i, optimizer j) takes the
+(precision, estimator) pair number (i + j) mod 3): every pair of values of any two factors
+appears in some row, and every layout x optimizer pair in exactly one. CI runs 9 rows
+(:data:`CI_ROWS`, ~14 s each on 2 cores): every layout with an overlapped distributed
+optimizer in fp32 (where a wrong reduction shows), every value of every factor, fd with the
+overlapped optimizers under pipelining. Each row is compared with the one-process run of
 its precision and estimator, from the same initial weights (loaded by global parameter name):
 the alignments and ||g_spe|| of both DGA updates, the training losses and the new weights.
 
@@ -54,20 +57,47 @@ PRECISION_ESTIMATOR = [("fp32", "exact"), ("fp32", "fd"), ("bf16", "exact")]
 PRECISIONS = {"fp32": [], "bf16": ["--bf16"]}
 
 
-def rows():
+def pairwise_rows():
     """The pairwise covering array: (layout, optimizer, precision, estimator), 20 rows."""
     return [(layout, opt, *PRECISION_ESTIMATOR[(i + j) % 3])
             for i, layout in enumerate(LAYOUTS) for j, opt in enumerate(OPTIMIZERS)]
 
 
-def test_the_rows_cover_every_pair():
+CI_ROWS = [
+    ("dp4", "plain", "bf16", "exact"),
+    ("dp4", "distopt_overlap_both", "fp32", "fd"),
+    ("tp2_dp2", "distopt_overlap_grad", "fp32", "exact"),
+    ("tp2_sp_dp2", "distopt_overlap_both", "fp32", "exact"),
+    ("tp2_sp_dp2", "distopt", "bf16", "exact"),
+    ("pp2_dp2", "distopt_overlap_grad", "fp32", "fd"),
+    ("pp2_dp2", "distopt_overlap_both", "bf16", "exact"),
+    ("vpp2_dp2", "distopt_overlap_both", "fp32", "exact"),
+    ("vpp2_dp2", "distopt_overlap_grad", "fp32", "fd"),
+]
+"""The rows CI runs (see the module docstring); all of :func:`pairwise_rows` with MEGATRON_DGA_FULL_MATRIX=1."""
+
+
+def rows():
+    return pairwise_rows() if os.environ.get("MEGATRON_DGA_FULL_MATRIX") == "1" else CI_ROWS
+
+
+def test_the_pairwise_rows_cover_every_pair():
     from itertools import combinations
 
-    table = rows()
+    table = pairwise_rows()
     values = [list(LAYOUTS), list(OPTIMIZERS), ["fp32", "bf16"], ["exact", "fd"]]
     for a, b in combinations(range(4), 2):
         expected = {(x, y) for x in values[a] for y in values[b]} - {("bf16", "fd")}
         assert {(r[a], r[b]) for r in table} == expected, (a, b)
+
+
+def test_the_ci_rows_cover_every_value_and_every_layout_overlapped_in_fp32():
+    assert len(set(CI_ROWS)) == len(CI_ROWS) and all(row[2:] in PRECISION_ESTIMATOR for row in CI_ROWS)
+    for i, values in enumerate([LAYOUTS, OPTIMIZERS, PRECISIONS, ["exact", "fd"]]):
+        assert {row[i] for row in CI_ROWS} == set(values), i
+    for layout in LAYOUTS:
+        assert any(r[0] == layout and r[1].startswith("distopt_overlap") and r[2] == "fp32" for r in CI_ROWS), layout
+    assert {r[0] for r in CI_ROWS if r[3] == "fd" and r[1].startswith("distopt_overlap")} >= {"pp2_dp2", "vpp2_dp2"}
 
 
 def _argv(shards, log_dir, extra):
