@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.dist_utils import run_distributed
+from tests.gradient_oracle import Float64GPT, gathered
 from tests.synthetic import NULL_TOKENIZER_ARGS, write_domains
 
 MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
@@ -61,22 +61,11 @@ def _strategy(trainer, **overrides):
 # ----------------------------------------------------------------------------- (a) DP=2 / TP=2 / fp16 vs float64
 
 
-def _full(param, tensor, tp_size):
-    """A TP-split tensor gathered along its partition dim; replicated tensors as they are."""
-    from megatron.core import parallel_state
-
-    if tp_size == 1 or not getattr(param, "tensor_model_parallel", False):
-        return tensor.detach().double().numpy().copy()
-    parts = [torch.empty_like(tensor) for _ in range(tp_size)]
-    torch.distributed.all_gather(parts, tensor.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=param.partition_dim).double().numpy()
-
-
 def _layout_run(shards, log_dir, tp, rank, extra=()):
     """Two steps, then exact (plain and Adam) and fd alignments on one probe state, a DGA update,
     and everything a one-process float64 reference needs to recompute them."""
     from megatron_dga.errors import NumericalError
-    from megatron_dga.mixing.dga import check_identical_across_ranks
+    from megatron_dga.mixing.base import check_identical_across_ranks
 
     trainer = _trainer(_argv(shards, log_dir, ["--tensor-model-parallel-size", str(tp), "--dga-interval", "1",
                                                "--dga-domain-batch-size", "4", "--dga-specific-batch-size", "4",
@@ -106,8 +95,8 @@ def _layout_run(shards, log_dir, tp, rank, extra=()):
     out = {
         "alignments": results, "weights_bytes": new.tobytes(), "caught": caught,
         "tp_duplicates": [n for n, p in named if not getattr(p, "tensor_model_parallel", False)],
-        "params": {n: _full(p, p, tp) for n, p in named},
-        "exp_avg_sq": {n: _full(p, v[id(p)], tp) for n, p in named},
+        "params": {n: gathered(p, p, tp) for n, p in named},
+        "exp_avg_sq": {n: gathered(p, v[id(p)], tp) for n, p in named},
         "bias_correction2": moments["bias_correction2"], "eps": trainer.cfg.optimizer.adam_eps,
         "model": trainer.cfg.model,
     }
@@ -122,36 +111,19 @@ def _layout_run(shards, log_dir, tp, rank, extra=()):
 
 def _reference(run):
     """<g_i, g_spe> and <g_i, P g_spe> in float64, from the gathered weights and the full probe batches."""
-    from megatron_dga.model import build_gpt_model, causal_attention_mask
-
-    model = build_gpt_model(dataclasses.replace(run["model"], fp16=False), 1, 1)  # then float64
-    params = dict(model.named_parameters())
-    assert sorted(params) == sorted(run["params"])
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(torch.from_numpy(run["params"][n]))
-    model.double()
-    names = sorted(params)
-
-    def grad(batch):
-        batch = {key: torch.from_numpy(value) for key, value in batch.items()}
-        assert bool((batch["loss_mask"] == 1).all())  # so every rank/micro-batch split averages alike
-        mask = causal_attention_mask(batch["tokens"].shape[1], "cpu")
-        logits = model(batch["tokens"], batch["position_ids"], mask)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
-        return dict(zip(names, torch.autograd.grad(loss, [params[n] for n in names])))
-
-    g_spe = grad(run["specific"])
-    domain_grads = [grad(b) for b in run["domains"]]
-    ones = {n: torch.ones((), dtype=torch.float64) for n in names}
+    gpt = Float64GPT(run["model"], run["params"])
+    names = gpt.names
+    g_spe = gpt.grad(run["specific"])
+    domain_grads = [gpt.grad(b) for b in run["domains"]]
     adam = {n: 1.0 / (torch.from_numpy(run["exp_avg_sq"][n] / run["bias_correction2"]).sqrt() + run["eps"])
             for n in names}
 
-    def dots(which, precond):
-        return np.array([sum(float((g[n] * g_spe[n] * precond[n]).sum()) for n in which) for g in domain_grads])
+    def dots(which, precond=None):
+        return np.array([sum(float((g[n] * g_spe[n] * (1.0 if precond is None else precond[n])).sum()) for n in which)
+                         for g in domain_grads])
 
-    return {"exact": dots(names, ones), "adam": dots(names, adam), "per_param": {n: dots([n], ones) for n in names},
-            "specific_grad_norm": float(np.sqrt(sum(float((g_spe[n] ** 2).sum()) for n in names)))}
+    return {"exact": dots(names), "adam": dots(names, adam), "per_param": {n: dots([n]) for n in names},
+            "specific_grad_norm": float(np.sqrt(gpt.dot(g_spe, g_spe)))}
 
 
 def _alignment_layouts(rank, world_size, shards, tmp):

@@ -9,13 +9,14 @@ loop, so a new strategy never touches the trainer.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Type
 
 import numpy as np
 import torch
 
-from megatron_dga.errors import ConfigError
+from megatron_dga.errors import ConfigError, NumericalError
 from megatron_dga.mixing.config import MixingConfig
 
 
@@ -42,6 +43,16 @@ class TrainerView(Protocol):
 
     iteration: int
     """Optimizer steps completed so far."""
+
+    global_batch_size: int
+    """Sequences per training step over all data-parallel ranks."""
+
+    def track_domain_losses(self) -> None:
+        """At setup: every training step also sums its token losses per domain (for step_domain_losses)."""
+
+    def step_domain_losses(self) -> torch.Tensor:
+        """After a step: (2, k) float64 on the device, per domain the token-loss sum and token count of the
+        last training step over all ranks; identical on every rank (one all-reduce of 2k values)."""
 
     def probe_domain(self, domain: int, size: int) -> List[Dict[str, torch.Tensor]]:
         """This rank's micro-batches of a fixed-size probe batch from one domain."""
@@ -131,6 +142,40 @@ class MixingStrategy:
         del state
 
 
+CHECK_WEIGHTS_ENV = "MEGATRON_DGA_CHECK_WEIGHTS"
+"""Set to 0 to skip the cross-rank bit-identity check of new weights."""
+
+
+def check_identical_across_ranks(view: TrainerView, weights: np.ndarray) -> None:
+    """Raise NumericalError unless ``weights`` are bit-identical on every rank (every online strategy's
+    new weights; set MEGATRON_DGA_CHECK_WEIGHTS=0 to skip it).
+
+    Each float64 is split into its 8 bytes, held exactly as small integers in float64;
+    one all-reduce sums n, x and x^2 per byte over the ranks. With integer sums exact
+    (< 2^53 up to ~370k ranks), n * sum(x^2) == sum(x)^2 holds iff every rank holds the
+    same byte (Cauchy-Schwarz), whatever order the all-reduce adds in.
+    """
+    if os.environ.get(CHECK_WEIGHTS_ENV, "1") == "0":
+        return
+    bits = np.ascontiguousarray(weights, dtype=np.float64).view(np.uint64)
+    shifts = np.arange(0, 64, 8, dtype=np.uint64)
+    chunks = ((bits[None, :] >> shifts[:, None]) & np.uint64(0xFF)).astype(np.float64).ravel()
+    t = torch.from_numpy(np.concatenate([[1.0], chunks, chunks * chunks]))
+    if view.grads():
+        t = t.to(view.grads()[0].device)
+    view.all_reduce(t, group="world")
+    t = t.cpu().numpy()
+    n, s1, s2 = t[0], t[1:1 + chunks.size], t[1 + chunks.size:]
+    differ = np.flatnonzero((n * s2 != s1 * s1).reshape(8, -1).any(axis=0))
+    if differ.size:
+        raise NumericalError(
+            f"mixing weights differ between ranks for domain indices {differ[:10].tolist()} (this rank: "
+            f"{weights[differ[:10]].tolist()}): the ranks would sample different mixtures. The updates "
+            "come from all-reduced values, so look for non-deterministic collectives or ranks that loaded "
+            f"different checkpoints; {CHECK_WEIGHTS_ENV}=0 disables this check"
+        )
+
+
 _REGISTRY: Dict[str, Type[MixingStrategy]] = {}
 
 
@@ -151,6 +196,8 @@ def build_mixing(cfg: MixingConfig, domains: DomainInfo) -> MixingStrategy:
     """The strategy named by --mixing."""
     import megatron_dga.mixing.dga  # noqa: F401 - registers the built-in strategies
     import megatron_dga.mixing.fixed  # noqa: F401
+    import megatron_dga.mixing.odm  # noqa: F401
+    import megatron_dga.mixing.pike  # noqa: F401
 
     try:
         cls = _REGISTRY[cfg.mixing]

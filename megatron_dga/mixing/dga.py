@@ -15,13 +15,12 @@ and keep the weights (a probe hit a NaN/Inf gradient).
 Estimators (--dga-estimator): "exact" back-propagates every probe (mixing/alignment.py);
 "fd" takes central differences of the probe losses along g_spe, two forward passes in
 all (mixing/fd.py). Every rank computes the same alignments from one all-reduce, so the
-weights must come out bit-identical everywhere; after each update that is checked with
-one all-reduce of 16k + 1 doubles (set MEGATRON_DGA_CHECK_WEIGHTS=0 to skip it).
+weights must come out bit-identical everywhere; after each update that is checked
+(``mixing.base.check_identical_across_ranks``).
 """
 from __future__ import annotations
 
 import logging
-import os
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -30,15 +29,11 @@ import torch
 from megatron_dga import ops
 from megatron_dga.errors import NumericalError
 from megatron_dga.mixing.alignment import exact_alignments
-from megatron_dga.mixing.base import MixingStrategy, TrainerView, register
+from megatron_dga.mixing.base import MixingStrategy, TrainerView, check_identical_across_ranks, register
 from megatron_dga.mixing.fd import fd_alignments
 from megatron_dga.mixing.initial import initial_weights
 
 logger = logging.getLogger(__name__)
-
-CHECK_WEIGHTS_ENV = "MEGATRON_DGA_CHECK_WEIGHTS"
-"""Set to 0 to skip the cross-rank bit-identity check of the new weights."""
-
 
 @register("dga")
 class DGA(MixingStrategy):
@@ -98,8 +93,7 @@ class DGA(MixingStrategy):
             logger.warning("DGA update at iteration %d skipped, weights kept: %s", view.iteration, exc)
             self._last["dga_skipped_updates"] = self.skipped_updates
             return None
-        if os.environ.get(CHECK_WEIGHTS_ENV, "1") != "0":
-            check_identical_across_ranks(view, new)
+        check_identical_across_ranks(view, new)
         self.updates += 1
         self.weights = new
         return new.copy()
@@ -137,30 +131,3 @@ class DGA(MixingStrategy):
         self.weights = None if state.get("weights") is None else np.asarray(state["weights"], dtype=np.float64)
         self.updates = int(state.get("updates", 0))
         self.skipped_updates = int(state.get("skipped_updates", 0))
-
-
-def check_identical_across_ranks(view: TrainerView, weights: np.ndarray) -> None:
-    """Raise NumericalError unless ``weights`` are bit-identical on every rank.
-
-    Each float64 is split into its 8 bytes, held exactly as small integers in float64;
-    one all-reduce sums n, x and x^2 per byte over the ranks. With integer sums exact
-    (< 2^53 up to ~370k ranks), n * sum(x^2) == sum(x)^2 holds iff every rank holds the
-    same byte (Cauchy-Schwarz), whatever order the all-reduce adds in.
-    """
-    bits = np.ascontiguousarray(weights, dtype=np.float64).view(np.uint64)
-    shifts = np.arange(0, 64, 8, dtype=np.uint64)
-    chunks = ((bits[None, :] >> shifts[:, None]) & np.uint64(0xFF)).astype(np.float64).ravel()
-    t = torch.from_numpy(np.concatenate([[1.0], chunks, chunks * chunks]))
-    if view.grads():
-        t = t.to(view.grads()[0].device)
-    view.all_reduce(t, group="world")
-    t = t.cpu().numpy()
-    n, s1, s2 = t[0], t[1:1 + chunks.size], t[1 + chunks.size:]
-    differ = np.flatnonzero((n * s2 != s1 * s1).reshape(8, -1).any(axis=0))
-    if differ.size:
-        raise NumericalError(
-            f"DGA weights differ between ranks for domain indices {differ[:10].tolist()} (this rank: "
-            f"{weights[differ[:10]].tolist()}): the ranks would sample different mixtures. The alignments "
-            "come from one all-reduce, so look for non-deterministic collectives or ranks that loaded "
-            f"different checkpoints; {CHECK_WEIGHTS_ENV}=0 disables this check"
-        )

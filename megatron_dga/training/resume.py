@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Optional
 
-from megatron_dga.errors import ConfigError
+from megatron_dga.errors import CheckpointError, ConfigError
 from megatron_dga.training import checkpoint as ckpt
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 
@@ -393,7 +393,6 @@ def check_common_state(common, trainer, ckpt_dir, iteration: int) -> None:
     """
     import numpy as np
 
-    from megatron_dga.errors import CheckpointError
     from megatron_dga.mixing.weights_io import check_simplex
 
     where, earlier = f"checkpoint {ckpt_dir}", "resume from an earlier checkpoint with --ckpt-step N"
@@ -528,7 +527,11 @@ def load_job(trainer, load_dir: str) -> int:
     if trainer.cfg.checkpoint.reset_mixing_state:
         trainer.data.set_weights(trainer.mixing.initial_weights())
     else:
-        trainer.mixing.load_state_dict(common["mixing"])
+        try:
+            trainer.mixing.load_state_dict(common["mixing"])
+        except CheckpointError as exc:  # the strategy checks its own entries
+            raise CheckpointError(f"checkpoint {ckpt_dir}: {exc}; resume from an earlier checkpoint with --ckpt-step N, "
+                                  "or pass --reset-mixing-state to restart the mixing weights") from None
     if rng is not None:
         restore_rng_state(rng)
     elif load_rng and ctx.is_logging_rank:

@@ -79,6 +79,9 @@ class StepLoss:
     loss_sum: torch.Tensor
     """One float64 element on the device: the sum over micro-batches of their masked mean loss."""
     num_micro_batches: int
+    domain_sums: Optional[torch.Tensor] = None
+    """With ``num_domains``: (2, k) float64 on the device, per domain the sum of masked token losses and
+    the token count of this rank's micro-batches, on the last pipeline stage (zeros on the others)."""
 
     @property
     def mean_loss(self) -> torch.Tensor:
@@ -129,7 +132,7 @@ def _schedule_settings(config, **values):
 
 def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], device, *, sync_grads: bool = True,
                      force_all_reduce: bool = False, forward_only: bool = False,
-                     keep_token_losses: bool = False, host_stats: bool = True):
+                     keep_token_losses: bool = False, host_stats: bool = True, num_domains: Optional[int] = None):
     """Accumulate gradients of the mean loss over ``micro_batches`` into main_grad.
 
     Args:
@@ -147,6 +150,8 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
         keep_token_losses: also return every micro-batch's per-token losses (on every stage).
         host_stats: False for training steps: return a :class:`StepLoss` that stays on the device
             (a host read per step would wait for the whole step; the trainer reads it when it logs).
+        num_domains: with ``host_stats=False``, also sum the token losses and counts per domain id
+            (``StepLoss.domain_sums``; for strategies rewarded by training losses, e.g. ODM).
 
     Returns:
         LossStats (or StepLoss), identical on every stage of the pipeline.
@@ -155,9 +160,11 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
 
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     n = len(micro_batches)
+    domain_sums = None if host_stats or num_domains is None else torch.zeros(2, num_domains, dtype=torch.float64,
+                                                                              device=device)
     if n == 0:
         if not host_stats:
-            return StepLoss(torch.zeros(1, dtype=torch.float64, device=device), 0)
+            return StepLoss(torch.zeros(1, dtype=torch.float64, device=device), 0, domain_sums)
         return LossStats(0.0, 0, 0, 0.0, {}, {}, [] if keep_token_losses else None)
     config = unwrap(chunks[0]).config  # shared by the chunks (model.build_model_chunks)
     sizes = {len(mb["tokens"]) for mb in micro_batches}
@@ -168,13 +175,18 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
     collected: List[torch.Tensor] = []  # last stage: masked per-token losses, on the device
     means: List[torch.Tensor] = []  # last stage, host_stats=False: each micro-batch's masked mean (float64)
 
-    def loss_func(loss_mask: torch.Tensor, padding: bool, output_tensor: torch.Tensor):
+    def loss_func(loss_mask: torch.Tensor, padding: bool, domain_ids, output_tensor: torch.Tensor):
         losses = output_tensor.float() * loss_mask
         if not padding:
             if host_stats:
                 collected.append(losses.detach())
             else:
                 means.append(losses.detach().double().sum() / loss_mask.double().sum().clamp(min=1.0))
+            if domain_sums is not None:
+                if domain_ids is None:
+                    raise ValueError("per-domain training losses need micro-batches with a 'domain_id'")
+                domain_sums[0].index_add_(0, domain_ids, losses.detach().double().sum(dim=1))
+                domain_sums[1].index_add_(0, domain_ids, loss_mask.double().sum(dim=1))
         loss = losses.sum() / loss_mask.sum().clamp(min=1.0)
         return (loss * loss_factor if loss_factor != 1 else loss), {}
 
@@ -183,7 +195,8 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
     def forward_step(data_iterator: Iterator, stage_model):
         batch = _to_device(next(data_iterator), device)
         output = stage_model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
-        return output, functools.partial(loss_func, batch["loss_mask"].float(), batch.get(_PADDING, False))
+        return output, functools.partial(loss_func, batch["loss_mask"].float(), batch.get(_PADDING, False),
+                                         batch.get("domain_id"))
 
     schedule = get_forward_backward_func()
     grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
@@ -210,7 +223,7 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
         )
     if not host_stats:
         total = torch.stack(means).sum().reshape(1) if means else None
-        return StepLoss(_from_last_stage(total, (1,), torch.float64, config, device), n)
+        return StepLoss(_from_last_stage(total, (1,), torch.float64, config, device), n, domain_sums)
     return _stats(collected, micro_batches, config, device, keep_token_losses)
 
 

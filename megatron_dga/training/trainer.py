@@ -71,6 +71,8 @@ class Trainer:
         # Every chunk's parameters, each once (chunks hold disjoint layers).
         self.params = [p for ddp in self.ddp_chunks for p in ddp.parameters() if p.requires_grad]
         self.counted_params = counted_params(self.params)  # per parameter: counted on this rank (not a copy)
+        self.track_domain_losses = False  # set by a strategy rewarded by per-domain training losses (view)
+        self.last_domain_sums: Optional[torch.Tensor] = None  # then: the last step's (2, k) sums, on the device
         self.view = TrainerView(self)  # what the mixing strategy sees
         self.mixing: MixingStrategy = build_mixing(cfg.mixing, self.data.domain_info)
         self.mixing.setup(self.view)
@@ -259,7 +261,9 @@ class Trainer:
         lr = self.optimizer.lr
         self.zero_grads()
         micro_batches = self.data.next_train_micro_batches()
-        stats = forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, sync_grads=True, host_stats=False)
+        stats = forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, sync_grads=True, host_stats=False,
+                                 num_domains=self.data.domain_info.k if self.track_domain_losses else None)
+        self.last_domain_sums = stats.domain_sums
         grad_norm = self.optimizer.step()
         loss = self._dp_mean(stats.mean_loss)
         tokens = self.cfg.schedule.global_batch_size * self.cfg.model.seq_length

@@ -44,6 +44,11 @@ class TrainerView:
         """Optimizer steps completed so far."""
         return self._trainer.iteration
 
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per training step over all data-parallel ranks (--global-batch-size)."""
+        return self._trainer.cfg.schedule.global_batch_size
+
     # ------------------------------------------------------------------ start-up (MixingStrategy.setup)
 
     def set_basis(self, basis) -> None:
@@ -53,6 +58,25 @@ class TrainerView:
     def check_specific(self, size: int, flag: str) -> None:
         """Errors before training for a strategy that probes the specific set in batches of ``size`` (``flag``)."""
         self._trainer.data.check_specific(size, flag)
+
+    def track_domain_losses(self) -> None:
+        """From now on every training step also sums its token losses per domain (``step_domain_losses``)."""
+        self._trainer.track_domain_losses = True
+
+    # ------------------------------------------------------------------ the training step
+
+    def step_domain_losses(self) -> torch.Tensor:
+        """The last training step's per-domain token-loss sums and token counts over the whole job: (2, k)
+        float64 on the device, identical on every rank, from one all-reduce of 2k values (each sequence is
+        counted once: on its data-parallel rank's last pipeline stage, tensor-parallel rank 0)."""
+        trainer = self._trainer
+        sums = trainer.last_domain_sums
+        if sums is None:
+            raise RuntimeError("step_domain_losses() needs track_domain_losses() at setup and a training step")
+        sums = sums.clone()
+        if not (trainer.ctx.is_last_stage and trainer.ctx.tp_rank == 0):
+            sums.zero_()
+        return comm.all_reduce(sums, trainer.groups.by_name("world"))
 
     # ------------------------------------------------------------------ probes
 
