@@ -74,7 +74,7 @@ def test_loss_decreases_and_static_mixing_realises_weights(shards, tmp_path):
     (["--num-attention-heads", "3"], "--hidden-size 32 is not divisible by --num-attention-heads 3"),
     (["--load", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (["--mixing", "static"], "--mixing static needs weights in --data-path"),
-    (["--mixing", "bogus"], "available: dga, importance, natural, static, uniform"),
+    (["--mixing", "bogus"], "available: dga, importance, natural, odm, pike, static, uniform"),
     (["--vocab-size", "99"], "vocab"),
 ])
 def test_bad_configurations_fail_before_training(shards, tmp_path, capsys, extra, message):

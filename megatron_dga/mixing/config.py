@@ -1,4 +1,4 @@
-"""The mixing section of the job config: --mixing, the fixed mixtures' inputs and DGA's flags.
+"""The mixing section of the job config: --mixing, the fixed mixtures' inputs and the online strategies' flags.
 
 ``MixingConfig`` is the section (its flags are generated from its fields, as every section's);
 :func:`check_job` holds the checks that need other sections' values, which the job config
@@ -32,6 +32,28 @@ _DGA_DEFAULTS: Dict[str, Any] = {
 }
 """Defaults of the DGA-only fields. The fields default to None ("not given") so that a DGA flag
 given without --mixing dga is an error rather than silently ignored; __post_init__ fills these in."""
+
+_ODM_DEFAULTS: Dict[str, Any] = {
+    "odm_interval": 1,
+    "odm_reward_ema": 0.9,
+}
+"""Defaults of the ODM-only fields (mixing/odm.py), filled in as _DGA_DEFAULTS."""
+
+_PIKE_DEFAULTS: Dict[str, Any] = {
+    "pike_interval": 10,
+    "pike_eta": 10.0,
+    "pike_ema": 0.1,
+    "pike_min_weight": 0.0,
+    "pike_domain_batch_size": 8,
+    "pike_penalty": 1.0,
+}
+"""Defaults of the PiKE-only fields (mixing/pike.py), filled in as _DGA_DEFAULTS."""
+
+STRATEGY_FLAGS: Dict[str, Dict[str, Any]] = {"dga": _DGA_DEFAULTS, "odm": _ODM_DEFAULTS, "pike": _PIKE_DEFAULTS}
+"""--mixing NAME -> the defaults of the fields that act with it only (one prefix per strategy)."""
+
+ONLINE_STARTS_UNIFORM = ("odm", "pike")
+"""Online strategies without initial-weight flags: they start uniform, so --data-path weights are refused."""
 
 
 @dataclass
@@ -80,15 +102,40 @@ class MixingConfig:
     default 1e-4, with --dga-estimator fd only); 1e-4 minimised the error against the exact
     estimator in fp32 (curvature above, rounding below)."""
 
+    odm_interval: Optional[int] = None
+    """ODM (--mixing odm): training steps between bandit updates (--odm-interval, default 1, the paper's);
+    each update's rewards are the per-domain mean token losses of the training steps since the last."""
+    odm_reward_ema: Optional[float] = None
+    """ODM: smoothing alpha of the reward estimate R_i <- alpha R_i + (1 - alpha) L_i / pi_i
+    (--odm-reward-ema, default 0.9, the paper's); 0 keeps only the latest reward."""
+    pike_interval: Optional[int] = None
+    """PiKE (--mixing pike): training steps between weight updates (--pike-interval, default 10)."""
+    pike_eta: Optional[float] = None
+    """PiKE: mirror-descent step size on the scores (--pike-eta, default 10)."""
+    pike_ema: Optional[float] = None
+    """PiKE: EMA of the weights, as --dga-ema (--pike-ema, default 0.1; 1 = none)."""
+    pike_min_weight: Optional[float] = None
+    """PiKE: floor c, as --dga-min-weight (--pike-min-weight, default 0)."""
+    pike_domain_batch_size: Optional[int] = None
+    """PiKE: sequences per domain probe, split in two halves on every rank (--pike-domain-batch-size,
+    default 8; at least 2 per data-parallel rank)."""
+    pike_penalty: Optional[float] = None
+    """PiKE: c in the score |g_i|^2 - c (w_i |g_i|^2 + tr(Sigma_i) / (2 B)) (--pike-penalty, default 1):
+    the smoothness x learning-rate factor of the loss bound that trades gradient size against
+    gradient noise; 0 weighs domains by their squared gradient norm alone."""
+
     def __post_init__(self):
         # "Given" = set to something other than the default: a resolved config (all defaults filled in,
         # e.g. through dataclasses.replace) validates again as it did the first time.
-        given = {name: getattr(self, name) for name, default in _DGA_DEFAULTS.items()
-                 if getattr(self, name) is not None and getattr(self, name) != default}
+        given_by = {strategy: {name: getattr(self, name) for name, default in defaults.items()
+                               if getattr(self, name) is not None and getattr(self, name) != default}
+                    for strategy, defaults in STRATEGY_FLAGS.items()}
+        given = given_by["dga"]
         estimator, init = self.dga_estimator, self.dga_init  # as given, before the defaults fill in
-        for name, default in _DGA_DEFAULTS.items():
-            if getattr(self, name) is None:
-                setattr(self, name, default)
+        for defaults in STRATEGY_FLAGS.values():
+            for name, default in defaults.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
         # Values first (a typed value that can never work), then combinations that would be ignored.
         if self.dga_interval <= 0:
             raise ConfigError(f"--dga-interval must be > 0, got {self.dga_interval}")
@@ -106,8 +153,12 @@ class MixingConfig:
             raise ConfigError(f"--dga-fd-step must be > 0, got {self.dga_fd_step}")
         if self.dga_estimator not in ("exact", "fd"):
             raise ConfigError(f"--dga-estimator must be exact or fd, got {self.dga_estimator!r}")
-        if self.mixing != "dga":
-            refuse_without(given, "--mixing dga", f"DGA is not running (--mixing {self.mixing or 'not given'})")
+        self._check_odm_and_pike()
+        for strategy, flags in given_by.items():
+            if self.mixing != strategy:
+                refuse_without(flags, f"--mixing {strategy}",
+                               f"{strategy.upper() if strategy != 'pike' else 'PiKE'} is not running "
+                               f"(--mixing {self.mixing or 'not given'})")
         if "dga_fd_step" in given and estimator != "fd":
             raise ConfigError(f"--dga-fd-step {self.dga_fd_step} acts with --dga-estimator fd only; "
                               "add --dga-estimator fd or drop --dga-fd-step")
@@ -126,6 +177,25 @@ class MixingConfig:
             check_initial("--mixing" if self.mixing == "importance" else "--dga-init", "importance",
                           static_given=None, importance_weights=self.importance_weights)
 
+    def _check_odm_and_pike(self) -> None:
+        if self.odm_interval <= 0:
+            raise ConfigError(f"--odm-interval must be > 0, got {self.odm_interval}")
+        if not 0 <= self.odm_reward_ema < 1:
+            raise ConfigError(f"--odm-reward-ema must be in [0, 1) (0 = the latest reward only), got {self.odm_reward_ema}")
+        if self.pike_interval <= 0:
+            raise ConfigError(f"--pike-interval must be > 0, got {self.pike_interval}")
+        if not 0 <= self.pike_eta < float("inf"):
+            raise ConfigError(f"--pike-eta must be a finite number >= 0, got {self.pike_eta}")
+        if not 0 < self.pike_ema <= 1:
+            raise ConfigError(f"--pike-ema must be in (0, 1] (1 = no EMA), got {self.pike_ema}")
+        if not 0 <= self.pike_min_weight < 1:
+            raise ConfigError(f"--pike-min-weight must be in [0, 1), got {self.pike_min_weight}")
+        if self.pike_domain_batch_size < 2:
+            raise ConfigError(f"--pike-domain-batch-size must be >= 2 (each probe is split in two halves), "
+                              f"got {self.pike_domain_batch_size}")
+        if not 0 <= self.pike_penalty < float("inf"):
+            raise ConfigError(f"--pike-penalty must be a finite number >= 0, got {self.pike_penalty}")
+
     def resolve_data_path_weights(self, weights: Optional[List[float]]) -> None:
         """Settle --mixing and --dga-init against the weights of --data-path (None: plain prefixes).
 
@@ -137,9 +207,10 @@ class MixingConfig:
         if weights is not None:
             if self.mixing is None:
                 self.mixing = "static"
-            elif self.mixing in ("natural", "uniform", "importance"):
+            elif self.mixing in ("natural", "uniform", "importance") + ONLINE_STARTS_UNIFORM:
                 raise ConfigError(
-                    f"--data-path gives weights ({shown}), which --mixing {self.mixing} would ignore; use "
+                    f"--data-path gives weights ({shown}), which --mixing {self.mixing} would ignore"
+                    + (" (it starts uniform)" if self.mixing in ONLINE_STARTS_UNIFORM else "") + "; use "
                     "--mixing static to sample by them (the default when --mixing is not given), --mixing dga "
                     "to start DGA from them, or give the prefixes without weights"
                 )
@@ -218,3 +289,12 @@ def _check_mixing_over_map(mixing: MixingConfig, path: str) -> None:
                 f"update ({k} probe batches; at most {DGA_MAX_DIRECT_DOMAINS} without a basis): reweight N basis "
                 f"distributions instead: tools/importance_weights.py --domain-map {path} --basis-sets ... "
                 "--basis-output basis.npz, then --dga-basis basis.npz")
+    if mixing.mixing == "pike":
+        from megatron_dga.data.domain_map import read_domain_map
+
+        k = read_domain_map(path).num_domains
+        if k > DGA_MAX_DIRECT_DOMAINS:
+            raise ConfigError(
+                f"--mixing pike over the {k} fine domains of --domain-map {path} would probe every domain at every "
+                f"update ({k} probe batches; at most {DGA_MAX_DIRECT_DOMAINS}), and PiKE has no basis "
+                "reweighting: use --mixing odm (no probes) or --mixing dga --dga-basis FILE")

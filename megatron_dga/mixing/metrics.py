@@ -17,4 +17,12 @@ TENSORBOARD_TAGS: Mapping[str, str] = {
     "dga_update": "mixing/updates",
     "dga_skipped_updates": "mixing/skipped_updates",
     "dga_fd_step": "mixing/fd_step",
+    "odm_update": "mixing/updates",
+    "odm_exploration": "mixing/odm_exploration",
+    "odm_rewards": "mixing/odm_reward",
+    "pike_update": "mixing/updates",
+    "pike_skipped_updates": "mixing/skipped_updates",
+    "pike_grad_sq": "mixing/pike_grad_sq",
+    "pike_noise": "mixing/pike_noise",
+    "pike_scores": "mixing/pike_score",
 }
