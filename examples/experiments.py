@@ -294,11 +294,19 @@ def domain_methods(data: ex.ExperimentData, preset: dict, args) -> Dict[str, Lis
         "dga": base + [*dga_args(preset, args), "--dga-ema", "1.0"],
         "dga_ema": base + [*dga_args(preset, args), "--dga-ema", "0.1"],
     }
+    methods.update(online_baselines(base, args))
     if data.importance_weights:  # computed or given only when the importance method runs
         methods["importance"] = base + ["--mixing", "importance", "--importance-weights", data.importance_weights]
     # <A>->static: --mixing static on A's time-averaged mixture (its weights join --data-path at run time)
     methods.update({m + ex.TRANSFER_SUFFIX: base + ["--mixing", "static"] for m in list(methods)})
     return methods
+
+
+def online_baselines(base: List[str], args) -> Dict[str, List[str]]:
+    """The other online mixers at their defaults: ODM (an EXP3 bandit on the training losses, no specific
+    set) and PiKE (gradient size and noise, no specific set), PiKE updating as often as DGA."""
+    return {"odm": base + ["--mixing", "odm"],
+            "pike": base + ["--mixing", "pike", "--pike-interval", str(args.dga_interval)]}
 
 
 def fine_grained_methods(data: ex.ExperimentData, fine: ex.FineDomainData, preset: dict, args) -> Dict[str, List[str]]:
@@ -312,18 +320,25 @@ def fine_grained_methods(data: ex.ExperimentData, fine: ex.FineDomainData, prese
         "uniform": base + ["--mixing", "uniform"],
         "importance": base + ["--mixing", "importance", "--importance-weights", fine.importance_weights],
         "dga_basis": base + [*dga_args(preset, args), "--dga-ema", "0.1", "--dga-basis", fine.basis],
+        "odm": base + ["--mixing", "odm"],  # a bandit arm per fine domain (PiKE would probe each one)
     }
 
 
-SCENARIO_METHODS = {"token-limited": ("uniform", "importance", "dga", "dga_ema"),
-                    "unlimited": ("uniform", "importance", "dga", "dga_ema"),
-                    "fine-grained": ("uniform", "importance", "dga_basis")}
+SCENARIO_METHODS = {"token-limited": ("uniform", "importance", "dga", "dga_ema", "odm", "pike"),
+                    "unlimited": ("uniform", "importance", "dga", "dga_ema", "odm", "pike"),
+                    "fine-grained": ("uniform", "importance", "dga_basis", "odm")}
+"""Every method of each scenario (--methods chooses among them)."""
+DEFAULT_METHODS = {"token-limited": ("uniform", "importance", "dga", "dga_ema"),
+                   "unlimited": ("uniform", "importance", "dga", "dga_ema"),
+                   "fine-grained": ("uniform", "importance", "dga_basis")}
+"""The methods run without --methods: the paper's comparison."""
 
 
 def chosen_methods(args) -> List[str]:
     """The --methods in order, each transfer method ``<A>->static`` after the methods it depends on."""
     names = SCENARIO_METHODS[args.scenario]
-    chosen = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(names)
+    chosen = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+              else list(DEFAULT_METHODS[args.scenario]))
     transfers = [m for m in chosen if m.endswith(ex.TRANSFER_SUFFIX)]
     unknown = [m for m in chosen if m not in names and m not in transfers]
     if unknown or not chosen:

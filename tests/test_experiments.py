@@ -357,3 +357,21 @@ def test_transfer_method_trains_static_on_the_source_runs_time_averaged_mixture(
     summary = er.Summary.of(results, ["uniform", "dga_ema->static"])
     assert summary.pair("dga_ema->static", "uniform").diffs == {1: pytest.approx(-0.5)}
     assert "| dga_ema->static | 1 |" in er.markdown(summary)
+
+
+def test_the_online_mixers_are_runner_methods_the_trainer_accepts():
+    from megatron_dga.training.arguments import parse_args as trainer_args
+
+    args = experiments.parse_args(["unlimited", "--methods", "uniform,odm,pike,pike->static"])
+    assert experiments.chosen_methods(args) == ["uniform", "odm", "pike", "pike->static"]
+    data = ex.ExperimentData("test", ("a", "b"), ("/d/a_text_document", "/d/b_text_document"), "/d/t_text_document",
+                             "/d/te_text_document", ("--tokenizer-type", "NullTokenizer", "--vocab-size", "127"))
+    methods = experiments.domain_methods(data, experiments.PRESETS["cpu"], args)
+    for name, mixing in (("odm", "odm"), ("pike", "pike")):
+        cfg = trainer_args(methods[name])  # every flag known, every check passed
+        assert cfg.mixing.mixing == mixing
+    assert trainer_args(methods["pike"]).mixing.pike_interval == args.dga_interval  # updates as often as DGA
+    # Not in the default comparison (the paper's methods), and not a sweep target.
+    assert "odm" not in experiments.chosen_methods(experiments.parse_args(["unlimited"]))
+    out = experiments.sweep_variants({"odm": methods["odm"]}, experiments.parse_sweep(["dga-eta=3,30"]))
+    assert list(out) == ["odm"]
