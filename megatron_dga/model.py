@@ -192,7 +192,7 @@ class GPTModelConfig:
             raise ConfigError("--openai-gelu selects GELU's tanh approximation, but --swiglu uses SiLU; drop one")
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 both given; pick one (bf16 needs no loss scaling)")
-        self.ffn_size  # validates the SwiGLU default width
+        _ = self.ffn_size  # the property raises for an invalid SwiGLU default width
 
     def _check_attention(self) -> None:
         if self.num_query_groups is not None and not self.group_query_attention:

@@ -620,8 +620,8 @@ class CentroidTree:
                 if tag != TREE_FORMAT:
                     raise DataError(f"{path}: not a centroid tree (format {tag!r}, expected {TREE_FORMAT!r}); {fix}")
                 levels = [int(k) for k in header["levels"]]
-                cents = [z[f"centroids_{l}"] for l in range(len(levels))]
-                counts = [z[f"counts_{l}"].astype(np.int64) for l in range(len(levels))]
+                cents = [z[f"centroids_{level}"] for level in range(len(levels))]
+                counts = [z[f"counts_{level}"].astype(np.int64) for level in range(len(levels))]
         except DataError:
             raise
         except (*NPZ_READ_ERRORS, KeyError) as e:

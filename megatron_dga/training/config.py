@@ -116,7 +116,7 @@ class DataConfig:
 
     def __post_init__(self):
         self._resolve_data_source()
-        self.train_fraction  # validates --split
+        _ = self.train_fraction  # the property raises for an invalid --split
         if isinstance(self.domain_token_limit, int):  # YAML or API callers may give one number
             self.domain_token_limit = [self.domain_token_limit]
         if self.domain_token_limit is not None and any(v < 0 for v in self.domain_token_limit):

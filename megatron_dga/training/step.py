@@ -357,7 +357,7 @@ def _stats(collected: List[torch.Tensor], micro_batches, config, device, keep_to
     else:
         token_losses = None
         # Per sequence: its masked token-loss sum (domain sums and micro-batch means follow).
-        per_seq = _from_last_stage(torch.cat([l.double().sum(dim=1) for l in collected]) if collected else None,
+        per_seq = _from_last_stage(torch.cat([t.double().sum(dim=1) for t in collected]) if collected else None,
                                    (rows,), torch.float64, config, device).cpu().numpy()
     seq_tokens = torch.cat([m.sum(dim=1) for m in masks]).double().numpy()
     bounds = np.cumsum([0] + [s[0] for s in shapes])
