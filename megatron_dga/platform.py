@@ -214,11 +214,6 @@ class ParallelContext:
         """The rank that prints and writes metrics: the last rank holds the loss (last stage)."""
         return self.rank == self.world_size - 1
 
-    @property
-    def mp_rank_name(self) -> str:
-        """Megatron's checkpoint sub-directory name for this model-parallel rank."""
-        return f"mp_rank_{self.tp_rank:02d}_{self.pp_rank:03d}"
-
     def describe(self) -> str:
         vp = f", {self.vp_size} virtual stages per pp rank" if self.vp_size > 1 else ""
         return (

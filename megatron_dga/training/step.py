@@ -391,12 +391,3 @@ def _from_last_stage(tensor: Optional[torch.Tensor], shape, dtype, config, devic
         tensor = torch.empty(shape, dtype=dtype, device=device)
     return comm.broadcast(tensor, ps.get_pipeline_model_parallel_world_size() - 1,
                           ps.get_pipeline_model_parallel_group())
-
-
-def split_micro_batches(batch: Dict[str, torch.Tensor], micro_batch_size: int) -> List[Dict[str, torch.Tensor]]:
-    """Split a collated batch along dim 0 into micro-batches."""
-    size = len(batch["tokens"])
-    return [
-        {k: v[i:i + micro_batch_size] if torch.is_tensor(v) else v for k, v in batch.items()}
-        for i in range(0, size, micro_batch_size)
-    ]
