@@ -15,14 +15,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.synthetic import EOD, NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards, write_shard
+from tests.synthetic import EOD, NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, write_shard
 
 DGA = ["--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "4"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return three_domain_shards(str(tmp_path_factory.mktemp("shards")))
 
 
 def _argv(domains, specific, run_dir, extra=()):

@@ -25,14 +25,9 @@ from megatron_dga.errors import CheckpointError, ConfigError
 from megatron_dga.training import checkpoint as ckpt
 from megatron_dga.training import save_lock
 from tests.dist_utils import free_port
-from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
+from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return three_domain_shards(str(tmp_path_factory.mktemp("shards")))
 
 
 def _argv(shards, run_dir, extra=(), iters=500):

@@ -22,14 +22,9 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed, run_trainers
-from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
+from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 
 MODEL = TINY_GPT_ARGS
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return three_domain_shards(str(tmp_path_factory.mktemp("shards")))
 
 
 def _argv(shards, run_dir, extra=()):

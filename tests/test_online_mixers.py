@@ -13,12 +13,7 @@ import torch
 
 from tests.dist_utils import run_distributed, run_trainers
 from tests.gradient_oracle import Float64GPT, gathered
-from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return three_domain_shards(str(tmp_path_factory.mktemp("mixer_shards")))
+from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 
 
 def _argv(shards, log_dir, iters, extra=()):

@@ -14,7 +14,7 @@ import pytest
 from tests.dist_utils import run_distributed
 from tests.layouts import EMBEDDING, load_initial as _load_initial, named as _named
 from tests.layouts import shared_copy as _shared_copy, trainer_from as _trainer
-from tests.synthetic import NULL_TOKENIZER_ARGS, write_domains
+from tests.synthetic import NULL_TOKENIZER_ARGS
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
          "--make-vocab-size-divisible-by", "64"]
@@ -29,12 +29,6 @@ CONFIGS = {
     "dga_fd": ["--micro-batch-size", "4", "--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8",
                "--dga-estimator", "fd"],
 }
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_domains(str(tmp_path_factory.mktemp("shards")), k=3, docs_per_domain=48, doc_len=64,
-                         specific_mixture=[0.5, 0.5, 0.0])
 
 
 def _argv(shards, log_dir, extra, iters=ITERS):

@@ -14,16 +14,11 @@ import numpy as np
 import pytest
 
 from tests.dist_utils import run_pretrain
-from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
+from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 
 DGA = ["--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8"]
 FULLY_RESHARDABLE = ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"]
 PAD_48 = ["--make-vocab-size-divisible-by", "48"]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return three_domain_shards(str(tmp_path_factory.mktemp("shards")))
 
 
 def _argv(shards, run_dir, extra=(), iters=8):

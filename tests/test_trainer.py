@@ -5,14 +5,9 @@ import numpy as np
 import pytest
 
 from tests.dist_utils import run_distributed, run_pretrain
-from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
+from tests.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 
 MODEL = TINY_GPT_ARGS
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return three_domain_shards(str(tmp_path_factory.mktemp("shards")))
 
 
 def _args(shards, run_dir, iters, extra=()):

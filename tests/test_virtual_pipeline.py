@@ -17,7 +17,7 @@ import pytest
 
 from tests.dist_utils import run_distributed
 from tests.synthetic import NULL_TOKENIZER_ARGS
-from tests.test_pipeline import EMBEDDING, _gathered, _losses, _metrics, _trainer, shards  # noqa: F401 (shards: the fixture)
+from tests.test_pipeline import EMBEDDING, _gathered, _losses, _metrics, _trainer
 
 MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
          "--make-vocab-size-divisible-by", "64"]
