@@ -21,6 +21,7 @@ from typing import List, Literal, Optional, Tuple
 
 import torch
 
+from megatron_dga.config_checks import ReadOnlyOnceParsed
 from megatron_dga.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ _TE_ATTENTION_BACKENDS = ("flash", "fused", "unfused")
 
 
 @dataclass
-class GPTModelConfig:
+class GPTModelConfig(ReadOnlyOnceParsed):
     """Shape and numerics of the GPT model (Megatron flag names in parentheses)."""
 
     num_layers: int = 2

@@ -27,13 +27,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_dga.config_checks import ReadOnlyOnceParsed
 from megatron_dga.errors import ConfigError
 
 _CPU_SHIMS_APPLIED = False
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(ReadOnlyOnceParsed):
     """How the job is laid out over processes."""
 
     tensor_model_parallel_size: int = 1

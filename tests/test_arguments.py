@@ -1,4 +1,5 @@
 """Megatron-style CLI and YAML -> configs: precedence, types, errors that name the flag."""
+import dataclasses
 import re
 
 import pytest
@@ -160,8 +161,7 @@ def test_llama_style_flags_map_onto_megatron_core():
     --recompute-activations is selective recomputation."""
     from megatron_dga.model import build_transformer_config, rope_arguments
 
-    cfg = parse_args(BASE + LLAMA + ["--recompute-activations"]).model
-    cfg.vocab_size = 128
+    cfg = dataclasses.replace(parse_args(BASE + LLAMA + ["--recompute-activations"]).model, vocab_size=128)
     config = build_transformer_config(cfg, 2, 1)
     assert (config.num_query_groups, config.kv_channels, config.ffn_hidden_size) == (2, 16, 128)
     assert config.gated_linear_unit and config.activation_func is torch.nn.functional.silu
@@ -172,7 +172,7 @@ def test_llama_style_flags_map_onto_megatron_core():
                                        rope_scaling_factor=8.0)
     full = parse_args(BASE + LLAMA + ["--recompute-granularity", "full", "--recompute-method", "block",
                                       "--recompute-num-layers", "1", "--add-qkv-bias", "--kv-channels", "32"]).model
-    full.vocab_size = 128
+    full = dataclasses.replace(full, vocab_size=128)
     config = build_transformer_config(full, 1, 1)
     assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == ("full", "block", 1)
     assert (config.add_bias_linear, config.add_qkv_bias, config.kv_channels) == (False, True, 32)
@@ -294,3 +294,21 @@ def test_a_gpu_forward_passes_no_attention_mask():
     mask = attention_mask(8, "cpu")
     assert mask.shape == (1, 1, 8, 8) and mask.dtype == torch.bool and bool(mask[0, 0, 0, 1]) and not mask[0, 0, 1, 0]
     assert attention_mask(8, "cpu") is mask
+
+
+def test_the_parsed_config_is_read_only_and_a_changed_copy_is_validated_again():
+    cfg = parse_args(["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127", "--num-layers", "2",
+                      "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32", "--train-iters", "4"])
+    for section, field, value in (("model", "vocab_size", 128), ("optimizer", "lr", 1.0), ("mixing", "mixing", "dga"),
+                                  ("data", "data_path", ["x"]), ("parallel", "tensor_model_parallel_size", 2)):
+        with pytest.raises(AttributeError, match=rf"\.{field}: the job config is read-only once parsed"):
+            setattr(getattr(cfg, section), field, value)
+    with pytest.raises(AttributeError, match="read-only"):
+        cfg.model = None
+    cfg.optimizer.lr = cfg.optimizer.lr  # the same value: what re-validating a copy does
+    copy = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=128))
+    assert copy.model.vocab_size == 128 and cfg.model.vocab_size == 0
+    with pytest.raises(AttributeError):
+        copy.model.vocab_size = 1  # the copy is read-only too
+    with pytest.raises(ConfigError, match="--hidden-size 32 is not divisible by --num-attention-heads 3"):
+        dataclasses.replace(cfg.model, num_attention_heads=3)

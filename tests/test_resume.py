@@ -286,3 +286,47 @@ def test_exit_duration_saves_and_exits_zero(shards, tmp_path):
     rcs, metrics = run_pretrain(_argv(shards, tmp_path, ["--save", ckpt, "--exit-duration-in-mins", "1e-6"]))
     assert rcs == [0]
     assert latest_iteration(ckpt) == 1 and [m["iteration"] for m in metrics] == [1]
+
+
+def _train_first_with_the_v2_sampler_state(rank, world_size, runs):
+    """The "first" run saves its sampler state as megatron-dga/mixture-sampler-v2 did (the weights and
+    basis weights inside); the other runs use today's code."""
+    from megatron_dga import platform
+    from megatron_dga.data.sampler import DynamicMixtureSampler
+    from megatron_dga.training.arguments import parse_args
+    from megatron_dga.training.metrics import read_metrics
+    from megatron_dga.training.trainer import Trainer
+
+    today = DynamicMixtureSampler.state_dict
+
+    def v2_state_dict(self):
+        state = today(self)
+        return {**state, "format": "megatron-dga/mixture-sampler-v2", "weights": self._weights.tolist(),
+                "basis_weights": None if self._gamma is None else self._gamma.tolist(),
+                "basis_fingerprint": self._basis_fingerprint if self._gamma is not None else None}
+
+    out = {}
+    for name, argv in runs.items():
+        DynamicMixtureSampler.state_dict = v2_state_dict if name == "first" else today
+        cfg = parse_args(argv)
+        Trainer(cfg, platform.initialize(cfg.parallel)).train()
+        log_dir = argv[argv.index("--log-dir") + 1]
+        out[name] = read_metrics(f"{log_dir}/metrics.jsonl")
+    DynamicMixtureSampler.state_dict = today
+    platform.shutdown()
+    return out
+
+
+def test_a_checkpoint_with_the_v2_sampler_state_still_resumes_bit_identically(shards, tmp_path):
+    from tests.dist_utils import run_distributed
+
+    ckpt = str(tmp_path / "ckpt")
+    runs = run_distributed(_train_first_with_the_v2_sampler_state, world_size=1, args=({
+        "straight": _argv(shards, tmp_path / "a"),
+        "first": _argv(shards, tmp_path / "b", ["--exit-interval", "4", "--save", ckpt]),
+        "resumed": _argv(shards, tmp_path / "b", ["--load", ckpt]),
+    },))[0]
+    assert [m["iteration"] for m in runs["resumed"]] == list(range(1, 9))
+    assert [m["lm_loss"] for m in runs["resumed"]] == [m["lm_loss"] for m in runs["straight"]]
+    assert [m["domain_weights"] for m in runs["resumed"]] == [m["domain_weights"] for m in runs["straight"]]
+    assert runs["straight"][-1]["domain_weights"] != runs["straight"][3]["domain_weights"]  # DGA moved them after 4

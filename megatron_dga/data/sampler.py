@@ -54,9 +54,11 @@ import numpy as np
 
 from megatron_dga.errors import CheckpointError, ConfigError
 
-STATE_FORMAT = "megatron-dga/mixture-sampler-v2"
-# v1 held the domain and accessible sizes as full lists (v2: a digest); it loads alike.
-_READABLE_FORMATS = ("megatron-dga/mixture-sampler-v1", STATE_FORMAT)
+STATE_FORMAT = "megatron-dga/mixture-sampler-v3"
+# v1 held the domain and accessible sizes as full lists (v2: a digest); both held the weights too
+# (v3: their owner, the mixing strategy, saves them and hands them back). Both load alike.
+_WITH_WEIGHTS = ("megatron-dga/mixture-sampler-v1", "megatron-dga/mixture-sampler-v2")
+_READABLE_FORMATS = (*_WITH_WEIGHTS, STATE_FORMAT)
 # Kernels the sampler calls in megatron_dga._C; a build from older sources may lack them.
 _KERNELS = ("sampler_global_batches", "sampler_stream_samples", "sampler_permute")
 
@@ -736,10 +738,13 @@ class DynamicMixtureSampler:
 
     # ----------------------------------------------------------------- checkpoint
     def state_dict(self) -> Dict[str, Any]:
-        """JSON/pickle-friendly state (counters, carry, weights, seeds; no permutations).
+        """JSON/pickle-friendly state (counters, carry, seeds; no permutations, no weights).
 
         Small at any k: counters are sparse (ids and values of the non-zero ones), sizes
-        are kept as a digest; the carry and the weights are k floats (0 on empty domains).
+        are kept as a digest; the carry is k floats (0 on empty domains). The weights are not
+        part of it: whoever sets them (the trainer's mixing strategy) saves them and sets them
+        again on resume (:meth:`set_weights` / :meth:`set_basis_weights`, before or after
+        :meth:`load_state_dict`). The installed basis is recorded by its fingerprint.
         """
         k = self.num_domains
         return {
@@ -752,17 +757,16 @@ class DynamicMixtureSampler:
             "consumed": _sparse(self._consumed, self._live),
             "reported": _sparse(self._reported, self._live),
             "carry": self._per_domain(self._carry).tolist(),
-            "weights": self._weights.tolist(),
-            "basis_weights": None if self._gamma is None else self._gamma.tolist(),
-            "basis_fingerprint": self._basis_fingerprint if self._gamma is not None else None,
+            "basis_fingerprint": self._basis_fingerprint if self._basis is not None else None,
             "probe_consumed": _sparse(self._probe_consumed, np.arange(self._sizes.size)),
             "basis_probe_calls": {str(n): c for n, c in sorted(self._basis_probe_calls.items())},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the stream then continues exactly where it was.
+        """Restore :meth:`state_dict`; the stream then continues exactly where it was, with the
+        weights set by their owner (a v1/v2 state, which held them, installs its own).
 
-        A state saved in basis mode needs the same basis installed (:meth:`set_basis`) first.
+        A state saved with a basis needs the same basis installed (:meth:`set_basis`) first.
 
         Raises:
             CheckpointError: the state was written for other domains, sizes, token limits,
@@ -788,12 +792,13 @@ class DynamicMixtureSampler:
                     f"mixture-sampler checkpoint has {what} {theirs}, this run has {mine}; resume with the "
                     "same data, --seed and token limits"
                 )
+        with_weights = fmt in _WITH_WEIGHTS
         try:
             consumed = _dense(state["consumed"], k)
             reported = _dense(state["reported"], k)
             probe = _dense(state["probe_consumed"], self._sizes.size)
             carry = np.array(state["carry"], dtype=np.float64)
-            weights = np.array(state["weights"], dtype=np.float64)
+            weights = np.array(state["weights"], dtype=np.float64) if with_weights else np.zeros(k)
             batches = int(state["batches_drawn"])
             calls = {int(n): int(c) for n, c in state["basis_probe_calls"].items()}
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -808,20 +813,20 @@ class DynamicMixtureSampler:
                 f"mixture-sampler checkpoint has non-zero {', '.join(on_empty)} on empty domains, which are never "
                 "sampled: the state is damaged; resume from an earlier checkpoint"
             )
-        gamma = state.get("basis_weights")
-        if gamma is not None:
-            if self._basis is None or state.get("basis_fingerprint") != self._basis_fingerprint:
-                raise CheckpointError(
-                    "mixture-sampler checkpoint was saved with basis weights over a different basis matrix "
-                    f"({state.get('basis_fingerprint')}, this run: {self._basis_fingerprint}); install the same "
-                    "--dga-basis with set_basis() before loading"
-                )
-            gamma = np.asarray(gamma, dtype=np.float64)
+        gamma = state.get("basis_weights") if with_weights else None
+        saved_basis = gamma is not None if with_weights else state.get("basis_fingerprint") is not None
+        if saved_basis and (self._basis is None or state.get("basis_fingerprint") != self._basis_fingerprint):
+            raise CheckpointError(
+                "mixture-sampler checkpoint was saved with a different basis matrix "
+                f"({state.get('basis_fingerprint')}, this run: {self._basis_fingerprint}); install the same "
+                "--dga-basis with set_basis() before loading"
+            )
         live = self._live
         # Fresh arrays (fancy indexing copies): the kernel updates carry and consumed in place.
         self._consumed, self._reported, self._carry = consumed[live], reported[live], carry[live]
         self._probe_consumed = probe
-        self._install_weights(weights, gamma)
+        if with_weights:
+            self._install_weights(weights, None if gamma is None else np.asarray(gamma, dtype=np.float64))
         self._batches_drawn = batches
         self._basis_probe_calls = calls
 

@@ -107,6 +107,8 @@ class MixingStrategy:
         self.domains = domains
         self.basis = None
         """A weights_io.Basis when the weights are over basis distributions (N) instead of domains (k)."""
+        self.weights: Optional[np.ndarray] = None
+        """The current weights, for strategies that change them (their state saves them); None for fixed ones."""
 
     def setup(self, view: TrainerView) -> None:
         """Called once by the trainer, before the initial weights and any checkpoint load: declare what
@@ -120,6 +122,11 @@ class MixingStrategy:
     def after_step(self, view: TrainerView) -> Optional[np.ndarray]:
         """New weights after this optimizer step, or None to keep the current ones."""
         return None
+
+    def current_weights(self) -> np.ndarray:
+        """The weights the sampler draws from now: the strategy is their one owner (on resume, after
+        ``load_state_dict``, the trainer hands these to the sampler). A copy."""
+        return self.initial_weights() if self.weights is None else self.weights.copy()
 
     def metrics(self) -> Dict[str, object]:
         """Values to log at the next log line (e.g. alignments); empty by default. Their keys are the

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional
 
-from megatron_dga.config_checks import refuse_without
+from megatron_dga.config_checks import ReadOnlyOnceParsed, refuse_without
 from megatron_dga.errors import ConfigError
 from megatron_dga.mixing.initial import check_initial
 
@@ -57,7 +57,7 @@ ONLINE_STARTS_UNIFORM = ("odm", "pike")
 
 
 @dataclass
-class MixingConfig:
+class MixingConfig(ReadOnlyOnceParsed):
     """How the domain weights are chosen. The DGA flags act with --mixing dga only (an error otherwise)."""
 
     mixing: Optional[str] = None

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
 from megatron_dga.data.domains import parse_data_path, read_data_args_file, read_per_split_data_args
-from megatron_dga.config_checks import refuse_without
+from megatron_dga.config_checks import ReadOnlyOnceParsed, refuse_without
 from megatron_dga.errors import ConfigError
 from megatron_dga.mixing.config import MixingConfig, check_job  # noqa: F401 - MixingConfig re-exported
 from megatron_dga.model import GPTModelConfig
@@ -55,7 +55,7 @@ DEFAULT_SPLIT = "98,2"
 
 
 @dataclass
-class DataConfig:
+class DataConfig(ReadOnlyOnceParsed):
     """Where the tokens come from: exactly one of --data-path, --data-args-path,
     --per-split-data-args-path and --mock-data (Megatron's choices)."""
 
@@ -236,7 +236,7 @@ LOSS_SCALE_FLAGS = ("loss_scale", "initial_loss_scale", "min_loss_scale", "loss_
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(ReadOnlyOnceParsed):
     """AdamW and the learning-rate schedule (Megatron's flag names)."""
 
     lr: float = 3e-4
@@ -377,7 +377,7 @@ class OptimizerConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(ReadOnlyOnceParsed):
     """How long and in what batches the job trains, and how often it reports."""
 
     micro_batch_size: int = 4
@@ -459,7 +459,7 @@ class ScheduleConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(ReadOnlyOnceParsed):
     """Saving and resuming."""
 
     save: Optional[str] = None
@@ -539,7 +539,7 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(ReadOnlyOnceParsed):
     """Where metrics go."""
 
     log_dir: Optional[str] = None
@@ -586,7 +586,7 @@ class LoggingConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ReadOnlyOnceParsed):
     """Everything one pretraining job needs."""
 
     model: GPTModelConfig
@@ -630,6 +630,15 @@ class PretrainConfig:
                 "--use-distributed-optimizer with --ckpt-format torch would lose the sharded optimizer state; "
                 "save with --ckpt-format torch_dist (the default)"
             )
+        self.freeze()
+
+    def freeze(self) -> None:
+        """Read-only from here on, every section too (config_checks.ReadOnlyOnceParsed): what a job does is
+        what its parsed config says; a changed config is a copy (dataclasses.replace)."""
+        for section in (self.model, self.parallel, self.data, self.optimizer, self.schedule, self.checkpoint,
+                        self.logging, self.mixing):
+            section.freeze()
+        super().freeze()
 
     def _check_scheduler_resume_flags(self) -> None:
         """--override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler act only when a resume loads

@@ -34,6 +34,7 @@ but the RNG states. With torch_dist the parts not loaded are left out of the sha
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Dict, List, Optional
 
@@ -203,7 +204,7 @@ def check_schedule(saved: Dict[str, object], trainer, where: str) -> None:
         if loud:
             logger.warning("--use-checkpoint-opt_param-scheduler: the LR schedule of checkpoint %s is kept, this "
                            "run's flags are not used (%s)", where, listed)
-        _record_checkpoint_schedule(saved, cfg)
+        trainer.cfg = _with_checkpoint_schedule(saved, cfg)  # the config is read-only: a changed copy
         return
     raise ConfigError(
         f"the checkpoint {where} was trained with another LR schedule: {listed}; resume with the checkpoint's "
@@ -218,19 +219,19 @@ def _shown(value) -> str:
     return f"{value:g}" if isinstance(value, float) and float(value).is_integer() else str(value)
 
 
-def _record_checkpoint_schedule(saved: Dict[str, object], cfg) -> None:
-    """Put the checkpoint's schedule into ``cfg`` where a flag holds it, so run_info.json records the values used."""
-    opt = cfg.optimizer
-    opt.lr, opt.min_lr, opt.lr_decay_style = saved["max_lr"], saved["min_lr"], saved["lr_decay_style"]
+def _with_checkpoint_schedule(saved: Dict[str, object], cfg):
+    """``cfg`` with the checkpoint's schedule where a flag holds it, so run_info.json records the values used."""
+    values = dict(lr=saved["max_lr"], min_lr=saved["min_lr"], lr_decay_style=saved["lr_decay_style"])
     if saved.get("start_wd") == saved.get("end_wd"):
-        opt.weight_decay = saved["start_wd"]
+        values["weight_decay"] = saved["start_wd"]
     warmup, decay = float(saved["lr_warmup_steps"]), float(saved["lr_decay_steps"])
     if cfg.schedule.train_samples is None and warmup.is_integer() and decay.is_integer():
-        opt.lr_warmup_iters, opt.lr_decay_iters, opt.lr_warmup_fraction = int(warmup), int(decay), None
+        values.update(lr_warmup_iters=int(warmup), lr_decay_iters=int(decay), lr_warmup_fraction=None)
+    return dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, **values))
 
 
-def align_domains_to_checkpoint(cfg) -> None:
-    """With --load, put the --data-path domains in the checkpoint's order (matched by name).
+def align_domains_to_checkpoint(cfg):
+    """With --load, ``cfg`` with the --data-path domains in the checkpoint's order (matched by name).
 
     Called before the data pipeline is built: the sampler's streams, its state and the
     mixing weights are all indexed by domain position, so a reordered --data-path then
@@ -238,28 +239,27 @@ def align_domains_to_checkpoint(cfg) -> None:
     domains. Another set of domains is left for :func:`check_resumable` to refuse.
     """
     if not cfg.checkpoint.load or cfg.checkpoint.finetune or not cfg.data.data_path:
-        return  # nothing loaded is indexed by domain (--finetune), or fixed names (--mock-data)
+        return cfg  # nothing loaded is indexed by domain (--finetune), or fixed names (--mock-data)
     from megatron_dga.data.domains import parse_data_path
 
     try:
         _, meta = ckpt.resolve_checkpoint(cfg.checkpoint.load, cfg.checkpoint.ckpt_step)
     except Exception:  # noqa: BLE001 - the load itself reports a missing/broken checkpoint
-        return
+        return cfg
     saved = list(meta.get("extra", {}).get("domains") or [])
     names, prefixes, weights = parse_data_path(cfg.data.data_path)
     if names == saved or sorted(names) != sorted(saved):
-        return
+        return cfg
     order = [names.index(name) for name in saved]
     prefixes = [prefixes[i] for i in order]
-    if weights is None:
-        cfg.data.data_path = prefixes
-    else:
-        cfg.data.data_path = [tok for i, p in zip(order, prefixes) for tok in (repr(weights[i]), p)]
+    changed = {"data_path": prefixes if weights is None else
+               [tok for i, p in zip(order, prefixes) for tok in (repr(weights[i]), p)]}
     limits = cfg.data.domain_token_limit
     if limits and len(limits) == len(names) > 1:
-        cfg.data.domain_token_limit = [limits[i] for i in order]
+        changed["domain_token_limit"] = [limits[i] for i in order]
     logger.warning("--data-path lists the checkpoint's domains in another order; using the checkpoint's order %s",
                    saved)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changed))
 
 
 # ----------------------------------------------------------------------------- save
@@ -436,7 +436,8 @@ def check_common_state(common, trainer, ckpt_dir, iteration: int) -> None:
             count(i, f"sampler {key} index")
             count(n, f"sampler {key} count")
     if not reset:
-        vector(data.get("weights"), k, "sampler weights", simplex=True, fix=mixing_fix)
+        if "weights" in data:  # a sampler state before v3 held the weights too
+            vector(data.get("weights"), k, "sampler weights", simplex=True, fix=mixing_fix)
         basis = getattr(trainer.mixing, "basis", None)
         if data.get("basis_weights") is not None and basis is not None:  # the sampler refuses another basis
             vector(data["basis_weights"], basis.matrix.shape[0], "sampler basis weights", True, mixing_fix)
@@ -521,8 +522,8 @@ def load_job(trainer, load_dir: str) -> int:
     trainer.consumed_samples = int(common["consumed_samples"])
     trainer.consumed_tokens = int(common["consumed_tokens"])
     data_state = common["data"]
-    if trainer.cfg.checkpoint.reset_mixing_state:  # its weights (basis weights too) are replaced below
-        data_state = {**data_state, "basis_weights": None}
+    if trainer.cfg.checkpoint.reset_mixing_state:  # the mixing restarts: its weights and basis may differ
+        data_state = {**data_state, "basis_weights": None, "basis_fingerprint": None}
     trainer.data.load_state_dict(data_state)
     if trainer.cfg.checkpoint.reset_mixing_state:
         trainer.data.set_weights(trainer.mixing.initial_weights())
@@ -532,6 +533,8 @@ def load_job(trainer, load_dir: str) -> int:
         except CheckpointError as exc:  # the strategy checks its own entries
             raise CheckpointError(f"checkpoint {ckpt_dir}: {exc}; resume from an earlier checkpoint with --ckpt-step N, "
                                   "or pass --reset-mixing-state to restart the mixing weights") from None
+        # The strategy owns the weights; the sampler receives them (its state holds none since v3).
+        trainer.data.set_weights(trainer.mixing.current_weights())
     if rng is not None:
         restore_rng_state(rng)
     elif load_rng and ctx.is_logging_rank:

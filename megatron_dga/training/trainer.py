@@ -51,9 +51,10 @@ class Trainer:
             self.num_micro_batches, ctx.pp_size, ctx.vp_size,
             f"--global-batch-size {cfg.schedule.global_batch_size} / (--micro-batch-size "
             f"{cfg.schedule.micro_batch_size} x data-parallel size {ctx.dp_size})")
-        resume.align_domains_to_checkpoint(cfg)  # a reordered --data-path resumes by domain name
+        cfg = resume.align_domains_to_checkpoint(cfg)  # a reordered --data-path resumes by domain name
         self.data = DataPipeline(cfg, ctx)
-        cfg.model.vocab_size = self.data.vocab_size
+        # The config is read-only once parsed: the one the job runs with is a copy with the tokenizer's vocabulary.
+        self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
         # This rank's pipeline stage (the whole model with one stage), one chunk per virtual stage; with
         # --bf16/--fp16 wrapped in megatron's Float16Module, as Megatron's get_model does.
         built = build_model_chunks(cfg.model, ctx)
