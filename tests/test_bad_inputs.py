@@ -118,15 +118,22 @@ def test_checkpoint_with_non_finite_mixing_weights_is_refused(shards, tmp_path):
 
 
 def _fake_trainer(reset=False):
+    """The parts check_common_state asks: a real sampler and a real strategy over three domains."""
     from types import SimpleNamespace as NS
 
-    return NS(cfg=NS(checkpoint=NS(reset_mixing_state=reset)), data=NS(domain_info=NS(names=["a", "b", "c"])),
-              mixing=NS(num_sources=3, basis=None))
+    from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig
+    from megatron_dga.mixing.base import DomainInfo, build_mixing
+    from megatron_dga.mixing.config import MixingConfig
+
+    sampler = DynamicMixtureSampler([10, 10, 10], MixtureSamplerConfig(global_batch_size=8, micro_batch_size=2, seed=1))
+    mixing = build_mixing(MixingConfig(mixing="dga"), DomainInfo(["a", "b", "c"], np.ones(3), np.ones(3)))
+    return NS(cfg=NS(checkpoint=NS(reset_mixing_state=reset)), data=NS(check_state=sampler.check_state),
+              mixing=mixing)
 
 
 GOOD_STATE = {
     "iteration": 4, "consumed_samples": 32, "consumed_tokens": 1024,
-    "data": {"batches_drawn": 4, "carry": [0.1, -0.1, 0.0], "consumed": {"index": [0, 2], "value": [5, 3]},
+    "data": {"format": "megatron-dga/mixture-sampler-v2", "batches_drawn": 4, "carry": [0.1, -0.1, 0.0], "consumed": {"index": [0, 2], "value": [5, 3]},
              "reported": {"index": [], "value": []}, "probe_consumed": {"index": [3], "value": [8]},
              "weights": [0.2, 0.3, 0.5], "basis_weights": None},
     "mixing": {"weights": [0.2, 0.3, 0.5], "updates": 2},

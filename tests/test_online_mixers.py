@@ -70,12 +70,14 @@ def test_odm_refuses_a_state_that_is_not_its_own():
     domains = DomainInfo(["a", "b", "c"], np.ones(3), np.ones(3))
     odm = build_mixing(MixingConfig(mixing="odm"), domains)
     good = {"weights": [1 / 3] * 3, "rewards": [0.0, 1.0, 2.0], "updates": 2, "pending": None}
+    odm.check_state(good, "checkpoint c", "fix it")
     odm.load_state_dict(good)
     assert odm.state_dict() == good
-    for bad, named in (({"rewards": [0.0, 1.0]}, "ODM rewards"), ({"rewards": [0.0, float("nan"), 1.0]}, "ODM rewards"),
-                       ({"updates": -1}, "ODM updates"), ({"pending": [[1.0, 2.0]]}, "ODM pending")):
-        with pytest.raises(CheckpointError, match=named):
-            odm.load_state_dict({**good, **bad})
+    for bad, named in (({"rewards": [0.0, 1.0]}, "ODM rewards is"), ({"rewards": [0.0, float("nan"), 1.0]}, "ODM rewards holds"),
+                       ({"updates": -1}, "ODM updates is -1"), ({"pending": [[1.0, 2.0]]}, "ODM pending sums"),
+                       ({"weights": [0.5, 0.6, 0.0]}, "mixing weights sums to 1.1")):
+        with pytest.raises(CheckpointError, match=rf"^checkpoint c: {named}.*fix it"):
+            odm.check_state({**good, **bad}, "checkpoint c", "fix it")
 
 
 # ----------------------------------------------------------------------------- ODM against EXP3 in float64

@@ -762,6 +762,24 @@ class DynamicMixtureSampler:
             "basis_probe_calls": {str(n): c for n, c in sorted(self._basis_probe_calls.items())},
         }
 
+    def check_state(self, state: Any, where: str = "mixture-sampler state",
+                    fix: str = "load a state this sampler saved", weights_fix: Optional[str] = None) -> None:
+        """CheckpointError naming ``where``, the entry and ``fix``, unless ``state``'s numbers are usable:
+        counters integers >= 0, the carry k finite numbers; in a v1/v2 state (which held the weights)
+        the weights on the simplex, checked when ``weights_fix`` is given (None: they will be replaced).
+        The identity checks (seed, sizes, token limits, basis) are :meth:`load_state_dict`'s."""
+        from megatron_dga.state_checks import check_count, check_sparse_counts, check_vector, state_error
+
+        if not isinstance(state, dict):
+            raise state_error(where, f"the sampler state is {type(state).__name__}, not a dict", fix)
+        k = self.num_domains
+        check_count(state.get("batches_drawn"), "sampler batches_drawn", where, fix)
+        check_vector(state.get("carry"), k, "sampler carry", where, fix)
+        for key in ("consumed", "reported", "probe_consumed"):
+            check_sparse_counts(state.get(key), f"sampler {key}", where, fix)
+        if weights_fix is not None and state.get("format") in _WITH_WEIGHTS:
+            check_vector(state.get("weights"), k, "sampler weights", where, weights_fix, simplex=True)
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the stream then continues exactly where it was, with the
         weights set by their owner (a v1/v2 state, which held them, installs its own).

@@ -142,8 +142,24 @@ class MixingStrategy:
         """Metric key -> names of its list's entries, for list metrics not over the domains."""
         return {}
 
+    @property
+    def num_weights(self) -> int:
+        """Length of the weight vector: the domains, or the basis distributions with a basis."""
+        return self.domains.k if self.basis is None else int(self.basis.matrix.shape[0])
+
     def state_dict(self) -> Dict:
         return {}
+
+    def check_state(self, state, where: str, fix: str) -> None:
+        """CheckpointError naming ``where``, the entry and ``fix`` unless ``state`` (a state_dict() as saved)
+        is one this strategy can load; called before anything of the checkpoint is loaded. The base checks
+        the weights (on the simplex, ``num_weights`` long) when the state holds them; extend it for more."""
+        from megatron_dga.state_checks import check_vector, state_error
+
+        if not isinstance(state, dict):
+            raise state_error(where, f"mixing state is {type(state).__name__}, expected a dict", fix)
+        if state.get("weights") is not None:
+            check_vector(state["weights"], self.num_weights, "mixing weights", where, fix, simplex=True)
 
     def load_state_dict(self, state: Dict) -> None:
         del state

@@ -45,7 +45,6 @@ class DGA(MixingStrategy):
             from megatron_dga.mixing.weights_io import load_basis
 
             self.basis = load_basis(cfg.dga_basis, expected_domains=domains.names)
-        self.num_sources = domains.k if self.basis is None else self.basis.matrix.shape[0]
         self.weights: Optional[np.ndarray] = None
         self.updates = 0
         self.skipped_updates = 0
@@ -66,7 +65,7 @@ class DGA(MixingStrategy):
     def _init_weights(self) -> np.ndarray:
         cfg = self.cfg
         return initial_weights("--dga-init", cfg.dga_init, self.domains, importance_weights=cfg.importance_weights,
-                               basis=cfg.dga_basis, num_bases=self.num_sources)
+                               basis=cfg.dga_basis, num_bases=self.num_weights)
 
     def after_step(self, view: TrainerView) -> Optional[np.ndarray]:
         if view.iteration % self.cfg.dga_interval != 0:
@@ -101,7 +100,7 @@ class DGA(MixingStrategy):
     def measure_alignments(self, view: TrainerView):
         """One alignment pass with the configured estimator (an AlignmentResult); weights untouched."""
         probe_fn = view.probe_basis if self.basis is not None else view.probe_domain
-        args = (view, list(range(self.num_sources)), self.cfg.dga_domain_batch_size,
+        args = (view, list(range(self.num_weights)), self.cfg.dga_domain_batch_size,
                 self.cfg.dga_specific_batch_size, self.cfg.dga_preconditioner)
         if self.cfg.dga_estimator == "fd":
             return fd_alignments(*args, probe_fn=probe_fn, relative_step=self.cfg.dga_fd_step)

@@ -26,7 +26,6 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from megatron_dga.errors import CheckpointError
 from megatron_dga.mixing.base import MixingStrategy, TrainerView, check_identical_across_ranks, register
 from megatron_dga.mixing.initial import initial_weights
 
@@ -107,26 +106,27 @@ class ODM(MixingStrategy):
             "pending": pending,
         }
 
-    def load_state_dict(self, state: Dict) -> None:
-        """Restore a state_dict(); CheckpointError naming the entry that is not ODM's (the weights are
-        checked by the resume code, as every strategy's)."""
+    def check_state(self, state, where: str, fix: str) -> None:
+        """The base's weights check, then ODM's own entries."""
+        from megatron_dga.state_checks import check_count, check_vector, state_error
+
+        super().check_state(state, where, fix)
         k = self.domains.k
-        rewards, updates, pending = state.get("rewards"), state.get("updates"), state.get("pending")
-        if not _finite_shape(rewards, (k,)):
-            raise CheckpointError(f"ODM rewards are {rewards!r:.80}, expected {k} finite numbers (an ODM state)")
-        if not isinstance(updates, int) or isinstance(updates, bool) or updates < 0:
-            raise CheckpointError(f"ODM updates is {updates!r}, expected an integer >= 0")
-        if pending is not None and not _finite_shape(pending, (2, k)):
-            raise CheckpointError(f"ODM pending sums are {pending!r:.80}, expected 2 x {k} finite numbers")
+        check_vector(state.get("rewards"), k, "ODM rewards", where, fix)
+        check_count(state.get("updates"), "ODM updates", where, fix)
+        pending = state.get("pending")
+        if pending is not None:
+            try:
+                arr = np.asarray(pending, dtype=np.float64)
+            except (TypeError, ValueError):
+                arr = None
+            if arr is None or arr.shape != (2, k) or not np.isfinite(arr).all():
+                raise state_error(where, f"ODM pending sums are {pending!r:.80}, expected 2 x {k} finite numbers", fix)
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Restore a state_dict() (checked by :meth:`check_state` first)."""
         self.weights = None if state.get("weights") is None else np.asarray(state["weights"], dtype=np.float64)
-        self.rewards = np.asarray(rewards, dtype=np.float64)
-        self.updates = updates
+        self.rewards = np.asarray(state["rewards"], dtype=np.float64)
+        self.updates = int(state["updates"])
+        pending = state.get("pending")
         self._pending = None if pending is None else torch.tensor(pending, dtype=torch.float64)
-
-
-def _finite_shape(value, shape) -> bool:
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return False
-    return arr.shape == shape and bool(np.isfinite(arr).all())

@@ -359,5 +359,9 @@ class DataPipeline:
     def state_dict(self) -> Dict:
         return self.sampler.state_dict()
 
+    def check_state(self, state, where: str, fix: str, weights_fix: Optional[str]) -> None:
+        """The data pipeline's part of a checkpoint: its sampler checks its own entries."""
+        self.sampler.check_state(state, where, fix, weights_fix)
+
     def load_state_dict(self, state: Dict) -> None:
         self.sampler.load_state_dict(state)

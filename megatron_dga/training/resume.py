@@ -385,73 +385,42 @@ def save_job(trainer, *, background: bool = False):
 def check_common_state(common, trainer, ckpt_dir, iteration: int) -> None:
     """CheckpointError, naming ``ckpt_dir`` and the fix, unless our saved numbers are usable.
 
-    Counters must be integers >= 0, the iteration the metadata's; the sampler's
-    carry finite with one entry per domain; its weights, any basis weights and the mixing
-    weights finite, >= 0, summing to 1, of the right length (skipped with
-    --reset-mixing-state, which replaces them). A damaged value would otherwise surface steps
-    later as a sampler traceback or a NaN loss. Called before the trainer takes any of them.
+    The checkpoint's parts each check their own entries: the trainer's counters here (integers >= 0,
+    the iteration the metadata's), the data pipeline's sampler state (``DataPipeline.check_state``) and
+    the mixing strategy's (``MixingStrategy.check_state``: its weights on the simplex, skipped with
+    --reset-mixing-state, which replaces them). A damaged value would otherwise surface steps later as a
+    sampler traceback or a NaN loss. Called before the trainer takes any of them.
     """
-    import numpy as np
-
-    from megatron_dga.mixing.weights_io import check_simplex
+    from megatron_dga.state_checks import check_count, check_vector, state_error
 
     where, earlier = f"checkpoint {ckpt_dir}", "resume from an earlier checkpoint with --ckpt-step N"
     reset = trainer.cfg.checkpoint.reset_mixing_state
     mixing_fix = earlier if reset else f"{earlier}, or pass --reset-mixing-state to restart the mixing weights"
 
-    def fail(problem: str, fix: str = earlier):
-        raise CheckpointError(f"{where}: {problem}; {fix}")
-
-    def count(value, what: str) -> None:
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-            fail(f"{what} is {value!r}, expected an integer >= 0")
-
-    def vector(value, size: int, what: str, simplex: bool, fix: str = earlier) -> None:
-        try:
-            arr = np.asarray(value, dtype=np.float64) if isinstance(value, (list, tuple, np.ndarray)) else None
-        except (TypeError, ValueError, OverflowError):  # entries that are not numbers
-            arr = None
-        if arr is None or arr.shape != (size,):
-            fail(f"{what} is {value!r:.80}, expected {size} numbers", fix)
-        if simplex:
-            check_simplex(arr, where, what, fix=fix, error=CheckpointError)
-        elif not np.isfinite(arr).all():
-            fail(f"{what} holds non-finite values {arr[~np.isfinite(arr)][:5].tolist()}", fix)
-
     if not isinstance(common, dict) or not isinstance(common.get("data"), dict):
-        fail(f"its megatron_dga state is {type(common).__name__} without a 'data' dict, not a training state")
-    for key in ("iteration", "consumed_samples", "consumed_tokens"):
-        count(common.get(key), key)
+        raise state_error(where, f"its megatron_dga state is {type(common).__name__} without a 'data' dict, not a "
+                                 "training state", earlier)
+    for key in ("iteration", "consumed_samples", "consumed_tokens"):  # the trainer's own part
+        check_count(common.get(key), key, where, earlier)
     if common["iteration"] != iteration:
-        fail(f"its state is for iteration {common['iteration']}, its metadata says {iteration}")
-    data, k = common["data"], len(trainer.data.domain_info.names)
-    count(data.get("batches_drawn"), "sampler batches_drawn")
-    vector(data.get("carry"), k, "sampler carry", simplex=False)
-    for key in ("consumed", "reported", "probe_consumed"):  # sparse counters {'index': [...], 'value': [...]}
-        sparse = data.get(key)
-        index, value = (sparse.get("index"), sparse.get("value")) if isinstance(sparse, dict) else (None, None)
-        if not isinstance(index, list) or not isinstance(value, list) or len(index) != len(value):
-            fail(f"sampler {key} is {sparse!r:.80}, expected {{'index': [...], 'value': [...]}} of equal length")
-        for i, n in zip(index, value):
-            count(i, f"sampler {key} index")
-            count(n, f"sampler {key} count")
-    if not reset:
-        if "weights" in data:  # a sampler state before v3 held the weights too
-            vector(data.get("weights"), k, "sampler weights", simplex=True, fix=mixing_fix)
-        basis = getattr(trainer.mixing, "basis", None)
-        if data.get("basis_weights") is not None and basis is not None:  # the sampler refuses another basis
-            vector(data["basis_weights"], basis.matrix.shape[0], "sampler basis weights", True, mixing_fix)
-        mixing = common.get("mixing")
-        if not isinstance(mixing, dict):
-            fail(f"mixing state is {type(mixing).__name__}, expected a dict", mixing_fix)
-        if mixing.get("weights") is not None:
-            size = getattr(trainer.mixing, "num_sources", k)
-            saved_basis = data.get("basis_weights") is not None
-            if (isinstance(mixing["weights"], list) and len(mixing["weights"]) != size
-                    and saved_basis != (basis is not None)):  # saved before the job facts recorded --dga-basis
-                raise basis_change_error(str(ckpt_dir), True if saved_basis else None,
-                                         None if basis is None else basis.basis_names)
-            vector(mixing["weights"], size, "mixing weights", simplex=True, fix=mixing_fix)
+        raise state_error(where, f"its state is for iteration {common['iteration']}, its metadata says {iteration}",
+                          earlier)
+    data = common["data"]
+    trainer.data.check_state(data, where, earlier, weights_fix=None if reset else mixing_fix)
+    if reset:
+        return
+    basis = getattr(trainer.mixing, "basis", None)
+    if data.get("basis_weights") is not None and basis is not None:  # a v1/v2 sampler state; it refuses another basis
+        check_vector(data["basis_weights"], basis.matrix.shape[0], "sampler basis weights", where, mixing_fix,
+                     simplex=True)
+    mixing = common.get("mixing")
+    if isinstance(mixing, dict) and isinstance(mixing.get("weights"), list):
+        saved_basis = data.get("basis_weights") is not None
+        if (len(mixing["weights"]) != trainer.mixing.num_weights
+                and saved_basis != (basis is not None)):  # saved before the job facts recorded --dga-basis
+            raise basis_change_error(str(ckpt_dir), True if saved_basis else None,
+                                     None if basis is None else basis.basis_names)
+    trainer.mixing.check_state(mixing, where, mixing_fix)
 
 
 def load_job(trainer, load_dir: str) -> int:
