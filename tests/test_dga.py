@@ -221,12 +221,12 @@ def _fd_and_nan(rank, world_size, shards, log_dir):
 
 def _nan_probes(trainer, shards):
     """Poison one probe (a domain gradient, the specific gradient, an fd loss); the update must be skipped."""
-    from megatron_dga.mixing import dga as dga_module
+    from megatron_dga.mixing import mirror as mirror_module  # DGA's update step warns there
 
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    dga_module.logger.addHandler(handler)
+    mirror_module.logger.addHandler(handler)
     real_backward, real_forward = trainer.view.backward, trainer.view.forward_token_losses
     calls = {"n": 0}
 
@@ -269,7 +269,7 @@ def _nan_probes(trainer, shards):
             "warnings": [r.getMessage() for r in records if r.levelno == logging.WARNING],
             "recovered": recovered is not None and not np.array_equal(recovered, before),
         })
-    dga_module.logger.removeHandler(handler)
+    mirror_module.logger.removeHandler(handler)
     return results
 
 

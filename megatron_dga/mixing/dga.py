@@ -20,24 +20,21 @@ weights must come out bit-identical everywhere; after each update that is checke
 """
 from __future__ import annotations
 
-import logging
 from typing import Dict, List, Optional
 
 import numpy as np
-import torch
 
-from megatron_dga import ops
-from megatron_dga.errors import NumericalError
 from megatron_dga.mixing.alignment import exact_alignments
-from megatron_dga.mixing.base import MixingStrategy, TrainerView, check_identical_across_ranks, register
+from megatron_dga.mixing.base import TrainerView, register
 from megatron_dga.mixing.fd import fd_alignments
 from megatron_dga.mixing.initial import initial_weights
-
-logger = logging.getLogger(__name__)
+from megatron_dga.mixing.mirror import MirrorDescentStrategy
 
 @register("dga")
-class DGA(MixingStrategy):
+class DGA(MirrorDescentStrategy):
     """Online reweighting of the domains (or of the basis distributions) by gradient alignment."""
+
+    label = "DGA"
 
     def __init__(self, cfg, domains):
         super().__init__(cfg, domains)
@@ -45,10 +42,6 @@ class DGA(MixingStrategy):
             from megatron_dga.mixing.weights_io import load_basis
 
             self.basis = load_basis(cfg.dga_basis, expected_domains=domains.names)
-        self.weights: Optional[np.ndarray] = None
-        self.updates = 0
-        self.skipped_updates = 0
-        self._last: Dict[str, object] = {}
 
     def setup(self, view: TrainerView) -> None:
         """Probes the specific set; with --dga-basis the sampler draws from the bases."""
@@ -80,22 +73,8 @@ class DGA(MixingStrategy):
             self._last["domain_grad_norms"] = result.domain_grad_norms.tolist()
         if result.fd_step is not None:
             self._last["dga_fd_step"] = result.fd_step
-        try:
-            new = ops.simplex_update(
-                torch.as_tensor(self.weights, dtype=torch.float64),
-                torch.as_tensor(result.alignments, dtype=torch.float64),
-                eta=self.cfg.dga_eta, beta=self.cfg.dga_ema, floor=self.cfg.dga_min_weight,
-            ).numpy()
-        except NumericalError as exc:
-            # The alignments are identical on every rank, so every rank skips together.
-            self.skipped_updates += 1
-            logger.warning("DGA update at iteration %d skipped, weights kept: %s", view.iteration, exc)
-            self._last["dga_skipped_updates"] = self.skipped_updates
-            return None
-        check_identical_across_ranks(view, new)
-        self.updates += 1
-        self.weights = new
-        return new.copy()
+        return self.step(view, result.alignments, eta=self.cfg.dga_eta, ema=self.cfg.dga_ema,
+                         floor=self.cfg.dga_min_weight)
 
     def measure_alignments(self, view: TrainerView):
         """One alignment pass with the configured estimator (an AlignmentResult); weights untouched."""
@@ -114,19 +93,7 @@ class DGA(MixingStrategy):
         return {} if names is None else {key: names for key in ("alignments", "domain_grad_norms", "basis_weights")}
 
     def metrics(self) -> Dict[str, object]:
-        out, self._last = self._last, {}
+        out = super().metrics()
         if self.basis is not None and self.weights is not None:
             out["basis_weights"] = self.weights.tolist()
         return out
-
-    def state_dict(self) -> Dict:
-        return {
-            "weights": None if self.weights is None else [float(w) for w in self.weights],
-            "updates": self.updates,
-            "skipped_updates": self.skipped_updates,
-        }
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.weights = None if state.get("weights") is None else np.asarray(state["weights"], dtype=np.float64)
-        self.updates = int(state.get("updates", 0))
-        self.skipped_updates = int(state.get("skipped_updates", 0))

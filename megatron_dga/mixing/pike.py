@@ -34,19 +34,17 @@ DP size continues with its own estimates, not the ones the old layout would have
 """
 from __future__ import annotations
 
-import logging
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from megatron_dga import ops
-from megatron_dga.errors import ConfigError, NumericalError
-from megatron_dga.mixing.base import MixingStrategy, TrainerView, check_identical_across_ranks, register
+from megatron_dga.errors import ConfigError
+from megatron_dga.mixing.base import TrainerView, register
 from megatron_dga.mixing.initial import initial_weights
+from megatron_dga.mixing.mirror import MirrorDescentStrategy
 from megatron_dga.rng import capture_rng_state, restore_rng_state
-
-logger = logging.getLogger(__name__)
 
 
 def split_halves(micro_batches: List[Dict[str, torch.Tensor]]) -> Tuple[list, list]:
@@ -122,15 +120,10 @@ def scores(grad_sq: np.ndarray, noise: np.ndarray, weights: np.ndarray, penalty:
 
 
 @register("pike")
-class PiKE(MixingStrategy):
+class PiKE(MirrorDescentStrategy):
     """Mirror descent on the one-step loss-decrease bound, from per-domain gradient size and noise."""
 
-    def __init__(self, cfg, domains):
-        super().__init__(cfg, domains)
-        self.weights: Optional[np.ndarray] = None
-        self.updates = 0
-        self.skipped_updates = 0
-        self._last: Dict[str, object] = {}
+    label = "PiKE"
 
     def setup(self, view: TrainerView) -> None:
         _, dp_size = view.data_parallel()
@@ -151,30 +144,4 @@ class PiKE(MixingStrategy):
         score = scores(grad_sq, noise, self.weights, self.cfg.pike_penalty, view.global_batch_size)
         self._last = {"pike_grad_sq": grad_sq.tolist(), "pike_noise": noise.tolist(), "pike_scores": score.tolist(),
                       "pike_update": self.updates + 1}
-        try:
-            new = ops.simplex_update(
-                torch.as_tensor(self.weights, dtype=torch.float64), torch.as_tensor(score, dtype=torch.float64),
-                eta=self.cfg.pike_eta, beta=self.cfg.pike_ema, floor=self.cfg.pike_min_weight,
-            ).numpy()
-        except NumericalError as exc:  # identical scores on every rank: every rank skips together
-            self.skipped_updates += 1
-            logger.warning("PiKE update at iteration %d skipped, weights kept: %s", view.iteration, exc)
-            self._last["pike_skipped_updates"] = self.skipped_updates
-            return None
-        check_identical_across_ranks(view, new)
-        self.updates += 1
-        self.weights = new
-        return new.copy()
-
-    def metrics(self) -> Dict[str, object]:
-        out, self._last = self._last, {}
-        return out
-
-    def state_dict(self) -> Dict:
-        return {"weights": None if self.weights is None else [float(w) for w in self.weights],
-                "updates": self.updates, "skipped_updates": self.skipped_updates}
-
-    def load_state_dict(self, state: Dict) -> None:
-        self.weights = None if state.get("weights") is None else np.asarray(state["weights"], dtype=np.float64)
-        self.updates = int(state.get("updates", 0))
-        self.skipped_updates = int(state.get("skipped_updates", 0))
+        return self.step(view, score, eta=self.cfg.pike_eta, ema=self.cfg.pike_ema, floor=self.cfg.pike_min_weight)
