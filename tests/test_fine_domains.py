@@ -427,6 +427,9 @@ def test_pipeline_evaluates_top_clusters_or_fine_domains(small, tmp_path, caplog
     with pytest.raises(ConfigError, match=r"2 of the 8 fine domains .*\(c04, c07\)"):
         DataPipeline(parse_args(_argv(prefixes, gaps, tmp_path / "r", ["--mixing", "dga", "--specific-data-path",
                                                                         prefixes[0]])), ctx)
+    with pytest.raises(ConfigError, match=r"--mixing pike probes every domain .* 2 of the 8 fine domains .*--mixing odm"):
+        DataPipeline(parse_args(_argv(prefixes, gaps, tmp_path / "r", ["--mixing", "pike"])), ctx)
+    DataPipeline(parse_args(_argv(prefixes, gaps, tmp_path / "r", ["--mixing", "odm"])), ctx)  # no probes: fine
     many = _write_map(str(tmp_path / "many.npz"), prefixes, np.arange(len(group_ids)) % 100, [100])
     with caplog.at_level(logging.INFO, logger="megatron_dga.training.data"):
         data = DataPipeline(parse_args(_argv(prefixes, many, tmp_path / "r")), ctx)

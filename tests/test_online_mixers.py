@@ -269,3 +269,35 @@ def test_resume_is_bit_identical_and_another_layout_continues_the_run(shards, tm
     else:  # PiKE's halves are per data-parallel rank: at DP=1 its estimates differ from DP=2's, as designed
         assert tp2[0]["lm_loss"] == pytest.approx(straight[5]["lm_loss"], rel=1e-5)
         assert tp2[0]["pike_update"] == straight[5]["pike_update"] == 3
+
+
+# ----------------------------------------------------------------------------- over a domain map
+
+
+def _fine_map(shards, path, num_domains):
+    """A flat map over the three shards (48 documents each): document d of shard s in fine domain 2s + d % 2."""
+    from megatron_dga.data.domain_map import DomainMap, shard_identity, write_domain_map
+
+    ids = np.concatenate([2 * s + np.arange(48) % 2 for s in range(3)]).astype(np.int32)
+    write_domain_map(path, DomainMap(ids, [shard_identity(p) for p in shards["domains"]], [num_domains]))
+    return path
+
+
+def test_odm_runs_over_the_fine_domains_of_a_domain_map(shards, tmp_path):
+    from tests.dist_utils import run_pretrain
+
+    argv = _argv(shards, tmp_path, 6, ["--mixing", "odm", "--domain-map", _fine_map(shards, str(tmp_path / "m.npz"), 6)])
+    rcs, metrics = run_pretrain(argv, 1)
+    assert rcs == [0]
+    rewards = np.array(metrics[-1]["odm_rewards"])
+    assert len(metrics[-1]["domain_weights"]) == rewards.size == 6 and (rewards > 0).all()  # every arm drawn
+
+
+def test_pike_over_more_fine_domains_than_it_can_probe_is_refused(shards, tmp_path):
+    from megatron_dga.errors import ConfigError
+    from megatron_dga.mixing.config import MixingConfig, check_job
+
+    path = _fine_map(shards, str(tmp_path / "m.npz"), 300)
+    with pytest.raises(ConfigError, match=r"--mixing pike over the 300 fine domains .* use --mixing odm"):
+        check_job(MixingConfig(mixing="pike"), data_path_weights=None, domain_map=path, use_distributed_optimizer=False,
+                  precision=None, transformer_engine=False)

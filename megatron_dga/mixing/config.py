@@ -177,6 +177,12 @@ class MixingConfig(ReadOnlyOnceParsed):
             check_initial("--mixing" if self.mixing == "importance" else "--dga-init", "importance",
                           static_given=None, importance_weights=self.importance_weights)
 
+    @property
+    def probes_every_domain(self) -> bool:
+        """The strategy back-propagates a probe batch of every domain at each update (DGA without a basis,
+        PiKE): every domain must hold a sample, which the data pipeline checks at start-up."""
+        return (self.mixing == "dga" and not self.dga_basis) or self.mixing == "pike"
+
     def _check_odm_and_pike(self) -> None:
         if self.odm_interval <= 0:
             raise ConfigError(f"--odm-interval must be > 0, got {self.odm_interval}")

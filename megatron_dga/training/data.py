@@ -40,20 +40,21 @@ def _part_sizes(part) -> List[int]:
 
 
 def _check_probes_reach_every_domain(cfg: PretrainConfig, dom: "_Domains") -> None:
-    """DGA without a basis probes every domain at every update: an empty fine domain is refused now,
-    not at the first update."""
+    """A strategy that probes every domain at every update (DGA without a basis, PiKE): an empty fine domain
+    is refused now, not at the first update."""
     mixing = cfg.mixing
-    if mixing.mixing != "dga" or mixing.dga_basis:
+    if not mixing.probes_every_domain:
         return
     empty = np.flatnonzero(dom.num_samples == 0)
     if empty.size:
         shown = ", ".join(dom.names[i] for i in empty[:5]) + (" ..." if empty.size > 5 else "")
+        instead = ("reweight basis distributions instead (--dga-basis FILE, from tools/importance_weights.py "
+                   "--domain-map ... --basis-sets ... --basis-output FILE)" if mixing.mixing == "dga" else
+                   "use --mixing odm (no probes) or --mixing dga --dga-basis FILE")
         raise ConfigError(
-            f"--mixing dga probes every domain at each update, but {empty.size} of the {len(dom.names)} fine domains "
-            f"of --domain-map {cfg.data.domain_map} hold no full sample of --seq-length {cfg.model.seq_length} + 1 "
-            f"tokens ({shown}); reweight basis distributions instead (--dga-basis FILE, from "
-            "tools/importance_weights.py --domain-map ... --basis-sets ... --basis-output FILE), or cluster into "
-            "fewer fine domains")
+            f"--mixing {mixing.mixing} probes every domain at each update, but {empty.size} of the {len(dom.names)} "
+            f"fine domains of --domain-map {cfg.data.domain_map} hold no full sample of --seq-length "
+            f"{cfg.model.seq_length} + 1 tokens ({shown}); {instead}, or cluster into fewer fine domains")
 
 
 def _token_limits(values: Optional[List[int]], k: int) -> Optional[List[Optional[int]]]:
