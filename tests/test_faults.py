@@ -168,8 +168,9 @@ def test_distributed_load_of_a_rotated_checkpoint_names_the_fix(two_checkpoints,
 def test_second_writer_is_refused_and_ctrl_c_is_one_line(shards, tmp_path):
     save = tmp_path / "ckpt"
     log = tmp_path / "first"
+    # Far more iterations than it can run before the SIGINT below: on an idle machine 500 finished first.
     first = subprocess.Popen([sys.executable, "-m", "megatron_dga.pretrain_gpt",
-                              *_argv(shards, log, ["--save", str(save), "--save-interval", "2"])],
+                              *_argv(shards, log, ["--save", str(save), "--save-interval", "2"], iters=1_000_000)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_lines(log / "metrics.jsonl", 3, first)
