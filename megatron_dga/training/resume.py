@@ -38,7 +38,7 @@ import dataclasses
 import logging
 from typing import Dict, List, Optional
 
-from megatron_dga.errors import CheckpointError, ConfigError
+from megatron_dga.errors import ConfigError
 from megatron_dga.training import checkpoint as ckpt
 from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 
@@ -497,11 +497,7 @@ def load_job(trainer, load_dir: str) -> int:
     if trainer.cfg.checkpoint.reset_mixing_state:
         trainer.data.set_weights(trainer.mixing.initial_weights())
     else:
-        try:
-            trainer.mixing.load_state_dict(common["mixing"])
-        except CheckpointError as exc:  # the strategy checks its own entries
-            raise CheckpointError(f"checkpoint {ckpt_dir}: {exc}; resume from an earlier checkpoint with --ckpt-step N, "
-                                  "or pass --reset-mixing-state to restart the mixing weights") from None
+        trainer.mixing.load_state_dict(common["mixing"])  # checked by its check_state before anything loaded
         # The strategy owns the weights; the sampler receives them (its state holds none since v3).
         trainer.data.set_weights(trainer.mixing.current_weights())
     if rng is not None:
