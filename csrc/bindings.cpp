@@ -45,7 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("has_cuda", &has_cuda, "whether the CUDA kernels were compiled in");
   // Host index kernels of megatron_dga.data.sampler, its only implementation (checked bit for bit
-  // against the numpy oracle tests/sampler_oracle.py).
+  // against the numpy oracle tests/helpers/sampler_oracle.py).
   m.def("sampler_global_batches", &megatron_dga::sampler_global_batches,
         "num global batches (int64 num x B x 2); updates carry and consumed in place",
         py::arg("weights"), py::arg("carry"), py::arg("consumed"), py::arg("access"), py::arg("sizes"),

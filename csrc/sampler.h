@@ -2,8 +2,8 @@
 // implementation: allocation by water-filling, keyed Feistel permutations with cycle walking,
 // and the low-discrepancy order inside a global batch. Host-only C++17.
 //
-// tests/sampler_oracle.py re-implements every function here in numpy (same names and
-// arguments), and tests/test_sampler.py checks that both compute the same bits (same wrapping
+// tests/helpers/sampler_oracle.py re-implements every function here in numpy (same names and
+// arguments), and tests/data/test_sampler.py checks that both compute the same bits (same wrapping
 // uint32/uint64 arithmetic, same float64 operations in the same order, numpy's pairwise
 // summation for the carry re-centring, same tie-breaking). Call them through
 // DynamicMixtureSampler, which validates everything and never passes an empty domain; the

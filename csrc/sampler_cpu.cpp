@@ -1,6 +1,6 @@
 // Host kernels of the dynamic mixture sampler; see sampler.h and megatron_dga/data/README.md.
 //
-// Bit-identity with the numpy oracle (tests/sampler_oracle.py) rests on three things:
+// Bit-identity with the numpy oracle (tests/helpers/sampler_oracle.py) rests on three things:
 //   * integers: the same wrapping uint32/uint64 operations (the Feistel rounds use Lemire's
 //     exact 32-bit division by multiplication instead of `%` and `/`, which gives the same
 //     quotient and remainder for every 32-bit operand);

@@ -1,7 +1,7 @@
 // C++ kernel of simplex_update: one exponentiated-gradient (mirror descent) step on the
 // probability simplex, followed by the EMA and the floor. The maths, and why it is exact
 // for alignments of any finite magnitude, is written out in megatron_dga/ops/reference.py;
-// this file and the reference must stay in step (tests/test_ops.py compares them).
+// this file and the reference must stay in step (tests/ops/test_ops.py compares them).
 #include <cmath>
 #include <limits>
 

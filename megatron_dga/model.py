@@ -417,7 +417,7 @@ def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int
 
     One mapping for every machine: the GPU-only values (a transformer-engine attention backend,
     sequence parallelism) are bound against the installed TransformerConfig in
-    ``tests/test_megatron_contract.py``; :meth:`GPTModelConfig.check_machine` refuses them where
+    ``tests/training/test_megatron_contract.py``; :meth:`GPTModelConfig.check_machine` refuses them where
     they cannot run.
     """
     import torch.nn.functional as F
@@ -526,7 +526,7 @@ def layer_spec_arguments(cfg: GPTModelConfig, use_transformer_engine: bool) -> d
     The local spec builds its norm modules from ``normalization``; transformer-engine
     layers read the norm from the TransformerConfig and take no such argument
     (``get_gpt_layer_with_transformer_engine_spec(normalization=...)`` is a TypeError).
-    ``tests/test_megatron_contract.py`` binds both against the installed megatron-core.
+    ``tests/training/test_megatron_contract.py`` binds both against the installed megatron-core.
     """
     return {} if use_transformer_engine else {"normalization": cfg.normalization}
 

@@ -162,7 +162,7 @@ PYTEST_ARGS=(-m gpu -v -p no:cacheprovider "--junitxml=$TESTS_XML")
 "$PYTHON" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout=140)
 "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST_ARGS+=(-n "${GPU_CHECK_TEST_WORKERS:-4}")
 run_step "GPU tests" 160 "$TESTS_LOG" \
-  "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" tests/test_ops.py tests/test_checkpoint.py tests/test_gpu_training.py
+  "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" tests/ops/test_ops.py tests/training/test_checkpoint.py tests/training/test_gpu_training.py
 
 # --- 3. grad_dot bandwidth against a device-to-device copy in the same run
 run_step "benchmark grad_dot" 45 "$GRAD_LOG" \

@@ -5,7 +5,7 @@ there (test_dga.py, test_domains.py, test_domain_map.py, test_gpu_training.py).
 """
 import pytest
 
-from tests.synthetic import three_domain_shards
+from tests.helpers.synthetic import three_domain_shards
 
 
 @pytest.fixture(scope="session")

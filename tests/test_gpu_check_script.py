@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO as ROOT
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="a bash script for Linux GPU machines")
@@ -23,8 +23,8 @@ cuda = SimpleNamespace(is_available=lambda: True, get_device_capability=lambda: 
 """
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="0"
-skipped="1" tests="3" time="1.0"><testcase classname="tests.test_ops" name="test_a" time="0.1"/>
-<testcase classname="tests.test_ops" name="test_b" time="0.2"/><testcase classname="tests.test_gpu_training"
+skipped="1" tests="3" time="1.0"><testcase classname="tests.ops.test_ops" name="test_a" time="0.1"/>
+<testcase classname="tests.ops.test_ops" name="test_b" time="0.2"/><testcase classname="tests.training.test_gpu_training"
 name="test_te" time="0.0"><skipped message="could not import 'transformer_engine'"/></testcase></testsuite></testsuites>
 """
 

@@ -11,7 +11,7 @@ One implementation computes the indices: the C++ kernels ``sampler_*`` of the ex
 cannot be built without it (a ConfigError names the build command). ``MEGATRON_DGA_OPS``,
 the fused ops' switch to their torch reference, does not apply here. This module validates
 inputs, keeps the weights and the state, and calls the kernels; the tests compare the
-kernels bit for bit with a numpy oracle (``tests/sampler_oracle.py``).
+kernels bit for bit with a numpy oracle (``tests/helpers/sampler_oracle.py``).
 
 Pieces:
 

@@ -18,7 +18,7 @@ over model-parallel ranks): the parameter vector moves by a fixed fraction of it
 length, so the step follows the scale of the weights rather than their count. The
 default 1e-4 is measured against the exact estimator at the same parameters on the same
 probe samples, in fp32:
-  * tiny GPT of tests/test_dga.py (30k parameters, |theta| ~ 13), 18 alignments: max
+  * tiny GPT of tests/mixing/test_dga.py (30k parameters, |theta| ~ 13), 18 alignments: max
     error (relative to max|a|) 5e-3 at 1e-6 (fp32 rounding of the losses), 4e-4 at 1e-5,
     8e-5 at 1e-4, 6e-3 at 1e-3, 0.44 at 1e-2 (the O(h^2) term: the loss is strongly
     curved along g_spe);

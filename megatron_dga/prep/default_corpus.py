@@ -774,7 +774,7 @@ def prepare_default_data(
     Raises:
         ConfigError: invalid sizes. DataError: an unusable installation or output directory.
     """
-    from megatron_dga.data.tokenizers import SentencePieceTrainConfig
+    from megatron_dga.prep.train_tokenizer import SentencePieceTrainConfig
 
     log = log or logger.info
     cfg = corpus_config or CorpusConfig()
@@ -805,12 +805,8 @@ def prepare_default_data(
 
 def _build(root: str, params: dict, cfg: CorpusConfig, sp_cfg, log) -> dict:
     from megatron_dga.prep.preprocess import PreprocessConfig, preprocess
-    from megatron_dga.data.tokenizers import (
-        SentencePieceTokenizer,
-        SentencePieceTrainConfig,
-        TokenizerSpec,
-        train_sentencepiece,
-    )
+    from megatron_dga.data.tokenizers import SentencePieceTokenizer, TokenizerSpec
+    from megatron_dga.prep.train_tokenizer import SentencePieceTrainConfig, train_sentencepiece
 
     t0 = time.monotonic()
     staging = os.path.join(root, f".staging-{os.getpid()}")

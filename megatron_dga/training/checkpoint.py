@@ -835,7 +835,7 @@ DCP_METADATA_GLOBALS = {
     "collections": {"OrderedDict"},
 }
 """The globals torch.distributed.checkpoint's ``.metadata`` pickle may name (the DCP dataclasses of
-Metadata and its plans, torch.Size, dtypes, layouts); tests/test_checkpoint_trust.py lists those of a real
+Metadata and its plans, torch.Size, dtypes, layouts); tests/training/test_checkpoint_trust.py lists those of a real
 checkpoint with pickletools and checks they are all here."""
 
 
