@@ -53,9 +53,9 @@ class GPTModelConfig(ReadOnlyOnceParsed):
     entries are kept out of the loss (:func:`mask_padded_vocab`), so the model computes the same
     function at every TP size and a checkpoint resumes on another one unchanged."""
     position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
-    """--position-embedding-type."""
+    """learned_absolute (GPT-2) or rope (rotary, with --rotary-base and --rotary-percent)."""
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
-    """--normalization."""
+    """LayerNorm or RMSNorm (Llama-style models), with --norm-epsilon."""
     untie_embeddings_and_output_weights: bool = False
     """--untie-embeddings-and-output-weights; tied by default, as in Megatron's GPT."""
     norm_epsilon: float = 1e-5
@@ -152,7 +152,7 @@ class GPTModelConfig(ReadOnlyOnceParsed):
     hidden_dropout: float = 0.0
     """--hidden-dropout (0 by default: short runs, and deterministic probes)."""
     attention_dropout: float = 0.0
-    """--attention-dropout."""
+    """Dropout probability on the attention probabilities (0 disables it)."""
     init_method_std: float = 0.02
     """Std of the normal weight init (--init-method-std)."""
 

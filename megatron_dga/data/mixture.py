@@ -8,9 +8,7 @@ Sample *indices* are always computed in the main process by
 samples. So a weight change made by the trainer reaches the data without talking to
 the workers.
 
-Two ways to load:
-
-* :class:`StepLoader` (recommended). The trainer asks for each step explicitly::
+Loading: :class:`StepLoader`. The trainer asks for each step explicitly::
 
       loader = StepLoader(dataset, sampler, dp_rank, dp_size, num_workers=2)
       for step in range(steps):
@@ -22,18 +20,9 @@ Two ways to load:
   returns an iterator over this rank's collated micro-batches. Worker prefetching
   (``prefetch_factor``) stays inside that global batch: it can never run ahead into a
   batch drawn with stale weights. Workers are persistent across steps.
-
-* :class:`MixtureBatchSampler`, for a plain ``DataLoader(ds, batch_sampler=...)``. It
-  draws a new global batch whenever the previous one's micro-batches have all been
-  handed out. The DataLoader pulls indices ahead of consumption (up to
-  ``prefetch_factor * num_workers`` micro-batches, plus the one being built), so a
-  weight change applies from the first global batch drawn *after* the change, which may
-  be up to ``ceil((prefetch_factor * num_workers + 1) / num_micro_batches)`` steps
-  later than the trainer's current step (:meth:`MixtureBatchSampler.max_lag_steps`).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
@@ -275,29 +264,3 @@ class StepLoader:
             micro = self.dataset.load(rows)
             out.append({k: v.pin_memory() for k, v in micro.items()} if self._pin_memory else micro)
         return out
-
-
-class MixtureBatchSampler:
-    """Infinite batch sampler of this rank's micro-batches for ``DataLoader(batch_sampler=...)``.
-
-    See the module docstring for when a weight change takes effect under prefetching;
-    prefer :class:`StepLoader`, whose semantics are exact.
-    """
-
-    def __init__(self, sampler: DynamicMixtureSampler, dp_rank: int = 0, dp_size: int = 1) -> None:
-        self.num_micro_batches = check_batch_geometry(
-            sampler.config.global_batch_size, sampler.config.micro_batch_size, dp_size
-        )
-        if not 0 <= dp_rank < dp_size:
-            raise ConfigError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
-        self.sampler, self.dp_rank, self.dp_size = sampler, dp_rank, dp_size
-
-    def __iter__(self):
-        while True:
-            batch = self.sampler.global_batch()
-            for mb in self.sampler.rank_micro_batches(batch, self.dp_rank, self.dp_size):
-                yield _as_key_list(mb)
-
-    def max_lag_steps(self, num_workers: int, prefetch_factor: int = 2) -> int:
-        """Most global batches that may be drawn before the step the trainer is on."""
-        return math.ceil((prefetch_factor * max(num_workers, 1) + 1) / self.num_micro_batches)

@@ -33,7 +33,7 @@ from megatron_dga.errors import ConfigError, NumericalError
 from megatron_dga.ops import reference
 from megatron_dga.ops._backend import ENV_VAR, resolve
 
-__all__ = ["backend", "grad_dot", "grad_dots", "simplex_update", "SUPPORTED_DTYPES", "ENV_VAR"]
+__all__ = ["backend", "grad_dot", "simplex_update", "SUPPORTED_DTYPES", "ENV_VAR"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ACCUMULATE = ("fp64", "fp32")
@@ -222,57 +222,6 @@ def grad_dot(
     if gs:
         _dot_into(out, 0, gs, ts, vs, bias_correction2, eps, fp64, backend)
     return out[0]
-
-
-def grad_dots(
-    list_of_grads: Sequence[TensorList],
-    targets: TensorList,
-    *,
-    exp_avg_sq: Optional[TensorList] = None,
-    bias_correction2: float = 1.0,
-    eps: float = 1e-8,
-    counted: Optional[Sequence[bool]] = None,
-    accumulate: str = "fp64",
-    device: Optional[Union[str, torch.device]] = None,
-    backend: Optional[str] = None,
-) -> torch.Tensor:
-    """``grad_dot`` of k gradients against one target, into one float64 vector.
-
-    Args:
-        list_of_grads: k gradients, each a list of pieces laid out like ``targets``.
-        targets, exp_avg_sq, bias_correction2, eps, counted, accumulate, device, backend:
-            as in ``grad_dot``, shared by the k gradients.
-
-    Returns:
-        A 1-D float64 tensor of k dots on the gradients' device (one all-reduce of it sums
-        partial dots over ranks).
-
-    Raises:
-        ConfigError: as ``grad_dot``, naming the offending gradient; or gradients on
-            different devices.
-    """
-    fp64 = _check_scalars(bias_correction2, eps, accumulate, "grad_dots")
-    if not isinstance(list_of_grads, (list, tuple)):
-        raise ConfigError(
-            f"grad_dots: list_of_grads must be a list of gradients (each a list of tensors), "
-            f"got {type(list_of_grads).__name__}"
-        )
-    prepared = [
-        _prepare(grads, targets, exp_avg_sq, counted, f"grad_dots (gradient {i})")
-        for i, grads in enumerate(list_of_grads)
-    ]
-    devices = {p[3] for p in prepared if p[3] is not None}
-    if len(devices) > 1:
-        raise ConfigError(
-            f"grad_dots: the gradients are on several devices ({sorted(map(str, devices))}); "
-            "put them all on one device"
-        )
-    dev = devices.pop() if devices else torch.device(device or "cpu")
-    out = torch.zeros(len(prepared), dtype=torch.float64, device=dev)
-    for i, (gs, ts, vs, _) in enumerate(prepared):
-        if gs:
-            _dot_into(out, i, gs, ts, vs, bias_correction2, eps, fp64, backend)
-    return out
 
 
 # ----------------------------------------------------------------------- simplex_update

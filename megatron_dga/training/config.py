@@ -256,7 +256,7 @@ class OptimizerConfig(ReadOnlyOnceParsed):
     """--lr-decay-samples: samples over which to decay (with --train-samples only); None means
     --train-samples."""
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    """--lr-decay-style."""
+    """Shape of the decay from --lr to --min-lr after warm-up: cosine, linear or constant."""
     weight_decay: float = 0.01
     """--weight-decay (not applied to biases and norms, as in Megatron)."""
     override_opt_param_scheduler: bool = False
@@ -273,11 +273,11 @@ class OptimizerConfig(ReadOnlyOnceParsed):
     clip_grad: float = 1.0
     """Global gradient-norm clip (--clip-grad); 0 disables."""
     adam_beta1: float = 0.9
-    """--adam-beta1."""
+    """Adam's first-moment decay (beta1)."""
     adam_beta2: float = 0.95
-    """--adam-beta2."""
+    """Adam's second-moment decay (beta2); DGA's preconditioner reads these moments."""
     adam_eps: float = 1e-8
-    """--adam-eps."""
+    """Adam's epsilon, added to the square root of the second moment."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (--use-distributed-optimizer), megatron-core's
     DistributedOptimizer; DGA then all-reduces (not reduce-scatters) its specific gradient."""

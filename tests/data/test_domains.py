@@ -19,7 +19,7 @@ from megatron_dga.data.domains import (
     parse_data_path,
     read_sidecar_vocab_size,
 )
-from megatron_dga.data.mixture import MixtureBatchSampler, MixtureDataset, StepLoader
+from megatron_dga.data.mixture import MixtureDataset, StepLoader
 from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig
 from megatron_dga.errors import DataError
 
@@ -287,24 +287,6 @@ def test_step_loader_sees_weight_change(shards, num_workers):
         mine = loader.last_global_batch[4:]
         for row, got in zip(mine, torch.cat([mb["tokens"] for mb in mbs])):
             torch.testing.assert_close(got, domains.datasets[row[0]][row[1]]["tokens"])
-
-
-def test_plain_dataloader_batch_sampler_applies_change_within_lag(shards):
-    domains = build_domain_datasets(shards[:2], Tok(), DomainDatasetConfig(sequence_length=SEQ))
-    ds = MixtureDataset(domains.datasets)
-    cfg = MixtureSamplerConfig(global_batch_size=4, micro_batch_size=2, seed=3)
-    sampler = DynamicMixtureSampler(domains.num_samples, cfg, weights=[1, 0])
-    bs = MixtureBatchSampler(sampler)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=bs, num_workers=2, prefetch_factor=2)
-    it = iter(loader)
-    for _ in range(4):
-        assert next(it)["domain_id"].tolist() == [0, 0]
-    sampler.set_weights([0, 1])
-    lag = bs.max_lag_steps(num_workers=2, prefetch_factor=2)
-    seen = [next(it)["domain_id"].tolist() for _ in range((lag + 2) * bs.num_micro_batches)]
-    # every micro-batch after the documented lag follows the new weights
-    assert all(mb == [1, 1] for mb in seen[lag * bs.num_micro_batches :]), seen
-    del it
 
 
 def test_document_split_gives_disjoint_train_and_valid_parts(shards):

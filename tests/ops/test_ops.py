@@ -180,22 +180,6 @@ def test_grad_dot_empty_and_skipped(impl):
     assert float(ops.grad_dot(g, g, backend=backend)) == 5.0
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_grad_dots_batched(impl):
-    backend, dev = impl
-    gs, ts, vs, counted = _many_tensors(3, count=40)
-    gen = _gen(4)
-    others = [[torch.randn(x.shape, generator=gen).to(x.dtype) for x in gs] for _ in range(3)]
-    grads = [gs] + others
-    got = ops.grad_dots([_to(dev, x) for x in grads], _to(dev, ts), exp_avg_sq=_to(dev, vs),
-                        bias_correction2=0.9, counted=counted, backend=backend)
-    assert got.shape == (4,) and got.dtype == torch.float64 and got.device.type == dev
-    for i, x in enumerate(grads):
-        ref, scale = np_grad_dot(x, ts, vs, 0.9, 1e-8, counted)
-        assert abs(float(got[i]) - ref) <= FP64_RTOL * scale
-    assert ops.grad_dots([], ts, backend=backend).shape == (0,)
-
-
 @pytest.mark.skipif(_EXT is None, reason=_NO_EXT)
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _EXT_CUDA, reason="no CUDA kernels/GPU")])])
 @pytest.mark.parametrize("accumulate", ["fp64", "fp32"])
@@ -271,8 +255,6 @@ def test_grad_dot_errors_name_the_problem():
         ops.grad_dot([a], [a], eps=-1)
     with pytest.raises(ConfigError, match="list or tuple of tensors, got dict"):
         ops.grad_dot({"w": a}, [a])
-    with pytest.raises(ConfigError, match=r"grad_dots \(gradient 1\)"):
-        ops.grad_dots([[a], [b, a]], [a])
 
 
 # ------------------------------------------------------------------------------ backends

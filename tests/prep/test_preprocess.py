@@ -224,7 +224,7 @@ def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     dead = subprocess.Popen(["true"])
-    dead.wait()  # a pid that no longer runs (a SIGKILLed preprocess leaves such files)
+    dead.wait(timeout=60)  # a pid that no longer runs (a SIGKILLed preprocess leaves such files)
     stale = [f"d_text_document.bin.tmp-{dead.pid}", f"d_text_document.idx.tmp-{dead.pid}",
              f"web_text_document.json.tmp-{dead.pid}"]
     kept = [f"d_text_document.bin.tmp-{os.getppid()}", f"notes.txt.tmp-{dead.pid}"]  # a live writer; not ours

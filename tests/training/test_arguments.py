@@ -1,4 +1,5 @@
 """Megatron-style CLI and YAML -> configs: precedence, types, errors that name the flag."""
+import argparse
 import dataclasses
 import re
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from megatron_dga.errors import ConfigError
-from megatron_dga.training.arguments import build_parser, parse_args
+from megatron_dga.training.arguments import _NOT_FLAGS, SECTIONS, _flag, build_parser, parse_args
 
 BASE = ["--data-path", "a_text_document"]
 
@@ -21,29 +22,44 @@ def test_yaml_values_are_overridden_by_the_command_line(tmp_path):
     assert (cfg.mixing.mixing, cfg.mixing.dga_ema) == ("dga", 0.5)
 
 
-def test_every_config_field_has_a_documented_flag():
-    helps = {a.option_strings[0]: a.help for a in build_parser()._actions if a.option_strings}
-    for flag in ("--lr", "--min-lr", "--lr-warmup-iters", "--lr-decay-style", "--weight-decay", "--clip-grad",
-                 "--adam-beta1", "--adam-beta2", "--bf16", "--seed", "--tensor-model-parallel-size",
-                 "--pipeline-model-parallel-size", "--use-distributed-optimizer", "--data-path",
-                 "--specific-data-path", "--specific-eval-data-path", "--tokenizer-type", "--tokenizer-model",
-                 "--save", "--load", "--save-interval", "--keep-last", "--eval-interval", "--eval-iters",
-                 "--log-interval", "--log-dir", "--tensorboard-dir", "--mixing", "--micro-batch-size",
-                 "--global-batch-size", "--train-iters", "--dga-interval", "--dga-eta", "--dga-ema",
-                 "--dga-min-weight", "--dga-domain-batch-size", "--dga-specific-batch-size",
-                 "--dga-preconditioner", "--dga-basis", "--dga-init", "--dga-estimator",
-                 "--group-query-attention", "--num-query-groups", "--kv-channels", "--swiglu", "--disable-bias-linear",
-                 "--add-qkv-bias", "--norm-epsilon", "--rotary-base", "--rotary-percent", "--use-rope-scaling",
-                 "--rope-scaling-factor", "--recompute-activations", "--recompute-granularity", "--recompute-method",
-                 "--recompute-num-layers", "--sequence-parallel", "--fp16", "--loss-scale", "--initial-loss-scale",
-                 "--min-loss-scale", "--loss-scale-window", "--hysteresis", "--use-flash-attn", "--attention-backend",
-                 "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "--wandb-project",
-                 "--wandb-exp-name", "--wandb-save-dir", "--num-layers-per-virtual-pipeline-stage",
-                 "--num-virtual-stages-per-pipeline-rank", "--context-parallel-size",
-                 "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler",
-                 "--gradient-accumulation-fusion", "--bias-gelu-fusion", "--bias-swiglu-fusion",
-                 "--bias-dropout-fusion", "--masked-softmax-fusion", "--rope-fusion", "--persist-layer-norm"):
-        assert helps.get(flag), f"{flag} missing or undocumented"
+def _flag_actions():
+    """Every flag of the trainer's parser but --help and --config, walked from the parser itself."""
+    return [a for a in build_parser()._actions if a.option_strings and a.dest not in ("help", "config")]
+
+
+def test_every_flag_is_a_documented_config_field_and_every_field_has_its_flag():
+    actions = _flag_actions()
+    by_dest = {a.dest: a for a in actions}
+    assert len(by_dest) == len(actions) > 100
+    fields = {f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert set(by_dest) == fields - {f"{section}.{name}" for section, name in _NOT_FLAGS}
+    for a in actions:
+        assert a.option_strings[0] == "--" + _flag(*a.dest.split(".", 1)), a.option_strings
+        assert a.help and len(a.help.split()) >= 3, f"{a.option_strings[0]} has no help"
+    # Megatron-LM's spellings where they differ from the field names
+    flags = {a.option_strings[0] for a in actions}
+    assert {"--distributed-backend", "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"} <= flags
+
+
+def _example_values(action):
+    """Command-line values of a flag's type and what the parser must make of them."""
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [([action.option_strings[0]], True), ([action.option_strings[1]], False)]
+    if action.choices:
+        return [([str(c)], c) for c in action.choices]
+    kind = action.type or str
+    one = {int: ("3", 3), float: ("0.25", 0.25), str: ("some_value", "some_value")}[kind]
+    if action.nargs == "+":
+        return [([one[0], one[0]], [one[1], one[1]])]
+    return [([one[0]], one[1])]
+
+
+@pytest.mark.parametrize("action", _flag_actions(), ids=lambda a: a.option_strings[0])
+def test_every_flag_parses_a_value_of_its_type_into_its_field(action):
+    for values, expected in _example_values(action):
+        argv = values if values[0].startswith("--") else [action.option_strings[0], *values]
+        parsed = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if k != "config"}
+        assert parsed == {action.dest: expected}, (argv, parsed)
 
 
 @pytest.mark.parametrize("argv, message", [

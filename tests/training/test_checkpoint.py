@@ -201,7 +201,7 @@ def test_background_save_publishes_only_on_finish(tmp_path):
     # Written, being checksummed: nothing a resume reads has changed yet.
     assert latest_iteration(tmp_path) == 10 and not (tmp_path / "iter_0000020").exists()
     assert pending.iteration == 20
-    pending._thread.join()  # ready() polls without waiting: once this rank's checksums are done, it says so
+    pending._thread.join(timeout=120)  # ready() polls without waiting: once this rank's checksums are done, it says so
     assert pending.ready()
     assert pending.finish() == tmp_path / "iter_0000020"
     assert latest_iteration(tmp_path) == 20
@@ -215,7 +215,8 @@ def test_background_save_publishes_only_on_finish(tmp_path):
 def test_background_save_that_fails_its_checksums_keeps_previous(tmp_path):
     save_checkpoint(tmp_path, 10, _tiny_state(10))
     pending = save_checkpoint(tmp_path, 20, _tiny_state(20), background=True)
-    pending._thread.join()
+    pending._thread.join(timeout=120)
+    assert not pending._thread.is_alive()
     pending._records, pending._error = {}, "OSError: simulated read failure"
     with pytest.raises(CheckpointError, match="checksumming .*simulated read failure"):
         pending.finish()

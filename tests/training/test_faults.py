@@ -43,7 +43,7 @@ def _wait_for_lines(path: Path, n: int, proc, timeout=120.0):
         if path.exists() and len(path.read_text().splitlines()) >= n:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the run exited early ({proc.returncode}): {proc.communicate()[0][-3000:]}")
+            raise AssertionError(f"the run exited early ({proc.returncode}): {proc.communicate(timeout=60)[0][-3000:]}")
         time.sleep(0.05)
     raise AssertionError(f"no {n} lines in {path} after {timeout} s")
 
@@ -76,13 +76,13 @@ def test_lock_of_a_live_run_is_refused_naming_it(tmp_path):
             save_lock.acquire(tmp_path)
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(timeout=60)
 
 
 def test_stale_locks_are_taken_over_and_released(tmp_path, caplog):
     dead = _sleeper()
     dead.kill()
-    dead.wait()
+    dead.wait(timeout=60)
     lock = _plant(tmp_path, pid=dead.pid)
     mine = save_lock.acquire(tmp_path)
     assert "no longer running" in caplog.text
