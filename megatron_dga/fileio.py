@@ -22,6 +22,7 @@ never as a library's internal message.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,16 @@ the caller's to add): every reader of the project's arrays catches this one tupl
 
 class NotNpzError(ValueError):
     """The file :func:`load_npz` was given is not an ``.npz`` archive (a text file, a ``.npy``, a pickle)."""
+
+
+def sha256_files(*paths: str | os.PathLike) -> str:
+    """SHA-256 of the contents of ``paths`` one after the other (read in 1 MiB blocks), hex."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_npz(path: str | os.PathLike):

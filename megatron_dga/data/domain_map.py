@@ -29,7 +29,6 @@ Nothing here builds per-domain Python objects: names are derived on demand, so a
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -42,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_dga.errors import DataError
-from megatron_dga.fileio import NPZ_READ_ERRORS, load_npz
+from megatron_dga.fileio import NPZ_READ_ERRORS, load_npz, sha256_files
 
 MAP_FORMAT = "megatron-dga/domain-map-v1"
 """The ``format`` string of the header; any other value is refused."""
@@ -75,12 +74,8 @@ def shard_identity(prefix: str) -> MapShard:
     from megatron_dga.data.domains import inspect_shard
 
     info = inspect_shard(prefix)
-    digest = hashlib.sha256()
-    with open(prefix + ".idx", "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
     return MapShard(name=_basename(prefix), num_documents=int(info.num_documents), num_tokens=int(info.num_tokens),
-                    idx_sha256=digest.hexdigest())
+                    idx_sha256=sha256_files(prefix + ".idx"))
 
 
 def _digits(j: int, levels: Sequence[int]) -> List[int]:

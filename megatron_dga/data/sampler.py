@@ -194,6 +194,15 @@ def check_batch_geometry(global_batch_size: int, micro_batch_size: int, dp_size:
     return global_batch_size // per_round
 
 
+def rank_micro_batches(rows: np.ndarray, dp_rank: int, dp_size: int, micro_batch_size: int) -> List[np.ndarray]:
+    """The one rule that splits rows over data-parallel ranks: rank ``r`` takes the ``r``-th of ``dp_size``
+    contiguous parts (``np.array_split``: equal parts when ``dp_size`` divides the rows, as it always
+    does a training batch; a probe or eval batch that it does not divide gives its first ranks one row
+    more), cut into micro-batches of ``micro_batch_size`` (the last one shorter if need be)."""
+    mine = np.array_split(np.asarray(rows), dp_size)[dp_rank]
+    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
 class DynamicMixtureSampler:
     """Deterministic global batches over k domains whose weights may change at any step.
 
@@ -586,13 +595,10 @@ class DynamicMixtureSampler:
             ConfigError: GBS not divisible by MBS * dp_size, or dp_rank out of range.
         """
         batch = np.asarray(batch)
-        num_micro = check_batch_geometry(batch.shape[0], self.config.micro_batch_size, dp_size)
+        check_batch_geometry(batch.shape[0], self.config.micro_batch_size, dp_size)
         if not 0 <= dp_rank < dp_size:
             raise ConfigError(f"data-parallel rank {dp_rank} is outside [0, {dp_size})")
-        share = batch.shape[0] // dp_size
-        mine = batch[dp_rank * share : (dp_rank + 1) * share]
-        mbs = self.config.micro_batch_size
-        return [mine[i * mbs : (i + 1) * mbs] for i in range(num_micro)]
+        return rank_micro_batches(batch, dp_rank, dp_size, self.config.micro_batch_size)
 
     # ----------------------------------------------------------------- probe and eval
     def _check_source(self, domain_id: int, purpose: str) -> int:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from megatron_dga.errors import ConfigError, DataError
+from megatron_dga.fileio import sha256_files
 
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer",
@@ -51,16 +52,6 @@ TOKENIZER_TYPES = (
 
 # megatron-core's GPTDataset treats -1 as "no pad token": it never occurs in a shard.
 NO_PAD = -1
-
-
-def _sha256_files(paths: Sequence[str]) -> str:
-    """SHA-256 over the contents of ``paths`` (in the given order)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 class BaseTokenizer:
@@ -138,7 +129,7 @@ class BaseTokenizer:
             return dict(cached)
         files = self._model_files()
         if files:
-            digest = _sha256_files(files)
+            digest = sha256_files(*files)
         else:
             digest = hashlib.sha256(f"{self.tokenizer_type}:{self.vocab_size}".encode()).hexdigest()
         self._fingerprint = {

@@ -142,11 +142,12 @@ def cost_model(info: dict) -> Optional[float]:
     """DGA's cost-model overhead (:func:`megatron_dga.mixing.cost_model.dga_overhead`) of a run, from
     its run_info.json config; None without DGA. The sources are the basis distributions with
     --dga-basis, else the domains."""
+    from megatron_dga.mixing.config import logged_strategy
     from megatron_dga.mixing.cost_model import dga_overhead
 
     config = info.get("config", {})
     mixing = config.get("mixing", {})
-    if mixing.get("mixing") != "dga":
+    if logged_strategy(mixing) != "dga":
         return None
     sources = len(info.get("basis_names") or info.get("domains") or [])
     return dga_overhead(sources, mixing["dga_domain_batch_size"], mixing["dga_specific_batch_size"],

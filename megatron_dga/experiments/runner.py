@@ -130,12 +130,6 @@ class ExperimentData:
     """The target's training split as jsonl (the importance weights over the domains)."""
 
 
-def prefix_name(prefix: str) -> str:
-    """A domain's name: the prefix's basename without a trailing ``_text_document``."""
-    base = os.path.basename(prefix)
-    return base[: -len("_text_document")] if base.endswith("_text_document") else base
-
-
 def check_prefix(prefix: str, flag: str) -> str:
     """The absolute prefix; DataError naming ``flag`` when its .bin/.idx pair is missing."""
     missing = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
@@ -148,8 +142,10 @@ def check_prefix(prefix: str, flag: str) -> str:
 def shards_data(data_paths: Sequence[str], specific: str, specific_eval: str, tokenizer_args: Sequence[str],
                 importance_weights: Optional[str]) -> ExperimentData:
     """ExperimentData over shards built beforehand (no preparation)."""
+    from megatron_dga.data.domains import domain_name
+
     prefixes = tuple(check_prefix(p, "--data-path") for p in data_paths)
-    names = tuple(prefix_name(p) for p in prefixes)
+    names = tuple(domain_name(p) for p in prefixes)
     if len(set(names)) != len(names):
         raise ConfigError(f"--data-path: two shards share a domain name ({sorted(names)}); rename one")
     if importance_weights is not None and not os.path.isfile(importance_weights):
@@ -165,15 +161,14 @@ def shards_data(data_paths: Sequence[str], specific: str, specific_eval: str, to
 
 def domain_files(corpus_dir: str) -> Dict[str, str]:
     """``<domain>.jsonl`` (or ``.jsonl.gz``) files of a corpus directory, by domain name."""
-    from megatron_dga.prep.inputs import jsonl_files_in
+    from megatron_dga.prep.inputs import jsonl_files_in, jsonl_stem
 
     if not os.path.isdir(corpus_dir):
         raise DataError(f"--corpus-dir {corpus_dir} is not a directory; give a directory holding one "
                         "<domain>.jsonl per domain")
     files: Dict[str, str] = {}
     for path in jsonl_files_in(corpus_dir):
-        base = os.path.basename(path)
-        name = base[: -len(".jsonl.gz")] if base.endswith(".jsonl.gz") else base[: -len(".jsonl")]
+        name = jsonl_stem(path)
         if name in files:
             raise DataError(f"--corpus-dir {corpus_dir}: domain {name!r} has two files ({files[name]}, {path}); keep one")
         files[name] = path

@@ -22,7 +22,7 @@ optimizer, LR schedule and training data stream are never touched.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,13 +56,13 @@ def _num_samples(micro_batches) -> int:
     return int(sum(len(mb["tokens"]) for mb in micro_batches))
 
 
-def exact_alignments(view: TrainerView, domains: List[int], domain_batch_size: int, specific_batch_size: int,
+def exact_alignments(view: TrainerView, sources: Sequence[int], domain_batch_size: int, specific_batch_size: int,
                      preconditioner: str = "none", probe_fn=None) -> AlignmentResult:
-    """Compute a_i for each i in ``domains`` (indices into view's probe sources).
+    """Compute a_i for each source i in ``sources`` (indices into the view's probe sources).
 
     Args:
         view: the trainer (see mixing.base.TrainerView).
-        domains: probe sources to align, e.g. range(k) (or basis indices with probe_fn).
+        sources: probe sources to align (domain indices, or basis indices with probe_fn).
         domain_batch_size: b_dom, sequences per domain probe (over all DP ranks).
         specific_batch_size: b_spe, sequences of the specific set (over all DP ranks).
         preconditioner: "none" or "adam" (diag(1/(sqrt(v_hat)+eps)) from the optimizer).
@@ -78,10 +78,10 @@ def exact_alignments(view: TrainerView, domains: List[int], domain_batch_size: i
     target = [g.detach().clone() for g in view.grads()]
     spe_sq = ops.grad_dot(target, target, counted=counted)
 
-    k = len(domains)
+    k = len(sources)
     # Rows: weighted partial dot, weighted squared local norm, loss sum, samples.
     partial = torch.zeros(4, k, dtype=torch.float64, device=target[0].device if target else "cpu")
-    for j, source in enumerate(domains):
+    for j, source in enumerate(sources):
         batches = probe_fn(source, domain_batch_size)
         n_local = _num_samples(batches)
         if n_local == 0:

@@ -223,7 +223,7 @@ def build_mixing(cfg: MixingConfig, domains: DomainInfo) -> MixingStrategy:
     import megatron_dga.mixing.pike  # noqa: F401
 
     try:
-        cls = _REGISTRY[cfg.mixing]
+        cls = _REGISTRY[cfg.strategy]
     except KeyError:
-        raise ConfigError(f"--mixing {cfg.mixing!r} is unknown; available: {', '.join(available())}") from None
+        raise ConfigError(f"--mixing {cfg.strategy!r} is unknown; available: {', '.join(available())}") from None
     return cls(cfg, domains)

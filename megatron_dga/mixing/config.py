@@ -56,11 +56,18 @@ ONLINE_STARTS_UNIFORM = ("odm", "pike")
 """Online strategies without initial-weight flags: they start uniform, so --data-path weights are refused."""
 
 
+def logged_strategy(section: Optional[dict]) -> Optional[str]:
+    """The --mixing of a run from the ``mixing`` section of its run_info.json config (runs logged before the
+    field was renamed ``strategy`` have it under ``mixing``)."""
+    section = section or {}
+    return section.get("strategy", section.get("mixing"))
+
+
 @dataclass
 class MixingConfig(ReadOnlyOnceParsed):
     """How the domain weights are chosen. The DGA flags act with --mixing dga only (an error otherwise)."""
 
-    mixing: Optional[str] = None
+    strategy: Optional[str] = None
     """--mixing: uniform, natural (by tokens), static (the weights of --data-path W1 P1 W2 P2 ...),
     importance (--importance-weights FILE), dga. Default: static when --data-path gives weights
     (Megatron's meaning of them), else natural. Weights in --data-path are never ignored: with
@@ -77,7 +84,7 @@ class MixingConfig(ReadOnlyOnceParsed):
     """Mirror-descent step size on the alignments (--dga-eta, default 10)."""
     dga_ema: Optional[float] = None
     """beta of alpha_new = (1-beta) alpha + beta alpha_hat (--dga-ema, default 0.1); 1 disables the EMA.
-    The paper's "EMA 0.1" read the other way round corresponds to 0.9 here."""
+    How this reads the paper's "EMA 0.1": docs/algorithm.md, step 5."""
     dga_min_weight: Optional[float] = None
     """Floor c: alpha = (1-c) alpha + c/k keeps every domain alive (--dga-min-weight, default 0)."""
     dga_domain_batch_size: Optional[int] = None
@@ -155,33 +162,33 @@ class MixingConfig(ReadOnlyOnceParsed):
             raise ConfigError(f"--dga-estimator must be exact or fd, got {self.dga_estimator!r}")
         self._check_odm_and_pike()
         for strategy, flags in given_by.items():
-            if self.mixing != strategy:
+            if self.strategy != strategy:
                 refuse_without(flags, f"--mixing {strategy}",
                                f"{strategy.upper() if strategy != 'pike' else 'PiKE'} is not running "
-                               f"(--mixing {self.mixing or 'not given'})")
+                               f"(--mixing {self.strategy or 'not given'})")
         if "dga_fd_step" in given and estimator != "fd":
             raise ConfigError(f"--dga-fd-step {self.dga_fd_step} acts with --dga-estimator fd only; "
                               "add --dga-estimator fd or drop --dga-fd-step")
         if self.dga_basis and init is not None:
             check_initial("--dga-init", init, static_given=None, importance_weights=None, basis=self.dga_basis)
-        uses_importance = self.mixing == "importance" or (self.mixing == "dga" and init == "importance")
+        uses_importance = self.strategy == "importance" or (self.strategy == "dga" and init == "importance")
         if self.importance_weights and not uses_importance:
-            here = f"--mixing {self.mixing or 'not given'}"
-            if self.mixing == "dga":
+            here = f"--mixing {self.strategy or 'not given'}"
+            if self.strategy == "dga":
                 here += f", --dga-init {init or 'not given'}"
             raise ConfigError(
                 f"--importance-weights {self.importance_weights} is read by --mixing importance and by --mixing dga "
                 f"--dga-init importance only (here {here}): it would be ignored; add one of those or drop it"
             )
         if uses_importance:
-            check_initial("--mixing" if self.mixing == "importance" else "--dga-init", "importance",
+            check_initial("--mixing" if self.strategy == "importance" else "--dga-init", "importance",
                           static_given=None, importance_weights=self.importance_weights)
 
     @property
     def probes_every_domain(self) -> bool:
         """The strategy back-propagates a probe batch of every domain at each update (DGA without a basis,
         PiKE): every domain must hold a sample, which the data pipeline checks at start-up."""
-        return (self.mixing == "dga" and not self.dga_basis) or self.mixing == "pike"
+        return (self.strategy == "dga" and not self.dga_basis) or self.strategy == "pike"
 
     def _check_odm_and_pike(self) -> None:
         if self.odm_interval <= 0:
@@ -211,16 +218,16 @@ class MixingConfig(ReadOnlyOnceParsed):
         """
         shown = "" if weights is None else " ".join(f"{w:g}" for w in weights[:4]) + (" ..." if len(weights) > 4 else "")
         if weights is not None:
-            if self.mixing is None:
-                self.mixing = "static"
-            elif self.mixing in ("natural", "uniform", "importance") + ONLINE_STARTS_UNIFORM:
+            if self.strategy is None:
+                self.strategy = "static"
+            elif self.strategy in ("natural", "uniform", "importance") + ONLINE_STARTS_UNIFORM:
                 raise ConfigError(
-                    f"--data-path gives weights ({shown}), which --mixing {self.mixing} would ignore"
-                    + (" (it starts uniform)" if self.mixing in ONLINE_STARTS_UNIFORM else "") + "; use "
+                    f"--data-path gives weights ({shown}), which --mixing {self.strategy} would ignore"
+                    + (" (it starts uniform)" if self.strategy in ONLINE_STARTS_UNIFORM else "") + "; use "
                     "--mixing static to sample by them (the default when --mixing is not given), --mixing dga "
                     "to start DGA from them, or give the prefixes without weights"
                 )
-            elif self.mixing == "dga":
+            elif self.strategy == "dga":
                 if self.dga_basis:
                     raise ConfigError(
                         f"--data-path gives weights ({shown}) over the domains, but with --dga-basis {self.dga_basis} "
@@ -234,10 +241,10 @@ class MixingConfig(ReadOnlyOnceParsed):
                         "weights; drop the weights from --data-path (plain prefixes) or drop --dga-init"
                     )
         else:
-            self.mixing = self.mixing or "natural"
-            if self.mixing == "static":
+            self.strategy = self.strategy or "natural"
+            if self.strategy == "static":
                 check_initial("--mixing", "static", static_given=False, importance_weights=None)
-            if self.mixing == "dga" and self.dga_init == "static":
+            if self.strategy == "dga" and self.dga_init == "static":
                 check_initial("--dga-init", "static", static_given=False, importance_weights=None)
         self.dga_init = self.dga_init or "uniform"
 
@@ -257,7 +264,7 @@ def check_job(mixing: MixingConfig, *, data_path_weights: Optional[List[float]],
     if domain_map is not None:  # before --data-path weights settle --mixing: a map has none
         _check_mixing_over_map(mixing, domain_map)
     mixing.resolve_data_path_weights(data_path_weights)
-    if mixing.mixing != "dga":
+    if mixing.strategy != "dga":
         return
     if mixing.dga_estimator == "fd" and precision:
         # fd moves the parameters by h ~ 1e-4 |theta| along g_spe: in half precision that step
@@ -281,11 +288,11 @@ def check_job(mixing: MixingConfig, *, data_path_weights: Optional[List[float]],
 
 def _check_mixing_over_map(mixing: MixingConfig, path: str) -> None:
     """Mixings that cannot work over a map's fine domains fail before any data is read."""
-    if mixing.mixing == "static":
+    if mixing.strategy == "static":
         raise ConfigError(f"--mixing static with --domain-map {path}: static weights over the fine domains come "
                           "from a weights file: use --mixing importance --importance-weights FILE (written by "
                           f"tools/importance_weights.py --domain-map {path})")
-    if mixing.mixing == "dga" and not mixing.dga_basis:
+    if mixing.strategy == "dga" and not mixing.dga_basis:
         from megatron_dga.data.domain_map import read_domain_map
 
         k = read_domain_map(path).num_domains
@@ -295,7 +302,7 @@ def _check_mixing_over_map(mixing: MixingConfig, path: str) -> None:
                 f"update ({k} probe batches; at most {DGA_MAX_DIRECT_DOMAINS} without a basis): reweight N basis "
                 f"distributions instead: tools/importance_weights.py --domain-map {path} --basis-sets ... "
                 "--basis-output basis.npz, then --dga-basis basis.npz")
-    if mixing.mixing == "pike":
+    if mixing.strategy == "pike":
         from megatron_dga.data.domain_map import read_domain_map
 
         k = read_domain_map(path).num_domains

@@ -1,11 +1,9 @@
 """Dynamic Gradient Alignment (Fan, Grangier, Ablin, arXiv 2410.02498).
 
 Every T_r (--dga-interval) steps: alignments a = <g_i, P g_spe> (mixing/alignment.py),
-then on the simplex, in log space (the fused ``ops.simplex_update``):
-
-    alpha_hat = softmax(log alpha + eta * a)               mirror descent, --dga-eta
-    alpha     = (1 - beta) * alpha + beta * alpha_hat      EMA, --dga-ema (1 = none)
-    alpha     = (1 - c) * alpha + c / k                    floor, --dga-min-weight
+then the update on the simplex that DGA shares with PiKE (``mirror.py``: the fused
+``ops.simplex_update``; mirror descent --dga-eta, EMA --dga-ema, floor --dga-min-weight; the rule and
+its EMA convention: docs/algorithm.md, "Online update").
 
 With --dga-basis the same runs on weights gamma over N basis distributions (distribution
 reweighting): a_n aligns a probe batch drawn from basis n, and the sampler draws fine

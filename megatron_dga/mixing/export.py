@@ -59,6 +59,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_dga.errors import DataError
+from megatron_dga.mixing.config import logged_strategy
 from megatron_dga.fileio import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def history(run: RunLog, space: str = "domains") -> MixtureHistory:
     steps = np.diff(np.concatenate([[0], iterations])).astype(np.float64)
     samples = np.diff(np.concatenate([[0], np.asarray(consumed, dtype=np.int64)])).astype(np.float64)
     mixing = run.mixing
-    dga = mixing.get("mixing") == "dga"
+    dga = logged_strategy(mixing) == "dga"
     return MixtureHistory(
         names=names, space=space, iterations=iterations, weights=np.asarray(rows, dtype=np.float64),
         samples_per_step=samples / steps, update_interval=int(mixing.get("dga_interval") or 10) if dga else None,
@@ -393,7 +394,7 @@ def export_mixture(path: str | os.PathLike, *, statistic: str = "time-average", 
     run = read_run(find_log_dir(path))
     hist = history(run, space)
     start, end = window or (0, None)
-    meta = {"source": os.path.abspath(run.log_dir), "method": run.mixing.get("mixing"), "space": space,
+    meta = {"source": os.path.abspath(run.log_dir), "method": logged_strategy(run.mixing), "space": space,
             "logged_iterations": [int(hist.iterations[0]), int(hist.iterations[-1])]}
     if schedule:
         segs = hist.segments(start, end)
@@ -487,7 +488,7 @@ def mixture_history(log_dir: str | os.PathLike, up_to: Optional[int] = None) -> 
     except DataError:
         averaged = None
     return {
-        "format": HISTORY_FORMAT, "source": os.path.abspath(run.log_dir), "method": run.mixing.get("mixing"),
+        "format": HISTORY_FORMAT, "source": os.path.abspath(run.log_dir), "method": logged_strategy(run.mixing),
         "domains": run.domains, "basis_names": run.basis_names,
         "iterations": [int(m["iteration"]) for m in run.entries],
         "consumed_tokens": [m.get("consumed_tokens") for m in run.entries],

@@ -1,7 +1,7 @@
 """The update DGA and PiKE share: one fused step on the simplex from per-source scores.
 
-``ops.simplex_update`` runs, in log space, mirror descent (alpha_hat = softmax(log alpha + eta * score)),
-the EMA (alpha = (1 - beta) alpha + beta alpha_hat) and the floor (alpha = (1 - c) alpha + c / n).
+``ops.simplex_update`` runs, in log space, mirror descent, the EMA and the floor (the formulas are its
+docstring's; why the EMA reads the paper as it does: docs/algorithm.md, step 5).
 The scores are identical on every rank (they come from all-reduced sums), so are the new weights
 (checked, ``check_identical_across_ranks``); non-finite scores skip the update on every rank together,
 with a warning, and keep the weights.

@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator, Optional
 
 from megatron_dga.errors import ConfigError, DataError
-from megatron_dga.fileio import atomic_write, atomic_write_json
+from megatron_dga.fileio import atomic_write, atomic_write_json, sha256_files
 
 logger = logging.getLogger(__name__)
 
@@ -678,14 +678,6 @@ class DefaultData:
     """SHA-256 over the relative paths and hashes of every file in the manifest."""
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _content_hash(files: dict[str, str]) -> str:
     h = hashlib.sha256()
     for rel in sorted(files):
@@ -727,7 +719,7 @@ def _check_manifest(root: str, params: dict) -> Optional[dict]:
     files = manifest.get("files", {})
     for rel, digest in files.items():
         full = os.path.join(root, rel)
-        if not os.path.isfile(full) or _sha256(full) != digest:
+        if not os.path.isfile(full) or sha256_files(full) != digest:
             return None
     if _content_hash(files) != manifest.get("content_hash"):
         return None
@@ -859,7 +851,7 @@ def _build(root: str, params: dict, cfg: CorpusConfig, sp_cfg, log) -> dict:
                 dirnames.sort()
                 for f in sorted(filenames):
                     full = os.path.join(dirpath, f)
-                    files[os.path.relpath(full, root)] = _sha256(full)
+                    files[os.path.relpath(full, root)] = sha256_files(full)
         manifest = {
             "format": MANIFEST_FORMAT,
             "params": params,

@@ -27,14 +27,13 @@ from megatron_dga.prep.embeddings import (
     missing_tokenizer,
     tokenizer_from_args,
 )
-from megatron_dga.prep.inputs import expand_jsonl_inputs, read_jsonl_texts
+from megatron_dga.prep.inputs import expand_jsonl_inputs, is_jsonl_name, jsonl_stem, read_jsonl_texts
 from megatron_dga.errors import ConfigError, DataError
 from megatron_dga.fileio import NPZ_READ_ERRORS, ensure_writable_parent
 from megatron_dga.mixing.weights_io import save_basis, save_weights
 
 logger = logging.getLogger("importance_weights")
 
-_DOMAIN_SUFFIXES = (".jsonl.gz", ".jsonl")
 _DENSE_COUNTS_MAX = 4096
 """Up to this many domains the weights file's meta lists every count; beyond, the nonzero ones."""
 _SPARSE_BASIS_MIN_K = 4096
@@ -98,13 +97,11 @@ def load_labelled_space(directory: str, json_keys, args, tokenizer) -> DomainSpa
         raise DataError(f"--labelled-domains {directory} is not a directory")
     files = {}
     for f in sorted(os.listdir(directory)):
-        for suf in _DOMAIN_SUFFIXES:
-            if f.endswith(suf) and os.path.isfile(os.path.join(directory, f)):
-                name = f[: -len(suf)]
-                if name in files:
-                    raise DataError(f"--labelled-domains {directory}: domain {name!r} has two files ({files[name]}, {f}); keep one")
-                files[name] = f
-                break
+        if is_jsonl_name(f) and os.path.isfile(os.path.join(directory, f)):
+            name = jsonl_stem(f)
+            if name in files:
+                raise DataError(f"--labelled-domains {directory}: domain {name!r} has two files ({files[name]}, {f}); keep one")
+            files[name] = f
     if not files:
         raise DataError(f"--labelled-domains {directory}: no *.jsonl files; one file per domain is expected")
     names = sorted(files)
@@ -208,13 +205,7 @@ def parse_basis_specs(specs: list[str] | None, shard_specs: list[str] | None) ->
     for spec in specs or []:
         name, path = _split_name(spec)
         files = expand_jsonl_inputs([path], flag="--basis-sets")
-        if not name:
-            base = os.path.basename(os.path.normpath(path))
-            for suf in (".jsonl.gz", ".jsonl", ".json.gz", ".json"):
-                if base.endswith(suf):
-                    base = base[: -len(suf)]
-                    break
-            name = base
+        name = name or jsonl_stem(path)
         out.append(DocumentSet(name, f"--basis-sets {name}", files=files))
     for spec in shard_specs or []:
         name, prefix = _split_name(spec)

@@ -38,6 +38,16 @@ def is_jsonl_name(name: str) -> bool:
     return name.endswith(JSONL_SUFFIXES)
 
 
+def jsonl_stem(path: str) -> str:
+    """What a jsonl file stands for, by name (a domain, a shard, a basis set): its basename without
+    ``.jsonl.gz``, ``.jsonl`` (or ``.json.gz``, ``.json``). ``data/law.jsonl.gz`` -> ``law``."""
+    base = os.path.basename(os.path.normpath(path))
+    for suffix in (".jsonl.gz", ".jsonl", ".json.gz", ".json"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)]
+    return base
+
+
 def jsonl_files_in(directory: str) -> list[str]:
     """The jsonl files directly inside ``directory``, sorted."""
     return sorted(

@@ -64,7 +64,7 @@ import numpy as np
 from megatron_dga.data.tokenizers import BaseTokenizer, TokenizerSpec
 from megatron_dga.errors import ConfigError, DataError, DGAError
 from megatron_dga.fileio import ensure_writable_dir, output_error
-from megatron_dga.prep.inputs import iter_line_batches, jsonl_files_in, parse_line, total_bytes
+from megatron_dga.prep.inputs import iter_line_batches, jsonl_files_in, jsonl_stem, parse_line, total_bytes
 from megatron_dga.prep.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -146,11 +146,6 @@ class ShardResult:
 
 
 # --------------------------------------------------------------------------- input discovery
-def domain_name(path: str) -> str:
-    """Shard name of an input file: its basename without ``.gz`` and ``.jsonl``."""
-    return os.path.basename(path).removesuffix(".gz").removesuffix(".jsonl")
-
-
 def resolve_inputs(input_spec: str, output_prefix: str) -> list[tuple[str, list[str]]]:
     """Map ``--input`` to ``[(shard_prefix_without_key, [files])]``.
 
@@ -164,7 +159,7 @@ def resolve_inputs(input_spec: str, output_prefix: str) -> list[tuple[str, list[
                 f"--input {input_spec!r} is a directory without *.jsonl or *.jsonl.gz files. "
                 "Put one jsonl file per domain in it."
             )
-        names = [domain_name(f) for f in files]
+        names = [jsonl_stem(f) for f in files]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise DataError(

@@ -40,7 +40,7 @@ SECTIONS = {
 _NOT_FLAGS = {("model", "vocab_size"), ("mixing", "static_weights"),
               ("parallel", "virtual_pipeline_model_parallel_size")}
 # Megatron's spelling where it differs from the field name.
-_FLAG_NAMES = {("parallel", "backend"): "distributed-backend",
+_FLAG_NAMES = {("parallel", "backend"): "distributed-backend", ("mixing", "strategy"): "mixing",
                **{("optimizer", name): flag[2:] for name, flag in SCHEDULER_RESUME_FLAGS.items()}}
 
 

@@ -449,13 +449,10 @@ class ScheduleConfig(ReadOnlyOnceParsed):
             raise ConfigError("--eval-interval and --eval-iters must be >= 0")
 
     def num_micro_batches(self, dp_size: int) -> int:
-        per_step = self.micro_batch_size * dp_size
-        if self.global_batch_size % per_step:
-            raise ConfigError(
-                f"--global-batch-size {self.global_batch_size} is not divisible by --micro-batch-size "
-                f"{self.micro_batch_size} x data-parallel size {dp_size} = {per_step}; use a multiple of {per_step}"
-            )
-        return self.global_batch_size // per_step
+        """Megatron's GBS = MBS * DP * num_micro_batches (the one rule: ``data.sampler.check_batch_geometry``)."""
+        from megatron_dga.data.sampler import check_batch_geometry
+
+        return check_batch_geometry(self.global_batch_size, self.micro_batch_size, dp_size)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from megatron_dga.data.domains import DomainDatasetConfig, build_domain_datasets
 from megatron_dga.data.fine_domains import build_fine_domains
 from megatron_dga.data.mixture import MixtureDataset, MultiSource, StepLoader
 from megatron_dga.data.mock import write_mock_corpus
-from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig
+from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig, rank_micro_batches
 from megatron_dga.data.tokenizers import build_tokenizer
 from megatron_dga.errors import ConfigError, DataError
 from megatron_dga.mixing.base import DomainInfo
@@ -49,10 +49,10 @@ def _check_probes_reach_every_domain(cfg: PretrainConfig, dom: "_Domains") -> No
     if empty.size:
         shown = ", ".join(dom.names[i] for i in empty[:5]) + (" ..." if empty.size > 5 else "")
         instead = ("reweight basis distributions instead (--dga-basis FILE, from tools/importance_weights.py "
-                   "--domain-map ... --basis-sets ... --basis-output FILE)" if mixing.mixing == "dga" else
+                   "--domain-map ... --basis-sets ... --basis-output FILE)" if mixing.strategy == "dga" else
                    "use --mixing odm (no probes) or --mixing dga --dga-basis FILE")
         raise ConfigError(
-            f"--mixing {mixing.mixing} probes every domain at each update, but {empty.size} of the {len(dom.names)} "
+            f"--mixing {mixing.strategy} probes every domain at each update, but {empty.size} of the {len(dom.names)} "
             f"fine domains of --domain-map {cfg.data.domain_map} hold no full sample of --seq-length "
             f"{cfg.model.seq_length} + 1 tokens ({shown}); {instead}, or cluster into fewer fine domains")
 
@@ -311,9 +311,8 @@ class DataPipeline:
 
     def _rank_share(self, rows: np.ndarray) -> List[Dict[str, torch.Tensor]]:
         """This data-parallel rank's contiguous share of rows, cut into micro-batches."""
-        mine = np.array_split(rows, self.ctx.dp_size)[self.ctx.dp_rank]
-        mbs = self.micro_batch_size
-        return [self.fetch(mine[i:i + mbs]) for i in range(0, len(mine), mbs)]
+        return [self.fetch(mb) for mb in rank_micro_batches(rows, self.ctx.dp_rank, self.ctx.dp_size,
+                                                             self.micro_batch_size)]
 
     def probe_domain(self, domain: int, size: int):
         return self._rank_share(self.sampler.probe_batch(domain, size))

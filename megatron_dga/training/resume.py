@@ -88,7 +88,7 @@ def job_facts(trainer) -> Dict[str, object]:
     model = trainer.cfg.model
     basis = getattr(getattr(trainer, "mixing", None), "basis", None)
     return {
-        "mixing": trainer.cfg.mixing.mixing,
+        "mixing": trainer.cfg.mixing.strategy,
         "domains": list(trainer.data.domain_info.names),
         "model": {name: getattr(model, name) for name in MODEL_SHAPE_FLAGS},
         "seq_length": model.seq_length,

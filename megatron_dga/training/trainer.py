@@ -174,7 +174,7 @@ class Trainer:
         last: Dict[str, float] = {}
         if self.ctx.is_logging_rank:
             print(f"training {self.cfg.model.num_parameters():,} parameters on {self.ctx.describe()}, "
-                  f"{self.data.domain_info.k} domains, mixing={self.cfg.mixing.mixing}, "
+                  f"{self.data.domain_info.k} domains, mixing={self.cfg.mixing.strategy}, "
                   f"layers={'transformer-engine' if uses_transformer_engine(self.cfg.model) else 'local'}, "
                   f"from iteration {self.iteration}", flush=True)
         self.throughput.reset()

@@ -170,6 +170,7 @@ def _fake_run(root, method, seed, evals, mixing="uniform"):
         for i, loss in enumerate(evals, start=1):
             fh.write(json.dumps({"iteration": 10 * i, "ms_per_iter": 5.0, "specific_eval_loss": loss,
                                  "domain_eval_loss": [loss + 0.5, loss + 0.7]}) + "\n")
+    # a run_info.json from before the mixing section's field was named strategy: it still reads
     config = {"mixing": {"mixing": mixing, "dga_domain_batch_size": 2, "dga_specific_batch_size": 2,
                          "dga_interval": 10}, "schedule": {"global_batch_size": 4}}
     with open(os.path.join(job.run_dir, "run_info.json"), "w") as fh:
@@ -331,7 +332,7 @@ def test_transfer_method_trains_static_on_the_source_runs_time_averaged_mixture(
     with open(src / "metrics.jsonl", "w") as fh:
         for i, w in enumerate(logged, start=1):
             fh.write(json.dumps({"iteration": 2 * i, "consumed_samples": 8 * i, "domain_weights": w.tolist()}) + "\n")
-    config = {"mixing": {"mixing": "dga", "dga_interval": 2, "dga_init": "uniform"}, "schedule": {"log_interval": 2},
+    config = {"mixing": {"strategy": "dga", "dga_interval": 2, "dga_init": "uniform"}, "schedule": {"log_interval": 2},
               "data": {"data_path": list(prefixes)}}
     (src / "run_info.json").write_text(json.dumps({"domains": ["a", "b", "c"], "config": config}))
     source = ex.RunResult("dga_ema", 1, str(src), 1.0)
@@ -368,7 +369,7 @@ def test_the_online_mixers_are_runner_methods_the_trainer_accepts():
     methods = experiments.domain_methods(data, experiments.PRESETS["cpu"], args)
     for name, mixing in (("odm", "odm"), ("pike", "pike")):
         cfg = trainer_args(methods[name])  # every flag known, every check passed
-        assert cfg.mixing.mixing == mixing
+        assert cfg.mixing.strategy == mixing
     assert trainer_args(methods["pike"]).mixing.pike_interval == args.dga_interval  # updates as often as DGA
     # Not in the default comparison (the paper's methods), and not a sweep target.
     assert "odm" not in experiments.chosen_methods(experiments.parse_args(["unlimited"]))

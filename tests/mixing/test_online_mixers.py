@@ -36,12 +36,12 @@ def _trainer(argv):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"mixing": "uniform", "odm_interval": 3}, "--odm-interval 3 given without --mixing odm"),
-    ({"mixing": "dga", "pike_penalty": 2.0}, "--pike-penalty 2.0 given without --mixing pike"),
-    ({"mixing": "odm", "dga_eta": 3.0}, "--dga-eta 3.0 given without --mixing dga"),
-    ({"mixing": "odm", "odm_reward_ema": 1.0}, "--odm-reward-ema must be in [0, 1)"),
-    ({"mixing": "pike", "pike_domain_batch_size": 1}, "--pike-domain-batch-size must be >= 2"),
-    ({"mixing": "pike", "pike_ema": 0.0}, "--pike-ema must be in (0, 1]"),
+    ({"strategy": "uniform", "odm_interval": 3}, "--odm-interval 3 given without --mixing odm"),
+    ({"strategy": "dga", "pike_penalty": 2.0}, "--pike-penalty 2.0 given without --mixing pike"),
+    ({"strategy": "odm", "dga_eta": 3.0}, "--dga-eta 3.0 given without --mixing dga"),
+    ({"strategy": "odm", "odm_reward_ema": 1.0}, "--odm-reward-ema must be in [0, 1)"),
+    ({"strategy": "pike", "pike_domain_batch_size": 1}, "--pike-domain-batch-size must be >= 2"),
+    ({"strategy": "pike", "pike_ema": 0.0}, "--pike-ema must be in (0, 1]"),
 ])
 def test_each_mixers_flags_act_with_it_only(fields, message):
     from megatron_dga.errors import ConfigError
@@ -57,7 +57,7 @@ def test_data_path_weights_are_refused_by_mixers_that_start_uniform(mixing):
     from megatron_dga.errors import ConfigError
     from megatron_dga.mixing.config import MixingConfig
 
-    cfg = MixingConfig(mixing=mixing)
+    cfg = MixingConfig(strategy=mixing)
     with pytest.raises(ConfigError, match=rf"--mixing {mixing} would ignore \(it starts uniform\)"):
         cfg.resolve_data_path_weights([0.5, 0.5])
 
@@ -68,7 +68,7 @@ def test_odm_refuses_a_state_that_is_not_its_own():
     from megatron_dga.mixing.config import MixingConfig
 
     domains = DomainInfo(["a", "b", "c"], np.ones(3), np.ones(3))
-    odm = build_mixing(MixingConfig(mixing="odm"), domains)
+    odm = build_mixing(MixingConfig(strategy="odm"), domains)
     good = {"weights": [1 / 3] * 3, "rewards": [0.0, 1.0, 2.0], "updates": 2, "pending": None}
     odm.check_state(good, "checkpoint c", "fix it")
     odm.load_state_dict(good)
@@ -182,7 +182,7 @@ def _pike_reference(run):
     for batch in run["domains"]:
         rows = np.arange(len(batch["tokens"]))
         g2 = tr = 0.0
-        for share in np.array_split(rows, run["dp"]):  # DataPipeline._rank_share
+        for share in np.array_split(rows, run["dp"]):  # data.sampler.rank_micro_batches
             a, b = share[: len(share) // 2], share[len(share) // 2:]
             ga, gb = (gpt.grad({key: v[idx] for key, v in batch.items()}) for idx in (a, b))
             cross = gpt.dot(ga, gb)
@@ -228,7 +228,7 @@ def test_pike_needs_two_probe_sequences_per_rank():
     from megatron_dga.mixing.base import DomainInfo, build_mixing
     from megatron_dga.mixing.config import MixingConfig
 
-    pike = build_mixing(MixingConfig(mixing="pike", pike_domain_batch_size=6), DomainInfo(["a", "b"], np.ones(2), np.ones(2)))
+    pike = build_mixing(MixingConfig(strategy="pike", pike_domain_batch_size=6), DomainInfo(["a", "b"], np.ones(2), np.ones(2)))
 
     class FourRanks:
         def data_parallel(self):
@@ -299,7 +299,7 @@ def test_pike_over_more_fine_domains_than_it_can_probe_is_refused(shards, tmp_pa
 
     path = _fine_map(shards, str(tmp_path / "m.npz"), 300)
     with pytest.raises(ConfigError, match=r"--mixing pike over the 300 fine domains .* use --mixing odm"):
-        check_job(MixingConfig(mixing="pike"), data_path_weights=None, domain_map=path, use_distributed_optimizer=False,
+        check_job(MixingConfig(strategy="pike"), data_path_weights=None, domain_map=path, use_distributed_optimizer=False,
                   precision=None, transformer_engine=False)
 
 

@@ -19,7 +19,7 @@ def test_yaml_values_are_overridden_by_the_command_line(tmp_path):
     assert cfg.optimizer.lr == 0.001
     assert cfg.schedule.train_iters == 9  # CLI wins
     assert cfg.parallel.tensor_model_parallel_size == 2
-    assert (cfg.mixing.mixing, cfg.mixing.dga_ema) == ("dga", 0.5)
+    assert (cfg.mixing.strategy, cfg.mixing.dga_ema) == ("dga", 0.5)
 
 
 def _flag_actions():

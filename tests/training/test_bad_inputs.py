@@ -126,7 +126,7 @@ def _fake_trainer(reset=False):
     from megatron_dga.mixing.config import MixingConfig
 
     sampler = DynamicMixtureSampler([10, 10, 10], MixtureSamplerConfig(global_batch_size=8, micro_batch_size=2, seed=1))
-    mixing = build_mixing(MixingConfig(mixing="dga"), DomainInfo(["a", "b", "c"], np.ones(3), np.ones(3)))
+    mixing = build_mixing(MixingConfig(strategy="dga"), DomainInfo(["a", "b", "c"], np.ones(3), np.ones(3)))
     return NS(cfg=NS(checkpoint=NS(reset_mixing_state=reset)), data=NS(check_state=sampler.check_state),
               mixing=mixing)
 

@@ -95,11 +95,11 @@ def test_a_resolved_config_validates_again():
 
 
 def test_data_path_weights_mean_static_or_dga_start_and_defaults_stay_concrete():
-    assert parse_args(WEIGHTED).mixing.mixing == "static"  # Megatron's meaning of the weights
+    assert parse_args(WEIGHTED).mixing.strategy == "static"  # Megatron's meaning of the weights
     dga = parse_args(WEIGHTED + ["--mixing", "dga"]).mixing
-    assert (dga.mixing, dga.dga_init, dga.dga_eta, dga.dga_interval) == ("dga", "static", 10.0, 10)
+    assert (dga.strategy, dga.dga_init, dga.dga_eta, dga.dga_interval) == ("dga", "static", 10.0, 10)
     plain = parse_args(PLAIN)
-    assert (plain.mixing.mixing, plain.mixing.dga_init, plain.checkpoint.keep_last,
+    assert (plain.mixing.strategy, plain.mixing.dga_init, plain.checkpoint.keep_last,
             plain.checkpoint.ckpt_format) == ("natural", "uniform", 2, "torch_dist")
     assert parse_args(PLAIN + ["--mixing", "dga"]).mixing.dga_init == "uniform"
     saved = parse_args(PLAIN + ["--save", "c", "--keep-last", "1", "--exit-interval", "2"])

@@ -114,7 +114,7 @@ def test_data_args_files_give_the_data_path(tmp_path):
     args.write_text("0.3 x/a_text_document\n0.7   x/b_text_document\n")
     cfg = parse_args(["--data-args-path", str(args)])
     assert cfg.data.data_path == ["0.3", "x/a_text_document", "0.7", "x/b_text_document"]
-    assert cfg.mixing.mixing == "static"  # the weights mean what they mean in --data-path
+    assert cfg.mixing.strategy == "static"  # the weights mean what they mean in --data-path
     with pytest.raises(ConfigError, match=r"^--data-path x/a_text_document x/b_text_document and --data-args-path "):
         parse_args(PLAIN + ["--data-args-path", str(args)])
     args.write_text("0.3 x/a_text_document 0.7")

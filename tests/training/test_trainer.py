@@ -179,7 +179,7 @@ def test_trainer_feeds_wandb_from_the_metrics_path(shards, tmp_path):
     init = inits[0]
     # Megatron's wandb.init arguments; the run is named after the log directory, and writes there.
     assert (init["project"], init["name"], init["dir"]) == ("proj", "run", str(tmp_path / "run"))
-    assert init["config"]["logging"]["wandb_project"] == "proj" and init["config"]["mixing"]["mixing"] == "dga"
+    assert init["config"]["logging"]["wandb_project"] == "proj" and init["config"]["mixing"]["strategy"] == "dga"
     # Every metrics.jsonl entry, as the TensorBoard tags, at its iteration.
     labels = MetricsLogger("unused", is_writer=False, domain_names=[os.path.basename(p)[:-len("_text_document")]
                                                                      for p in shards["domains"]])
