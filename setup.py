@@ -7,6 +7,7 @@ Build with ``pip install --no-build-isolation -e .`` so the extension compiles
 against the torch already installed (the pinned CPU wheel here, the NGC torch in
 the Docker image).
 """
+
 import glob
 import os
 
@@ -59,7 +60,9 @@ setup(
     name="megatron-dga",
     version="0.1.0",
     description="Dynamic Gradient Alignment (online data mixing) on megatron-core",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description=open(os.path.join(ROOT, "README.md")).read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_dga", "megatron_dga.*"]),

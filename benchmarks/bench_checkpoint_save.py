@@ -13,6 +13,7 @@ publication is finished, untimed, before the next save starts.
     .venv/bin/python benchmarks/bench_checkpoint_save.py                  # one process, CPU
     torchrun --nproc-per-node 2 benchmarks/bench_checkpoint_save.py       # DP=2 (gloo or NCCL)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,10 +32,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=None, help="scratch directory (default: <tmp>/bench_checkpoint_save, removed after)")
+    parser.add_argument(
+        "--out", default=None, help="scratch directory (default: <tmp>/bench_checkpoint_save, removed after)"
+    )
     parser.add_argument("--distributed-optimizer", action="store_true")
-    parser.add_argument("--keep-last", type=int, default=1000,
-                        help="our retention (default: nothing deleted, like the bare save; 1 also times the deletion)")
+    parser.add_argument(
+        "--keep-last",
+        type=int,
+        default=1000,
+        help="our retention (default: nothing deleted, like the bare save; 1 also times the deletion)",
+    )
     args = parser.parse_args()
 
     from megatron.core import dist_checkpointing
@@ -51,12 +58,37 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         shutil.rmtree(out, ignore_errors=True)
         three_domain_shards(shards_dir)
-    argv = ["--data-path", *[os.path.join(shards_dir, f"dom{i}_text_document") for i in range(3)],
-            *NULL_TOKENIZER_ARGS, "--num-layers", str(args.layers), "--hidden-size", str(args.hidden),
-            "--num-attention-heads", "8", "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", str(2 * int(os.environ.get("WORLD_SIZE", "1"))), "--train-iters", "1000",
-            "--log-interval", "1000", "--eval-interval", "0", "--mixing", "uniform",
-            "--save", os.path.join(out, "ours"), "--keep-last", str(args.keep_last), "--log-dir", os.path.join(out, "log")]
+    argv = [
+        "--data-path",
+        *[os.path.join(shards_dir, f"dom{i}_text_document") for i in range(3)],
+        *NULL_TOKENIZER_ARGS,
+        "--num-layers",
+        str(args.layers),
+        "--hidden-size",
+        str(args.hidden),
+        "--num-attention-heads",
+        "8",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        str(2 * int(os.environ.get("WORLD_SIZE", "1"))),
+        "--train-iters",
+        "1000",
+        "--log-interval",
+        "1000",
+        "--eval-interval",
+        "0",
+        "--mixing",
+        "uniform",
+        "--save",
+        os.path.join(out, "ours"),
+        "--keep-last",
+        str(args.keep_last),
+        "--log-dir",
+        os.path.join(out, "log"),
+    ]
     if args.distributed_optimizer:
         argv.append("--use-distributed-optimizer")
     cfg = parse_args(argv)
@@ -105,8 +137,10 @@ def main() -> None:
         last_bare = os.path.join(out, "bare", sorted(os.listdir(os.path.join(out, "bare")))[-1])
         size = sum(os.path.getsize(os.path.join(last_bare, f)) for f in os.listdir(last_bare))
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"checkpoint of {cfg.model.num_parameters():,} parameters + Adam state ({size / 2**20:.1f} MiB on disk), "
-              f"{ctx.describe()}, median of {args.repeats}:")
+        print(
+            f"checkpoint of {cfg.model.num_parameters():,} parameters + Adam state ({size / 2**20:.1f} MiB on disk), "
+            f"{ctx.describe()}, median of {args.repeats}:"
+        )
         for name, seconds in med.items():
             ratio = "" if name == "bare" else f"   ratio {seconds / med['bare']:.2f}x"
             print(f"  {name:<36}: {seconds:.3f} s{ratio}")

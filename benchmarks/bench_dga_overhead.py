@@ -22,6 +22,7 @@ when other jobs share the machine; the wall-clock column is printed beside it.
     cd /work/main && .venv/bin/python benchmarks/bench_dga_overhead.py            # ~2 min on 2 cores
     .venv/bin/python benchmarks/bench_dga_overhead.py --rounds 4 --fd-sweep        # + the fd step sweep
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,14 +72,46 @@ def build_trainer(args, shards, log_dir):
     from megatron_dga.training.trainer import Trainer
 
     argv = [
-        "--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
-        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1),
-        "--num-layers", str(args.layers), "--hidden-size", str(args.hidden), "--num-attention-heads", "4",
-        "--seq-length", str(args.seq), "--make-vocab-size-divisible-by", "128",
-        "--micro-batch-size", str(args.micro_batch), "--global-batch-size", str(args.batch),
-        "--train-iters", "100000", "--lr", "1e-3", "--log-interval", "100000", "--eval-interval", "0",
-        "--log-dir", log_dir, "--mixing", "dga", "--dga-interval", str(args.interval),
-        "--dga-domain-batch-size", str(args.b_dom), "--dga-specific-batch-size", str(args.b_spe),
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        str(VOCAB - 1),
+        "--num-layers",
+        str(args.layers),
+        "--hidden-size",
+        str(args.hidden),
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        str(args.seq),
+        "--make-vocab-size-divisible-by",
+        "128",
+        "--micro-batch-size",
+        str(args.micro_batch),
+        "--global-batch-size",
+        str(args.batch),
+        "--train-iters",
+        "100000",
+        "--lr",
+        "1e-3",
+        "--log-interval",
+        "100000",
+        "--eval-interval",
+        "0",
+        "--log-dir",
+        log_dir,
+        "--mixing",
+        "dga",
+        "--dga-interval",
+        str(args.interval),
+        "--dga-domain-batch-size",
+        str(args.b_dom),
+        "--dga-specific-batch-size",
+        str(args.b_spe),
     ]
     cfg = parse_args(argv)
     ctx = platform.initialize(cfg.parallel)
@@ -151,8 +184,13 @@ def fd_sweep(trainer, exact, relative_steps):
     rows = []
     for rel in relative_steps:
         trainer.data.sampler.load_state_dict(state)
-        est = fd_alignments(trainer.view, list(range(len(ref))), cfg.dga_domain_batch_size, cfg.dga_specific_batch_size,
-                            relative_step=rel).alignments
+        est = fd_alignments(
+            trainer.view,
+            list(range(len(ref))),
+            cfg.dga_domain_batch_size,
+            cfg.dga_specific_batch_size,
+            relative_step=rel,
+        ).alignments
         rows.append((rel, np.corrcoef(ref, est)[0, 1], np.max(np.abs(est - ref)) / np.max(np.abs(ref))))
     return rows
 
@@ -169,8 +207,12 @@ def main():
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds (one period per method each)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: process CPU time then measures work, robust on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: process CPU time then measures work, robust on a shared machine)",
+    )
     parser.add_argument("--fd-sweep", action="store_true", help="also sweep the fd relative step")
     args = parser.parse_args()
 
@@ -190,9 +232,11 @@ def main():
         comm = CommCounter(trainer)
         k, T, B = args.domains, args.interval, args.batch
         n_params = sum(p.numel() for p, c in zip(trainer.params, trainer.counted()) if c)
-        print(f"model: {args.layers} layers x {args.hidden} hidden, seq {args.seq}, {n_params:,} parameters; "
-              f"k={k}, b_dom={args.b_dom}, b_spe={args.b_spe}, T_r={T}, B={B}, micro-batch {args.micro_batch}, "
-              f"torch threads {torch.get_num_threads()}")
+        print(
+            f"model: {args.layers} layers x {args.hidden} hidden, seq {args.seq}, {n_params:,} parameters; "
+            f"k={k}, b_dom={args.b_dom}, b_spe={args.b_spe}, T_r={T}, B={B}, micro-batch {args.micro_batch}, "
+            f"torch threads {torch.get_num_threads()}"
+        )
 
         # Warm-up (allocations, first-call costs), then interleaved rounds.
         for method in (None, exact, fd):
@@ -205,9 +249,11 @@ def main():
         for clock, col in (("process CPU time", 0), ("wall-clock time", 1)):
             med = {name: statistics.median(t[col] for t in v) for name, v in times.items()}
             over = {name: med[name] / med["static"] - 1.0 for name in ("exact", "fd")}
-            print(f"\n{clock}, median of {args.rounds} interleaved periods of T_r={T} steps, ms per step: "
-                  f"static {1e3 * med['static'] / T:.1f}, dga exact {1e3 * med['exact'] / T:.1f}, "
-                  f"dga fd {1e3 * med['fd'] / T:.1f}")
+            print(
+                f"\n{clock}, median of {args.rounds} interleaved periods of T_r={T} steps, ms per step: "
+                f"static {1e3 * med['static'] / T:.1f}, dga exact {1e3 * med['exact'] / T:.1f}, "
+                f"dga fd {1e3 * med['fd'] / T:.1f}"
+            )
             print(f"  {'overhead':10s} {'measured':>9s} {'cost model':>11s} {'measured/model':>15s}")
             for name in ("exact", "fd"):
                 print(f"  {name:10s} {over[name]:9.1%} {model[name]:11.1%} {over[name] / model[name]:15.2f}")
@@ -221,15 +267,19 @@ def main():
             syncs, small = comm.grad_syncs, comm.small_bytes  # train_step syncs outside trainer.backward
             total = syncs * grad_bytes + small
             base = (k + 1) * grad_bytes
-            print(f"  {name:6s}: {syncs} gradient all-reduce x {grad_bytes:,} B + {small:,} B of scalars = "
-                  f"{total:,} B  vs (k+1) gradient all-reduces {base:,} B  -> {total / base:.3f}x")
+            print(
+                f"  {name:6s}: {syncs} gradient all-reduce x {grad_bytes:,} B + {small:,} B of scalars = "
+                f"{total:,} B  vs (k+1) gradient all-reduces {base:,} B  -> {total / base:.3f}x"
+            )
 
         x, y = agreement(trainer, exact, fd, updates=3)
         big = np.abs(x) > 0.05 * np.abs(x).max()
-        print(f"\nfd vs exact on the same probe samples ({x.size} alignments over 3 updates): "
-              f"Pearson {np.corrcoef(x, y)[0, 1]:.6f}, max |fd - exact| / max|exact| "
-              f"{np.max(np.abs(x - y)) / np.max(np.abs(x)):.2e}, sign agreement {np.mean(np.sign(x[big]) == np.sign(y[big])):.0%}"
-              f" (|a| > 5% of max)")
+        print(
+            f"\nfd vs exact on the same probe samples ({x.size} alignments over 3 updates): "
+            f"Pearson {np.corrcoef(x, y)[0, 1]:.6f}, max |fd - exact| / max|exact| "
+            f"{np.max(np.abs(x - y)) / np.max(np.abs(x)):.2e}, sign agreement {np.mean(np.sign(x[big]) == np.sign(y[big])):.0%}"
+            f" (|a| > 5% of max)"
+        )
         if args.fd_sweep:
             print("\nfd relative step sweep (h = step x |theta|), one update:")
             for rel, r, err in fd_sweep(trainer, exact, [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]):

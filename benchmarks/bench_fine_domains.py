@@ -19,6 +19,7 @@ sampler < 2 % of a step.
 
     cd /work/main && .venv/bin/python benchmarks/bench_fine_domains.py [--documents 1000000] [--dir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ import numpy as np
 LEVELS = {1024: [32, 32], 16384: [128, 128], 262144: [64, 64, 64]}
 VOCAB = 128  # NullTokenizer --vocab-size 127: ids 0..126 and eod 127
 EOD = VOCAB - 1
-MODEL_ARGS = ("--num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256 "
-              "--micro-batch-size 8 --global-batch-size 32")
+MODEL_ARGS = (
+    "--num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 256 "
+    "--micro-batch-size 8 --global-batch-size 32"
+)
 
 
 def write_corpus(directory: str, documents: int, shards: int = 4, seed: int = 0) -> list:
@@ -80,10 +83,31 @@ def worker(args) -> dict:
 
     setup_logging()
     cache, run = tempfile.mkdtemp(prefix="fine-cache-"), tempfile.mkdtemp(prefix="fine-run-")
-    argv = ["--data-path", *args.prefixes, "--domain-map", args.map, "--data-cache-path", cache,
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1), *args.model_args.split(),
-            "--make-vocab-size-divisible-by", "64", "--train-iters", "1000", "--eval-interval", "0",
-            "--lr", "1e-4", "--log-dir", run, "--mixing", "natural"]
+    argv = [
+        "--data-path",
+        *args.prefixes,
+        "--domain-map",
+        args.map,
+        "--data-cache-path",
+        cache,
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        str(VOCAB - 1),
+        *args.model_args.split(),
+        "--make-vocab-size-divisible-by",
+        "64",
+        "--train-iters",
+        "1000",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "1e-4",
+        "--log-dir",
+        run,
+        "--mixing",
+        "natural",
+    ]
     cfg = parse_args(argv)
     ctx = platform.initialize(cfg.parallel)
     from megatron_dga.training.data import DataPipeline
@@ -121,7 +145,7 @@ def worker(args) -> dict:
         trainer.train_step()
     out["step_ms"] = 1000 * (time.perf_counter() - t) / args.steps
     out["sampler_ms"] = 1000 * spent[0] / args.steps
-    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     platform.shutdown()
     return out
 
@@ -129,8 +153,14 @@ def worker(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--documents", type=int, default=1_000_000, help="documents over all shards")
-    p.add_argument("--domains", type=int, nargs="+", default=sorted(LEVELS), choices=sorted(LEVELS),
-                   help="fine-domain counts to measure")
+    p.add_argument(
+        "--domains",
+        type=int,
+        nargs="+",
+        default=sorted(LEVELS),
+        choices=sorted(LEVELS),
+        help="fine-domain counts to measure",
+    )
     p.add_argument("--dir", default=None, help="where the shards and maps go (kept; default a temporary directory)")
     p.add_argument("--model-args", default=MODEL_ARGS, help="model and batch flags of the training steps")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per K")
@@ -155,23 +185,42 @@ def main(argv=None) -> int:
     for k in args.domains:
         map_path = write_map(os.path.join(args.dir, f"map_{k}.npz"), prefixes, LEVELS[k])
         print(f"K = {k:,}: measuring in a fresh process ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--map", map_path, "--prefixes", *prefixes,
-               "--model-args", args.model_args, "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            "--map",
+            map_path,
+            "--prefixes",
+            *prefixes,
+            "--model-args",
+            args.model_args,
+            "--steps",
+            str(args.steps),
+            "--warmup-steps",
+            str(args.warmup_steps),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-4000:], file=sys.stderr)
             return 1
         rows.append((k, json.loads(proc.stdout.strip().splitlines()[-1])))
-    print(f"\nfine domains over {args.documents:,} documents (4 shards, 50-500 tokens each); os.cpu_count() = "
-          f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; model: {args.model_args}")
-    head = ("| K | empty | start-up: map + index (s) | first batch (s) | cache hit (s) | peak RSS (GB) "
-            "| step (ms) | sampler (ms) | sampler / step |")
+    print(
+        f"\nfine domains over {args.documents:,} documents (4 shards, 50-500 tokens each); os.cpu_count() = "
+        f"{os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; model: {args.model_args}"
+    )
+    head = (
+        "| K | empty | start-up: map + index (s) | first batch (s) | cache hit (s) | peak RSS (GB) "
+        "| step (ms) | sampler (ms) | sampler / step |"
+    )
     print(head)
     print("|" + "---:|" * (head.count("|") - 1))
     for k, r in rows:
-        print(f"| {k:,} | {r['empty_domains']:,} | {r['startup_s']:.2f} | {r['first_batch_s']:.3f} | "
-              f"{r['cache_hit_s']:.2f} | {r['peak_rss_gb']:.2f} | {r['step_ms']:.0f} | {r['sampler_ms']:.2f} | "
-              f"{100 * r['sampler_ms'] / r['step_ms']:.2f} % |")
+        print(
+            f"| {k:,} | {r['empty_domains']:,} | {r['startup_s']:.2f} | {r['first_batch_s']:.3f} | "
+            f"{r['cache_hit_s']:.2f} | {r['peak_rss_gb']:.2f} | {r['step_ms']:.0f} | {r['sampler_ms']:.2f} | "
+            f"{100 * r['sampler_ms'] / r['step_ms']:.2f} % |"
+        )
     if tmp is not None:
         tmp.cleanup()
     return 0

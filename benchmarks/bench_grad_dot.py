@@ -10,6 +10,7 @@ interleaved across implementations.
 Baselines: ``torch.dot`` per piece (float32 in, float32 BLAS accumulation), the eager
 torch expression a user would write, and the package's pure-torch reference backend.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,25 +99,38 @@ def main() -> None:
         return sum(torch.dot(g, t) for g, t in zip(g32, t32))
 
     def eager_precond() -> torch.Tensor:
-        return sum((g.float() * t / (v / bc2).sqrt().add(eps)).sum(dtype=torch.float64)
-                   for g, t, v in zip(g16, t32, v32))
+        return sum(
+            (g.float() * t / (v / bc2).sqrt().add(eps)).sum(dtype=torch.float64) for g, t, v in zip(g16, t32, v32)
+        )
 
     cases = [
         # (label, bytes per element, {name: fn})
-        ("fp32 grad . fp32 target", 8, {
-            "fused fp64 acc": lambda: ops.grad_dot(g32, t32, backend="extension"),
-            "fused fp32 acc": lambda: ops.grad_dot(g32, t32, accumulate="fp32", backend="extension"),
-            "torch.dot loop (fp32)": eager_dot,
-            "reference backend": lambda: ops.grad_dot(g32, t32, backend="reference"),
-        }),
-        ("bf16 grad . fp32 target, Adam precond (fp32 v)", 10, {
-            "fused fp64 acc": lambda: ops.grad_dot(g16, t32, exp_avg_sq=v32, bias_correction2=bc2, backend="extension"),
-            "fused fp32 acc": lambda: ops.grad_dot(g16, t32, exp_avg_sq=v32, bias_correction2=bc2,
-                                                   accumulate="fp32", backend="extension"),
-            "torch eager expression": eager_precond,
-            "reference backend": lambda: ops.grad_dot(g16, t32, exp_avg_sq=v32, bias_correction2=bc2,
-                                                      backend="reference"),
-        }),
+        (
+            "fp32 grad . fp32 target",
+            8,
+            {
+                "fused fp64 acc": lambda: ops.grad_dot(g32, t32, backend="extension"),
+                "fused fp32 acc": lambda: ops.grad_dot(g32, t32, accumulate="fp32", backend="extension"),
+                "torch.dot loop (fp32)": eager_dot,
+                "reference backend": lambda: ops.grad_dot(g32, t32, backend="reference"),
+            },
+        ),
+        (
+            "bf16 grad . fp32 target, Adam precond (fp32 v)",
+            10,
+            {
+                "fused fp64 acc": lambda: ops.grad_dot(
+                    g16, t32, exp_avg_sq=v32, bias_correction2=bc2, backend="extension"
+                ),
+                "fused fp32 acc": lambda: ops.grad_dot(
+                    g16, t32, exp_avg_sq=v32, bias_correction2=bc2, accumulate="fp32", backend="extension"
+                ),
+                "torch eager expression": eager_precond,
+                "reference backend": lambda: ops.grad_dot(
+                    g16, t32, exp_avg_sq=v32, bias_correction2=bc2, backend="reference"
+                ),
+            },
+        ),
     ]
 
     threads = torch.get_num_threads() if device.type == "cpu" else None
@@ -126,8 +140,10 @@ def main() -> None:
     if device.type == "cuda":
         peak = _hbm_peak_gbs(device)
         copy_bw = _copy_gbs(device, args.numel, args.repeats)
-        print(f"HBM: theoretical peak {peak:.0f} GB/s" if peak else "HBM: peak not exposed by torch",
-              f"| device copy {copy_bw:.0f} GB/s")
+        print(
+            f"HBM: theoretical peak {peak:.0f} GB/s" if peak else "HBM: peak not exposed by torch",
+            f"| device copy {copy_bw:.0f} GB/s",
+        )
     for label, bytes_per_elem, fns in cases:
         print(f"\n{label} ({bytes_per_elem} B/element read)")
         header = f"  {'implementation':<26}{'ms':>9}{'GB/s':>9}{'vs fused fp64':>15}"

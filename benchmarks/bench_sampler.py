@@ -19,6 +19,7 @@ shared machine hits both alike; the load average is printed with the table.
 
     cd /work/main && .venv/bin/python benchmarks/bench_sampler.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,7 +88,9 @@ def weight_change_costs():
         t = time.perf_counter()
         big.set_basis(P)
         out[f"set_basis (once) K={K} N={N} {label}"] = time.perf_counter() - t
-        out[f"set_basis_weights K={K} N={N} {label}"] = best_of(lambda: [big.set_basis_weights(g) for g in gammas], 3) / len(gammas)
+        out[f"set_basis_weights K={K} N={N} {label}"] = best_of(
+            lambda: [big.set_basis_weights(g) for g in gammas], 3
+        ) / len(gammas)
     big.set_basis_weights(gammas[0])
     out[f"global_batch K={K} (GBS 512)"] = best_of(big.global_batch, 5)
     # 60% empty domains: the kernel runs over the non-empty ones only, basis rows renormalised.
@@ -134,8 +137,10 @@ def main():
     parser.add_argument("--steps", type=int, default=256, help="global batches per throughput measurement")
     parser.add_argument("--repeat", type=int, default=7, help="best of this many timings per side")
     args = parser.parse_args()
-    print(f"ours: the C++ kernels of {load_kernels().__file__}; load average before: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    print(
+        f"ours: the C++ kernels of {load_kernels().__file__}; load average before: "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)"
+    )
     print(f"== index throughput (samples/s), same number of samples, best of {args.repeat} ==")
     print(f"{'k':>5} {'GBS':>5} {'per call':>8} {'samples':>9} {'ours':>12} {'megatron':>12} {'ratio':>7}")
     for k, gbs, per_call in [(8, 1024, 1), (64, 1024, 1), (8, 1024, 32), (64, 1024, 32), (64, 4096, 32)]:

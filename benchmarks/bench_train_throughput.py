@@ -10,6 +10,7 @@ model's (k b_dom + b_spe) / (T_r B). Lines starting with ``RESULT`` are what
     python benchmarks/bench_train_throughput.py                 # GPU: ~125M-parameter GPT, bf16
     python benchmarks/bench_train_throughput.py --preset tiny   # CPU: a smoke run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ from megatron_dga.mixing.cost_model import dga_overhead
 
 PRESETS = {
     # GPT-2 small shape; micro-batch 8 x 1024 tokens.
-    "gpu": dict(layers=12, hidden=768, heads=12, seq=1024, vocab=32000, micro_batch=8, batch=32, iters=40,
-                extra=["--bf16"]),
+    "gpu": dict(
+        layers=12, hidden=768, heads=12, seq=1024, vocab=32000, micro_batch=8, batch=32, iters=40, extra=["--bf16"]
+    ),
     "tiny": dict(layers=2, hidden=64, heads=4, seq=64, vocab=512, micro_batch=4, batch=8, iters=20, extra=[]),
 }
 
@@ -49,14 +51,43 @@ def write_random_shards(out_dir: str, k: int, vocab: int, tokens_per_domain: int
 
 
 def run(prefixes, p, log_dir, mixing_args) -> list:
-    argv = [sys.executable, "-m", "megatron_dga.pretrain_gpt",
-            "--data-path", *prefixes[:-1], "--specific-data-path", prefixes[-1],
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(p["vocab"] - 1),
-            "--num-layers", str(p["layers"]), "--hidden-size", str(p["hidden"]),
-            "--num-attention-heads", str(p["heads"]), "--seq-length", str(p["seq"]),
-            "--micro-batch-size", str(p["micro_batch"]), "--global-batch-size", str(p["batch"]),
-            "--train-iters", str(p["iters"]), "--log-interval", "5", "--eval-interval", "0", "--lr", "3e-4",
-            "--log-dir", log_dir, *p["extra"], *mixing_args]
+    argv = [
+        sys.executable,
+        "-m",
+        "megatron_dga.pretrain_gpt",
+        "--data-path",
+        *prefixes[:-1],
+        "--specific-data-path",
+        prefixes[-1],
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        str(p["vocab"] - 1),
+        "--num-layers",
+        str(p["layers"]),
+        "--hidden-size",
+        str(p["hidden"]),
+        "--num-attention-heads",
+        str(p["heads"]),
+        "--seq-length",
+        str(p["seq"]),
+        "--micro-batch-size",
+        str(p["micro_batch"]),
+        "--global-batch-size",
+        str(p["batch"]),
+        "--train-iters",
+        str(p["iters"]),
+        "--log-interval",
+        "5",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-4",
+        "--log-dir",
+        log_dir,
+        *p["extra"],
+        *mixing_args,
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -66,8 +97,12 @@ def run(prefixes, p, log_dir, mixing_args) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="model/batch preset (default: gpu with CUDA, tiny without)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="model/batch preset (default: gpu with CUDA, tiny without)",
+    )
     parser.add_argument("--domains", type=int, default=8)
     parser.add_argument("--dga-interval", type=int, default=10)
     parser.add_argument("--out", default=None, help="directory for shards and logs (default: a temp dir)")
@@ -77,18 +112,29 @@ def main() -> None:
     p = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "tiny")]
     out = args.out or tempfile.mkdtemp(prefix="bench_train_")
     os.makedirs(out, exist_ok=True)
-    prefixes = write_random_shards(out, args.domains, p["vocab"], tokens_per_domain=p["batch"] * p["seq"] * 20,
-                                   doc_len=p["seq"] + 1)
+    prefixes = write_random_shards(
+        out, args.domains, p["vocab"], tokens_per_domain=p["batch"] * p["seq"] * 20, doc_len=p["seq"] + 1
+    )
     b_dom, b_spe = 8, 16
-    dga = ["--mixing", "dga", "--dga-interval", str(args.dga_interval), "--dga-domain-batch-size", str(b_dom),
-           "--dga-specific-batch-size", str(b_spe)]
+    dga = [
+        "--mixing",
+        "dga",
+        "--dga-interval",
+        str(args.dga_interval),
+        "--dga-domain-batch-size",
+        str(b_dom),
+        "--dga-specific-batch-size",
+        str(b_spe),
+    ]
     results = {}
     for name, mixing in (("static", ["--mixing", "uniform"]), ("dga", dga)):
         metrics = run(prefixes, p, os.path.join(out, name), mixing)
         steady = [m for m in metrics[1:] if "tokens_per_sec" in m]  # first window: warm-up
         results[name] = float(np.mean([m["tokens_per_sec"] for m in steady]))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    shape = f"{p['layers']}x{p['hidden']}, seq {p['seq']}, batch {p['batch']}{' bf16' if '--bf16' in p['extra'] else ''}"
+    shape = (
+        f"{p['layers']}x{p['hidden']}, seq {p['seq']}, batch {p['batch']}{' bf16' if '--bf16' in p['extra'] else ''}"
+    )
     model = dga_overhead(args.domains, b_dom, b_spe, args.dga_interval, p["batch"])
     print(f"RESULT tokens/s static mixing ({shape}, {device}): {results['static']:,.0f}")
     print(f"RESULT tokens/s DGA every {args.dga_interval} steps: {results['dga']:,.0f}")

@@ -32,6 +32,7 @@ cumulative time. Lines starting with ``RESULT`` are what ``scripts/gpu_check.sh`
     .venv/bin/python benchmarks/bench_trainer_overhead.py --preset tiny --profile
     python benchmarks/bench_trainer_overhead.py --preset gpu          # GPU: ~125M-parameter GPT, bf16, < 1 min
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,26 @@ import torch
 from megatron_dga.data import mock
 
 PRESETS = {
-    "tiny": dict(layers=2, hidden=64, heads=4, seq=64, vocab=512, micro_batch=4, batch=8, window=8, rounds=30,
-                 extra=[]),
-    "small": dict(layers=4, hidden=256, heads=4, seq=256, vocab=2048, micro_batch=2, batch=4, window=3, rounds=10,
-                  extra=[]),
+    "tiny": dict(
+        layers=2, hidden=64, heads=4, seq=64, vocab=512, micro_batch=4, batch=8, window=8, rounds=30, extra=[]
+    ),
+    "small": dict(
+        layers=4, hidden=256, heads=4, seq=256, vocab=2048, micro_batch=2, batch=4, window=3, rounds=10, extra=[]
+    ),
     # GPT-2 small shape; micro-batch 8 x 1024 tokens, 4 micro-batches per step. Sized for the minute
     # scripts/gpu_check.sh gives it (two models, 3 + 20 + 1 trainer steps and 23 bare ones).
-    "gpu": dict(layers=12, hidden=768, heads=12, seq=1024, vocab=32000, micro_batch=8, batch=32, window=4, rounds=5,
-                extra=["--bf16"]),
+    "gpu": dict(
+        layers=12,
+        hidden=768,
+        heads=12,
+        seq=1024,
+        vocab=32000,
+        micro_batch=8,
+        batch=32,
+        window=4,
+        rounds=5,
+        extra=["--bf16"],
+    ),
 }
 DOMAINS = 4
 
@@ -70,13 +83,39 @@ def build_trainer(p: dict, prefixes: list, log_dir: str, train_iters: int):
     from megatron_dga.training.trainer import Trainer
 
     argv = [
-        "--data-path", *prefixes, "--tokenizer-type", "NullTokenizer", "--vocab-size", str(p["vocab"] - 1),
-        "--num-layers", str(p["layers"]), "--hidden-size", str(p["hidden"]),
-        "--num-attention-heads", str(p["heads"]), "--seq-length", str(p["seq"]),
-        "--micro-batch-size", str(p["micro_batch"]), "--global-batch-size", str(p["batch"]),
-        "--train-iters", str(train_iters), "--lr", "3e-4", "--lr-warmup-iters", "2",
-        "--log-interval", str(10 * train_iters), "--eval-interval", "0",
-        "--log-dir", log_dir, "--mixing", "uniform", *p["extra"],
+        "--data-path",
+        *prefixes,
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        str(p["vocab"] - 1),
+        "--num-layers",
+        str(p["layers"]),
+        "--hidden-size",
+        str(p["hidden"]),
+        "--num-attention-heads",
+        str(p["heads"]),
+        "--seq-length",
+        str(p["seq"]),
+        "--micro-batch-size",
+        str(p["micro_batch"]),
+        "--global-batch-size",
+        str(p["batch"]),
+        "--train-iters",
+        str(train_iters),
+        "--lr",
+        "3e-4",
+        "--lr-warmup-iters",
+        "2",
+        "--log-interval",
+        str(10 * train_iters),
+        "--eval-interval",
+        "0",
+        "--log-dir",
+        log_dir,
+        "--mixing",
+        "uniform",
+        *p["extra"],
     ]
     cfg = parse_args(argv)
     return Trainer(cfg, platform.initialize(cfg.parallel))
@@ -110,7 +149,8 @@ class BareLoop:
         self.shims = megatron_cuda_calls_on_cpu
         with self.shims():
             self.optimizer = get_megatron_optimizer(
-                megatron_optimizer_config(cfg.optimizer, bf16=cfg.model.bf16, fp16=cfg.model.fp16), [self.ddp])
+                megatron_optimizer_config(cfg.optimizer, bf16=cfg.model.bf16, fp16=cfg.model.fp16), [self.ddp]
+            )
         self.scheduler = OptimizerParamScheduler(self.optimizer, **scheduler_arguments(cfg.optimizer, cfg.schedule))
         # The hooks Megatron's train() sets once on the model config.
         config = core.config
@@ -130,8 +170,9 @@ class BareLoop:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        tokens, position_ids, labels, loss_mask = (batch[k].to(self.device, non_blocking=True)
-                                                   for k in ("tokens", "position_ids", "labels", "loss_mask"))
+        tokens, position_ids, labels, loss_mask = (
+            batch[k].to(self.device, non_blocking=True) for k in ("tokens", "position_ids", "labels", "loss_mask")
+        )
         output = model(tokens, position_ids, self.mask, labels=labels)
         return output, functools.partial(self._loss, loss_mask.float())
 
@@ -140,9 +181,15 @@ class BareLoop:
         self.ddp.zero_grad_buffer()
         with self.shims():
             self.optimizer.zero_grad()
-            losses = self.schedule(forward_step_func=self._forward_step, data_iterator=iter(micro_batches),
-                                   model=[self.ddp], num_microbatches=len(micro_batches), seq_length=self.seq,
-                                   micro_batch_size=self.micro_batch, forward_only=False)
+            losses = self.schedule(
+                forward_step_func=self._forward_step,
+                data_iterator=iter(micro_batches),
+                model=[self.ddp],
+                num_microbatches=len(micro_batches),
+                seq_length=self.seq,
+                micro_batch_size=self.micro_batch,
+                forward_only=False,
+            )
             update_successful, _, _ = self.optimizer.step()
         if update_successful:
             self.scheduler.step(increment=1)
@@ -260,11 +307,15 @@ def profile_lines(profilers: dict, steps: int, top: int) -> list:
         diff.append((t[0] - b[0], t[0], b[0], t[1] - b[1], key))
     diff.sort(reverse=True)
     total = (sum(v[0] for v in trainer.values()) - sum(v[0] for v in bare.values())) / steps
-    lines = [f"  own time, trainer minus bare (total {1e3 * total:.3f} ms/step): "
-             f"{'diff':>8s} {'trainer':>8s} {'bare':>8s} {'+calls':>7s} ms/step"]
+    lines = [
+        f"  own time, trainer minus bare (total {1e3 * total:.3f} ms/step): "
+        f"{'diff':>8s} {'trainer':>8s} {'bare':>8s} {'+calls':>7s} ms/step"
+    ]
     for d, t, b, calls, key in diff[:top]:
-        lines.append(f"    {1e3 * d / steps:8.3f} {1e3 * t / steps:8.3f} {1e3 * b / steps:8.3f} {calls / steps:7.1f}  "
-                     f"{_where(key)}")
+        lines.append(
+            f"    {1e3 * d / steps:8.3f} {1e3 * t / steps:8.3f} {1e3 * b / steps:8.3f} {calls / steps:7.1f}  "
+            f"{_where(key)}"
+        )
     ours = sorted(((ct, nc, key) for key, (_, nc, ct) in trainer.items() if "megatron_dga" in key[0]), reverse=True)
     lines.append("  the project's functions on the trainer side, cumulative ms/step (calls/step):")
     for ct, nc, key in ours[:top]:
@@ -282,9 +333,14 @@ def run_preset(name: str, p: dict, args) -> dict:
     train_iters = warmup + rounds * window + 1
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmp:
         # The project's synthetic shards (what --mock-data writes): Markov-chain documents, eod-terminated.
-        prefixes = mock.write_domains(tmp, vocab_size=p["vocab"], eod=p["vocab"] - 1, k=DOMAINS,
-                                      docs_per_domain=max(64, 2 * p["batch"] * train_iters // DOMAINS),
-                                      doc_len=p["seq"] + 1)["domains"]
+        prefixes = mock.write_domains(
+            tmp,
+            vocab_size=p["vocab"],
+            eod=p["vocab"] - 1,
+            k=DOMAINS,
+            docs_per_domain=max(64, 2 * p["batch"] * train_iters // DOMAINS),
+            doc_len=p["seq"] + 1,
+        )["domains"]
         trainer = build_trainer(p, prefixes, os.path.join(tmp, "run"), train_iters)
         bare = BareLoop(trainer)
         run = Interleaved(trainer, bare, warmup, window, rounds, args.profile)
@@ -294,14 +350,18 @@ def run_preset(name: str, p: dict, args) -> dict:
             run.finish()
         params = trainer.cfg.model.num_parameters()
         platform.shutdown()
-    a = np.array([float(loss) for loss in run.trainer_losses[:len(run.bare_losses)]])
+    a = np.array([float(loss) for loss in run.trainer_losses[: len(run.bare_losses)]])
     b = np.array(run.bare_losses)
     tol = 2e-2 if p["extra"] else 1e-4  # bf16: same kernels, but the loss reductions round differently
-    print(f"[{name}] first-step loss: trainer {a[0]:.6f}, bare {b[0]:.6f}; largest |difference| over "
-          f"{len(b)} steps {np.max(np.abs(a - b)):.2e}")
+    print(
+        f"[{name}] first-step loss: trainer {a[0]:.6f}, bare {b[0]:.6f}; largest |difference| over "
+        f"{len(b)} steps {np.max(np.abs(a - b)):.2e}"
+    )
     if not np.isclose(a[0], b[0], rtol=tol, atol=0):
-        raise SystemExit(f"[{name}] the first step's losses differ ({a[0]} vs {b[0]}): the two sides do not "
-                         "train the same model on the same batch; the comparison would mean nothing")
+        raise SystemExit(
+            f"[{name}] the first step's losses differ ({a[0]} vs {b[0]}): the two sides do not "
+            "train the same model on the same batch; the comparison would mean nothing"
+        )
     result = dict(name=name, params=params, window=window, rounds=rounds)
     for clock in CLOCKS:
         result[clock] = tuple(per_step_ms(run.times[side], window, clock) for side in ("trainer", "bare"))
@@ -312,16 +372,26 @@ def run_preset(name: str, p: dict, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=None,
-                        help="model/batch presets, run in turn (default: gpu with CUDA, tiny and small without)")
+    parser.add_argument(
+        "--preset",
+        nargs="+",
+        choices=sorted(PRESETS),
+        default=None,
+        help="model/batch presets, run in turn (default: gpu with CUDA, tiny and small without)",
+    )
     parser.add_argument("--window", type=int, default=None, help="steps per timed window (default: the preset's)")
     parser.add_argument("--rounds", type=int, default=None, help="timed windows per side (default: the preset's)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (both sides)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads on CPU (1: process CPU time then measures work, robust on a shared "
-                             "machine; 0: torch's default, OMP_NUM_THREADS)")
-    parser.add_argument("--profile", action="store_true",
-                        help="cProfile both sides; print where the trainer's extra time goes")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads on CPU (1: process CPU time then measures work, robust on a shared "
+        "machine; 0: torch's default, OMP_NUM_THREADS)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile both sides; print where the trainer's extra time goes"
+    )
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args()
 
@@ -335,8 +405,10 @@ def main() -> None:
     results = [run_preset(name, PRESETS[name], args) for name in names]
 
     print(f"\ntrainer vs bare megatron-core loop ({device}), ms per step over the interleaved windows")
-    print(f"{'preset':7s} {'params':>11s} {'clock':12s} {'trainer':>9s} {'bare':>9s} {'speed bare/trainer':>19s} "
-          f"{'overhead':>9s}")
+    print(
+        f"{'preset':7s} {'params':>11s} {'clock':12s} {'trainer':>9s} {'bare':>9s} {'speed bare/trainer':>19s} "
+        f"{'overhead':>9s}"
+    )
     for r in results:
         for clock in CLOCKS:
             t, b = r[clock]
@@ -351,11 +423,15 @@ def main() -> None:
     headline = "wall median" if torch.cuda.is_available() else "cpu median"
     for r in results:
         p = PRESETS[r["name"]]
-        shape = (f"{p['layers']}x{p['hidden']}, seq {p['seq']}, batch {p['batch']}/{p['micro_batch']}"
-                 f"{' bf16' if '--bf16' in p['extra'] else ''}")
+        shape = (
+            f"{p['layers']}x{p['hidden']}, seq {p['seq']}, batch {p['batch']}/{p['micro_batch']}"
+            f"{' bf16' if '--bf16' in p['extra'] else ''}"
+        )
         t, b = r[headline]
-        print(f"RESULT trainer speed vs bare megatron-core loop ({r['name']}: {shape}, {device}, {headline}): "
-              f"{b / t:.3f}x (trainer {t:.2f} ms/step, bare {b:.2f} ms/step)")
+        print(
+            f"RESULT trainer speed vs bare megatron-core loop ({r['name']}: {shape}, {device}, {headline}): "
+            f"{b / t:.3f}x (trainer {t:.2f} ms/step, bare {b:.2f} ms/step)"
+        )
         print(f"RESULT trainer host overhead per step ({r['name']}, {headline}): {t - b:.2f} ms")
 
 

@@ -3,6 +3,7 @@
 
 Its command line is megatron_dga/experiments/compare.py (the harness: runner, results, plots).
 """
+
 import sys
 
 from megatron_dga.experiments.compare import main

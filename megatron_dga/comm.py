@@ -10,6 +10,7 @@ megatron-core's own collectives (DDP grad sync, the optimizer's grad-norm reduct
 the distributed optimizer's gathers, the pipeline schedule's send/recv) stay inside
 megatron-core; this module is everything *we* add on top.
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Optional
@@ -19,7 +20,7 @@ import torch.distributed as dist
 
 # torch.distributed.checkpoint's collective save reports every rank's failure in one exception, a
 # BaseException (not an Exception): callers that catch a failed save take the name from here.
-from torch.distributed.checkpoint.api import CheckpointException as DistCheckpointException  # noqa: F401
+from torch.distributed.checkpoint.api import CheckpointException as DistCheckpointException  # noqa: F401 - re-exported
 
 Group = Optional["dist.ProcessGroup"]
 MAX = dist.ReduceOp.MAX

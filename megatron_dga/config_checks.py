@@ -1,4 +1,5 @@
 """Helpers the component configs share for their start-up checks (no component imports here)."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional
@@ -11,8 +12,13 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def refuse_without(given: Dict[str, Any], needed: str, consequence: str, add: Optional[str] = None,
-                   flag: Callable[[str], str] = flag_name) -> None:
+def refuse_without(
+    given: Dict[str, Any],
+    needed: str,
+    consequence: str,
+    add: Optional[str] = None,
+    flag: Callable[[str], str] = flag_name,
+) -> None:
     """ConfigError when flags that only act together with ``needed`` were given without it.
 
     Args:
@@ -43,7 +49,8 @@ class ReadOnlyOnceParsed:
         if self._frozen and not (name in self.__dict__ and _same(self.__dict__[name], value)):
             raise AttributeError(
                 f"{type(self).__name__}.{name}: the job config is read-only once parsed; build a changed copy "
-                "with dataclasses.replace")
+                "with dataclasses.replace"
+            )
         object.__setattr__(self, name, value)
 
     def freeze(self) -> None:

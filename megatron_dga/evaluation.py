@@ -25,6 +25,7 @@ checkpoint without it (tools/convert_hf_checkpoint.py's output) takes the model 
 Every rank runs the same requests in the same order (the model-parallel ranks compute each forward
 together; data-parallel replicas repeat it); rank 0 writes the results.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,8 +66,10 @@ def require_lm_eval():
         import lm_eval
         from lm_eval.api.model import TemplateLM  # noqa: F401  (0.4 API)
     except ImportError as exc:
-        raise ConfigError(f"downstream evaluation needs lm-evaluation-harness (the lm_eval package: {exc}); "
-                          f"install the eval extra: {INSTALL_HINT}") from None
+        raise ConfigError(
+            f"downstream evaluation needs lm-evaluation-harness (the lm_eval package: {exc}); "
+            f"install the eval extra: {INSTALL_HINT}"
+        ) from None
     return lm_eval
 
 
@@ -96,8 +99,9 @@ class EvalConfig:
     def __post_init__(self):
         self.tasks = [t for t in (s.strip() for s in self.tasks) if t]
         if not self.tasks:
-            raise ConfigError("--tasks: give at least one lm_eval task name (e.g. arc_easy) or a directory of "
-                              "task YAMLs")
+            raise ConfigError(
+                "--tasks: give at least one lm_eval task name (e.g. arc_easy) or a directory of task YAMLs"
+            )
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise ConfigError(f"--num-fewshot {self.num_fewshot}: must be >= 0")
         if self.limit is not None and not self.limit > 0:
@@ -133,13 +137,14 @@ def split_tasks(tasks: Sequence[str]) -> Tuple[List[str], List[str]]:
                 elif isinstance(doc, dict) and isinstance(doc.get("group"), str):
                     found.append(doc["group"])
             if not found:
-                raise DataError(f"--tasks {entry}: a directory without task YAMLs (a *.yaml with a 'task: NAME' "
-                                "key); give lm_eval task names or a directory of task YAMLs")
+                raise DataError(
+                    f"--tasks {entry}: a directory without task YAMLs (a *.yaml with a 'task: NAME' "
+                    "key); give lm_eval task names or a directory of task YAMLs"
+                )
             include.append(os.path.abspath(entry))
             names += [n for n in found if n not in names]
         elif os.sep in entry or entry.endswith((".yaml", ".yml")):
-            raise DataError(f"--tasks {entry}: no such directory; give lm_eval task names or a directory of "
-                            "task YAMLs")
+            raise DataError(f"--tasks {entry}: no such directory; give lm_eval task names or a directory of task YAMLs")
         elif entry not in names:
             names.append(entry)
     return names, include
@@ -172,8 +177,10 @@ def run_settings(load_dir: str | os.PathLike, overrides: Dict[str, object]) -> T
             model.update(config["model"])
             tokenizer.update({k: config["data"].get(k) for k in TOKENIZER_FIELDS})
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{info_path}: not a run_info.json of the trainer ({exc!r}); give the model and "
-                            "tokenizer flags of the run instead") from None
+            raise DataError(
+                f"{info_path}: not a run_info.json of the trainer ({exc!r}); give the model and "
+                "tokenizer flags of the run instead"
+            ) from None
     for key, value in overrides.items():
         section, name = key.split(".", 1)
         if section == "model":
@@ -184,10 +191,13 @@ def run_settings(load_dir: str | os.PathLike, overrides: Dict[str, object]) -> T
         raise ConfigError(
             f"--load {load_dir}: no {RUN_INFO} beside or above it to read the model and tokenizer from; give the "
             "training run's model and tokenizer flags (e.g. --tokenizer-type ... --tokenizer-model ... and, for a "
-            "converted checkpoint, $(cat CONVERTED/model_flags.txt))")
+            "converted checkpoint, $(cat CONVERTED/model_flags.txt))"
+        )
     if not tokenizer.get("tokenizer_type"):
-        raise ConfigError(f"--load {load_dir}: the tokenizer is unknown; give --tokenizer-type (and "
-                          "--tokenizer-model / --vocab-size) of the training run")
+        raise ConfigError(
+            f"--load {load_dir}: the tokenizer is unknown; give --tokenizer-type (and "
+            "--tokenizer-model / --vocab-size) of the training run"
+        )
     return model, tokenizer, info_path
 
 
@@ -197,13 +207,17 @@ def _check_against_checkpoint(cfg, tp_size: int, ckpt_dir: Path, extra: dict) ->
     saved = extra.get("model", {})
     for name, flag in MODEL_SHAPE_FLAGS.items():
         if name in saved and saved[name] != getattr(cfg, name):
-            raise ConfigError(f"{flag}: the checkpoint {ckpt_dir} has {saved[name]!r}, the evaluation's model "
-                              f"{getattr(cfg, name)!r}; give the training run's model and tokenizer flags")
+            raise ConfigError(
+                f"{flag}: the checkpoint {ckpt_dir} has {saved[name]!r}, the evaluation's model "
+                f"{getattr(cfg, name)!r}; give the training run's model and tokenizer flags"
+            )
     padded = extra.get("padded_vocab_size")
     if padded is not None and padded != cfg.padded_vocab_size(tp_size):
-        raise ConfigError(f"--tensor-model-parallel-size {tp_size}: the evaluation pads the vocabulary to "
-                          f"{cfg.padded_vocab_size(tp_size)} rows, the checkpoint {ckpt_dir} has {padded}; "
-                          "evaluate with the TP size it was converted for")
+        raise ConfigError(
+            f"--tensor-model-parallel-size {tp_size}: the evaluation pads the vocabulary to "
+            f"{cfg.padded_vocab_size(tp_size)} rows, the checkpoint {ckpt_dir} has {padded}; "
+            "evaluate with the TP size it was converted for"
+        )
 
 
 def load_chunks(load_dir: str | os.PathLike, model_cfg, ctx, ckpt_step: Optional[int] = None):
@@ -225,8 +239,9 @@ def load_chunks(load_dir: str | os.PathLike, model_cfg, ctx, ckpt_step: Optional
         template = model_state_dicts(cores, lambda core: core.sharded_state_dict())
         state = ckpt.load_distributed_checkpoint(ckpt_dir, meta, template)
     else:
-        _, state, _ = ckpt.load_checkpoint(load_dir, layout=ckpt.CheckpointLayout.from_context(ctx),
-                                           iteration=meta["iteration"])
+        _, state, _ = ckpt.load_checkpoint(
+            load_dir, layout=ckpt.CheckpointLayout.from_context(ctx), iteration=meta["iteration"]
+        )
     load_model_state_dicts(cores, state, str(ckpt_dir))
     chunks = []
     for i, (core, module) in enumerate(built):
@@ -255,8 +270,16 @@ def _pad_length(longest: int, seq_length: int) -> int:
     return min(seq_length, 64 * math.ceil(longest / 64))
 
 
-def score_token_requests(chunks, device, requests: Sequence[Tuple[List[int], List[int]]], *, seq_length: int,
-                         pad_id: int, batch_size: int, micro_batch_size: int) -> List[float]:
+def score_token_requests(
+    chunks,
+    device,
+    requests: Sequence[Tuple[List[int], List[int]]],
+    *,
+    seq_length: int,
+    pad_id: int,
+    batch_size: int,
+    micro_batch_size: int,
+) -> List[float]:
     """Log-likelihood of each (context tokens, continuation tokens) pair: minus the sum of the model's
     per-token losses over the continuation, the context truncated on the left to fit ``seq_length``.
 
@@ -267,14 +290,16 @@ def score_token_requests(chunks, device, requests: Sequence[Tuple[List[int], Lis
     order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][0]) + len(requests[i][1])))
     out: List[float] = [0.0] * len(requests)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         rows = []
         for i in idx:
             ctx_tokens, cont = requests[i]
             if not cont:
-                raise DataError("an lm_eval request with an empty continuation (nothing to score); check the task's "
-                                "doc_to_choice/doc_to_target")
-            whole = (list(ctx_tokens) + list(cont))[-(seq_length + 1):]
+                raise DataError(
+                    "an lm_eval request with an empty continuation (nothing to score); check the task's "
+                    "doc_to_choice/doc_to_target"
+                )
+            whole = (list(ctx_tokens) + list(cont))[-(seq_length + 1) :]
             rows.append((whole, min(len(cont), len(whole) - 1)))
         length = _pad_length(max(len(w) - 1 for w, _ in rows), seq_length)
         tokens = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -284,11 +309,12 @@ def score_token_requests(chunks, device, requests: Sequence[Tuple[List[int], Lis
             n = len(whole) - 1
             tokens[r, :n] = torch.tensor(whole[:-1])
             labels[r, :n] = torch.tensor(whole[1:])
-            mask[r, n - n_cont:n] = 1.0
+            mask[r, n - n_cont : n] = 1.0
         positions = torch.arange(length, dtype=torch.long).expand(len(rows), length).contiguous()
         batch = {"tokens": tokens, "labels": labels, "loss_mask": mask, "position_ids": positions}
-        micro = [{k: v[a:a + micro_batch_size] for k, v in batch.items()}
-                 for a in range(0, len(rows), micro_batch_size)]
+        micro = [
+            {k: v[a : a + micro_batch_size] for k, v in batch.items()} for a in range(0, len(rows), micro_batch_size)
+        ]
         stats = forward_backward(chunks, micro, device, forward_only=True, keep_token_losses=True)
         losses = torch.cat(stats.token_losses).double().cpu()
         for r, i in enumerate(idx):
@@ -326,9 +352,15 @@ def build_lm(chunks, tokenizer, *, device, seq_length: int, batch_size: int, mic
             return list(self.tok.tokenize(string))
 
         def _score(self, pairs) -> List[float]:
-            return score_token_requests(self.chunks, self._device, pairs, seq_length=self.seq_length,
-                                        pad_id=self.tok.eod, batch_size=self.batch_size,
-                                        micro_batch_size=self.micro_batch_size)
+            return score_token_requests(
+                self.chunks,
+                self._device,
+                pairs,
+                seq_length=self.seq_length,
+                pad_id=self.tok.eod,
+                batch_size=self.batch_size,
+                micro_batch_size=self.micro_batch_size,
+            )
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             # (ll, is_greedy): greedy needs logits, which the pipeline does not return; the tasks that
@@ -341,8 +373,8 @@ def build_lm(chunks, tokenizer, *, device, seq_length: int, batch_size: int, mic
                 ids = self.tok_encode(text)
                 # Windows of seq_length tokens, each predicted from up to seq_length tokens before it.
                 for a in range(0, len(ids), self.seq_length):
-                    ctx_tokens = ids[max(0, a - self.seq_length):a] or [self.prefix_token_id]
-                    pairs.append((ctx_tokens, ids[a:a + self.seq_length]))
+                    ctx_tokens = ids[max(0, a - self.seq_length) : a] or [self.prefix_token_id]
+                    pairs.append((ctx_tokens, ids[a : a + self.seq_length]))
                     owner.append(n)
             total = [0.0] * len(requests)
             for n, ll in zip(owner, self._score(pairs)):
@@ -350,8 +382,10 @@ def build_lm(chunks, tokenizer, *, device, seq_length: int, batch_size: int, mic
             return total
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            raise ConfigError("generation tasks are not supported by this evaluation (multiple-choice and "
-                              "perplexity tasks only); drop them from --tasks")
+            raise ConfigError(
+                "generation tasks are not supported by this evaluation (multiple-choice and "
+                "perplexity tasks only); drop them from --tasks"
+            )
 
     return MegatronLM()
 
@@ -373,19 +407,28 @@ def load_tasks(tasks: Sequence[str]):
         manager = TaskManager(include_path=include or None, include_defaults=True, verbosity="ERROR")
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        raise ConfigError(f"--tasks {','.join(unknown)}: not an lm_eval task or group (nor named by a task YAML of "
-                          "the directories given); `lm-eval ls tasks` lists them, or give a directory of task YAMLs")
+        raise ConfigError(
+            f"--tasks {','.join(unknown)}: not an lm_eval task or group (nor named by a task YAML of "
+            "the directories given); `lm-eval ls tasks` lists them, or give a directory of task YAMLs"
+        )
     try:
         loaded = manager.load(names)
     except Exception as exc:  # the harness's own loading (datasets, network) failed
-        raise DataError(f"--tasks {','.join(names)}: lm_eval could not load the task data ({type(exc).__name__}: "
-                        f"{exc}); offline, give a directory of task YAMLs with local data files") from None
-    bad = sorted(f"{name} ({task.get_config('output_type')})" for name, task in loaded["tasks"].items()
-                 if task.get_config("output_type") not in SUPPORTED_OUTPUT_TYPES)
+        raise DataError(
+            f"--tasks {','.join(names)}: lm_eval could not load the task data ({type(exc).__name__}: "
+            f"{exc}); offline, give a directory of task YAMLs with local data files"
+        ) from None
+    bad = sorted(
+        f"{name} ({task.get_config('output_type')})"
+        for name, task in loaded["tasks"].items()
+        if task.get_config("output_type") not in SUPPORTED_OUTPUT_TYPES
+    )
     if bad:
-        raise ConfigError(f"--tasks: {', '.join(bad[:5])} cannot be scored here: this evaluation runs "
-                          f"{' and '.join(SUPPORTED_OUTPUT_TYPES)} tasks (arc_easy, hellaswag, piqa, sciq, mmlu, "
-                          "wikitext, ...); drop them")
+        raise ConfigError(
+            f"--tasks: {', '.join(bad[:5])} cannot be scored here: this evaluation runs "
+            f"{' and '.join(SUPPORTED_OUTPUT_TYPES)} tasks (arc_easy, hellaswag, piqa, sciq, mmlu, "
+            "wikitext, ...); drop them"
+        )
     return manager, names
 
 
@@ -410,9 +453,19 @@ def run_tasks(lm, manager, names: Sequence[str], cfg: EvalConfig) -> dict:
     from lm_eval import evaluator
 
     out = evaluator.simple_evaluate(
-        model=lm, tasks=list(names), task_manager=manager, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-        bootstrap_iters=cfg.bootstrap_iters, log_samples=False, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-        torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed, verbosity="ERROR")
+        model=lm,
+        tasks=list(names),
+        task_manager=manager,
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        bootstrap_iters=cfg.bootstrap_iters,
+        log_samples=False,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        verbosity="ERROR",
+    )
     results = dict(out["results"])
     results.update(out.get("groups", {}))
     return {"results": metrics_of(results), "n_samples": out.get("n-samples", {})}
@@ -451,9 +504,15 @@ class LoadedModel:
 
     def score(self, pairs, *, batch_size: int = 32, micro_batch_size: int = 8) -> List[float]:
         """:func:`score_token_requests` of (context tokens, continuation tokens) pairs."""
-        return score_token_requests(self.chunks, self.ctx.device, pairs, seq_length=self.model_cfg.seq_length,
-                                    pad_id=self.tokenizer.eod, batch_size=batch_size,
-                                    micro_batch_size=micro_batch_size)
+        return score_token_requests(
+            self.chunks,
+            self.ctx.device,
+            pairs,
+            seq_length=self.model_cfg.seq_length,
+            pad_id=self.tokenizer.eod,
+            batch_size=batch_size,
+            micro_batch_size=micro_batch_size,
+        )
 
 
 def open_model(load: str, overrides: Dict[str, object], ckpt_step: Optional[int] = None) -> LoadedModel:
@@ -473,12 +532,16 @@ def open_model(load: str, overrides: Dict[str, object], ckpt_step: Optional[int]
     try:
         model_cfg = GPTModelConfig(**model_values)
     except TypeError as exc:
-        raise ConfigError(f"the model settings of --load {load} are not valid ({exc}); give the training run's "
-                          "model flags") from None
+        raise ConfigError(
+            f"the model settings of --load {load} are not valid ({exc}); give the training run's model flags"
+        ) from None
     parallel = ParallelConfig(**{k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith("parallel.")})
     parallel.resolve_virtual_pipeline(model_cfg.num_layers)
-    model_cfg.check_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-                             parallel.virtual_pipeline_model_parallel_size)
+    model_cfg.check_parallel(
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.virtual_pipeline_model_parallel_size,
+    )
     ctx = platform.initialize(parallel)
     chunks, iteration = load_chunks(load, model_cfg, ctx, ckpt_step)
     return LoadedModel(chunks, tokenizer, model_cfg, ctx, iteration, str(info_path) if info_path else None)
@@ -495,16 +558,29 @@ def evaluate_checkpoint(job: EvalJob, output: Optional[str] = None) -> dict:
     started = time.monotonic()
     try:
         model = open_model(job.load, job.overrides, job.ckpt_step)
-        lm = build_lm(model.chunks, model.tokenizer, device=model.ctx.device, seq_length=model.model_cfg.seq_length,
-                      batch_size=job.eval.batch_size, micro_batch_size=job.eval.micro_batch_size)
+        lm = build_lm(
+            model.chunks,
+            model.tokenizer,
+            device=model.ctx.device,
+            seq_length=model.model_cfg.seq_length,
+            batch_size=job.eval.batch_size,
+            micro_batch_size=job.eval.micro_batch_size,
+        )
         with torch.no_grad():
             scored = run_tasks(lm, manager, names, job.eval)
         ctx = model.ctx
         result = {
-            "format": RESULTS_FORMAT, "load": os.path.abspath(job.load), "iteration": model.iteration,
-            "tasks": list(job.eval.tasks), "task_names": names, "results": scored["results"],
-            "n_samples": scored["n_samples"], "num_fewshot": job.eval.num_fewshot, "limit": job.eval.limit,
-            "seed": job.eval.seed, "run_info": model.run_info,
+            "format": RESULTS_FORMAT,
+            "load": os.path.abspath(job.load),
+            "iteration": model.iteration,
+            "tasks": list(job.eval.tasks),
+            "task_names": names,
+            "results": scored["results"],
+            "n_samples": scored["n_samples"],
+            "num_fewshot": job.eval.num_fewshot,
+            "limit": job.eval.limit,
+            "seed": job.eval.seed,
+            "run_info": model.run_info,
             "layout": {"tp": ctx.tp_size, "pp": ctx.pp_size, "vp": ctx.vp_size, "dp": ctx.dp_size},
             "seconds": time.monotonic() - started,
         }
@@ -522,13 +598,16 @@ def read_results(path: str | os.PathLike) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise DataError(f"{path}: no downstream results; evaluate the checkpoint with tools/evaluate.py, or re-run "
-                        "the experiment with --eval-tasks and --keep-checkpoints") from None
+        raise DataError(
+            f"{path}: no downstream results; evaluate the checkpoint with tools/evaluate.py, or re-run "
+            "the experiment with --eval-tasks and --keep-checkpoints"
+        ) from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} is unreadable ({exc}); delete it and evaluate again") from None
     if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
-        raise DataError(f"{path}: format {data.get('format') if isinstance(data, dict) else None!r}, expected "
-                        f"{RESULTS_FORMAT!r}")
+        raise DataError(
+            f"{path}: format {data.get('format') if isinstance(data, dict) else None!r}, expected {RESULTS_FORMAT!r}"
+        )
     return data
 
 
@@ -539,10 +618,17 @@ def trainer_overrides(argv: Sequence[str]) -> Dict[str, object]:
 
     ns, unknown = build_parser().parse_known_args(list(argv))
     given = {k: v for k, v in vars(ns).items() if "." in k}
-    other = [k for k in given if not (k.startswith(("model.", "parallel."))
-                                      or (k.startswith("data.") and k.split(".", 1)[1] in TOKENIZER_FIELDS))]
+    other = [
+        k
+        for k in given
+        if not (
+            k.startswith(("model.", "parallel.")) or (k.startswith("data.") and k.split(".", 1)[1] in TOKENIZER_FIELDS)
+        )
+    ]
     if unknown or other:
         names = unknown + ["--" + k.split(".", 1)[1].replace("_", "-") for k in other]
-        raise ConfigError(f"{' '.join(names)}: not a flag of the evaluation; it takes its own flags (--tasks, ...) and "
-                          "the trainer's model, tokenizer and --tensor/--pipeline-model-parallel-size flags")
+        raise ConfigError(
+            f"{' '.join(names)}: not a flag of the evaluation; it takes its own flags (--tasks, ...) and "
+            "the trainer's model, tokenizer and --tensor/--pipeline-model-parallel-size flags"
+        )
     return given

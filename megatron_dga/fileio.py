@@ -19,6 +19,7 @@ during the run) is reported by :func:`describe_os_error` in one line that names 
 the cause ("no space left on device writing <path>; free space or point --save elsewhere"),
 never as a library's internal message.
 """
+
 from __future__ import annotations
 
 import errno
@@ -36,7 +37,6 @@ from megatron_dga.errors import ConfigError, OutputError
 NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 """What ``np.load`` raises for a missing, truncated or damaged ``.npz``/``.npy`` (a missing member's KeyError is
 the caller's to add): every reader of the project's arrays catches this one tuple."""
-
 
 
 class NotNpzError(ValueError):
@@ -65,8 +65,15 @@ def load_npz(path: str | os.PathLike):
     with open(path, "rb") as fh:
         head = fh.read(6)
     if not head.startswith(b"PK"):
-        kind = ("it is empty" if not head else "it is a single .npy array" if head.startswith(b"\x93NUMPY")
-                else "it is a pickle" if head[:1] == b"\x80" else f"it starts with {head!r}, not a zip archive")
+        kind = (
+            "it is empty"
+            if not head
+            else "it is a single .npy array"
+            if head.startswith(b"\x93NUMPY")
+            else "it is a pickle"
+            if head[:1] == b"\x80"
+            else f"it starts with {head!r}, not a zip archive"
+        )
         raise NotNpzError(f"not an .npz archive ({kind})")
     return np.load(path, allow_pickle=False)
 
@@ -153,18 +160,27 @@ def describe_os_error(exc: BaseException, path: str | os.PathLike, flag: Optiona
             return f"cannot write {target}: {blocker} is a file, not a directory; {elsewhere}"
         return f"cannot write {target}: {e.strerror or e}; {elsewhere}"
     inner = [e for e in _causes(exc) if e is not exc] if getattr(exc, "failures", None) else []
-    text = "; ".join(dict.fromkeys(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                                   for e in inner)) or f"{type(exc).__name__}: {exc}"
+    text = (
+        "; ".join(
+            dict.fromkeys(
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}" for e in inner
+            )
+        )
+        or f"{type(exc).__name__}: {exc}"
+    )
     if any(marker in text for marker in _SHORT_WRITE_MARKERS):
         free = _free_bytes(path)
         if free is not None and free < _LOW_SPACE_BYTES:
-            return (f"no space left on device writing {path} ({free} bytes free on its file system; "
-                    f"the writer said: {text}); free space or {elsewhere}")
+            return (
+                f"no space left on device writing {path} ({free} bytes free on its file system; "
+                f"the writer said: {text}); free space or {elsewhere}"
+            )
     return text
 
 
-def output_error(exc: OSError, path: str | os.PathLike, flag: Optional[str] = None, *,
-                 explained_only: bool = True) -> OSError:
+def output_error(
+    exc: OSError, path: str | os.PathLike, flag: Optional[str] = None, *, explained_only: bool = True
+) -> OSError:
     """``exc`` as an :class:`OutputError` with :func:`describe_os_error`'s message.
 
     With ``explained_only`` (the default) only the explained errnos (no space, permission,
@@ -267,6 +283,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary:
         OutputError: no space left, permission denied, read-only file system or a file in the
             way (an ``OSError`` with the original errno, and a message naming ``path``).
     """
+
     def fill(tmp: str) -> None:
         fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
@@ -279,6 +296,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], Any], *, binary:
 def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> None:
     """Copy ``source``'s bytes (a symbolic link there is followed: it is an input) to ``path`` atomically,
     keeping its permission bits; a link at ``path`` is replaced, never written through."""
+
     def copy(tmp: str) -> None:
         fd = os.open(tmp, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
         with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
@@ -307,6 +325,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs) -> None:
     """JSON with a trailing newline; ``dump_kwargs`` go to ``json.dump`` (indent, sort_keys, default)."""
+
     def write(f):
         json.dump(obj, f, **dump_kwargs)
         f.write("\n")

@@ -16,6 +16,7 @@ error, a skipped-lines report) is not buried under messages that say nothing abo
   (--data-cache-path DIR caches them, as in Megatron), so the first one is replaced by one line
   saying so and the rest are dropped.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,7 +47,9 @@ class _IndexCacheNotice(logging.Filter):
             return False
         record.msg, record.args = (
             "megatron-core builds each domain's GPTDataset sample indices in memory (--data-cache-path DIR "
-            "would cache them); said once for all domains", None)
+            "would cache them); said once for all domains",
+            None,
+        )
         record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 

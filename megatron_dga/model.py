@@ -12,6 +12,7 @@ Llama-style attention/MLP/RoPE, recomputation, precision, attention backend);
 megatron-core code needs CUDA and transformer-engine are refused elsewhere
 (``GPTModelConfig.check_machine``), never dropped.
 """
+
 from __future__ import annotations
 
 import functools
@@ -207,11 +208,14 @@ class GPTModelConfig(ReadOnlyOnceParsed):
                 f"{self.num_attention_heads}; each key/value group serves a whole number of query heads"
             )
         if self.attention_backend not in ("auto",) + _TE_ATTENTION_BACKENDS + ("local",):
-            raise ConfigError(f"--attention-backend must be auto, flash, fused, unfused or local, "
-                              f"got {self.attention_backend!r}")
+            raise ConfigError(
+                f"--attention-backend must be auto, flash, fused, unfused or local, got {self.attention_backend!r}"
+            )
         if self.use_flash_attn and self.attention_backend not in ("auto", "flash"):
-            raise ConfigError(f"--use-flash-attn selects --attention-backend flash, but --attention-backend "
-                              f"{self.attention_backend} was given too; drop one")
+            raise ConfigError(
+                f"--use-flash-attn selects --attention-backend flash, but --attention-backend "
+                f"{self.attention_backend} was given too; drop one"
+            )
         if self.effective_attention_backend in ("flash", "fused") and not (self.bf16 or self.fp16):
             flag = "--use-flash-attn" if self.use_flash_attn else f"--attention-backend {self.attention_backend}"
             raise ConfigError(
@@ -221,9 +225,12 @@ class GPTModelConfig(ReadOnlyOnceParsed):
             )
 
     def _check_rope(self) -> None:
-        rope_flags = {"rotary_base": self.rotary_base, "rotary_percent": self.rotary_percent,
-                      "use_rope_scaling": self.use_rope_scaling or None,
-                      "rope_scaling_factor": self.rope_scaling_factor}
+        rope_flags = {
+            "rotary_base": self.rotary_base,
+            "rotary_percent": self.rotary_percent,
+            "use_rope_scaling": self.use_rope_scaling or None,
+            "rope_scaling_factor": self.rope_scaling_factor,
+        }
         given = [_flag_text(k, v) for k, v in rope_flags.items() if v is not None]
         if given and self.position_embedding_type != "rope":
             one = len(given) == 1
@@ -236,8 +243,10 @@ class GPTModelConfig(ReadOnlyOnceParsed):
             raise ConfigError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
         if self.rope_scaling_factor is not None:
             if not self.use_rope_scaling:
-                raise ConfigError(f"--rope-scaling-factor {self.rope_scaling_factor} acts with --use-rope-scaling "
-                                  "only; add --use-rope-scaling or drop it")
+                raise ConfigError(
+                    f"--rope-scaling-factor {self.rope_scaling_factor} acts with --use-rope-scaling "
+                    "only; add --use-rope-scaling or drop it"
+                )
             if not self.rope_scaling_factor > 0:
                 raise ConfigError(f"--rope-scaling-factor must be > 0, got {self.rope_scaling_factor}")
 
@@ -248,10 +257,18 @@ class GPTModelConfig(ReadOnlyOnceParsed):
         if self.recompute_method not in (None, "uniform", "block"):
             raise ConfigError(f"--recompute-method must be uniform or block, got {self.recompute_method!r}")
         if self.recompute_activations and granularity == "full":
-            raise ConfigError("--recompute-activations means --recompute-granularity selective, which contradicts "
-                              "--recompute-granularity full; drop one")
-        chunking = {k: v for k, v in (("recompute_method", self.recompute_method),
-                                      ("recompute_num_layers", self.recompute_num_layers)) if v is not None}
+            raise ConfigError(
+                "--recompute-activations means --recompute-granularity selective, which contradicts "
+                "--recompute-granularity full; drop one"
+            )
+        chunking = {
+            k: v
+            for k, v in (
+                ("recompute_method", self.recompute_method),
+                ("recompute_num_layers", self.recompute_num_layers),
+            )
+            if v is not None
+        }
         if self.effective_recompute_granularity == "full":
             if len(chunking) < 2:
                 raise ConfigError(
@@ -262,10 +279,16 @@ class GPTModelConfig(ReadOnlyOnceParsed):
         elif chunking:
             names = ", ".join(_flag_text(k, v) for k, v in chunking.items())
             one = len(chunking) == 1
-            now = (f"--recompute-granularity {self.effective_recompute_granularity} recomputes the core attention "
-                   "of every layer" if self.effective_recompute_granularity else "nothing is recomputed")
-            raise ConfigError(f"{names} {'acts' if one else 'act'} with --recompute-granularity full only ({now}); "
-                              f"add --recompute-granularity full or drop {'it' if one else 'them'}")
+            now = (
+                f"--recompute-granularity {self.effective_recompute_granularity} recomputes the core attention "
+                "of every layer"
+                if self.effective_recompute_granularity
+                else "nothing is recomputed"
+            )
+            raise ConfigError(
+                f"{names} {'acts' if one else 'act'} with --recompute-granularity full only ({now}); "
+                f"add --recompute-granularity full or drop {'it' if one else 'them'}"
+            )
 
     @property
     def effective_recompute_granularity(self) -> Optional[str]:
@@ -340,13 +363,18 @@ class GPTModelConfig(ReadOnlyOnceParsed):
             )
         chunks = vp_size or 1
         if self.num_layers % (pp_size * chunks):  # platform.ParallelConfig names the flag that set vp_size
-            raise ConfigError(f"--num-layers {self.num_layers} is not divisible by {pp_size} pipeline stages x "
-                              f"{chunks} virtual stages per rank; change --num-layers or the virtual pipeline flag")
+            raise ConfigError(
+                f"--num-layers {self.num_layers} is not divisible by {pp_size} pipeline stages x "
+                f"{chunks} virtual stages per rank; change --num-layers or the virtual pipeline flag"
+            )
         # megatron-core recomputes within each model chunk (a pipeline stage, or a virtual stage).
         per_chunk = self.num_layers // (pp_size * chunks)
         if self.recompute_num_layers is not None and self.recompute_num_layers > per_chunk:
-            where = (f"pipeline stage (--num-layers {self.num_layers} / --pipeline-model-parallel-size {pp_size})"
-                     if chunks == 1 else f"virtual pipeline stage ({chunks} per pipeline rank)")
+            where = (
+                f"pipeline stage (--num-layers {self.num_layers} / --pipeline-model-parallel-size {pp_size})"
+                if chunks == 1
+                else f"virtual pipeline stage ({chunks} per pipeline rank)"
+            )
             raise ConfigError(
                 f"--recompute-num-layers {self.recompute_num_layers} exceeds the {per_chunk} layers of each {where}"
             )
@@ -361,8 +389,9 @@ class GPTModelConfig(ReadOnlyOnceParsed):
         """
         if transformer_engine:
             return
-        here = ("this machine has no CUDA GPU" if not torch.cuda.is_available()
-                else "transformer-engine is not installed")
+        here = (
+            "this machine has no CUDA GPU" if not torch.cuda.is_available() else "transformer-engine is not installed"
+        )
         backend = self.effective_attention_backend
         if backend in _TE_ATTENTION_BACKENDS:
             flag = "--use-flash-attn" if self.use_flash_attn else f"--attention-backend {backend}"
@@ -384,7 +413,9 @@ class GPTModelConfig(ReadOnlyOnceParsed):
         mlp = h * fc1 + fc1 * bias + ffn * h + h * bias
         per_layer = attention + mlp + 2 * norm
         vocab = self.padded_vocab_size(1)
-        emb = vocab * h + (self.max_position_embeddings * h if self.position_embedding_type == "learned_absolute" else 0)
+        emb = vocab * h + (
+            self.max_position_embeddings * h if self.position_embedding_type == "learned_absolute" else 0
+        )
         head = 0 if not self.untie_embeddings_and_output_weights else vocab * h
         return emb + L * per_layer + norm + head
 
@@ -399,8 +430,8 @@ def transformer_engine_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        import transformer_engine  # noqa: F401 - probing whether it imports
+    except Exception:
         return False
     return True
 
@@ -411,8 +442,9 @@ def uses_transformer_engine(cfg: GPTModelConfig) -> bool:
     return transformer_engine_available() and cfg.effective_attention_backend != "local"
 
 
-def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int,
-                                 vp_size: Optional[int] = None) -> dict:
+def transformer_config_arguments(
+    cfg: GPTModelConfig, tp_size: int, pp_size: int, vp_size: Optional[int] = None
+) -> dict:
     """Keyword arguments of megatron-core's TransformerConfig for ``cfg`` on this layout.
 
     One mapping for every machine: the GPU-only values (a transformer-engine attention backend,
@@ -471,8 +503,15 @@ def transformer_config_arguments(cfg: GPTModelConfig, tp_size: int, pp_size: int
     )
 
 
-FUSION_FLAGS = ("gradient_accumulation_fusion", "bias_gelu_fusion", "bias_swiglu_fusion", "bias_dropout_fusion",
-                "masked_softmax_fusion", "rope_fusion", "persist_layer_norm")
+FUSION_FLAGS = (
+    "gradient_accumulation_fusion",
+    "bias_gelu_fusion",
+    "bias_swiglu_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "rope_fusion",
+    "persist_layer_norm",
+)
 """GPTModelConfig's fusion fields (Megatron's --no-... flags)."""
 
 
@@ -493,12 +532,19 @@ def fusion_arguments(cfg: GPTModelConfig, transformer_engine: bool) -> dict:
             return False
 
     te = transformer_engine
-    bias_activation = cfg.bias_swiglu_fusion if cfg.swiglu else (
-        cfg.bias_gelu_fusion and not cfg.disable_bias_linear and not cfg.openai_gelu)
-    wgrad = cfg.gradient_accumulation_fusion and torch.cuda.is_available() and importable("fused_weight_gradient_mlp_cuda")
+    bias_activation = (
+        cfg.bias_swiglu_fusion
+        if cfg.swiglu
+        else (cfg.bias_gelu_fusion and not cfg.disable_bias_linear and not cfg.openai_gelu)
+    )
+    wgrad = (
+        cfg.gradient_accumulation_fusion and torch.cuda.is_available() and importable("fused_weight_gradient_mlp_cuda")
+    )
     if cfg.gradient_accumulation_fusion and torch.cuda.is_available() and not wgrad:
-        logger.info("gradient accumulation fusion is off: apex's fused_weight_gradient_mlp_cuda is not installed "
-                    "(as Megatron-LM; --no-gradient-accumulation-fusion silences this)")
+        logger.info(
+            "gradient accumulation fusion is off: apex's fused_weight_gradient_mlp_cuda is not installed "
+            "(as Megatron-LM; --no-gradient-accumulation-fusion silences this)"
+        )
     return dict(
         gradient_accumulation_fusion=wgrad,
         bias_activation_fusion=te and bias_activation,
@@ -515,8 +561,10 @@ def build_transformer_config(cfg: GPTModelConfig, tp_size: int, pp_size: int, vp
 
     cfg.check_machine(transformer_engine_available())
     if cfg.sequence_parallel and tp_size == 1:
-        logger.warning("--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
-                       "running without it (as Megatron does)")
+        logger.warning(
+            "--sequence-parallel has no effect with --tensor-model-parallel-size 1; "
+            "running without it (as Megatron does)"
+        )
     return TransformerConfig(**transformer_config_arguments(cfg, tp_size, pp_size, vp_size))
 
 
@@ -535,8 +583,11 @@ def layer_spec_for(cfg: GPTModelConfig, use_transformer_engine: bool):
     """The transformer-layer ModuleSpec: transformer-engine layers on GPU, local layers otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    fn = (gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec if use_transformer_engine
-          else gpt_layer_specs.get_gpt_layer_local_spec)
+    fn = (
+        gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec
+        if use_transformer_engine
+        else gpt_layer_specs.get_gpt_layer_local_spec
+    )
     return fn(**layer_spec_arguments(cfg, use_transformer_engine))
 
 
@@ -552,8 +603,15 @@ class SequenceParallelNorm:
     checkpoints do not change. Built by :func:`transformer_block_spec` only with sequence parallelism.
     """
 
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
-                zero_centered_gamma: bool = False, normalization: str = "LayerNorm"):
+    def __new__(
+        cls,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ):
         del persist_layer_norm, zero_centered_gamma, normalization  # read from the config, as WrappedTorchNorm
         norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
         norm = norm_cls(normalized_shape=hidden_size, eps=eps)
@@ -572,16 +630,29 @@ def transformer_block_spec(cfg: GPTModelConfig, config, use_transformer_engine: 
 
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    layer = dataclasses.replace(layer_spec, submodules=dataclasses.replace(
-        layer_spec.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm))
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                      layer_norm=SequenceParallelNorm)
+    layer = dataclasses.replace(
+        layer_spec,
+        submodules=dataclasses.replace(
+            layer_spec.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm
+        ),
+    )
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=SequenceParallelNorm
+    )
 
 
-def build_gpt_model(cfg: GPTModelConfig, tp_size: int = 1, pp_size: int = 1, *, pre_process: bool = True,
-                    post_process: bool = True, initialize: bool = True,
-                    use_transformer_engine: Optional[bool] = None, vp_stage: Optional[int] = None,
-                    config=None):
+def build_gpt_model(
+    cfg: GPTModelConfig,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    initialize: bool = True,
+    use_transformer_engine: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    config=None,
+):
     """Build this rank's part of the GPT (its TP slice and PP stage), on the current device.
 
     Args:
@@ -663,7 +734,8 @@ def _gpt_model_class():
         def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
             start = get_pg_rank(self.pg_collection.tp) * logits.shape[-1]  # [s, b, V/TP]: this rank's slice
             return super().compute_language_model_loss(
-                labels, mask_padded_vocab(logits, self.unpadded_vocab_size, start))
+                labels, mask_padded_vocab(logits, self.unpadded_vocab_size, start)
+            )
 
     return GPTModelOverVocabulary
 
@@ -706,8 +778,9 @@ def build_stage_model(cfg: GPTModelConfig, ctx):
     """
     chunks = build_model_chunks(cfg, ctx)
     if len(chunks) != 1:
-        raise RuntimeError(f"this rank holds {len(chunks)} model chunks (virtual pipeline stages); "
-                           "use build_model_chunks")
+        raise RuntimeError(
+            f"this rank holds {len(chunks)} model chunks (virtual pipeline stages); use build_model_chunks"
+        )
     return chunks[0]
 
 
@@ -737,9 +810,15 @@ def build_model_chunks(cfg: GPTModelConfig, ctx) -> List[Tuple[object, object]]:
         # With several stages megatron's LanguageModule moves the tied embedding to CUDA to
         # all-reduce it between the first and last stage at construction.
         with platform.megatron_cuda_calls_on_cpu():
-            core = build_gpt_model(cfg, ctx.tp_size, ctx.pp_size, config=config, vp_stage=stage if vp else None,
-                                   pre_process=ctx.is_first_stage and stage == 0,
-                                   post_process=ctx.is_last_stage and stage == ctx.vp_size - 1)
+            core = build_gpt_model(
+                cfg,
+                ctx.tp_size,
+                ctx.pp_size,
+                config=config,
+                vp_stage=stage if vp else None,
+                pre_process=ctx.is_first_stage and stage == 0,
+                post_process=ctx.is_last_stage and stage == ctx.vp_size - 1,
+            )
         chunks.append((core, _precision_wrapper(cfg, core)))
     return chunks
 
@@ -777,6 +856,6 @@ def global_parameter_names(model) -> dict:
         parts = name.split(".")
         if name.startswith("decoder.layers.") and len(parts) > 2:
             prefix = ".".join(parts[:3]) + "."
-            name = offsets[prefix] + name[len(prefix):]
+            name = offsets[prefix] + name[len(prefix) :]
         named[name] = param
     return named

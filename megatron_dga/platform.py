@@ -14,6 +14,7 @@ about CUDA are shimmed (:func:`apply_cpu_shims` for the process, and the scoped
 :func:`megatron_cuda_calls_on_cpu` around the megatron-core calls that hard-code CUDA);
 with CUDA the backend is NCCL and nothing is patched.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -97,8 +98,10 @@ class ParallelConfig(ReadOnlyOnceParsed):
         flag = self._virtual_pipeline_flag()
         if flag is None:
             return
-        if (self.num_layers_per_virtual_pipeline_stage is not None
-                and self.num_virtual_stages_per_pipeline_rank is not None):
+        if (
+            self.num_layers_per_virtual_pipeline_stage is not None
+            and self.num_virtual_stages_per_pipeline_rank is not None
+        ):
             raise ConfigError(
                 f"--num-layers-per-virtual-pipeline-stage {self.num_layers_per_virtual_pipeline_stage} and "
                 f"--num-virtual-stages-per-pipeline-rank {self.num_virtual_stages_per_pipeline_rank} both set the "
@@ -144,12 +147,17 @@ class ParallelConfig(ReadOnlyOnceParsed):
         cp = self.context_parallel_size
         if cp == 1:
             return
-        trainer_gap = ("this trainer does not split sequences over context-parallel ranks yet (megatron-core's CP "
-                       "process groups, get_batch_on_this_cp_rank's sequence slicing and the loss all-reduce over "
-                       "CP ranks are not wired)")
+        trainer_gap = (
+            "this trainer does not split sequences over context-parallel ranks yet (megatron-core's CP "
+            "process groups, get_batch_on_this_cp_rank's sequence slicing and the loss all-reduce over "
+            "CP ranks are not wired)"
+        )
         if not transformer_engine:
-            here = ("this machine has no CUDA GPU" if not torch.cuda.is_available()
-                    else "transformer-engine is not installed")
+            here = (
+                "this machine has no CUDA GPU"
+                if not torch.cuda.is_available()
+                else "transformer-engine is not installed"
+            )
             raise ConfigError(
                 f"--context-parallel-size {cp} needs Transformer Engine's attention (megatron-core's local "
                 f"DotProductAttention supports only 1), and {here}; besides, {trainer_gap}; use "
@@ -362,9 +370,7 @@ def initialize(config: ParallelConfig) -> ParallelContext:
         init_method = None  # torchrun's environment (env://)
         if "MASTER_ADDR" not in os.environ:
             if world_size != 1:
-                raise ConfigError(
-                    f"WORLD_SIZE={world_size} but MASTER_ADDR is unset; launch with torchrun"
-                )
+                raise ConfigError(f"WORLD_SIZE={world_size} but MASTER_ADDR is unset; launch with torchrun")
             # A single process on a private port, without touching os.environ: child processes
             # (tools, a second job) must not inherit a port this one holds.
             init_method = f"tcp://127.0.0.1:{_free_port()}"

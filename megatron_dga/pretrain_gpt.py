@@ -7,6 +7,7 @@ it is, with one line naming the iteration and the last checkpoint, and exit code
 (128 + SIGINT, as a shell reports a process stopped by Ctrl-C); with the flag the run
 saves first and exits 0.
 """
+
 from __future__ import annotations
 
 import sys
@@ -65,8 +66,11 @@ def interrupted_message(cfg, trainer) -> str:
             last = latest_iteration(save)
         except DGAError:
             last = None
-        kept = (f"the last checkpoint is iteration {last} under --save {save} (resume with --load {save})"
-                if last is not None else f"no checkpoint was saved under --save {save}")
+        kept = (
+            f"the last checkpoint is iteration {last} under --save {save} (resume with --load {save})"
+            if last is not None
+            else f"no checkpoint was saved under --save {save}"
+        )
     else:
         kept = "nothing was saved (no --save)"
     if cfg is not None and cfg.schedule.exit_signal_handler:

@@ -15,6 +15,7 @@ exact when seeds do not depend on the data-parallel rank (Megatron's default;
 ``data_parallel_random_init=False``), which is how :mod:`megatron_dga.platform`
 seeds.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,7 @@ def _megatron_tracker():
         return None
     try:
         return module.get_cuda_rng_tracker()
-    except Exception as exc:  # noqa: BLE001 - a broken tracker must not stop a checkpoint
+    except Exception as exc:
         logger.warning("megatron-core RNG tracker unavailable (%s); its state is not saved", exc)
         return None
 

@@ -5,6 +5,7 @@ these; the caller says where the state came from (``where``: "checkpoint DIR") a
 it (``fix``), so every message reads "<where>: <entry> is <value>, expected ...; <fix>". No
 component imports here (``data/`` and ``mixing/`` use it as ``training/`` does).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,8 +45,9 @@ def check_sparse_counts(value: Any, what: str, where: str, fix: str) -> None:
     """Sparse counters ``{'index': [...], 'value': [...]}``: equal lengths, integers >= 0."""
     index, counts = (value.get("index"), value.get("value")) if isinstance(value, dict) else (None, None)
     if not isinstance(index, list) or not isinstance(counts, list) or len(index) != len(counts):
-        raise state_error(where, f"{what} is {value!r:.80}, expected {{'index': [...], 'value': [...]}} of equal "
-                                 "length", fix)
+        raise state_error(
+            where, f"{what} is {value!r:.80}, expected {{'index': [...], 'value': [...]}} of equal length", fix
+        )
     for i, n in zip(index, counts):
         check_count(i, f"{what} index", where, fix)
         check_count(n, f"{what} count", where, fix)

@@ -3,6 +3,7 @@
 A module that needs other data defines its own fixture of the same name, which takes precedence
 there (test_dga.py, test_domains.py, test_domain_map.py, test_gpu_training.py).
 """
+
 import pytest
 
 from tests.helpers.synthetic import three_domain_shards

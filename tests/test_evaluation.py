@@ -1,5 +1,6 @@
 """Downstream evaluation (megatron_dga/evaluation.py, tools/evaluate.py) on the local multiple-choice task
 tests/fixtures/lm_eval_tiny: the harness's accuracy against the model's own log-likelihoods computed here."""
+
 import io
 import json
 import os
@@ -14,6 +15,7 @@ from tests.helpers.dist_utils import run_distributed
 from tests.helpers.synthetic import EOD, VOCAB, three_domain_shards
 
 from tests.helpers import REPO as ROOT
+
 TASK_DIR = os.path.join(ROOT, "tests", "fixtures", "lm_eval_tiny")
 ITEMS = os.path.join(TASK_DIR, "tiny_chain.jsonl")
 
@@ -36,9 +38,14 @@ def chain_items(per_domain: int = 12, context_len: int = 6, seed: int = 7) -> li
             wrong = [int(x) for x in rng.permutation([i for i in range(len(ids)) if i not in taken])[:3]]
             choices = [gold] + wrong
             order = rng.permutation(4)
-            items.append({"context": " ".join(str(int(ids[t])) for t in chain),
-                          "choices": [str(int(ids[choices[i]])) for i in order],
-                          "label": int(np.argmin(order)), "domain": d})
+            items.append(
+                {
+                    "context": " ".join(str(int(ids[t])) for t in chain),
+                    "choices": [str(int(ids[choices[i]])) for i in order],
+                    "label": int(np.argmin(order)),
+                    "domain": d,
+                }
+            )
     return items
 
 
@@ -48,8 +55,10 @@ def test_the_shipped_task_items_are_the_generated_ones():
     assert shipped == chain_items()
 
 
-RUNNER_MODEL = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --make-vocab-size-divisible-by 64 "
-                "--micro-batch-size 8 --global-batch-size 8 --lr 1e-2 --min-lr 1e-3 --log-interval 20")
+RUNNER_MODEL = (
+    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --make-vocab-size-divisible-by 64 "
+    "--micro-batch-size 8 --global-batch-size 8 --lr 1e-2 --min-lr 1e-3 --log-interval 20"
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +67,48 @@ def experiment(tmp_path_factory):
     each on three_domain_shards (the models learn the chains' successors), checkpoints kept."""
     root = tmp_path_factory.mktemp("experiment")
     shards = three_domain_shards(str(root / "shards"))
-    cmd = [sys.executable, os.path.join(ROOT, "examples", "experiments.py"), "unlimited",
-           "--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
-           "--specific-eval-data-path", shards["specific_eval"], "--tokenizer-type", "NullTokenizer",
-           "--vocab-size", str(VOCAB - 1), "--seeds", "1", "2", "--methods", "uniform,dga_ema", "--train-iters", "60",
-           "--eval-interval", "30", "--eval-iters", "1", "--threads", "1", "--out", str(root / "out"),
-           "--dga-interval", "10", "--extra-args", RUNNER_MODEL, "--keep-checkpoints",
-           "--dga-args", "--dga-domain-batch-size 4 --dga-specific-batch-size 4", "--eval-tasks", TASK_DIR]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "examples", "experiments.py"),
+        "unlimited",
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        "--specific-eval-data-path",
+        shards["specific_eval"],
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        str(VOCAB - 1),
+        "--seeds",
+        "1",
+        "2",
+        "--methods",
+        "uniform,dga_ema",
+        "--train-iters",
+        "60",
+        "--eval-interval",
+        "30",
+        "--eval-iters",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(root / "out"),
+        "--dga-interval",
+        "10",
+        "--extra-args",
+        RUNNER_MODEL,
+        "--keep-checkpoints",
+        "--dga-args",
+        "--dga-domain-batch-size 4 --dga-specific-batch-size 4",
+        "--eval-tasks",
+        TASK_DIR,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return root / "out" / "unlimited", cmd, proc.stdout
 
@@ -83,8 +125,11 @@ def test_runner_reports_downstream_accuracy_statistics_from_the_run_files(experi
     from megatron_dga.experiments import results as er
 
     out, cmd, log = experiment
-    acc = {(m, s): json.loads((_run_dir(out, m, s) / "downstream.json").read_text())["results"]["tiny_chain"]["acc"]
-           for m in ("uniform", "dga_ema") for s in (1, 2)}
+    acc = {
+        (m, s): json.loads((_run_dir(out, m, s) / "downstream.json").read_text())["results"]["tiny_chain"]["acc"]
+        for m in ("uniform", "dga_ema")
+        for s in (1, 2)
+    }
     assert all(0.0 <= a <= 1.0 for a in acc.values()) and max(acc.values()) >= 0.75, acc  # chance: 0.25
     md = (out / "results.md").read_text()
     assert "Downstream accuracy" in md
@@ -94,8 +139,8 @@ def test_runner_reports_downstream_accuracy_statistics_from_the_run_files(experi
         assert f"| {method} | 2 | {spread} |" in md, md
     d = [acc[("dga_ema", s)] - acc[("uniform", s)] for s in (1, 2)]
     mean = sum(d) / 2
-    sd = abs(d[0] - d[1]) / 2 ** 0.5
-    lo, hi = mean - 12.706205 * sd / 2 ** 0.5, mean + 12.706205 * sd / 2 ** 0.5
+    sd = abs(d[0] - d[1]) / 2**0.5
+    lo, hi = mean - 12.706205 * sd / 2**0.5, mean + 12.706205 * sd / 2**0.5
     verdict = "beats" if lo > 0 else "worse" if hi < 0 else "within noise"
     higher = sum(x > 0 for x in d)
     row = next(line for line in md.splitlines() if line.startswith("| dga_ema | uniform | tiny_chain:acc |"))
@@ -110,8 +155,9 @@ def test_runner_reports_downstream_accuracy_statistics_from_the_run_files(experi
     runs = list(csv.DictReader(io.StringIO((out / "runs.csv").read_text())))
     assert {(r["method"], int(r["seed"])): float(r["tiny_chain:acc"]) for r in runs} == acc
     # a re-run: finished runs and their evaluations are skipped, the same table comes out
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("downstream results up to date, skipped") == 4
     assert (out / "results.md").read_text().split("Command:")[0] == md.split("Command:")[0]
@@ -147,7 +193,7 @@ def _scores(rank, world_size, ckpt, layouts):
                         seq = torch.tensor([context + cont])
                         n = seq.shape[1] - 1
                         logits = core(seq[:, :-1], torch.arange(n)[None], causal_attention_mask(n, "cpu"))
-                        logp = torch.log_softmax(logits[0, :, :model.tokenizer.vocab_size].double(), dim=-1)
+                        logp = torch.log_softmax(logits[0, :, : model.tokenizer.vocab_size].double(), dim=-1)
                         oracle.append(sum(float(logp[n - len(cont) + j, t]) for j, t in enumerate(cont)))
                 out[name + "_oracle"] = oracle
         finally:
@@ -174,8 +220,10 @@ def test_accuracy_is_the_models_own_choice_on_any_layout(experiment):
     assert acc == pytest.approx(float(np.mean(right)), abs=1e-12)
     assert result["results"]["tiny_chain"]["acc_stderr"] == pytest.approx(np.std(right, ddof=1) / np.sqrt(len(items)))
     # One spawn per layout: a process group torn down and made again in the same ranks can fail to connect.
-    for layout, overrides in (("pp2", {"parallel.pipeline_model_parallel_size": 2}),
-                              ("tp2", {"parallel.tensor_model_parallel_size": 2})):
+    for layout, overrides in (
+        ("pp2", {"parallel.pipeline_model_parallel_size": 2}),
+        ("tp2", {"parallel.tensor_model_parallel_size": 2}),
+    ):
         for r in run_distributed(_scores, world_size=2, args=(ckpt, {layout: overrides})):
             np.testing.assert_allclose(r[layout], one["one"], rtol=0, atol=1e-5)
 
@@ -197,8 +245,12 @@ def test_tasks_the_model_cannot_score_and_foreign_flags_are_refused_by_name(tmp_
 
     task = tmp_path / "tasks"
     shutil.copytree(TASK_DIR, task)
-    text = (task / "tiny_chain.yaml").read_text().replace("task: tiny_chain", "task: tiny_gen").replace(
-        "output_type: multiple_choice", "output_type: generate_until")
+    text = (
+        (task / "tiny_chain.yaml")
+        .read_text()
+        .replace("task: tiny_chain", "task: tiny_gen")
+        .replace("output_type: multiple_choice", "output_type: generate_until")
+    )
     (task / "tiny_gen.yaml").write_text(text)
     with pytest.raises(ConfigError, match=r"tiny_gen \(generate_until\) cannot be scored"):
         evaluation.load_tasks([str(task)])
@@ -206,9 +258,9 @@ def test_tasks_the_model_cannot_score_and_foreign_flags_are_refused_by_name(tmp_
         evaluation.split_tasks([str(tmp_path / "missing" / "tasks")])
     with pytest.raises(ConfigError, match="--lr: not a flag of the evaluation"):
         evaluation.trainer_overrides(["--lr", "0.1", "--num-layers", "2"])
-    assert evaluation.trainer_overrides(["--num-layers", "2", "--tokenizer-type", "NullTokenizer",
-                                         "--pipeline-model-parallel-size", "2"]) == {
-        "model.num_layers": 2, "data.tokenizer_type": "NullTokenizer", "parallel.pipeline_model_parallel_size": 2}
+    assert evaluation.trainer_overrides(
+        ["--num-layers", "2", "--tokenizer-type", "NullTokenizer", "--pipeline-model-parallel-size", "2"]
+    ) == {"model.num_layers": 2, "data.tokenizer_type": "NullTokenizer", "parallel.pipeline_model_parallel_size": 2}
 
 
 def test_accuracy_verdicts_count_higher_as_better():

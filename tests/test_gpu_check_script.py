@@ -2,6 +2,7 @@
 (an ``nvidia-smi`` that answers and a python whose torch says CUDA is there, while the build, pytest
 and the benchmarks are faked): the rows for absent optional packages, the log directory's file
 limit, the RESULT rows, and the time budget naming the step that ran out of it."""
+
 import os
 import stat
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from tests.helpers import REPO as ROOT
+
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="a bash script for Linux GPU machines")
@@ -70,10 +72,20 @@ def fake_gpu(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "nvidia-smi", "#!/bin/sh\necho 'Fake H100, 580.00, 81559 MiB'\n")
-    _executable(bin_dir / "python", FAKE_PYTHON.replace("{fake}", str(fake)).replace("{python}", sys.executable)
-                .replace("{{", "{").replace("}}", "}"))
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON=str(bin_dir / "python"),
-               TMPDIR=str(tmp_path), PYTHONPATH="")
+    _executable(
+        bin_dir / "python",
+        FAKE_PYTHON.replace("{fake}", str(fake))
+        .replace("{python}", sys.executable)
+        .replace("{{", "{")
+        .replace("}}", "}"),
+    )
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        PYTHON=str(bin_dir / "python"),
+        TMPDIR=str(tmp_path),
+        PYTHONPATH="",
+    )
     env.pop("TORCH_CUDA_ARCH_LIST", None)
     for var in ("GPU_CHECK_OUT", "MAX_JOBS", "GPU_CHECK_BUDGET_S"):
         env.pop(var, None)
@@ -88,13 +100,18 @@ def test_without_a_gpu_it_exits_2_with_one_line(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "nvidia-smi", "#!/bin/sh\nexit 0\n")  # the driver is there, torch sees no GPU
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON=sys.executable,
-               GPU_CHECK_OUT=str(tmp_path / "logs"))
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        PYTHON=sys.executable,
+        GPU_CHECK_OUT=str(tmp_path / "logs"),
+    )
     proc = _run(env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"gpu_check: no CUDA GPU visible to {sys.executable} (torch.cuda.is_available() is False); "
-        "run it on a GPU machine"]
+        "run it on a GPU machine"
+    ]
     assert proc.stdout == "" and not (tmp_path / "logs").exists()
 
 
@@ -103,8 +120,11 @@ def test_table_rows_and_at_most_8_log_files(fake_gpu):
     proc = _run(env, "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = proc.stdout
-    for row in ("| not tested here: transformer-engine (absent) ", "| not tested here: flash-attn (absent) ",
-                "| not tested here: FusedAdam / apex (absent) "):
+    for row in (
+        "| not tested here: transformer-engine (absent) ",
+        "| not tested here: flash-attn (absent) ",
+        "| not tested here: FusedAdam / apex (absent) ",
+    ):
         assert row in table, table
     jobs = min(16, len(os.sched_getaffinity(0)))
     assert f"| build _C (CUDA, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS={jobs}) | ok " in table  # this GPU's arch only
@@ -127,8 +147,11 @@ def test_a_step_over_the_budget_is_killed_named_and_fails_the_run(fake_gpu):
     env.update(GPU_CHECK_BUDGET_S="17", FAKE_BUILD_SLEEP="60", TORCH_CUDA_ARCH_LIST="8.0", MAX_JOBS="3")
     proc = _run(env, "--out", str(out))
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in proc.stdout.splitlines()
-            if line.startswith("| ")}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ")
+    }
     build = "build _C (CUDA, TORCH_CUDA_ARCH_LIST=8.0, MAX_JOBS=3)"  # the caller's arch list and jobs
     assert rows[build].startswith("TIMED OUT: killed after"), rows
     assert rows["GPU tests"].startswith("NOT RUN: the 17 s budget"), rows

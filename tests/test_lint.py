@@ -1,4 +1,6 @@
-"""Lint in CI: `ruff check` with the rules of ruff.toml (pyflakes, syntax, a few bug-prone patterns)."""
+"""Lint in CI: `ruff check` and `ruff format --check` with ruff.toml (pyflakes, syntax, a few bug-prone
+patterns, the formatter), and the rule that every blocking wait in the tests has a timeout."""
+
 import os
 import shutil
 import subprocess
@@ -22,14 +24,28 @@ def test_the_code_passes_ruff():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_code_is_formatted():
+    ruff = _ruff()
+    if ruff is None:
+        pytest.skip("ruff is not installed (it is in requirements/cpu.txt: bash scripts/setup_env.sh)")
+    result = subprocess.run(
+        [ruff, "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, "run `.venv/bin/ruff format .`:\n" + result.stdout + result.stderr
+
+
 def test_the_rules_catch_an_unused_import_and_an_undefined_name(tmp_path):
     ruff = _ruff()
     if ruff is None:
         pytest.skip("ruff is not installed")
     bad = tmp_path / "bad.py"
     bad.write_text("import os\n\n\ndef f():\n    return undefined_name\n")
-    result = subprocess.run([ruff, "check", "--no-cache", "--config", os.path.join(ROOT, "ruff.toml"), str(bad)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [ruff, "check", "--no-cache", "--config", os.path.join(ROOT, "ruff.toml"), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert "F401" in result.stdout and "F821" in result.stdout
 

@@ -3,6 +3,7 @@
 
 Its command line is megatron_dga/cli/build_default_corpus.py (a module, so the runner and the tests call it in-process).
 """
+
 import sys
 
 from megatron_dga.cli.build_default_corpus import main

@@ -3,6 +3,7 @@
 
 Its command line is megatron_dga/cli/plot_metrics.py (a module, so the runner and the tests call it in-process).
 """
+
 import sys
 
 from megatron_dga.cli.plot_metrics import main

@@ -3,6 +3,7 @@
 
 Its command line is megatron_dga/cli/preprocess_data.py (a module, so the runner and the tests call it in-process).
 """
+
 import sys
 
 from megatron_dga.cli.preprocess_data import main

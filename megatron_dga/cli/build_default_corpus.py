@@ -49,7 +49,10 @@ def main(argv=None) -> int:
             target_eval_docs=args.target_eval_docs,
         )
         data = prepare_default_data(
-            args.out, vocab_size=args.vocab_size, seed=args.seed, corpus_config=cfg,
+            args.out,
+            vocab_size=args.vocab_size,
+            seed=args.seed,
+            corpus_config=cfg,
             log=lambda msg: print(msg, file=sys.stderr, flush=True),
         )
     except DGAError as exc:

@@ -44,6 +44,7 @@ Output directory:
     manifest.json       method, parameters, domain names, doc counts, hierarchy, empty clusters;
                         written last, so a directory without it is an interrupted run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,35 +57,61 @@ from megatron_dga.prep.cluster_domains import run_jsonl, run_shards
 from megatron_dga.prep.clustering import KMEANS_BACKENDS
 from megatron_dga.prep.embeddings import add_embedding_args, add_tokenizer_args
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", help="jsonl files, globs or directories (writes --output DIR)")
-    src.add_argument("--input-shards", nargs="+", metavar="PREFIX",
-                     help="Megatron shard prefixes <dir>/<name>_text_document (writes --output-map FILE)")
+    src.add_argument(
+        "--input-shards",
+        nargs="+",
+        metavar="PREFIX",
+        help="Megatron shard prefixes <dir>/<name>_text_document (writes --output-map FILE)",
+    )
     p.add_argument("--output", default=None, help="with --input: output directory of per-domain jsonl files")
     p.add_argument("--output-map", default=None, help="with --input-shards: the fine-domain map (.npz) to write")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose values are embedded (joined)")
-    p.add_argument("--num-clusters", type=int, nargs="+", default=[64],
-                   help="clusters per level: 64 = flat; 8 8 8 = 512 hierarchical leaves")
+    p.add_argument(
+        "--num-clusters",
+        type=int,
+        nargs="+",
+        default=[64],
+        help="clusters per level: 64 = flat; 8 8 8 = 512 hierarchical leaves",
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("--input (jsonl) mode")
     g.add_argument("--kmeans-algorithm", choices=["auto", "kmeans", "minibatch"], default="auto")
     g.add_argument("--kmeans-n-init", type=int, default=3)
-    g.add_argument("--minibatch-threshold", type=int, default=50_000,
-                   help="auto: use MiniBatchKMeans on sub-problems with more points than this")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace a previous run's output in --output (only files its manifest lists)")
+    g.add_argument(
+        "--minibatch-threshold",
+        type=int,
+        default=50_000,
+        help="auto: use MiniBatchKMeans on sub-problems with more points than this",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous run's output in --output (only files its manifest lists)",
+    )
     g.add_argument("--write-buffer-mb", type=int, default=256, help="buffered output before flushing domain files")
     g = p.add_argument_group("--input-shards mode")
-    g.add_argument("--kmeans-backend", choices=KMEANS_BACKENDS, default="auto",
-                   help="auto: faiss when installed, else scikit-learn's MiniBatchKMeans")
+    g.add_argument(
+        "--kmeans-backend",
+        choices=KMEANS_BACKENDS,
+        default="auto",
+        help="auto: faiss when installed, else scikit-learn's MiniBatchKMeans",
+    )
     g.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations per node")
-    g.add_argument("--kmeans-max-points-per-centroid", type=int, default=256,
-                   help="a node trains on at most k * this many of its documents (all are assigned)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="threads for BLAS and faiss (default: the CPUs this process may use)")
+    g.add_argument(
+        "--kmeans-max-points-per-centroid",
+        type=int,
+        default=256,
+        help="a node trains on at most k * this many of its documents (all are assigned)",
+    )
+    g.add_argument(
+        "--workers", type=int, default=None, help="threads for BLAS and faiss (default: the CPUs this process may use)"
+    )
     add_embedding_args(p)
     add_tokenizer_args(p)
     args = p.parse_args(argv)

@@ -14,6 +14,7 @@ YAMLs with local data files (offline). Launched like the trainer, it evaluates o
 Multiple-choice (loglikelihood) and perplexity (loglikelihood_rolling) tasks; the library is
 ``megatron_dga.evaluation``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,12 @@ from megatron_dga.logging_setup import setup_logging
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint root (the training run's --save)")
-    p.add_argument("--tasks", required=True, nargs="+",
-                   help="lm_eval task/group names and/or directories of task YAMLs (comma- or space-separated)")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        nargs="+",
+        help="lm_eval task/group names and/or directories of task YAMLs (comma- or space-separated)",
+    )
     p.add_argument("--output", default=None, help="write the results here as JSON (default: print only)")
     p.add_argument("--ckpt-step", type=int, default=None, help="iteration to evaluate (default: the latest)")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
@@ -50,11 +55,18 @@ def main(argv=None) -> int:
 
     try:
         job = evaluation.EvalJob(
-            load=args.load, ckpt_step=args.ckpt_step, overrides=evaluation.trainer_overrides(trainer_argv),
+            load=args.load,
+            ckpt_step=args.ckpt_step,
+            overrides=evaluation.trainer_overrides(trainer_argv),
             eval=evaluation.EvalConfig(
-                tasks=[t for entry in args.tasks for t in entry.split(",")], num_fewshot=args.num_fewshot,
+                tasks=[t for entry in args.tasks for t in entry.split(",")],
+                num_fewshot=args.num_fewshot,
                 limit=int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit,
-                batch_size=args.eval_batch_size, micro_batch_size=args.eval_micro_batch_size, seed=args.seed))
+                batch_size=args.eval_batch_size,
+                micro_batch_size=args.eval_micro_batch_size,
+                seed=args.seed,
+            ),
+        )
         result = evaluation.evaluate_checkpoint(job, args.output)
     except DGAError as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
@@ -62,4 +74,3 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the same results
         print(json.dumps({"iteration": result["iteration"], "results": result["results"]}, indent=1))
     return 0
-

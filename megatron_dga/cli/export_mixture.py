@@ -28,6 +28,7 @@ weights; no trainer flag reads it yet). The exported vector is the one its consu
 With --dga-basis, --space basis exports the N weights over the basis distributions instead of the
 K domain weights (needed when K exceeds --log-domains-limit and metrics.jsonl holds summaries).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,28 +44,45 @@ def parse_window(text: str):
     try:
         return int(start or 0), (int(end) if end else None)
     except ValueError:
-        raise DataError(f"--window {text!r}: write START:END in iterations (e.g. 200:1000, or 200: to the end)") \
-            from None
+        raise DataError(
+            f"--window {text!r}: write START:END in iterations (e.g. 200:1000, or 200: to the end)"
+        ) from None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run", metavar="LOG_DIR_OR_CKPT", help="the run's --log-dir, or its --save directory")
     p.add_argument("--output", required=True, help="file to write")
     p.add_argument("--format", choices=export.FORMATS, default="weights", help="default: weights")
-    p.add_argument("--statistic", choices=export.STATISTICS, default="time-average",
-                   help="time-average (default) or final (the weights after the last logged step)")
-    p.add_argument("--window", default=None, metavar="START:END",
-                   help="average over the steps START+1 .. END only (iterations; default: the whole run)")
-    p.add_argument("--space", choices=export.SPACES, default="domains",
-                   help="domains (the K sampling weights, default) or basis (the N weights of --dga-basis)")
+    p.add_argument(
+        "--statistic",
+        choices=export.STATISTICS,
+        default="time-average",
+        help="time-average (default) or final (the weights after the last logged step)",
+    )
+    p.add_argument(
+        "--window",
+        default=None,
+        metavar="START:END",
+        help="average over the steps START+1 .. END only (iterations; default: the whole run)",
+    )
+    p.add_argument(
+        "--space",
+        choices=export.SPACES,
+        default="domains",
+        help="domains (the K sampling weights, default) or basis (the N weights of --dga-basis)",
+    )
     args = p.parse_args(argv)
     setup_logging()
     try:
         window = parse_window(args.window) if args.window else None
-        exp = export.export_mixture(args.run, statistic=args.statistic, space=args.space, window=window,
-                                    schedule=args.format == "schedule")
+        exp = export.export_mixture(
+            args.run, statistic=args.statistic, space=args.space, window=window, schedule=args.format == "schedule"
+        )
         data_path = None
         if args.format == "data-path":
             data_path = (export.read_run(exp.meta["source"]).config.get("data") or {}).get("data_path")
@@ -72,7 +90,10 @@ def main(argv=None) -> int:
     except DGAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    what = exp.meta["statistic"] + (f" over steps {exp.meta['window'][0] + 1}..{exp.meta['window'][1]}"
-                                    if "window" in exp.meta else f" at iteration {exp.meta.get('iteration')}")
+    what = exp.meta["statistic"] + (
+        f" over steps {exp.meta['window'][0] + 1}..{exp.meta['window'][1]}"
+        if "window" in exp.meta
+        else f" at iteration {exp.meta.get('iteration')}"
+    )
     print(f"wrote {args.output} ({args.format}, {len(exp.names)} {args.space}, {what})")
     return 0

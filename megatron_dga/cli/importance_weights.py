@@ -52,6 +52,7 @@ the shard prefixes' basenames without "_text_document", or the map's fine-domain
     python tools/importance_weights.py --domain-map fine.npz --specific-shards task/task_text_document \\
         --output iw.json --basis-shards aux/law_text_document aux/mmlu_text_document --basis-output basis.npz
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,29 +64,49 @@ from megatron_dga.logging_setup import setup_logging
 from megatron_dga.prep.embeddings import add_embedding_args, add_tokenizer_args
 from megatron_dga.prep.importance_weights import run
 
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--clusters", help="output directory of tools/cluster_domains.py --input")
     src.add_argument("--labelled-domains", help="directory of per-domain jsonl files (domain = file stem)")
     src.add_argument("--domain-map", help="fine-domain map of tools/cluster_domains.py --input-shards --output-map")
-    p.add_argument("--embedder-dir", default=None,
-                   help="with --labelled-domains: load this saved embedder instead of fitting one")
+    p.add_argument(
+        "--embedder-dir", default=None, help="with --labelled-domains: load this saved embedder instead of fitting one"
+    )
     p.add_argument("--specific", nargs="+", default=None, help="specific-set jsonl files, globs or directories")
-    p.add_argument("--specific-shards", nargs="+", default=None, metavar="PREFIX",
-                   help="specific-set Megatron shard prefixes (with --specific: one set)")
+    p.add_argument(
+        "--specific-shards",
+        nargs="+",
+        default=None,
+        metavar="PREFIX",
+        help="specific-set Megatron shard prefixes (with --specific: one set)",
+    )
     p.add_argument("--output", default=None, help="weights file to write (JSON, megatron-dga/weights-v1)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose values are embedded (joined)")
     p.add_argument("--smoothing", type=float, default=0.0, help="smoothing amount eps (see the formulas above)")
     p.add_argument("--smoothing-mode", choices=["uniform", "laplace"], default="uniform")
-    p.add_argument("--basis-sets", nargs="+", default=None,
-                   help="auxiliary jsonl sets, each [NAME=]PATH (file, glob or directory); NAME defaults to the file stem")
-    p.add_argument("--basis-shards", nargs="+", default=None, metavar="[NAME=]PREFIX",
-                   help="auxiliary sets, one Megatron shard each; NAME defaults to its domain name")
+    p.add_argument(
+        "--basis-sets",
+        nargs="+",
+        default=None,
+        help="auxiliary jsonl sets, each [NAME=]PATH (file, glob or directory); NAME defaults to the file stem",
+    )
+    p.add_argument(
+        "--basis-shards",
+        nargs="+",
+        default=None,
+        metavar="[NAME=]PREFIX",
+        help="auxiliary sets, one Megatron shard each; NAME defaults to its domain name",
+    )
     p.add_argument("--basis-output", default=None, help="basis .npz to write")
     p.add_argument("--basis-smoothing", type=float, default=None, help="eps for basis rows (default: --smoothing)")
-    p.add_argument("--basis-format", choices=["auto", "dense", "sparse"], default="auto",
-                   help="auto: CSR when under half the dense size and K >= 4096")
+    p.add_argument(
+        "--basis-format",
+        choices=["auto", "dense", "sparse"],
+        default="auto",
+        help="auto: CSR when under half the dense size and K >= 4096",
+    )
     p.add_argument("--seed", type=int, default=1234, help="seed of the embedder fit (--labelled-domains)")
     p.add_argument("--no-progress", action="store_true")
     add_embedding_args(p)
@@ -94,15 +115,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     has_specific = args.specific is not None or args.specific_shards is not None
     has_basis = args.basis_sets is not None or args.basis_shards is not None
     if not has_specific and not has_basis:
-        p.error("nothing to do: pass --specific/--specific-shards (with --output) and/or "
-                "--basis-sets/--basis-shards (with --basis-output)")
+        p.error(
+            "nothing to do: pass --specific/--specific-shards (with --output) and/or "
+            "--basis-sets/--basis-shards (with --basis-output)"
+        )
     if has_specific and args.output is None:
         p.error("--specific/--specific-shards need --output (the weights file to write)")
     if has_basis and args.basis_output is None:
         p.error("--basis-sets/--basis-shards need --basis-output (the .npz to write)")
     if args.embedder_dir is not None and args.labelled_domains is None:
-        p.error("--embedder-dir applies to --labelled-domains only (--clusters and --domain-map use the embedder "
-                "saved with them)")
+        p.error(
+            "--embedder-dir applies to --labelled-domains only (--clusters and --domain-map use the embedder "
+            "saved with them)"
+        )
     return args
 
 

@@ -11,6 +11,7 @@ For each run directory (a --log-dir holding metrics.jsonl and run_info.json, or 
 name, with as many parent directories as it takes to tell the runs apart (dga_ema_seed1234 and
 uniform_seed1234 for the command above).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,11 +72,17 @@ def main(argv=None) -> int:
         return 2
     written = []
     for name, (metrics, names) in runs.items():
-        written.append(plot_domain_weights(metrics, names, os.path.join(out, f"{name}_weights.png"), f"{name}: domain weights"))
-        written.append(plot_alignments(metrics, names, os.path.join(out, f"{name}_alignments.png"), f"{name}: alignments"))
+        written.append(
+            plot_domain_weights(metrics, names, os.path.join(out, f"{name}_weights.png"), f"{name}: domain weights")
+        )
+        written.append(
+            plot_alignments(metrics, names, os.path.join(out, f"{name}_alignments.png"), f"{name}: alignments")
+        )
     series = {name: metrics for name, (metrics, _) in runs.items()}
     written.append(plot_curves(series, "lm_loss", os.path.join(out, "train_loss.png"), "training loss"))
-    written.append(plot_curves(series, "specific_eval_loss", os.path.join(out, "specific_eval_loss.png"), "held-out target loss"))
+    written.append(
+        plot_curves(series, "specific_eval_loss", os.path.join(out, "specific_eval_loss.png"), "held-out target loss")
+    )
     for path in written:
         if path:
             print(path)

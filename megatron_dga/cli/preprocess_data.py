@@ -33,7 +33,9 @@ from megatron_dga.logging_setup import setup_logging
 def get_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", required=True, help="jsonl(.gz) file, quoted glob, or directory of per-domain jsonl files")
+    group.add_argument(
+        "--input", required=True, help="jsonl(.gz) file, quoted glob, or directory of per-domain jsonl files"
+    )
     group.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl fields to tokenize (default: text)")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
@@ -56,8 +58,9 @@ def main(argv=None) -> int:
     setup_logging(logging.INFO, "%(asctime)s %(levelname)s %(message)s")
     # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C: the temp files are removed on the way out.
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal.signal works
-    previous_sigterm = (signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-                        if in_main_thread else None)
+    previous_sigterm = (
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum)) if in_main_thread else None
+    )
     try:
         config = PreprocessConfig(
             input=args.input,

@@ -22,6 +22,7 @@ depends on --num-threads, so keep it fixed to reproduce one.
 --sample-docs N first draws N whole documents (reservoir sampling, in memory) and trains on
 their lines only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,21 +49,37 @@ from megatron_dga.prep.train_tokenizer import (
 def get_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", nargs="+", required=True, help="jsonl(.gz) files, directories of them, or quoted globs")
+    group.add_argument(
+        "--input", nargs="+", required=True, help="jsonl(.gz) files, directories of them, or quoted globs"
+    )
     group.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl fields to train on (default: text)")
-    group.add_argument("--input-sentence-size", type=int, default=1_000_000,
-                       help="lines SentencePiece samples (uniformly, shuffled) for training; 0: all (default: 1000000)")
-    group.add_argument("--sample-docs", type=int, default=0,
-                       help="first draw this many documents and train on their lines (0: every document, the default)")
-    group.add_argument("--max-sentence-length", type=int, default=16384, help="longest line in bytes (longer ones are cut)")
+    group.add_argument(
+        "--input-sentence-size",
+        type=int,
+        default=1_000_000,
+        help="lines SentencePiece samples (uniformly, shuffled) for training; 0: all (default: 1000000)",
+    )
+    group.add_argument(
+        "--sample-docs",
+        type=int,
+        default=0,
+        help="first draw this many documents and train on their lines (0: every document, the default)",
+    )
+    group.add_argument(
+        "--max-sentence-length", type=int, default=16384, help="longest line in bytes (longer ones are cut)"
+    )
     group.add_argument("--seed", type=int, default=1234, help="seed of the document and sentence sampling")
     group = parser.add_argument_group("model")
     group.add_argument("--model-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
     group.add_argument("--vocab-size", type=int, default=4096)
     group.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     group.add_argument("--character-coverage", type=float, default=0.9995)
-    group.add_argument("--num-threads", type=int, default=os.cpu_count() or 1,
-                       help="trainer threads (default: the CPU count; the model depends on it)")
+    group.add_argument(
+        "--num-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="trainer threads (default: the CPU count; the model depends on it)",
+    )
     group = parser.add_argument_group("runtime")
     group.add_argument("--log-interval", type=int, default=5000, help="documents between progress lines without a tty")
     group.add_argument("--no-progress", action="store_true", help="no progress bar and no progress log lines")
@@ -94,11 +111,18 @@ def main(argv=None) -> int:
         files = expand_jsonl_inputs(args.input)
         started = time.monotonic()
         stats = InputStats(started, args.input_sentence_size)
-        sample = (f"up to {args.input_sentence_size:,} lines (a shuffled sample when there are more)"
-                  if args.input_sentence_size else "every line")
-        print(f"training a {args.model_type} SentencePiece (vocab {args.vocab_size}, {args.num_threads} threads) on "
-              f"{sample} of {'every document' if not args.sample_docs else f'{args.sample_docs:,} sampled documents'} "
-              f"in {len(files)} file(s)", file=sys.stderr, flush=True)
+        sample = (
+            f"up to {args.input_sentence_size:,} lines (a shuffled sample when there are more)"
+            if args.input_sentence_size
+            else "every line"
+        )
+        print(
+            f"training a {args.model_type} SentencePiece (vocab {args.vocab_size}, {args.num_threads} threads) on "
+            f"{sample} of {'every document' if not args.sample_docs else f'{args.sample_docs:,} sampled documents'} "
+            f"in {len(files)} file(s)",
+            file=sys.stderr,
+            flush=True,
+        )
         if args.sample_docs:
             texts, stats.bad = sample_documents(files, args.json_keys, args.sample_docs, args.seed)
             stats.docs = len(texts)
@@ -107,8 +131,13 @@ def main(argv=None) -> int:
                 if args.sample_docs:
                     sentences = document_lines(texts)
                 else:
-                    progress = Progress(total_bytes(files), "reading inputs", unit="B",
-                                        enabled=False if args.no_progress else None, log_every=args.log_interval)
+                    progress = Progress(
+                        total_bytes(files),
+                        "reading inputs",
+                        unit="B",
+                        enabled=False if args.no_progress else None,
+                        log_every=args.log_interval,
+                    )
                     sentences = stream_sentences(files, args.json_keys, stats, progress)
                 try:
                     model = train_sentencepiece(sentences, config)
@@ -117,8 +146,10 @@ def main(argv=None) -> int:
                         progress.close()
         except DGAError:
             if not stats.docs:
-                raise ConfigError(f"no usable document in {len(files)} input file(s) for --json-keys "
-                                  f"{args.json_keys} (skipped lines: {stats.bad}). Check the key names.") from None
+                raise ConfigError(
+                    f"no usable document in {len(files)} input file(s) for --json-keys "
+                    f"{args.json_keys} (skipped lines: {stats.bad}). Check the key names."
+                ) from None
             raise
     except DGAError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -129,4 +160,3 @@ def main(argv=None) -> int:
     print(f"done in {time.monotonic() - started:.1f}s ({read}): {model}", file=sys.stderr)
     print(model)
     return 0
-

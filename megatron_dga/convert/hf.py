@@ -26,6 +26,7 @@ scaling, a sliding window shorter than the sequence, biases on some linear layer
 architecture not listed in :data:`ARCHITECTURES`) is a ConfigError naming the file, the field,
 the value and the fix, never silently dropped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,10 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict:
     """``config.json`` of a local Hugging Face model directory, as a dict."""
     path = Path(hf_dir) / "config.json"
     if not Path(hf_dir).is_dir():
-        raise DataError(f"--hf-dir {hf_dir}: not a directory; give a local Hugging Face model directory "
-                        "(save_pretrained's output, with config.json and the weights)")
+        raise DataError(
+            f"--hf-dir {hf_dir}: not a directory; give a local Hugging Face model directory "
+            "(save_pretrained's output, with config.json and the weights)"
+        )
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -98,8 +101,10 @@ def hf_architecture(hf: dict, where: str) -> str:
         )
     model_type = ARCHITECTURES[arch]
     if hf.get("model_type", model_type) != model_type:
-        raise ConfigError(f"{where}: architectures [{arch!r}] with model_type {hf.get('model_type')!r}; expected "
-                          f"model_type {model_type!r}: fix config.json")
+        raise ConfigError(
+            f"{where}: architectures [{arch!r}] with model_type {hf.get('model_type')!r}; expected "
+            f"model_type {model_type!r}: fix config.json"
+        )
     return model_type
 
 
@@ -117,8 +122,10 @@ def rope_settings(hf: dict, where: str) -> dict:
     or new (``rope_parameters``) format."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-        raise ConfigError(f"{where}: rope_parameters holds one RoPE per layer type ({sorted(params)}); "
-                          "megatron-core's GPTModel has one RoPE for every layer")
+        raise ConfigError(
+            f"{where}: rope_parameters holds one RoPE per layer type ({sorted(params)}); "
+            "megatron-core's GPTModel has one RoPE for every layer"
+        )
     if isinstance(params, dict):
         theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
         field = "rope_parameters"
@@ -129,13 +136,17 @@ def rope_settings(hf: dict, where: str) -> dict:
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: field {field} is {params!r}, expected an object or null")
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0 or float(theta) != int(theta):
-        raise ConfigError(f"{where}: rope_theta {theta!r} is not a positive integer, which --rotary-base "
-                          "(Megatron's flag, an integer) needs")
+        raise ConfigError(
+            f"{where}: rope_theta {theta!r} is not a positive integer, which --rotary-base "
+            "(Megatron's flag, an integer) needs"
+        )
     out = {"rotary_base": int(theta)}
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
-        raise ConfigError(f"{where}: partial_rotary_factor {partial} is not supported for Llama-family models "
-                          "(their Hugging Face code rotates every dimension); expected 1.0")
+        raise ConfigError(
+            f"{where}: partial_rotary_factor {partial} is not supported for Llama-family models "
+            "(their Hugging Face code rotates every dimension); expected 1.0"
+        )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return out
@@ -158,8 +169,14 @@ def rope_settings(hf: dict, where: str) -> dict:
     return out
 
 
-def model_config_from_hf(hf: dict, where: str, *, seq_length: Optional[int] = None, vocab_size: Optional[int] = None,
-                         make_vocab_size_divisible_by: int = 128) -> GPTModelConfig:
+def model_config_from_hf(
+    hf: dict,
+    where: str,
+    *,
+    seq_length: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    make_vocab_size_divisible_by: int = 128,
+) -> GPTModelConfig:
     """The GPTModelConfig (Megatron-LM's flags) of a Hugging Face config.
 
     Args:
@@ -175,20 +192,27 @@ def model_config_from_hf(hf: dict, where: str, *, seq_length: Optional[int] = No
     max_pos = common["max_position_embeddings"]
     seq = min(max_pos, DEFAULT_SEQ_LENGTH) if seq_length is None else seq_length
     if seq > max_pos:
-        raise ConfigError(f"--seq-length {seq} exceeds max_position_embeddings {max_pos} of {where}; "
-                          f"use --seq-length {max_pos} or less")
+        raise ConfigError(
+            f"--seq-length {seq} exceeds max_position_embeddings {max_pos} of {where}; "
+            f"use --seq-length {max_pos} or less"
+        )
     window = sliding_window(hf, kind)
     if window is not None and window < seq:
-        raise ConfigError(f"{where}: sliding_window {window} is shorter than --seq-length {seq}, and megatron-core's "
-                          f"GPTModel has no sliding-window attention; use --seq-length {window} or less (the window "
-                          "then changes nothing)")
+        raise ConfigError(
+            f"{where}: sliding_window {window} is shorter than --seq-length {seq}, and megatron-core's "
+            f"GPTModel has no sliding-window attention; use --seq-length {window} or less (the window "
+            "then changes nothing)"
+        )
     hf_vocab = _field(hf, "vocab_size", where)
     vocab = hf_vocab if vocab_size is None else vocab_size
     if vocab > hf_vocab:
-        raise ConfigError(f"the tokenizer has {vocab} tokens but {where} has vocab_size {hf_vocab} embedding rows: "
-                          "ids past the embedding; use the model's own tokenizer")
-    return GPTModelConfig(seq_length=seq, vocab_size=vocab, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                          **common)
+        raise ConfigError(
+            f"the tokenizer has {vocab} tokens but {where} has vocab_size {hf_vocab} embedding rows: "
+            "ids past the embedding; use the model's own tokenizer"
+        )
+    return GPTModelConfig(
+        seq_length=seq, vocab_size=vocab, make_vocab_size_divisible_by=make_vocab_size_divisible_by, **common
+    )
 
 
 def _llama_fields(hf: dict, where: str, kind: str) -> dict:
@@ -198,15 +222,18 @@ def _llama_fields(hf: dict, where: str, kind: str) -> dict:
     head_dim = None if hf.get("head_dim") is None else _field(hf, "head_dim", where)
     if head_dim is None:
         if h % heads:
-            raise ConfigError(f"{where}: hidden_size {h} is not divisible by num_attention_heads {heads} and "
-                              "head_dim is unset")
+            raise ConfigError(
+                f"{where}: hidden_size {h} is not divisible by num_attention_heads {heads} and head_dim is unset"
+            )
         head_dim = h // heads
     if heads % groups:
         raise ConfigError(f"{where}: num_key_value_heads {groups} does not divide num_attention_heads {heads}")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise ConfigError(f"{where}: hidden_act {act!r} is not supported for {kind}: megatron's --swiglu is "
-                          "SiLU-gated; expected 'silu'")
+        raise ConfigError(
+            f"{where}: hidden_act {act!r} is not supported for {kind}: megatron's --swiglu is "
+            "SiLU-gated; expected 'silu'"
+        )
     if kind == "qwen2":
         bias = {"disable_bias_linear": True, "add_qkv_bias": True}  # Qwen2: q/k/v biases only
     else:
@@ -248,13 +275,20 @@ def sliding_window(hf: dict, kind: str) -> Optional[int]:
 def _gpt2_fields(hf: dict, where: str) -> dict:
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-        raise ConfigError(f"{where}: activation_function {act!r} is not supported; megatron-core runs GELU "
-                          "(gelu, or its tanh approximation gelu_new with --openai-gelu)")
-    for name, expected in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                           ("add_cross_attention", False)):
+        raise ConfigError(
+            f"{where}: activation_function {act!r} is not supported; megatron-core runs GELU "
+            "(gelu, or its tanh approximation gelu_new with --openai-gelu)"
+        )
+    for name, expected in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ):
         if bool(hf.get(name, expected)) != expected:
-            raise ConfigError(f"{where}: {name} {hf.get(name)!r} is not supported (megatron-core's attention "
-                              f"is a plain 1/sqrt(head dim) softmax): expected {expected}")
+            raise ConfigError(
+                f"{where}: {name} {hf.get(name)!r} is not supported (megatron-core's attention "
+                f"is a plain 1/sqrt(head dim) softmax): expected {expected}"
+            )
     h = _field(hf, "n_embd", where)
     n_inner = hf.get("n_inner")
     return dict(
@@ -271,8 +305,9 @@ def _gpt2_fields(hf: dict, where: str) -> dict:
     )
 
 
-def hf_config_from_model(cfg: GPTModelConfig, kind: str, *, vocab_size: int, dtype: torch.dtype,
-                         base: Optional[dict] = None) -> dict:
+def hf_config_from_model(
+    cfg: GPTModelConfig, kind: str, *, vocab_size: int, dtype: torch.dtype, base: Optional[dict] = None
+) -> dict:
     """The Hugging Face ``config.json`` of ``cfg`` as architecture ``kind``.
 
     ``base`` (the original model's config) keeps everything the flags do not say (token ids,
@@ -281,9 +316,14 @@ def hf_config_from_model(cfg: GPTModelConfig, kind: str, *, vocab_size: int, dty
     dtype_name = _HF_DTYPE_NAMES[dtype]
     if kind == "gpt2":
         fresh = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
-            "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_attention_heads,
-            "n_positions": cfg.max_position_embeddings, "n_inner": cfg.ffn_size,
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": vocab_size,
+            "n_embd": cfg.hidden_size,
+            "n_layer": cfg.num_layers,
+            "n_head": cfg.num_attention_heads,
+            "n_positions": cfg.max_position_embeddings,
+            "n_inner": cfg.ffn_size,
             "activation_function": "gelu_new" if cfg.openai_gelu else "gelu",
             "layer_norm_epsilon": cfg.norm_epsilon,
             "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
@@ -294,11 +334,19 @@ def hf_config_from_model(cfg: GPTModelConfig, kind: str, *, vocab_size: int, dty
         if cfg.use_rope_scaling:
             rope.update(rope_type="llama3", factor=float(cfg.rope_scaling_factor or 8.0), **LLAMA3_ROPE)
         fresh = {
-            "architectures": [arch], "model_type": kind, "vocab_size": vocab_size,
-            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_size, "num_hidden_layers": cfg.num_layers,
-            "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.query_groups,
-            "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings,
-            "rms_norm_eps": cfg.norm_epsilon, "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
+            "architectures": [arch],
+            "model_type": kind,
+            "vocab_size": vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.ffn_size,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.query_groups,
+            "head_dim": cfg.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "rms_norm_eps": cfg.norm_epsilon,
+            "tie_word_embeddings": not cfg.untie_embeddings_and_output_weights,
         }
         if cfg.kv_channels is None and "head_dim" not in (base or {}):
             del fresh["head_dim"]  # hidden / heads, Hugging Face's default
@@ -306,8 +354,9 @@ def hf_config_from_model(cfg: GPTModelConfig, kind: str, *, vocab_size: int, dty
             fresh["rope_parameters"] = rope
         else:
             fresh["rope_theta"] = rope["rope_theta"]
-            fresh["rope_scaling"] = None if rope["rope_type"] == "default" else {
-                k: v for k, v in rope.items() if k != "rope_theta"}
+            fresh["rope_scaling"] = (
+                None if rope["rope_type"] == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+            )
         if kind == "llama":
             fresh["attention_bias"] = fresh["mlp_bias"] = not cfg.disable_bias_linear
         if kind == "qwen2":
@@ -321,12 +370,21 @@ def hf_config_from_model(cfg: GPTModelConfig, kind: str, *, vocab_size: int, dty
 
 def architecture_for(cfg: GPTModelConfig) -> str:
     """The Hugging Face architecture that computes what ``cfg`` computes (``to_hf`` without a reference)."""
-    if (cfg.position_embedding_type == "learned_absolute" and cfg.normalization == "LayerNorm" and not cfg.swiglu
-            and not cfg.disable_bias_linear and not cfg.group_query_attention
-            and cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size):
+    if (
+        cfg.position_embedding_type == "learned_absolute"
+        and cfg.normalization == "LayerNorm"
+        and not cfg.swiglu
+        and not cfg.disable_bias_linear
+        and not cfg.group_query_attention
+        and cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size
+    ):
         return "gpt2"
-    if (cfg.position_embedding_type == "rope" and cfg.normalization == "RMSNorm" and cfg.swiglu
-            and cfg.rotary_percent in (None, 1.0)):
+    if (
+        cfg.position_embedding_type == "rope"
+        and cfg.normalization == "RMSNorm"
+        and cfg.swiglu
+        and cfg.rotary_percent in (None, 1.0)
+    ):
         # Qwen2: q/k/v biases only; Llama: no biases, or (attention_bias and mlp_bias) all of them.
         return "qwen2" if cfg.disable_bias_linear and cfg.add_qkv_bias else "llama"
     raise ConfigError(
@@ -342,14 +400,40 @@ def architecture_for(cfg: GPTModelConfig) -> str:
 
 
 _FLAG_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
-    "num_query_groups", "kv_channels", "seq_length", "max_position_embeddings", "position_embedding_type",
-    "normalization", "norm_epsilon", "swiglu", "openai_gelu", "disable_bias_linear", "add_qkv_bias",
-    "untie_embeddings_and_output_weights", "rotary_base", "rotary_percent", "use_rope_scaling",
-    "rope_scaling_factor", "make_vocab_size_divisible_by",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "group_query_attention",
+    "num_query_groups",
+    "kv_channels",
+    "seq_length",
+    "max_position_embeddings",
+    "position_embedding_type",
+    "normalization",
+    "norm_epsilon",
+    "swiglu",
+    "openai_gelu",
+    "disable_bias_linear",
+    "add_qkv_bias",
+    "untie_embeddings_and_output_weights",
+    "rotary_base",
+    "rotary_percent",
+    "use_rope_scaling",
+    "rope_scaling_factor",
+    "make_vocab_size_divisible_by",
 )
-_ALWAYS = {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "seq_length",
-           "max_position_embeddings", "position_embedding_type", "normalization", "norm_epsilon"}
+_ALWAYS = {
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "seq_length",
+    "max_position_embeddings",
+    "position_embedding_type",
+    "normalization",
+    "norm_epsilon",
+}
 
 
 def model_flags(cfg: GPTModelConfig) -> List[str]:
@@ -377,8 +461,10 @@ def model_flag_values(argv: List[str]) -> Dict[str, object]:
     other = [key for key in given if "." in key and not key.startswith("model.")]
     if unknown or other:
         names = unknown + ["--" + key.split(".", 1)[1].replace("_", "-") for key in other]
-        raise ConfigError(f"{' '.join(names)}: not a model flag; give the model flags of the training run "
-                          f"(e.g. the contents of {MODEL_FLAGS_FILE} written by the conversion)")
+        raise ConfigError(
+            f"{' '.join(names)}: not a model flag; give the model flags of the training run "
+            f"(e.g. the contents of {MODEL_FLAGS_FILE} written by the conversion)"
+        )
     return {key.split(".", 1)[1]: value for key, value in given.items() if key.startswith("model.")}
 
 
@@ -392,8 +478,10 @@ class HFWeights:
         self.dir = Path(hf_dir)
         self._files: Dict[str, Path] = {}
         self._open: Dict[Path, object] = {}
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        for index_name, single in (
+            ("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
             index = self.dir / index_name
             if index.is_file():
                 try:
@@ -403,9 +491,11 @@ class HFWeights:
                     raise DataError(f"cannot read the weight index {index}: {exc!r}") from None
                 outside = [(name, file) for name, file in items if not is_relative_inside(file)]
                 if outside:
-                    raise DataError(f"the weight index {index} maps {outside[0][0]!r} to {outside[0][1]!r}, not a "
-                                    f"file inside {self.dir} (an absolute path or one through '..'); the converter "
-                                    "reads only the model directory's own files: fix weight_map")
+                    raise DataError(
+                        f"the weight index {index} maps {outside[0][0]!r} to {outside[0][1]!r}, not a "
+                        f"file inside {self.dir} (an absolute path or one through '..'); the converter "
+                        "reads only the model directory's own files: fix weight_map"
+                    )
                 self._files = {name: self.dir / file for name, file in items}
                 break
             if (self.dir / single).is_file():
@@ -413,8 +503,10 @@ class HFWeights:
                 break
         if not self._files:
             found = sorted(p.name for p in self.dir.iterdir()) if self.dir.is_dir() else []
-            raise DataError(f"{self.dir} holds no Hugging Face weights (model.safetensors[.index.json] or "
-                            f"pytorch_model.bin[.index.json]); found {found[:12]}")
+            raise DataError(
+                f"{self.dir} holds no Hugging Face weights (model.safetensors[.index.json] or "
+                f"pytorch_model.bin[.index.json]); found {found[:12]}"
+            )
         missing = sorted({str(p) for p in self._files.values() if not p.is_file()})
         if missing:
             raise DataError(f"weight files listed in {self.dir}'s index are missing: {missing[:4]}")
@@ -428,16 +520,18 @@ class HFWeights:
                 try:
                     from safetensors import safe_open
                 except ImportError:
-                    raise ConfigError(f"{path} is a safetensors file and the 'safetensors' package is not installed; "
-                                      "pip install safetensors (requirements/cpu.txt pins it)") from None
+                    raise ConfigError(
+                        f"{path} is a safetensors file and the 'safetensors' package is not installed; "
+                        "pip install safetensors (requirements/cpu.txt pins it)"
+                    ) from None
                 try:
                     self._open[path] = safe_open(str(path), framework="pt", device="cpu")
-                except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a bad file
+                except Exception as exc:
                     raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
             else:
                 try:
                     self._open[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unreadable file
+                except Exception as exc:
                     raise DataError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
         return self._open[path]
 
@@ -480,16 +574,32 @@ def _resize_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _llama_names(i: int) -> Dict[str, str]:
     p = f"model.layers.{i}."
-    return {name: p + name for name in (
-        "input_layernorm.weight", "post_attention_layernorm.weight",
-        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-        "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias",
-        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-        "mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")}
+    return {
+        name: p + name
+        for name in (
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "self_attn.q_proj.bias",
+            "self_attn.k_proj.bias",
+            "self_attn.v_proj.bias",
+            "self_attn.o_proj.bias",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+            "mlp.gate_proj.bias",
+            "mlp.up_proj.bias",
+            "mlp.down_proj.bias",
+        )
+    }
 
 
-def hf_to_megatron(cfg: GPTModelConfig, kind: str, hf_names: set, get, padded_vocab: int
-                   ) -> Iterator[Tuple[str, torch.Tensor]]:
+def hf_to_megatron(
+    cfg: GPTModelConfig, kind: str, hf_names: set, get, padded_vocab: int
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """(megatron name, tensor) of every parameter of the one-stage model, from Hugging Face tensors.
 
     Args:
@@ -509,13 +619,27 @@ def hf_to_megatron(cfg: GPTModelConfig, kind: str, hf_names: set, get, padded_vo
         n = _llama_names(i)
         m = f"decoder.layers.{i}."
         yield m + "input_layernorm.weight", get(n["input_layernorm.weight"])
-        yield m + "self_attention.linear_qkv.weight", fuse_qkv(
-            get(n["self_attn.q_proj.weight"]), get(n["self_attn.k_proj.weight"]), get(n["self_attn.v_proj.weight"]),
-            heads, groups)
+        yield (
+            m + "self_attention.linear_qkv.weight",
+            fuse_qkv(
+                get(n["self_attn.q_proj.weight"]),
+                get(n["self_attn.k_proj.weight"]),
+                get(n["self_attn.v_proj.weight"]),
+                heads,
+                groups,
+            ),
+        )
         if has_bias or cfg.add_qkv_bias:
-            yield m + "self_attention.linear_qkv.bias", fuse_qkv(
-                get(n["self_attn.q_proj.bias"]), get(n["self_attn.k_proj.bias"]), get(n["self_attn.v_proj.bias"]),
-                heads, groups)
+            yield (
+                m + "self_attention.linear_qkv.bias",
+                fuse_qkv(
+                    get(n["self_attn.q_proj.bias"]),
+                    get(n["self_attn.k_proj.bias"]),
+                    get(n["self_attn.v_proj.bias"]),
+                    heads,
+                    groups,
+                ),
+            )
         yield m + "self_attention.linear_proj.weight", get(n["self_attn.o_proj.weight"])
         yield m + "pre_mlp_layernorm.weight", get(n["post_attention_layernorm.weight"])
         yield m + "mlp.linear_fc1.weight", torch.cat([get(n["mlp.gate_proj.weight"]), get(n["mlp.up_proj.weight"])])
@@ -558,8 +682,9 @@ def _gpt2_to_megatron(cfg, hf_names, get, padded_vocab):
         yield "output_layer.weight", _resize_rows(get("lm_head.weight"), padded_vocab)
 
 
-def megatron_to_hf(cfg: GPTModelConfig, kind: str, state: Dict[str, torch.Tensor], hf_vocab: int
-                   ) -> Dict[str, torch.Tensor]:
+def megatron_to_hf(
+    cfg: GPTModelConfig, kind: str, state: Dict[str, torch.Tensor], hf_vocab: int
+) -> Dict[str, torch.Tensor]:
     """Hugging Face tensors (names as ``save_pretrained`` writes them) from the one-stage model's ``state``."""
     heads, groups = cfg.num_attention_heads, cfg.query_groups
     out: Dict[str, torch.Tensor] = {}
@@ -627,8 +752,10 @@ def _require_one_process() -> None:
     from megatron_dga import comm
 
     if not parallel_state.model_parallel_is_initialized() or comm.size() != 1:
-        raise ConfigError("the Hugging Face converter runs as one process (python tools/convert_hf_checkpoint.py, "
-                          "not torchrun): the torch_dist checkpoint it writes reshards onto any TP/PP layout at --load")
+        raise ConfigError(
+            "the Hugging Face converter runs as one process (python tools/convert_hf_checkpoint.py, "
+            "not torchrun): the torch_dist checkpoint it writes reshards onto any TP/PP layout at --load"
+        )
 
 
 def _one_process_model(cfg: GPTModelConfig, padded_vocab: int, dtype: torch.dtype):
@@ -641,10 +768,19 @@ def _one_process_model(cfg: GPTModelConfig, padded_vocab: int, dtype: torch.dtyp
     # transformer-engine layers (fusions included); no recomputation (there is no forward here).
     backend = "auto" if cfg.effective_attention_backend in ("flash", "fused", "unfused") else cfg.attention_backend
     shape = dataclasses.replace(
-        cfg, make_vocab_size_divisible_by=padded_vocab, bf16=dtype == torch.bfloat16, fp16=False,
-        attention_backend=backend, use_flash_attn=False, sequence_parallel=False, recompute_activations=False,
-        recompute_granularity=None, recompute_method=None, recompute_num_layers=None,
-        **{name: False for name in FUSION_FLAGS})
+        cfg,
+        make_vocab_size_divisible_by=padded_vocab,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        attention_backend=backend,
+        use_flash_attn=False,
+        sequence_parallel=False,
+        recompute_activations=False,
+        recompute_granularity=None,
+        recompute_method=None,
+        recompute_num_layers=None,
+        **{name: False for name in FUSION_FLAGS},
+    )
     with platform.megatron_cuda_calls_on_cpu():
         return build_gpt_model(shape, initialize=False, use_transformer_engine=False)
 
@@ -655,8 +791,11 @@ def tokenizer_vocab_size(hf_dir: str | os.PathLike) -> Optional[int]:
     from megatron_dga.data.tokenizers import build_tokenizer
 
     if not (Path(hf_dir) / "tokenizer.json").is_file():
-        logger.warning("%s has no tokenizer.json: the checkpoint's vocabulary is config.json's vocab_size; train "
-                       "with a tokenizer of exactly that many tokens", hf_dir)
+        logger.warning(
+            "%s has no tokenizer.json: the checkpoint's vocabulary is config.json's vocab_size; train "
+            "with a tokenizer of exactly that many tokens",
+            hf_dir,
+        )
         return None
     try:
         return build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(hf_dir)).vocab_size
@@ -679,14 +818,23 @@ def _check_output_dir(out_dir: Path, flag: str) -> None:
     if out_dir.is_dir():
         taken = sorted(p.name for p in out_dir.iterdir())
         if taken:
-            raise ConfigError(f"{flag} {out_dir} is not empty (it holds {taken[:3]}); give a new or empty directory "
-                              "(a conversion never writes over or into existing files)")
+            raise ConfigError(
+                f"{flag} {out_dir} is not empty (it holds {taken[:3]}); give a new or empty directory "
+                "(a conversion never writes over or into existing files)"
+            )
     ensure_writable_dir(out_dir, flag)
 
 
-def to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seq_length: Optional[int] = None,
-                tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                make_vocab_size_divisible_by: int = 128, dtype: Optional[torch.dtype] = None) -> dict:
+def to_megatron(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    seq_length: Optional[int] = None,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    make_vocab_size_divisible_by: int = 128,
+    dtype: Optional[torch.dtype] = None,
+) -> dict:
     """Convert a local Hugging Face model directory into a model-only torch_dist checkpoint of ours.
 
     Writes ``out_dir/latest_checkpointed_iteration.txt``, ``out_dir/iter_0000000/`` (megatron's
@@ -717,15 +865,26 @@ def to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seq_le
     kind = hf_architecture(hf, where)
     weights = HFWeights(hf_dir)
     tok_vocab = tokenizer_vocab_size(hf_dir)
-    cfg = model_config_from_hf(hf, where, seq_length=seq_length, vocab_size=tok_vocab,
-                               make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    cfg = model_config_from_hf(
+        hf,
+        where,
+        seq_length=seq_length,
+        vocab_size=tok_vocab,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
     cfg.check_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
     padded = cfg.padded_vocab_size(tensor_model_parallel_size)
     hf_vocab = int(hf["vocab_size"])
     if padded < hf_vocab:
-        logger.warning("embedding rows %d..%d of %s are past the tokenizer's %d tokens and the padded vocabulary "
-                       "(%d rows): dropped (no token reaches them)", padded, hf_vocab - 1, hf_dir, cfg.vocab_size,
-                       padded)
+        logger.warning(
+            "embedding rows %d..%d of %s are past the tokenizer's %d tokens and the padded vocabulary "
+            "(%d rows): dropped (no token reaches them)",
+            padded,
+            hf_vocab - 1,
+            hf_dir,
+            cfg.vocab_size,
+            padded,
+        )
     dtype = dtype or source_dtype(hf)
     _check_output_dir(out_dir, "--output")
 
@@ -737,8 +896,10 @@ def to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seq_le
 
     def get(name: str) -> torch.Tensor:
         if name not in hf_names:
-            raise DataError(f"{hf_dir}: tensor {name} is missing, which {hf['architectures'][0]} with this "
-                            "config.json needs; the weights do not match config.json")
+            raise DataError(
+                f"{hf_dir}: tensor {name} is missing, which {hf['architectures'][0]} with this "
+                "config.json needs; the weights do not match config.json"
+            )
         used.add(name)
         return weights.get(name)
 
@@ -746,9 +907,11 @@ def to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seq_le
         for name, tensor in hf_to_megatron(cfg, kind, hf_names, get, padded):
             param = params.get(name)
             if param is None or tuple(param.shape) != tuple(tensor.shape):
-                raise DataError(f"{hf_dir}: {name} would get shape {tuple(tensor.shape)} but the model of "
-                                f"config.json has {None if param is None else tuple(param.shape)}; the weights do "
-                                "not match config.json")
+                raise DataError(
+                    f"{hf_dir}: {name} would get shape {tuple(tensor.shape)} but the model of "
+                    f"config.json has {None if param is None else tuple(param.shape)}; the weights do "
+                    "not match config.json"
+                )
             param.copy_(tensor)
             assigned.add(name)
     unassigned = sorted(set(params) - assigned)
@@ -756,8 +919,10 @@ def to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seq_le
         raise CheckpointError(f"internal: parameters {unassigned[:4]} got no Hugging Face tensor")
     extra_names = sorted(n for n in hf_names - used if not _ignored_hf_tensor(n, kind, tied))
     if extra_names:
-        raise ConfigError(f"{hf_dir}: tensors {extra_names[:4]} ({len(extra_names)} in all) have no place in the "
-                          "megatron model of config.json (an architecture variant the converter does not map)")
+        raise ConfigError(
+            f"{hf_dir}: tensors {extra_names[:4]} ({len(extra_names)} in all) have no place in the "
+            "megatron model of config.json (an architecture variant the converter does not map)"
+        )
 
     flags = model_flags(cfg)
     facts = {
@@ -768,8 +933,13 @@ def to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seq_le
         "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         "tensor_model_parallel_size": tensor_model_parallel_size,
         "model_flags": flags,
-        "converted_from": {"format": "huggingface", "path": str(hf_dir.resolve()), "architecture":
-                           hf["architectures"][0], "vocab_size": hf_vocab, "dtype": _HF_DTYPE_NAMES[dtype]},
+        "converted_from": {
+            "format": "huggingface",
+            "path": str(hf_dir.resolve()),
+            "architecture": hf["architectures"][0],
+            "vocab_size": hf_vocab,
+            "dtype": _HF_DTYPE_NAMES[dtype],
+        },
     }
     ckpt.save_distributed_checkpoint(out_dir, 0, {"model": model.sharded_state_dict()}, metadata=facts)
     atomic_write_text(out_dir / MODEL_FLAGS_FILE, shlex.join(flags) + "\n")
@@ -789,10 +959,17 @@ def reshardable_tp_sizes(cfg: GPTModelConfig, padded: int, candidates=(1, 2, 4, 
     return sizes
 
 
-def to_hf(load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_flags_given: Optional[dict] = None,
-          reference_dir: Optional[str | os.PathLike] = None, tokenizer_dir: Optional[str | os.PathLike] = None,
-          architecture: Optional[str] = None, ckpt_step: Optional[int] = None,
-          dtype: Optional[torch.dtype] = None) -> Path:
+def to_hf(
+    load_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model_flags_given: Optional[dict] = None,
+    reference_dir: Optional[str | os.PathLike] = None,
+    tokenizer_dir: Optional[str | os.PathLike] = None,
+    architecture: Optional[str] = None,
+    ckpt_step: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> Path:
     """Write a Hugging Face model directory (config.json, safetensors) from a torch_dist checkpoint of ours.
 
     The model's config comes from ``reference_dir``'s config.json (the model it was converted
@@ -820,8 +997,10 @@ def to_hf(load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_flag
     _require_one_process()
     ckpt_dir, meta = ckpt.resolve_checkpoint(load_dir, ckpt_step)
     if meta.get("ckpt_format") != "torch_dist":
-        raise ConfigError(f"--load {load_dir}: {ckpt_dir} is a {meta.get('ckpt_format', 'torch')!r} checkpoint; "
-                          "the converter reads torch_dist (resume it once and save with --ckpt-format torch_dist)")
+        raise ConfigError(
+            f"--load {load_dir}: {ckpt_dir} is a {meta.get('ckpt_format', 'torch')!r} checkpoint; "
+            "the converter reads torch_dist (resume it once and save with --ckpt-format torch_dist)"
+        )
     out_dir = Path(out_dir)
     extra = meta.get("extra", {})
     saved_model = extra.get("model", {})
@@ -833,8 +1012,10 @@ def to_hf(load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_flag
         base_cfg = model_config_from_hf(base, where, seq_length=1)
         values = {f.name: getattr(base_cfg, f.name) for f in dataclasses.fields(GPTModelConfig)}
     elif not model_flags_given:
-        raise ConfigError("give the model: --hf-reference DIR (the Hugging Face model it was converted from) and/or "
-                          f"the training run's model flags (e.g. $(cat CONVERTED/{MODEL_FLAGS_FILE}))")
+        raise ConfigError(
+            "give the model: --hf-reference DIR (the Hugging Face model it was converted from) and/or "
+            f"the training run's model flags (e.g. $(cat CONVERTED/{MODEL_FLAGS_FILE}))"
+        )
     values.update(model_flags_given or {})
     values["vocab_size"] = saved_model.get("vocab_size", values.get("vocab_size", 0))
     if "seq_length" not in (model_flags_given or {}):  # only checked against max_position_embeddings here
@@ -844,8 +1025,10 @@ def to_hf(load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_flag
         if name in saved_model and saved_model[name] != getattr(cfg, name):
             from_reference = base is not None and name not in (model_flags_given or {})
             source = "--hf-reference config.json" if from_reference else flag
-            raise ConfigError(f"{flag}: the checkpoint {ckpt_dir} has {saved_model[name]!r}, {source} gives "
-                              f"{getattr(cfg, name)!r}; give the training run's model flags")
+            raise ConfigError(
+                f"{flag}: the checkpoint {ckpt_dir} has {saved_model[name]!r}, {source} gives "
+                f"{getattr(cfg, name)!r}; give the training run's model flags"
+            )
     kind = ARCHITECTURES.get(architecture) if architecture else hf_architecture(base, where) if base else None
     if architecture and kind is None:
         raise ConfigError(f"--hf-architecture {architecture!r} is not supported; one of {', '.join(ARCHITECTURES)}")
@@ -854,22 +1037,26 @@ def to_hf(load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, model_flag
         kind = derived
     elif derived != {"mistral": "llama"}.get(kind, kind):
         named = architecture or base["architectures"][0]
-        raise ConfigError(f"the model flags describe what {derived} computes, not {named}; fix the flags or "
-                          "--hf-architecture")
+        raise ConfigError(
+            f"the model flags describe what {derived} computes, not {named}; fix the flags or --hf-architecture"
+        )
 
     _check_output_dir(out_dir, "--output")
     # Checksums and the restricted unpickling of what torch will read, before anything reads the checkpoint.
     saved = ckpt.verify_checkpoint(ckpt_dir, meta).state_dict_metadata
     embedding = saved.get("embedding.word_embeddings.weight")
     if getattr(embedding, "size", None) is None:
-        raise CheckpointError(f"checkpoint {ckpt_dir} holds no embedding.word_embeddings.weight tensor: not a GPT "
-                              "model checkpoint of ours")
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} holds no embedding.word_embeddings.weight tensor: not a GPT "
+            "model checkpoint of ours"
+        )
     padded, saved_dtype = int(embedding.size[0]), embedding.properties.dtype
     # The Hugging Face embedding's rows: the reference's, else the converted source's, else the vocabulary.
     hf_vocab = int(base["vocab_size"] if base else extra.get("converted_from", {}).get("vocab_size", cfg.vocab_size))
     if padded < cfg.vocab_size:
-        raise CheckpointError(f"checkpoint {ckpt_dir}: its embedding has {padded} rows, fewer than the vocabulary "
-                              f"({cfg.vocab_size})")
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: its embedding has {padded} rows, fewer than the vocabulary ({cfg.vocab_size})"
+        )
     model = _one_process_model(cfg, padded, saved_dtype)
     state = ckpt.load_distributed_checkpoint(ckpt_dir, meta, {"model": model.sharded_state_dict()}, verified=True)
     model.load_state_dict(state["model"])
@@ -916,19 +1103,24 @@ def _token_ids(tokenizer_dir) -> dict:
 def _copy_side_files(source: Path, out_dir: Path) -> None:
     """Tokenizer and generation files of ``source`` (top-level, everything but weights and config.json)."""
     for entry in sorted(source.iterdir()):
-        if entry.is_file() and entry.name != "config.json" and not entry.name.endswith(_WEIGHT_SUFFIXES) \
-                and not entry.name.endswith(".index.json"):
+        if (
+            entry.is_file()
+            and entry.name != "config.json"
+            and not entry.name.endswith(_WEIGHT_SUFFIXES)
+            and not entry.name.endswith(".index.json")
+        ):
             atomic_copy(entry, out_dir / entry.name)
 
 
-def _write_hf(out_dir: Path, config: dict, tensors: Dict[str, torch.Tensor],
-              max_shard_bytes: int = 5 * 2**30) -> None:
+def _write_hf(out_dir: Path, config: dict, tensors: Dict[str, torch.Tensor], max_shard_bytes: int = 5 * 2**30) -> None:
     """config.json and safetensors files (sharded with an index past ``max_shard_bytes``, as save_pretrained)."""
     try:
         from safetensors.torch import save_file
     except ImportError:
-        raise ConfigError("writing Hugging Face weights needs the 'safetensors' package; pip install safetensors "
-                          "(requirements/cpu.txt pins it)") from None
+        raise ConfigError(
+            "writing Hugging Face weights needs the 'safetensors' package; pip install safetensors "
+            "(requirements/cpu.txt pins it)"
+        ) from None
     shards: List[Dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in sorted(tensors):
@@ -939,6 +1131,7 @@ def _write_hf(out_dir: Path, config: dict, tensors: Dict[str, torch.Tensor],
         shards[-1][name] = tensors[name]
         size += nbytes
     metadata = {"format": "pt"}
+
     def write(shard: Dict[str, torch.Tensor], file: str) -> None:
         atomic_write_path(out_dir / file, lambda tmp: save_file(shard, tmp, metadata=metadata))
 
@@ -951,8 +1144,10 @@ def _write_hf(out_dir: Path, config: dict, tensors: Dict[str, torch.Tensor],
             write(shard, file)
             weight_map.update(dict.fromkeys(shard, file))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write_text(out_dir / "model.safetensors.index.json",
-                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        atomic_write_text(
+            out_dir / "model.safetensors.index.json",
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2),
+        )
     atomic_write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -961,19 +1156,35 @@ def describe_conversion(facts: dict, out_dir: str, hf_dir: str) -> str:
     cfg = GPTModelConfig(**model_flag_values(facts["model_flags"]), vocab_size=facts["model"]["vocab_size"])
     sizes = reshardable_tp_sizes(cfg, facts["padded_vocab_size"])
     flags = shlex.join(facts["model_flags"])
-    return "\n".join([
-        f"wrote {out_dir} ({facts['converted_from']['architecture']}, {facts['converted_from']['dtype']}, "
-        f"vocabulary {cfg.vocab_size} padded to {facts['padded_vocab_size']} rows)",
-        f"train with: --load {shlex.quote(str(out_dir))} --finetune --tokenizer-type HuggingFaceTokenizer "
-        f"--tokenizer-model {shlex.quote(str(hf_dir))} {flags}",
-        f"(model flags also in {Path(out_dir) / MODEL_FLAGS_FILE}); it loads on any pipeline and data-parallel "
-        f"size, and at --tensor-model-parallel-size {', '.join(map(str, sizes)) or 'none of 1, 2, 4, 8'} (the sizes "
-        "whose vocabulary padding matches; convert again with --tensor-model-parallel-size N for another)",
-    ])
+    return "\n".join(
+        [
+            f"wrote {out_dir} ({facts['converted_from']['architecture']}, {facts['converted_from']['dtype']}, "
+            f"vocabulary {cfg.vocab_size} padded to {facts['padded_vocab_size']} rows)",
+            f"train with: --load {shlex.quote(str(out_dir))} --finetune --tokenizer-type HuggingFaceTokenizer "
+            f"--tokenizer-model {shlex.quote(str(hf_dir))} {flags}",
+            f"(model flags also in {Path(out_dir) / MODEL_FLAGS_FILE}); it loads on any pipeline and data-parallel "
+            f"size, and at --tensor-model-parallel-size {', '.join(map(str, sizes)) or 'none of 1, 2, 4, 8'} (the sizes "
+            "whose vocabulary padding matches; convert again with --tensor-model-parallel-size N for another)",
+        ]
+    )
 
 
 __all__ = [
-    "ARCHITECTURES", "HFWeights", "fuse_qkv", "split_qkv", "hf_to_megatron", "megatron_to_hf", "model_config_from_hf",
-    "hf_config_from_model", "model_flags", "model_flag_values", "rope_settings", "to_megatron", "to_hf",
-    "reshardable_tp_sizes", "describe_conversion", "architecture_for", "read_hf_config",
+    "ARCHITECTURES",
+    "HFWeights",
+    "fuse_qkv",
+    "split_qkv",
+    "hf_to_megatron",
+    "megatron_to_hf",
+    "model_config_from_hf",
+    "hf_config_from_model",
+    "model_flags",
+    "model_flag_values",
+    "rope_settings",
+    "to_megatron",
+    "to_hf",
+    "reshardable_tp_sizes",
+    "describe_conversion",
+    "architecture_for",
+    "read_hf_config",
 ]

@@ -27,6 +27,7 @@ trainer (``--domain-map FILE`` next to ``--data-path``) and ``tools/importance_w
 Nothing here builds per-domain Python objects: names are derived on demand, so a map of
 262,144 domains over a million documents reads in milliseconds.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -46,7 +47,7 @@ from megatron_dga.fileio import NPZ_READ_ERRORS, load_npz, sha256_files
 MAP_FORMAT = "megatron-dga/domain-map-v1"
 """The ``format`` string of the header; any other value is refused."""
 
-_MAX_DOMAINS = 2 ** 31 - 1  # ids are int32
+_MAX_DOMAINS = 2**31 - 1  # ids are int32
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 _REBUILD = "rebuild the map with tools/cluster_domains.py --input-shards PREFIX [PREFIX ...] --output-map FILE"
 
@@ -74,8 +75,12 @@ def shard_identity(prefix: str) -> MapShard:
     from megatron_dga.data.domains import inspect_shard
 
     info = inspect_shard(prefix)
-    return MapShard(name=_basename(prefix), num_documents=int(info.num_documents), num_tokens=int(info.num_tokens),
-                    idx_sha256=sha256_files(prefix + ".idx"))
+    return MapShard(
+        name=_basename(prefix),
+        num_documents=int(info.num_documents),
+        num_tokens=int(info.num_tokens),
+        idx_sha256=sha256_files(prefix + ".idx"),
+    )
 
 
 def _digits(j: int, levels: Sequence[int]) -> List[int]:
@@ -176,7 +181,7 @@ class DomainMap:
         level the fine domains themselves.
         """
         self._check_level(level)
-        divisor = int(math.prod(int(k) for k in self.levels[level + 1:]))
+        divisor = int(math.prod(int(k) for k in self.levels[level + 1 :]))
         ids = np.asarray(self.domain_ids)
         return ids if divisor == 1 else (ids // np.int32(divisor)).astype(np.int32, copy=False)
 
@@ -195,10 +200,15 @@ class DomainMap:
 def _validate(dmap: DomainMap, where: str) -> None:
     """DataError naming ``where`` for the first inconsistency of ``dmap`` (normalises domain_ids to int32)."""
     levels = dmap.levels
-    if (not isinstance(levels, (list, tuple)) or not levels
-            or not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and int(k) >= 1 for k in levels)):
-        raise DataError(f"{where}: levels must be a non-empty list of positive ints ([K] or [k1, k2, ...]), "
-                        f"got {levels!r}; {_REBUILD}")
+    if (
+        not isinstance(levels, (list, tuple))
+        or not levels
+        or not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and int(k) >= 1 for k in levels)
+    ):
+        raise DataError(
+            f"{where}: levels must be a non-empty list of positive ints ([K] or [k1, k2, ...]), "
+            f"got {levels!r}; {_REBUILD}"
+        )
     dmap.levels = [int(k) for k in levels]
     k = dmap.num_domains
     if k > _MAX_DOMAINS:
@@ -207,8 +217,10 @@ def _validate(dmap: DomainMap, where: str) -> None:
         if not isinstance(dmap.names, (list, tuple)) or not all(isinstance(n, str) and n for n in dmap.names):
             raise DataError(f"{where}: names must be a list of non-empty strings or null")
         if len(dmap.names) != k:
-            raise DataError(f"{where}: {len(dmap.names)} names for {k} domains (levels {dmap.levels}); "
-                            f"give one name per fine domain, or none")
+            raise DataError(
+                f"{where}: {len(dmap.names)} names for {k} domains (levels {dmap.levels}); "
+                f"give one name per fine domain, or none"
+            )
         if len(set(dmap.names)) != k:
             seen, dup = set(), None
             for n in dmap.names:
@@ -223,11 +235,20 @@ def _validate(dmap: DomainMap, where: str) -> None:
         raise DataError(f"{where}: the map lists no shards; {_REBUILD}")
     names = set()
     for s in shards:
-        if (not isinstance(s.name, str) or not s.name or not isinstance(s.num_documents, int) or s.num_documents < 0
-                or not isinstance(s.num_tokens, int) or s.num_tokens < 0
-                or not isinstance(s.idx_sha256, str) or not _SHA_RE.match(s.idx_sha256)):
-            raise DataError(f"{where}: malformed shard entry {s!r} (name, num_documents >= 0, num_tokens >= 0, "
-                            f"idx_sha256 as 64 lowercase hex digits); {_REBUILD}")
+        if (
+            not isinstance(s.name, str)
+            or not s.name
+            or not isinstance(s.num_documents, int)
+            or s.num_documents < 0
+            or not isinstance(s.num_tokens, int)
+            or s.num_tokens < 0
+            or not isinstance(s.idx_sha256, str)
+            or not _SHA_RE.match(s.idx_sha256)
+        ):
+            raise DataError(
+                f"{where}: malformed shard entry {s!r} (name, num_documents >= 0, num_tokens >= 0, "
+                f"idx_sha256 as 64 lowercase hex digits); {_REBUILD}"
+            )
         if s.name in names:
             raise DataError(f"{where}: shard {s.name!r} is listed twice; each shard appears once")
         names.add(s.name)
@@ -237,14 +258,18 @@ def _validate(dmap: DomainMap, where: str) -> None:
     total = sum(s.num_documents for s in shards)
     if ids.shape[0] != total:
         counts = ", ".join(f"{s.name}: {s.num_documents}" for s in shards)
-        raise DataError(f"{where}: domain_ids holds {ids.shape[0]} documents but its shards hold {total} "
-                        f"({counts}); the map is corrupt: {_REBUILD}")
+        raise DataError(
+            f"{where}: domain_ids holds {ids.shape[0]} documents but its shards hold {total} "
+            f"({counts}); the map is corrupt: {_REBUILD}"
+        )
     if ids.size:
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= k:
             bad = int(np.flatnonzero((ids < 0) | (ids >= k))[0])
-            raise DataError(f"{where}: document {bad} has domain id {int(ids[bad])}, outside [0, {k}) "
-                            f"(levels {dmap.levels}); ids range over [{lo}, {hi}]; the map is corrupt: {_REBUILD}")
+            raise DataError(
+                f"{where}: document {bad} has domain id {int(ids[bad])}, outside [0, {k}) "
+                f"(levels {dmap.levels}); ids range over [{lo}, {hi}]; the map is corrupt: {_REBUILD}"
+            )
     dmap.domain_ids = ids.astype(np.int32, copy=False)
     if dmap.clusters_dir is not None and not isinstance(dmap.clusters_dir, str):
         raise DataError(f"{where}: clusters_dir must be a string (relative to the map) or null")
@@ -269,8 +294,15 @@ def write_domain_map(path: str, dmap: DomainMap) -> None:
         "format": MAP_FORMAT,
         "levels": dmap.levels,
         "names": dmap.names,
-        "shards": [{"name": s.name, "num_documents": int(s.num_documents), "num_tokens": int(s.num_tokens),
-                    "idx_sha256": s.idx_sha256} for s in dmap.shards],
+        "shards": [
+            {
+                "name": s.name,
+                "num_documents": int(s.num_documents),
+                "num_tokens": int(s.num_tokens),
+                "idx_sha256": s.idx_sha256,
+            }
+            for s in dmap.shards
+        ],
         "clusters_dir": dmap.clusters_dir,
         "metadata": dmap.metadata,
     }
@@ -289,10 +321,12 @@ def read_domain_map(path: str) -> DomainMap:
     """
     where = f"domain map {path}"
     if not os.path.isfile(path):
-        raise DataError(f"{where} does not exist; write one with tools/cluster_domains.py --input-shards ... "
-                        "--output-map FILE")
-    not_npz = (f"{where} is not a domain map (an .npz written by tools/cluster_domains.py --output-map, "
-               f"format {MAP_FORMAT!r})")
+        raise DataError(
+            f"{where} does not exist; write one with tools/cluster_domains.py --input-shards ... --output-map FILE"
+        )
+    not_npz = (
+        f"{where} is not a domain map (an .npz written by tools/cluster_domains.py --output-map, format {MAP_FORMAT!r})"
+    )
     if not zipfile.is_zipfile(path):
         raise DataError(not_npz)
     try:
@@ -308,8 +342,10 @@ def read_domain_map(path: str) -> DomainMap:
     except NPZ_READ_ERRORS as exc:
         raise DataError(f"{not_npz}: numpy cannot read it ({exc})") from None
     if header_arr.shape != () or header_arr.dtype.kind != "U":
-        raise DataError(f"{not_npz}: member 'header' must be a 0-d unicode array, got {header_arr.dtype} "
-                        f"of shape {header_arr.shape}")
+        raise DataError(
+            f"{not_npz}: member 'header' must be a 0-d unicode array, got {header_arr.dtype} "
+            f"of shape {header_arr.shape}"
+        )
     try:
         header = json.loads(str(header_arr[()]))
     except ValueError as exc:
@@ -318,8 +354,9 @@ def read_domain_map(path: str) -> DomainMap:
         raise DataError(f"{not_npz}: its header is a JSON {type(header).__name__}, expected an object")
     fmt = header.get("format")
     if fmt != MAP_FORMAT:
-        raise DataError(f"{where}: format {fmt!r}, expected {MAP_FORMAT!r}; this version reads only that format: "
-                        f"{_REBUILD}")
+        raise DataError(
+            f"{where}: format {fmt!r}, expected {MAP_FORMAT!r}; this version reads only that format: {_REBUILD}"
+        )
     missing = sorted({"levels", "shards"} - set(header))
     if missing:
         raise DataError(f"{where}: header lacks {missing}; the map is corrupt: {_REBUILD}")
@@ -327,13 +364,23 @@ def read_domain_map(path: str) -> DomainMap:
     if not isinstance(raw_shards, list) or not all(isinstance(s, dict) for s in raw_shards):
         raise DataError(f"{where}: header 'shards' must be a list of objects; the map is corrupt: {_REBUILD}")
     try:
-        shards = [MapShard(name=s["name"], num_documents=s["num_documents"], num_tokens=s["num_tokens"],
-                           idx_sha256=s["idx_sha256"]) for s in raw_shards]
+        shards = [
+            MapShard(
+                name=s["name"], num_documents=s["num_documents"], num_tokens=s["num_tokens"], idx_sha256=s["idx_sha256"]
+            )
+            for s in raw_shards
+        ]
     except KeyError as exc:
         raise DataError(f"{where}: a shard entry lacks {exc.args[0]!r}; the map is corrupt: {_REBUILD}") from None
     metadata = header.get("metadata")
-    dmap = DomainMap(domain_ids=ids, shards=shards, levels=header["levels"], names=header.get("names"),
-                     clusters_dir=header.get("clusters_dir"), metadata={} if metadata is None else metadata)
+    dmap = DomainMap(
+        domain_ids=ids,
+        shards=shards,
+        levels=header["levels"],
+        names=header.get("names"),
+        clusters_dir=header.get("clusters_dir"),
+        metadata={} if metadata is None else metadata,
+    )
     _validate(dmap, where)
     return dmap
 
@@ -366,31 +413,41 @@ def check_map_matches_shards(dmap: DomainMap, prefixes: Sequence[str], map_path:
     for i, prefix in enumerate(prefixes):
         name = _basename(prefix)
         if name in position:
-            raise DataError(f"{where}: --data-path gives two shards named {name!r} ({prefixes[position[name]]} and "
-                            f"{prefix}); a map matches shards by basename, give each once")
+            raise DataError(
+                f"{where}: --data-path gives two shards named {name!r} ({prefixes[position[name]]} and "
+                f"{prefix}); a map matches shards by basename, give each once"
+            )
         position[name] = i
     map_names = [s.name for s in dmap.shards]
     extra = [p for p in prefixes if _basename(p) not in set(map_names)]
     if extra:
-        raise DataError(f"{where}: --data-path shard {extra[0]} is not in the map (the map was built for "
-                        f"{_shortlist(map_names)}); drop it from --data-path or {_REBUILD}")
+        raise DataError(
+            f"{where}: --data-path shard {extra[0]} is not in the map (the map was built for "
+            f"{_shortlist(map_names)}); drop it from --data-path or {_REBUILD}"
+        )
     missing = [n for n in map_names if n not in position]
     if missing:
-        raise DataError(f"{where}: the map's shard {missing[0]!r} is not in --data-path "
-                        f"({len(missing)} of its {len(map_names)} shards are missing); give every shard the map was "
-                        f"built for, or {_REBUILD}")
+        raise DataError(
+            f"{where}: the map's shard {missing[0]!r} is not in --data-path "
+            f"({len(missing)} of its {len(map_names)} shards are missing); give every shard the map was "
+            f"built for, or {_REBUILD}"
+        )
     order = []
     for shard in dmap.shards:
         prefix = prefixes[position[shard.name]]
         found = shard_identity(prefix)
         if found.num_documents != shard.num_documents:
-            raise DataError(f"{where}: {prefix} has {found.num_documents} documents but the map was built for "
-                            f"{shard.num_documents} (sha256 {shard.idx_sha256[:12]}...): {_REBUILD}")
+            raise DataError(
+                f"{where}: {prefix} has {found.num_documents} documents but the map was built for "
+                f"{shard.num_documents} (sha256 {shard.idx_sha256[:12]}...): {_REBUILD}"
+            )
         if found.idx_sha256 != shard.idx_sha256:
-            raise DataError(f"{where}: {prefix}.idx is not the shard the map was built for (sha256 "
-                            f"{found.idx_sha256[:12]}..., the map records {shard.idx_sha256[:12]}...; same name and "
-                            f"{shard.num_documents} documents, other content): use the shards the map was built "
-                            f"from, or {_REBUILD}")
+            raise DataError(
+                f"{where}: {prefix}.idx is not the shard the map was built for (sha256 "
+                f"{found.idx_sha256[:12]}..., the map records {shard.idx_sha256[:12]}...; same name and "
+                f"{shard.num_documents} documents, other content): use the shards the map was built "
+                f"from, or {_REBUILD}"
+            )
         order.append(position[shard.name])
     return order
 

@@ -21,6 +21,7 @@ Typical use::
     domains = build_domain_datasets(prefixes, tokenizer, DomainDatasetConfig(sequence_length=1024))
     domains.num_samples   # per-domain samples (sequences) in one epoch
 """
+
 from __future__ import annotations
 
 import json
@@ -157,11 +158,15 @@ def read_data_args_file(path: str) -> List[str]:
     except OSError as exc:
         raise ConfigError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{where}: not a text file; it should hold the --data-path value, "
-                          "e.g. '0.3 data/web_text_document 0.7 data/code_text_document'") from None
+        raise ConfigError(
+            f"{where}: not a text file; it should hold the --data-path value, "
+            "e.g. '0.3 data/web_text_document 0.7 data/code_text_document'"
+        ) from None
     if not tokens:
-        raise ConfigError(f"{where}: the file is empty; it should hold the --data-path value, "
-                          "e.g. '0.3 data/web_text_document 0.7 data/code_text_document'")
+        raise ConfigError(
+            f"{where}: the file is empty; it should hold the --data-path value, "
+            "e.g. '0.3 data/web_text_document 0.7 data/code_text_document'"
+        )
     _parse_as(tokens, where)
     return tokens
 
@@ -201,10 +206,13 @@ def read_per_split_data_args(path: str) -> Dict[str, Optional[List[str]]]:
         value = raw.get(key)
         if isinstance(value, str):
             value = value.split()
-        if value is not None and (not isinstance(value, list) or
-                                  not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)):
-            raise ConfigError(f"{where}: \"{key}\" must be a list of weights and prefixes (or one string), got "
-                              f"{value!r:.80}")
+        if value is not None and (
+            not isinstance(value, list)
+            or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            raise ConfigError(
+                f"{where}: \"{key}\" must be a list of weights and prefixes (or one string), got {value!r:.80}"
+            )
         tokens = [str(v) for v in value] if value else None
         if tokens:
             _parse_as(tokens, f'{where}: "{key}"')
@@ -221,7 +229,7 @@ def _parse_as(tokens: List[str], where: str) -> None:
     except DataError as exc:
         message = str(exc)
         if message.startswith("--data-path"):
-            message = message[len("--data-path"):].lstrip(": ")
+            message = message[len("--data-path") :].lstrip(": ")
         raise ConfigError(f"{where}: {message}") from None
 
 
@@ -278,8 +286,9 @@ def inspect_shard(prefix: str) -> ShardInfo:
         if not os.path.isfile(path):
             other = bin_path if path == idx_path else idx_path
             hint = (
-                f" ({other} exists: the pair is incomplete, re-run preprocessing)" if os.path.isfile(other) else
-                " (neither file exists: check the prefix; Megatron shards are '<prefix>_text_document.{bin,idx}')"
+                f" ({other} exists: the pair is incomplete, re-run preprocessing)"
+                if os.path.isfile(other)
+                else " (neither file exists: check the prefix; Megatron shards are '<prefix>_text_document.{bin,idx}')"
             )
             raise DataError(f"shard file {path} is missing{hint}")
     idx_size = os.path.getsize(idx_path)
@@ -342,8 +351,9 @@ def _index_arrays(idx_path: str, num_seq: int, num_doc_idx: int) -> Tuple[np.nda
     return lengths, pointers, doc_idx
 
 
-def _check_index_body(idx_path: str, dtype: np.dtype, lengths: np.ndarray, pointers: np.ndarray,
-                      doc_idx: np.ndarray) -> None:
+def _check_index_body(
+    idx_path: str, dtype: np.dtype, lengths: np.ndarray, pointers: np.ndarray, doc_idx: np.ndarray
+) -> None:
     """DataError for the first inconsistency in an ``.idx`` body (see :func:`inspect_shard`).
 
     A garbled pointer or length otherwise surfaces mid-training as a numpy error or as
@@ -477,9 +487,7 @@ class DomainDatasetConfig:
                 f"token_id_sample_bytes must be an integer >= 0 (0 skips the sample), got {self.token_id_sample_bytes!r}"
             )
         if self.reset_attention_mask and not self.create_attention_mask:
-            raise ConfigError(
-                "--reset-attention-mask needs per-sample attention masks: set create_attention_mask=True"
-            )
+            raise ConfigError("--reset-attention-mask needs per-sample attention masks: set create_attention_mask=True")
 
 
 class _TokenizerView:
@@ -595,7 +603,9 @@ def build_domain_datasets(
             raise DataError(f"domain {name!r} ({shard.prefix}.idx) is empty: 0 documents; drop it from --data-path")
         lo, hi = round(lo_frac * shard.num_documents), round(hi_frac * shard.num_documents)
         tokens = shard.num_tokens if (lo, hi) == (0, shard.num_documents) else _tokens_in_documents(shard, lo, hi)
-        part = "" if (lo_frac, hi_frac) == (0.0, 1.0) else f" in documents [{lo}, {hi}) of {shard.num_documents} (--split)"
+        part = (
+            "" if (lo_frac, hi_frac) == (0.0, 1.0) else f" in documents [{lo}, {hi}) of {shard.num_documents} (--split)"
+        )
         if tokens < need:
             raise DataError(
                 f"domain {name!r} ({shard.prefix}.bin) has {tokens} tokens{part}, fewer than one sample of "
@@ -662,11 +672,12 @@ def _key_document_range(gpt_config, documents: Tuple[float, float]):
 def _tokens_in_documents(shard: ShardInfo, lo: int, hi: int) -> int:
     """Tokens stored in documents [lo, hi) of a validated shard (read from its .idx)."""
     lengths, _, doc_idx = _index_arrays(shard.prefix + ".idx", shard.num_sequences, shard.num_documents + 1)
-    return int(lengths[doc_idx[lo]:doc_idx[hi]].sum(dtype=np.int64)) if hi > lo else 0
+    return int(lengths[doc_idx[lo] : doc_idx[hi]].sum(dtype=np.int64)) if hi > lo else 0
 
 
-def _check_vocab(name: str, shard: ShardInfo, documents: Tuple[int, int], vocab_size: int,
-                 config: DomainDatasetConfig) -> None:
+def _check_vocab(
+    name: str, shard: ShardInfo, documents: Tuple[int, int], vocab_size: int, config: DomainDatasetConfig
+) -> None:
     """The shard's vocabulary against the tokenizer's: its sidecar, then its token ids.
 
     Ids >= vocab size otherwise fail as an IndexError inside the embedding, mid-training.
@@ -730,7 +741,7 @@ def _token_id_range(shard: ShardInfo, documents: Tuple[int, int], max_bytes: Opt
     low, top = None, None
     for a, b in windows:
         for i in range(a, b, chunk):
-            piece = data[i:min(b, i + chunk)]
+            piece = data[i : min(b, i + chunk)]
             if piece.size:
                 lo_i, hi_i = int(piece.min()), int(piece.max())
                 low = lo_i if low is None else min(low, lo_i)

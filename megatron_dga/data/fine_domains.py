@@ -31,6 +31,7 @@ saved as ``<hash>-FineDomains-index.npz`` there, the hash covering the group ids
 ``.idx`` SHA-256, ``seq_length``, the seed, the document range and the extra-token option:
 rank 0 writes it (atomically) before the other ranks read it, like megatron's own indices.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,15 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_dga.data.domains import (DomainDatasetConfig, ShardInfo, _TokenizerView, _build_on_rank0_first,
-                                       _check_vocab, _index_arrays, inspect_shard)
+from megatron_dga.data.domains import (
+    DomainDatasetConfig,
+    ShardInfo,
+    _TokenizerView,
+    _build_on_rank0_first,
+    _check_vocab,
+    _index_arrays,
+    inspect_shard,
+)
 from megatron_dga.data.mixture import MultiSource
 from megatron_dga.errors import ConfigError, DataError
 from megatron_dga.fileio import NPZ_READ_ERRORS, load_npz, atomic_write
@@ -92,9 +100,17 @@ def document_keys(seed: int, num_documents: int) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def build_fine_index(doc_shard: np.ndarray, doc_sequence: np.ndarray, doc_length: np.ndarray,
-                     group_ids: np.ndarray, num_groups: int, seq_length: int, seed: int,
-                     documents: Tuple[float, float] = (0.0, 1.0), add_extra_token: bool = True) -> FineIndex:
+def build_fine_index(
+    doc_shard: np.ndarray,
+    doc_sequence: np.ndarray,
+    doc_length: np.ndarray,
+    group_ids: np.ndarray,
+    num_groups: int,
+    seq_length: int,
+    seed: int,
+    documents: Tuple[float, float] = (0.0, 1.0),
+    add_extra_token: bool = True,
+) -> FineIndex:
     """The :class:`FineIndex` of all groups, in one vectorised pass (see the module docstring).
 
     Args:
@@ -133,10 +149,13 @@ def build_fine_index(doc_shard: np.ndarray, doc_sequence: np.ndarray, doc_length
     tokens = doc_token_offsets[group_doc_offsets[1:]] - doc_token_offsets[group_doc_offsets[:-1]]
     extra = int(bool(add_extra_token))
     num_samples = np.maximum(tokens - extra, 0) // int(seq_length)
-    return FineIndex(doc_shard=np.asarray(doc_shard, dtype=np.int32)[selected],
-                     doc_sequence=np.asarray(doc_sequence, dtype=np.int64)[selected],
-                     doc_token_offsets=doc_token_offsets, group_doc_offsets=group_doc_offsets,
-                     num_samples=num_samples.astype(np.int64))
+    return FineIndex(
+        doc_shard=np.asarray(doc_shard, dtype=np.int32)[selected],
+        doc_sequence=np.asarray(doc_sequence, dtype=np.int64)[selected],
+        doc_token_offsets=doc_token_offsets,
+        group_doc_offsets=group_doc_offsets,
+        num_samples=num_samples.astype(np.int64),
+    )
 
 
 def shard_documents(shards: Sequence[ShardInfo]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,8 +181,9 @@ def pad_token_id(view: _TokenizerView) -> int:
     return -1 if view.pad == view.eod else int(view.pad)
 
 
-def sample_from_tokens(text: np.ndarray, eod: int, pad: int, config: DomainDatasetConfig,
-                       add_extra_token: bool = True) -> Dict[str, Any]:
+def sample_from_tokens(
+    text: np.ndarray, eod: int, pad: int, config: DomainDatasetConfig, add_extra_token: bool = True
+) -> Dict[str, Any]:
     """The sample dict ``GPTDataset.__getitem__`` returns for the token window ``text``.
 
     ``text`` holds ``seq_length + 1`` tokens (``seq_length`` without the extra token). The steps
@@ -181,8 +201,13 @@ def sample_from_tokens(text: np.ndarray, eod: int, pad: int, config: DomainDatas
         labels = torch.roll(text, shifts=-1, dims=0)
         labels[-1] = pad
     attention_mask, loss_mask, position_ids = _get_ltor_masks_and_position_ids(
-        tokens, eod, config.reset_position_ids, config.reset_attention_mask, config.eod_mask_loss,
-        config.create_attention_mask)
+        tokens,
+        eod,
+        config.reset_position_ids,
+        config.reset_attention_mask,
+        config.eod_mask_loss,
+        config.create_attention_mask,
+    )
     loss_mask[labels == pad] = 0.0
     tokens[tokens == pad] = 0
     labels[labels == pad] = 0
@@ -201,9 +226,18 @@ class FineDomains(MultiSource):
     non-empty ones, for evaluation) without copying the index.
     """
 
-    def __init__(self, index: FineIndex, prefixes: Sequence[str], indexed: Sequence[Any], config: DomainDatasetConfig,
-                 eod: int, pad: int, names: Optional[Sequence[str]] = None, add_extra_token: bool = True,
-                 groups: Optional[np.ndarray] = None) -> None:
+    def __init__(
+        self,
+        index: FineIndex,
+        prefixes: Sequence[str],
+        indexed: Sequence[Any],
+        config: DomainDatasetConfig,
+        eod: int,
+        pad: int,
+        names: Optional[Sequence[str]] = None,
+        add_extra_token: bool = True,
+        groups: Optional[np.ndarray] = None,
+    ) -> None:
         self.index = index
         self.prefixes = list(prefixes)
         self._indexed = list(indexed)
@@ -221,8 +255,17 @@ class FineDomains(MultiSource):
 
     def select(self, groups: np.ndarray) -> "FineDomains":
         """A view whose local source i is group ``groups[i]`` (same index, same open shards)."""
-        return FineDomains(self.index, self.prefixes, self._indexed, self.config, self.eod, self.pad, self._names,
-                           self.add_extra_token, self.groups[np.asarray(groups, dtype=np.int64)])
+        return FineDomains(
+            self.index,
+            self.prefixes,
+            self._indexed,
+            self.config,
+            self.eod,
+            self.pad,
+            self._names,
+            self.add_extra_token,
+            self.groups[np.asarray(groups, dtype=np.int64)],
+        )
 
     def source_name(self, source: int) -> str:
         group = int(self.groups[source])
@@ -232,8 +275,9 @@ class FineDomains(MultiSource):
         """(document, offset in it) of the first token of sample ``index`` of local ``source``."""
         group = int(self.groups[source])
         if not 0 <= index < self.index.num_samples[group]:
-            raise IndexError(f"sample {index} is outside {self.source_name(source)} of "
-                             f"{int(self.index.num_samples[group])} samples")
+            raise IndexError(
+                f"sample {index} is outside {self.source_name(source)} of {int(self.index.num_samples[group])} samples"
+            )
         offsets = self.index.doc_token_offsets
         position = int(offsets[self.index.group_doc_offsets[group]]) + index * self.sequence_length
         doc = int(np.searchsorted(offsets, position, side="right")) - 1  # skips empty documents
@@ -261,17 +305,32 @@ class FineDomains(MultiSource):
         return sample_from_tokens(self.tokens(source, index), self.eod, self.pad, self.config, self.add_extra_token)
 
 
-def _cache_description(shard_names: Sequence[str], shard_sha256: Sequence[str], group_ids: np.ndarray,
-                       num_groups: int, seq_length: int, seed: int, documents: Tuple[float, float],
-                       add_extra_token: bool) -> str:
+def _cache_description(
+    shard_names: Sequence[str],
+    shard_sha256: Sequence[str],
+    group_ids: np.ndarray,
+    num_groups: int,
+    seq_length: int,
+    seed: int,
+    documents: Tuple[float, float],
+    add_extra_token: bool,
+) -> str:
     ids = np.ascontiguousarray(group_ids, dtype=np.int32)
-    return json.dumps({
-        "class": "FineDomains", "version": INDEX_VERSION,
-        "shards": [{"name": n, "idx_sha256": h} for n, h in zip(shard_names, shard_sha256)],
-        "group_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(), "num_groups": int(num_groups),
-        "sequence_length": int(seq_length), "seed": int(seed), "documents": [float(documents[0]), float(documents[1])],
-        "add_extra_token_to_sequence": bool(add_extra_token),
-    }, indent=1, sort_keys=True)
+    return json.dumps(
+        {
+            "class": "FineDomains",
+            "version": INDEX_VERSION,
+            "shards": [{"name": n, "idx_sha256": h} for n, h in zip(shard_names, shard_sha256)],
+            "group_ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+            "num_groups": int(num_groups),
+            "sequence_length": int(seq_length),
+            "seed": int(seed),
+            "documents": [float(documents[0]), float(documents[1])],
+            "add_extra_token_to_sequence": bool(add_extra_token),
+        },
+        indent=1,
+        sort_keys=True,
+    )
 
 
 def _load_cached(path: str, description: str) -> Optional[FineIndex]:
@@ -295,10 +354,19 @@ def _save_cached(path: str, description: str, index: FineIndex) -> None:
     atomic_write(path, lambda fh: np.savez(fh, description=np.array(description), **arrays))
 
 
-def build_fine_domains(prefixes: Sequence[str], group_ids: np.ndarray, num_groups: int, tokenizer: Any,
-                       config: DomainDatasetConfig, *, documents: Tuple[float, float] = (0.0, 1.0),
-                       shard_sha256: Optional[Sequence[str]] = None, names: Optional[Sequence[str]] = None,
-                       add_extra_token: bool = True, shards: Optional[Sequence[ShardInfo]] = None) -> FineDomains:
+def build_fine_domains(
+    prefixes: Sequence[str],
+    group_ids: np.ndarray,
+    num_groups: int,
+    tokenizer: Any,
+    config: DomainDatasetConfig,
+    *,
+    documents: Tuple[float, float] = (0.0, 1.0),
+    shard_sha256: Optional[Sequence[str]] = None,
+    names: Optional[Sequence[str]] = None,
+    add_extra_token: bool = True,
+    shards: Optional[Sequence[ShardInfo]] = None,
+) -> FineDomains:
     """Validate the shards, build (or load from ``config.path_to_cache``) the index, open the shards.
 
     Args:
@@ -330,16 +398,22 @@ def build_fine_domains(prefixes: Sequence[str], group_ids: np.ndarray, num_group
     dtypes = {s.dtype.name for s in shards}
     if len(dtypes) > 1:
         listing = ", ".join(f"{os.path.basename(s.prefix)}: {s.dtype.name}" for s in shards)
-        raise DataError(f"shards have different token dtypes ({listing}); they were probably tokenized with different "
-                        "tokenizers: re-run preprocessing of all shards with the same tokenizer")
+        raise DataError(
+            f"shards have different token dtypes ({listing}); they were probably tokenized with different "
+            "tokenizers: re-run preprocessing of all shards with the same tokenizer"
+        )
     total = sum(s.num_documents for s in shards)
     group_ids = np.asarray(group_ids)
     if group_ids.shape != (total,):
-        raise DataError(f"{group_ids.shape[0] if group_ids.ndim == 1 else group_ids.shape} group ids for the "
-                        f"{total} documents of {len(shards)} shards; the domain map does not fit the shards")
+        raise DataError(
+            f"{group_ids.shape[0] if group_ids.ndim == 1 else group_ids.shape} group ids for the "
+            f"{total} documents of {len(shards)} shards; the domain map does not fit the shards"
+        )
     if group_ids.size and (int(group_ids.min()) < 0 or int(group_ids.max()) >= num_groups):
-        raise DataError(f"group ids range over [{int(group_ids.min())}, {int(group_ids.max())}], outside [0, "
-                        f"{num_groups}); the domain map is corrupt")
+        raise DataError(
+            f"group ids range over [{int(group_ids.min())}, {int(group_ids.max())}], outside [0, "
+            f"{num_groups}); the domain map is corrupt"
+        )
     view = _TokenizerView(tokenizer)
     for shard in shards:
         _check_vocab(os.path.basename(shard.prefix), shard, (0, shard.num_documents), view.vocab_size, config)
@@ -353,23 +427,52 @@ def build_fine_domains(prefixes: Sequence[str], group_ids: np.ndarray, num_group
                 from megatron_dga.data.domain_map import shard_identity
 
                 hashes = [shard_identity(p).idx_sha256 for p in prefixes]
-            description = _cache_description([os.path.basename(p) for p in prefixes], hashes, group_ids, num_groups,
-                                             config.sequence_length, config.seed, documents, add_extra_token)
+            description = _cache_description(
+                [os.path.basename(p) for p in prefixes],
+                hashes,
+                group_ids,
+                num_groups,
+                config.sequence_length,
+                config.seed,
+                documents,
+                add_extra_token,
+            )
             digest = hashlib.md5(description.encode("utf-8"), usedforsecurity=False).hexdigest()
             path = os.path.join(config.path_to_cache, f"{digest}-FineDomains-index.npz")
             cached = _load_cached(path, description)
             if cached is not None:
-                logger.info("loaded the fine-domain index of %d groups from %s (%.2f s)", num_groups, path,
-                            time.perf_counter() - start)
+                logger.info(
+                    "loaded the fine-domain index of %d groups from %s (%.2f s)",
+                    num_groups,
+                    path,
+                    time.perf_counter() - start,
+                )
                 return cached
         doc_shard, doc_sequence, doc_length = shard_documents(shards)
-        index = build_fine_index(doc_shard, doc_sequence, doc_length, group_ids, num_groups, config.sequence_length,
-                                 config.seed, documents, add_extra_token)
+        index = build_fine_index(
+            doc_shard,
+            doc_sequence,
+            doc_length,
+            group_ids,
+            num_groups,
+            config.sequence_length,
+            config.seed,
+            documents,
+            add_extra_token,
+        )
         if path is not None:
             _save_cached(path, description, index)
-        logger.info("built the fine-domain index: %d groups over %d documents of %d shards, %d samples "
-                    "(documents %s) in %.2f s%s", num_groups, total, len(shards), int(index.num_samples.sum()),
-                    list(documents), time.perf_counter() - start, f", saved to {path}" if path else "")
+        logger.info(
+            "built the fine-domain index: %d groups over %d documents of %d shards, %d samples "
+            "(documents %s) in %.2f s%s",
+            num_groups,
+            total,
+            len(shards),
+            int(index.num_samples.sum()),
+            list(documents),
+            time.perf_counter() - start,
+            f", saved to {path}" if path else "",
+        )
         return index
 
     index = _build_on_rank0_first(build, config.path_to_cache is not None)

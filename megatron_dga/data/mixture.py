@@ -21,6 +21,7 @@ Loading: :class:`StepLoader`. The trainer asks for each step explicitly::
   (``prefetch_factor``) stays inside that global batch: it can never run ahead into a
   batch drawn with stale weights. Workers are persistent across steps.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -76,18 +77,28 @@ class MixtureDataset(torch.utils.data.Dataset):
     are converted) with an extra ``domain_id`` (int64 scalar tensor).
     """
 
-    def __init__(self, domain_datasets: Sequence[Any], held_out_datasets: Sequence[Any] = (),
-                 vocab_size: Optional[int] = None,
-                 source_names: Optional[Union[Sequence[str], Callable[[int], str]]] = None) -> None:
+    def __init__(
+        self,
+        domain_datasets: Sequence[Any],
+        held_out_datasets: Sequence[Any] = (),
+        vocab_size: Optional[int] = None,
+        source_names: Optional[Union[Sequence[str], Callable[[int], str]]] = None,
+    ) -> None:
         self._parts = list(domain_datasets) + list(held_out_datasets)
         counts = [len(p.num_samples) if isinstance(p, MultiSource) else 1 for p in self._parts]
-        self.num_domains = int(sum(counts[:len(domain_datasets)]))
+        self.num_domains = int(sum(counts[: len(domain_datasets)]))
         if self.num_domains == 0:
             raise ConfigError("MixtureDataset needs at least one domain dataset")
         # Source id -> part: the first source id of every part (few parts, any number of sources).
         self._part_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.sizes = np.concatenate([np.asarray(p.num_samples, dtype=np.int64) if isinstance(p, MultiSource)
-                                     else np.array([len(p)], dtype=np.int64) for p in self._parts])
+        self.sizes = np.concatenate(
+            [
+                np.asarray(p.num_samples, dtype=np.int64)
+                if isinstance(p, MultiSource)
+                else np.array([len(p)], dtype=np.int64)
+                for p in self._parts
+            ]
+        )
         self.vocab_size = vocab_size
         self._names = source_names
         if source_names is not None and not callable(source_names) and len(source_names) != len(self.sizes):
@@ -120,8 +131,10 @@ class MixtureDataset(torch.utils.data.Dataset):
             raise IndexError(f"sample {sample_index} is outside domain {domain_id} of size {self.sizes[domain_id]}")
         part, local = self._locate(domain_id)
         sample = part.get(local, sample_index) if isinstance(part, MultiSource) else part[sample_index]
-        out = {name: (torch.from_numpy(np.asarray(v)) if not isinstance(v, torch.Tensor) else v)
-               for name, v in sample.items()}
+        out = {
+            name: (torch.from_numpy(np.asarray(v)) if not isinstance(v, torch.Tensor) else v)
+            for name, v in sample.items()
+        }
         out["domain_id"] = torch.tensor(domain_id, dtype=torch.int64)
         return out
 
@@ -155,8 +168,11 @@ class MixtureDataset(torch.utils.data.Dataset):
             value = int(ids[row][bad[row]][0])
             source, sample = (int(x) for x in keys[row])
             part, local = self._locate(source)
-            path = (part.source_path(local, sample) if isinstance(part, MultiSource)
-                    else getattr(part, "dataset_path", None))
+            path = (
+                part.source_path(local, sample)
+                if isinstance(part, MultiSource)
+                else getattr(part, "dataset_path", None)
+            )
             raise DataError(
                 f"{self.source_name(source)}{f' ({path}.bin)' if path else ''}, sample {sample}: {name} hold id "
                 f"{value}, outside the vocabulary [0, {self.vocab_size}); the shard was tokenized with another "
@@ -255,7 +271,6 @@ class StepLoader:
         # Checked here, in the main process: an error raised inside a worker would come back
         # wrapped in the worker's traceback text. The DataLoader yields batches in order.
         return (self.dataset.check_token_ids(mb, k) for mb, k in zip(self._loader, keys))
-
 
     def _read_rows(self, batch: np.ndarray) -> List[Dict[str, torch.Tensor]]:
         """This rank's micro-batches of ``batch``, read and collated in this process."""

@@ -10,6 +10,7 @@ megatron-core's ``IndexedDatasetBuilder``, exactly like real ones, so everything
 Megatron-LM's ``--mock-data`` swaps in ``MockGPTDataset`` (random documents, no files); we need
 several *domains* for the mixing to act on, hence real shards in a temporary directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,15 @@ def domain_tables(k: int, num_tokens: int, seed: int = 0) -> np.ndarray:
     return np.stack([rng.permutation(num_tokens) for _ in range(k)])
 
 
-def sample_documents(table: np.ndarray, num_docs: int, doc_len: int, rng, eod: int,
-                     ids: Optional[np.ndarray] = None, p_follow: float = 0.9) -> List[np.ndarray]:
+def sample_documents(
+    table: np.ndarray,
+    num_docs: int,
+    doc_len: int,
+    rng,
+    eod: int,
+    ids: Optional[np.ndarray] = None,
+    p_follow: float = 0.9,
+) -> List[np.ndarray]:
     """``num_docs`` documents of ``doc_len`` chain tokens followed by ``eod``.
 
     The chain runs over positions ``0..len(table)-1``; ``ids`` maps them to token ids
@@ -58,8 +66,7 @@ def sample_documents(table: np.ndarray, num_docs: int, doc_len: int, rng, eod: i
     return docs
 
 
-def write_shard(prefix: str, docs: Sequence[np.ndarray], vocab_size: int,
-                tokenizer_type: str = "NullTokenizer") -> str:
+def write_shard(prefix: str, docs: Sequence[np.ndarray], vocab_size: int, tokenizer_type: str = "NullTokenizer") -> str:
     """Write ``<prefix>.{bin,idx}`` and the sidecar ``<prefix>.json`` recording ``vocab_size``."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -73,8 +80,9 @@ def write_shard(prefix: str, docs: Sequence[np.ndarray], vocab_size: int,
     return prefix
 
 
-def write_packed_shard(prefix: str, tokens: np.ndarray, doc_lengths: np.ndarray, vocab_size: int,
-                       tokenizer_type: str = "NullTokenizer") -> str:
+def write_packed_shard(
+    prefix: str, tokens: np.ndarray, doc_lengths: np.ndarray, vocab_size: int, tokenizer_type: str = "NullTokenizer"
+) -> str:
     """Write ``<prefix>.{bin,idx}`` (+ sidecar) from all documents at once: ``tokens`` concatenated,
     ``doc_lengths`` per document (one sequence each).
 
@@ -96,10 +104,21 @@ def write_packed_shard(prefix: str, tokens: np.ndarray, doc_lengths: np.ndarray,
     return prefix
 
 
-def write_domains(out_dir: str, *, vocab_size: int, eod: int, k: int = 4, docs_per_domain: int = 64,
-                  doc_len: int = 64, seed: int = 0, specific_mixture: Optional[Sequence[float]] = None,
-                  specific_docs: int = 32, name: str = "dom", tokenizer_type: str = "NullTokenizer",
-                  specific_splits: Sequence[str] = ("specific", "specific_eval")) -> Dict[str, object]:
+def write_domains(
+    out_dir: str,
+    *,
+    vocab_size: int,
+    eod: int,
+    k: int = 4,
+    docs_per_domain: int = 64,
+    doc_len: int = 64,
+    seed: int = 0,
+    specific_mixture: Optional[Sequence[float]] = None,
+    specific_docs: int = 32,
+    name: str = "dom",
+    tokenizer_type: str = "NullTokenizer",
+    specific_splits: Sequence[str] = ("specific", "specific_eval"),
+) -> Dict[str, object]:
     """Write k domain shards ``<out_dir>/<name><i>_text_document`` and, with ``specific_mixture``,
     one shard per name in ``specific_splits`` drawn from that mixture of the domains' chains.
 
@@ -109,29 +128,45 @@ def write_domains(out_dir: str, *, vocab_size: int, eod: int, k: int = 4, docs_p
     rng = np.random.default_rng(seed)
     ids = content_ids(vocab_size, eod)
     tables = domain_tables(k, len(ids), seed)
-    out: Dict[str, object] = {"domains": [
-        write_shard(os.path.join(out_dir, f"{name}{i}_text_document"),
-                    sample_documents(tables[i], docs_per_domain, doc_len, rng, eod, ids), vocab_size, tokenizer_type)
-        for i in range(k)
-    ]}
+    out: Dict[str, object] = {
+        "domains": [
+            write_shard(
+                os.path.join(out_dir, f"{name}{i}_text_document"),
+                sample_documents(tables[i], docs_per_domain, doc_len, rng, eod, ids),
+                vocab_size,
+                tokenizer_type,
+            )
+            for i in range(k)
+        ]
+    }
     if specific_mixture is not None:
         mix = np.asarray(specific_mixture, dtype=np.float64)
         for split in specific_splits:
             which = rng.choice(k, size=specific_docs, p=mix / mix.sum())
             docs = [sample_documents(tables[i], 1, doc_len, rng, eod, ids)[0] for i in which]
-            out[split] = write_shard(os.path.join(out_dir, f"{split}_text_document"), docs, vocab_size,
-                                     tokenizer_type)
+            out[split] = write_shard(os.path.join(out_dir, f"{split}_text_document"), docs, vocab_size, tokenizer_type)
     return out
 
 
-def write_mock_corpus(out_dir: str, *, vocab_size: int, eod: int, seq_length: int, seed: int,
-                      tokenizer_type: str) -> Dict[str, object]:
+def write_mock_corpus(
+    out_dir: str, *, vocab_size: int, eod: int, seq_length: int, seed: int, tokenizer_type: str
+) -> Dict[str, object]:
     """--mock-data: ``mock0..mock2`` and a specific set ``mock_specific`` (half mock0, half mock1).
 
     Every document is ``seq_length`` tokens plus eod, so any --split part of at least one
     document holds a sample. The same ``seed`` writes the same shards on every rank.
     """
-    return write_domains(out_dir, vocab_size=vocab_size, eod=eod, k=MOCK_DOMAINS, docs_per_domain=MOCK_DOCUMENTS,
-                         doc_len=seq_length, seed=seed, specific_mixture=[0.5, 0.5, 0.0],
-                         specific_docs=MOCK_DOCUMENTS // 2, name="mock", tokenizer_type=tokenizer_type,
-                         specific_splits=("mock_specific",))
+    return write_domains(
+        out_dir,
+        vocab_size=vocab_size,
+        eod=eod,
+        k=MOCK_DOMAINS,
+        docs_per_domain=MOCK_DOCUMENTS,
+        doc_len=seq_length,
+        seed=seed,
+        specific_mixture=[0.5, 0.5, 0.0],
+        specific_docs=MOCK_DOCUMENTS // 2,
+        name="mock",
+        tokenizer_type=tokenizer_type,
+        specific_splits=("mock_specific",),
+    )

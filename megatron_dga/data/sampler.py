@@ -42,6 +42,7 @@ Pieces:
   :meth:`~DynamicMixtureSampler.global_batch` takes it when nothing changed in between (weights,
   basis, loaded state) and recomputes it otherwise. The batches are the same bits either way.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -116,7 +117,7 @@ def load_kernels() -> ModuleType:
         ConfigError: the extension does not import, or was built from sources older than
             the sampler kernels; the message gives the build command.
     """
-    from megatron_dga.ops import _backend  # noqa: PLC0415 - lazy: imports torch
+    from megatron_dga.ops import _backend
 
     ext = _backend.load_extension()
     if ext is None:
@@ -161,8 +162,9 @@ class MixtureSamplerConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not isinstance(self.seed, (int, np.integer)):
             raise ConfigError(f"--seed must be an integer, got {self.seed!r}")
-        if self.sequence_length is not None and (not isinstance(self.sequence_length, (int, np.integer))
-                                                 or self.sequence_length < 1):
+        if self.sequence_length is not None and (
+            not isinstance(self.sequence_length, (int, np.integer)) or self.sequence_length < 1
+        ):
             raise ConfigError(f"--seq-length must be a positive integer, got {self.sequence_length!r}")
         if self.token_limits is not None:
             if self.sequence_length is None:
@@ -200,7 +202,7 @@ def rank_micro_batches(rows: np.ndarray, dp_rank: int, dp_size: int, micro_batch
     does a training batch; a probe or eval batch that it does not divide gives its first ranks one row
     more), cut into micro-batches of ``micro_batch_size`` (the last one shorter if need be)."""
     mine = np.array_split(np.asarray(rows), dp_size)[dp_rank]
-    return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
 
 
 class DynamicMixtureSampler:
@@ -280,7 +282,9 @@ class DynamicMixtureSampler:
         self._seed = int(config.seed)
         # Per-source keys of each stream family; an order is keyed by (family key, epoch).
         all_ids = np.arange(self._sizes.size)
-        self._keys = {salt: _domain_keys(self._seed, salt, all_ids) for salt in (_SALT_TRAIN, _SALT_PROBE, _SALT_SUBSET)}
+        self._keys = {
+            salt: _domain_keys(self._seed, salt, all_ids) for salt in (_SALT_TRAIN, _SALT_PROBE, _SALT_SUBSET)
+        }
         # The training kernel's per-domain arrays, over the non-empty domains only.
         self._kernel_domains = tuple(
             np.ascontiguousarray(a[self._live])
@@ -344,7 +348,9 @@ class DynamicMixtureSampler:
         except (TypeError, ValueError):
             raise ConfigError(f"{what} must be a sequence of {length} numbers, got {values!r}") from None
         if w.size != length:
-            raise ConfigError(f"{what} has {w.size} entries, expected {length} (one per {'basis' if what.startswith('basis') else 'domain'})")
+            raise ConfigError(
+                f"{what} has {w.size} entries, expected {length} (one per {'basis' if what.startswith('basis') else 'domain'})"
+            )
         bad = np.flatnonzero(~np.isfinite(w))
         if bad.size:
             raise ConfigError(f"{what}: entry of {names[bad[0]]!r} is {w[bad[0]]} (must be finite)")
@@ -443,9 +449,7 @@ class DynamicMixtureSampler:
             raise ConfigError("basis matrix has negative or non-finite entries; every row must be a distribution")
         bad = np.flatnonzero(np.abs(rows - 1.0) > 1e-6)
         if bad.size:
-            raise ConfigError(
-                f"basis row {names[bad[0]]!r} sums to {rows[bad[0]]:.8g}, not 1; normalise each row of P"
-            )
+            raise ConfigError(f"basis row {names[bad[0]]!r} sums to {rows[bad[0]]:.8g}, not 1; normalise each row of P")
         self._basis = self._basis_without_empty_domains(P, names)
         self._basis_names = names
         self._basis_fingerprint = f"{n_basis}x{k}:{digest.hexdigest()}"
@@ -542,8 +546,15 @@ class DynamicMixtureSampler:
             # all num batches in one call; carry and consumed (arrays this object owns) are
             # updated in place. The kernel numbers the non-empty domains 0..k'-1.
             out = self._ext.sampler_global_batches(
-                self._live_weights, self._carry, self._consumed, *self._kernel_domains, num, self._batch_size,
-                self._batches_drawn, _PHI, _SQRT2_FRAC,
+                self._live_weights,
+                self._carry,
+                self._consumed,
+                *self._kernel_domains,
+                num,
+                self._batch_size,
+                self._batches_drawn,
+                _PHI,
+                _SQRT2_FRAC,
             )
             if self._live.size < self.num_domains:
                 out[..., 0] = self._live[out[..., 0]]
@@ -565,8 +576,17 @@ class DynamicMixtureSampler:
 
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mixture-sampler-lookahead")
             live = self._live if self._live.size < self.num_domains else None
-            self._ahead = _LookAhead(self._worker, self._ext, self._live_weights, self._carry, self._consumed,
-                                     self._kernel_domains, self._batch_size, self._batches_drawn, live)
+            self._ahead = _LookAhead(
+                self._worker,
+                self._ext,
+                self._live_weights,
+                self._carry,
+                self._consumed,
+                self._kernel_domains,
+                self._batch_size,
+                self._batches_drawn,
+                live,
+            )
 
     def _take_lookahead(self) -> Optional[tuple]:
         """The prefetched (batch, carry, consumed) when it was computed from the current state, else None."""
@@ -768,8 +788,13 @@ class DynamicMixtureSampler:
             "basis_probe_calls": {str(n): c for n, c in sorted(self._basis_probe_calls.items())},
         }
 
-    def check_state(self, state: Any, where: str = "mixture-sampler state",
-                    fix: str = "load a state this sampler saved", weights_fix: Optional[str] = None) -> None:
+    def check_state(
+        self,
+        state: Any,
+        where: str = "mixture-sampler state",
+        fix: str = "load a state this sampler saved",
+        weights_fix: Optional[str] = None,
+    ) -> None:
         """CheckpointError naming ``where``, the entry and ``fix``, unless ``state``'s numbers are usable:
         counters integers >= 0, the carry k finite numbers; in a v1/v2 state (which held the weights)
         the weights on the simplex, checked when ``weights_fix`` is given (None: they will be replaced).
@@ -828,10 +853,21 @@ class DynamicMixtureSampler:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"mixture-sampler checkpoint is malformed ({exc!r})") from None
         if carry.shape != (k,) or weights.shape != (k,):
-            raise CheckpointError(f"mixture-sampler checkpoint carry/weights have {carry.size}/{weights.size} entries, expected {k}")
+            raise CheckpointError(
+                f"mixture-sampler checkpoint carry/weights have {carry.size}/{weights.size} entries, expected {k}"
+            )
         empty = self._is_empty
-        on_empty = [name for name, v in (("consumed", consumed), ("reported", reported), ("probe_consumed", probe[:k]),
-                                         ("carry", carry), ("weights", weights)) if np.any(v[empty] != 0)]
+        on_empty = [
+            name
+            for name, v in (
+                ("consumed", consumed),
+                ("reported", reported),
+                ("probe_consumed", probe[:k]),
+                ("carry", carry),
+                ("weights", weights),
+            )
+            if np.any(v[empty] != 0)
+        ]
         if on_empty:
             raise CheckpointError(
                 f"mixture-sampler checkpoint has non-zero {', '.join(on_empty)} on empty domains, which are never "
@@ -864,8 +900,9 @@ class _LookAhead:
     state is unchanged exactly when the same objects and the same batch count are current.
     """
 
-    def __init__(self, worker, ext, weights, carry, consumed, domains, batch_size: int, drawn: int,
-                 live: Optional[np.ndarray]) -> None:
+    def __init__(
+        self, worker, ext, weights, carry, consumed, domains, batch_size: int, drawn: int, live: Optional[np.ndarray]
+    ) -> None:
         self._inputs = (weights, carry, consumed, drawn)
 
         def work():
@@ -876,7 +913,6 @@ class _LookAhead:
             return batch, c, n
 
         self._future = worker.submit(work)
-
 
     def result(self, weights, carry, consumed, drawn: int) -> Optional[tuple]:
         # A failure is not raised here: the synchronous call that follows recomputes the batch and raises it.

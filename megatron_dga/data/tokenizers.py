@@ -105,8 +105,12 @@ class BaseTokenizer:
         """What megatron-core hashes into its dataset cache keys (``MegatronDataset``)."""
         fp = self.fingerprint()
         return OrderedDict(
-            [("class", type(self).__name__), ("tokenizer_path", [fp["tokenizer_model"]]),
-             ("tokenizer_sha256", fp["tokenizer_sha256"]), ("vocab_size", fp["vocab_size"])]
+            [
+                ("class", type(self).__name__),
+                ("tokenizer_path", [fp["tokenizer_model"]]),
+                ("tokenizer_sha256", fp["tokenizer_sha256"]),
+                ("vocab_size", fp["vocab_size"]),
+            ]
         )
 
     @property
@@ -246,13 +250,9 @@ def _gpt2_pretokenize_pattern() -> "re.Pattern":
     try:
         import regex  # type: ignore
 
-        return regex.compile(
-            contractions + r"| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-        )
+        return regex.compile(contractions + r"| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
     except ImportError:
-        return re.compile(
-            contractions + r"| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"
-        )
+        return re.compile(contractions + r"| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
 
 
 class GPT2BPETokenizer(BaseTokenizer):
@@ -271,8 +271,7 @@ class GPT2BPETokenizer(BaseTokenizer):
         for flag, path in (("--vocab-file", vocab_file), ("--merge-file", merge_file)):
             if not path:
                 raise ConfigError(
-                    f"--tokenizer-type GPT2BPETokenizer needs {flag} PATH "
-                    "(GPT-2's vocab.json and merges.txt)."
+                    f"--tokenizer-type GPT2BPETokenizer needs {flag} PATH (GPT-2's vocab.json and merges.txt)."
                 )
             if not os.path.isfile(path):
                 raise DataError(f"{flag} {path!r}: no such file. Pass the local GPT-2 {flag[2:]}.")
@@ -304,8 +303,9 @@ class GPT2BPETokenizer(BaseTokenizer):
                 f"--vocab-file {vocab_file!r} holds a JSON {type(self.encoder).__name__}; it must be a JSON "
                 "object mapping token -> int id (GPT-2's vocab.json)."
             )
-        bad = next(((k, v) for k, v in self.encoder.items()
-                    if not isinstance(v, int) or isinstance(v, bool) or v < 0), None)
+        bad = next(
+            ((k, v) for k, v in self.encoder.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0), None
+        )
         if bad is not None:
             raise DataError(
                 f"--vocab-file {vocab_file!r}: token {bad[0]!r} has id {bad[1]!r}; every id must be an int >= 0 "
@@ -346,7 +346,9 @@ class GPT2BPETokenizer(BaseTokenizer):
                         )
                     ranks.setdefault((parts[0], parts[1]), len(ranks))
         except UnicodeDecodeError as exc:
-            raise DataError(f"--merge-file {merge_file!r} is not UTF-8 text ({exc}); pass GPT-2's merges.txt.") from None
+            raise DataError(
+                f"--merge-file {merge_file!r} is not UTF-8 text ({exc}); pass GPT-2's merges.txt."
+            ) from None
         return ranks
 
     def bpe(self, word: str) -> tuple[str, ...]:
@@ -360,10 +362,7 @@ class GPT2BPETokenizer(BaseTokenizer):
             return cached
         symbols = list(word)
         while len(symbols) > 1:
-            best = min(
-                (self.bpe_ranks.get(pair, float("inf")), i)
-                for i, pair in enumerate(zip(symbols, symbols[1:]))
-            )
+            best = min((self.bpe_ranks.get(pair, float("inf")), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
             if best[0] == float("inf"):
                 break
             first, second = symbols[best[1]], symbols[best[1] + 1]
@@ -445,7 +444,7 @@ class HuggingFaceTokenizer(BaseTokenizer):
                 )
             try:
                 self._tok = Tokenizer.from_file(json_path)
-            except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+            except Exception as exc:
                 raise DataError(
                     f"--tokenizer-model {path!r}: {json_path} is not a valid tokenizer.json ({exc}). Save the "
                     "tokenizer again with tokenizer.save_pretrained(DIR)."
@@ -478,11 +477,7 @@ class HuggingFaceTokenizer(BaseTokenizer):
 
     def _find_special(self, names: Sequence[str]) -> Optional[int]:
         for name in names:
-            tid = (
-                self._tok.token_to_id(name)
-                if self._tok is not None
-                else self._hf.convert_tokens_to_ids(name)
-            )
+            tid = self._tok.token_to_id(name) if self._tok is not None else self._hf.convert_tokens_to_ids(name)
             if tid is not None and (self._hf is None or tid != self._hf.unk_token_id):
                 return int(tid)
         return None
@@ -506,9 +501,7 @@ class HuggingFaceTokenizer(BaseTokenizer):
 
     def _model_files(self) -> list[str]:
         return sorted(
-            os.path.join(self._dir, n)
-            for n in os.listdir(self._dir)
-            if n.endswith((".json", ".model", ".txt"))
+            os.path.join(self._dir, n) for n in os.listdir(self._dir) if n.endswith((".json", ".model", ".txt"))
         )
 
     def _model_path(self) -> Optional[str]:
@@ -528,9 +521,7 @@ class NullTokenizer(BaseTokenizer):
 
     def __init__(self, vocab_size: Optional[int]):
         if vocab_size is None or int(vocab_size) < 1:
-            raise ConfigError(
-                f"--tokenizer-type NullTokenizer needs --vocab-size N >= 1, got {vocab_size!r}."
-            )
+            raise ConfigError(f"--tokenizer-type NullTokenizer needs --vocab-size N >= 1, got {vocab_size!r}.")
         self._n = int(vocab_size)
         self._eod = self._n  # Megatron's convention: one id past the data ids
 
@@ -538,15 +529,10 @@ class NullTokenizer(BaseTokenizer):
         try:
             ids = [int(tok) for tok in text.split()]
         except ValueError:
-            raise DataError(
-                f"NullTokenizer expects whitespace-separated integers, got {text[:60]!r}."
-            ) from None
+            raise DataError(f"NullTokenizer expects whitespace-separated integers, got {text[:60]!r}.") from None
         bad = [i for i in ids if not 0 <= i < self._n]
         if bad:
-            raise DataError(
-                f"NullTokenizer: id {bad[0]} is outside [0, --vocab-size={self._n}). "
-                "Raise --vocab-size."
-            )
+            raise DataError(f"NullTokenizer: id {bad[0]} is outside [0, --vocab-size={self._n}). Raise --vocab-size.")
         return ids
 
     def detokenize(self, ids: Iterable[int]) -> str:
@@ -625,6 +611,5 @@ def build_tokenizer(
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
     raise ConfigError(
-        f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of "
-        f"{', '.join(TOKENIZER_TYPES)}."
+        f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of {', '.join(TOKENIZER_TYPES)}."
     )

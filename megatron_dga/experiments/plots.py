@@ -2,6 +2,7 @@
 
 Used by examples/experiments.py (the method comparisons, the demo) and tools/plot_metrics.py.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -22,8 +23,9 @@ def _series(metrics: List[dict], key: str):
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
-def plot_domain_weights(metrics: List[dict], names: Sequence[str], path: str, title: str = "",
-                        key: str = "domain_weights") -> Optional[str]:
+def plot_domain_weights(
+    metrics: List[dict], names: Sequence[str], path: str, title: str = "", key: str = "domain_weights"
+) -> Optional[str]:
     """Stacked areas of the weights over iterations, one colour per domain."""
     steps, weights = _series(metrics, key)
     if not steps:
@@ -32,7 +34,9 @@ def plot_domain_weights(metrics: List[dict], names: Sequence[str], path: str, ti
     fig, ax = plt.subplots(figsize=(8, 4.5))
     columns = list(zip(*weights))
     cmap = plt.get_cmap("tab20" if len(columns) > 10 else "tab10")
-    ax.stackplot(steps, columns, labels=list(names)[: len(columns)], colors=[cmap(i % cmap.N) for i in range(len(columns))])
+    ax.stackplot(
+        steps, columns, labels=list(names)[: len(columns)], colors=[cmap(i % cmap.N) for i in range(len(columns))]
+    )
     ax.set_xlim(steps[0], steps[-1])
     ax.set_ylim(0, 1)
     ax.set_xlabel("iteration")
@@ -110,11 +114,18 @@ def plot_band(curves: Dict[str, List[List[tuple]]], path: str, ylabel: str, titl
             continue
         values = [[r[s] for r in runs] for s in steps]
         mean = [sum(v) / len(v) for v in values]
-        (line,) = ax.plot(steps, mean, marker="o", markersize=3,
-                          label=label if len(runs) == 1 else f"{label} (mean of {len(runs)})")
+        (line,) = ax.plot(
+            steps, mean, marker="o", markersize=3, label=label if len(runs) == 1 else f"{label} (mean of {len(runs)})"
+        )
         if len(runs) > 1:
-            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
-                            alpha=0.2, linewidth=0)
+            ax.fill_between(
+                steps,
+                [min(v) for v in values],
+                [max(v) for v in values],
+                color=line.get_color(),
+                alpha=0.2,
+                linewidth=0,
+            )
         drawn += 1
     if not drawn:
         plt.close(fig)
@@ -130,8 +141,9 @@ def plot_band(curves: Dict[str, List[List[tuple]]], path: str, ylabel: str, titl
     return path
 
 
-def plot_grouped_bars(values: Dict[str, Sequence[float]], names: Sequence[str], path: str, ylabel: str,
-                      title: str = "") -> Optional[str]:
+def plot_grouped_bars(
+    values: Dict[str, Sequence[float]], names: Sequence[str], path: str, ylabel: str, title: str = ""
+) -> Optional[str]:
     """One group of bars per name (e.g. a domain), one bar per label (e.g. a method)."""
     values = {k: list(v) for k, v in values.items() if v}
     if not values:

@@ -37,6 +37,7 @@ columns of results.csv). It compares the mean difference with the baseline's own
 mean(d) < -noise, worse symmetrically. It ignores the pairing, so a method better on every seed by
 less than the baseline's spread stays "within noise" under it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -62,7 +63,8 @@ NOISE_FOOTNOTE = (
     "verdict (t = 4.30 with 3 seeds, 12.71 with 2). Seeds lower: how many d_s < 0. Kept beside it, the earlier "
     "spread rule, which ignores the pairing: baseline spread = max - min of the baseline's own final target "
     "eval loss over the seeds; beats = every d_s < 0 and mean(d) < -spread; worse = every d_s > 0 and "
-    "mean(d) > spread; otherwise within noise.")
+    "mean(d) > spread; otherwise within noise."
+)
 
 ACCURACY_METRICS = ("acc", "acc_norm")
 """lm_eval metrics reported as downstream accuracies (higher is better)."""
@@ -71,11 +73,41 @@ ACCURACY_FOOTNOTE = (
     "Downstream accuracy (lm-evaluation-harness on each run's final checkpoint): mean [min, max] over seeds. "
     "Paired difference d_s = accuracy of the method minus that of the baseline under the same seed s (positive: "
     "the method is better); verdict (paired t): beats = the whole 95% interval above 0, worse = the whole "
-    "interval below 0, otherwise within noise; seeds higher: how many d_s > 0.")
+    "interval below 0, otherwise within noise; seeds higher: how many d_s > 0."
+)
 
-T_975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
-         2.200985, 2.178813, 2.160369, 2.144787, 2.13145, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
-         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.04523, 2.042272)
+T_975 = (
+    12.706205,
+    4.302653,
+    3.182446,
+    2.776445,
+    2.570582,
+    2.446912,
+    2.364624,
+    2.306004,
+    2.262157,
+    2.228139,
+    2.200985,
+    2.178813,
+    2.160369,
+    2.144787,
+    2.13145,
+    2.119905,
+    2.109816,
+    2.100922,
+    2.093024,
+    2.085963,
+    2.079614,
+    2.073873,
+    2.068658,
+    2.063899,
+    2.059539,
+    2.055529,
+    2.051831,
+    2.048407,
+    2.04523,
+    2.042272,
+)
 """Student's t 0.975 quantiles for 1..30 degrees of freedom (``scipy.stats.t.ppf(0.975, df)``, 6 decimals)."""
 
 Z_975 = 1.959963984540054
@@ -91,9 +123,13 @@ def t_quantile_975(df: int) -> float:
     if df <= len(T_975):
         return T_975[df - 1]
     z, v = Z_975, float(df)
-    return (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3)
-            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * v ** 4))
+    return (
+        z
+        + (z**3 + z) / (4 * v)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+        + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4)
+    )
 
 
 @dataclass
@@ -124,8 +160,12 @@ class RunStats:
 
 def accuracies(downstream: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     """{"<task>:<metric>": value} of lm_eval's per-task metrics, the :data:`ACCURACY_METRICS` only."""
-    return {f"{task}:{metric}": float(values[metric]) for task, values in sorted(downstream.items())
-            for metric in ACCURACY_METRICS if metric in values}
+    return {
+        f"{task}:{metric}": float(values[metric])
+        for task, values in sorted(downstream.items())
+        for metric in ACCURACY_METRICS
+        if metric in values
+    }
 
 
 def _train_seconds(metrics: Sequence[dict]) -> float:
@@ -150,15 +190,23 @@ def cost_model(info: dict) -> Optional[float]:
     if logged_strategy(mixing) != "dga":
         return None
     sources = len(info.get("basis_names") or info.get("domains") or [])
-    return dga_overhead(sources, mixing["dga_domain_batch_size"], mixing["dga_specific_batch_size"],
-                        mixing["dga_interval"], config["schedule"]["global_batch_size"],
-                        mixing.get("dga_estimator") or "exact")
+    return dga_overhead(
+        sources,
+        mixing["dga_domain_batch_size"],
+        mixing["dga_specific_batch_size"],
+        mixing["dga_interval"],
+        config["schedule"]["global_batch_size"],
+        mixing.get("dga_estimator") or "exact",
+    )
 
 
 def run_stats(result) -> RunStats:
     """RunStats of an ``experiment.RunResult``."""
-    evals = [(int(m["iteration"]), m["specific_eval_loss"]) for m in result.metrics
-             if m.get("specific_eval_loss") is not None]
+    evals = [
+        (int(m["iteration"]), m["specific_eval_loss"])
+        for m in result.metrics
+        if m.get("specific_eval_loss") is not None
+    ]
     if not evals:
         raise ValueError(f"{result.run_dir}: no specific_eval_loss in metrics.jsonl (was --eval-iters 0?)")
     best_iter, best = min(evals, key=lambda e: (e[1], e[0]))
@@ -168,11 +216,22 @@ def run_stats(result) -> RunStats:
         generic_mean = generic.get("mean", math.nan)
     else:
         generic_mean = sum(generic) / len(generic) if generic else math.nan
-    epochs = next((m["domain_epochs"] for m in reversed(result.metrics) if isinstance(m.get("domain_epochs"), list)),
-                  [])
-    return RunStats(result.method, result.seed, evals[-1][1], best, best_iter, generic_mean,
-                    _train_seconds(result.metrics), result.seconds, cost_model(result.info), list(epochs),
-                    accuracies(getattr(result, "downstream", None) or {}))
+    epochs = next(
+        (m["domain_epochs"] for m in reversed(result.metrics) if isinstance(m.get("domain_epochs"), list)), []
+    )
+    return RunStats(
+        result.method,
+        result.seed,
+        evals[-1][1],
+        best,
+        best_iter,
+        generic_mean,
+        _train_seconds(result.metrics),
+        result.seconds,
+        cost_model(result.info),
+        list(epochs),
+        accuracies(getattr(result, "downstream", None) or {}),
+    )
 
 
 @dataclass
@@ -315,8 +374,11 @@ class Summary:
                 for method, stats in self.runs.items():
                     if method == base or (base == "importance" and method == "uniform"):
                         continue
-                    diffs = {s.seed: s.downstream[key] - by_seed[s.seed] for s in stats
-                             if s.seed in by_seed and key in s.downstream}
+                    diffs = {
+                        s.seed: s.downstream[key] - by_seed[s.seed]
+                        for s in stats
+                        if s.seed in by_seed and key in s.downstream
+                    }
                     if diffs:
                         baseline = [by_seed[seed] for seed in diffs]
                         pairs.append(Pair(method, base, diffs, max(baseline) - min(baseline), key, True))
@@ -327,8 +389,9 @@ class Summary:
         return Spread.of(s.downstream[key] for s in self.runs.get(method, []) if key in s.downstream)
 
     def accuracy_pair(self, method: str, baseline: str, key: str) -> Optional[Pair]:
-        return next((p for p in self.accuracy_pairs
-                     if p.method == method and p.baseline == baseline and p.metric == key), None)
+        return next(
+            (p for p in self.accuracy_pairs if p.method == method and p.baseline == baseline and p.metric == key), None
+        )
 
     def overhead(self, method: str) -> Optional[Spread]:
         """Training-time overhead of ``method`` over the same seed's uniform run (importance
@@ -339,8 +402,11 @@ class Summary:
         if ref is None:
             return None
         times = {s.seed: s.train_seconds for s in self.runs[ref]}
-        ratios = [s.train_seconds / times[s.seed] - 1.0 for s in self.runs[method]
-                  if times.get(s.seed, 0) > 0 and s.train_seconds > 0]
+        ratios = [
+            s.train_seconds / times[s.seed] - 1.0
+            for s in self.runs[method]
+            if times.get(s.seed, 0) > 0 and s.train_seconds > 0
+        ]
         return Spread.of(ratios) if ratios else None
 
     def pair(self, method: str, baseline: str) -> Optional[Pair]:
@@ -356,9 +422,11 @@ def _pct(spread: Optional[Spread]) -> str:
 def markdown(summary: Summary, title: str = "") -> str:
     """The results table, the paired-difference table and its footnote (markdown)."""
     lines = [title, ""] if title else []
-    lines += ["| method | seeds | final target eval loss | best target eval loss | best at iteration "
-              "| mean generic eval loss | DGA overhead: wall | DGA overhead: cost model |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "| method | seeds | final target eval loss | best target eval loss | best at iteration "
+        "| mean generic eval loss | DGA overhead: wall | DGA overhead: cost model |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for method, stats in summary.runs.items():
         if not stats:
             continue
@@ -367,23 +435,32 @@ def markdown(summary: Summary, title: str = "") -> str:
             f"| {method} | {len(stats)} | {Spread.of(s.final for s in stats).text()} "
             f"| {Spread.of(s.best for s in stats).text()} | {', '.join(str(s.best_iter) for s in stats)} "
             f"| {Spread.of(s.generic for s in stats).text()} | {_pct(summary.overhead(method))} "
-            f"| {'-' if math.isnan(cost.mean) else f'{cost.mean:.0%}'} |")
-    lines += ["", "Values: mean [min, max] over seeds. Wall overhead: training-step time (DGA updates included; "
-              "evaluation, checkpoints and start-up excluded) over the same seed's uniform run (importance "
-              "sampling's without uniform), minus 1. Cost model: DGA's extra forward+backward samples per "
-              "training sample.", ""]
+            f"| {'-' if math.isnan(cost.mean) else f'{cost.mean:.0%}'} |"
+        )
+    lines += [
+        "",
+        "Values: mean [min, max] over seeds. Wall overhead: training-step time (DGA updates included; "
+        "evaluation, checkpoints and start-up excluded) over the same seed's uniform run (importance "
+        "sampling's without uniform), minus 1. Cost model: DGA's extra forward+backward samples per "
+        "training sample.",
+        "",
+    ]
     if summary.pairs:
-        lines += ["| method | vs | mean difference | 95% interval (paired t) | seeds lower | verdict (paired t) "
-                  "| min | max | per seed | baseline spread | verdict (spread rule) |",
-                  "|---|---|---:|---|---:|---|---:|---:|---|---:|---|"]
+        lines += [
+            "| method | vs | mean difference | 95% interval (paired t) | seeds lower | verdict (paired t) "
+            "| min | max | per seed | baseline spread | verdict (spread rule) |",
+            "|---|---|---:|---|---:|---|---:|---:|---|---:|---|",
+        ]
         for p in summary.pairs:
             s = p.spread
             per_seed = ", ".join(f"{seed}: {d:+.4f}" for seed, d in sorted(p.diffs.items()))
             ci = p.interval
             ci_text = "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
-            lines.append(f"| {p.method} | {p.baseline} | {s.mean:+.4f} | {ci_text} | {p.lower}/{len(p.diffs)} "
-                         f"| **{p.verdict}** | {s.min:+.4f} | {s.max:+.4f} | {per_seed} | {p.noise:.4f} "
-                         f"| {p.spread_verdict} |")
+            lines.append(
+                f"| {p.method} | {p.baseline} | {s.mean:+.4f} | {ci_text} | {p.lower}/{len(p.diffs)} "
+                f"| **{p.verdict}** | {s.min:+.4f} | {s.max:+.4f} | {per_seed} | {p.noise:.4f} "
+                f"| {p.spread_verdict} |"
+            )
         lines += ["", NOISE_FOOTNOTE]
     lines += _accuracy_markdown(summary)
     return "\n".join(lines)
@@ -393,28 +470,53 @@ def _accuracy_markdown(summary: Summary) -> List[str]:
     keys = summary.accuracy_keys
     if not keys:
         return []
-    lines = ["", "Downstream accuracy", "",
-             "| method | seeds | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    lines = [
+        "",
+        "Downstream accuracy",
+        "",
+        "| method | seeds | " + " | ".join(keys) + " |",
+        "|---|---:|" + "---:|" * len(keys),
+    ]
     for method, stats in summary.runs.items():
         if stats:
-            lines.append(f"| {method} | {len(stats)} | "
-                         + " | ".join(summary.accuracy(method, k).text() for k in keys) + " |")
+            lines.append(
+                f"| {method} | {len(stats)} | " + " | ".join(summary.accuracy(method, k).text() for k in keys) + " |"
+            )
     if summary.accuracy_pairs:
-        lines += ["", "| method | vs | accuracy | mean difference | 95% interval (paired t) | seeds higher "
-                  "| verdict (paired t) | min | max | per seed |", "|---|---|---|---:|---|---:|---|---:|---:|---|"]
+        lines += [
+            "",
+            "| method | vs | accuracy | mean difference | 95% interval (paired t) | seeds higher "
+            "| verdict (paired t) | min | max | per seed |",
+            "|---|---|---|---:|---|---:|---|---:|---:|---|",
+        ]
         for p in summary.accuracy_pairs:
             s, ci = p.spread, p.interval
             per_seed = ", ".join(f"{seed}: {d:+.4f}" for seed, d in sorted(p.diffs.items()))
             ci_text = "-" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
-            lines.append(f"| {p.method} | {p.baseline} | {p.metric} | {s.mean:+.4f} | {ci_text} "
-                         f"| {p.better}/{len(p.diffs)} | **{p.verdict}** | {s.min:+.4f} | {s.max:+.4f} | {per_seed} |")
+            lines.append(
+                f"| {p.method} | {p.baseline} | {p.metric} | {s.mean:+.4f} | {ci_text} "
+                f"| {p.better}/{len(p.diffs)} | **{p.verdict}** | {s.min:+.4f} | {s.max:+.4f} | {per_seed} |"
+            )
     return lines + ["", ACCURACY_FOOTNOTE]
 
 
 CSV_COLUMNS = (
-    "method", "seeds", "final_mean", "final_min", "final_max", "best_mean", "best_min", "best_max", "best_iters",
-    "generic_mean", "train_seconds_mean", "wall_seconds_mean", "overhead_wall_mean", "overhead_wall_min",
-    "overhead_wall_max", "overhead_cost_model",
+    "method",
+    "seeds",
+    "final_mean",
+    "final_min",
+    "final_max",
+    "best_mean",
+    "best_min",
+    "best_max",
+    "best_iters",
+    "generic_mean",
+    "train_seconds_mean",
+    "wall_seconds_mean",
+    "overhead_wall_mean",
+    "overhead_wall_min",
+    "overhead_wall_max",
+    "overhead_cost_model",
     *(f"vs_{b}_{c}" for b in BASELINES for c in ("mean", "min", "max", "noise", "verdict")),
     *(f"vs_{b}_{c}" for b in BASELINES for c in ("seeds", "lower", "ci_low", "ci_high", "paired_verdict")),
 )
@@ -435,16 +537,28 @@ def csv_text(summary: Summary) -> str:
         final, best = Spread.of(s.final for s in stats), Spread.of(s.best for s in stats)
         over = summary.overhead(method)
         costs = [s.cost_model for s in stats if s.cost_model is not None]
-        row = [method, " ".join(str(s.seed) for s in stats), final.mean, final.min, final.max, best.mean, best.min,
-               best.max, " ".join(str(s.best_iter) for s in stats), Spread.of(s.generic for s in stats).mean,
-               Spread.of(s.train_seconds for s in stats).mean, Spread.of(s.wall_seconds for s in stats).mean,
-               *((over.mean, over.min, over.max) if over else ("", "", "")), (sum(costs) / len(costs)) if costs else ""]
+        row = [
+            method,
+            " ".join(str(s.seed) for s in stats),
+            final.mean,
+            final.min,
+            final.max,
+            best.mean,
+            best.min,
+            best.max,
+            " ".join(str(s.best_iter) for s in stats),
+            Spread.of(s.generic for s in stats).mean,
+            Spread.of(s.train_seconds for s in stats).mean,
+            Spread.of(s.wall_seconds for s in stats).mean,
+            *((over.mean, over.min, over.max) if over else ("", "", "")),
+            (sum(costs) / len(costs)) if costs else "",
+        ]
         pairs = [summary.pair(method, base) for base in BASELINES]
         for p in pairs:
             row += [p.spread.mean, p.spread.min, p.spread.max, p.noise, p.spread_verdict] if p else [""] * 5
         for p in pairs:
             ci = p.interval if p else None
-            row += ([len(p.diffs), p.lower, *(ci if ci else ("", "")), p.verdict] if p else [""] * 5)
+            row += [len(p.diffs), p.lower, *(ci if ci else ("", "")), p.verdict] if p else [""] * 5
         writer.writerow([f"{v:.6g}" if isinstance(v, float) else v for v in row + _accuracy_cells(summary, method)])
     return buf.getvalue()
 
@@ -456,8 +570,11 @@ def accuracy_columns(summary: Summary) -> List[str]:
     cols = []
     for k in summary.accuracy_keys:
         cols += [f"{k}_{c}" for c in ("mean", "min", "max")]
-        cols += [f"vs_{b}_{k}_{c}" for b in BASELINES
-                 for c in ("mean", "min", "max", "seeds", "higher", "ci_low", "ci_high", "paired_verdict")]
+        cols += [
+            f"vs_{b}_{k}_{c}"
+            for b in BASELINES
+            for c in ("mean", "min", "max", "seeds", "higher", "ci_low", "ci_high", "paired_verdict")
+        ]
     return cols
 
 
@@ -469,13 +586,34 @@ def _accuracy_cells(summary: Summary, method: str) -> list:
         for b in BASELINES:
             p = summary.accuracy_pair(method, b, k)
             ci = p.interval if p else None
-            cells += ([p.spread.mean, p.spread.min, p.spread.max, len(p.diffs), p.better, *(ci if ci else ("", "")),
-                       p.verdict] if p else [""] * 8)
+            cells += (
+                [
+                    p.spread.mean,
+                    p.spread.min,
+                    p.spread.max,
+                    len(p.diffs),
+                    p.better,
+                    *(ci if ci else ("", "")),
+                    p.verdict,
+                ]
+                if p
+                else [""] * 8
+            )
     return cells
 
 
-RUNS_CSV_COLUMNS = ("method", "seed", "final", "best", "best_iter", "generic", "train_seconds", "wall_seconds",
-                    "cost_model", "run_dir")
+RUNS_CSV_COLUMNS = (
+    "method",
+    "seed",
+    "final",
+    "best",
+    "best_iter",
+    "generic",
+    "train_seconds",
+    "wall_seconds",
+    "cost_model",
+    "run_dir",
+)
 
 
 def runs_csv_text(summary: Summary, run_dirs: Dict[Tuple[str, int], str]) -> str:
@@ -486,10 +624,21 @@ def runs_csv_text(summary: Summary, run_dirs: Dict[Tuple[str, int], str]) -> str
     writer.writerow(RUNS_CSV_COLUMNS + tuple(keys))
     for method, stats in summary.runs.items():
         for s in stats:
-            writer.writerow([method, s.seed, repr(s.final), repr(s.best), s.best_iter, repr(s.generic),
-                             f"{s.train_seconds:.3f}", f"{s.wall_seconds:.1f}",
-                             "" if s.cost_model is None else f"{s.cost_model:.6g}", run_dirs.get((method, s.seed), ""),
-                             *(repr(s.downstream[k]) if k in s.downstream else "" for k in keys)])
+            writer.writerow(
+                [
+                    method,
+                    s.seed,
+                    repr(s.final),
+                    repr(s.best),
+                    s.best_iter,
+                    repr(s.generic),
+                    f"{s.train_seconds:.3f}",
+                    f"{s.wall_seconds:.1f}",
+                    "" if s.cost_model is None else f"{s.cost_model:.6g}",
+                    run_dirs.get((method, s.seed), ""),
+                    *(repr(s.downstream[k]) if k in s.downstream else "" for k in keys),
+                ]
+            )
     return buf.getvalue()
 
 
@@ -530,19 +679,33 @@ def write_plots(results: Sequence, out: str) -> List[str]:
     try:
         with open(previous, encoding="utf-8") as fh:
             listed = json.load(fh)
-        if (listed["runs"] == sorted(r.run_dir for r in results)
-                and all(os.path.isfile(p) and os.path.getmtime(p) >= newest_run for p in listed["plots"])):
+        if listed["runs"] == sorted(r.run_dir for r in results) and all(
+            os.path.isfile(p) and os.path.getmtime(p) >= newest_run for p in listed["plots"]
+        ):
             return listed["plots"]  # drawn from these very runs already
     except (OSError, ValueError, KeyError, TypeError):
         pass
     by_method: Dict[str, list] = {}
     for r in results:
         by_method.setdefault(r.method, []).append(r)
-    paths = [plot_band({m: [[(int(x["iteration"]), x["specific_eval_loss"]) for x in r.metrics
-                             if x.get("specific_eval_loss") is not None] for r in runs]
-                        for m, runs in by_method.items()},
-                       os.path.join(out, "target_loss.png"), "held-out target eval loss",
-                       "target eval loss by method (mean over seeds, band: min-max)")]
+    paths = [
+        plot_band(
+            {
+                m: [
+                    [
+                        (int(x["iteration"]), x["specific_eval_loss"])
+                        for x in r.metrics
+                        if x.get("specific_eval_loss") is not None
+                    ]
+                    for r in runs
+                ]
+                for m, runs in by_method.items()
+            },
+            os.path.join(out, "target_loss.png"),
+            "held-out target eval loss",
+            "target eval loss by method (mean over seeds, band: min-max)",
+        )
+    ]
     names = list(results[0].info.get("domains") or []) if results else []
     for method, runs in by_method.items():
         if method == "uniform":
@@ -551,26 +714,51 @@ def write_plots(results: Sequence, out: str) -> List[str]:
         series, labels, what = _mean_series(runs, "domain_weights"), names, "domain weights"
         if not series:  # summarised (more domains than --log-domains-limit): the mass per top-level cluster
             series, what = _mean_series(runs, "domain_weights", _cluster_mass), "weight per top-level cluster"
-            first = next((m["domain_weights"] for r in runs for m in r.metrics
-                          if _cluster_mass(m.get("domain_weights")) is not None), {})
+            first = next(
+                (
+                    m["domain_weights"]
+                    for r in runs
+                    for m in r.metrics
+                    if _cluster_mass(m.get("domain_weights")) is not None
+                ),
+                {},
+            )
             labels = list(first.get("mass_by_cluster", {}))
-        paths.append(plot_domain_weights(series, labels, os.path.join(out, f"weights_{method}.png"),
-                                         title=f"{what}: {method} ({seeds})"))
+        paths.append(
+            plot_domain_weights(
+                series, labels, os.path.join(out, f"weights_{method}.png"), title=f"{what}: {method} ({seeds})"
+            )
+        )
         basis = runs[0].info.get("basis_names")
         if basis:
-            paths.append(plot_domain_weights(_mean_series(runs, "basis_weights"), basis,
-                                             os.path.join(out, f"basis_weights_{method}.png"),
-                                             title=f"basis weights: {method} ({seeds})", key="basis_weights"))
+            paths.append(
+                plot_domain_weights(
+                    _mean_series(runs, "basis_weights"),
+                    basis,
+                    os.path.join(out, f"basis_weights_{method}.png"),
+                    title=f"basis weights: {method} ({seeds})",
+                    key="basis_weights",
+                )
+            )
     epochs = {}
     for method, runs in by_method.items():
-        last = [next((m["domain_epochs"] for m in reversed(r.metrics) if isinstance(m.get("domain_epochs"), list)), None)
-                for r in runs]
+        last = [
+            next((m["domain_epochs"] for m in reversed(r.metrics) if isinstance(m.get("domain_epochs"), list)), None)
+            for r in runs
+        ]
         last = [e for e in last if e]
         if last:
             epochs[method] = [sum(col) / len(col) for col in zip(*last)]
     if names and len(names) <= 64:
-        paths.append(plot_grouped_bars(epochs, names, os.path.join(out, "epochs.png"), "epochs consumed",
-                                       "epochs consumed per domain at the end (mean over seeds)"))
+        paths.append(
+            plot_grouped_bars(
+                epochs,
+                names,
+                os.path.join(out, "epochs.png"),
+                "epochs consumed",
+                "epochs consumed per domain at the end (mean over seeds)",
+            )
+        )
     paths = [p for p in paths if p]
     atomic_write_json(previous, {"runs": sorted(r.run_dir for r in results), "plots": paths}, indent=1)
     return paths

@@ -26,6 +26,7 @@ The glue of ``examples/experiments.py`` (and through it ``scripts/demo.sh``):
 * :class:`RunResult` holds what a finished job logged (and its downstream accuracies);
   ``megatron_dga/experiments/results.py`` turns several into tables.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,10 @@ def run_tool(name: str, main: Callable[[List[str]], int], *args: str) -> None:
     except SystemExit as exc:  # argparse rejected the arguments
         rc = exc.code if isinstance(exc.code, int) else 2
     if rc != 0:
-        raise DataError(f"tools/{name} failed (exit {rc}): its error is printed above; the command was "
-                        f"python tools/{name} {' '.join(args)}")
+        raise DataError(
+            f"tools/{name} failed (exit {rc}): its error is printed above; the command was "
+            f"python tools/{name} {' '.join(args)}"
+        )
     say(f"[prep] tools/{name} done in {time.monotonic() - started:.1f}s")
 
 
@@ -134,13 +137,20 @@ def check_prefix(prefix: str, flag: str) -> str:
     """The absolute prefix; DataError naming ``flag`` when its .bin/.idx pair is missing."""
     missing = [s for s in (".bin", ".idx") if not os.path.isfile(prefix + s)]
     if missing:
-        raise DataError(f"{flag} {prefix}: no {prefix}{missing[0]}; give a shard prefix written by "
-                        "tools/preprocess_data.py (<dir>/<name>_text_document)")
+        raise DataError(
+            f"{flag} {prefix}: no {prefix}{missing[0]}; give a shard prefix written by "
+            "tools/preprocess_data.py (<dir>/<name>_text_document)"
+        )
     return os.path.abspath(prefix)
 
 
-def shards_data(data_paths: Sequence[str], specific: str, specific_eval: str, tokenizer_args: Sequence[str],
-                importance_weights: Optional[str]) -> ExperimentData:
+def shards_data(
+    data_paths: Sequence[str],
+    specific: str,
+    specific_eval: str,
+    tokenizer_args: Sequence[str],
+    importance_weights: Optional[str],
+) -> ExperimentData:
     """ExperimentData over shards built beforehand (no preparation)."""
     from megatron_dga.data.domains import domain_name
 
@@ -149,14 +159,19 @@ def shards_data(data_paths: Sequence[str], specific: str, specific_eval: str, to
     if len(set(names)) != len(names):
         raise ConfigError(f"--data-path: two shards share a domain name ({sorted(names)}); rename one")
     if importance_weights is not None and not os.path.isfile(importance_weights):
-        raise DataError(f"--importance-weights {importance_weights}: no such file; write it with "
-                        "tools/importance_weights.py --labelled-domains DIR --specific TARGET.jsonl --output FILE")
+        raise DataError(
+            f"--importance-weights {importance_weights}: no such file; write it with "
+            "tools/importance_weights.py --labelled-domains DIR --specific TARGET.jsonl --output FILE"
+        )
     return ExperimentData(
-        source=f"shards ({len(prefixes)} domains)", domains=names, domain_prefixes=prefixes,
+        source=f"shards ({len(prefixes)} domains)",
+        domains=names,
+        domain_prefixes=prefixes,
         specific_prefix=check_prefix(specific, "--specific-data-path"),
         specific_eval_prefix=check_prefix(specific_eval, "--specific-eval-data-path"),
         tokenizer_args=tuple(tokenizer_args),
-        importance_weights=os.path.abspath(importance_weights) if importance_weights else None)
+        importance_weights=os.path.abspath(importance_weights) if importance_weights else None,
+    )
 
 
 def domain_files(corpus_dir: str) -> Dict[str, str]:
@@ -164,17 +179,21 @@ def domain_files(corpus_dir: str) -> Dict[str, str]:
     from megatron_dga.prep.inputs import jsonl_files_in, jsonl_stem
 
     if not os.path.isdir(corpus_dir):
-        raise DataError(f"--corpus-dir {corpus_dir} is not a directory; give a directory holding one "
-                        "<domain>.jsonl per domain")
+        raise DataError(
+            f"--corpus-dir {corpus_dir} is not a directory; give a directory holding one <domain>.jsonl per domain"
+        )
     files: Dict[str, str] = {}
     for path in jsonl_files_in(corpus_dir):
         name = jsonl_stem(path)
         if name in files:
-            raise DataError(f"--corpus-dir {corpus_dir}: domain {name!r} has two files ({files[name]}, {path}); keep one")
+            raise DataError(
+                f"--corpus-dir {corpus_dir}: domain {name!r} has two files ({files[name]}, {path}); keep one"
+            )
         files[name] = path
     if len(files) < 2:
-        raise DataError(f"--corpus-dir {corpus_dir} holds {len(files)} <domain>.jsonl file(s); a mixture needs "
-                        "at least 2 domains")
+        raise DataError(
+            f"--corpus-dir {corpus_dir} holds {len(files)} <domain>.jsonl file(s); a mixture needs at least 2 domains"
+        )
     return files
 
 
@@ -198,15 +217,19 @@ def check_target_jsonl(path: str, flag: str) -> None:
             texts += bool(parse_text(raw, ("text",), path, lineno).strip())
     except DataError as exc:
         reason = str(exc).replace("; set --json-keys to the field holding the text", "")  # the runner reads "text"
-        raise DataError(f"{flag}: {reason}; give the target's {flag[9:]} split as jsonl, one {{\"text\": ...}} object "
-                        "per line") from None
+        raise DataError(
+            f"{flag}: {reason}; give the target's {flag[9:]} split as jsonl, one {{\"text\": ...}} object per line"
+        ) from None
     if not texts:
-        raise DataError(f"{flag} {path} holds no document with a non-empty \"text\"; give the target's {flag[9:]} "
-                        "split as jsonl, one {\"text\": ...} object per line")
+        raise DataError(
+            f"{flag} {path} holds no document with a non-empty \"text\"; give the target's {flag[9:]} "
+            "split as jsonl, one {\"text\": ...} object per line"
+        )
 
 
-def prepare_jsonl_corpus(corpus_dir: str, target_train: str, target_eval: str, data_dir: str, *,
-                         vocab_size: int, seed: int, workers: int) -> ExperimentData:
+def prepare_jsonl_corpus(
+    corpus_dir: str, target_train: str, target_eval: str, data_dir: str, *, vocab_size: int, seed: int, workers: int
+) -> ExperimentData:
     """Tokenizer and shards of a ``<domain>.jsonl`` directory and a target's train/eval jsonl.
 
     Writes ``data_dir/tokenizer/spm.model``, ``data_dir/shards/domains/<domain>_text_document``
@@ -232,28 +255,52 @@ def prepare_jsonl_corpus(corpus_dir: str, target_train: str, target_eval: str, d
             os.symlink(os.path.abspath(path), link)
     inputs = file_fingerprint([*files.values(), target_train, target_eval])
     model = os.path.join(data_dir, "tokenizer", "spm.model")
-    tok_args = ["--input", corpus_dir, os.path.abspath(target_train), "--vocab-size", str(vocab_size),
-                "--model-prefix", model[: -len(".model")], "--seed", str(seed)]
-    cached_step("tokenizer", stamps, {"inputs": inputs[:-1], "args": tok_args}, [model],
-                lambda: run_tool("train_tokenizer.py", train_tokenizer.main, *tok_args))
+    tok_args = [
+        "--input",
+        corpus_dir,
+        os.path.abspath(target_train),
+        "--vocab-size",
+        str(vocab_size),
+        "--model-prefix",
+        model[: -len(".model")],
+        "--seed",
+        str(seed),
+    ]
+    cached_step(
+        "tokenizer",
+        stamps,
+        {"inputs": inputs[:-1], "args": tok_args},
+        [model],
+        lambda: run_tool("train_tokenizer.py", train_tokenizer.main, *tok_args),
+    )
     tokenizer = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model]
     model_fp = file_fingerprint([model])
     shard_dir = os.path.join(data_dir, "shards")
-    for sub, src, names in (("domains", corpus_dir, list(files)), ("targets", targets_in, ["target_train", "target_eval"])):
+    for sub, src, names in (
+        ("domains", corpus_dir, list(files)),
+        ("targets", targets_in, ["target_train", "target_eval"]),
+    ):
         out = os.path.join(shard_dir, sub)
         args = ["--input", src, "--output-prefix", out, *tokenizer, "--append-eod"]
-        key_inputs = inputs[: len(files)] if sub == "domains" else inputs[len(files):]
+        key_inputs = inputs[: len(files)] if sub == "domains" else inputs[len(files) :]
         # (--workers changes the speed, not the shards: it stays out of the stamp)
-        cached_step(f"shards-{sub}", stamps, {"inputs": key_inputs, "tokenizer": model_fp, "args": args},
-                    [os.path.join(out, f"{n}_text_document.idx") for n in names],
-                    lambda args=args: run_tool("preprocess_data.py", preprocess_data.main, *args, "--workers", str(workers)))
+        cached_step(
+            f"shards-{sub}",
+            stamps,
+            {"inputs": key_inputs, "tokenizer": model_fp, "args": args},
+            [os.path.join(out, f"{n}_text_document.idx") for n in names],
+            lambda args=args: run_tool("preprocess_data.py", preprocess_data.main, *args, "--workers", str(workers)),
+        )
     return ExperimentData(
-        source=f"--corpus-dir {corpus_dir} ({len(files)} domains)", domains=tuple(files),
+        source=f"--corpus-dir {corpus_dir} ({len(files)} domains)",
+        domains=tuple(files),
         domain_prefixes=tuple(os.path.join(shard_dir, "domains", f"{n}_text_document") for n in files),
         specific_prefix=os.path.join(shard_dir, "targets", "target_train_text_document"),
         specific_eval_prefix=os.path.join(shard_dir, "targets", "target_eval_text_document"),
-        tokenizer_args=tuple(tokenizer), domain_jsonl_dir=corpus_dir,
-        target_train_jsonl=os.path.abspath(target_train))
+        tokenizer_args=tuple(tokenizer),
+        domain_jsonl_dir=corpus_dir,
+        target_train_jsonl=os.path.abspath(target_train),
+    )
 
 
 def embedded_data(data_dir: str, vocab_size: Optional[int], seed: int) -> ExperimentData:
@@ -263,11 +310,15 @@ def embedded_data(data_dir: str, vocab_size: Optional[int], seed: int) -> Experi
     kwargs = {} if vocab_size is None else {"vocab_size": vocab_size}
     d = prepare_default_data(os.path.join(data_dir, "embedded"), seed=seed, log=say, **kwargs)
     return ExperimentData(
-        source="the embedded default corpus (text of the local Python installation)", domains=tuple(d.domains),
-        domain_prefixes=tuple(d.domain_prefixes[n] for n in d.domains), specific_prefix=d.target_train_prefix,
+        source="the embedded default corpus (text of the local Python installation)",
+        domains=tuple(d.domains),
+        domain_prefixes=tuple(d.domain_prefixes[n] for n in d.domains),
+        specific_prefix=d.target_train_prefix,
         specific_eval_prefix=d.target_eval_prefix,
         tokenizer_args=("--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", d.tokenizer_model),
-        domain_jsonl_dir=os.path.dirname(d.domain_jsonl[d.domains[0]]), target_train_jsonl=d.target_train_jsonl)
+        domain_jsonl_dir=os.path.dirname(d.domain_jsonl[d.domains[0]]),
+        target_train_jsonl=d.target_train_jsonl,
+    )
 
 
 def with_importance_weights(data: ExperimentData, data_dir: str, *, smoothing: float = 0.02) -> ExperimentData:
@@ -276,20 +327,36 @@ def with_importance_weights(data: ExperimentData, data_dir: str, *, smoothing: f
     if data.importance_weights:
         return data
     if not (data.domain_jsonl_dir and data.target_train_jsonl):
-        raise ConfigError("--methods importance on prepared shards needs "
-                          "--importance-weights FILE (tools/importance_weights.py --labelled-domains DIR "
-                          "--specific TARGET.jsonl --output FILE writes it)")
+        raise ConfigError(
+            "--methods importance on prepared shards needs "
+            "--importance-weights FILE (tools/importance_weights.py --labelled-domains DIR "
+            "--specific TARGET.jsonl --output FILE writes it)"
+        )
     out = os.path.join(os.path.abspath(data_dir), "importance_weights.json")
-    args = ["--labelled-domains", data.domain_jsonl_dir, "--specific", data.target_train_jsonl, "--output", out,
-            "--smoothing", str(smoothing), "--no-progress"]
+    args = [
+        "--labelled-domains",
+        data.domain_jsonl_dir,
+        "--specific",
+        data.target_train_jsonl,
+        "--output",
+        out,
+        "--smoothing",
+        str(smoothing),
+        "--no-progress",
+    ]
     from megatron_dga.cli import importance_weights
     from megatron_dga.prep.inputs import jsonl_files_in
 
     inputs = file_fingerprint([*jsonl_files_in(data.domain_jsonl_dir), data.target_train_jsonl])
     stamps = os.path.join(os.path.abspath(data_dir), "stamps")
     os.makedirs(stamps, exist_ok=True)
-    cached_step("importance-weights", stamps, {"inputs": inputs, "args": args}, [out],
-                lambda: run_tool("importance_weights.py", importance_weights.main, *args))
+    cached_step(
+        "importance-weights",
+        stamps,
+        {"inputs": inputs, "args": args},
+        [out],
+        lambda: run_tool("importance_weights.py", importance_weights.main, *args),
+    )
     return ExperimentData(**{**data.__dict__, "importance_weights": out})
 
 
@@ -327,15 +394,25 @@ class FineDomainData:
 def check_fine_args(levels: Sequence[int], specific_docs: int) -> None:
     """ConfigError for fine-grained flags that cannot work (called before any preparation)."""
     if not levels or any(k < 1 for k in levels) or math.prod(levels) < 2:
-        raise ConfigError(f"--fine-clusters {' '.join(map(str, levels))}: give the k-means levels k1 [k2 ...], each "
-                          ">= 1, with at least 2 fine domains in all (e.g. 16 16 16 = 4,096)")
+        raise ConfigError(
+            f"--fine-clusters {' '.join(map(str, levels))}: give the k-means levels k1 [k2 ...], each "
+            ">= 1, with at least 2 fine domains in all (e.g. 16 16 16 = 4,096)"
+        )
     if specific_docs < 1:
         raise ConfigError(f"--specific-docs {specific_docs}: the little specific set needs at least 1 document")
 
 
-def prepare_fine_domains(data: ExperimentData, data_dir: str, *, levels: Sequence[int], specific_docs: int,
-                         seed: int, workers: int, smoothing: float = 0.02,
-                         basis_smoothing: float = 0.01) -> FineDomainData:
+def prepare_fine_domains(
+    data: ExperimentData,
+    data_dir: str,
+    *,
+    levels: Sequence[int],
+    specific_docs: int,
+    seed: int,
+    workers: int,
+    smoothing: float = 0.02,
+    basis_smoothing: float = 0.01,
+) -> FineDomainData:
     """The fine-grained scenario's data under ``data_dir/fine-grained/<k1>x<k2>..._seed<seed>_<n>docs``
     (cached steps, module docstring).
 
@@ -363,27 +440,71 @@ def prepare_fine_domains(data: ExperimentData, data_dir: str, *, levels: Sequenc
     os.makedirs(stamps, exist_ok=True)
     domains = list(data.domain_prefixes)
     map_path = os.path.join(prep, "map.npz")
-    cluster = ["--input-shards", *domains, "--output-map", map_path, "--num-clusters", *(str(k) for k in levels),
-               "--seed", str(seed), "--no-progress"]
+    cluster = [
+        "--input-shards",
+        *domains,
+        "--output-map",
+        map_path,
+        "--num-clusters",
+        *(str(k) for k in levels),
+        "--seed",
+        str(seed),
+        "--no-progress",
+    ]
     # (--workers changes the speed only: it stays out of the stamps, as in prepare_jsonl_corpus)
-    cached_step("fine-map", stamps, {"shards": shard_fingerprint(domains), "args": cluster},
-                [map_path, os.path.join(prep, "map.clusters")],
-                lambda: run_tool("cluster_domains.py", cluster_domains.main, *cluster, "--workers", str(max(1, workers))))
+    cached_step(
+        "fine-map",
+        stamps,
+        {"shards": shard_fingerprint(domains), "args": cluster},
+        [map_path, os.path.join(prep, "map.clusters")],
+        lambda: run_tool("cluster_domains.py", cluster_domains.main, *cluster, "--workers", str(max(1, workers))),
+    )
     small = os.path.join(prep, "specific", "specific_small_text_document")
-    cached_step("fine-specific", stamps, {"shard": shard_fingerprint([data.specific_prefix]), "docs": specific_docs},
-                [small + ".bin", small + ".idx"], lambda: copy_documents(data.specific_prefix, small, specific_docs))
+    cached_step(
+        "fine-specific",
+        stamps,
+        {"shard": shard_fingerprint([data.specific_prefix]), "docs": specific_docs},
+        [small + ".bin", small + ".idx"],
+        lambda: copy_documents(data.specific_prefix, small, specific_docs),
+    )
     weights, basis = os.path.join(prep, "fine_importance.json"), os.path.join(prep, "basis.npz")
-    iw = ["--domain-map", map_path, "--specific-shards", small, "--output", weights, "--smoothing", str(smoothing),
-          "--basis-shards", *(f"{n}={p}" for n, p in zip(data.domains, domains)), "--basis-output", basis,
-          "--basis-smoothing", str(basis_smoothing), "--no-progress"]
-    cached_step("fine-weights", stamps, {"inputs": file_fingerprint([map_path, small + ".idx"]), "args": iw},
-                [weights, basis], lambda: run_tool("importance_weights.py", importance_weights.main, *iw))
+    iw = [
+        "--domain-map",
+        map_path,
+        "--specific-shards",
+        small,
+        "--output",
+        weights,
+        "--smoothing",
+        str(smoothing),
+        "--basis-shards",
+        *(f"{n}={p}" for n, p in zip(data.domains, domains)),
+        "--basis-output",
+        basis,
+        "--basis-smoothing",
+        str(basis_smoothing),
+        "--no-progress",
+    ]
+    cached_step(
+        "fine-weights",
+        stamps,
+        {"inputs": file_fingerprint([map_path, small + ".idx"]), "args": iw},
+        [weights, basis],
+        lambda: run_tool("importance_weights.py", importance_weights.main, *iw),
+    )
     dmap = read_domain_map(map_path)
     return FineDomainData(
-        domain_map=map_path, levels=tuple(dmap.levels), num_domains=dmap.num_domains,
-        empty_domains=int((dmap.domain_counts() == 0).sum()), specific_prefix=small,
-        specific_docs=inspect_shard(small).num_documents, importance_weights=weights,
-        basis=basis, basis_names=tuple(data.domains), cache_dir=os.path.join(prep, "index-cache"))
+        domain_map=map_path,
+        levels=tuple(dmap.levels),
+        num_domains=dmap.num_domains,
+        empty_domains=int((dmap.domain_counts() == 0).sum()),
+        specific_prefix=small,
+        specific_docs=inspect_shard(small).num_documents,
+        importance_weights=weights,
+        basis=basis,
+        basis_names=tuple(data.domains),
+        cache_dir=os.path.join(prep, "index-cache"),
+    )
 
 
 # --------------------------------------------------------------------------- jobs
@@ -419,11 +540,11 @@ def with_transferred_mixture(job: Job, source: "RunResult") -> Job:
     from megatron_dga.mixing import export
 
     exp = export.export_mixture(source.run_dir)
-    data_path = job.argv[job.argv.index("--data-path") + 1:]
+    data_path = job.argv[job.argv.index("--data-path") + 1 :]
     data_path = data_path[: next((i for i, a in enumerate(data_path) if a.startswith("--")), len(data_path))]
     tokens = export.data_path_tokens(exp.names, export.exact_simplex(exp.weights, "data-path"), data_path)
     at = job.argv.index("--data-path")
-    argv = [*job.argv[:at + 1], *tokens, *job.argv[at + 1 + len(data_path):]]
+    argv = [*job.argv[: at + 1], *tokens, *job.argv[at + 1 + len(data_path) :]]
     os.makedirs(job.run_dir, exist_ok=True)
     export.write_export(exp, os.path.join(job.run_dir, "mixture.json"), "weights")
     return Job(job.method, job.seed, argv, job.run_dir, job.mixture_from)
@@ -463,8 +584,18 @@ def strip_stop_flags(argv: Sequence[str]) -> List[str]:
 
 def job_argv(job: Job, save_interval: int) -> List[str]:
     """The trainer flags of every attempt: the job's, its seed, and where it saves and logs."""
-    return [*job.argv, "--seed", str(job.seed), "--log-dir", job.run_dir, "--save", os.path.join(job.run_dir, "ckpt"),
-            "--save-interval", str(save_interval), "--exit-signal-handler"]
+    return [
+        *job.argv,
+        "--seed",
+        str(job.seed),
+        "--log-dir",
+        job.run_dir,
+        "--save",
+        os.path.join(job.run_dir, "ckpt"),
+        "--save-interval",
+        str(save_interval),
+        "--exit-signal-handler",
+    ]
 
 
 def train_iters_of(argv: Sequence[str]) -> int:
@@ -480,8 +611,10 @@ def _read_job_file(run_dir: str) -> Optional[dict]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise DataError(f"{os.path.join(run_dir, JOB_FILE)} is unreadable ({exc}); delete the run directory "
-                        f"{run_dir} to run it again") from None
+        raise DataError(
+            f"{os.path.join(run_dir, JOB_FILE)} is unreadable ({exc}); delete the run directory "
+            f"{run_dir} to run it again"
+        ) from None
     if state.get("format") != JOB_FORMAT:
         raise DataError(f"{os.path.join(run_dir, JOB_FILE)}: format {state.get('format')!r}, expected {JOB_FORMAT!r}")
     return state
@@ -505,11 +638,12 @@ def job_status(job: Job, save_interval: int) -> str:
     if theirs != mine:
         at = next((i for i, (a, b) in enumerate(zip(theirs, mine)) if a != b), min(len(theirs), len(mine)))
         flag = next((a for a in reversed(mine[: at + 1]) if a.startswith("--")), "the flags")
-        diff = f"{flag}: {' '.join(theirs[at:at + 3])!r}... vs {' '.join(mine[at:at + 3])!r}..."
+        diff = f"{flag}: {' '.join(theirs[at : at + 3])!r}... vs {' '.join(mine[at : at + 3])!r}..."
         raise ConfigError(
             f"run directory {job.run_dir} holds a run of {job.method} (seed {job.seed}) with other arguments "
             f"(first difference, before vs now: {diff}); re-run with the same arguments to resume it, "
-            "or pass another --out (or delete that directory) to start afresh")
+            "or pass another --out (or delete that directory) to start afresh"
+        )
     if state.get("finished") and _last_iteration(job.run_dir) >= train_iters_of(mine):
         return "finished"
     return "interrupted"
@@ -527,8 +661,15 @@ def load_result(job: Job) -> RunResult:
         from megatron_dga.evaluation import read_results
 
         downstream = read_results(downstream_path)["results"]
-    return RunResult(job.method, job.seed, job.run_dir, seconds, read_metrics(os.path.join(job.run_dir, "metrics.jsonl")),
-                     info, downstream)
+    return RunResult(
+        job.method,
+        job.seed,
+        job.run_dir,
+        seconds,
+        read_metrics(os.path.join(job.run_dir, "metrics.jsonl")),
+        info,
+        downstream,
+    )
 
 
 DOWNSTREAM_FILE = "downstream.json"
@@ -547,7 +688,11 @@ def downstream_current(run_dir: str, evaluation) -> bool:
     except DataError:
         return False
     return (done.get("tasks"), done.get("num_fewshot"), done.get("limit"), done.get("seed")) == (
-        list(evaluation.tasks), evaluation.num_fewshot, evaluation.limit, evaluation.seed)
+        list(evaluation.tasks),
+        evaluation.num_fewshot,
+        evaluation.limit,
+        evaluation.seed,
+    )
 
 
 def ensure_downstream(job: Job, evaluation) -> None:
@@ -571,10 +716,22 @@ def ensure_downstream(job: Job, evaluation) -> None:
         raise ConfigError(
             f"--eval-tasks: {label} finished before without downstream results for these tasks, and its checkpoints "
             f"were deleted ({ckpt}); delete {job.run_dir} to train it again, or pass --keep-checkpoints when runs "
-            "may be evaluated later")
-    args = ["--load", ckpt, "--output", os.path.join(job.run_dir, DOWNSTREAM_FILE), "--tasks", *evaluation.tasks,
-            "--seed", str(evaluation.seed), "--eval-batch-size", str(evaluation.batch_size),
-            "--eval-micro-batch-size", str(evaluation.micro_batch_size)]
+            "may be evaluated later"
+        )
+    args = [
+        "--load",
+        ckpt,
+        "--output",
+        os.path.join(job.run_dir, DOWNSTREAM_FILE),
+        "--tasks",
+        *evaluation.tasks,
+        "--seed",
+        str(evaluation.seed),
+        "--eval-batch-size",
+        str(evaluation.batch_size),
+        "--eval-micro-batch-size",
+        str(evaluation.micro_batch_size),
+    ]
     if evaluation.num_fewshot is not None:
         args += ["--num-fewshot", str(evaluation.num_fewshot)]
     if evaluation.limit is not None:
@@ -587,8 +744,16 @@ class Interrupted(Exception):
     """The user stopped the runner (Ctrl-C); the running job saved a checkpoint first."""
 
 
-def run_job(job: Job, *, save_interval: int, threads: int = 1, nproc: int = 1, echo: bool = True,
-            keep_checkpoints: bool = False, evaluation=None) -> Optional[RunResult]:
+def run_job(
+    job: Job,
+    *,
+    save_interval: int,
+    threads: int = 1,
+    nproc: int = 1,
+    echo: bool = True,
+    keep_checkpoints: bool = False,
+    evaluation=None,
+) -> Optional[RunResult]:
     """Run (or resume, or skip) one job; its RunResult, or None when it stopped before --train-iters.
 
     A finished job is skipped. An interrupted one resumes from the latest checkpoint under
@@ -634,17 +799,20 @@ def run_job(job: Job, *, save_interval: int, threads: int = 1, nproc: int = 1, e
         from megatron_dga.training.checkpoint import latest_iteration
 
         saved = latest_iteration(ckpt) if os.path.isdir(ckpt) else None
-        raise Interrupted(f"{label} stopped; its last checkpoint is at iteration {saved}: re-run the same command to "
-                          "resume it" if saved is not None else f"{label} stopped before its first checkpoint: "
-                          "re-run the same command to start it again")
+        raise Interrupted(
+            f"{label} stopped; its last checkpoint is at iteration {saved}: re-run the same command to resume it"
+            if saved is not None
+            else f"{label} stopped before its first checkpoint: re-run the same command to start it again"
+        )
     if rc != 0:
-        raise DataError(f"{label} failed (exit {rc}); see {os.path.join(job.run_dir, 'stdout.log')}. Re-running "
-                        "the same command resumes it from its last checkpoint")
+        raise DataError(
+            f"{label} failed (exit {rc}); see {os.path.join(job.run_dir, 'stdout.log')}. Re-running "
+            "the same command resumes it from its last checkpoint"
+        )
     if not state["finished"]:
         from megatron_dga.training.checkpoint import latest_iteration
 
-        say(f"=== {label}: stopped at iteration {latest_iteration(ckpt)} (saved); re-run the same command to "
-            "resume it")
+        say(f"=== {label}: stopped at iteration {latest_iteration(ckpt)} (saved); re-run the same command to resume it")
         return None
     if evaluation is not None:
         ensure_downstream(job, evaluation)
@@ -662,13 +830,19 @@ def launch_command(threads: int, nproc: int) -> tuple:
     """
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, threads // max(nproc, 1))), PYTHONUNBUFFERED="1")
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                "-m", "megatron_dga.pretrain_gpt"], env
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "megatron_dga.pretrain_gpt",
+        ], env
     return [sys.executable, "-m", "megatron_dga.pretrain_gpt"], env
 
 
-def _launch(label: str, argv: Sequence[str], run_dir: str, threads: int, nproc: int, echo: bool,
-            append: bool) -> tuple:
+def _launch(label: str, argv: Sequence[str], run_dir: str, threads: int, nproc: int, echo: bool, append: bool) -> tuple:
     """Run the trainer once; (exit code, seconds, whether Ctrl-C came). Its output goes to
     stdout.log (appended on a resume); Megatron's log lines are echoed with the job's label."""
     launcher, env = launch_command(threads, nproc)
@@ -691,12 +865,17 @@ def _launch(label: str, argv: Sequence[str], run_dir: str, threads: int, nproc: 
     start = time.time()
     try:
         with open(os.path.join(run_dir, "stdout.log"), "a" if append else "w") as log:
-            proc = subprocess.Popen([*launcher, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=env)
+            proc = subprocess.Popen(
+                [*launcher, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            )
             for line in proc.stdout:
                 log.write(line)
-                if echo and (line.startswith("[20") or line.startswith("error") or "Error" in line
-                             or line.startswith("resumed from")):
+                if echo and (
+                    line.startswith("[20")
+                    or line.startswith("error")
+                    or "Error" in line
+                    or line.startswith("resumed from")
+                ):
                     text = line.rstrip()
                     say(f"  {label:>20} | {text[22:] if text.startswith('[20') else text}")
             rc = proc.wait()

@@ -19,6 +19,7 @@ samples are spread over the data-parallel ranks. Probes change nothing the train
 step sees: grad buffers are cleared afterwards, the RNG streams are restored, the
 optimizer, LR schedule and training data stream are never touched.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,8 +57,14 @@ def _num_samples(micro_batches) -> int:
     return int(sum(len(mb["tokens"]) for mb in micro_batches))
 
 
-def exact_alignments(view: TrainerView, sources: Sequence[int], domain_batch_size: int, specific_batch_size: int,
-                     preconditioner: str = "none", probe_fn=None) -> AlignmentResult:
+def exact_alignments(
+    view: TrainerView,
+    sources: Sequence[int],
+    domain_batch_size: int,
+    specific_batch_size: int,
+    preconditioner: str = "none",
+    probe_fn=None,
+) -> AlignmentResult:
     """Compute a_i for each source i in ``sources`` (indices into the view's probe sources).
 
     Args:

@@ -7,6 +7,7 @@ returned vector replaces the sampler's weights from the next global batch on. Th
 the grad buffers, the optimizer's second moments, collectives) without exposing the
 loop, so a new strategy never touches the trainer.
 """
+
 from __future__ import annotations
 
 import os
@@ -188,7 +189,7 @@ def check_identical_across_ranks(view: TrainerView, weights: np.ndarray) -> None
         t = t.to(view.grads()[0].device)
     view.all_reduce(t, group="world")
     t = t.cpu().numpy()
-    n, s1, s2 = t[0], t[1:1 + chunks.size], t[1 + chunks.size:]
+    n, s1, s2 = t[0], t[1 : 1 + chunks.size], t[1 + chunks.size :]
     differ = np.flatnonzero((n * s2 != s1 * s1).reshape(8, -1).any(axis=0))
     if differ.size:
         raise NumericalError(
@@ -217,10 +218,11 @@ def available() -> Sequence[str]:
 
 def build_mixing(cfg: MixingConfig, domains: DomainInfo) -> MixingStrategy:
     """The strategy named by --mixing."""
-    import megatron_dga.mixing.dga  # noqa: F401 - registers the built-in strategies
-    import megatron_dga.mixing.fixed  # noqa: F401
-    import megatron_dga.mixing.odm  # noqa: F401
-    import megatron_dga.mixing.pike  # noqa: F401
+    # The built-in strategies register themselves (@register) when imported.
+    import megatron_dga.mixing.dga
+    import megatron_dga.mixing.fixed
+    import megatron_dga.mixing.odm
+    import megatron_dga.mixing.pike  # noqa: F401 - imported for @register
 
     try:
         cls = _REGISTRY[cfg.strategy]

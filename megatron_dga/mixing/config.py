@@ -4,6 +4,7 @@
 :func:`check_job` holds the checks that need other sections' values, which the job config
 passes in as plain arguments (this package imports nothing from ``training/``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -134,9 +135,14 @@ class MixingConfig(ReadOnlyOnceParsed):
     def __post_init__(self):
         # "Given" = set to something other than the default: a resolved config (all defaults filled in,
         # e.g. through dataclasses.replace) validates again as it did the first time.
-        given_by = {strategy: {name: getattr(self, name) for name, default in defaults.items()
-                               if getattr(self, name) is not None and getattr(self, name) != default}
-                    for strategy, defaults in STRATEGY_FLAGS.items()}
+        given_by = {
+            strategy: {
+                name: getattr(self, name)
+                for name, default in defaults.items()
+                if getattr(self, name) is not None and getattr(self, name) != default
+            }
+            for strategy, defaults in STRATEGY_FLAGS.items()
+        }
         given = given_by["dga"]
         estimator, init = self.dga_estimator, self.dga_init  # as given, before the defaults fill in
         for defaults in STRATEGY_FLAGS.values():
@@ -147,7 +153,9 @@ class MixingConfig(ReadOnlyOnceParsed):
         if self.dga_interval <= 0:
             raise ConfigError(f"--dga-interval must be > 0, got {self.dga_interval}")
         if not 0 <= self.dga_eta < float("inf"):
-            raise ConfigError(f"--dga-eta must be a finite number >= 0 (the mirror-descent step size), got {self.dga_eta}")
+            raise ConfigError(
+                f"--dga-eta must be a finite number >= 0 (the mirror-descent step size), got {self.dga_eta}"
+            )
         if not 0 < self.dga_ema <= 1:
             raise ConfigError(f"--dga-ema must be in (0, 1] (1 = no EMA), got {self.dga_ema}")
         if not 0 <= self.dga_min_weight < 1:
@@ -163,12 +171,17 @@ class MixingConfig(ReadOnlyOnceParsed):
         self._check_odm_and_pike()
         for strategy, flags in given_by.items():
             if self.strategy != strategy:
-                refuse_without(flags, f"--mixing {strategy}",
-                               f"{strategy.upper() if strategy != 'pike' else 'PiKE'} is not running "
-                               f"(--mixing {self.strategy or 'not given'})")
+                refuse_without(
+                    flags,
+                    f"--mixing {strategy}",
+                    f"{strategy.upper() if strategy != 'pike' else 'PiKE'} is not running "
+                    f"(--mixing {self.strategy or 'not given'})",
+                )
         if "dga_fd_step" in given and estimator != "fd":
-            raise ConfigError(f"--dga-fd-step {self.dga_fd_step} acts with --dga-estimator fd only; "
-                              "add --dga-estimator fd or drop --dga-fd-step")
+            raise ConfigError(
+                f"--dga-fd-step {self.dga_fd_step} acts with --dga-estimator fd only; "
+                "add --dga-estimator fd or drop --dga-fd-step"
+            )
         if self.dga_basis and init is not None:
             check_initial("--dga-init", init, static_given=None, importance_weights=None, basis=self.dga_basis)
         uses_importance = self.strategy == "importance" or (self.strategy == "dga" and init == "importance")
@@ -181,8 +194,12 @@ class MixingConfig(ReadOnlyOnceParsed):
                 f"--dga-init importance only (here {here}): it would be ignored; add one of those or drop it"
             )
         if uses_importance:
-            check_initial("--mixing" if self.strategy == "importance" else "--dga-init", "importance",
-                          static_given=None, importance_weights=self.importance_weights)
+            check_initial(
+                "--mixing" if self.strategy == "importance" else "--dga-init",
+                "importance",
+                static_given=None,
+                importance_weights=self.importance_weights,
+            )
 
     @property
     def probes_every_domain(self) -> bool:
@@ -194,7 +211,9 @@ class MixingConfig(ReadOnlyOnceParsed):
         if self.odm_interval <= 0:
             raise ConfigError(f"--odm-interval must be > 0, got {self.odm_interval}")
         if not 0 <= self.odm_reward_ema < 1:
-            raise ConfigError(f"--odm-reward-ema must be in [0, 1) (0 = the latest reward only), got {self.odm_reward_ema}")
+            raise ConfigError(
+                f"--odm-reward-ema must be in [0, 1) (0 = the latest reward only), got {self.odm_reward_ema}"
+            )
         if self.pike_interval <= 0:
             raise ConfigError(f"--pike-interval must be > 0, got {self.pike_interval}")
         if not 0 <= self.pike_eta < float("inf"):
@@ -204,8 +223,10 @@ class MixingConfig(ReadOnlyOnceParsed):
         if not 0 <= self.pike_min_weight < 1:
             raise ConfigError(f"--pike-min-weight must be in [0, 1), got {self.pike_min_weight}")
         if self.pike_domain_batch_size < 2:
-            raise ConfigError(f"--pike-domain-batch-size must be >= 2 (each probe is split in two halves), "
-                              f"got {self.pike_domain_batch_size}")
+            raise ConfigError(
+                f"--pike-domain-batch-size must be >= 2 (each probe is split in two halves), "
+                f"got {self.pike_domain_batch_size}"
+            )
         if not 0 <= self.pike_penalty < float("inf"):
             raise ConfigError(f"--pike-penalty must be a finite number >= 0, got {self.pike_penalty}")
 
@@ -216,14 +237,17 @@ class MixingConfig(ReadOnlyOnceParsed):
         ignored: they choose --mixing static when --mixing is not given, start DGA (--dga-init static)
         with --mixing dga, and are an error with any mixing that would not read them.
         """
-        shown = "" if weights is None else " ".join(f"{w:g}" for w in weights[:4]) + (" ..." if len(weights) > 4 else "")
+        shown = (
+            "" if weights is None else " ".join(f"{w:g}" for w in weights[:4]) + (" ..." if len(weights) > 4 else "")
+        )
         if weights is not None:
             if self.strategy is None:
                 self.strategy = "static"
             elif self.strategy in ("natural", "uniform", "importance") + ONLINE_STARTS_UNIFORM:
                 raise ConfigError(
                     f"--data-path gives weights ({shown}), which --mixing {self.strategy} would ignore"
-                    + (" (it starts uniform)" if self.strategy in ONLINE_STARTS_UNIFORM else "") + "; use "
+                    + (" (it starts uniform)" if self.strategy in ONLINE_STARTS_UNIFORM else "")
+                    + "; use "
                     "--mixing static to sample by them (the default when --mixing is not given), --mixing dga "
                     "to start DGA from them, or give the prefixes without weights"
                 )
@@ -249,8 +273,15 @@ class MixingConfig(ReadOnlyOnceParsed):
         self.dga_init = self.dga_init or "uniform"
 
 
-def check_job(mixing: MixingConfig, *, data_path_weights: Optional[List[float]], domain_map: Optional[str],
-              use_distributed_optimizer: bool, precision: Optional[str], transformer_engine: bool) -> None:
+def check_job(
+    mixing: MixingConfig,
+    *,
+    data_path_weights: Optional[List[float]],
+    domain_map: Optional[str],
+    use_distributed_optimizer: bool,
+    precision: Optional[str],
+    transformer_engine: bool,
+) -> None:
     """The mixing checks that involve other sections; settles --mixing and --dga-init (in place).
 
     Args:
@@ -269,15 +300,18 @@ def check_job(mixing: MixingConfig, *, data_path_weights: Optional[List[float]],
     if mixing.dga_estimator == "fd" and precision:
         # fd moves the parameters by h ~ 1e-4 |theta| along g_spe: in half precision that step
         # rounds away (and fd.py refuses half-precision parameters at the first update).
-        raise ConfigError(f"--dga-estimator fd with {precision}: the finite-difference step is rounded away in "
-                          "16-bit parameters; use --dga-estimator exact (the default)")
+        raise ConfigError(
+            f"--dga-estimator fd with {precision}: the finite-difference step is rounded away in "
+            "16-bit parameters; use --dga-estimator exact (the default)"
+        )
     if mixing.dga_estimator == "fd" and transformer_engine:
         # fd's +-h losses differ by ~1e-4 relative; transformer-engine runs fp32 GEMMs in TF32 (10-bit
         # mantissa), whose rounding is that large: the step was tuned, and CI checks it, in true fp32.
         raise ConfigError(
             "--dga-estimator fd with transformer-engine layers: they compute fp32 GEMMs in TF32, whose "
             "rounding (~1e-3) swamps the finite differences (~1e-4 of the loss); use --dga-estimator exact "
-            "(the default), or megatron-core's local layers in true fp32 (--attention-backend local)")
+            "(the default), or megatron-core's local layers in true fp32 (--attention-backend local)"
+        )
     if mixing.dga_preconditioner == "adam" and use_distributed_optimizer:
         raise ConfigError(
             "--dga-preconditioner adam cannot be combined with --use-distributed-optimizer: each rank "
@@ -289,9 +323,11 @@ def check_job(mixing: MixingConfig, *, data_path_weights: Optional[List[float]],
 def _check_mixing_over_map(mixing: MixingConfig, path: str) -> None:
     """Mixings that cannot work over a map's fine domains fail before any data is read."""
     if mixing.strategy == "static":
-        raise ConfigError(f"--mixing static with --domain-map {path}: static weights over the fine domains come "
-                          "from a weights file: use --mixing importance --importance-weights FILE (written by "
-                          f"tools/importance_weights.py --domain-map {path})")
+        raise ConfigError(
+            f"--mixing static with --domain-map {path}: static weights over the fine domains come "
+            "from a weights file: use --mixing importance --importance-weights FILE (written by "
+            f"tools/importance_weights.py --domain-map {path})"
+        )
     if mixing.strategy == "dga" and not mixing.dga_basis:
         from megatron_dga.data.domain_map import read_domain_map
 
@@ -301,7 +337,8 @@ def _check_mixing_over_map(mixing: MixingConfig, path: str) -> None:
                 f"--mixing dga over the {k} fine domains of --domain-map {path} would probe every domain at every "
                 f"update ({k} probe batches; at most {DGA_MAX_DIRECT_DOMAINS} without a basis): reweight N basis "
                 f"distributions instead: tools/importance_weights.py --domain-map {path} --basis-sets ... "
-                "--basis-output basis.npz, then --dga-basis basis.npz")
+                "--basis-output basis.npz, then --dga-basis basis.npz"
+            )
     if mixing.strategy == "pike":
         from megatron_dga.data.domain_map import read_domain_map
 
@@ -310,4 +347,5 @@ def _check_mixing_over_map(mixing: MixingConfig, path: str) -> None:
             raise ConfigError(
                 f"--mixing pike over the {k} fine domains of --domain-map {path} would probe every domain at every "
                 f"update ({k} probe batches; at most {DGA_MAX_DIRECT_DOMAINS}), and PiKE has no basis "
-                "reweighting: use --mixing odm (no probes) or --mixing dga --dga-basis FILE")
+                "reweighting: use --mixing odm (no probes) or --mixing dga --dga-basis FILE"
+            )

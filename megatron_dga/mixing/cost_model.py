@@ -14,6 +14,7 @@ Amortised over the T_r * B sequences trained between updates, that is the overhe
 benchmarks/bench_train_throughput.py, the runner's results table). Anything measured above it is
 implementation overhead.
 """
+
 from __future__ import annotations
 
 ESTIMATORS = ("exact", "fd")
@@ -23,8 +24,9 @@ FORWARD_FRACTION = 1.0 / 3.0
 """Cost of a forward pass as a fraction of a forward+backward (backward ~ twice the forward)."""
 
 
-def dga_overhead(sources: int, domain_batch: int, specific_batch: int, interval: int, global_batch: int,
-                 estimator: str = "exact") -> float:
+def dga_overhead(
+    sources: int, domain_batch: int, specific_batch: int, interval: int, global_batch: int, estimator: str = "exact"
+) -> float:
     """DGA's extra forward+backward sequences per trained sequence.
 
     Args:

@@ -16,6 +16,7 @@ all (mixing/fd.py). Every rank computes the same alignments from one all-reduce,
 weights must come out bit-identical everywhere; after each update that is checked
 (``mixing.base.check_identical_across_ranks``).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -27,6 +28,7 @@ from megatron_dga.mixing.base import TrainerView, register
 from megatron_dga.mixing.fd import fd_alignments
 from megatron_dga.mixing.initial import initial_weights
 from megatron_dga.mixing.mirror import MirrorDescentStrategy
+
 
 @register("dga")
 class DGA(MirrorDescentStrategy):
@@ -55,8 +57,14 @@ class DGA(MirrorDescentStrategy):
 
     def _init_weights(self) -> np.ndarray:
         cfg = self.cfg
-        return initial_weights("--dga-init", cfg.dga_init, self.domains, importance_weights=cfg.importance_weights,
-                               basis=cfg.dga_basis, num_bases=self.num_weights)
+        return initial_weights(
+            "--dga-init",
+            cfg.dga_init,
+            self.domains,
+            importance_weights=cfg.importance_weights,
+            basis=cfg.dga_basis,
+            num_bases=self.num_weights,
+        )
 
     def after_step(self, view: TrainerView) -> Optional[np.ndarray]:
         if view.iteration % self.cfg.dga_interval != 0:
@@ -71,14 +79,20 @@ class DGA(MirrorDescentStrategy):
             self._last["domain_grad_norms"] = result.domain_grad_norms.tolist()
         if result.fd_step is not None:
             self._last["dga_fd_step"] = result.fd_step
-        return self.step(view, result.alignments, eta=self.cfg.dga_eta, ema=self.cfg.dga_ema,
-                         floor=self.cfg.dga_min_weight)
+        return self.step(
+            view, result.alignments, eta=self.cfg.dga_eta, ema=self.cfg.dga_ema, floor=self.cfg.dga_min_weight
+        )
 
     def measure_alignments(self, view: TrainerView):
         """One alignment pass with the configured estimator (an AlignmentResult); weights untouched."""
         probe_fn = view.probe_basis if self.basis is not None else view.probe_domain
-        args = (view, list(range(self.num_weights)), self.cfg.dga_domain_batch_size,
-                self.cfg.dga_specific_batch_size, self.cfg.dga_preconditioner)
+        args = (
+            view,
+            list(range(self.num_weights)),
+            self.cfg.dga_domain_batch_size,
+            self.cfg.dga_specific_batch_size,
+            self.cfg.dga_preconditioner,
+        )
         if self.cfg.dga_estimator == "fd":
             return fd_alignments(*args, probe_fn=probe_fn, relative_step=self.cfg.dga_fd_step)
         return exact_alignments(*args, probe_fn=probe_fn)

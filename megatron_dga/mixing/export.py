@@ -48,6 +48,7 @@ the vector that the consumer of their format keeps bit for bit (:func:`exact_sim
 few ulps of the float64 average, which ``meta.raw_weights`` keeps), so ``--mixing static`` samples
 by exactly the bits in the file and logs them as its ``domain_weights``.
 """
+
 from __future__ import annotations
 
 import json
@@ -102,8 +103,10 @@ class RunLog:
     def names(self, space: str) -> List[str]:
         if space == "basis":
             if not self.basis_names:
-                raise DataError(f"{self.log_dir}: the run has no --dga-basis (run_info.json lists no basis_names); "
-                                "export --space domains")
+                raise DataError(
+                    f"{self.log_dir}: the run has no --dga-basis (run_info.json lists no basis_names); "
+                    "export --space domains"
+                )
             return list(self.basis_names)
         return list(self.domains)
 
@@ -120,14 +123,18 @@ def read_run(log_dir: str | os.PathLike) -> RunLog:
         with open(info_path, encoding="utf-8") as fh:
             info = json.load(fh)
     except FileNotFoundError:
-        raise DataError(f"{log_dir}: no {RUN_INFO_FILENAME} beside {METRICS_FILENAME} (it names the domains); "
-                        "give the --log-dir of a megatron-dga run") from None
+        raise DataError(
+            f"{log_dir}: no {RUN_INFO_FILENAME} beside {METRICS_FILENAME} (it names the domains); "
+            "give the --log-dir of a megatron-dga run"
+        ) from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{info_path} is unreadable ({exc}); it is written at the start of every run") from None
     entries = sorted(read_metrics(log_dir), key=lambda m: m.get("iteration", 0))
     if not entries:
-        raise DataError(f"{os.path.join(log_dir, METRICS_FILENAME)} holds no logged iteration yet; export after the "
-                        "run's first log line (--log-interval)")
+        raise DataError(
+            f"{os.path.join(log_dir, METRICS_FILENAME)} holds no logged iteration yet; export after the "
+            "run's first log line (--log-interval)"
+        )
     domains = info.get("domains")
     if not isinstance(domains, list) or not domains:
         raise DataError(f"{info_path}: 'domains' is {domains!r}, expected the list of domain names")
@@ -153,8 +160,10 @@ def find_log_dir(path: str | os.PathLike) -> str:
             continue
         if save and os.path.abspath(save) == path:
             return candidate
-    raise DataError(f"{path}: no metrics.jsonl here or in a parent run directory whose run_info.json names it as "
-                    "--save; give the run's --log-dir")
+    raise DataError(
+        f"{path}: no metrics.jsonl here or in a parent run directory whose run_info.json names it as "
+        "--save; give the run's --log-dir"
+    )
 
 
 # --------------------------------------------------------------------------- the history
@@ -203,8 +212,9 @@ class MixtureHistory:
         last = int(self.iterations[-1])
         end = last if end is None else end
         if not 0 <= start < end <= last:
-            raise DataError(f"--window {start}:{end}: need 0 <= START < END <= {last}, the last logged iteration "
-                            f"of {self.source}")
+            raise DataError(
+                f"--window {start}:{end}: need 0 <= START < END <= {last}, the last logged iteration of {self.source}"
+            )
         out = []
         lo = 0
         for it, spw in zip(self.iterations.tolist(), self.samples_per_step.tolist()):
@@ -222,13 +232,17 @@ class MixtureHistory:
 
     def _unknown(self, a: int, b: int) -> str:
         if a == 0 or self.initial is None and a < int(self.iterations[0]):
-            return (f"{self.source}: the weights of steps {a + 1}..{b} (before the first mixing update) are not in "
-                    f"metrics.jsonl and run_info.json does not give them (--dga-init natural); export a window "
-                    f"starting at the first logged iteration (--window {int(self.iterations[0])}:END)")
-        return (f"{self.source}: the weights of steps {a + 1}..{b} are not in metrics.jsonl: DGA updated them "
-                f"after step {a} (--dga-interval {self.update_interval}) and no line was logged before the next "
-                f"update (--log-interval {self.log_interval}); the average would be approximate. Train with "
-                "--log-interval <= --dga-interval, or export --statistic final")
+            return (
+                f"{self.source}: the weights of steps {a + 1}..{b} (before the first mixing update) are not in "
+                f"metrics.jsonl and run_info.json does not give them (--dga-init natural); export a window "
+                f"starting at the first logged iteration (--window {int(self.iterations[0])}:END)"
+            )
+        return (
+            f"{self.source}: the weights of steps {a + 1}..{b} are not in metrics.jsonl: DGA updated them "
+            f"after step {a} (--dga-interval {self.update_interval}) and no line was logged before the next "
+            f"update (--log-interval {self.log_interval}); the average would be approximate. Train with "
+            "--log-interval <= --dga-interval, or export --statistic final"
+        )
 
     def time_average(self, start: int = 0, end: Optional[int] = None) -> np.ndarray:
         """Mean weights over the steps ``(start, end]``, each step weighted by its samples (module docstring)."""
@@ -259,13 +273,19 @@ def history(run: RunLog, space: str = "domains") -> MixtureHistory:
         value = m.get(key)
         where = f"{metrics_path}, iteration {m.get('iteration')}"
         if isinstance(value, dict):
-            raise DataError(f"{where}: {key} is logged as a summary ({len(names)} entries > --log-domains-limit), "
-                            "not the full vector" + ("; export --space basis (the N basis weights) instead"
-                                                     if space == "domains" and run.basis_names else
-                                                     "; rerun with --log-domains-limit >= the number of domains"))
+            raise DataError(
+                f"{where}: {key} is logged as a summary ({len(names)} entries > --log-domains-limit), "
+                "not the full vector"
+                + (
+                    "; export --space basis (the N basis weights) instead"
+                    if space == "domains" and run.basis_names
+                    else "; rerun with --log-domains-limit >= the number of domains"
+                )
+            )
         if not isinstance(value, list) or len(value) != len(names):
-            raise DataError(f"{where}: {key} is {str(value)[:60]!r}, expected {len(names)} numbers (one per name "
-                            "in run_info.json)")
+            raise DataError(
+                f"{where}: {key} is {str(value)[:60]!r}, expected {len(names)} numbers (one per name in run_info.json)"
+            )
         if not isinstance(m.get("consumed_samples"), int):
             raise DataError(f"{where}: no consumed_samples; the file was not written by the megatron-dga trainer")
         rows.append(value)
@@ -273,17 +293,24 @@ def history(run: RunLog, space: str = "domains") -> MixtureHistory:
         consumed.append(int(m["consumed_samples"]))
     iterations = np.asarray(iters, dtype=np.int64)
     if np.any(np.diff(iterations) <= 0) or iterations[0] <= 0:
-        raise DataError(f"{metrics_path}: logged iterations {iters[:6]}... are not increasing from 1; "
-                        "give the log of one run")
+        raise DataError(
+            f"{metrics_path}: logged iterations {iters[:6]}... are not increasing from 1; give the log of one run"
+        )
     steps = np.diff(np.concatenate([[0], iterations])).astype(np.float64)
     samples = np.diff(np.concatenate([[0], np.asarray(consumed, dtype=np.int64)])).astype(np.float64)
     mixing = run.mixing
     dga = logged_strategy(mixing) == "dga"
     return MixtureHistory(
-        names=names, space=space, iterations=iterations, weights=np.asarray(rows, dtype=np.float64),
-        samples_per_step=samples / steps, update_interval=int(mixing.get("dga_interval") or 10) if dga else None,
-        initial=_initial_weights(run, space) if dga else None, source=run.log_dir,
-        log_interval=(run.config.get("schedule") or {}).get("log_interval"))
+        names=names,
+        space=space,
+        iterations=iterations,
+        weights=np.asarray(rows, dtype=np.float64),
+        samples_per_step=samples / steps,
+        update_interval=int(mixing.get("dga_interval") or 10) if dga else None,
+        initial=_initial_weights(run, space) if dga else None,
+        source=run.log_dir,
+        log_interval=(run.config.get("schedule") or {}).get("log_interval"),
+    )
 
 
 def _initial_weights(run: RunLog, space: str) -> Optional[np.ndarray]:
@@ -366,8 +393,12 @@ def exact_simplex(weights: np.ndarray, fmt: str = "weights") -> np.ndarray:
             c[idx] = w[idx] + d * np.spacing(w[idx])
             if np.array_equal(consume(c), c):
                 return c
-    logger.warning("the exported weights are not kept bit for bit by their consumer (%s): it will renormalise "
-                   "them by an ulp or so (|change| <= %.1e)", fmt, float(np.abs(consume(w) - w).max()))
+    logger.warning(
+        "the exported weights are not kept bit for bit by their consumer (%s): it will renormalise "
+        "them by an ulp or so (|change| <= %.1e)",
+        fmt,
+        float(np.abs(consume(w) - w).max()),
+    )
     return w
 
 
@@ -385,8 +416,14 @@ class Export:
     meta: Dict[str, Any] = field(default_factory=dict)
 
 
-def export_mixture(path: str | os.PathLike, *, statistic: str = "time-average", space: str = "domains",
-                   window: Optional[Tuple[int, Optional[int]]] = None, schedule: bool = False) -> Export:
+def export_mixture(
+    path: str | os.PathLike,
+    *,
+    statistic: str = "time-average",
+    space: str = "domains",
+    window: Optional[Tuple[int, Optional[int]]] = None,
+    schedule: bool = False,
+) -> Export:
     """The mixture of the run at ``path`` (a --log-dir, or its checkpoint root): time-averaged over
     ``window`` (iterations ``(start, end]``, default the whole run), final, or the piecewise schedule."""
     if statistic not in STATISTICS:
@@ -394,24 +431,33 @@ def export_mixture(path: str | os.PathLike, *, statistic: str = "time-average", 
     run = read_run(find_log_dir(path))
     hist = history(run, space)
     start, end = window or (0, None)
-    meta = {"source": os.path.abspath(run.log_dir), "method": logged_strategy(run.mixing), "space": space,
-            "logged_iterations": [int(hist.iterations[0]), int(hist.iterations[-1])]}
+    meta = {
+        "source": os.path.abspath(run.log_dir),
+        "method": logged_strategy(run.mixing),
+        "space": space,
+        "logged_iterations": [int(hist.iterations[0]), int(hist.iterations[-1])],
+    }
     if schedule:
         segs = hist.segments(start, end)
         meta.update(statistic="schedule", window=[segs[0][0], segs[-1][1]])
         return Export(hist.names, space, None, segs, meta)
     if statistic == "final":
         if window is not None:
-            raise DataError("--window goes with --statistic time-average (or --format schedule); final weights are "
-                            "those after the last logged step")
+            raise DataError(
+                "--window goes with --statistic time-average (or --format schedule); final weights are "
+                "those after the last logged step"
+            )
         raw = hist.final()
         meta.update(statistic="final", iteration=int(hist.iterations[-1]))
     else:
         raw = hist.time_average(start, end)
         end = int(hist.iterations[-1]) if end is None else end
-        meta.update(statistic="time-average", window=[start, end],
-                    definition="sum_t n_t w(t) / sum_t n_t over the steps t in (window[0], window[1]]: w(t) the "
-                               "mixture step t drew from, n_t its samples")
+        meta.update(
+            statistic="time-average",
+            window=[start, end],
+            definition="sum_t n_t w(t) / sum_t n_t over the steps t in (window[0], window[1]]: w(t) the "
+            "mixture step t drew from, n_t its samples",
+        )
     meta["raw_weights"] = [float(x) for x in raw]
     return Export(hist.names, space, raw, None, meta)
 
@@ -425,14 +471,17 @@ def data_path_tokens(names: Sequence[str], weights: np.ndarray, data_path: Seque
     prefix = dict(zip(run_names, prefixes))
     missing = [n for n in names if n not in prefix]
     if missing:
-        raise DataError(f"--format data-path: {missing[:5]} are not prefixes of the run's --data-path (with "
-                        "--domain-map the weights are over fine domains): use --format weights and train with "
-                        "--mixing importance --importance-weights FILE")
+        raise DataError(
+            f"--format data-path: {missing[:5]} are not prefixes of the run's --data-path (with "
+            "--domain-map the weights are over fine domains): use --format weights and train with "
+            "--mixing importance --importance-weights FILE"
+        )
     return [tok for n, w in zip(names, weights.tolist()) for tok in (repr(float(w)), prefix[n])]
 
 
-def write_export(exp: Export, output: str | os.PathLike, fmt: str = "weights",
-                 data_path: Sequence[str] | str | None = None) -> None:
+def write_export(
+    exp: Export, output: str | os.PathLike, fmt: str = "weights", data_path: Sequence[str] | str | None = None
+) -> None:
     """Write ``exp`` to ``output`` as ``fmt`` (module docstring); ``data_path``: the run's --data-path."""
     from megatron_dga.mixing.weights_io import save_weights
 
@@ -440,8 +489,9 @@ def write_export(exp: Export, output: str | os.PathLike, fmt: str = "weights",
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
     if (fmt == "schedule") != (exp.segments is not None):
-        raise DataError("--format schedule writes the piecewise mixture; the weights and data-path formats write "
-                        "one vector")
+        raise DataError(
+            "--format schedule writes the piecewise mixture; the weights and data-path formats write one vector"
+        )
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
         raise DataError(f"--output {output}: directory {directory} does not exist; create it first")
@@ -453,11 +503,20 @@ def write_export(exp: Export, output: str | os.PathLike, fmt: str = "weights",
         tokens = data_path_tokens(exp.names, exact_simplex(exp.weights, fmt), data_path)
         atomic_write_text(output, " ".join(tokens) + "\n")
     else:
-        atomic_write_json(output, {
-            "format": SCHEDULE_FORMAT, "space": exp.space, "domains": exp.names,
-            "segments": [{"start_iteration": a, "end_iteration": b, "weights": [float(x) for x in w]}
-                         for a, b, _, w in exp.segments],
-            "meta": exp.meta}, indent=1)
+        atomic_write_json(
+            output,
+            {
+                "format": SCHEDULE_FORMAT,
+                "space": exp.space,
+                "domains": exp.names,
+                "segments": [
+                    {"start_iteration": a, "end_iteration": b, "weights": [float(x) for x in w]}
+                    for a, b, _, w in exp.segments
+                ],
+                "meta": exp.meta,
+            },
+            indent=1,
+        )
 
 
 # --------------------------------------------------------------------------- history beside a model
@@ -488,12 +547,16 @@ def mixture_history(log_dir: str | os.PathLike, up_to: Optional[int] = None) -> 
     except DataError:
         averaged = None
     return {
-        "format": HISTORY_FORMAT, "source": os.path.abspath(run.log_dir), "method": logged_strategy(run.mixing),
-        "domains": run.domains, "basis_names": run.basis_names,
+        "format": HISTORY_FORMAT,
+        "source": os.path.abspath(run.log_dir),
+        "method": logged_strategy(run.mixing),
+        "domains": run.domains,
+        "basis_names": run.basis_names,
         "iterations": [int(m["iteration"]) for m in run.entries],
         "consumed_tokens": [m.get("consumed_tokens") for m in run.entries],
         "domain_weights": [m.get("domain_weights") for m in run.entries],
         "basis_weights": [m.get("basis_weights") for m in run.entries] if run.basis_names else None,
-        "tokens_per_domain": tokens, "time_averaged_weights": averaged,
+        "tokens_per_domain": tokens,
+        "time_averaged_weights": averaged,
         "note": "domain_weights at an iteration: the mixture after that step's update (of the steps after it)",
     }

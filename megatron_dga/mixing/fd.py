@@ -40,6 +40,7 @@ probe samples are spread over data-parallel ranks by ``probe_fn``; ONE all-reduc
 (loss-difference sum, loss sums, token count) per source over all ranks gives every
 rank the same alignments.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,9 +61,15 @@ FD_RELATIVE_STEP = 1e-4
 _KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-def fd_alignments(view: TrainerView, sources: Sequence[int], domain_batch_size: int, specific_batch_size: int,
-                  preconditioner: str = "none", probe_fn: Optional[Callable] = None,
-                  relative_step: float = FD_RELATIVE_STEP) -> AlignmentResult:
+def fd_alignments(
+    view: TrainerView,
+    sources: Sequence[int],
+    domain_batch_size: int,
+    specific_batch_size: int,
+    preconditioner: str = "none",
+    probe_fn: Optional[Callable] = None,
+    relative_step: float = FD_RELATIVE_STEP,
+) -> AlignmentResult:
     """Central-difference estimate of a_i = <g_i, P g_spe> for each source.
 
     Args:
@@ -84,7 +91,9 @@ def fd_alignments(view: TrainerView, sources: Sequence[int], domain_batch_size: 
         ConfigError: relative_step <= 0, or parameters that are not fp32.
     """
     if not (isinstance(relative_step, (int, float)) and math.isfinite(relative_step) and relative_step > 0):
-        raise ConfigError(f"the finite-difference step (h / |theta|) must be a finite number > 0, got {relative_step!r}")
+        raise ConfigError(
+            f"the finite-difference step (h / |theta|) must be a finite number > 0, got {relative_step!r}"
+        )
     probe_fn = probe_fn or view.probe_domain
     params = list(view.parameters())
     bad = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
@@ -100,13 +109,19 @@ def fd_alignments(view: TrainerView, sources: Sequence[int], domain_batch_size: 
     spe_stats = view.backward(view.probe_specific(specific_batch_size), sync_grads=True)
     grads = view.grads()
     direction = _direction(grads, preconditioner_kwargs(view, preconditioner))
-    norms_sq = torch.stack([ops.grad_dot(direction, direction, counted=counted),
-                            ops.grad_dot(params, params, counted=counted),
-                            ops.grad_dot(grads, grads, counted=counted) if direction is not grads
-                            else torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")])
+    norms_sq = torch.stack(
+        [
+            ops.grad_dot(direction, direction, counted=counted),
+            ops.grad_dot(params, params, counted=counted),
+            ops.grad_dot(grads, grads, counted=counted)
+            if direction is not grads
+            else torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu"),
+        ]
+    )
     view.all_reduce(norms_sq, group="mp")
-    d_norm, theta_norm, g_norm = (math.sqrt(max(float(x), 0.0)) if math.isfinite(float(x)) else math.nan
-                                  for x in norms_sq)
+    d_norm, theta_norm, g_norm = (
+        math.sqrt(max(float(x), 0.0)) if math.isfinite(float(x)) else math.nan for x in norms_sq
+    )
     h = relative_step * (theta_norm if theta_norm > 0 else 1.0)
 
     micro_batches = _mixed_batch(probe_fn, sources, domain_batch_size)
@@ -168,12 +183,18 @@ def _mixed_batch(probe_fn, sources: Sequence[int], size: int) -> List[Dict[str, 
     mbs = max(len(p["tokens"]) for p in parts)
     batch = {key: torch.cat([p[key] for p in parts]) for key in (*_KEYS, "domain_id")}
     total = len(batch["tokens"])
-    return [{key: value[i:i + mbs] for key, value in batch.items()} for i in range(0, total, mbs)]
+    return [{key: value[i : i + mbs] for key, value in batch.items()} for i in range(0, total, mbs)]
 
 
 @torch.no_grad()
-def _two_sided_sums(view: TrainerView, params: List[torch.Tensor], direction: List[torch.Tensor], step: float,
-                    micro_batches, sums: torch.Tensor) -> None:
+def _two_sided_sums(
+    view: TrainerView,
+    params: List[torch.Tensor],
+    direction: List[torch.Tensor],
+    step: float,
+    micro_batches,
+    sums: torch.Tensor,
+) -> None:
     """Forward at theta + step*d and theta - step*d; accumulate per-source sums into ``sums``."""
     saved = [p.detach().clone() for p in params]
     pass_rng = capture_rng_state()

@@ -1,4 +1,5 @@
 """The fixed-mixture baselines: uniform, natural, static, importance sampling."""
+
 from __future__ import annotations
 
 import numpy as np

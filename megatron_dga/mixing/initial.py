@@ -3,6 +3,7 @@
 :func:`check_initial` refuses, at start-up, what can never give weights (it needs no data);
 :func:`initial_weights` computes them once the domains are known, after the same checks.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -15,8 +16,14 @@ NAMES = ("uniform", "natural", "static", "importance")
 """The named initial weights; --dga-init also takes a weights file."""
 
 
-def check_initial(flag: str, init: str, *, static_given: Optional[bool], importance_weights: Optional[str],
-                  basis: Optional[str] = None) -> None:
+def check_initial(
+    flag: str,
+    init: str,
+    *,
+    static_given: Optional[bool],
+    importance_weights: Optional[str],
+    basis: Optional[str] = None,
+) -> None:
     """ConfigError unless ``flag init`` can give initial weights.
 
     Args:
@@ -31,18 +38,29 @@ def check_initial(flag: str, init: str, *, static_given: Optional[bool], importa
     if basis:
         raise ConfigError(
             f"{flag} {init} weighs the K domains, but with --dga-basis {basis} DGA weighs the N basis "
-            f"distributions (and starts uniform over them); drop {flag}")
+            f"distributions (and starts uniform over them); drop {flag}"
+        )
     if init == "static" and static_given is False:
         other = "use --mixing natural/uniform" if flag == "--mixing" else f"choose another {flag}"
-        raise ConfigError(f"{flag} static needs weights in --data-path (W1 P1 W2 P2 ...); plain prefixes were "
-                          f"given. Add weights or {other}")
+        raise ConfigError(
+            f"{flag} static needs weights in --data-path (W1 P1 W2 P2 ...); plain prefixes were "
+            f"given. Add weights or {other}"
+        )
     if init == "importance" and not importance_weights:
-        raise ConfigError(f"{flag} importance needs --importance-weights FILE (write it with "
-                          "tools/importance_weights.py)")
+        raise ConfigError(
+            f"{flag} importance needs --importance-weights FILE (write it with tools/importance_weights.py)"
+        )
 
 
-def initial_weights(flag: str, init: str, domains, *, importance_weights: Optional[str] = None,
-                    basis: Optional[str] = None, num_bases: int = 0) -> np.ndarray:
+def initial_weights(
+    flag: str,
+    init: str,
+    domains,
+    *,
+    importance_weights: Optional[str] = None,
+    basis: Optional[str] = None,
+    num_bases: int = 0,
+) -> np.ndarray:
     """The initial weights ``flag init`` gives over ``domains`` (a DomainInfo), or over the bases of ``basis``.
 
     Args:
@@ -50,8 +68,9 @@ def initial_weights(flag: str, init: str, domains, *, importance_weights: Option
         domains: the DomainInfo of the run.
         num_bases: the number of basis distributions N, with ``basis``.
     """
-    check_initial(flag, init, static_given=domains.static_weights is not None,
-                  importance_weights=importance_weights, basis=basis)
+    check_initial(
+        flag, init, static_given=domains.static_weights is not None, importance_weights=importance_weights, basis=basis
+    )
     if init == "uniform":
         n = num_bases if basis else domains.k
         return np.full(n, 1.0 / n)

@@ -3,6 +3,7 @@
 A strategy's ``metrics()`` returns its metrics.jsonl keys; a key listed here gets this tag (a scalar)
 or tag prefix (a list, one tag per domain or basis); an unlisted one gets ``train/<key>``.
 """
+
 from __future__ import annotations
 
 from typing import Mapping

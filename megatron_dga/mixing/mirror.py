@@ -6,6 +6,7 @@ The scores are identical on every rank (they come from all-reduced sums), so are
 (checked, ``check_identical_across_ranks``); non-finite scores skip the update on every rank together,
 with a warning, and keep the weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,12 +35,18 @@ class MirrorDescentStrategy(MixingStrategy):
         self.skipped_updates = 0
         self._last: Dict[str, object] = {}
 
-    def step(self, view: TrainerView, scores: np.ndarray, *, eta: float, ema: float, floor: float) -> Optional[np.ndarray]:
+    def step(
+        self, view: TrainerView, scores: np.ndarray, *, eta: float, ema: float, floor: float
+    ) -> Optional[np.ndarray]:
         """The new weights after one step on ``scores``, or None when the update is skipped."""
         try:
-            new = ops.simplex_update(torch.as_tensor(self.weights, dtype=torch.float64),
-                                     torch.as_tensor(scores, dtype=torch.float64), eta=eta, beta=ema,
-                                     floor=floor).numpy()
+            new = ops.simplex_update(
+                torch.as_tensor(self.weights, dtype=torch.float64),
+                torch.as_tensor(scores, dtype=torch.float64),
+                eta=eta,
+                beta=ema,
+                floor=floor,
+            ).numpy()
         except NumericalError as exc:  # identical scores on every rank: every rank skips together
             self.skipped_updates += 1
             logger.warning("%s update at iteration %d skipped, weights kept: %s", self.label, view.iteration, exc)
@@ -55,8 +62,11 @@ class MirrorDescentStrategy(MixingStrategy):
         return out
 
     def state_dict(self) -> Dict:
-        return {"weights": None if self.weights is None else [float(w) for w in self.weights],
-                "updates": self.updates, "skipped_updates": self.skipped_updates}
+        return {
+            "weights": None if self.weights is None else [float(w) for w in self.weights],
+            "updates": self.updates,
+            "skipped_updates": self.skipped_updates,
+        }
 
     def load_state_dict(self, state: Dict) -> None:
         self.weights = None if state.get("weights") is None else np.asarray(state["weights"], dtype=np.float64)

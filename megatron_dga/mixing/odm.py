@@ -18,6 +18,7 @@ is no basis form (--dga-basis belongs to DGA).
 All of it runs on the host in float64 from all-reduced sums, so every rank computes the same
 weights (checked after each update, ``mixing.base.check_identical_across_ranks``).
 """
+
 from __future__ import annotations
 
 import math

@@ -32,6 +32,7 @@ domain part, one unsharded fp32 gradient copy (g_A), no specific set. The halves
 estimates depend on the data-parallel size (equally unbiased at every size): a run resumed at another
 DP size continues with its own estimates, not the ones the old layout would have drawn.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -61,8 +62,9 @@ def split_halves(micro_batches: List[Dict[str, torch.Tensor]]) -> Tuple[list, li
 
 
 def _rows(mb: Dict[str, torch.Tensor], start: int, stop: int) -> Dict[str, torch.Tensor]:
-    return {key: value[start:stop] if torch.is_tensor(value) and value.dim() > 0 else value
-            for key, value in mb.items()}
+    return {
+        key: value[start:stop] if torch.is_tensor(value) and value.dim() > 0 else value for key, value in mb.items()
+    }
 
 
 def _equal_micro_batches(rows: List[Dict[str, torch.Tensor]], cap: int) -> list:
@@ -70,8 +72,15 @@ def _equal_micro_batches(rows: List[Dict[str, torch.Tensor]], cap: int) -> list:
     if n == 0:
         return []
     size = max(d for d in range(1, min(cap, n) + 1) if n % d == 0)
-    return [{key: torch.cat([r[key] for r in rows[i:i + size]]) if torch.is_tensor(value) and value.dim() > 0
-             else value for key, value in rows[i].items()} for i in range(0, n, size)]
+    return [
+        {
+            key: torch.cat([r[key] for r in rows[i : i + size]])
+            if torch.is_tensor(value) and value.dim() > 0
+            else value
+            for key, value in rows[i].items()
+        }
+        for i in range(0, n, size)
+    ]
 
 
 def _num(micro_batches) -> int:
@@ -113,8 +122,9 @@ def gradient_statistics(view: TrainerView, domains: List[int], batch_size: int) 
     return partial.cpu().numpy()
 
 
-def scores(grad_sq: np.ndarray, noise: np.ndarray, weights: np.ndarray, penalty: float,
-           global_batch_size: int) -> np.ndarray:
+def scores(
+    grad_sq: np.ndarray, noise: np.ndarray, weights: np.ndarray, penalty: float, global_batch_size: int
+) -> np.ndarray:
     """score_i = |g_i|^2 - c (w_i |g_i|^2 + tr(Sigma_i) / (2 B)): the bound's decrease per unit of w_i."""
     return grad_sq - penalty * (weights * grad_sq + noise / (2.0 * global_batch_size))
 
@@ -129,8 +139,10 @@ class PiKE(MirrorDescentStrategy):
         _, dp_size = view.data_parallel()
         size = self.cfg.pike_domain_batch_size
         if size < 2 * dp_size:
-            raise ConfigError(f"--pike-domain-batch-size {size} gives some of the {dp_size} data-parallel ranks fewer "
-                              f"than 2 probe sequences to split in halves; use at least {2 * dp_size}")
+            raise ConfigError(
+                f"--pike-domain-batch-size {size} gives some of the {dp_size} data-parallel ranks fewer "
+                f"than 2 probe sequences to split in halves; use at least {2 * dp_size}"
+            )
 
     def initial_weights(self) -> np.ndarray:
         self.weights = initial_weights("--mixing", "uniform", self.domains)
@@ -142,6 +154,10 @@ class PiKE(MirrorDescentStrategy):
         stats = gradient_statistics(view, list(range(self.domains.k)), self.cfg.pike_domain_batch_size)
         grad_sq, noise = stats[0], stats[1]
         score = scores(grad_sq, noise, self.weights, self.cfg.pike_penalty, view.global_batch_size)
-        self._last = {"pike_grad_sq": grad_sq.tolist(), "pike_noise": noise.tolist(), "pike_scores": score.tolist(),
-                      "pike_update": self.updates + 1}
+        self._last = {
+            "pike_grad_sq": grad_sq.tolist(),
+            "pike_noise": noise.tolist(),
+            "pike_scores": score.tolist(),
+            "pike_update": self.updates + 1,
+        }
         return self.step(view, score, eta=self.cfg.pike_eta, ema=self.cfg.pike_ema, floor=self.cfg.pike_min_weight)

@@ -31,6 +31,7 @@ Names are stored as fixed-width unicode arrays so the file loads with
 Writes are atomic (temporary file in the same directory, then ``os.replace``), so
 a reader never sees a half-written file even while a long run re-reads it.
 """
+
 from __future__ import annotations
 
 import json
@@ -110,8 +111,9 @@ def _check_names(names: Sequence[Any], what: str, source: str) -> list[str]:
     return out
 
 
-def check_simplex(vec: np.ndarray, source: str, what: str, fix: str | None = None,
-                  error: type[Exception] = DataError) -> None:
+def check_simplex(
+    vec: np.ndarray, source: str, what: str, fix: str | None = None, error: type[Exception] = DataError
+) -> None:
     """Raise ``error`` unless every row of ``vec`` (1-D: the vector) is finite, >= 0 and sums to 1.
 
     The one check of "weights on the simplex", for files and checkpoints alike. Vectorised
@@ -229,10 +231,14 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"weights file '{source}' is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
-        raise DataError(f"{source}: top level is {type(doc).__name__}, expected a JSON object with format/domains/weights")
+        raise DataError(
+            f"{source}: top level is {type(doc).__name__}, expected a JSON object with format/domains/weights"
+        )
     tag = doc.get("format")
     if tag != WEIGHTS_FORMAT:
-        raise DataError(f"{source}: format tag is {tag!r}, expected {WEIGHTS_FORMAT!r}; this is not a megatron-dga weights file")
+        raise DataError(
+            f"{source}: format tag is {tag!r}, expected {WEIGHTS_FORMAT!r}; this is not a megatron-dga weights file"
+        )
     for key in ("domains", "weights"):
         if not isinstance(doc.get(key), list):
             raise DataError(f"{source}: '{key}' is {type(doc.get(key)).__name__}, expected a list")
@@ -307,8 +313,9 @@ def save_basis(
         m = sp.csr_matrix(matrix, dtype=np.float64)
         m.sum_duplicates()
         _check_csr_basis(m, len(b_names), len(d_names), source)
-        arrays.update(matrix_data=m.data, matrix_indices=m.indices.astype(np.int64),
-                      matrix_indptr=m.indptr.astype(np.int64))
+        arrays.update(
+            matrix_data=m.data, matrix_indices=m.indices.astype(np.int64), matrix_indptr=m.indptr.astype(np.int64)
+        )
     else:
         m = np.asarray(matrix, dtype=np.float64)
         _check_basis_matrix(m, len(b_names), len(d_names), source)
@@ -324,20 +331,25 @@ def save_basis(
 def _check_csr_basis(m, n: int, k: int, source: str) -> None:
     """The checks of :func:`_check_basis_matrix` for a CSR matrix (structure, entries, row sums)."""
     if m.shape != (n, k) or n == 0 or k == 0:
-        raise DataError(f"{source}: sparse matrix has shape {m.shape}, expected (N={n} basis_names, "
-                        f"K={k} domain_names), both >= 1")
+        raise DataError(
+            f"{source}: sparse matrix has shape {m.shape}, expected (N={n} basis_names, K={k} domain_names), both >= 1"
+        )
     if not np.all(np.isfinite(m.data)) or np.any(m.data < 0):
         bad = np.flatnonzero(~np.isfinite(m.data) | (m.data < 0))[0]
         row = int(np.searchsorted(m.indptr, bad, side="right")) - 1
-        raise DataError(f"{source}: matrix row {row} has entry {float(m.data[bad])!r} at position "
-                        f"{int(m.indices[bad])}; weights must be finite and >= 0: regenerate the file with "
-                        "tools/importance_weights.py")
+        raise DataError(
+            f"{source}: matrix row {row} has entry {float(m.data[bad])!r} at position "
+            f"{int(m.indices[bad])}; weights must be finite and >= 0: regenerate the file with "
+            "tools/importance_weights.py"
+        )
     totals = np.asarray(m.sum(axis=1)).ravel()
     bad_rows = np.flatnonzero(np.abs(totals - 1.0) > SIMPLEX_ATOL)
     if bad_rows.size:
         i = int(bad_rows[0])
-        raise DataError(f"{source}: matrix row {i} sums to {float(totals[i])!r}, not 1 (tolerance {SIMPLEX_ATOL}); "
-                        "normalise it (divide by its sum) before writing")
+        raise DataError(
+            f"{source}: matrix row {i} sums to {float(totals[i])!r}, not 1 (tolerance {SIMPLEX_ATOL}); "
+            "normalise it (divide by its sum) before writing"
+        )
 
 
 def _read_csr_basis(z, n: int, k: int, source: str):
@@ -345,14 +357,28 @@ def _read_csr_basis(z, n: int, k: int, source: str):
     import scipy.sparse as sp
 
     data, indices, indptr = (z[key] for key in _CSR_KEYS)
-    if (data.ndim != 1 or indices.shape != data.shape or indptr.shape != (n + 1,) or data.dtype.kind not in "fiu"
-            or indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu"):
-        raise DataError(f"{source}: CSR members have shapes data {data.shape}, indices {indices.shape}, indptr "
-                        f"{indptr.shape} (expected equal nnz, and N + 1 = {n + 1} row pointers); rebuild the file")
-    if (indptr[0] != 0 or indptr[-1] != data.size or np.any(np.diff(indptr) < 0)
-            or (indices.size and (indices.min() < 0 or indices.max() >= k))):
-        raise DataError(f"{source}: CSR row pointers or column ids out of range (K = {k} domain_names); the file is "
-                        "damaged: rebuild it with tools/importance_weights.py --basis-sets")
+    if (
+        data.ndim != 1
+        or indices.shape != data.shape
+        or indptr.shape != (n + 1,)
+        or data.dtype.kind not in "fiu"
+        or indices.dtype.kind not in "iu"
+        or indptr.dtype.kind not in "iu"
+    ):
+        raise DataError(
+            f"{source}: CSR members have shapes data {data.shape}, indices {indices.shape}, indptr "
+            f"{indptr.shape} (expected equal nnz, and N + 1 = {n + 1} row pointers); rebuild the file"
+        )
+    if (
+        indptr[0] != 0
+        or indptr[-1] != data.size
+        or np.any(np.diff(indptr) < 0)
+        or (indices.size and (indices.min() < 0 or indices.max() >= k))
+    ):
+        raise DataError(
+            f"{source}: CSR row pointers or column ids out of range (K = {k} domain_names); the file is "
+            "damaged: rebuild it with tools/importance_weights.py --basis-sets"
+        )
     m = sp.csr_matrix((data.astype(np.float64), indices.astype(np.int64), indptr.astype(np.int64)), shape=(n, k))
     _check_csr_basis(m, n, k, source)
     return m
@@ -360,9 +386,7 @@ def _read_csr_basis(z, n: int, k: int, source: str):
 
 def _check_basis_matrix(m: np.ndarray, n: int, k: int, source: str) -> None:
     if m.ndim != 2 or m.shape != (n, k):
-        raise DataError(
-            f"{source}: matrix has shape {m.shape}, expected (N={n} basis_names, K={k} domain_names)"
-        )
+        raise DataError(f"{source}: matrix has shape {m.shape}, expected (N={n} basis_names, K={k} domain_names)")
     if n == 0 or k == 0:
         raise DataError(f"{source}: basis needs at least one row and one column, got shape {m.shape}")
     check_simplex(m, source, "matrix")
@@ -389,26 +413,35 @@ def load_basis(path: str | os.PathLike, expected_domains: Sequence[str] | None =
             sparse = "matrix" not in z.files and all(k in z.files for k in _CSR_KEYS)
             missing = [k for k in _BASIS_KEYS if k not in z.files and not (sparse and k == "matrix")]
             if missing:
-                raise DataError(f"{source}: basis file lacks {missing} (has {sorted(z.files)}); expected keys {list(_BASIS_KEYS)}")
+                raise DataError(
+                    f"{source}: basis file lacks {missing} (has {sorted(z.files)}); expected keys {list(_BASIS_KEYS)}"
+                )
             b_raw, d_raw = z["basis_names"], z["domain_names"]
             meta_raw = z["meta"] if "meta" in z.files else None
             for key, arr in (("basis_names", b_raw), ("domain_names", d_raw)):
                 if arr.ndim != 1 or arr.dtype.kind != "U":
-                    raise DataError(f"{source}: '{key}' has dtype {arr.dtype} and shape {arr.shape}; "
-                                    "expected a 1-D string array")
+                    raise DataError(
+                        f"{source}: '{key}' has dtype {arr.dtype} and shape {arr.shape}; expected a 1-D string array"
+                    )
             b_names = _check_names(b_raw.tolist(), "basis_names", source)
             d_names = _check_names(d_raw.tolist(), "domain_names", source)
             m = _read_csr_basis(z, len(b_names), len(d_names), source) if sparse else z["matrix"]
     except FileNotFoundError:
-        raise DataError(f"basis file '{source}' not found; build it with tools/importance_weights.py --basis-sets") from None
+        raise DataError(
+            f"basis file '{source}' not found; build it with tools/importance_weights.py --basis-sets"
+        ) from None
     except DataError:
         raise
     except NotNpzError as e:  # a text file, a .npy, a pickle
-        raise DataError(f"{source}: cannot read as a basis .npz: {e}; give the .npz that "
-                        "tools/importance_weights.py --basis-output writes") from None
+        raise DataError(
+            f"{source}: cannot read as a basis .npz: {e}; give the .npz that "
+            "tools/importance_weights.py --basis-output writes"
+        ) from None
     except ValueError:  # an object array inside the archive (allow_pickle=False refuses it)
-        raise DataError(f"{source}: cannot read as a basis .npz: it holds object arrays (names must be unicode "
-                        "arrays); rebuild it with tools/importance_weights.py --basis-output") from None
+        raise DataError(
+            f"{source}: cannot read as a basis .npz: it holds object arrays (names must be unicode "
+            "arrays); rebuild it with tools/importance_weights.py --basis-output"
+        ) from None
     except NPZ_READ_ERRORS as e:  # (ValueError is answered above) a truncated or damaged .npz
         raise DataError(
             f"{source}: cannot read as a basis .npz ({e}); the file is damaged: rebuild it with "

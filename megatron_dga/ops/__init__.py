@@ -21,6 +21,7 @@ Accumulation accuracy (``accumulate=``), relative to S = sum |terms|:
 Both are deterministic for given inputs: the CPU kernel's result does not depend on the
 thread count, the CUDA kernel reduces without atomics.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,9 +64,7 @@ def _as_list(value: TensorList, what: str, where: str) -> List[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(
-            f"{where}: {what} must be a list or tuple of tensors, got {type(value).__name__}"
-        )
+        raise ConfigError(f"{where}: {what} must be a list or tuple of tensors, got {type(value).__name__}")
     for j, t in enumerate(value):
         if not isinstance(t, torch.Tensor):
             raise ConfigError(f"{where}: {what}[{j}] is a {type(t).__name__}, not a torch.Tensor")
@@ -93,8 +92,7 @@ def _check_tensor(t: torch.Tensor, name: str, device: torch.device, where: str) 
 def _check_scalars(bias_correction2: float, eps: float, accumulate: str, where: str) -> bool:
     if accumulate not in _ACCUMULATE:
         raise ConfigError(f"{where}: accumulate={accumulate!r} must be 'fp64' or 'fp32'")
-    if not (isinstance(bias_correction2, numbers.Real) and math.isfinite(bias_correction2)
-            and bias_correction2 > 0):
+    if not (isinstance(bias_correction2, numbers.Real) and math.isfinite(bias_correction2) and bias_correction2 > 0):
         raise ConfigError(
             f"{where}: bias_correction2={bias_correction2!r} must be a finite number > 0 "
             "(Adam's 1 - beta2**step; 1.0 for no bias correction)"
@@ -126,9 +124,7 @@ def _prepare(
             "the optimizer's exp_avg_sq for every gradient tensor, in the same order"
         )
     if counted is not None and len(counted) != len(gs):
-        raise ConfigError(
-            f"{where}: counted has {len(counted)} entries for {len(gs)} gradient tensors"
-        )
+        raise ConfigError(f"{where}: counted has {len(counted)} entries for {len(gs)} gradient tensors")
     device = gs[0].device if gs else None
     out_g, out_t, out_v = [], [], [] if vs is not None else None
     for j, (g, t) in enumerate(zip(gs, ts)):
@@ -227,15 +223,11 @@ def grad_dot(
 # ----------------------------------------------------------------------- simplex_update
 
 
-def _check_simplex_args(
-    alpha: torch.Tensor, alignment: torch.Tensor, eta: float, beta: float, floor: float
-) -> None:
+def _check_simplex_args(alpha: torch.Tensor, alignment: torch.Tensor, eta: float, beta: float, floor: float) -> None:
     if not (isinstance(eta, numbers.Real) and math.isfinite(eta)):
         raise ConfigError(f"simplex_update: eta={eta!r} must be a finite number (the DGA step size)")
     if not (isinstance(beta, numbers.Real) and 0 < beta <= 1):
-        raise ConfigError(
-            f"simplex_update: beta={beta!r} must be in (0, 1]; 1 means no EMA, 0.1 is strong smoothing"
-        )
+        raise ConfigError(f"simplex_update: beta={beta!r} must be in (0, 1]; 1 means no EMA, 0.1 is strong smoothing")
     if not (isinstance(floor, numbers.Real) and 0 <= floor < 1):
         raise ConfigError(f"simplex_update: floor={floor!r} must be in [0, 1); 0 disables the floor")
     if alpha.dim() != 1 or alpha.numel() < 1:
@@ -248,17 +240,14 @@ def _check_simplex_args(
             f"{tuple(alpha.shape)}; pass one alignment per domain"
         )
     if alignment.device != alpha.device:
-        raise ConfigError(
-            f"simplex_update: alignment is on {alignment.device} but alpha is on {alpha.device}"
-        )
+        raise ConfigError(f"simplex_update: alignment is on {alignment.device} but alpha is on {alpha.device}")
     if not bool(torch.isfinite(alpha).all()):
         bad = torch.nonzero(~torch.isfinite(alpha)).flatten()[:10].tolist()
         raise ConfigError(f"simplex_update: alpha is not finite at indices {bad}")
     if bool((alpha < 0).any()):
         i = int(torch.argmin(alpha))
         raise ConfigError(
-            f"simplex_update: alpha[{i}] = {float(alpha[i]):.6g} is negative; mixture weights "
-            "must be >= 0"
+            f"simplex_update: alpha[{i}] = {float(alpha[i]):.6g} is negative; mixture weights must be >= 0"
         )
     total = float(alpha.sum())
     if abs(total - 1.0) > _SIMPLEX_TOL:

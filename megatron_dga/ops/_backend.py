@@ -4,6 +4,7 @@ Order of precedence: the ``backend=`` argument of an op, then the environment va
 ``MEGATRON_DGA_OPS``, then ``"auto"`` (the extension when it imports and has kernels
 for the tensors' device, else the reference with one warning per process).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,7 @@ def load_extension() -> Optional[ModuleType]:
     if not _ext_tried:
         _ext_tried = True
         try:
-            from megatron_dga import _C  # noqa: PLC0415 - optional compiled module
+            from megatron_dga import _C
 
             _ext = _C
         except ImportError as exc:  # not built, or built against another torch

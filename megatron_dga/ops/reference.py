@@ -32,6 +32,7 @@ limit is taken exactly: two distinct doubles that large differ by more than 1e29
 scaling, which dwarfs ``|log alpha| <= 745``, so all the mass goes to the maximisers of
 ``sign(eta) * a`` on the support, shared in proportion to ``alpha``.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -85,9 +86,7 @@ def grad_dot(
 
 
 @torch.no_grad()
-def simplex_update(
-    alpha: torch.Tensor, alignment: torch.Tensor, eta: float, beta: float, floor: float
-) -> torch.Tensor:
+def simplex_update(alpha: torch.Tensor, alignment: torch.Tensor, eta: float, beta: float, floor: float) -> torch.Tensor:
     """Mirror-descent step + EMA + floor on the simplex (see the module docstring).
 
     Args:

@@ -1,5 +1,6 @@
 """k-means domains over jsonl files or over Megatron shards (a fine-domain map): the library of
 tools/cluster_domains.py (its command line and outputs: megatron_dga/cli/cluster_domains.py)."""
+
 from __future__ import annotations
 
 import json
@@ -43,13 +44,20 @@ def prepare_output(out: str, overwrite: bool) -> None:
     manifest = os.path.join(out, MANIFEST_FILE)
     if os.path.exists(manifest):
         if not overwrite:
-            raise ConfigError(f"--output {out} already holds a clustering ({manifest}); pass --overwrite or choose another directory")
+            raise ConfigError(
+                f"--output {out} already holds a clustering ({manifest}); pass --overwrite or choose another directory"
+            )
         try:
             with open(manifest, encoding="utf-8") as f:
                 old = json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(f"{manifest}: invalid JSON ({e}); empty --output {out} by hand") from None
-        stale = [f"{d}.jsonl" for d in old.get("domains", [])] + [CENTROIDS_FILE, EMBEDDER_STATE_FILE, TFIDF_PAYLOAD_FILE, MANIFEST_FILE]
+        stale = [f"{d}.jsonl" for d in old.get("domains", [])] + [
+            CENTROIDS_FILE,
+            EMBEDDER_STATE_FILE,
+            TFIDF_PAYLOAD_FILE,
+            MANIFEST_FILE,
+        ]
         for name in stale:
             path = os.path.join(out, name)
             if os.path.isfile(path):
@@ -103,7 +111,9 @@ def write_domains(files: list[str], labels: np.ndarray, names: list[str], out: s
         writer.write(int(labels[i]), raw)
     writer.flush()
     if i + 1 != labels.shape[0]:
-        raise DataError(f"inputs shrank while clustering ({i + 1} lines now, {labels.shape[0]} before); re-run on stable files")
+        raise DataError(
+            f"inputs shrank while clustering ({i + 1} lines now, {labels.shape[0]} before); re-run on stable files"
+        )
 
 
 def build_manifest(args, files, embedder, result, n_docs: int, seconds: float) -> dict:
@@ -120,8 +130,12 @@ def build_manifest(args, files, embedder, result, n_docs: int, seconds: float) -
             "json_keys": list(args.json_keys),
             "inputs": [os.path.abspath(f) for f in files],
         },
-        "embedding": {"kind": embedder.kind, "dim": embedder.dim, "config": embedder.config_dict(),
-                      "state": EMBEDDER_STATE_FILE},
+        "embedding": {
+            "kind": embedder.kind,
+            "dim": embedder.dim,
+            "config": embedder.config_dict(),
+            "state": EMBEDDER_STATE_FILE,
+        },
         "num_docs": n_docs,
         "domains": result.names,
         "doc_counts": {n: int(c) for n, c in zip(result.names, result.counts)},
@@ -135,8 +149,13 @@ def build_manifest(args, files, embedder, result, n_docs: int, seconds: float) -
 def run_jsonl(args) -> None:
     """--input FILES --output DIR: one jsonl per domain (small corpora)."""
     t0 = time.time()
-    config = KMeansConfig(num_clusters=tuple(args.num_clusters), seed=args.seed, algorithm=args.kmeans_algorithm,
-                          n_init=args.kmeans_n_init, minibatch_threshold=args.minibatch_threshold)
+    config = KMeansConfig(
+        num_clusters=tuple(args.num_clusters),
+        seed=args.seed,
+        algorithm=args.kmeans_algorithm,
+        n_init=args.kmeans_n_init,
+        minibatch_threshold=args.minibatch_threshold,
+    )
     files = expand_jsonl_inputs(args.input)
     prepare_output(args.output, args.overwrite)
     texts = [parse_text(raw, args.json_keys, p, n) for p, n, raw in iter_jsonl(files)]
@@ -167,8 +186,15 @@ def run_jsonl(args) -> None:
     except OSError as e:
         raise output_error(e, args.output, "--output", explained_only=False) from e
     sizes = result.counts
-    logger.info("%d domains (%d empty clusters dropped), docs per domain min %d / median %d / max %d -> %s",
-                len(result.names), len(result.empty), sizes.min(), int(np.median(sizes)), sizes.max(), args.output)
+    logger.info(
+        "%d domains (%d empty clusters dropped), docs per domain min %d / median %d / max %d -> %s",
+        len(result.names),
+        len(result.empty),
+        sizes.min(),
+        int(np.median(sizes)),
+        sizes.max(),
+        args.output,
+    )
 
 
 # --------------------------------------------------------------------------- --input-shards
@@ -199,15 +225,20 @@ def embed_shards(corpus, embedder, tokenizer, args) -> np.ndarray:
         sample = np.sort(np.random.default_rng(args.seed).choice(n, size=fit_n, replace=False))
         t = time.time()
         embedder.fit(as_embedder_input(embedder, corpus.gather(sample), tokenizer, drop, "--input-shards documents"))
-        logger.info("fitted the %s embedder (dim %d) on %d documents in %.1f s", embedder.kind, embedder.dim, fit_n,
-                    time.time() - t)
+        logger.info(
+            "fitted the %s embedder (dim %d) on %d documents in %.1f s",
+            embedder.kind,
+            embedder.dim,
+            fit_n,
+            time.time() - t,
+        )
     x = np.empty((n, embedder.dim), dtype=np.float32)
     chunk_docs = getattr(embedder.config, "batch_size", 4096)
     chunk_tokens = getattr(embedder.config, "batch_tokens", 1 << 22)
     with Progress(n, "embed", enabled=False if args.no_progress else None) as bar:
         for start, docs in corpus.iter_chunks(chunk_docs, chunk_tokens):
             inputs = as_embedder_input(embedder, docs, tokenizer, drop, "--input-shards documents")
-            x[start:start + len(docs)] = embedder.embed(inputs, show_progress=False)
+            x[start : start + len(docs)] = embedder.embed(inputs, show_progress=False)
             bar.update(len(docs))
     logger.info("embedded %d documents in %.1f s (%.0f documents/s)", n, bar.elapsed, n / max(bar.elapsed, 1e-9))
     return x
@@ -221,8 +252,10 @@ def check_tokenizer(corpus, tokenizer) -> None:
         return
     diff = tokenizer_mismatch(corpus.tokenizer, tokenizer.fingerprint())
     if diff:
-        raise ConfigError(f"--tokenizer-type/--tokenizer-model: the shards were built with another tokenizer "
-                          f"({'; '.join(diff)}; shards vs flags); pass the tokenizer tools/preprocess_data.py used")
+        raise ConfigError(
+            f"--tokenizer-type/--tokenizer-model: the shards were built with another tokenizer "
+            f"({'; '.join(diff)}; shards vs flags); pass the tokenizer tools/preprocess_data.py used"
+        )
 
 
 def run_shards(args) -> None:
@@ -231,8 +264,13 @@ def run_shards(args) -> None:
     from megatron_dga.prep.shard_corpus import ShardCorpus
 
     t0 = time.time()
-    config = CentroidTreeConfig(num_clusters=tuple(args.num_clusters), seed=args.seed, backend=args.kmeans_backend,
-                                niter=args.kmeans_iters, max_points_per_centroid=args.kmeans_max_points_per_centroid)
+    config = CentroidTreeConfig(
+        num_clusters=tuple(args.num_clusters),
+        seed=args.seed,
+        backend=args.kmeans_backend,
+        niter=args.kmeans_iters,
+        max_points_per_centroid=args.kmeans_max_points_per_centroid,
+    )
     # Every check that can fail runs before the embedding: an unwritable destination, the shards,
     # the tokenizer, the embedding's needs, the k-means library.
     ensure_writable_parent(args.output_map, "--output-map")
@@ -243,10 +281,12 @@ def run_shards(args) -> None:
     kind = args.embedding or TokenTfidfEmbedder.kind
     tokenizer = tokenizer_from_args(args)
     if EMBEDDERS[kind].input_kind != "tokens" and tokenizer is None:  # checked before a model is loaded
-        raise ConfigError(f"--embedding {kind} embeds text: the shards' documents are detokenised first, so "
-                          "pass the tokenizer they were built with (--tokenizer-type, --tokenizer-model / "
-                          "--vocab-file --merge-file / --vocab-size, as for tools/preprocess_data.py), or use "
-                          "--embedding token-tfidf")
+        raise ConfigError(
+            f"--embedding {kind} embeds text: the shards' documents are detokenised first, so "
+            "pass the tokenizer they were built with (--tokenizer-type, --tokenizer-model / "
+            "--vocab-file --merge-file / --vocab-size, as for tools/preprocess_data.py), or use "
+            "--embedding token-tfidf"
+        )
     embedder = embedder_from_args(args, default_kind=kind)
     workers = args.workers or default_workers()
     with limit_threads(workers):
@@ -254,11 +294,20 @@ def run_shards(args) -> None:
         check_tokenizer(corpus, tokenizer)
         n = corpus.num_documents
         if n < config.num_clusters[0]:
-            raise DataError(f"--input-shards: {n} documents cannot fill the {config.num_clusters[0]} clusters of the "
-                            f"first level of --num-clusters {' '.join(map(str, args.num_clusters))}; lower it to at "
-                            f"most {n}")
-        logger.info("%d documents, %d tokens in %d shards -> %d fine domains (%s), %d threads", n, corpus.num_tokens,
-                    len(corpus.prefixes), config.num_leaves, " x ".join(map(str, config.num_clusters)), workers)
+            raise DataError(
+                f"--input-shards: {n} documents cannot fill the {config.num_clusters[0]} clusters of the "
+                f"first level of --num-clusters {' '.join(map(str, args.num_clusters))}; lower it to at "
+                f"most {n}"
+            )
+        logger.info(
+            "%d documents, %d tokens in %d shards -> %d fine domains (%s), %d threads",
+            n,
+            corpus.num_tokens,
+            len(corpus.prefixes),
+            config.num_leaves,
+            " x ".join(map(str, config.num_clusters)),
+            workers,
+        )
         identities = [shard_identity(p) for p in corpus.prefixes]
         x = embed_shards(corpus, embedder, tokenizer, args)
         t = time.time()
@@ -278,8 +327,11 @@ def run_shards(args) -> None:
         "tool": "tools/cluster_domains.py --input-shards",
         "shard_prefixes": [os.path.abspath(p) for p in corpus.prefixes],
         "embedding": {"kind": embedder.kind, "dim": embedder.dim, "config": embedder.config_dict()},
-        "kmeans": {"backend": backend, "iterations": config.niter,
-                   "max_points_per_centroid": config.max_points_per_centroid},
+        "kmeans": {
+            "backend": backend,
+            "iterations": config.niter,
+            "max_points_per_centroid": config.max_points_per_centroid,
+        },
         "num_clusters": list(config.num_clusters),
         "seed": args.seed,
         "tokenizer": corpus.tokenizer,
@@ -287,11 +339,26 @@ def run_shards(args) -> None:
         "empty_domains": int(counts.size - nonempty.size),
         "seconds": round(time.time() - t0, 2),
     }
-    dmap = DomainMap(domain_ids=ids.astype(np.int32), shards=identities, levels=list(config.num_clusters),
-                     names=None, clusters_dir=cdir_name, metadata=metadata)
+    dmap = DomainMap(
+        domain_ids=ids.astype(np.int32),
+        shards=identities,
+        levels=list(config.num_clusters),
+        names=None,
+        clusters_dir=cdir_name,
+        metadata=metadata,
+    )
     write_domain_map(args.output_map, dmap)  # last: a map on disk always has its clusters directory
     logger.info(
         "%d documents -> %d fine domains (%d empty), documents per non-empty domain: largest %d, smallest %d, "
-        "median %d; k-means %.1f s, total %.1f s -> %s (+ %s/)", n, counts.size, counts.size - nonempty.size,
-        nonempty.max(), nonempty.min(), int(np.median(nonempty)), seconds_kmeans, time.time() - t0,
-        args.output_map, cdir_name)
+        "median %d; k-means %.1f s, total %.1f s -> %s (+ %s/)",
+        n,
+        counts.size,
+        counts.size - nonempty.size,
+        nonempty.max(),
+        nonempty.min(),
+        int(np.median(nonempty)),
+        seconds_kmeans,
+        time.time() - t0,
+        args.output_map,
+        cdir_name,
+    )

@@ -22,6 +22,7 @@ Smoothing (:func:`smooth_distribution`), for counts ``c_j`` over ``K`` domains w
   (mix ``eps`` of probability mass uniformly into the histogram);
 * ``mode="laplace"``, ``eps >= 0`` pseudo-counts: ``p_j = (c_j + eps) / (n + K * eps)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,9 @@ class KMeansConfig:
     def __post_init__(self):
         self.num_clusters = tuple(self.num_clusters)
         if not self.num_clusters or any(not isinstance(k, (int, np.integer)) or k < 1 for k in self.num_clusters):
-            raise ConfigError(f"--num-clusters {list(self.num_clusters)}: need one or more integers >= 1, e.g. 64 or 8 8 8")
+            raise ConfigError(
+                f"--num-clusters {list(self.num_clusters)}: need one or more integers >= 1, e.g. 64 or 8 8 8"
+            )
         if len(self.num_clusters) > 4:
             raise ConfigError(f"--num-clusters {list(self.num_clusters)}: at most 4 levels are supported")
         if self.algorithm not in ("auto", "kmeans", "minibatch"):
@@ -110,7 +113,9 @@ def _check_embeddings(x: np.ndarray, what: str) -> np.ndarray:
     if x.ndim != 2 or x.shape[1] < 1:
         raise DataError(f"{what}: expected a 2-D (n_docs, dim) array, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
-        raise DataError(f"{what}: embeddings contain NaN/Inf (rows {np.flatnonzero(~np.isfinite(x).all(1))[:5].tolist()})")
+        raise DataError(
+            f"{what}: embeddings contain NaN/Inf (rows {np.flatnonzero(~np.isfinite(x).all(1))[:5].tolist()})"
+        )
     return x
 
 
@@ -141,8 +146,12 @@ def kmeans(x: np.ndarray, k: int, seed: int, config: KMeansConfig | None = None)
     use_mb = cfg.algorithm == "minibatch" or (cfg.algorithm == "auto" and n > cfg.minibatch_threshold)
     if use_mb:
         est = MiniBatchKMeans(
-            n_clusters=k, random_state=seed, n_init=cfg.n_init, max_iter=cfg.max_iter,
-            batch_size=min(cfg.batch_size, n), reassignment_ratio=0.01,
+            n_clusters=k,
+            random_state=seed,
+            n_init=cfg.n_init,
+            max_iter=cfg.max_iter,
+            batch_size=min(cfg.batch_size, n),
+            reassignment_ratio=0.01,
         )
     else:
         est = KMeans(n_clusters=k, random_state=seed, n_init=cfg.n_init, max_iter=cfg.max_iter)
@@ -195,15 +204,20 @@ def hierarchical_kmeans(x: np.ndarray, config: KMeansConfig, show_progress: bool
     empty: list[str] = []
     for depth, k in enumerate(ks):
         children: list[tuple[str, tuple[int, ...], np.ndarray]] = []
-        bar = tqdm(nodes, desc=f"k-means level {depth + 1}/{len(ks)} (k={k})", unit="node",
-                   disable=not show_progress or len(nodes) < 2, mininterval=1.0)
+        bar = tqdm(
+            nodes,
+            desc=f"k-means level {depth + 1}/{len(ks)} (k={k})",
+            unit="node",
+            disable=not show_progress or len(nodes) < 2,
+            mininterval=1.0,
+        )
         for name, path, idx in bar:
             labels = kmeans(x[idx], k, _node_seed(config.seed, path), config)
             order = np.argsort(labels, kind="stable")
             bounds = np.searchsorted(labels[order], np.arange(k + 1))
             for c in range(k):
                 child = _name(name, c, k)
-                members = idx[order[bounds[c]:bounds[c + 1]]]
+                members = idx[order[bounds[c] : bounds[c + 1]]]
                 if members.size == 0:
                     empty.append(child)
                     continue
@@ -213,16 +227,21 @@ def hierarchical_kmeans(x: np.ndarray, config: KMeansConfig, show_progress: bool
         nodes = children
         levels.append([c[0] for c in nodes])
     if empty:
-        logger.warning("%d clusters received no document and are left out: %s%s",
-                       len(empty), empty[:10], " ..." if len(empty) > 10 else "")
+        logger.warning(
+            "%d clusters received no document and are left out: %s%s",
+            len(empty),
+            empty[:10],
+            " ..." if len(empty) > 10 else "",
+        )
     labels = np.empty(n, dtype=np.int64)
     counts = np.empty(len(nodes), dtype=np.int64)
     for j, (_, _, members) in enumerate(nodes):
         labels[members] = j
         counts[j] = members.size
     centroids = mean_centroids(x, labels, len(nodes))
-    return ClusterResult(labels=labels, names=levels[-1], centroids=centroids, counts=counts,
-                         levels=levels, parents=parents, empty=empty)
+    return ClusterResult(
+        labels=labels, names=levels[-1], centroids=centroids, counts=counts, levels=levels, parents=parents, empty=empty
+    )
 
 
 def mean_centroids(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -234,7 +253,9 @@ def mean_centroids(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     x = _check_embeddings(x, "mean_centroids")
     counts = np.bincount(labels, minlength=k)
     if counts.shape[0] != k or np.any(counts == 0):
-        raise DataError(f"mean_centroids: groups {np.flatnonzero(counts[:k] == 0)[:10].tolist()} have no member; every domain needs >= 1 document")
+        raise DataError(
+            f"mean_centroids: groups {np.flatnonzero(counts[:k] == 0)[:10].tolist()} have no member; every domain needs >= 1 document"
+        )
     sums = np.zeros((k, x.shape[1]), dtype=np.float64)
     np.add.at(sums, labels, x.astype(np.float64, copy=False))
     return (sums / counts[:, None]).astype(np.float32)
@@ -262,10 +283,10 @@ def assign_nearest(x: np.ndarray, centroids: np.ndarray, max_chunk_bytes: int = 
     rows = max(1, int(max_chunk_bytes // (4 * c.shape[0])))
     out = np.empty(x.shape[0], dtype=np.int64)
     for s in range(0, x.shape[0], rows):
-        xb = x[s:s + rows].astype(np.float32, copy=False)
+        xb = x[s : s + rows].astype(np.float32, copy=False)
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is constant per row, so it is dropped.
         d = c_sq[None, :] - 2.0 * (xb @ c.T)
-        out[s:s + rows] = np.argmin(d, axis=1)
+        out[s : s + rows] = np.argmin(d, axis=1)
     return out
 
 
@@ -305,7 +326,9 @@ def smooth_distribution(counts: np.ndarray, eps: float = 0.0, mode: str = "unifo
     k, n = c.size, c.sum()
     if n == 0:
         if eps == 0:
-            raise DataError("histogram is empty (0 documents); nothing to normalise, and no --smoothing to fall back on")
+            raise DataError(
+                "histogram is empty (0 documents); nothing to normalise, and no --smoothing to fall back on"
+            )
         return np.full(k, 1.0 / k)
     if mode == "uniform":
         p = (1.0 - eps) * c / n + eps / k
@@ -326,7 +349,7 @@ def smooth_distribution(counts: np.ndarray, eps: float = 0.0, mode: str = "unifo
 TREE_FORMAT = "megatron-dga/centroid-tree-v1"
 """``format`` in the header of ``centroid_tree.npz``."""
 TREE_FILE = "centroid_tree.npz"
-MAX_FINE_DOMAINS = 2 ** 31 - 1
+MAX_FINE_DOMAINS = 2**31 - 1
 """Fine ids are int32 in a domain map."""
 KMEANS_BACKENDS = ("auto", "faiss", "sklearn")
 
@@ -357,8 +380,9 @@ class CentroidTreeConfig:
     def __post_init__(self):
         self.num_clusters = tuple(int(k) for k in self.num_clusters)
         if not self.num_clusters or any(k < 1 for k in self.num_clusters):
-            raise ConfigError(f"--num-clusters {list(self.num_clusters)}: need one or more integers >= 1, "
-                              "e.g. 1024 or 64 64 64")
+            raise ConfigError(
+                f"--num-clusters {list(self.num_clusters)}: need one or more integers >= 1, e.g. 1024 or 64 64 64"
+            )
         if self.num_leaves > MAX_FINE_DOMAINS:
             raise ConfigError(
                 f"--num-clusters {' '.join(map(str, self.num_clusters))} = {self.num_leaves} fine domains, more than "
@@ -366,8 +390,13 @@ class CentroidTreeConfig:
             )
         if self.backend not in KMEANS_BACKENDS:
             raise ConfigError(f"--kmeans-backend {self.backend!r}: choose one of {list(KMEANS_BACKENDS)}")
-        for name in ("niter", "n_init", "n_init_min_points_per_centroid", "max_points_per_centroid",
-                     "assign_chunk_bytes"):
+        for name in (
+            "niter",
+            "n_init",
+            "n_init_min_points_per_centroid",
+            "max_points_per_centroid",
+            "assign_chunk_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"CentroidTreeConfig.{name}={getattr(self, name)!r}; must be >= 1")
 
@@ -388,7 +417,7 @@ def _import_faiss():
 
 
 def resolve_kmeans_backend(backend: str) -> str:
-    """"faiss" or "sklearn" for ``backend`` ("auto" picks faiss when it imports; one INFO line otherwise).
+    """ "faiss" or "sklearn" for ``backend`` ("auto" picks faiss when it imports; one INFO line otherwise).
 
     Raises:
         ConfigError: "faiss" was asked for and is not installed.
@@ -397,10 +426,14 @@ def resolve_kmeans_backend(backend: str) -> str:
         return "sklearn"
     if _import_faiss() is None:
         if backend == "faiss":
-            raise ConfigError("--kmeans-backend faiss: faiss is not installed; `pip install faiss-cpu` "
-                              "(pinned in requirements/cpu.txt) or use --kmeans-backend sklearn") from None
-        logger.info("faiss is not installed: k-means runs on scikit-learn's MiniBatchKMeans (slower at scale; "
-                    "pip install faiss-cpu)")
+            raise ConfigError(
+                "--kmeans-backend faiss: faiss is not installed; `pip install faiss-cpu` "
+                "(pinned in requirements/cpu.txt) or use --kmeans-backend sklearn"
+            ) from None
+        logger.info(
+            "faiss is not installed: k-means runs on scikit-learn's MiniBatchKMeans (slower at scale; "
+            "pip install faiss-cpu)"
+        )
         return "sklearn"
     return "faiss"
 
@@ -488,11 +521,19 @@ def train_centroids(x: np.ndarray, k: int, seed: int, backend: str, config: Cent
         best, best_obj = None, np.inf
         try:
             for _ in range(restarts):
-                init = kmeans_plusplus(x[np.sort(rng.choice(x.shape[0], size=min(x.shape[0], 16 * k),
-                                                            replace=False))], k, rng)
+                init = kmeans_plusplus(
+                    x[np.sort(rng.choice(x.shape[0], size=min(x.shape[0], 16 * k), replace=False))], k, rng
+                )
                 # The sample is bounded above; min_points_per_centroid=1 keeps faiss quiet on small nodes.
-                km = faiss.Kmeans(x.shape[1], k, niter=config.niter, seed=seed % (2 ** 31), verbose=False,
-                                  min_points_per_centroid=1, max_points_per_centroid=cap + 1)
+                km = faiss.Kmeans(
+                    x.shape[1],
+                    k,
+                    niter=config.niter,
+                    seed=seed % (2**31),
+                    verbose=False,
+                    min_points_per_centroid=1,
+                    max_points_per_centroid=cap + 1,
+                )
                 obj = km.train(x, init_centroids=init)
                 if obj < best_obj:
                     best, best_obj = km.centroids, obj
@@ -502,8 +543,13 @@ def train_centroids(x: np.ndarray, k: int, seed: int, backend: str, config: Cent
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.exceptions import ConvergenceWarning
 
-    est = MiniBatchKMeans(n_clusters=k, random_state=seed % (2 ** 32), n_init=config.n_init, max_iter=config.niter,
-                          batch_size=min(4096, x.shape[0]))
+    est = MiniBatchKMeans(
+        n_clusters=k,
+        random_state=seed % (2**32),
+        n_init=config.n_init,
+        max_iter=config.niter,
+        batch_size=min(4096, x.shape[0]),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # duplicate points: empty clusters are expected
         est.fit(x)
@@ -540,8 +586,14 @@ class CentroidTree:
     def num_leaves(self) -> int:
         return int(self.counts[-1].shape[0])
 
-    def assign_level(self, x: np.ndarray, parents: np.ndarray | None, level: int,
-                     valid: np.ndarray | None = None, chunk_bytes: int = 64 << 20) -> np.ndarray:
+    def assign_level(
+        self,
+        x: np.ndarray,
+        parents: np.ndarray | None,
+        level: int,
+        valid: np.ndarray | None = None,
+        chunk_bytes: int = 64 << 20,
+    ) -> np.ndarray:
         """Node of ``level`` for every row of ``x``: the nearest valid child of its node ``parents``.
 
         Rows are grouped by parent (one stable sort) and each group is compared with its own k
@@ -576,7 +628,7 @@ class CentroidTree:
         for p, a, b in zip(groups, bounds[:-1], bounds[1:]):
             children = slice(int(p) * k, int(p) * k + k)
             for s in range(a, b, step):
-                rows = slice(s, min(b, s + step)) if order is None else order[s:min(b, s + step)]
+                rows = slice(s, min(b, s + step)) if order is None else order[s : min(b, s + step)]
                 nearest = np.argmin(bias[children][None, :] - 2.0 * (x[rows] @ cents[children].T), axis=1)
                 out[rows] = int(p) * k + nearest
         return out
@@ -585,8 +637,10 @@ class CentroidTree:
         """Fine id (node of the last level) of every row of ``x``, int64 ``(n,)``."""
         x = _check_embeddings(x, "CentroidTree.assign (documents)").astype(np.float32, copy=False)
         if x.shape[1] != self.dim:
-            raise DataError(f"embedding dim {x.shape[1]} != centroid dim {self.dim}; embed with the embedder saved "
-                            "beside the centroids")
+            raise DataError(
+                f"embedding dim {x.shape[1]} != centroid dim {self.dim}; embed with the embedder saved "
+                "beside the centroids"
+            )
         ids = None
         for level in range(len(self.levels)):
             ids = self.assign_level(x, ids, level, chunk_bytes=chunk_bytes)
@@ -630,14 +684,23 @@ class CentroidTree:
         for level, k in enumerate(levels):
             nodes *= k
             if cents[level].ndim != 2 or cents[level].shape[0] != nodes or counts[level].shape != (nodes,):
-                raise DataError(f"{path}: level {level} has centroids {cents[level].shape} and counts "
-                                f"{counts[level].shape}, expected {nodes} nodes; the file is corrupt: {fix}")
-        return cls(levels=levels, centroids=[c.astype(np.float32) for c in cents], counts=counts,
-                   tree_id=str(header.get("tree_id", "")))
+                raise DataError(
+                    f"{path}: level {level} has centroids {cents[level].shape} and counts "
+                    f"{counts[level].shape}, expected {nodes} nodes; the file is corrupt: {fix}"
+                )
+        return cls(
+            levels=levels,
+            centroids=[c.astype(np.float32) for c in cents],
+            counts=counts,
+            tree_id=str(header.get("tree_id", "")),
+        )
 
 
-def build_centroid_tree(x: np.ndarray, config: CentroidTreeConfig, show_progress: bool | None = None,
-                        ) -> tuple[CentroidTree, np.ndarray]:
+def build_centroid_tree(
+    x: np.ndarray,
+    config: CentroidTreeConfig,
+    show_progress: bool | None = None,
+) -> tuple[CentroidTree, np.ndarray]:
     """Cluster ``x`` level by level into a :class:`CentroidTree`; return it and every row's fine id.
 
     Level 1 trains on a sample of all documents; every non-empty node of a level is then
@@ -680,17 +743,21 @@ def build_centroid_tree(x: np.ndarray, config: CentroidTreeConfig, show_progress
             order = np.argsort(parents, kind="stable")
             bounds = np.searchsorted(parents[order], np.arange(num_parents + 1))
             nonempty = np.flatnonzero(np.diff(bounds) > 0)
-        with Progress(len(nonempty), f"k-means level {level + 1}/{len(ks)} (k={k}, {backend})", unit="node",
-                      enabled=show_progress if len(nonempty) > 1 else False) as bar:
+        with Progress(
+            len(nonempty),
+            f"k-means level {level + 1}/{len(ks)} (k={k}, {backend})",
+            unit="node",
+            enabled=show_progress if len(nonempty) > 1 else False,
+        ) as bar:
             for p in nonempty:
-                members = order[bounds[p]:bounds[p + 1]]
+                members = order[bounds[p] : bounds[p + 1]]
                 seed = _node_seed(config.seed, (level, int(p)))
                 cap = k * config.max_points_per_centroid
                 if members.size > cap:  # sample the ids, not the rows: level 1 would copy every embedding
                     members = members[np.sort(np.random.default_rng(seed).choice(members.size, cap, replace=False))]
                 c = train_centroids(x[members], k, seed, backend, config)
-                cents[p * k:p * k + c.shape[0]] = c
-                trained[p * k:p * k + c.shape[0]] = True
+                cents[p * k : p * k + c.shape[0]] = c
+                trained[p * k : p * k + c.shape[0]] = True
                 bar.update(1)
         tree.centroids.append(cents)
         tree.counts.append(np.zeros(num_parents * k, dtype=np.int64))  # filled below
@@ -698,8 +765,13 @@ def build_centroid_tree(x: np.ndarray, config: CentroidTreeConfig, show_progress
             ids = np.empty(n, dtype=np.int64)
             step = 1 << 18  # large: assign_level loops over the parents inside each step
             for s in range(0, n, step):
-                ids[s:s + step] = tree.assign_level(x[s:s + step], None if parents is None else parents[s:s + step],
-                                                    level, valid=trained, chunk_bytes=config.assign_chunk_bytes)
+                ids[s : s + step] = tree.assign_level(
+                    x[s : s + step],
+                    None if parents is None else parents[s : s + step],
+                    level,
+                    valid=trained,
+                    chunk_bytes=config.assign_chunk_bytes,
+                )
                 bar.update(min(step, n - s))
         tree.counts[level] = np.bincount(ids, minlength=num_parents * k).astype(np.int64)
         # Nodes nobody chose were never the argmin, so masking them (counts > 0) for new documents

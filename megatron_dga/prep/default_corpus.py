@@ -268,7 +268,7 @@ def _code_chunks(source: str, tree: ast.Module, cfg: CorpusConfig) -> list[str]:
     for i, (start, end) in enumerate(spans):
         # Up to the next statement, so comments between definitions stay with the code.
         nxt = spans[i + 1][0] if i + 1 < len(spans) else len(lines)
-        text = "".join(lines[start:max(end, nxt)]).rstrip("\n") + "\n"
+        text = "".join(lines[start : max(end, nxt)]).rstrip("\n") + "\n"
         if buf and len(buf) + len(text) > cfg.chunk_chars:
             chunks.append(buf)
             buf = ""
@@ -686,7 +686,7 @@ def _content_hash(files: dict[str, str]) -> str:
 
 
 def _result(root: str, manifest: dict) -> DefaultData:
-    p = lambda rel: os.path.join(root, rel)  # noqa: E731
+    p = lambda rel: os.path.join(root, rel)
     t = manifest["target_name"]
     doms = tuple(manifest["domains"])
     return DefaultData(
@@ -808,8 +808,10 @@ def _build(root: str, params: dict, cfg: CorpusConfig, sp_cfg, log) -> dict:
         corpus = build_corpus(cfg)
         for name, docs in corpus.domains.items():
             log(f"[default data]   {name}: {len(docs)} docs, {sum(len(d.text) for d in docs) / 1e6:.2f} MB")
-        log(f"[default data]   target {corpus.target_name}: {len(corpus.target_train)} train / "
-            f"{len(corpus.target_eval)} eval docs")
+        log(
+            f"[default data]   target {corpus.target_name}: {len(corpus.target_train)} train / "
+            f"{len(corpus.target_eval)} eval docs"
+        )
         write_corpus(corpus, os.path.join(staging, "corpus"))
 
         log(f"[default data] training SentencePiece (vocab {sp_cfg.vocab_size}) [{time.monotonic() - t0:.1f}s]")

@@ -30,6 +30,7 @@ State on disk (:meth:`Embedder.save` / :func:`load_embedder`): ``<dir>/embedder.
 plus, for TF-IDF, ``<dir>/embedder_tfidf.npz`` (``terms``, ``idf``, ``components``) and, for
 token TF-IDF, ``<dir>/embedder_token_tfidf.npz`` (``token_ids``, ``idf``, ``components``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -113,13 +114,17 @@ def _svd_components(x: sp.csr_matrix, dim: int, seed: int, what: str) -> np.ndar
         return comp
     fitted = min(dim, x.shape[1] - 1, x.shape[0] - 1)
     if fitted < dim:
-        logger.warning("%s: dim reduced from %d to %d (%d columns, %d fitting documents)", what, dim, fitted,
-                       x.shape[1], x.shape[0])
+        logger.warning(
+            "%s: dim reduced from %d to %d (%d columns, %d fitting documents)",
+            what,
+            dim,
+            fitted,
+            x.shape[1],
+            x.shape[0],
+        )
     svd = TruncatedSVD(n_components=fitted, algorithm="randomized", n_iter=5, random_state=seed)
     svd.fit(x)
     return svd.components_.astype(np.float32)
-
-
 
 
 def _load_payload(path: str, keys: Sequence[str], what: str) -> dict[str, np.ndarray]:
@@ -128,7 +133,9 @@ def _load_payload(path: str, keys: Sequence[str], what: str) -> dict[str, np.nda
         with load_npz(path) as z:
             return {k: z[k] for k in keys}
     except (*NPZ_READ_ERRORS, KeyError) as e:
-        raise DataError(f"cannot load {what} embedder payload '{path}' ({e}); re-run tools/cluster_domains.py") from None
+        raise DataError(
+            f"cannot load {what} embedder payload '{path}' ({e}); re-run tools/cluster_domains.py"
+        ) from None
 
 
 class TokenDocuments:
@@ -147,10 +154,17 @@ class TokenDocuments:
         tokens, offsets = np.asarray(tokens), np.asarray(offsets, dtype=np.int64)
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise DataError(f"TokenDocuments: tokens must be a 1-D integer array, got {tokens.dtype} {tokens.shape}")
-        if (offsets.ndim != 1 or offsets.size == 0 or offsets[0] != 0 or offsets[-1] != tokens.size
-                or np.any(np.diff(offsets) < 0)):
-            raise DataError(f"TokenDocuments: offsets must run non-decreasing from 0 to {tokens.size} tokens, "
-                            f"got {offsets.size} offsets ending at {int(offsets[-1]) if offsets.size else None}")
+        if (
+            offsets.ndim != 1
+            or offsets.size == 0
+            or offsets[0] != 0
+            or offsets[-1] != tokens.size
+            or np.any(np.diff(offsets) < 0)
+        ):
+            raise DataError(
+                f"TokenDocuments: offsets must run non-decreasing from 0 to {tokens.size} tokens, "
+                f"got {offsets.size} offsets ending at {int(offsets[-1]) if offsets.size else None}"
+            )
         self.tokens, self.offsets = tokens, offsets
 
     def __len__(self) -> int:
@@ -164,7 +178,7 @@ class TokenDocuments:
     def slice(self, start: int, stop: int) -> "TokenDocuments":
         """Documents ``[start, stop)`` (a view of ``tokens``)."""
         lo, hi = int(self.offsets[start]), int(self.offsets[stop])
-        return TokenDocuments(self.tokens[lo:hi], self.offsets[start:stop + 1] - lo)
+        return TokenDocuments(self.tokens[lo:hi], self.offsets[start : stop + 1] - lo)
 
     @classmethod
     def from_arrays(cls, docs: Sequence[np.ndarray]) -> "TokenDocuments":
@@ -213,7 +227,7 @@ class Embedder(ABC):
     def config_dict(self) -> dict[str, Any]:
         """JSON-serialisable parameters (recorded in manifests and the state file)."""
 
-    def _save_payload(self, directory: str) -> None:  # noqa: B027 - optional hook
+    def _save_payload(self, directory: str) -> None:
         """Write backend arrays beside ``embedder.json`` (none by default)."""
 
     def save(self, directory: str) -> None:
@@ -351,8 +365,10 @@ class TfidfSvdEmbedder(Embedder):
 
     def _save_payload(self, directory: str) -> None:
         self._require_fitted()
-        atomic_write(os.path.join(directory, TFIDF_PAYLOAD_FILE),
-                     lambda f: np.savez(f, terms=self.terms, idf=self.idf, components=self.components))
+        atomic_write(
+            os.path.join(directory, TFIDF_PAYLOAD_FILE),
+            lambda f: np.savez(f, terms=self.terms, idf=self.idf, components=self.components),
+        )
 
     @classmethod
     def from_state(cls, directory: str, state: dict[str, Any]) -> "TfidfSvdEmbedder":
@@ -445,8 +461,10 @@ class TokenTfidfEmbedder(Embedder):
         cols[inside] = column[ids[inside]]
         keep = cols >= 0
         kept_before = np.concatenate([np.zeros(1, np.int64), np.cumsum(keep, dtype=np.int64)])
-        m = sp.csr_matrix((np.ones(int(kept_before[-1]), dtype=np.float64), cols[keep], kept_before[docs.offsets]),
-                          shape=(len(docs), num_columns))
+        m = sp.csr_matrix(
+            (np.ones(int(kept_before[-1]), dtype=np.float64), cols[keep], kept_before[docs.offsets]),
+            shape=(len(docs), num_columns),
+        )
         m.sum_duplicates()
         return m
 
@@ -483,8 +501,9 @@ class TokenTfidfEmbedder(Embedder):
         self.token_ids = kept.astype(np.int64)
         self.idf = _smoothed_idf(df[kept], n)
         self._column = None
-        self.components = _svd_components(self._tfidf(counts[:, kept].tocsr()), c.dim, c.seed,
-                                          "token TF-IDF embedder (columns: kept token ids)")
+        self.components = _svd_components(
+            self._tfidf(counts[:, kept].tocsr()), c.dim, c.seed, "token TF-IDF embedder (columns: kept token ids)"
+        )
         return self
 
     # -- transform ---------------------------------------------------------------
@@ -500,8 +519,10 @@ class TokenTfidfEmbedder(Embedder):
     def embed(self, docs: TokenDocuments, show_progress: bool = True) -> np.ndarray:
         self._require_fitted()
         if not isinstance(docs, TokenDocuments):
-            raise DataError(f"the token TF-IDF embedder embeds TokenDocuments (token ids), got {type(docs).__name__}; "
-                            "tokenize texts first (as_embedder_input)")
+            raise DataError(
+                f"the token TF-IDF embedder embeds TokenDocuments (token ids), got {type(docs).__name__}; "
+                "tokenize texts first (as_embedder_input)"
+            )
         if self._column is None:
             self._column = np.full(int(self.token_ids[-1]) + 1, -1, dtype=np.int64)
             self._column[self.token_ids] = np.arange(self.token_ids.size)
@@ -510,8 +531,9 @@ class TokenTfidfEmbedder(Embedder):
         batches = list(token_batches(docs, self.config.batch_size, self.config.batch_tokens))
         from tqdm import tqdm
 
-        for s, e in tqdm(batches, desc="embed (token tfidf)", unit="batch", disable=not show_progress or not batches,
-                         mininterval=1.0):
+        for s, e in tqdm(
+            batches, desc="embed (token tfidf)", unit="batch", disable=not show_progress or not batches, mininterval=1.0
+        ):
             counts = self._counts(docs.slice(s, e), self._column, self.token_ids.size)
             out[s:e] = self._tfidf(counts) @ comp_t
         return _l2_normalise(out)
@@ -522,8 +544,10 @@ class TokenTfidfEmbedder(Embedder):
 
     def _save_payload(self, directory: str) -> None:
         self._require_fitted()
-        atomic_write(os.path.join(directory, TOKEN_TFIDF_PAYLOAD_FILE),
-                     lambda f: np.savez(f, token_ids=self.token_ids, idf=self.idf, components=self.components))
+        atomic_write(
+            os.path.join(directory, TOKEN_TFIDF_PAYLOAD_FILE),
+            lambda f: np.savez(f, token_ids=self.token_ids, idf=self.idf, components=self.components),
+        )
 
     @classmethod
     def from_state(cls, directory: str, state: dict[str, Any]) -> "TokenTfidfEmbedder":
@@ -534,8 +558,14 @@ class TokenTfidfEmbedder(Embedder):
         emb.token_ids = z["token_ids"].astype(np.int64)
         emb.idf, emb.components = z["idf"].astype(np.float64), z["components"].astype(np.float32)
         m = emb.token_ids.shape[0]
-        if (emb.idf.shape != (m,) or emb.components.ndim != 2 or emb.components.shape[1] != m or m == 0
-                or np.any(np.diff(emb.token_ids) <= 0) or emb.token_ids[0] < 0):
+        if (
+            emb.idf.shape != (m,)
+            or emb.components.ndim != 2
+            or emb.components.shape[1] != m
+            or m == 0
+            or np.any(np.diff(emb.token_ids) <= 0)
+            or emb.token_ids[0] < 0
+        ):
             raise DataError(
                 f"{path}: inconsistent payload (token_ids {emb.token_ids.shape}, idf {emb.idf.shape}, components "
                 f"{emb.components.shape}; ids must be sorted, unique, >= 0); the file is corrupt, "
@@ -567,8 +597,7 @@ def missing_tokenizer(embedder: Embedder, docs_are_tokens: bool, what: str) -> C
     )
 
 
-def as_embedder_input(embedder: Embedder, docs, tokenizer=None, drop_ids: Sequence[int] = (),
-                      what: str = "documents"):
+def as_embedder_input(embedder: Embedder, docs, tokenizer=None, drop_ids: Sequence[int] = (), what: str = "documents"):
     """``docs`` (a list of strings or :class:`TokenDocuments`) in the form ``embedder.embed`` takes.
 
     Texts are tokenized for a token embedder; token ids are detokenised (without ``drop_ids``,
@@ -636,13 +665,15 @@ def packaged_minilm_dir() -> str:
         if callable(fn):
             try:
                 path = os.fspath(fn())
-            except Exception:  # noqa: BLE001 - fall back to the file search below
+            except Exception:
                 continue
             if os.path.isdir(path):
                 return path
     root = os.path.dirname(os.path.abspath(mod.__file__))
     for dirpath, _, files in sorted(os.walk(root)):
-        if "modules.json" in files or ("config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files)):
+        if "modules.json" in files or (
+            "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files)
+        ):
             return dirpath
     raise DataError(f"package {MINILM_PACKAGE} is installed at {root} but holds no model directory; reinstall it")
 
@@ -678,8 +709,11 @@ class SentenceTransformerEmbedder(Embedder):
         # Our own bar over chunks (not encode's) so both backends report the same way.
         for s, e in _batches(len(texts), bs * 16, show_progress, "embed (sentence-transformers)"):
             out[s:e] = self._model.encode(
-                list(texts[s:e]), batch_size=bs, convert_to_numpy=True,
-                normalize_embeddings=True, show_progress_bar=False,
+                list(texts[s:e]),
+                batch_size=bs,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
             )
         return _l2_normalise(out)
 
@@ -726,7 +760,9 @@ def load_embedder(directory: str) -> Embedder:
     except json.JSONDecodeError as e:
         raise DataError(f"'{path}' is not valid JSON ({e})") from None
     if not isinstance(state, dict) or state.get("format") != EMBEDDER_FORMAT:
-        raise DataError(f"'{path}': format tag {state.get('format') if isinstance(state, dict) else None!r}, expected {EMBEDDER_FORMAT!r}")
+        raise DataError(
+            f"'{path}': format tag {state.get('format') if isinstance(state, dict) else None!r}, expected {EMBEDDER_FORMAT!r}"
+        )
     kind = state.get("kind")
     if kind not in EMBEDDERS:
         raise DataError(f"'{path}': unknown embedder kind {kind!r}; known: {sorted(EMBEDDERS)}")
@@ -737,24 +773,48 @@ def load_embedder(directory: str) -> Embedder:
 def add_embedding_args(parser) -> None:
     """Add the embedding flags shared by tools/cluster_domains.py and tools/importance_weights.py."""
     g = parser.add_argument_group("embedding")
-    g.add_argument("--embedding", choices=sorted(EMBEDDERS), default=None,
-                   help="tfidf: TF-IDF over words + truncated SVD (scikit-learn only; the default for jsonl); "
-                        "token-tfidf: the same over token ids (the default for Megatron shards: no detokenisation); "
-                        f"sentence-transformers: a local model or all-MiniLM-L6-v2 from the {MINILM_PACKAGE} package")
-    g.add_argument("--embedding-dim", type=int, default=None,
-                   help="tfidf / token-tfidf: SVD dimension (default 256 / 64)")
+    g.add_argument(
+        "--embedding",
+        choices=sorted(EMBEDDERS),
+        default=None,
+        help="tfidf: TF-IDF over words + truncated SVD (scikit-learn only; the default for jsonl); "
+        "token-tfidf: the same over token ids (the default for Megatron shards: no detokenisation); "
+        f"sentence-transformers: a local model or all-MiniLM-L6-v2 from the {MINILM_PACKAGE} package",
+    )
+    g.add_argument(
+        "--embedding-dim", type=int, default=None, help="tfidf / token-tfidf: SVD dimension (default 256 / 64)"
+    )
     g.add_argument("--tfidf-max-features", type=int, default=100_000, help="tfidf: vocabulary size cap")
-    g.add_argument("--tfidf-min-df", type=int, default=2,
-                   help="tfidf / token-tfidf: drop terms (token ids) found in fewer documents")
-    g.add_argument("--tfidf-max-df", type=float, default=0.95,
-                   help="tfidf / token-tfidf: drop terms (token ids) found in a larger fraction of documents")
-    g.add_argument("--fit-max-docs", type=int, default=200_000,
-                   help="tfidf / token-tfidf: fit on at most this many documents (a seeded random sample)")
-    g.add_argument("--embedding-model", default=None,
-                   help="sentence-transformers: local model directory (default: the packaged all-MiniLM-L6-v2)")
-    g.add_argument("--embedding-batch-size", type=int, default=None,
-                   help="documents per embedding batch (default 4096 for tfidf, 8192 for token-tfidf, "
-                        "64 for sentence-transformers)")
+    g.add_argument(
+        "--tfidf-min-df",
+        type=int,
+        default=2,
+        help="tfidf / token-tfidf: drop terms (token ids) found in fewer documents",
+    )
+    g.add_argument(
+        "--tfidf-max-df",
+        type=float,
+        default=0.95,
+        help="tfidf / token-tfidf: drop terms (token ids) found in a larger fraction of documents",
+    )
+    g.add_argument(
+        "--fit-max-docs",
+        type=int,
+        default=200_000,
+        help="tfidf / token-tfidf: fit on at most this many documents (a seeded random sample)",
+    )
+    g.add_argument(
+        "--embedding-model",
+        default=None,
+        help="sentence-transformers: local model directory (default: the packaged all-MiniLM-L6-v2)",
+    )
+    g.add_argument(
+        "--embedding-batch-size",
+        type=int,
+        default=None,
+        help="documents per embedding batch (default 4096 for tfidf, 8192 for token-tfidf, "
+        "64 for sentence-transformers)",
+    )
     g.add_argument("--device", default="cpu", help="sentence-transformers: torch device")
 
 
@@ -767,20 +827,35 @@ def embedder_from_args(args, default_kind: str = TfidfSvdEmbedder.kind) -> Embed
     """
     kind = args.embedding or default_kind
     if kind == TokenTfidfEmbedder.kind:
-        return TokenTfidfEmbedder(TokenTfidfConfig(
-            dim=64 if args.embedding_dim is None else args.embedding_dim,
-            min_df=args.tfidf_min_df, max_df=args.tfidf_max_df, fit_max_docs=args.fit_max_docs, batch_size=args.embedding_batch_size or 8192, seed=args.seed,
-        ))
+        return TokenTfidfEmbedder(
+            TokenTfidfConfig(
+                dim=64 if args.embedding_dim is None else args.embedding_dim,
+                min_df=args.tfidf_min_df,
+                max_df=args.tfidf_max_df,
+                fit_max_docs=args.fit_max_docs,
+                batch_size=args.embedding_batch_size or 8192,
+                seed=args.seed,
+            )
+        )
     if kind == TfidfSvdEmbedder.kind:
-        return TfidfSvdEmbedder(TfidfSvdConfig(
-            dim=256 if args.embedding_dim is None else args.embedding_dim,
-            max_features=args.tfidf_max_features, min_df=args.tfidf_min_df,
-            max_df=args.tfidf_max_df, fit_max_docs=args.fit_max_docs,
-            batch_size=args.embedding_batch_size or 4096, seed=args.seed,
-        ))
-    return SentenceTransformerEmbedder(SentenceTransformerConfig(
-        model=args.embedding_model, batch_size=args.embedding_batch_size or 64, device=args.device,
-    ))
+        return TfidfSvdEmbedder(
+            TfidfSvdConfig(
+                dim=256 if args.embedding_dim is None else args.embedding_dim,
+                max_features=args.tfidf_max_features,
+                min_df=args.tfidf_min_df,
+                max_df=args.tfidf_max_df,
+                fit_max_docs=args.fit_max_docs,
+                batch_size=args.embedding_batch_size or 4096,
+                seed=args.seed,
+            )
+        )
+    return SentenceTransformerEmbedder(
+        SentenceTransformerConfig(
+            model=args.embedding_model,
+            batch_size=args.embedding_batch_size or 64,
+            device=args.device,
+        )
+    )
 
 
 def add_tokenizer_args(parser) -> None:
@@ -789,8 +864,12 @@ def add_tokenizer_args(parser) -> None:
     from megatron_dga.data.tokenizers import TOKENIZER_TYPES
 
     g = parser.add_argument_group("tokenizer (only to convert between text and token ids for the embedding)")
-    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
-                   help="the tokenizer the shards were built with (tools/preprocess_data.py)")
+    g.add_argument(
+        "--tokenizer-type",
+        choices=TOKENIZER_TYPES,
+        default=None,
+        help="the tokenizer the shards were built with (tools/preprocess_data.py)",
+    )
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file or HuggingFace directory")
     g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
     g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
@@ -803,5 +882,10 @@ def tokenizer_from_args(args):
         return None
     from megatron_dga.data.tokenizers import TokenizerSpec
 
-    return TokenizerSpec(args.tokenizer_type, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
-                         merge_file=args.merge_file, vocab_size=args.vocab_size).build()
+    return TokenizerSpec(
+        args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        vocab_file=args.vocab_file,
+        merge_file=args.merge_file,
+        vocab_size=args.vocab_size,
+    ).build()

@@ -1,5 +1,6 @@
 """CRISP-style importance weights and the basis matrix of distribution reweighting: the library of
 tools/importance_weights.py (its command line, flags and output formats: megatron_dga/cli/importance_weights.py)."""
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,15 @@ class DomainSpace:
         tokenizer_record: The tokenizer fields of the shards the domains were built from (None: unknown).
     """
 
-    def __init__(self, names: list[str], embedder: Embedder, assign: Callable[[np.ndarray], np.ndarray],
-                 source: dict[str, Any], support: Optional[np.ndarray] = None,
-                 tokenizer_record: Optional[dict] = None):
+    def __init__(
+        self,
+        names: list[str],
+        embedder: Embedder,
+        assign: Callable[[np.ndarray], np.ndarray],
+        source: dict[str, Any],
+        support: Optional[np.ndarray] = None,
+        tokenizer_record: Optional[dict] = None,
+    ):
         self.names, self.embedder, self.assign, self.source = names, embedder, assign, source
         self.support, self.tokenizer_record = support, tokenizer_record
 
@@ -68,7 +75,9 @@ def load_cluster_space(directory: str) -> DomainSpace:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        raise DataError(f"--clusters {directory}: no manifest.json; run tools/cluster_domains.py (to completion) first") from None
+        raise DataError(
+            f"--clusters {directory}: no manifest.json; run tools/cluster_domains.py (to completion) first"
+        ) from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CLUSTERS_FORMAT:
@@ -83,12 +92,20 @@ def load_cluster_space(directory: str) -> DomainSpace:
     except NPZ_READ_ERRORS as e:
         raise DataError(f"--clusters {directory}: cannot read centroids '{cpath}' ({e})") from None
     if centroids.ndim != 2 or centroids.shape[0] != len(names):
-        raise DataError(f"{cpath}: shape {centroids.shape}, but the manifest lists {len(names)} domains; re-run cluster_domains.py")
+        raise DataError(
+            f"{cpath}: shape {centroids.shape}, but the manifest lists {len(names)} domains; re-run cluster_domains.py"
+        )
     embedder = load_embedder(directory)
     if embedder.dim != centroids.shape[1]:
-        raise DataError(f"{cpath}: centroid dim {centroids.shape[1]} != embedder dim {embedder.dim}; re-run cluster_domains.py")
-    return DomainSpace(names, embedder, lambda x: assign_nearest(x, centroids),
-                       {"clusters": os.path.abspath(directory), "assignment": "nearest centroid (Euclidean)"})
+        raise DataError(
+            f"{cpath}: centroid dim {centroids.shape[1]} != embedder dim {embedder.dim}; re-run cluster_domains.py"
+        )
+    return DomainSpace(
+        names,
+        embedder,
+        lambda x: assign_nearest(x, centroids),
+        {"clusters": os.path.abspath(directory), "assignment": "nearest centroid (Euclidean)"},
+    )
 
 
 def load_labelled_space(directory: str, json_keys, args, tokenizer) -> DomainSpace:
@@ -100,7 +117,9 @@ def load_labelled_space(directory: str, json_keys, args, tokenizer) -> DomainSpa
         if is_jsonl_name(f) and os.path.isfile(os.path.join(directory, f)):
             name = jsonl_stem(f)
             if name in files:
-                raise DataError(f"--labelled-domains {directory}: domain {name!r} has two files ({files[name]}, {f}); keep one")
+                raise DataError(
+                    f"--labelled-domains {directory}: domain {name!r} has two files ({files[name]}, {f}); keep one"
+                )
             files[name] = f
     if not files:
         raise DataError(f"--labelled-domains {directory}: no *.jsonl files; one file per domain is expected")
@@ -109,7 +128,9 @@ def load_labelled_space(directory: str, json_keys, args, tokenizer) -> DomainSpa
     for name in names:
         texts = read_jsonl_texts([os.path.join(directory, files[name])], json_keys)
         if not texts:
-            raise DataError(f"--labelled-domains: {os.path.join(directory, files[name])} has no document; remove it or add documents")
+            raise DataError(
+                f"--labelled-domains: {os.path.join(directory, files[name])} has no document; remove it or add documents"
+            )
         texts_per_domain.append(texts)
     all_texts = [t for ts in texts_per_domain for t in ts]
     labels = np.repeat(np.arange(len(names)), [len(ts) for ts in texts_per_domain])
@@ -122,8 +143,12 @@ def load_labelled_space(directory: str, json_keys, args, tokenizer) -> DomainSpa
         embedder.fit(docs)
     x = embedder.embed(docs, show_progress=not args.no_progress)
     centroids = mean_centroids(x, labels, len(names))
-    return DomainSpace(names, embedder, lambda y: assign_nearest(y, centroids),
-                       {"labelled_domains": os.path.abspath(directory), "assignment": "nearest centroid (Euclidean)"})
+    return DomainSpace(
+        names,
+        embedder,
+        lambda y: assign_nearest(y, centroids),
+        {"labelled_domains": os.path.abspath(directory), "assignment": "nearest centroid (Euclidean)"},
+    )
 
 
 def load_map_space(path: str) -> DomainSpace:
@@ -139,8 +164,10 @@ def load_map_space(path: str) -> DomainSpace:
             "or cluster the shards with tools/cluster_domains.py --input-shards ... --output-map FILE"
         )
     if not os.path.isdir(cdir):
-        raise DataError(f"--domain-map {path}: its clusters directory {cdir} is missing (it holds the centroids and "
-                        "the embedder); keep it beside the map, or re-run tools/cluster_domains.py --input-shards")
+        raise DataError(
+            f"--domain-map {path}: its clusters directory {cdir} is missing (it holds the centroids and "
+            "the embedder); keep it beside the map, or re-run tools/cluster_domains.py --input-shards"
+        )
     tree = CentroidTree.load(cdir)
     embedder = load_embedder(cdir)
     recorded = dmap.metadata.get("tree_id")
@@ -151,14 +178,24 @@ def load_map_space(path: str) -> DomainSpace:
             "--input-shards ... --output-map to write both again"
         )
     if embedder.dim != tree.dim:
-        raise DataError(f"{cdir}: embedder dim {embedder.dim} != centroid dim {tree.dim}; the directory is "
-                        "inconsistent: re-run tools/cluster_domains.py --input-shards")
+        raise DataError(
+            f"{cdir}: embedder dim {embedder.dim} != centroid dim {tree.dim}; the directory is "
+            "inconsistent: re-run tools/cluster_domains.py --input-shards"
+        )
     names = [dmap.domain_name(j) for j in range(dmap.num_domains)]
     tok = dmap.metadata.get("tokenizer")
-    return DomainSpace(names, embedder, tree.assign,
-                       {"domain_map": os.path.abspath(path), "levels": list(dmap.levels),
-                        "assignment": "nearest non-empty centroid, level by level (Euclidean)"},
-                       support=dmap.domain_counts() > 0, tokenizer_record=tok if isinstance(tok, dict) else None)
+    return DomainSpace(
+        names,
+        embedder,
+        tree.assign,
+        {
+            "domain_map": os.path.abspath(path),
+            "levels": list(dmap.levels),
+            "assignment": "nearest non-empty centroid, level by level (Euclidean)",
+        },
+        support=dmap.domain_counts() > 0,
+        tokenizer_record=tok if isinstance(tok, dict) else None,
+    )
 
 
 # --------------------------------------------------------------------------- document sets
@@ -174,8 +211,7 @@ class DocumentSet:
             (validated up front by :func:`open_shards`).
     """
 
-    def __init__(self, name: str, what: str, files: Optional[list[str]] = None,
-                 prefixes: Optional[list[str]] = None):
+    def __init__(self, name: str, what: str, files: Optional[list[str]] = None, prefixes: Optional[list[str]] = None):
         self.name, self.what = name, what
         self.files, self.prefixes = list(files or []), list(prefixes or [])
         self.corpus = None
@@ -213,8 +249,9 @@ def parse_basis_specs(specs: list[str] | None, shard_specs: list[str] | None) ->
     seen = set()
     for s in out:
         if s.name in seen:
-            raise ConfigError(f"--basis-sets/--basis-shards: name {s.name!r} used twice; write NAME=PATH to give "
-                              "distinct names")
+            raise ConfigError(
+                f"--basis-sets/--basis-shards: name {s.name!r} used twice; write NAME=PATH to give distinct names"
+            )
         seen.add(s.name)
     return out
 
@@ -230,9 +267,11 @@ def open_shards(sets: list[DocumentSet], space: DomainSpace) -> None:
         if space.tokenizer_record and s.corpus.tokenizer:
             diff = tokenizer_mismatch(space.tokenizer_record, s.corpus.tokenizer)
             if diff:
-                raise DataError(f"{s.what}: the shards were tokenized with another tokenizer than the map's shards "
-                                f"({'; '.join(diff)}; map vs set): token-id embeddings are only comparable under one "
-                                "tokenizer; re-run tools/preprocess_data.py on the set with the map's tokenizer")
+                raise DataError(
+                    f"{s.what}: the shards were tokenized with another tokenizer than the map's shards "
+                    f"({'; '.join(diff)}; map vs set): token-id embeddings are only comparable under one "
+                    "tokenizer; re-run tools/preprocess_data.py on the set with the map's tokenizer"
+                )
 
 
 def check_conversions(sets: list[DocumentSet], space: DomainSpace, tokenizer) -> None:
@@ -247,8 +286,10 @@ def check_conversions(sets: list[DocumentSet], space: DomainSpace, tokenizer) ->
     if tokenizer is not None and space.tokenizer_record:
         diff = tokenizer_mismatch(space.tokenizer_record, tokenizer.fingerprint())
         if diff:
-            raise ConfigError(f"--tokenizer-type/--tokenizer-model: not the tokenizer the map's shards were built with "
-                              f"({'; '.join(diff)}; map vs flags); pass the one tools/preprocess_data.py used")
+            raise ConfigError(
+                f"--tokenizer-type/--tokenizer-model: not the tokenizer the map's shards were built with "
+                f"({'; '.join(diff)}; map vs flags); pass the one tools/preprocess_data.py used"
+            )
 
 
 def set_counts(docs: DocumentSet, space: DomainSpace, args, tokenizer) -> np.ndarray:
@@ -265,8 +306,9 @@ def set_counts(docs: DocumentSet, space: DomainSpace, args, tokenizer) -> np.nda
     if docs.corpus is not None:
         eod = docs.corpus.eod()
         drop = [] if eod is None else [eod]
-        with Progress(docs.corpus.num_documents, f"embed {docs.name}",
-                      enabled=False if args.no_progress else None) as bar:
+        with Progress(
+            docs.corpus.num_documents, f"embed {docs.name}", enabled=False if args.no_progress else None
+        ) as bar:
             for _, chunk in docs.corpus.iter_chunks(8192, 1 << 22):
                 inputs = as_embedder_input(space.embedder, chunk, tokenizer, drop, f"{docs.what} documents")
                 counts += histogram(space.assign(space.embedder.embed(inputs, show_progress=False)), k)
@@ -314,8 +356,6 @@ def basis_matrix(rows: list[np.ndarray], fmt: str):
     return sp.csr_matrix(m) if sparse else m
 
 
-
-
 def run(args) -> None:
     # Before any embedding: an unwritable or full destination fails now, in one line.
     for path, flag in ((args.output, "--output"), (args.basis_output, "--basis-output")):
@@ -328,9 +368,12 @@ def run(args) -> None:
     basis_sets = parse_basis_specs(args.basis_sets, args.basis_shards)
     specific = None
     if args.specific is not None or args.specific_shards is not None:
-        specific = DocumentSet("specific", "--specific" if args.specific else "--specific-shards",
-                               files=expand_jsonl_inputs(args.specific, flag="--specific") if args.specific else [],
-                               prefixes=list(args.specific_shards or []))
+        specific = DocumentSet(
+            "specific",
+            "--specific" if args.specific else "--specific-shards",
+            files=expand_jsonl_inputs(args.specific, flag="--specific") if args.specific else [],
+            prefixes=list(args.specific_shards or []),
+        )
     tokenizer = tokenizer_from_args(args)
     if args.clusters:
         space = load_cluster_space(args.clusters)
@@ -346,22 +389,46 @@ def run(args) -> None:
     if specific is not None:
         counts = set_counts(specific, space, args, tokenizer)
         weights = smooth_over(counts, args.smoothing, args.smoothing_mode, space.support)
-        meta = {"method": "importance", **common, "specific": specific.describe(), "num_docs": int(counts.sum()),
-                **counts_meta(counts), "smoothing": smoothing_meta(args.smoothing, args.smoothing_mode, space.support)}
+        meta = {
+            "method": "importance",
+            **common,
+            "specific": specific.describe(),
+            "num_docs": int(counts.sum()),
+            **counts_meta(counts),
+            "smoothing": smoothing_meta(args.smoothing, args.smoothing_mode, space.support),
+        }
         save_weights(args.output, names, weights, meta)
         top = np.argsort(-weights, kind="stable")[:5]
-        logger.info("%d specific docs over %d domains (%d hit) -> %s; top: %s", counts.sum(), len(names),
-                    np.count_nonzero(counts), args.output, ", ".join(f"{names[i]}={weights[i]:.3g}" for i in top))
+        logger.info(
+            "%d specific docs over %d domains (%d hit) -> %s; top: %s",
+            counts.sum(),
+            len(names),
+            np.count_nonzero(counts),
+            args.output,
+            ", ".join(f"{names[i]}={weights[i]:.3g}" for i in top),
+        )
     if basis_sets:
         rows, set_meta = [], {}
         for s in basis_sets:
             c = set_counts(s, space, args, tokenizer)
             rows.append(smooth_over(c, basis_eps, args.smoothing_mode, space.support))
-            set_meta[s.name] = {**s.describe(), "num_docs": int(c.sum()),
-                                "num_nonzero_domains": int(np.count_nonzero(c))}
-        meta = {"method": "importance-basis", **common, "sets": set_meta,
-                "smoothing": smoothing_meta(basis_eps, args.smoothing_mode, space.support)}
+            set_meta[s.name] = {
+                **s.describe(),
+                "num_docs": int(c.sum()),
+                "num_nonzero_domains": int(np.count_nonzero(c)),
+            }
+        meta = {
+            "method": "importance-basis",
+            **common,
+            "sets": set_meta,
+            "smoothing": smoothing_meta(basis_eps, args.smoothing_mode, space.support),
+        }
         matrix = basis_matrix(rows, args.basis_format)
         save_basis(args.basis_output, matrix, [s.name for s in basis_sets], names, meta)
-        logger.info("basis %d x %d (%s) -> %s", len(rows), len(names),
-                    "dense" if isinstance(matrix, np.ndarray) else f"CSR, {matrix.nnz} nonzeros", args.basis_output)
+        logger.info(
+            "basis %d x %d (%s) -> %s",
+            len(rows),
+            len(names),
+            "dense" if isinstance(matrix, np.ndarray) else f"CSR, {matrix.nnz} nonzeros",
+            args.basis_output,
+        )

@@ -17,6 +17,7 @@ Two reading policies, for two kinds of tools:
   large crawl never stops tokenizer training or preprocessing (tools/train_tokenizer.py,
   tools/preprocess_data.py report the counts at the end).
 """
+
 from __future__ import annotations
 
 import glob
@@ -51,7 +52,8 @@ def jsonl_stem(path: str) -> str:
 def jsonl_files_in(directory: str) -> list[str]:
     """The jsonl files directly inside ``directory``, sorted."""
     return sorted(
-        os.path.join(directory, n) for n in os.listdir(directory)
+        os.path.join(directory, n)
+        for n in os.listdir(directory)
         if is_jsonl_name(n) and os.path.isfile(os.path.join(directory, n))
     )
 
@@ -120,7 +122,9 @@ def parse_text(raw: str, json_keys: Sequence[str], path: str, lineno: int) -> st
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); every line must be one JSON object") from None
     if not isinstance(doc, dict):
-        raise DataError(f"{path}:{lineno}: line is a JSON {type(doc).__name__}, expected an object with keys {list(json_keys)}")
+        raise DataError(
+            f"{path}:{lineno}: line is a JSON {type(doc).__name__}, expected an object with keys {list(json_keys)}"
+        )
     parts = []
     for key in json_keys:
         if key not in doc:
@@ -160,7 +164,7 @@ def iter_line_batches(files: Sequence[str], batch_lines: int = LINE_BATCH) -> It
     batch: list[tuple[int, int, bytes]] = []
     for fi, path in enumerate(files):
         try:
-            with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
                 for lineno, raw in enumerate(f, 1):
                     batch.append((fi, lineno, raw))
                     if len(batch) >= batch_lines:

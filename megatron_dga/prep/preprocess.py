@@ -113,9 +113,7 @@ class PreprocessConfig:
             raise ConfigError("--output-prefix is required.")
         keys = list(self.json_keys)
         if not keys or any(not isinstance(k, str) or not k.strip() for k in keys):
-            raise ConfigError(
-                f"--json-keys {keys!r}: give one or more non-empty field names, e.g. --json-keys text."
-            )
+            raise ConfigError(f"--json-keys {keys!r}: give one or more non-empty field names, e.g. --json-keys text.")
         if len(set(keys)) != len(keys):
             raise ConfigError(f"--json-keys {keys!r} repeats a key; list each key once.")
         self.json_keys = tuple(keys)
@@ -296,8 +294,13 @@ def _process_group(
     writers: list[_ShardWriter] = []
     bad: dict[str, int] = {}
     first_bad: list[str] = []
-    progress = Progress(total_bytes(files), os.path.basename(base_prefix) or base_prefix, unit="B",
-                        enabled=config.progress, log_every=config.log_interval)
+    progress = Progress(
+        total_bytes(files),
+        os.path.basename(base_prefix) or base_prefix,
+        unit="B",
+        enabled=config.progress,
+        log_every=config.log_interval,
+    )
     try:
         for prefix in prefixes:
             writers.append(_ShardWriter(prefix, dtype))
@@ -427,8 +430,12 @@ def copy_documents(source: str, prefix: str, count: int) -> ShardResult:
     if os.path.isfile(source + ".json"):
         with open(source + ".json", encoding="utf-8") as fh:
             sidecar = json.load(fh)
-    sidecar.update(num_documents=n, num_tokens=int(docs.offsets[-1]), num_bytes=None,
-                   subset_of={"shard": os.path.abspath(source), "documents": [0, n]})
+    sidecar.update(
+        num_documents=n,
+        num_tokens=int(docs.offsets[-1]),
+        num_bytes=None,
+        subset_of={"shard": os.path.abspath(source), "documents": [0, n]},
+    )
     out_dir = os.path.dirname(os.path.abspath(prefix))
     ensure_writable_dir(out_dir, "output prefix")
     remove_stale_temp_files(out_dir)
@@ -436,14 +443,16 @@ def copy_documents(source: str, prefix: str, count: int) -> ShardResult:
     try:
         writer = _ShardWriter(prefix, corpus.infos[0].dtype.type)  # (megatron wants the numpy type)
         for i in range(n):
-            writer.add(docs.tokens[docs.offsets[i]:docs.offsets[i + 1]], 0)
+            writer.add(docs.tokens[docs.offsets[i] : docs.offsets[i + 1]], 0)
         writer.finalize(sidecar)
         writer.commit()
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    return ShardResult(prefix, str(sidecar.get("json_key", "text")), n, int(docs.offsets[-1]), [os.path.abspath(source)])
+    return ShardResult(
+        prefix, str(sidecar.get("json_key", "text")), n, int(docs.offsets[-1]), [os.path.abspath(source)]
+    )
 
 
 _TEMP_FILE = re.compile(r"_document\.(bin|idx|json)\.tmp-(\d+)$")
@@ -478,8 +487,12 @@ def remove_stale_temp_files(directory: str) -> list[str]:
             continue
         removed.append(path)
     if removed:
-        logger.warning("removed %d temporary file(s) of interrupted earlier runs in %s (e.g. %s)",
-                       len(removed), directory, os.path.basename(removed[0]))
+        logger.warning(
+            "removed %d temporary file(s) of interrupted earlier runs in %s (e.g. %s)",
+            len(removed),
+            directory,
+            os.path.basename(removed[0]),
+        )
     return removed
 
 

@@ -11,6 +11,7 @@ Work counted in bytes (``unit="B"``: reading input files, whose sizes give the t
 documents beside it (``update(nbytes, docs=n)``): the bar shows them as a postfix, the log lines
 as documents/s next to MB/s.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,15 @@ class Progress:
             bar.update(len(raw_lines_bytes), docs=documents_in_them)
     """
 
-    def __init__(self, total: Optional[int], desc: str, unit: str = "doc", enabled: Optional[bool] = None,
-                 log_every_s: float = 10.0, log_every: Optional[int] = None):
+    def __init__(
+        self,
+        total: Optional[int],
+        desc: str,
+        unit: str = "doc",
+        enabled: Optional[bool] = None,
+        log_every_s: float = 10.0,
+        log_every: Optional[int] = None,
+    ):
         """
         Args:
             total: units expected (None: unknown, no percentage or ETA).
@@ -96,8 +104,10 @@ class Progress:
             text += f"{self.docs} documents, "
         if self.total:
             eta = (self.total - self.count) / rate if rate > 0 else float("inf")
-            text += (f"{done}/{self.total / scale:.{1 if scale > 1 else 0}f} {unit} "
-                     f"({100.0 * self.count / self.total:.1f}%), ")
+            text += (
+                f"{done}/{self.total / scale:.{1 if scale > 1 else 0}f} {unit} "
+                f"({100.0 * self.count / self.total:.1f}%), "
+            )
         else:
             text += f"{done} {unit}, "
         if self.unit == "B":

@@ -12,6 +12,7 @@ Shards clustered together must share one tokenizer (token-id embeddings compare 
 sidecars ``<prefix>.json`` written by ``tools/preprocess_data.py`` are compared on
 :data:`TOKENIZER_KEYS` and a mismatch is refused before any work.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ def read_tokenizer_sidecar(prefix: str) -> Optional[Dict[str, Any]]:
     except (OSError, ValueError) as exc:
         raise DataError(f"shard sidecar {path} is not valid JSON ({exc}); fix or delete it") from None
     if not isinstance(meta, dict):
-        raise DataError(f"shard sidecar {path} holds a JSON {type(meta).__name__}, expected an object; "
-                        "fix or delete it")
+        raise DataError(
+            f"shard sidecar {path} holds a JSON {type(meta).__name__}, expected an object; fix or delete it"
+        )
     return {k: meta[k] for k in TOKENIZER_KEYS if k in meta}
 
 
@@ -89,23 +91,30 @@ class ShardCorpus:
         for p in self.prefixes:
             base = os.path.basename(os.path.normpath(p))
             if base in seen:
-                raise DataError(f"{flag}: {seen[base]} and {p} have the same basename {base!r}; a domain map "
-                                "matches shards by basename, so rename one")
+                raise DataError(
+                    f"{flag}: {seen[base]} and {p} have the same basename {base!r}; a domain map "
+                    "matches shards by basename, so rename one"
+                )
             seen[base] = p
         self.infos = [inspect_shard(p) for p in self.prefixes]
         dtypes = {info.dtype.name for info in self.infos}
         if len(dtypes) > 1:
             listing = ", ".join(f"{p}: {i.dtype.name}" for p, i in zip(self.prefixes, self.infos))
-            raise DataError(f"{flag}: the shards have different token dtypes ({listing}), so different tokenizers; "
-                            "re-run tools/preprocess_data.py on all of them with one tokenizer")
+            raise DataError(
+                f"{flag}: the shards have different token dtypes ({listing}), so different tokenizers; "
+                "re-run tools/preprocess_data.py on all of them with one tokenizer"
+            )
         self.tokenizer = self._check_tokenizers(flag)
         self._shards: List[_Shard] = []
         for prefix, info in zip(self.prefixes, self.infos):
             index = IndexedDataset(prefix, mmap=True).index
             seq_starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(index.sequence_lengths, dtype=np.int64)])
             doc_offsets = seq_starts[np.asarray(index.document_indices, dtype=np.int64)]
-            tokens = (np.memmap(prefix + ".bin", dtype=info.dtype, mode="r", shape=(info.num_tokens,))
-                      if info.num_tokens else np.zeros(0, dtype=info.dtype))
+            tokens = (
+                np.memmap(prefix + ".bin", dtype=info.dtype, mode="r", shape=(info.num_tokens,))
+                if info.num_tokens
+                else np.zeros(0, dtype=info.dtype)
+            )
             self._shards.append(_Shard(prefix, tokens, doc_offsets))
         counts = np.array([info.num_documents for info in self.infos], dtype=np.int64)
         self.document_offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(counts)])
@@ -132,8 +141,13 @@ class ShardCorpus:
                     "tools/preprocess_data.py on all of them with the same --tokenizer-type/--tokenizer-model"
                 )
         if missing and reference is not None:
-            logger.warning("%d of %d shards have no tokenizer sidecar (<prefix>.json), e.g. %s: their tokenizer "
-                           "cannot be checked against the others'", len(missing), len(self.prefixes), missing[0])
+            logger.warning(
+                "%d of %d shards have no tokenizer sidecar (<prefix>.json), e.g. %s: their tokenizer "
+                "cannot be checked against the others'",
+                len(missing),
+                len(self.prefixes),
+                missing[0],
+            )
         return reference
 
     @property

@@ -56,9 +56,7 @@ class SentencePieceTrainConfig:
 
     def __post_init__(self):
         if self.model_type not in ("unigram", "bpe"):
-            raise ConfigError(
-                f"--model-type {self.model_type!r}: choose 'unigram' or 'bpe'."
-            )
+            raise ConfigError(f"--model-type {self.model_type!r}: choose 'unigram' or 'bpe'.")
         if int(self.vocab_size) < 300:
             raise ConfigError(
                 f"--vocab-size {self.vocab_size} is too small: 256 byte-fallback pieces and "
@@ -67,13 +65,13 @@ class SentencePieceTrainConfig:
         if self.max_sentence_length < 16:
             raise ConfigError(f"--max-sentence-length {self.max_sentence_length} must be >= 16.")
         if not 0.5 < self.character_coverage <= 1.0:
-            raise ConfigError(
-                f"--character-coverage {self.character_coverage} must be in (0.5, 1]."
-            )
+            raise ConfigError(f"--character-coverage {self.character_coverage} must be in (0.5, 1].")
         if self.num_threads < 1:
             raise ConfigError(f"--num-threads {self.num_threads} must be >= 1.")
         if self.input_sentence_size < 0:
-            raise ConfigError(f"--input-sentence-size {self.input_sentence_size} must be >= 0 (0 keeps every sentence).")
+            raise ConfigError(
+                f"--input-sentence-size {self.input_sentence_size} must be >= 0 (0 keeps every sentence)."
+            )
         if self.minloglevel not in (0, 1, 2, 3):
             raise ConfigError(f"minloglevel {self.minloglevel} must be 0 (info), 1, 2 or 3 (fatal only).")
 
@@ -159,9 +157,7 @@ def train_sentencepiece(texts: Iterable[str], config: SentencePieceTrainConfig) 
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **kwargs)
     except RuntimeError as exc:
-        raise DataError(
-            f"SentencePiece training failed: {exc}. With a small corpus lower --vocab-size."
-        ) from None
+        raise DataError(f"SentencePiece training failed: {exc}. With a small corpus lower --vocab-size.") from None
     proto = model.getvalue()
     sp = spm.SentencePieceProcessor(model_proto=proto)
     model_path = config.model_prefix + ".model"
@@ -170,8 +166,6 @@ def train_sentencepiece(texts: Iterable[str], config: SentencePieceTrainConfig) 
     lines = [f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size())]
     atomic_write_bytes(vocab_path, "".join(lines).encode("utf-8"))
     return model_path
-
-
 
 
 class InputStats:
@@ -194,8 +188,9 @@ def document_lines(texts) -> Iterator[str]:
                 yield line
 
 
-def stream_sentences(files: Sequence[str], json_keys: Sequence[str], stats: InputStats,
-                     progress: Progress) -> Iterator[str]:
+def stream_sentences(
+    files: Sequence[str], json_keys: Sequence[str], stats: InputStats, progress: Progress
+) -> Iterator[str]:
     """Every non-blank line of every document of ``files``, read once, with progress."""
     keys = tuple(json_keys)
     for batch in iter_line_batches(files):
@@ -215,8 +210,12 @@ def stream_sentences(files: Sequence[str], json_keys: Sequence[str], stats: Inpu
         progress.update(nbytes, docs=docs)
     progress.close()
     kept = f"{min(stats.lines, stats.sample_size):,} sampled" if stats.sample_size else "all"
-    print(f"[inputs        +{time.monotonic() - stats.started:6.1f}s] read {stats.docs:,} documents, {stats.lines:,} "
-          f"lines, {stats.bytes / 1e6:.1f} MB; training on {kept} lines", file=sys.stderr, flush=True)
+    print(
+        f"[inputs        +{time.monotonic() - stats.started:6.1f}s] read {stats.docs:,} documents, {stats.lines:,} "
+        f"lines, {stats.bytes / 1e6:.1f} MB; training on {kept} lines",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 _SPM_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] (.*)$")
@@ -248,8 +247,10 @@ def condensed_sentencepiece_log(started: float):
                     message = match.group(1)
                     in_spec = message.startswith("Starts training with")
                     if not any(d in message for d in _SPM_DROP):
-                        dst.write(f"[sentencepiece +{time.monotonic() - started:6.1f}s] "
-                                  f"{'starts training' if in_spec else message}\n")
+                        dst.write(
+                            f"[sentencepiece +{time.monotonic() - started:6.1f}s] "
+                            f"{'starts training' if in_spec else message}\n"
+                        )
                 dst.flush()
 
     thread = threading.Thread(target=pump, daemon=True)

@@ -4,6 +4,7 @@ Flags are generated from the config dataclasses, so a field and its flag can nev
 drift apart: field ``lr_warmup_iters`` of OptimizerConfig is ``--lr-warmup-iters``.
 Precedence: dataclass defaults < ``--config FILE.yaml`` < command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,17 @@ SECTIONS = {
     "mixing": MixingConfig,
 }
 # Fields that are derived, not user flags.
-_NOT_FLAGS = {("model", "vocab_size"), ("mixing", "static_weights"),
-              ("parallel", "virtual_pipeline_model_parallel_size")}
+_NOT_FLAGS = {
+    ("model", "vocab_size"),
+    ("mixing", "static_weights"),
+    ("parallel", "virtual_pipeline_model_parallel_size"),
+}
 # Megatron's spelling where it differs from the field name.
-_FLAG_NAMES = {("parallel", "backend"): "distributed-backend", ("mixing", "strategy"): "mixing",
-               **{("optimizer", name): flag[2:] for name, flag in SCHEDULER_RESUME_FLAGS.items()}}
+_FLAG_NAMES = {
+    ("parallel", "backend"): "distributed-backend",
+    ("mixing", "strategy"): "mixing",
+    **{("optimizer", name): flag[2:] for name, flag in SCHEDULER_RESUME_FLAGS.items()},
+}
 
 
 def _flag(section: str, name: str) -> str:
@@ -139,8 +146,10 @@ def _refuse_repeated_keys(path: str, text: str, flags: Dict[str, str]) -> None:
         if len(uses) > 1:
             where = ", ".join(f"'{key}' on line {line}" for key, line in uses)
             times = "twice" if len(uses) == 2 else f"{len(uses)} times"
-            raise ConfigError(f"--config {path}: {flags.get(flag, flag)} is set {times} ({where}); YAML would keep the "
-                              "last silently; keep one")
+            raise ConfigError(
+                f"--config {path}: {flags.get(flag, flag)} is set {times} ({where}); YAML would keep the "
+                "last silently; keep one"
+            )
 
 
 def _yaml_values(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
@@ -156,9 +165,11 @@ def _yaml_values(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     except OSError as exc:  # a directory, no permission
         raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"--config {path}: not UTF-8 text (byte {data[exc.start:exc.start + 1]!r} at offset "
-                          f"{exc.start}, line {line}); save the file as UTF-8") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"--config {path}: not UTF-8 text (byte {data[exc.start : exc.start + 1]!r} at offset "
+            f"{exc.start}, line {line}); save the file as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):

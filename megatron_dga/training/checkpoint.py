@@ -59,6 +59,7 @@ with the key path, not at resume time. Pass ``weights_only=False`` to both funct
 to store arbitrary picklable objects (only ever load such checkpoints from a trusted
 source: unpickling can run code).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -83,8 +84,7 @@ import torch
 import megatron_dga
 from megatron_dga import comm
 from megatron_dga.errors import CheckpointError, ConfigError
-from megatron_dga.fileio import (atomic_write, atomic_write_text, describe_os_error, fsync_dir,
-                                 is_relative_inside)
+from megatron_dga.fileio import atomic_write, atomic_write_text, describe_os_error, fsync_dir, is_relative_inside
 
 logger = logging.getLogger(__name__)
 
@@ -133,16 +133,18 @@ class CheckpointLayout:
             if not isinstance(size, int) or size < 1:
                 raise ConfigError(f"CheckpointLayout.{kind}_size must be a positive integer, got {size!r}")
             if not isinstance(rank, int) or not 0 <= rank < size:
-                raise ConfigError(
-                    f"CheckpointLayout.{kind}_rank must be in [0, {kind}_size={size}), got {rank!r}"
-                )
+                raise ConfigError(f"CheckpointLayout.{kind}_rank must be in [0, {kind}_size={size}), got {rank!r}")
 
     @classmethod
     def from_context(cls, ctx) -> "CheckpointLayout":
         """Build from any object with tp/pp/dp ``_rank``/``_size`` attributes (platform.ParallelContext)."""
         return cls(
-            tp_size=ctx.tp_size, pp_size=ctx.pp_size, dp_size=ctx.dp_size,
-            tp_rank=ctx.tp_rank, pp_rank=ctx.pp_rank, dp_rank=ctx.dp_rank,
+            tp_size=ctx.tp_size,
+            pp_size=ctx.pp_size,
+            dp_size=ctx.dp_size,
+            tp_rank=ctx.tp_rank,
+            pp_rank=ctx.pp_rank,
+            dp_rank=ctx.dp_rank,
         )
 
     @property
@@ -163,9 +165,7 @@ class CheckpointLayout:
     def all_shard_files(self) -> list[str]:
         """Relative paths of every model-parallel file a complete checkpoint holds."""
         return [
-            f"{self.shard_dirname(tp, pp)}/{MODEL_FILENAME}"
-            for pp in range(self.pp_size)
-            for tp in range(self.tp_size)
+            f"{self.shard_dirname(tp, pp)}/{MODEL_FILENAME}" for pp in range(self.pp_size) for tp in range(self.tp_size)
         ]
 
     def describe(self) -> str:
@@ -218,7 +218,7 @@ def _torch_load(path: Path, map_location, weights_only: bool) -> Any:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path} is missing") from None
-    except Exception as exc:  # noqa: BLE001 - unpickling raises many kinds; all mean "unreadable"
+    except Exception as exc:
         hint = (
             " It holds objects other than tensors/plain Python values; if it comes from a trusted "
             "source, load with weights_only=False."
@@ -327,9 +327,19 @@ def save_checkpoint(
         return written
 
     expected = layout.all_shard_files() + [COMMON_FILENAME]
-    return publish_checkpoint(save_dir, iteration, write, layout=layout, group=group, keep_last=keep_last,
-                              metadata=metadata, ckpt_format="torch", expected_files=expected,
-                              weights_only=weights_only, background=background)
+    return publish_checkpoint(
+        save_dir,
+        iteration,
+        write,
+        layout=layout,
+        group=group,
+        keep_last=keep_last,
+        metadata=metadata,
+        ckpt_format="torch",
+        expected_files=expected,
+        weights_only=weights_only,
+        background=background,
+    )
 
 
 def file_record(path: Path) -> dict:
@@ -403,7 +413,7 @@ def publish_checkpoint(
     error, mine = None, []
     try:
         mine = write(tmp_dir)
-    except (Exception, comm.DistCheckpointException) as exc:  # noqa: BLE001 - reported to every rank below
+    except (Exception, comm.DistCheckpointException) as exc:
         # One line naming the cause and path (a full disk: "no space left on device writing ..."),
         # not torch's "unexpected pos" nor DCP's per-rank tracebacks.
         error = describe_os_error(exc, tmp_dir, "--save")
@@ -414,9 +424,19 @@ def publish_checkpoint(
         error = None
         if ranks.is_coordinator:
             try:
-                _finalize(root, tmp_dir, final_dir, iteration, layout, files, expected_files, metadata, ckpt_format,
-                          weights_only)
-            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                _finalize(
+                    root,
+                    tmp_dir,
+                    final_dir,
+                    iteration,
+                    layout,
+                    files,
+                    expected_files,
+                    metadata,
+                    ckpt_format,
+                    weights_only,
+                )
+            except Exception as exc:
                 error = describe_os_error(exc, final_dir, "--save")
         _gather_or_raise(ranks, error, f"save failed while publishing {final_dir}")
         # 4. Retention; failures here do not invalidate the checkpoint just written.
@@ -442,8 +462,16 @@ class PendingCheckpoint:
     runs no collective: :meth:`ready` and :meth:`finish` are called by every rank together.
     """
 
-    def __init__(self, ranks: "_Comm", iteration: int, tmp_dir: Path, paths: list, publish: Callable[[dict], Path],
-                 *, background: bool):
+    def __init__(
+        self,
+        ranks: "_Comm",
+        iteration: int,
+        tmp_dir: Path,
+        paths: list,
+        publish: Callable[[dict], Path],
+        *,
+        background: bool,
+    ):
         self.iteration = iteration
         self._ranks, self._tmp_dir, self._paths, self._publish = ranks, tmp_dir, list(paths), publish
         self._records: dict = {}
@@ -460,9 +488,8 @@ class PendingCheckpoint:
     def _checksum(self) -> None:
         try:
             # zlib releases the GIL on large blocks, so this overlaps with the training thread.
-            self._records = {Path(p).relative_to(self._tmp_dir).as_posix(): file_record(Path(p))
-                             for p in self._paths}
-        except Exception as exc:  # noqa: BLE001 - reported to every rank by finish()
+            self._records = {Path(p).relative_to(self._tmp_dir).as_posix(): file_record(Path(p)) for p in self._paths}
+        except Exception as exc:
             self._error = describe_os_error(exc, self._tmp_dir, "--save")
 
     def ready(self, device="cpu") -> bool:
@@ -474,13 +501,15 @@ class PendingCheckpoint:
         """Wait for this rank's checksums, then publish on every rank; returns the ``iter_`` directory."""
         if self._thread is not None:
             self._thread.join()
-        parts = _gather_or_raise(self._ranks, self._error, f"save failed while checksumming {self._tmp_dir}",
-                                 self._records)
+        parts = _gather_or_raise(
+            self._ranks, self._error, f"save failed while checksumming {self._tmp_dir}", self._records
+        )
         return self._publish({rel: rec for part in parts for rel, rec in part.items()})
 
 
-def _finalize(root, tmp_dir, final_dir, iteration, layout, files, expected_files, metadata, ckpt_format,
-              weights_only) -> None:
+def _finalize(
+    root, tmp_dir, final_dir, iteration, layout, files, expected_files, metadata, ckpt_format, weights_only
+) -> None:
     missing = [rel for rel in (expected_files or []) if not (tmp_dir / rel).is_file()]
     if missing:
         raise CheckpointError(
@@ -572,7 +601,7 @@ def reading(ckpt_dir: Path):
     """
     try:
         yield
-    except (Exception, comm.DistCheckpointException) as exc:  # noqa: BLE001 - re-raised unless the files vanished
+    except (Exception, comm.DistCheckpointException) as exc:
         ckpt_dir = Path(ckpt_dir)
         missing_file = any(isinstance(e, FileNotFoundError) for e in _chain(exc))
         if ckpt_dir.is_dir() and not missing_file:
@@ -591,9 +620,11 @@ def vanished_message(ckpt_dir: Path) -> str:
     """The error for a checkpoint removed while it was read (:func:`reading`)."""
     root = ckpt_dir.parent
     kept = _list_iterations(root)
-    return (f"checkpoint {ckpt_dir} was removed while it was being read (a run saving into {root} with --keep-last "
-            f"deletes older checkpoints as it saves new ones, or it was deleted); pass --ckpt-step N of one that "
-            f"is kept (now under {root}: {kept or 'none'}), or copy the checkpoint elsewhere and read the copy")
+    return (
+        f"checkpoint {ckpt_dir} was removed while it was being read (a run saving into {root} with --keep-last "
+        f"deletes older checkpoints as it saves new ones, or it was deleted); pass --ckpt-step N of one that "
+        f"is kept (now under {root}: {kept or 'none'}), or copy the checkpoint elsewhere and read the copy"
+    )
 
 
 def latest_iteration(load_dir: str | os.PathLike) -> Optional[int]:
@@ -634,16 +665,17 @@ def _resolve_dir(root: Path, iteration: int) -> Path:
             f"checkpoint {path} is incomplete ({METADATA_FILENAME} missing: the save was interrupted); "
             f"load another iteration, available: {available}"
         )
-    raise CheckpointError(
-        f"checkpoint {path} does not exist; available iterations under {root}: {available or 'none'}"
-    )
+    raise CheckpointError(f"checkpoint {path} does not exist; available iterations under {root}: {available or 'none'}")
 
 
 def _fallback(root: Path, iteration: int) -> str:
     """The fix for a damaged checkpoint: the previous iteration under ``root``, if any."""
     earlier = [it for it in _list_iterations(root) if it < iteration]
-    return (f"load the previous checkpoint with --ckpt-step {earlier[-1]}" if earlier
-            else "no earlier checkpoint exists under this --load")
+    return (
+        f"load the previous checkpoint with --ckpt-step {earlier[-1]}"
+        if earlier
+        else "no earlier checkpoint exists under this --load"
+    )
 
 
 def _is_count(value) -> bool:
@@ -660,7 +692,8 @@ def _marker_problem(meta) -> Optional[str]:
         return f"ckpt_format is {meta.get('ckpt_format')!r}, expected one of {list(CKPT_FORMATS)}"
     layout = meta.get("layout")
     if not isinstance(layout, dict) or not all(
-            _is_count(layout.get(k)) and layout[k] >= 1 for k in ("tp_size", "pp_size", "dp_size")):
+        _is_count(layout.get(k)) and layout[k] >= 1 for k in ("tp_size", "pp_size", "dp_size")
+    ):
         return f"layout is {layout!r}, expected {{tp_size, pp_size, dp_size}} positive integers"
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
@@ -685,12 +718,15 @@ def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {METADATA_FILENAME} is missing") from None
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"cannot read checkpoint metadata {path}: {type(exc).__name__}: {exc}; "
-                              f"{fallback}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint metadata {path}: {type(exc).__name__}: {exc}; {fallback}"
+        ) from None
     problem = _marker_problem(meta)
     if problem:
-        raise CheckpointError(f"checkpoint metadata {path} is malformed: {problem}; it was not written by a "
-                              f"complete save of megatron-dga; {fallback}")
+        raise CheckpointError(
+            f"checkpoint metadata {path} is malformed: {problem}; it was not written by a "
+            f"complete save of megatron-dga; {fallback}"
+        )
     return meta
 
 
@@ -705,18 +741,23 @@ def check_listing(ckpt_dir: Path, meta: dict) -> None:
         for name in sorted(dirnames + filenames):
             path = Path(dirpath) / name
             if path.is_symlink():
-                raise CheckpointError(f"checkpoint {ckpt_dir} holds a symbolic link {path} (a save never writes "
-                                      f"one; the checkpoint reads only its own files); {fallback}")
+                raise CheckpointError(
+                    f"checkpoint {ckpt_dir} holds a symbolic link {path} (a save never writes "
+                    f"one; the checkpoint reads only its own files); {fallback}"
+                )
         for name in sorted(filenames):
             rel = (Path(dirpath) / name).relative_to(ckpt_dir).as_posix()
             if rel not in listed and rel != METADATA_FILENAME:
                 raise CheckpointError(
                     f"checkpoint file {ckpt_dir / rel} is not listed in {ckpt_dir / METADATA_FILENAME}, so it cannot "
-                    f"be verified (it was added after the save); remove it, or {fallback}")
+                    f"be verified (it was added after the save); remove it, or {fallback}"
+                )
     missing = sorted(rel for rel in listed if not (ckpt_dir / rel).is_file())
     if missing:
-        raise CheckpointError(f"checkpoint file {ckpt_dir / missing[0]} is missing (the directory was modified "
-                              f"after saving; {len(missing)} listed file(s) absent); {fallback}")
+        raise CheckpointError(
+            f"checkpoint file {ckpt_dir / missing[0]} is missing (the directory was modified "
+            f"after saving; {len(missing)} listed file(s) absent); {fallback}"
+        )
 
 
 def load_checkpoint(
@@ -772,15 +813,19 @@ def verify_files(root: Path, ckpt_dir: Path, meta: dict, rels: list) -> None:
         path = ckpt_dir / rel
         expected = meta["files"].get(rel)
         if expected is None:
-            raise CheckpointError(f"checkpoint file {path} is not listed in {ckpt_dir / METADATA_FILENAME}; "
-                                  f"{_fallback(root, meta['iteration'])}")
+            raise CheckpointError(
+                f"checkpoint file {path} is not listed in {ckpt_dir / METADATA_FILENAME}; "
+                f"{_fallback(root, meta['iteration'])}"
+            )
         if not path.is_file():
             raise CheckpointError(f"checkpoint file {path} is missing (the directory was modified after saving)")
         try:
             got = file_record(path)
         except OSError as exc:  # removed or unreadable meanwhile: a CheckpointError, reported to every rank
-            raise CheckpointError(f"cannot read checkpoint file {path}: {describe_os_error(exc, path)}; "
-                                  f"{_fallback(root, meta['iteration'])}") from exc
+            raise CheckpointError(
+                f"cannot read checkpoint file {path}: {describe_os_error(exc, path)}; "
+                f"{_fallback(root, meta['iteration'])}"
+            ) from exc
         if got == expected:
             continue
         if got["size"] != expected["size"]:
@@ -817,8 +862,10 @@ def check_finite(state: Any, where: str, fallback: str) -> Optional[str]:
     walk(state, "")
     if not bad:
         return None
-    return (f"checkpoint {where}: {len(bad)} loaded tensor(s) hold NaN or Inf ({', '.join(bad[:3])}); the run that "
-            f"saved it had diverged or the files were altered; {fallback}")
+    return (
+        f"checkpoint {where}: {len(bad)} loaded tensor(s) hold NaN or Inf ({', '.join(bad[:3])}); the run that "
+        f"saved it had diverged or the files were altered; {fallback}"
+    )
 
 
 # ----------------------------------------------------------------------------- vetting what libraries unpickle
@@ -826,8 +873,15 @@ def check_finite(state: Any, where: str, fallback: str) -> Optional[str]:
 
 DCP_METADATA_GLOBALS = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},  # torch.layout's pickle: a lookup by name
@@ -848,7 +902,8 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(
-            f"it names {module}.{name}, which is not a torch.distributed.checkpoint metadata class")
+            f"it names {module}.{name}, which is not a torch.distributed.checkpoint metadata class"
+        )
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it holds a persistent reference, which DCP metadata never does")
@@ -859,8 +914,11 @@ def _read_dcp_metadata(path: Path):
 
     with open(path, "rb") as fh:
         md = _DCPMetadataUnpickler(fh).load()
-    if not isinstance(md, Metadata) or not isinstance(getattr(md, "storage_data", None), dict) \
-            or not isinstance(getattr(md, "state_dict_metadata", None), dict):
+    if (
+        not isinstance(md, Metadata)
+        or not isinstance(getattr(md, "storage_data", None), dict)
+        or not isinstance(getattr(md, "state_dict_metadata", None), dict)
+    ):
         raise pickle.UnpicklingError(f"it holds a {type(md).__name__}, not torch.distributed.checkpoint's Metadata")
     return md
 
@@ -869,12 +927,14 @@ def _vet_torch_pickle(data, what: str) -> None:
     """``data`` (a path or bytes) loads with ``torch.load(weights_only=True)``; else the reason, raised."""
     try:
         torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling raises many kinds; all mean "refused"
+    except Exception as exc:
         reason = str(exc).strip().splitlines()
-        detail = next((line for line in reason if "Unsupported global" in line or "GLOBAL" in line),
-                      reason[0] if reason else "")
-        raise pickle.UnpicklingError(f"{what} does not load with torch.load(weights_only=True): "
-                                     f"{type(exc).__name__}: {detail[:300]}") from None
+        detail = next(
+            (line for line in reason if "Unsupported global" in line or "GLOBAL" in line), reason[0] if reason else ""
+        )
+        raise pickle.UnpicklingError(
+            f"{what} does not load with torch.load(weights_only=True): {type(exc).__name__}: {detail[:300]}"
+        ) from None
 
 
 def vet_distributed_checkpoint(ckpt_dir: Path, meta: dict):
@@ -905,13 +965,18 @@ def vet_distributed_checkpoint(ckpt_dir: Path, meta: dict):
             if not (isinstance(rel, str) and rel in meta["files"] and "/" not in rel):
                 raise ValueError(f"it points {getattr(index, 'fqn', index)!r} at {rel!r}, not a file of the checkpoint")
             if getattr(info, "transform_descriptors", None):
-                raise ValueError(f"it stores {index.fqn!r} through transforms {info.transform_descriptors!r}, "
-                                 "which megatron-dga never writes")
+                raise ValueError(
+                    f"it stores {index.fqn!r} through transforms {info.transform_descriptors!r}, "
+                    "which megatron-dga never writes"
+                )
             if not isinstance(md.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
                 continue
             path = ckpt_dir / rel
-            if not (_is_count(info.offset) and _is_count(info.length)
-                    and info.offset + info.length <= meta["files"][rel]["size"]):
+            if not (
+                _is_count(info.offset)
+                and _is_count(info.length)
+                and info.offset + info.length <= meta["files"][rel]["size"]
+            ):
                 raise ValueError(f"object {index.fqn!r} lies outside the file")
             with open(path, "rb") as fh:
                 fh.seek(info.offset)
@@ -919,9 +984,11 @@ def vet_distributed_checkpoint(ckpt_dir: Path, meta: dict):
         path = ckpt_dir / COMMON_FILENAME
         if path.is_file():
             _vet_torch_pickle(path, "it")
-    except Exception as exc:  # noqa: BLE001 - a garbled pickle raises almost any kind; all mean "refused"
-        raise CheckpointError(f"checkpoint file {path} is refused: {type(exc).__name__}: {exc} (loading a checkpoint "
-                              f"never runs code from it); {fallback}") from None
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint file {path} is refused: {type(exc).__name__}: {exc} (loading a checkpoint "
+            f"never runs code from it); {fallback}"
+        ) from None
     return md
 
 
@@ -950,7 +1017,7 @@ def verify_checkpoint(ckpt_dir: Path, meta: dict, *, group=None):
     with reading(ckpt_dir):
         error = None
         try:
-            verify_files(ckpt_dir.parent, ckpt_dir, meta, rels[ranks.rank::ranks.size])
+            verify_files(ckpt_dir.parent, ckpt_dir, meta, rels[ranks.rank :: ranks.size])
         except CheckpointError as exc:
             error = str(exc)
         _raise_on_every_rank(ranks, error)
@@ -996,6 +1063,7 @@ def save_distributed_checkpoint(
     into the metadata (the ranks checksum the files between them). ``background=True``
     returns a :class:`PendingCheckpoint` once the files are written (see there).
     """
+
     def write(tmp_dir: Path) -> list:
         from megatron.core import dist_checkpointing
 
@@ -1005,10 +1073,19 @@ def save_distributed_checkpoint(
             dist_checkpointing.save(sharded_state, str(tmp_dir))
         comm.barrier(group)  # every rank's files are on disk before anyone lists them
         paths = sorted(p for p in tmp_dir.rglob("*") if p.is_file())
-        return paths[comm.rank(group)::comm.size(group)]
+        return paths[comm.rank(group) :: comm.size(group)]
 
-    return publish_checkpoint(save_dir, iteration, write, layout=layout, group=group, keep_last=keep_last,
-                              metadata=metadata, ckpt_format="torch_dist", background=background)
+    return publish_checkpoint(
+        save_dir,
+        iteration,
+        write,
+        layout=layout,
+        group=group,
+        keep_last=keep_last,
+        metadata=metadata,
+        ckpt_format="torch_dist",
+        background=background,
+    )
 
 
 def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = None) -> tuple[Path, dict]:
@@ -1021,8 +1098,7 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = N
     root = Path(load_dir)
     if not root.is_dir():
         raise CheckpointError(
-            f"--load {root} does not exist or is not a directory; fix the path, or drop --load "
-            "to start from scratch"
+            f"--load {root} does not exist or is not a directory; fix the path, or drop --load to start from scratch"
         )
     if iteration is None:
         iteration = latest_iteration(root)
@@ -1046,8 +1122,9 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: Optional[int] = N
     return ckpt_dir, meta
 
 
-def load_distributed_checkpoint(ckpt_dir: Path, meta: dict, sharded_state: dict, *, group=None,
-                                verified: bool = False) -> dict:
+def load_distributed_checkpoint(
+    ckpt_dir: Path, meta: dict, sharded_state: dict, *, group=None, verified: bool = False
+) -> dict:
     """:func:`verify_checkpoint` (unless ``verified``: the caller ran it), then megatron's dist_checkpointing.load.
 
     ``sharded_state`` is this run's sharded state dict (its own TP/PP/DP layout): megatron
@@ -1069,9 +1146,11 @@ def load_distributed_checkpoint(ckpt_dir: Path, meta: dict, sharded_state: dict,
         try:
             with platform.megatron_cuda_calls_on_cpu():
                 state = dist_checkpointing.load(sharded_state, str(ckpt_dir))
-        except (Exception, comm.DistCheckpointException) as exc:  # noqa: BLE001 - one line on every rank below
-            error = (f"cannot load {ckpt_dir}: {_one_line(exc)}; it does not match this model's "
-                     f"flags, or is damaged; {fallback}")
+        except (Exception, comm.DistCheckpointException) as exc:
+            error = (
+                f"cannot load {ckpt_dir}: {_one_line(exc)}; it does not match this model's "
+                f"flags, or is damaged; {fallback}"
+            )
             if not ckpt_dir.is_dir() or any(isinstance(e, FileNotFoundError) for e in _chain(exc)):
                 error = vanished_message(ckpt_dir)
         if error is None:

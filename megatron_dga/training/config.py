@@ -2,6 +2,7 @@
 
 The CLI (``arguments.py``) builds these once; nothing reads a global args object.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any, Dict, List, Literal, Optional
 from megatron_dga.data.domains import parse_data_path, read_data_args_file, read_per_split_data_args
 from megatron_dga.config_checks import ReadOnlyOnceParsed, refuse_without
 from megatron_dga.errors import ConfigError
-from megatron_dga.mixing.config import MixingConfig, check_job  # noqa: F401 - MixingConfig re-exported
+from megatron_dga.mixing.config import MixingConfig, check_job
 from megatron_dga.model import GPTModelConfig
 from megatron_dga.platform import ParallelConfig
 
@@ -29,8 +30,10 @@ def _check_finite_numbers(cfg) -> None:
                     raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
-SCHEDULER_RESUME_FLAGS = {"override_opt_param_scheduler": "--override-opt_param-scheduler",
-                          "use_checkpoint_opt_param_scheduler": "--use-checkpoint-opt_param-scheduler"}
+SCHEDULER_RESUME_FLAGS = {
+    "override_opt_param_scheduler": "--override-opt_param-scheduler",
+    "use_checkpoint_opt_param_scheduler": "--use-checkpoint-opt_param-scheduler",
+}
 """OptimizerConfig fields whose flags keep Megatron-LM's spelling (an underscore in 'opt_param')."""
 
 
@@ -120,12 +123,13 @@ class DataConfig(ReadOnlyOnceParsed):
         if isinstance(self.domain_token_limit, int):  # YAML or API callers may give one number
             self.domain_token_limit = [self.domain_token_limit]
         if self.domain_token_limit is not None and any(v < 0 for v in self.domain_token_limit):
-            raise ConfigError(f"--domain-token-limit values must be >= 0 (0 = unlimited), got {self.domain_token_limit}")
+            raise ConfigError(
+                f"--domain-token-limit values must be >= 0 (0 = unlimited), got {self.domain_token_limit}"
+            )
         if self.num_workers < 0:
             raise ConfigError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.domain_map is not None:
             self._check_domain_map()
-
 
     def _check_domain_map(self) -> None:
         """--domain-map needs the map's shards as plain --data-path prefixes; the flags it replaces are errors."""
@@ -133,26 +137,33 @@ class DataConfig(ReadOnlyOnceParsed):
 
         where = f"--domain-map {self.domain_map}"
         if self.mock_data:
-            raise ConfigError(f"{where} with --mock-data: the mock shards are written at start-up and no map fits them; "
-                              "give the map's shards with --data-path, or drop --domain-map")
+            raise ConfigError(
+                f"{where} with --mock-data: the mock shards are written at start-up and no map fits them; "
+                "give the map's shards with --data-path, or drop --domain-map"
+            )
         if not os.path.isfile(self.domain_map):
-            raise ConfigError(f"{where}: no such file; write one with tools/cluster_domains.py --input-shards PREFIX "
-                              "[PREFIX ...] --output-map FILE")
+            raise ConfigError(
+                f"{where}: no such file; write one with tools/cluster_domains.py --input-shards PREFIX "
+                "[PREFIX ...] --output-map FILE"
+            )
         if parse_data_path(self.data_path)[2] is not None:
             raise ConfigError(
                 f"{where} with weights in --data-path: the map defines the domains (its fine domains, not the shards), "
                 "so shard weights cannot apply; give the shards as plain prefixes, and static weights over the fine "
                 "domains as a weights file (--mixing importance --importance-weights FILE, or --mixing dga "
-                "--dga-init FILE)")
+                "--dga-init FILE)"
+            )
         if self.per_split_data_args_path and self.per_split_valid_prefixes is not None:
             raise ConfigError(
                 f"{where} with --per-split-data-args-path {self.per_split_data_args_path} giving \"valid\" shards: "
                 "the map covers the training shards only, so their fine domains have no held-out shards; use "
-                "--data-path with --split (applied per fine domain), or set \"valid\" to []")
+                "--data-path with --split (applied per fine domain), or set \"valid\" to []"
+            )
         if self.domain_token_limit and len(self.domain_token_limit) > 1:
             raise ConfigError(
                 f"{where} with {len(self.domain_token_limit)} --domain-token-limit values: with a map give one value, "
-                "applied to every fine domain")
+                "applied to every fine domain"
+            )
 
     def _resolve_data_source(self) -> None:
         """Exactly one source of training data; a data-args file's value becomes data_path.
@@ -166,18 +177,26 @@ class DataConfig(ReadOnlyOnceParsed):
         elif self.per_split_data_args_path:
             splits = read_per_split_data_args(self.per_split_data_args_path)
             from_file = splits["train"]
-        given = [(flag, value) for flag, value in (
-            ("--data-path", " ".join(self.data_path) if self.data_path and self.data_path != from_file else None),
-            ("--data-args-path", self.data_args_path),
-            ("--per-split-data-args-path", self.per_split_data_args_path),
-            ("--mock-data", "" if self.mock_data else None)) if value is not None]
+        given = [
+            (flag, value)
+            for flag, value in (
+                ("--data-path", " ".join(self.data_path) if self.data_path and self.data_path != from_file else None),
+                ("--data-args-path", self.data_args_path),
+                ("--per-split-data-args-path", self.per_split_data_args_path),
+                ("--mock-data", "" if self.mock_data else None),
+            )
+            if value is not None
+        ]
         if len(given) > 1:
-            shown = " and ".join(f"{flag} {value}".rstrip() if len(value) <= 60 else f"{flag} {value[:57]}..."
-                                 for flag, value in given)
+            shown = " and ".join(
+                f"{flag} {value}".rstrip() if len(value) <= 60 else f"{flag} {value[:57]}..." for flag, value in given
+            )
             raise ConfigError(f"{shown} each give the training data (Megatron takes one of them); keep one")
         if not given:
-            raise ConfigError("--data-path is required: give shard prefixes, e.g. --data-path data/web_text_document "
-                              "(or --data-args-path FILE, --per-split-data-args-path FILE, or --mock-data)")
+            raise ConfigError(
+                "--data-path is required: give shard prefixes, e.g. --data-path data/web_text_document "
+                "(or --data-args-path FILE, --per-split-data-args-path FILE, or --mock-data)"
+            )
         if splits is not None:
             self._check_per_split(splits)
         if from_file is not None:
@@ -187,17 +206,23 @@ class DataConfig(ReadOnlyOnceParsed):
         """The "valid" shards must name the "train" domains, without weights; "test" and --split would be ignored."""
         where = f"--per-split-data-args-path {self.per_split_data_args_path}"
         if self.split != DEFAULT_SPLIT:
-            raise ConfigError(f"--split {self.split} with {where}: each split comes from its own shards there, so "
-                              "--split would be ignored; drop --split")
+            raise ConfigError(
+                f"--split {self.split} with {where}: each split comes from its own shards there, so "
+                "--split would be ignored; drop --split"
+            )
         if splits["test"]:
-            raise ConfigError(f"{where}: \"test\" gives {' '.join(splits['test'])[:60]}, but this trainer runs no test "
-                              "evaluation (it would be ignored); set \"test\" to [] or remove it")
+            raise ConfigError(
+                f"{where}: \"test\" gives {' '.join(splits['test'])[:60]}, but this trainer runs no test "
+                "evaluation (it would be ignored); set \"test\" to [] or remove it"
+            )
         if splits["valid"]:
             train_names = parse_data_path(splits["train"])[0]
             names, _, weights = parse_data_path(splits["valid"])
             if weights is not None:
-                raise ConfigError(f"{where}: \"valid\" gives weights, but the eval loss is reported per domain (the "
-                                  "weights would be ignored); list the prefixes only")
+                raise ConfigError(
+                    f"{where}: \"valid\" gives weights, but the eval loss is reported per domain (the "
+                    "weights would be ignored); list the prefixes only"
+                )
             if sorted(names) != sorted(train_names):
                 raise ConfigError(
                     f"{where}: \"valid\" names domains {names}, \"train\" {train_names}; the held-out sets are the "
@@ -321,11 +346,13 @@ class OptimizerConfig(ReadOnlyOnceParsed):
         if self.loss_scale is not None and dynamic:
             names = ", ".join(f"{_flag(k)} {v}" for k, v in dynamic.items())
             one = len(dynamic) == 1
-            raise ConfigError(f"{names} {'tunes' if one else 'tune'} dynamic loss scaling, which --loss-scale "
-                              f"{self.loss_scale} turns off (a static scale); drop --loss-scale or drop "
-                              f"{'it' if one else 'them'}")
+            raise ConfigError(
+                f"{names} {'tunes' if one else 'tune'} dynamic loss scaling, which --loss-scale "
+                f"{self.loss_scale} turns off (a static scale); drop --loss-scale or drop "
+                f"{'it' if one else 'them'}"
+            )
         # megatron-core's defaults (OptimizerConfig): its grad scaler asserts min <= initial.
-        initial = 2.0 ** 32 if self.initial_loss_scale is None else self.initial_loss_scale
+        initial = 2.0**32 if self.initial_loss_scale is None else self.initial_loss_scale
         floor = 1.0 if self.min_loss_scale is None else self.min_loss_scale
         if floor > initial:
             given = lambda name, value, default: f"--{name} {value:g}" + ("" if default else " (the default)")
@@ -333,7 +360,8 @@ class OptimizerConfig(ReadOnlyOnceParsed):
                 f"{given('min-loss-scale', floor, self.min_loss_scale is not None)} is above "
                 f"{given('initial-loss-scale', initial, self.initial_loss_scale is not None)}: dynamic loss "
                 "scaling starts at the initial scale and never goes below the minimum; give --min-loss-scale <= "
-                "--initial-loss-scale")
+                "--initial-loss-scale"
+            )
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} must be in [0, --lr {self.lr}]")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
@@ -344,16 +372,22 @@ class OptimizerConfig(ReadOnlyOnceParsed):
             raise ConfigError(f"--lr-decay-samples must be > 0, got {self.lr_decay_samples}")
         if self.lr_warmup_fraction is not None:
             if not 0 <= self.lr_warmup_fraction < 1:
-                raise ConfigError(f"--lr-warmup-fraction must be in [0, 1) (a fraction of the decay length), "
-                                  f"got {self.lr_warmup_fraction}")
+                raise ConfigError(
+                    f"--lr-warmup-fraction must be in [0, 1) (a fraction of the decay length), "
+                    f"got {self.lr_warmup_fraction}"
+                )
             for name in ("lr_warmup_iters", "lr_warmup_samples"):
                 if getattr(self, name):
-                    raise ConfigError(f"--lr-warmup-fraction {self.lr_warmup_fraction} and {_flag(name)} "
-                                      f"{getattr(self, name)} both set the warmup (Megatron takes one); keep one")
+                    raise ConfigError(
+                        f"--lr-warmup-fraction {self.lr_warmup_fraction} and {_flag(name)} "
+                        f"{getattr(self, name)} both set the warmup (Megatron takes one); keep one"
+                    )
         if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
-            raise ConfigError("--override-opt_param-scheduler (this run's LR schedule wins) and "
-                              "--use-checkpoint-opt_param-scheduler (the checkpoint's wins) contradict each "
-                              "other; keep one")
+            raise ConfigError(
+                "--override-opt_param-scheduler (this run's LR schedule wins) and "
+                "--use-checkpoint-opt_param-scheduler (the checkpoint's wins) contradict each "
+                "other; keep one"
+            )
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
@@ -361,19 +395,26 @@ class OptimizerConfig(ReadOnlyOnceParsed):
     def _check_overlap(self) -> None:
         """Megatron's rules for the overlap flags; a flag that would do nothing is an error."""
         if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise ConfigError("--overlap-param-gather overlaps the distributed optimizer's parameter all-gather, "
-                              "and --use-distributed-optimizer is not given (without it every rank updates "
-                              "whole parameters: nothing to gather); add --use-distributed-optimizer or drop "
-                              "--overlap-param-gather")
+            raise ConfigError(
+                "--overlap-param-gather overlaps the distributed optimizer's parameter all-gather, "
+                "and --use-distributed-optimizer is not given (without it every rank updates "
+                "whole parameters: nothing to gather); add --use-distributed-optimizer or drop "
+                "--overlap-param-gather"
+            )
         if self.overlap_param_gather and not self.overlap_grad_reduce:
-            raise ConfigError("--overlap-param-gather needs --overlap-grad-reduce (Megatron's rule: the "
-                              "parameter all-gather is overlapped only together with the gradient "
-                              "reduce-scatter); add --overlap-grad-reduce")
+            raise ConfigError(
+                "--overlap-param-gather needs --overlap-grad-reduce (Megatron's rule: the "
+                "parameter all-gather is overlapped only together with the gradient "
+                "reduce-scatter); add --overlap-grad-reduce"
+            )
         if self.ddp_bucket_size is not None and self.ddp_bucket_size <= 0:
             raise ConfigError(f"--ddp-bucket-size must be > 0 (parameters per bucket), got {self.ddp_bucket_size}")
         if not self.overlap_grad_reduce:
-            _refuse_without({"ddp_bucket_size": self.ddp_bucket_size} if self.ddp_bucket_size is not None else {},
-                            "--overlap-grad-reduce", "megatron-core reduces each grad buffer as one bucket")
+            _refuse_without(
+                {"ddp_bucket_size": self.ddp_bucket_size} if self.ddp_bucket_size is not None else {},
+                "--overlap-grad-reduce",
+                "megatron-core reduces each grad buffer as one bucket",
+            )
 
 
 @dataclass
@@ -431,12 +472,16 @@ class ScheduleConfig(ReadOnlyOnceParsed):
             iters = self.train_samples // self.global_batch_size
             # A resolved config (train_iters filled in from train_samples) validates again.
             if self.train_iters not in (None, iters):
-                raise ConfigError(f"--train-iters {self.train_iters} and --train-samples {self.train_samples} both set "
-                                  "the length of the run (Megatron takes one); keep one")
+                raise ConfigError(
+                    f"--train-iters {self.train_iters} and --train-samples {self.train_samples} both set "
+                    "the length of the run (Megatron takes one); keep one"
+                )
             if iters == 0:
-                raise ConfigError(f"--train-samples {self.train_samples} is less than one --global-batch-size "
-                                  f"{self.global_batch_size}: no step would run; give at least "
-                                  f"{self.global_batch_size}")
+                raise ConfigError(
+                    f"--train-samples {self.train_samples} is less than one --global-batch-size "
+                    f"{self.global_batch_size}: no step would run; give at least "
+                    f"{self.global_batch_size}"
+                )
             self.train_iters = iters
         elif self.train_iters is None:
             self.train_iters = 100
@@ -501,30 +546,62 @@ class CheckpointConfig(ReadOnlyOnceParsed):
     def __post_init__(self):
         # Flags that only act with --save/--load are errors without them, never silently dropped.
         if not self.save:
-            resolved_defaults = {"save_interval": None, "keep_last": 2, "ckpt_format": "torch_dist",
-                                 "dist_ckpt_optim_fully_reshardable": False,
-                                 "distrib_optim_fully_reshardable_mem_efficient": False}
-            _refuse_without({k: getattr(self, k) for k, default in resolved_defaults.items()
-                             if getattr(self, k) not in (None, default)}, "--save", "nothing is saved", "--save DIR")
+            resolved_defaults = {
+                "save_interval": None,
+                "keep_last": 2,
+                "ckpt_format": "torch_dist",
+                "dist_ckpt_optim_fully_reshardable": False,
+                "distrib_optim_fully_reshardable_mem_efficient": False,
+            }
+            _refuse_without(
+                {
+                    k: getattr(self, k)
+                    for k, default in resolved_defaults.items()
+                    if getattr(self, k) not in (None, default)
+                },
+                "--save",
+                "nothing is saved",
+                "--save DIR",
+            )
         if not self.load:
-            _refuse_without({k: v for k, v in (("ckpt_step", self.ckpt_step),
-                                                ("reset_mixing_state", self.reset_mixing_state or None),
-                                                ("finetune", self.finetune or None),
-                                                ("no_load_optim", (not self.load_optim) or None),
-                                                ("no_load_rng", (not self.load_rng) or None))
-                             if v is not None}, "--load", "nothing is resumed", "--load DIR")
+            _refuse_without(
+                {
+                    k: v
+                    for k, v in (
+                        ("ckpt_step", self.ckpt_step),
+                        ("reset_mixing_state", self.reset_mixing_state or None),
+                        ("finetune", self.finetune or None),
+                        ("no_load_optim", (not self.load_optim) or None),
+                        ("no_load_rng", (not self.load_rng) or None),
+                    )
+                    if v is not None
+                },
+                "--load",
+                "nothing is resumed",
+                "--load DIR",
+            )
         if self.finetune:
-            redundant = [flag for flag, on in (("--no-load-optim", not self.load_optim),
-                                               ("--no-load-rng", not self.load_rng),
-                                               ("--reset-mixing-state", self.reset_mixing_state)) if on]
+            redundant = [
+                flag
+                for flag, on in (
+                    ("--no-load-optim", not self.load_optim),
+                    ("--no-load-rng", not self.load_rng),
+                    ("--reset-mixing-state", self.reset_mixing_state),
+                )
+                if on
+            ]
             if redundant:
                 one = len(redundant) == 1
-                raise ConfigError(f"{', '.join(redundant)} with --finetune, which loads the model weights only (a "
-                                  "fresh optimizer, LR schedule, RNG, data stream and mixing state): "
-                                  f"{'it has' if one else 'they have'} no effect; drop {'it' if one else 'them'}")
+                raise ConfigError(
+                    f"{', '.join(redundant)} with --finetune, which loads the model weights only (a "
+                    "fresh optimizer, LR schedule, RNG, data stream and mixing state): "
+                    f"{'it has' if one else 'they have'} no effect; drop {'it' if one else 'them'}"
+                )
         if self.distrib_optim_fully_reshardable_mem_efficient and not self.dist_ckpt_optim_fully_reshardable:
-            raise ConfigError("--distrib-optim-fully-reshardable-mem-efficient acts with "
-                              "--dist-ckpt-optim-fully-reshardable only; add it or drop the flag")
+            raise ConfigError(
+                "--distrib-optim-fully-reshardable-mem-efficient acts with "
+                "--dist-ckpt-optim-fully-reshardable only; add it or drop the flag"
+            )
         self.keep_last = 2 if self.keep_last is None else self.keep_last
         self.ckpt_format = self.ckpt_format or "torch_dist"
         if self.save_interval is not None and self.save_interval <= 0:
@@ -570,9 +647,16 @@ class LoggingConfig(ReadOnlyOnceParsed):
         if not isinstance(self.log_domains_limit, int) or self.log_domains_limit < 1:
             raise ConfigError(f"--log-domains-limit must be a positive integer, got {self.log_domains_limit!r}")
         if not self.wandb_project:
-            _refuse_without({k: v for k, v in (("wandb_exp_name", self.wandb_exp_name),
-                                                ("wandb_save_dir", self.wandb_save_dir)) if v},
-                            "--wandb-project", "nothing is sent to W&B", "--wandb-project NAME")
+            _refuse_without(
+                {
+                    k: v
+                    for k, v in (("wandb_exp_name", self.wandb_exp_name), ("wandb_save_dir", self.wandb_save_dir))
+                    if v
+                },
+                "--wandb-project",
+                "nothing is sent to W&B",
+                "--wandb-project NAME",
+            )
             return
         import importlib.util
 
@@ -607,20 +691,30 @@ class PretrainConfig(ReadOnlyOnceParsed):
         # (--mock-data has no weights: its domains are written at start-up.)
         self._check_mixing()
         if self.data.mock_data and self.data.data_cache_path:
-            raise ConfigError(f"--data-cache-path {self.data.data_cache_path} with --mock-data: the mock shards are "
-                              "written to a new temporary directory every run, so their cached indices would never "
-                              "be read again; drop --data-cache-path")
+            raise ConfigError(
+                f"--data-cache-path {self.data.data_cache_path} with --mock-data: the mock shards are "
+                "written to a new temporary directory every run, so their cached indices would never "
+                "be read again; drop --data-cache-path"
+            )
         self._check_schedule_units()
         self.parallel.resolve_virtual_pipeline(self.model.num_layers)
         self._check_model_flags()
         sched = self.schedule
         if not self.checkpoint.save:
-            _refuse_without({k: v for k, v in (("exit_interval", sched.exit_interval),
-                                                ("exit_signal_handler", sched.exit_signal_handler or None),
-                                                ("exit_duration_in_mins", sched.exit_duration_in_mins))
-                             if v is not None},
-                            "--save", "the run would stop early with no checkpoint to resume from (to end it "
-                            "earlier, lower --train-iters)", "--save DIR")
+            _refuse_without(
+                {
+                    k: v
+                    for k, v in (
+                        ("exit_interval", sched.exit_interval),
+                        ("exit_signal_handler", sched.exit_signal_handler or None),
+                        ("exit_duration_in_mins", sched.exit_duration_in_mins),
+                    )
+                    if v is not None
+                },
+                "--save",
+                "the run would stop early with no checkpoint to resume from (to end it earlier, lower --train-iters)",
+                "--save DIR",
+            )
         self._check_scheduler_resume_flags()
         if self.optimizer.use_distributed_optimizer and self.checkpoint.ckpt_format == "torch" and self.checkpoint.save:
             raise ConfigError(
@@ -632,8 +726,16 @@ class PretrainConfig(ReadOnlyOnceParsed):
     def freeze(self) -> None:
         """Read-only from here on, every section too (config_checks.ReadOnlyOnceParsed): what a job does is
         what its parsed config says; a changed config is a copy (dataclasses.replace)."""
-        for section in (self.model, self.parallel, self.data, self.optimizer, self.schedule, self.checkpoint,
-                        self.logging, self.mixing):
+        for section in (
+            self.model,
+            self.parallel,
+            self.data,
+            self.optimizer,
+            self.schedule,
+            self.checkpoint,
+            self.logging,
+            self.mixing,
+        ):
             section.freeze()
         super().freeze()
 
@@ -641,8 +743,9 @@ class PretrainConfig(ReadOnlyOnceParsed):
         """--override-opt_param-scheduler / --use-checkpoint-opt_param-scheduler act only when a resume loads
         the checkpoint's LR schedule: an error with nothing to load, --finetune or --no-load-optim."""
         opt, ckpt = self.optimizer, self.checkpoint
-        given = {k: True for k in ("override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler")
-                 if getattr(opt, k)}
+        given = {
+            k: True for k in ("override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler") if getattr(opt, k)
+        }
         if not given:
             return
         if not ckpt.load:
@@ -650,37 +753,52 @@ class PretrainConfig(ReadOnlyOnceParsed):
         if ckpt.finetune or not ckpt.load_optim:
             names = ", ".join(map(_flag, given))
             why = "--finetune" if ckpt.finetune else "--no-load-optim"
-            raise ConfigError(f"{names} with {why}, which starts a fresh LR schedule from this run's flags (the "
-                              "checkpoint's is not loaded): it has no effect; drop it")
+            raise ConfigError(
+                f"{names} with {why}, which starts a fresh LR schedule from this run's flags (the "
+                "checkpoint's is not loaded): it has no effect; drop it"
+            )
 
     def _check_mixing(self) -> None:
         """The mixing section's checks against the other sections (mixing/config.py)."""
         from megatron_dga.model import uses_transformer_engine
 
         model = self.model
-        check_job(self.mixing,
-                  data_path_weights=parse_data_path(self.data.data_path)[2] if self.data.data_path else None,
-                  domain_map=self.data.domain_map,
-                  use_distributed_optimizer=self.optimizer.use_distributed_optimizer,
-                  precision="--bf16" if model.bf16 else "--fp16" if model.fp16 else None,
-                  transformer_engine=uses_transformer_engine(model))
+        check_job(
+            self.mixing,
+            data_path_weights=parse_data_path(self.data.data_path)[2] if self.data.data_path else None,
+            domain_map=self.data.domain_map,
+            use_distributed_optimizer=self.optimizer.use_distributed_optimizer,
+            precision="--bf16" if model.bf16 else "--fp16" if model.fp16 else None,
+            transformer_engine=uses_transformer_engine(model),
+        )
 
     def _check_schedule_units(self) -> None:
         """Megatron's rule: a run counts iterations or samples, and its LR flags count the same."""
         opt, sched = self.optimizer, self.schedule
         if sched.train_samples is None:
-            _refuse_without({k: getattr(opt, k) for k, unset in (("lr_warmup_samples", 0), ("lr_decay_samples", None))
-                             if getattr(opt, k) != unset},
-                            "--train-samples", "with --train-iters the LR schedule counts iterations "
-                            "(--lr-warmup-iters, --lr-decay-iters)", "--train-samples N")
+            _refuse_without(
+                {
+                    k: getattr(opt, k)
+                    for k, unset in (("lr_warmup_samples", 0), ("lr_decay_samples", None))
+                    if getattr(opt, k) != unset
+                },
+                "--train-samples",
+                "with --train-iters the LR schedule counts iterations (--lr-warmup-iters, --lr-decay-iters)",
+                "--train-samples N",
+            )
             return
-        by_iters = {k: getattr(opt, k) for k, unset in (("lr_warmup_iters", 0), ("lr_decay_iters", None))
-                    if getattr(opt, k) != unset}
+        by_iters = {
+            k: getattr(opt, k)
+            for k, unset in (("lr_warmup_iters", 0), ("lr_decay_iters", None))
+            if getattr(opt, k) != unset
+        }
         if by_iters:
             names = ", ".join(f"{_flag(k)} {v}" for k, v in by_iters.items())
-            raise ConfigError(f"{names} with --train-samples {sched.train_samples}: a run by samples counts its LR "
-                              "schedule in samples (Megatron's rule); use --lr-warmup-samples/--lr-decay-samples or "
-                              "--lr-warmup-fraction")
+            raise ConfigError(
+                f"{names} with --train-samples {sched.train_samples}: a run by samples counts its LR "
+                "schedule in samples (Megatron's rule); use --lr-warmup-samples/--lr-decay-samples or "
+                "--lr-warmup-fraction"
+            )
 
     def _check_model_flags(self) -> None:
         """Model flags this machine or this trainer cannot honour: an error at start-up, never a fallback."""
@@ -690,6 +808,8 @@ class PretrainConfig(ReadOnlyOnceParsed):
         model.check_machine(transformer_engine_available())
         self.parallel.check_context_parallel(transformer_engine_available())
         if not model.fp16:
-            _refuse_without({k: getattr(self.optimizer, k) for k in LOSS_SCALE_FLAGS
-                             if getattr(self.optimizer, k) is not None},
-                            "--fp16", "only fp16 training scales its loss")
+            _refuse_without(
+                {k: getattr(self.optimizer, k) for k in LOSS_SCALE_FLAGS if getattr(self.optimizer, k) is not None},
+                "--fp16",
+                "only fp16 training scales its loss",
+            )

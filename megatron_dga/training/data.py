@@ -9,6 +9,7 @@ sampler and draws the same ids; each then takes its data-parallel share. Sample 
 are computed in the main process, so a weight change applies from the very next global
 batch (no prefetch runs ahead of the trainer).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,13 +49,17 @@ def _check_probes_reach_every_domain(cfg: PretrainConfig, dom: "_Domains") -> No
     empty = np.flatnonzero(dom.num_samples == 0)
     if empty.size:
         shown = ", ".join(dom.names[i] for i in empty[:5]) + (" ..." if empty.size > 5 else "")
-        instead = ("reweight basis distributions instead (--dga-basis FILE, from tools/importance_weights.py "
-                   "--domain-map ... --basis-sets ... --basis-output FILE)" if mixing.strategy == "dga" else
-                   "use --mixing odm (no probes) or --mixing dga --dga-basis FILE")
+        instead = (
+            "reweight basis distributions instead (--dga-basis FILE, from tools/importance_weights.py "
+            "--domain-map ... --basis-sets ... --basis-output FILE)"
+            if mixing.strategy == "dga"
+            else "use --mixing odm (no probes) or --mixing dga --dga-basis FILE"
+        )
         raise ConfigError(
             f"--mixing {mixing.strategy} probes every domain at each update, but {empty.size} of the {len(dom.names)} "
             f"fine domains of --domain-map {cfg.data.domain_map} hold no full sample of --seq-length "
-            f"{cfg.model.seq_length} + 1 tokens ({shown}); {instead}, or cluster into fewer fine domains")
+            f"{cfg.model.seq_length} + 1 tokens ({shown}); {instead}, or cluster into fewer fine domains"
+        )
 
 
 def _token_limits(values: Optional[List[int]], k: int) -> Optional[List[Optional[int]]]:
@@ -127,8 +132,11 @@ class DataPipeline:
         self.ctx = ctx
         self.micro_batch_size = sched.micro_batch_size
         self.tokenizer = build_tokenizer(
-            data.tokenizer_type, tokenizer_model=data.tokenizer_model, vocab_file=data.vocab_file,
-            merge_file=data.merge_file, vocab_size=data.vocab_size,
+            data.tokenizer_type,
+            tokenizer_model=data.tokenizer_model,
+            vocab_file=data.vocab_file,
+            merge_file=data.merge_file,
+            vocab_size=data.vocab_size,
         )
         specific_data_path = data.specific_data_path
         if data.mock_data:
@@ -136,11 +144,13 @@ class DataPipeline:
             specific_data_path = specific_data_path or mock_specific
         else:
             names, prefixes, static = parse_data_path(data.data_path)
-        ds_cfg = DomainDatasetConfig(sequence_length=cfg.model.seq_length, seed=cfg.parallel.seed,
-                                     path_to_cache=data.data_cache_path)
+        ds_cfg = DomainDatasetConfig(
+            sequence_length=cfg.model.seq_length, seed=cfg.parallel.seed, path_to_cache=data.data_cache_path
+        )
         if data.domain_map:
-            dom = self._fine_domains(data.domain_map, prefixes, ds_cfg, data.train_fraction,
-                                     cfg.logging.log_domains_limit)
+            dom = self._fine_domains(
+                data.domain_map, prefixes, ds_cfg, data.train_fraction, cfg.logging.log_domains_limit
+            )
             _check_probes_reach_every_domain(cfg, dom)
         else:
             dom = self._shard_domains(names, prefixes, static, ds_cfg, data)
@@ -150,12 +160,18 @@ class DataPipeline:
         held_out = [int(n) for part in dom.eval_parts for n in _part_sizes(part)]
         first_eval = k
         self.eval_ids: Optional[List[int]] = (
-            dom.eval_ids if dom.eval_on_training
-            else list(range(first_eval, first_eval + len(held_out))) if dom.eval_names is not None else None)
+            dom.eval_ids
+            if dom.eval_on_training
+            else list(range(first_eval, first_eval + len(held_out)))
+            if dom.eval_names is not None
+            else None
+        )
         extra_parts, extra_names = [], {}
         self.specific_id = self.specific_eval_id = None
-        for attr, path, flag in (("specific_id", specific_data_path, "--specific-data-path"),
-                                 ("specific_eval_id", data.specific_eval_data_path, "--specific-eval-data-path")):
+        for attr, path, flag in (
+            ("specific_id", specific_data_path, "--specific-data-path"),
+            ("specific_eval_id", data.specific_eval_data_path, "--specific-eval-data-path"),
+        ):
             if path:
                 extra = build_domain_datasets([path], self.tokenizer, ds_cfg, names=[flag.strip("-")])
                 setattr(self, attr, k + len(held_out))
@@ -166,19 +182,29 @@ class DataPipeline:
         self.sampler = DynamicMixtureSampler(
             dom.num_samples,
             MixtureSamplerConfig(
-                global_batch_size=sched.global_batch_size, micro_batch_size=sched.micro_batch_size,
-                seed=cfg.parallel.seed, sequence_length=cfg.model.seq_length, token_limits=limits,
+                global_batch_size=sched.global_batch_size,
+                micro_batch_size=sched.micro_batch_size,
+                seed=cfg.parallel.seed,
+                sequence_length=cfg.model.seq_length,
+                token_limits=limits,
                 data_parallel_size=ctx.dp_size,
             ),
             domain_names=dom.names,
             held_out_sizes=held_out,
         )
         dom.source_name.extra.update(extra_names)  # errors name a bad sample's source
-        self.dataset = MixtureDataset(dom.parts, dom.eval_parts + extra_parts, vocab_size=self.tokenizer.vocab_size,
-                                      source_names=dom.source_name)
+        self.dataset = MixtureDataset(
+            dom.parts, dom.eval_parts + extra_parts, vocab_size=self.tokenizer.vocab_size, source_names=dom.source_name
+        )
         # Training batches through DataLoader workers (--num-workers); indices stay in this process.
-        self.loader = StepLoader(self.dataset, self.sampler, ctx.dp_rank, ctx.dp_size, num_workers=data.num_workers,
-                                 pin_memory=torch.cuda.is_available())
+        self.loader = StepLoader(
+            self.dataset,
+            self.sampler,
+            ctx.dp_rank,
+            ctx.dp_size,
+            num_workers=data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
         access = self.sampler.accessible_sizes
         self.domain_info = DomainInfo(
             names=list(dom.names),
@@ -198,10 +224,17 @@ class DataPipeline:
         if valid_prefixes is not None:
             valid = build_domain_datasets(valid_prefixes, self.tokenizer, ds_cfg, names=names)
         elif train_fraction < 1.0:
-            valid = build_domain_datasets(prefixes, self.tokenizer, ds_cfg, names=names,
-                                          documents=(train_fraction, 1.0))
-        dom = _Domains(names=list(names), num_samples=domains.num_samples, num_tokens=domains.num_tokens,
-                       parts=list(domains.datasets), eval_names=list(names), static_weights=static)
+            valid = build_domain_datasets(
+                prefixes, self.tokenizer, ds_cfg, names=names, documents=(train_fraction, 1.0)
+            )
+        dom = _Domains(
+            names=list(names),
+            num_samples=domains.num_samples,
+            num_tokens=domains.num_tokens,
+            parts=list(domains.datasets),
+            eval_names=list(names),
+            static_weights=static,
+        )
         if valid is None:
             dom.eval_on_training, dom.eval_ids = True, list(range(len(names)))
         else:
@@ -210,8 +243,14 @@ class DataPipeline:
         dom.source_name = _SourceNames(listed=source_names)
         return dom
 
-    def _fine_domains(self, map_path: str, prefixes: Sequence[str], ds_cfg: DomainDatasetConfig,
-                      train_fraction: float, eval_limit: int) -> _Domains:
+    def _fine_domains(
+        self,
+        map_path: str,
+        prefixes: Sequence[str],
+        ds_cfg: DomainDatasetConfig,
+        train_fraction: float,
+        eval_limit: int,
+    ) -> _Domains:
         """The fine domains of --domain-map over the --data-path shards, all in one FineDomains.
 
         Per-domain eval: a hierarchical map evaluates each top-level cluster (its held-out documents
@@ -224,29 +263,63 @@ class DataPipeline:
         hashes = [s.idx_sha256 for s in dmap.shards]
         k = dmap.num_domains
         names = dmap.domain_names()
-        train = build_fine_domains(prefixes, dmap.domain_ids, k, self.tokenizer, ds_cfg,
-                                   documents=(0.0, train_fraction), shard_sha256=hashes, names=names)
+        train = build_fine_domains(
+            prefixes,
+            dmap.domain_ids,
+            k,
+            self.tokenizer,
+            ds_cfg,
+            documents=(0.0, train_fraction),
+            shard_sha256=hashes,
+            names=names,
+        )
         if not train.num_samples.any():
-            raise DataError(f"--domain-map {map_path}: no fine domain holds a full sample of --seq-length "
-                            f"{ds_cfg.sequence_length} + 1 tokens in its training documents; add data, lower "
-                            "--seq-length, or cluster into fewer domains")
+            raise DataError(
+                f"--domain-map {map_path}: no fine domain holds a full sample of --seq-length "
+                f"{ds_cfg.sequence_length} + 1 tokens in its training documents; add data, lower "
+                "--seq-length, or cluster into fewer domains"
+            )
         empty = int(np.count_nonzero(train.num_samples == 0))
-        logger.info("--domain-map %s: %d fine domains (levels %s) over %d documents of %d shards; %d hold no full "
-                    "sample and are never drawn", map_path, k, dmap.levels, dmap.num_documents, len(prefixes), empty)
+        logger.info(
+            "--domain-map %s: %d fine domains (levels %s) over %d documents of %d shards; %d hold no full "
+            "sample and are never drawn",
+            map_path,
+            k,
+            dmap.levels,
+            dmap.num_documents,
+            len(prefixes),
+            empty,
+        )
         dom = _Domains(names=names, num_samples=train.num_samples, num_tokens=train.num_tokens, parts=[train])
         held_out = (train_fraction, 1.0) if train_fraction < 1.0 else (0.0, 1.0)
         if len(dmap.levels) > 1:
-            dom.groups = (np.arange(k, dtype=np.int64) // (k // dmap.levels[0]))
+            dom.groups = np.arange(k, dtype=np.int64) // (k // dmap.levels[0])
             dom.group_names = dmap.group_names(0)
-            clusters = build_fine_domains(prefixes, dmap.group_ids(0), dmap.levels[0], self.tokenizer, ds_cfg,
-                                          documents=held_out, shard_sha256=hashes, names=dom.group_names)
+            clusters = build_fine_domains(
+                prefixes,
+                dmap.group_ids(0),
+                dmap.levels[0],
+                self.tokenizer,
+                ds_cfg,
+                documents=held_out,
+                shard_sha256=hashes,
+                names=dom.group_names,
+            )
             keep = np.flatnonzero(clusters.num_samples > 0)
             dom.eval_parts = [clusters.select(keep)] if keep.size else []
             dom.eval_names = [dom.group_names[g] for g in keep]
             what = "top-level cluster"
         elif k <= eval_limit and train_fraction < 1.0:
-            valid = build_fine_domains(prefixes, dmap.domain_ids, k, self.tokenizer, ds_cfg, documents=held_out,
-                                       shard_sha256=hashes, names=names)
+            valid = build_fine_domains(
+                prefixes,
+                dmap.domain_ids,
+                k,
+                self.tokenizer,
+                ds_cfg,
+                documents=held_out,
+                shard_sha256=hashes,
+                names=names,
+            )
             keep = np.flatnonzero(valid.num_samples > 0)
             dom.eval_parts = [valid.select(keep)] if keep.size else []
             dom.eval_names = [names[j] for j in keep]
@@ -257,14 +330,20 @@ class DataPipeline:
             dom.eval_names = [names[j] for j in dom.eval_ids]
             what = "fine domain"
         else:
-            logger.info("--domain-map %s: per-domain eval skipped: %d fine domains in a flat map, more than "
-                        "--log-domains-limit %d (a hierarchical map is evaluated per top-level cluster); the specific "
-                        "eval still runs", map_path, k, eval_limit)
+            logger.info(
+                "--domain-map %s: per-domain eval skipped: %d fine domains in a flat map, more than "
+                "--log-domains-limit %d (a hierarchical map is evaluated per top-level cluster); the specific "
+                "eval still runs",
+                map_path,
+                k,
+                eval_limit,
+            )
             what = None
         if what is not None and not dom.eval_names:
             logger.warning("--domain-map %s: no %s has a full held-out sample; per-domain eval skipped", map_path, what)
-        dom.source_name = _SourceNames(multi=[(0, train, "")] + [(k, part, " (held-out part)")
-                                                                  for part in dom.eval_parts])
+        dom.source_name = _SourceNames(
+            multi=[(0, train, "")] + [(k, part, " (held-out part)") for part in dom.eval_parts]
+        )
         return dom
 
     def _write_mock_data(self, cfg: PretrainConfig):
@@ -273,9 +352,14 @@ class DataPipeline:
         Returns the domains' (names, prefixes, weights=None) and the specific set's prefix.
         """
         self._mock_dir = tempfile.TemporaryDirectory(prefix="megatron-dga-mock-")
-        shards = write_mock_corpus(self._mock_dir.name, vocab_size=self.tokenizer.vocab_size, eod=self.tokenizer.eod,
-                                   seq_length=cfg.model.seq_length, seed=cfg.parallel.seed,
-                                   tokenizer_type=cfg.data.tokenizer_type)
+        shards = write_mock_corpus(
+            self._mock_dir.name,
+            vocab_size=self.tokenizer.vocab_size,
+            eod=self.tokenizer.eod,
+            seq_length=cfg.model.seq_length,
+            seed=cfg.parallel.seed,
+            tokenizer_type=cfg.data.tokenizer_type,
+        )
         return (*parse_data_path(shards["domains"]), shards["mock_specific"])
 
     # ------------------------------------------------------------------ properties
@@ -311,8 +395,9 @@ class DataPipeline:
 
     def _rank_share(self, rows: np.ndarray) -> List[Dict[str, torch.Tensor]]:
         """This data-parallel rank's contiguous share of rows, cut into micro-batches."""
-        return [self.fetch(mb) for mb in rank_micro_batches(rows, self.ctx.dp_rank, self.ctx.dp_size,
-                                                             self.micro_batch_size)]
+        return [
+            self.fetch(mb) for mb in rank_micro_batches(rows, self.ctx.dp_rank, self.ctx.dp_size, self.micro_batch_size)
+        ]
 
     def probe_domain(self, domain: int, size: int):
         return self._rank_share(self.sampler.probe_batch(domain, size))

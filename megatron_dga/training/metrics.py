@@ -48,6 +48,7 @@ writes its own.
 Only the writer rank (``is_writer=True``) touches files or prints; on other ranks
 every method is a no-op, so all ranks can call the same code.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -100,8 +101,7 @@ DISTRIBUTION_KEYS = frozenset({"domain_weights", "domain_samples", "basis_weight
 """List metrics that are distributions over the domains (normalised in summaries: entropy, cluster mass)."""
 SUMMARY_TOP = 10
 """Largest entries named in a summarised list."""
-_SUMMARY_SCALARS = {True: ("entropy", "effective_domains", "top1", "nonzero"),
-                    False: ("min", "max", "mean", "nonzero")}
+_SUMMARY_SCALARS = {True: ("entropy", "effective_domains", "top1", "nonzero"), False: ("min", "max", "mean", "nonzero")}
 """TensorBoard/W&B scalars of a summary, for distributions (True) and other lists (False)."""
 
 # (key, console label, format) in the order Megatron prints them; other scalar keys
@@ -123,6 +123,12 @@ _CONSOLE_KEYS = {key for key, _, _ in _CONSOLE_FIELDS}
 
 _NONFINITE_TO_STR = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def console(line: str, stream: Optional[TextIO] = None) -> None:
+    """The trainer's console lines (the progress line, start, save, resume and exit), as Megatron prints them:
+    stdout, flushed, called on the logging rank only. Everything else in the library logs through ``logging``."""
+    print(line, file=stream or sys.stdout, flush=True)
 
 
 def _plain(value: Any, key: str) -> Any:
@@ -230,7 +236,7 @@ def read_tensorboard(tb_dir: str | os.PathLike, labels: Optional[Sequence[str]] 
         head, _, label = tag.rpartition("/")
         for event in acc.Scalars(tag):
             if tag in by_base or head not in by_base:
-                key = by_base.get(tag, tag[len("train/"):] if tag.startswith("train/") else tag)
+                key = by_base.get(tag, tag[len("train/") :] if tag.startswith("train/") else tag)
                 rows.setdefault(event.step, {"iteration": event.step})[key] = event.value
             else:
                 lists.setdefault(by_base[head], {}).setdefault(event.step, {})[label] = event.value
@@ -286,8 +292,13 @@ def _keep_previous_run(log_dir: Path) -> Optional[Path]:
     return target
 
 
-def summarize_list(values, labels: Optional[Sequence[str]] = None, distribution: bool = False,
-                   clusters: Optional[Any] = None, cluster_names: Optional[Sequence[str]] = None) -> dict:
+def summarize_list(
+    values,
+    labels: Optional[Sequence[str]] = None,
+    distribution: bool = False,
+    clusters: Optional[Any] = None,
+    cluster_names: Optional[Sequence[str]] = None,
+) -> dict:
     """A JSON summary of a long per-domain list (see the module docstring).
 
     Args:
@@ -320,8 +331,9 @@ def summarize_list(values, labels: Optional[Sequence[str]] = None, distribution:
             entropy = float(-(nz * np.log(nz)).sum())
             out.update(entropy=entropy, effective_domains=float(np.exp(entropy)))
             if clusters is not None:
-                mass = np.bincount(np.asarray(clusters), weights=p,
-                                   minlength=len(cluster_names) if cluster_names is not None else 0)
+                mass = np.bincount(
+                    np.asarray(clusters), weights=p, minlength=len(cluster_names) if cluster_names is not None else 0
+                )
                 names = cluster_names if cluster_names is not None else [str(c) for c in range(mass.size)]
                 out["mass_by_cluster"] = {names[c]: float(m) for c, m in enumerate(mass.tolist())}
     return out
@@ -474,14 +486,19 @@ class MetricsLogger:
                     logger.warning(
                         "%s holds the metrics of an earlier run and this run starts from iteration 0 "
                         "(no --load): moved them to %s; pass --load to continue that run instead",
-                        self.path.parent, kept,
+                        self.path.parent,
+                        kept,
                     )
             else:
                 dropped = _truncate_after(self.path, start_iteration)
                 if dropped:
                     logger.warning(
                         "%s: dropped %d entr%s past the resumed iteration %d (original kept as %s.bak)",
-                        self.path, dropped, "y" if dropped == 1 else "ies", start_iteration, self.path.name,
+                        self.path,
+                        dropped,
+                        "y" if dropped == 1 else "ies",
+                        start_iteration,
+                        self.path.name,
                     )
             self._file = open(self.path, "a", encoding="utf-8")
         except OutputError:
@@ -538,7 +555,7 @@ class MetricsLogger:
             self._wandb.log(dict(tags), step=int(iteration))
         line = self.format_line(iteration, values)
         if console:
-            print(line, file=self._stream or sys.stdout, flush=True)
+            console(line, self._stream)
         return line
 
     def _labels(self, key: str, n: int) -> Optional[list]:
@@ -554,8 +571,12 @@ class MetricsLogger:
     def _summarized(self, key: str, value: Any) -> Any:
         """``value`` as plain Python, or its :func:`summarize_list` summary when it is a numeric list
         longer than ``list_limit``."""
-        if (self.list_limit is not None and not isinstance(value, (str, bytes, Mapping))
-                and hasattr(value, "__len__") and len(value) > self.list_limit):
+        if (
+            self.list_limit is not None
+            and not isinstance(value, (str, bytes, Mapping))
+            and hasattr(value, "__len__")
+            and len(value) > self.list_limit
+        ):
             import numpy as np
 
             try:
@@ -565,8 +586,13 @@ class MetricsLogger:
             if numbers is not None and numbers.ndim == 1:
                 labels = self._labels(key, numbers.size)
                 over_domains = key not in self.list_labels and self.domain_clusters is not None
-                return summarize_list(numbers, labels, key in DISTRIBUTION_KEYS,
-                                      self.domain_clusters if over_domains else None, self.cluster_names)
+                return summarize_list(
+                    numbers,
+                    labels,
+                    key in DISTRIBUTION_KEYS,
+                    self.domain_clusters if over_domains else None,
+                    self.cluster_names,
+                )
         return _plain(value, key)
 
     def format_line(self, iteration: int, values: Mapping[str, Any]) -> str:
@@ -620,8 +646,10 @@ class MetricsLogger:
 
 def wandb_missing(project: str) -> str:
     """The error for --wandb-project without the W&B client (one message for start-up and logger)."""
-    return (f"--wandb-project {project} needs the W&B client (the optional 'wandb' package), which is not "
-            "installed; pip install 'megatron-dga[wandb]' (or pip install wandb), or drop --wandb-project")
+    return (
+        f"--wandb-project {project} needs the W&B client (the optional 'wandb' package), which is not "
+        "installed; pip install 'megatron-dga[wandb]' (or pip install wandb), or drop --wandb-project"
+    )
 
 
 def _start_wandb(init: dict):
@@ -633,7 +661,7 @@ def _start_wandb(init: dict):
         raise ConfigError(wandb_missing(project)) from None
     try:
         return wandb.init(**init)
-    except Exception as exc:  # noqa: BLE001 - wandb's own errors (no API key, no network) vary by version
+    except Exception as exc:
         raise ConfigError(
             f"--wandb-project {project}: wandb.init failed ({type(exc).__name__}: {exc}); log in with "
             "`wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to write the run locally "

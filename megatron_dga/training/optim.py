@@ -12,6 +12,7 @@ which gives their few hard-coded CUDA calls CPU meanings) and on GPUs untouched.
 Only megatron-core's optimizer implementation differs by machine: transformer-engine's
 (or apex's) FusedAdam where installed, torch's AdamW otherwise (megatron-core's choice).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -152,8 +153,9 @@ def scheduler_flags(schedule: ScheduleConfig) -> Dict[str, str]:
     }
 
 
-def schedule_differences(saved: Dict[str, object], cfg: OptimizerConfig,
-                         schedule: ScheduleConfig) -> List[Tuple[str, object, object]]:
+def schedule_differences(
+    saved: Dict[str, object], cfg: OptimizerConfig, schedule: ScheduleConfig
+) -> List[Tuple[str, object, object]]:
     """(flag, checkpoint's value, this run's value) for each schedule value that differs and acts.
 
     ``saved``: a checkpoint's ``OptimizerParamScheduler.state_dict()`` (or the same keys from its
@@ -166,7 +168,8 @@ def schedule_differences(saved: Dict[str, object], cfg: OptimizerConfig,
     mine = scheduler_arguments(cfg, schedule)
     flags = scheduler_flags(schedule)
     both_constant = {
-        "lr_decay_steps": ("lr_decay_style", "constant"), "min_lr": ("lr_decay_style", "constant"),
+        "lr_decay_steps": ("lr_decay_style", "constant"),
+        "min_lr": ("lr_decay_style", "constant"),
         "wd_incr_steps": ("wd_incr_style", "constant"),
     }
     out, named = [], set()
@@ -204,9 +207,12 @@ class Optimizer:
             # or takes this run's. Without either flag resume.check_schedule has refused any difference
             # that acts, so this run's values are then the checkpoint's.
             keep = cfg.use_checkpoint_opt_param_scheduler
-            self.scheduler = OptimizerParamScheduler(self.inner, **scheduler_arguments(cfg, schedule),
-                                                     use_checkpoint_opt_param_scheduler=keep,
-                                                     override_opt_param_scheduler=not keep)
+            self.scheduler = OptimizerParamScheduler(
+                self.inner,
+                **scheduler_arguments(cfg, schedule),
+                use_checkpoint_opt_param_scheduler=keep,
+                override_opt_param_scheduler=not keep,
+            )
 
     @property
     def lr(self) -> float:
@@ -265,8 +271,9 @@ class Optimizer:
                     "holds Adam's second moments for its own shard only; use --dga-preconditioner none"
                 )
             if isinstance(leaf, Float16OptimizerWithFloat16Params):
-                pairs = [(m, f) for gm, gf in zip(leaf.float16_groups, leaf.fp32_from_float16_groups)
-                         for m, f in zip(gm, gf)]
+                pairs = [
+                    (m, f) for gm, gf in zip(leaf.float16_groups, leaf.fp32_from_float16_groups) for m, f in zip(gm, gf)
+                ]
                 pairs += [(p, p) for group in leaf.fp32_from_fp32_groups for p in group]
             else:  # FP32Optimizer: the model parameters are the main parameters
                 pairs = [(p, p) for group in leaf.optimizer.param_groups for p in group["params"]]
@@ -274,8 +281,13 @@ class Optimizer:
                 main_of[id(model_param)] = main_param
                 owner[id(model_param)] = leaf.optimizer
         # FusedAdam (TE/apex) keeps its step per group: one lookup table, not a scan of the groups per parameter.
-        group_steps = {id(q): group["step"] for opt in set(owner.values()) for group in opt.param_groups
-                       if "step" in group for q in group["params"]}
+        group_steps = {
+            id(q): group["step"]
+            for opt in set(owner.values())
+            for group in opt.param_groups
+            if "step" in group
+            for q in group["params"]
+        }
         v, steps = [], set()
         for p in params:
             main, opt = main_of[id(p)], owner[id(p)]
@@ -289,7 +301,7 @@ class Optimizer:
         t = steps.pop()
         if t == 0:
             return None
-        return {"exp_avg_sq": v, "bias_correction2": 1.0 - self.cfg.adam_beta2 ** t}
+        return {"exp_avg_sq": v, "bias_correction2": 1.0 - self.cfg.adam_beta2**t}
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -16,6 +16,7 @@ is built, so a read-only, full or mistyped output location costs seconds, not a 
 * one all-gather of (errors, log directory) spreads any failure: every rank raises the same
   ConfigError naming each failing flag, instead of one rank failing and the others hanging.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,6 +30,7 @@ from megatron_dga.fileio import ensure_writable_dir
 from megatron_dga.platform import ParallelContext
 from megatron_dga.training import save_lock
 from megatron_dga.training.config import PretrainConfig
+from megatron_dga.training.metrics import console
 
 DEFAULT_LOG_ROOT = "runs"
 """Parent of the per-run default log directories (relative to the working directory)."""
@@ -84,5 +86,5 @@ def prepare_outputs(cfg: PretrainConfig, ctx: ParallelContext) -> str:
         raise ConfigError("; ".join(failed))
     log_dir = next(d for _, d in records if d is not None)  # the logging rank's
     if ctx.is_logging_rank and not (cfg.logging.log_dir or save):
-        print(f"logging to {log_dir} (a new directory per run; choose one with --log-dir)", flush=True)
+        console(f"logging to {log_dir} (a new directory per run; choose one with --log-dir)")
     return log_dir

@@ -32,6 +32,7 @@ fresh), --no-load-optim everything but the optimizer and scheduler, --no-load-rn
 but the RNG states. With torch_dist the parts not loaded are left out of the sharded template
 (``dist_checkpointing`` loads a subset of a checkpoint's keys), so they are never read.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ from megatron_dga.training.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
+
 def dist_ckpt_metadata(sharding_type: str, mem_efficient: bool = False) -> Dict[str, object]:
     """megatron's ``sharded_state_dict`` metadata for the distributed optimizer's state.
 
@@ -54,8 +56,10 @@ def dist_ckpt_metadata(sharding_type: str, mem_efficient: bool = False) -> Dict[
     (on every rank, or with --distrib-optim-fully-reshardable-mem-efficient on DP rank 0 over
     gloo). The other optimizers' checkpoints always reshard over TP, PP and DP.
     """
-    return {"distrib_optim_sharding_type": sharding_type,
-            "distrib_optim_fully_reshardable_mem_efficient": mem_efficient}
+    return {
+        "distrib_optim_sharding_type": sharding_type,
+        "distrib_optim_fully_reshardable_mem_efficient": mem_efficient,
+    }
 
 
 def optimizer_sharding_type(cfg) -> str:
@@ -104,19 +108,20 @@ def job_facts(trainer) -> Dict[str, object]:
 def basis_change_error(where: str, saved, mine) -> ConfigError:
     """--dga-basis added, removed or replaced since the checkpoint ``where`` (``saved``/``mine``: the basis
     names, None without a basis, True for a basis whose names the checkpoint does not record)."""
+
     def described(names) -> str:
         if names is None:
             return "without --dga-basis"
         return "with --dga-basis" + ("" if names is True else f" (bases {list(names)[:6]})")
 
-    change = ("adds --dga-basis" if saved is None else "drops --dga-basis" if mine is None
-              else "has another --dga-basis")
+    change = "adds --dga-basis" if saved is None else "drops --dga-basis" if mine is None else "has another --dga-basis"
     return ConfigError(
         f"--dga-basis: the checkpoint {where} was trained {described(saved)}, this run {change}"
         + ("" if mine is None or change == "adds --dga-basis" else f" (bases {list(mine)[:6]})")
         + "; the mixing weights are over the bases with a basis and over the domains without: resume with the "
         "checkpoint's --dga-basis, or pass --reset-mixing-state to keep the model and data position and start "
-        "the mixing weights afresh")
+        "the mixing weights afresh"
+    )
 
 
 def schedule_facts(trainer) -> Dict[str, object]:
@@ -157,8 +162,11 @@ def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
             f"--data-path: the checkpoint {where} lists the same domains in another order ({saved_domains})"
         )
     saved_distopt = facts.get("use_distributed_optimizer")
-    if (saved_distopt is not None and saved_distopt != mine["use_distributed_optimizer"]
-            and trainer.cfg.checkpoint.load_optim):
+    if (
+        saved_distopt is not None
+        and saved_distopt != mine["use_distributed_optimizer"]
+        and trainer.cfg.checkpoint.load_optim
+    ):
         raise ConfigError(
             f"--use-distributed-optimizer: the checkpoint {where} was saved "
             f"{'with' if saved_distopt else 'without'} it and this run is "
@@ -172,8 +180,11 @@ def check_resumable(facts: Dict[str, object], trainer, where: str) -> None:
             "resume with the same --mixing, or pass --reset-mixing-state to start the new strategy "
             "from its initial weights"
         )
-    if ("dga_basis" in facts and facts["dga_basis"] != mine["dga_basis"]
-            and not trainer.cfg.checkpoint.reset_mixing_state):
+    if (
+        "dga_basis" in facts
+        and facts["dga_basis"] != mine["dga_basis"]
+        and not trainer.cfg.checkpoint.reset_mixing_state
+    ):
         raise basis_change_error(where, facts["dga_basis"], mine["dga_basis"])
 
 
@@ -192,18 +203,24 @@ def check_schedule(saved: Dict[str, object], trainer, where: str) -> None:
     diffs = schedule_differences(saved, cfg.optimizer, cfg.schedule)
     if not diffs:
         return
-    listed = "; ".join(f"{flag}: the checkpoint has {_shown(a)}, this run {_shown(b)}"
-                       for flag, a, b in diffs)
+    listed = "; ".join(f"{flag}: the checkpoint has {_shown(a)}, this run {_shown(b)}" for flag, a, b in diffs)
     opt, loud = cfg.optimizer, trainer.ctx.is_logging_rank
     if opt.override_opt_param_scheduler:
         if loud:
-            logger.warning("--override-opt_param-scheduler: this run's LR schedule replaces the one of checkpoint "
-                           "%s (%s)", where, listed)
+            logger.warning(
+                "--override-opt_param-scheduler: this run's LR schedule replaces the one of checkpoint %s (%s)",
+                where,
+                listed,
+            )
         return
     if opt.use_checkpoint_opt_param_scheduler:
         if loud:
-            logger.warning("--use-checkpoint-opt_param-scheduler: the LR schedule of checkpoint %s is kept, this "
-                           "run's flags are not used (%s)", where, listed)
+            logger.warning(
+                "--use-checkpoint-opt_param-scheduler: the LR schedule of checkpoint %s is kept, this "
+                "run's flags are not used (%s)",
+                where,
+                listed,
+            )
         trainer.cfg = _with_checkpoint_schedule(saved, cfg)  # the config is read-only: a changed copy
         return
     raise ConfigError(
@@ -244,7 +261,7 @@ def align_domains_to_checkpoint(cfg):
 
     try:
         _, meta = ckpt.resolve_checkpoint(cfg.checkpoint.load, cfg.checkpoint.ckpt_step)
-    except Exception:  # noqa: BLE001 - the load itself reports a missing/broken checkpoint
+    except Exception:
         return cfg
     saved = list(meta.get("extra", {}).get("domains") or [])
     names, prefixes, weights = parse_data_path(cfg.data.data_path)
@@ -252,13 +269,17 @@ def align_domains_to_checkpoint(cfg):
         return cfg
     order = [names.index(name) for name in saved]
     prefixes = [prefixes[i] for i in order]
-    changed = {"data_path": prefixes if weights is None else
-               [tok for i, p in zip(order, prefixes) for tok in (repr(weights[i]), p)]}
+    changed = {
+        "data_path": prefixes
+        if weights is None
+        else [tok for i, p in zip(order, prefixes) for tok in (repr(weights[i]), p)]
+    }
     limits = cfg.data.domain_token_limit
     if limits and len(limits) == len(names) > 1:
         changed["domain_token_limit"] = [limits[i] for i in order]
-    logger.warning("--data-path lists the checkpoint's domains in another order; using the checkpoint's order %s",
-                   saved)
+    logger.warning(
+        "--data-path lists the checkpoint's domains in another order; using the checkpoint's order %s", saved
+    )
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changed))
 
 
@@ -275,8 +296,14 @@ def common_state(trainer) -> Dict[str, object]:
     }
 
 
-def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True, with_optimizer: bool = True,
-                  sharding_type: Optional[str] = None) -> Dict[str, object]:
+def sharded_state(
+    trainer,
+    *,
+    is_loading: bool,
+    with_rng: bool = True,
+    with_optimizer: bool = True,
+    sharding_type: Optional[str] = None,
+) -> Dict[str, object]:
     """This rank's megatron sharded state dict of the whole job (see the module docstring).
 
     ``with_rng``/``with_optimizer`` False leave those parts out (a load then does not read
@@ -286,8 +313,10 @@ def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True, with_opti
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     ctx = trainer.ctx
-    metadata = dist_ckpt_metadata(sharding_type or optimizer_sharding_type(trainer.cfg),
-                                  trainer.cfg.checkpoint.distrib_optim_fully_reshardable_mem_efficient)
+    metadata = dist_ckpt_metadata(
+        sharding_type or optimizer_sharding_type(trainer.cfg),
+        trainer.cfg.checkpoint.distrib_optim_fully_reshardable_mem_efficient,
+    )
     state = model_state_dicts(trainer.chunks, lambda chunk: chunk.sharded_state_dict(metadata=metadata))
     if with_optimizer:
         # megatron's optimizer finds each parameter's ShardedTensor in the model entries (Megatron hands it
@@ -296,8 +325,13 @@ def sharded_state(trainer, *, is_loading: bool, with_rng: bool = True, with_opti
         state.update(trainer.optimizer.sharded_state_dict(models, is_loading=is_loading, metadata=metadata))
     state["megatron_dga"] = common_state(trainer)
     if with_rng:
-        state["rng_state"] = ShardedObject("rng_state", capture_rng_state(), (ctx.pp_size, ctx.tp_size),
-                                           (ctx.pp_rank, ctx.tp_rank), replica_id=ctx.dp_rank)
+        state["rng_state"] = ShardedObject(
+            "rng_state",
+            capture_rng_state(),
+            (ctx.pp_size, ctx.tp_size),
+            (ctx.pp_rank, ctx.tp_rank),
+            replica_id=ctx.dp_rank,
+        )
     return state
 
 
@@ -367,16 +401,34 @@ def save_job(trainer, *, background: bool = False):
     layout = ckpt.CheckpointLayout.from_context(trainer.ctx)
     facts = {**job_facts(trainer), "opt_param_scheduler": schedule_facts(trainer)}
     if cfg.ckpt_format == "torch_dist":
-        return ckpt.save_distributed_checkpoint(cfg.save, trainer.iteration, sharded_state(trainer, is_loading=False),
-                                                layout=layout, keep_last=cfg.keep_last, metadata=facts,
-                                                background=background)
-    state = {
-        **model_state_dicts(trainer.chunks, lambda chunk: chunk.state_dict()),
-        "optimizer": trainer.optimizer.state_dict(),
-        "rng": capture_rng_state(),
-    } if layout.is_writer else {}
-    return ckpt.save_checkpoint(cfg.save, trainer.iteration, state, layout=layout, keep_last=cfg.keep_last,
-                                common_state=common_state(trainer), metadata=facts, background=background)
+        return ckpt.save_distributed_checkpoint(
+            cfg.save,
+            trainer.iteration,
+            sharded_state(trainer, is_loading=False),
+            layout=layout,
+            keep_last=cfg.keep_last,
+            metadata=facts,
+            background=background,
+        )
+    state = (
+        {
+            **model_state_dicts(trainer.chunks, lambda chunk: chunk.state_dict()),
+            "optimizer": trainer.optimizer.state_dict(),
+            "rng": capture_rng_state(),
+        }
+        if layout.is_writer
+        else {}
+    )
+    return ckpt.save_checkpoint(
+        cfg.save,
+        trainer.iteration,
+        state,
+        layout=layout,
+        keep_last=cfg.keep_last,
+        common_state=common_state(trainer),
+        metadata=facts,
+        background=background,
+    )
 
 
 # ----------------------------------------------------------------------------- load
@@ -398,28 +450,35 @@ def check_common_state(common, trainer, ckpt_dir, iteration: int) -> None:
     mixing_fix = earlier if reset else f"{earlier}, or pass --reset-mixing-state to restart the mixing weights"
 
     if not isinstance(common, dict) or not isinstance(common.get("data"), dict):
-        raise state_error(where, f"its megatron_dga state is {type(common).__name__} without a 'data' dict, not a "
-                                 "training state", earlier)
+        raise state_error(
+            where,
+            f"its megatron_dga state is {type(common).__name__} without a 'data' dict, not a training state",
+            earlier,
+        )
     for key in ("iteration", "consumed_samples", "consumed_tokens"):  # the trainer's own part
         check_count(common.get(key), key, where, earlier)
     if common["iteration"] != iteration:
-        raise state_error(where, f"its state is for iteration {common['iteration']}, its metadata says {iteration}",
-                          earlier)
+        raise state_error(
+            where, f"its state is for iteration {common['iteration']}, its metadata says {iteration}", earlier
+        )
     data = common["data"]
     trainer.data.check_state(data, where, earlier, weights_fix=None if reset else mixing_fix)
     if reset:
         return
     basis = getattr(trainer.mixing, "basis", None)
     if data.get("basis_weights") is not None and basis is not None:  # a v1/v2 sampler state; it refuses another basis
-        check_vector(data["basis_weights"], basis.matrix.shape[0], "sampler basis weights", where, mixing_fix,
-                     simplex=True)
+        check_vector(
+            data["basis_weights"], basis.matrix.shape[0], "sampler basis weights", where, mixing_fix, simplex=True
+        )
     mixing = common.get("mixing")
     if isinstance(mixing, dict) and isinstance(mixing.get("weights"), list):
         saved_basis = data.get("basis_weights") is not None
-        if (len(mixing["weights"]) != trainer.mixing.num_weights
-                and saved_basis != (basis is not None)):  # saved before the job facts recorded --dga-basis
-            raise basis_change_error(str(ckpt_dir), True if saved_basis else None,
-                                     None if basis is None else basis.basis_names)
+        if len(mixing["weights"]) != trainer.mixing.num_weights and saved_basis != (
+            basis is not None
+        ):  # saved before the job facts recorded --dga-basis
+            raise basis_change_error(
+                str(ckpt_dir), True if saved_basis else None, None if basis is None else basis.basis_names
+            )
     trainer.mixing.check_state(mixing, where, mixing_fix)
 
 
@@ -456,8 +515,12 @@ def load_job(trainer, load_dir: str) -> int:
     # Checkpoints written before the flag existed hold Megatron's default format.
     sharding = meta.get("extra", {}).get("distrib_optim_sharding_type", "dp_reshardable")
     saved_vp = int(extra.get("virtual_pipeline_stages", 1))
-    if (load_optim and trainer.cfg.optimizer.use_distributed_optimizer and sharding == "dp_reshardable"
-            and not (same_model_layout and saved_vp == ctx.vp_size)):
+    if (
+        load_optim
+        and trainer.cfg.optimizer.use_distributed_optimizer
+        and sharding == "dp_reshardable"
+        and not (same_model_layout and saved_vp == ctx.vp_size)
+    ):
         virtual = f" with {saved_vp} virtual pipeline stages per rank" if saved_vp > 1 else ""
         raise ConfigError(
             f"--tensor-model-parallel-size/--pipeline-model-parallel-size/--num-layers-per-virtual-pipeline-stage: "
@@ -467,8 +530,13 @@ def load_job(trainer, load_dir: str) -> int:
             "--dist-ckpt-optim-fully-reshardable to change TP/PP later"
         )
     if meta.get("ckpt_format", "torch") == "torch_dist":
-        template = sharded_state(trainer, is_loading=True, with_rng=load_rng and same_model_layout,
-                                 with_optimizer=load_optim, sharding_type=sharding)
+        template = sharded_state(
+            trainer,
+            is_loading=True,
+            with_rng=load_rng and same_model_layout,
+            with_optimizer=load_optim,
+            sharding_type=sharding,
+        )
         state = ckpt.load_distributed_checkpoint(ckpt_dir, meta, template)
         optimizer_state = state
         common, rng = state.get("megatron_dga"), state.get("rng_state")  # a converted checkpoint has no common
@@ -506,6 +574,10 @@ def load_job(trainer, load_dir: str) -> int:
         logger.warning(
             "checkpoint %s was saved with TP=%d PP=%d, this run uses TP=%d PP=%d: its random streams do not "
             "map onto the new ranks and restart from --seed (no effect without dropout)",
-            ckpt_dir, saved["tp_size"], saved["pp_size"], ctx.tp_size, ctx.pp_size)
+            ckpt_dir,
+            saved["tp_size"],
+            saved["pp_size"],
+            ctx.tp_size,
+            ctx.pp_size,
+        )
     return int(meta["iteration"])
-

@@ -20,6 +20,7 @@ A process may take the lock of a directory it already holds (a resume of its own
 Trainers one after another in one process). Taking over is a rename of the stale record aside
 followed by a new ``O_EXCL`` create, so of two runs taking over at once only one succeeds.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -154,8 +155,10 @@ def _create(path: Path, record: dict) -> bool:
 
 
 def _describe(holder: dict) -> str:
-    return (f"pid {holder.get('pid')} on {holder.get('host')!s}, started {holder.get('started', '?')} "
-            f"(run {holder.get('run_id', '?')}: {str(holder.get('command', '?'))[:120]})")
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')!s}, started {holder.get('started', '?')} "
+        f"(run {holder.get('run_id', '?')}: {str(holder.get('command', '?'))[:120]})"
+    )
 
 
 def _stale_reason(path: Path, holder: dict, host: str) -> Optional[str]:
@@ -209,11 +212,14 @@ def acquire(save_dir: str | os.PathLike) -> WriterLock:
             else:
                 age = _age(path)
                 where = f"on host {holder.get('host')} (its record was refreshed {age or 0:.0f} s ago)"
-                fix = (f"wait for it to finish or stop it; if that run is known to be gone (a crashed node), delete "
-                       f"{path}, or wait {STALE_AFTER_S / 60:.0f} minutes after its last refresh")
+                fix = (
+                    f"wait for it to finish or stop it; if that run is known to be gone (a crashed node), delete "
+                    f"{path}, or wait {STALE_AFTER_S / 60:.0f} minutes after its last refresh"
+                )
             raise ConfigError(
                 f"--save {save_dir} is in use by another run {where}: {_describe(holder)}; two runs saving into one "
-                f"directory delete each other's checkpoints; {fix}, or give this run another --save")
+                f"directory delete each other's checkpoints; {fix}, or give this run another --save"
+            )
         if reason != "this process holds it":
             logger.warning("--save %s: taking over the lock %s of %s: %s", save_dir, path, _describe(holder), reason)
         aside = path.with_name(f"{LOCK_FILENAME}.stale-{uuid.uuid4().hex[:8]}")
@@ -228,8 +234,10 @@ def acquire(save_dir: str | os.PathLike) -> WriterLock:
             pass
         if moved and moved.get("run_id") != holder.get("run_id"):
             _create(path, moved)  # another run's fresh record, written after ours was read: put it back
-    raise ConfigError(f"--save {save_dir}: could not take its lock {path} (it keeps changing); another run is "
-                      "starting in the same directory: give each run its own --save")
+    raise ConfigError(
+        f"--save {save_dir}: could not take its lock {path} (it keeps changing); another run is "
+        "starting in the same directory: give each run its own --save"
+    )
 
 
 def _hold(path: Path, record: dict) -> WriterLock:

@@ -33,6 +33,7 @@ of fewer than PP micro-batches is padded with micro-batches whose loss mask is a
 Losses stay on the device during the schedule and reach the host once per call: one
 broadcast from the last pipeline stage (when there are several), one copy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -130,9 +131,18 @@ def _schedule_settings(config, **values):
             setattr(config, name, value)
 
 
-def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], device, *, sync_grads: bool = True,
-                     force_all_reduce: bool = False, forward_only: bool = False,
-                     keep_token_losses: bool = False, host_stats: bool = True, num_domains: Optional[int] = None):
+def forward_backward(
+    model,
+    micro_batches: Sequence[Dict[str, torch.Tensor]],
+    device,
+    *,
+    sync_grads: bool = True,
+    force_all_reduce: bool = False,
+    forward_only: bool = False,
+    keep_token_losses: bool = False,
+    host_stats: bool = True,
+    num_domains: Optional[int] = None,
+):
     """Accumulate gradients of the mean loss over ``micro_batches`` into main_grad.
 
     Args:
@@ -160,8 +170,9 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
 
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     n = len(micro_batches)
-    domain_sums = None if host_stats or num_domains is None else torch.zeros(2, num_domains, dtype=torch.float64,
-                                                                              device=device)
+    domain_sums = (
+        None if host_stats or num_domains is None else torch.zeros(2, num_domains, dtype=torch.float64, device=device)
+    )
     if n == 0:
         if not host_stats:
             return StepLoss(torch.zeros(1, dtype=torch.float64, device=device), 0, domain_sums)
@@ -195,21 +206,28 @@ def forward_backward(model, micro_batches: Sequence[Dict[str, torch.Tensor]], de
     def forward_step(data_iterator: Iterator, stage_model):
         batch = _to_device(next(data_iterator), device)
         output = stage_model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
-        return output, functools.partial(loss_func, batch["loss_mask"].float(), batch.get(_PADDING, False),
-                                         batch.get("domain_id"))
+        return output, functools.partial(
+            loss_func, batch["loss_mask"].float(), batch.get(_PADDING, False), batch.get("domain_id")
+        )
 
     schedule = get_forward_backward_func()
     grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     local_grads = _no_sync_func(chunks)() if not (sync_grads or forward_only) else contextlib.nullcontext()
-    settings = _call_settings(chunks, config, sync_grads, len(scheduled), variable=len(sizes) > 1,
-                              force_all_reduce=force_all_reduce)
+    settings = _call_settings(
+        chunks, config, sync_grads, len(scheduled), variable=len(sizes) > 1, force_all_reduce=force_all_reduce
+    )
     # DDP's backward hooks start the overlapped reductions with DDP's own force_all_reduce,
     # not the schedule's argument (which reaches finalize_model_grads only).
     ddp_settings = contextlib.ExitStack()
     for chunk in chunks:
         ddp_settings.enter_context(_schedule_settings(chunk, force_all_reduce=bool(force_all_reduce and sync_grads)))
-    with (_schedule_settings(config, **settings), ddp_settings, local_grads, platform.megatron_cuda_calls_on_cpu(),
-          grad_ctx):
+    with (
+        _schedule_settings(config, **settings),
+        ddp_settings,
+        local_grads,
+        platform.megatron_cuda_calls_on_cpu(),
+        grad_ctx,
+    ):
         schedule(
             forward_step_func=forward_step,
             # The interleaved schedule draws each chunk's micro-batches from its own iterator.
@@ -234,8 +252,9 @@ def attention_mask(seq_length: int, device) -> Optional[torch.Tensor]:
     return None if torch.device(device).type == "cuda" else causal_attention_mask(seq_length, device)
 
 
-def _call_settings(chunks, config, sync_grads: bool, num_micro_batches: int, variable: bool,
-                   force_all_reduce: bool = False) -> dict:
+def _call_settings(
+    chunks, config, sync_grads: bool, num_micro_batches: int, variable: bool, force_all_reduce: bool = False
+) -> dict:
     """The TransformerConfig hooks one schedule call runs with (Megatron's ``train()`` sets the same).
 
     With --overlap-grad-reduce a training step gets megatron's ``grad_sync_func`` (DDP's
@@ -266,8 +285,9 @@ def _call_settings(chunks, config, sync_grads: bool, num_micro_batches: int, var
         variable_seq_lengths=variable and _pipeline_stages(config) > 1,
     )
     if interleaved:
-        settings["microbatch_group_size_per_vp_stage"] = microbatch_group_size(num_micro_batches,
-                                                                                _pipeline_stages(config))
+        settings["microbatch_group_size_per_vp_stage"] = microbatch_group_size(
+            num_micro_batches, _pipeline_stages(config)
+        )
     return settings
 
 
@@ -350,15 +370,25 @@ def _stats(collected: List[torch.Tensor], micro_batches, config, device, keep_to
     rows = sum(s[0] for s in shapes)
     if keep_token_losses:
         # Every token's loss (the finite-difference estimator): (sum b, s) floats.
-        flat = _from_last_stage(torch.cat(collected) if collected else None, (rows, shapes[0][1]),
-                                torch.float32, config, device)
+        flat = _from_last_stage(
+            torch.cat(collected) if collected else None, (rows, shapes[0][1]), torch.float32, config, device
+        )
         token_losses = list(torch.split(flat, [s[0] for s in shapes]))
         per_seq = flat.double().sum(dim=1).cpu().numpy()
     else:
         token_losses = None
         # Per sequence: its masked token-loss sum (domain sums and micro-batch means follow).
-        per_seq = _from_last_stage(torch.cat([t.double().sum(dim=1) for t in collected]) if collected else None,
-                                   (rows,), torch.float64, config, device).cpu().numpy()
+        per_seq = (
+            _from_last_stage(
+                torch.cat([t.double().sum(dim=1) for t in collected]) if collected else None,
+                (rows,),
+                torch.float64,
+                config,
+                device,
+            )
+            .cpu()
+            .numpy()
+        )
     seq_tokens = torch.cat([m.sum(dim=1) for m in masks]).double().numpy()
     bounds = np.cumsum([0] + [s[0] for s in shapes])
     micro_tokens = np.array([seq_tokens[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
@@ -389,5 +419,6 @@ def _from_last_stage(tensor: Optional[torch.Tensor], shape, dtype, config, devic
 
     if tensor is None:
         tensor = torch.empty(shape, dtype=dtype, device=device)
-    return comm.broadcast(tensor, ps.get_pipeline_model_parallel_world_size() - 1,
-                          ps.get_pipeline_model_parallel_group())
+    return comm.broadcast(
+        tensor, ps.get_pipeline_model_parallel_world_size() - 1, ps.get_pipeline_model_parallel_group()
+    )

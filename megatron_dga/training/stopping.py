@@ -7,6 +7,7 @@ floats per step, only when a signal handler or a time budget is on), a checkpoin
 saved and the job exits 0. --exit-duration-in-mins does the same when the wall-clock
 budget since start-up is spent.
 """
+
 from __future__ import annotations
 
 import signal
@@ -45,7 +46,8 @@ class StopConditions:
         cfg = self.cfg
         if cfg.exit_signal_handler or cfg.exit_duration_in_mins:
             over_time = bool(cfg.exit_duration_in_mins) and (
-                time.monotonic() - self.start >= 60.0 * cfg.exit_duration_in_mins)
+                time.monotonic() - self.start >= 60.0 * cfg.exit_duration_in_mins
+            )
             flags = torch.tensor([float(self.received or 0), float(over_time)], device=self.device)
             comm.all_reduce(flags, op=comm.MAX)
             received, over_time = flags.tolist()  # one host read per step (Megatron's signal handler: one too)

@@ -7,6 +7,7 @@ hooks — mixing (which may hand the sampler new weights), logging, evaluation,
 checkpointing. With pipeline parallelism each rank holds one stage (with virtual pipeline
 stages, several model chunks: ``Trainer.chunks``); losses come back identical on every stage.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,7 +28,7 @@ from megatron_dga.platform import ParallelContext
 from megatron_dga.training import resume
 from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
-from megatron_dga.training.metrics import MetricsLogger, Throughput
+from megatron_dga.training.metrics import MetricsLogger, Throughput, console
 from megatron_dga.training.outputs import prepare_outputs
 from megatron_dga.training.optim import Optimizer, counted_params, ddp_config
 from megatron_dga.rng import capture_rng_state, restore_rng_state
@@ -36,6 +37,7 @@ from megatron_dga.training.stopping import StopConditions
 from megatron_dga.training.view import TrainerView
 
 logger = logging.getLogger(__name__)
+
 
 class Trainer:
     """Owns the model, optimizer, data and mixing of one job; ``train()`` runs it."""
@@ -48,9 +50,12 @@ class Trainer:
         log_dir = prepare_outputs(cfg, ctx)
         self.num_micro_batches = cfg.schedule.num_micro_batches(ctx.dp_size)
         check_interleaved_micro_batches(
-            self.num_micro_batches, ctx.pp_size, ctx.vp_size,
+            self.num_micro_batches,
+            ctx.pp_size,
+            ctx.vp_size,
             f"--global-batch-size {cfg.schedule.global_batch_size} / (--micro-batch-size "
-            f"{cfg.schedule.micro_batch_size} x data-parallel size {ctx.dp_size})")
+            f"{cfg.schedule.micro_batch_size} x data-parallel size {ctx.dp_size})",
+        )
         cfg = resume.align_domains_to_checkpoint(cfg)  # a reordered --data-path resumes by domain name
         self.data = DataPipeline(cfg, ctx)
         # The config is read-only once parsed: the one the job runs with is a copy with the tokenizer's vocabulary.
@@ -61,11 +66,14 @@ class Trainer:
         self.chunks = [core for core, _ in built]  # megatron GPTModels, in virtual-stage order
         # The chunks in megatron DDP (their grad buffers receive the gradients). As Megatron's get_model:
         # only the first chunk's grad buffer is split into buckets.
-        self.ddp_chunks = [DistributedDataParallel(core.config, ddp_config(cfg.optimizer), module,
-                                                   disable_bucketing=i > 0) for i, (core, module) in enumerate(built)]
+        self.ddp_chunks = [
+            DistributedDataParallel(core.config, ddp_config(cfg.optimizer), module, disable_bucketing=i > 0)
+            for i, (core, module) in enumerate(built)
+        ]
         self.groups = ctx.groups
-        self.optimizer = Optimizer(self.ddp_chunks, cfg.optimizer, bf16=cfg.model.bf16, fp16=cfg.model.fp16,
-                                   schedule=cfg.schedule)
+        self.optimizer = Optimizer(
+            self.ddp_chunks, cfg.optimizer, bf16=cfg.model.bf16, fp16=cfg.model.fp16, schedule=cfg.schedule
+        )
         # As Megatron's train(): the schedule multiplies each loss by the optimizer's loss scale
         # (--fp16; 1 otherwise), and the optimizer divides the gradients by it before clipping.
         self.config.grad_scale_func = self.optimizer.scale_loss
@@ -112,8 +120,10 @@ class Trainer:
     @staticmethod
     def _only(chunks):
         if len(chunks) != 1:
-            raise RuntimeError(f"this rank holds {len(chunks)} model chunks (virtual pipeline stages); "
-                               "iterate over Trainer.chunks / Trainer.ddp_chunks")
+            raise RuntimeError(
+                f"this rank holds {len(chunks)} model chunks (virtual pipeline stages); "
+                "iterate over Trainer.chunks / Trainer.ddp_chunks"
+            )
         return chunks[0]
 
     def _build_metrics(self, log_dir: str) -> MetricsLogger:
@@ -121,10 +131,12 @@ class Trainer:
         cfg = self.cfg
         wandb_init = None
         if cfg.logging.wandb_project:  # Megatron's wandb.init arguments
-            wandb_init = dict(project=cfg.logging.wandb_project,
-                              name=cfg.logging.wandb_exp_name or os.path.basename(os.path.normpath(log_dir)),
-                              dir=cfg.logging.wandb_save_dir or log_dir,
-                              config=dataclasses.asdict(cfg))
+            wandb_init = dict(
+                project=cfg.logging.wandb_project,
+                name=cfg.logging.wandb_exp_name or os.path.basename(os.path.normpath(log_dir)),
+                dir=cfg.logging.wandb_save_dir or log_dir,
+                config=dataclasses.asdict(cfg),
+            )
         error, metrics = None, None
         try:
             metrics = MetricsLogger(
@@ -160,8 +172,7 @@ class Trainer:
         info = {
             "domains": self.data.domain_info.names,
             "basis_names": self.mixing.basis_names,
-            "world": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size,
-                      "vp": self.ctx.vp_size},
+            "world": {"tp": self.ctx.tp_size, "pp": self.ctx.pp_size, "dp": self.ctx.dp_size, "vp": self.ctx.vp_size},
             "config": dataclasses.asdict(self.cfg),
         }
         atomic_write_json(os.path.join(log_dir, "run_info.json"), info, indent=1, default=str)
@@ -173,10 +184,12 @@ class Trainer:
         sched = self.cfg.schedule
         last: Dict[str, float] = {}
         if self.ctx.is_logging_rank:
-            print(f"training {self.cfg.model.num_parameters():,} parameters on {self.ctx.describe()}, "
-                  f"{self.data.domain_info.k} domains, mixing={self.cfg.mixing.strategy}, "
-                  f"layers={'transformer-engine' if uses_transformer_engine(self.cfg.model) else 'local'}, "
-                  f"from iteration {self.iteration}", flush=True)
+            console(
+                f"training {self.cfg.model.num_parameters():,} parameters on {self.ctx.describe()}, "
+                f"{self.data.domain_info.k} domains, mixing={self.cfg.mixing.strategy}, "
+                f"layers={'transformer-engine' if uses_transformer_engine(self.cfg.model) else 'local'}, "
+                f"from iteration {self.iteration}"
+            )
         self.throughput.reset()
         while self.iteration < sched.train_iters:
             loss, grad_norm, lr = self._step()
@@ -211,7 +224,7 @@ class Trainer:
                 self.throughput.reset()
             if stop:
                 if self.ctx.is_logging_rank:  # every stop condition needs --save (config.py), so it saved
-                    print(f"exiting at iteration {self.iteration}: {stop}", flush=True)
+                    console(f"exiting at iteration {self.iteration}: {stop}")
                 break
         self.finish_pending_save()
         self.stop.restore_handlers()
@@ -234,8 +247,12 @@ class Trainer:
         from megatron_dga.training.checkpoint import latest_iteration
 
         last = latest_iteration(self.cfg.checkpoint.save) if self.cfg.checkpoint.save else None
-        resume = (f"the last checkpoint (iteration {last}) under --save {self.cfg.checkpoint.save} is finite; "
-                  f"resume from it with a lower --lr" if last is not None else "lower --lr and restart")
+        resume = (
+            f"the last checkpoint (iteration {last}) under --save {self.cfg.checkpoint.save} is finite; "
+            f"resume from it with a lower --lr"
+            if last is not None
+            else "lower --lr and restart"
+        )
         raise NumericalError(
             f"iteration {self.iteration}: the training loss is {loss} and the grad norm {grad_norm}; stopped "
             f"without saving ({resume}, or pass --no-check-for-nan-in-loss-and-grad to train on)"
@@ -262,8 +279,14 @@ class Trainer:
         lr = self.optimizer.lr
         self.zero_grads()
         micro_batches = self.data.next_train_micro_batches()
-        stats = forward_backward(self.ddp_chunks, micro_batches, self.ctx.device, sync_grads=True, host_stats=False,
-                                 num_domains=self.data.domain_info.k if self.track_domain_losses else None)
+        stats = forward_backward(
+            self.ddp_chunks,
+            micro_batches,
+            self.ctx.device,
+            sync_grads=True,
+            host_stats=False,
+            num_domains=self.data.domain_info.k if self.track_domain_losses else None,
+        )
         self.last_domain_sums = stats.domain_sums
         grad_norm = self.optimizer.step()
         loss = self._dp_mean(stats.mean_loss)
@@ -380,10 +403,13 @@ class Trainer:
 
     def _report_saved(self, iteration: int, path) -> None:
         if self.ctx.is_logging_rank:
-            print(f"saved checkpoint at iteration {iteration} to {path}", flush=True)
+            console(f"saved checkpoint at iteration {iteration} to {path}")
 
     def load_checkpoint(self, load_dir: str) -> None:
         iteration = resume.load_job(self, load_dir)
         if self.ctx.is_logging_rank:
-            print(f"loaded the model weights of {load_dir} (iteration {iteration}) to finetune from iteration 0"
-                  if self.cfg.checkpoint.finetune else f"resumed from {load_dir} at iteration {iteration}", flush=True)
+            console(
+                f"loaded the model weights of {load_dir} (iteration {iteration}) to finetune from iteration 0"
+                if self.cfg.checkpoint.finetune
+                else f"resumed from {load_dir} at iteration {iteration}"
+            )

@@ -4,6 +4,7 @@ A strategy gets this object, not the trainer: extra forward/backward probes, the
 the optimizer's second moments and collectives, each delegating to the trainer's model, data,
 optimizer and process groups, and nothing of the loop.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -120,8 +121,13 @@ class TrainerView:
         try:
             # A synchronised probe (the specific gradient g_spe) must be whole on every rank, also
             # with the distributed optimizer, whose training steps only reduce-scatter.
-            return forward_backward(trainer.ddp_chunks, micro_batches, trainer.ctx.device, sync_grads=sync_grads,
-                                    force_all_reduce=sync_grads)
+            return forward_backward(
+                trainer.ddp_chunks,
+                micro_batches,
+                trainer.ctx.device,
+                sync_grads=sync_grads,
+                force_all_reduce=sync_grads,
+            )
         finally:
             config.grad_scale_func = trainer.optimizer.scale_loss
 
@@ -136,8 +142,9 @@ class TrainerView:
     def forward_token_losses(self, micro_batches) -> List[torch.Tensor]:
         """Per-token losses (b, s) times the loss mask of each micro-batch: forward only, no grad."""
         trainer = self._trainer
-        stats = forward_backward(trainer.ddp_chunks, micro_batches, trainer.ctx.device, forward_only=True,
-                                 keep_token_losses=True)
+        stats = forward_backward(
+            trainer.ddp_chunks, micro_batches, trainer.ctx.device, forward_only=True, keep_token_losses=True
+        )
         return stats.token_losses
 
     # ------------------------------------------------------------------ parameters, gradients, optimizer

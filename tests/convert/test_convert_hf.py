@@ -10,6 +10,7 @@ Hugging Face's on the same tokens (fp32: equal to rounding, measured at most 1.4
 converted back, every tensor is bit-identical to the original. The Llama checkpoint also loads at
 TP=2 (same logits) and PP=2 (same weights per stage).
 """
+
 import importlib.util
 import json
 import os
@@ -27,7 +28,8 @@ from tests.helpers.dist_utils import run_distributed
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None,
     reason="transformers is not installed (requirements/cpu.txt pins it); the converter's tests build Hugging Face "
-           "models")
+    "models",
+)
 
 
 def _transformers():
@@ -35,22 +37,58 @@ def _transformers():
 
     return transformers
 
+
 TOOL = str(Path(REPO) / "tools" / "convert_hf_checkpoint.py")
 SEQ, BATCH = 24, 2
 DIVISIBLE = ["--make-vocab-size-divisible-by", "64"]  # vocab 100 pads to 128 at TP=1 and TP=2 alike
 
-LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64, rms_norm_eps=1e-5)
+LLAMA = dict(
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+)
 CASES = {
     # name: (config class, config kwargs, tokenizer tokens or None, convert back with --hf-reference)
-    "llama-gqa": ("LlamaConfig", dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=False,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}), None, True),
-    "llama-mqa-tied-rope-scaling": ("LlamaConfig", dict(
-        LLAMA, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}), None, False),
-    "qwen2-bias": ("Qwen2Config", dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=False,
-                                       use_sliding_window=False), 90, True),
+    "llama-gqa": (
+        "LlamaConfig",
+        dict(
+            LLAMA,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        ),
+        None,
+        True,
+    ),
+    "llama-mqa-tied-rope-scaling": (
+        "LlamaConfig",
+        dict(
+            LLAMA,
+            num_key_value_heads=1,
+            head_dim=16,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+        ),
+        None,
+        False,
+    ),
+    "qwen2-bias": (
+        "Qwen2Config",
+        dict(LLAMA, num_key_value_heads=2, tie_word_embeddings=False, use_sliding_window=False),
+        90,
+        True,
+    ),
     # Mistral's 4096-token sliding window is longer than the sequence: it changes nothing, so it converts.
     "mistral-window": ("MistralConfig", dict(LLAMA, num_key_value_heads=2, sliding_window=4096), None, True),
     "gpt2": ("GPT2Config", dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64), 100, False),
@@ -73,8 +111,10 @@ def _build_hf(directory: Path, config_cls: str, kwargs: dict, tokens: int | None
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # random weights everywhere (Hugging Face initialises biases to 0 and norms to 1)
         for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.1 if "norm" in name or "ln_" in name else 0.3)
-                    + (1.0 if ("norm" in name or "ln_" in name) and name.endswith("weight") else 0.0))
+            p.copy_(
+                torch.randn_like(p) * (0.1 if "norm" in name or "ln_" in name else 0.3)
+                + (1.0 if ("norm" in name or "ln_" in name) and name.endswith("weight") else 0.0)
+            )
     model.save_pretrained(directory)
     if tokens:
         _write_tokenizer(directory, tokens)
@@ -118,8 +158,13 @@ def _megatron_logits(ckpt_dir: str, ids: np.ndarray, flags: list) -> np.ndarray:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     with platform.megatron_cuda_calls_on_cpu():
-        model = build_gpt_model(cfg, tp, pp, pre_process=parallel_state.is_pipeline_first_stage(),
-                                post_process=parallel_state.is_pipeline_last_stage())
+        model = build_gpt_model(
+            cfg,
+            tp,
+            pp,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
     state = ckpt.load_distributed_checkpoint(path, meta, {"model": model.sharded_state_dict()})
     model.load_state_dict(state["model"])
     if pp > 1:
@@ -142,8 +187,23 @@ def _convert_all(cases, root):
     results = {}
     for name, (hf_dir, ids, back_with_reference) in cases.items():
         conv, back = os.path.join(root, name), os.path.join(root, name + "-hf")
-        assert main(["to-megatron", "--hf-dir", hf_dir, "--output", conv, "--seq-length", str(SEQ),
-                     "--tensor-model-parallel-size", "2", *DIVISIBLE]) == 0
+        assert (
+            main(
+                [
+                    "to-megatron",
+                    "--hf-dir",
+                    hf_dir,
+                    "--output",
+                    conv,
+                    "--seq-length",
+                    str(SEQ),
+                    "--tensor-model-parallel-size",
+                    "2",
+                    *DIVISIBLE,
+                ]
+            )
+            == 0
+        )
         flags = Path(conv, "model_flags.txt").read_text().split()
         platform.initialize(platform.ParallelConfig())
         logits = _megatron_logits(conv, ids, flags)
@@ -157,8 +217,23 @@ def _convert_all(cases, root):
     # bf16 storage (what --dtype auto picks for a bf16 model), loaded into an fp32 model.
     hf_dir, ids, _ = cases["llama-gqa"]
     bf16 = os.path.join(root, "llama-gqa-bf16")
-    assert main(["to-megatron", "--hf-dir", hf_dir, "--output", bf16, "--seq-length", str(SEQ), "--dtype", "bf16",
-                 *DIVISIBLE]) == 0
+    assert (
+        main(
+            [
+                "to-megatron",
+                "--hf-dir",
+                hf_dir,
+                "--output",
+                bf16,
+                "--seq-length",
+                str(SEQ),
+                "--dtype",
+                "bf16",
+                *DIVISIBLE,
+            ]
+        )
+        == 0
+    )
     platform.initialize(platform.ParallelConfig())
     results["llama-gqa"]["bf16_logits"] = _megatron_logits(bf16, ids, results["llama-gqa"]["flags"])
     platform.shutdown()
@@ -166,8 +241,18 @@ def _convert_all(cases, root):
     results["errors"] = {
         "not-empty": main(["to-megatron", "--hf-dir", cases["gpt2"][0], "--output", os.path.join(root, "gpt2")]),
         "no-model": main(["to-hf", "--load", os.path.join(root, "gpt2"), "--output", os.path.join(root, "x")]),
-        "wrong-flags": main(["to-hf", "--load", os.path.join(root, "gpt2"), "--output", os.path.join(root, "y"),
-                             *results["gpt2"]["flags"], "--hidden-size", "64"]),
+        "wrong-flags": main(
+            [
+                "to-hf",
+                "--load",
+                os.path.join(root, "gpt2"),
+                "--output",
+                os.path.join(root, "y"),
+                *results["gpt2"]["flags"],
+                "--hidden-size",
+                "64",
+            ]
+        ),
     }
     return results
 
@@ -209,7 +294,7 @@ def test_megatron_logits_equal_hugging_face(hf_models, converted, name):
 
 def test_bf16_checkpoint_logits_within_bf16_rounding(hf_models, converted):
     want = hf_models["llama-gqa"]["logits"]
-    got = converted["llama-gqa"]["bf16_logits"][..., :want.shape[-1]]
+    got = converted["llama-gqa"]["bf16_logits"][..., : want.shape[-1]]
     scale = float(np.abs(want).max())
     err = np.abs(got - want)
     # bf16 keeps 8 significant bits of each weight: ~1% per logit on average through two random layers (a wrong
@@ -226,8 +311,18 @@ def test_round_trip_is_bit_identical(hf_models, converted, name):
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
-    for field in ("vocab_size", "tie_word_embeddings", "num_hidden_layers", "n_layer", "num_key_value_heads",
-                  "head_dim", "activation_function", "rope_parameters", "attention_bias", "mlp_bias"):
+    for field in (
+        "vocab_size",
+        "tie_word_embeddings",
+        "num_hidden_layers",
+        "n_layer",
+        "num_key_value_heads",
+        "head_dim",
+        "activation_function",
+        "rope_parameters",
+        "attention_bias",
+        "mlp_bias",
+    ):
         assert getattr(back.config, field, None) == getattr(original.config, field, None), field
     np.testing.assert_array_equal(_hf_logits(back, hf_models[name]["ids"]), hf_models[name]["logits"])
 
@@ -242,7 +337,8 @@ def test_checkpoint_facts_and_flags(converted):
     assert extra["model"]["vocab_size"] == 90 and extra["padded_vocab_size"] == 128
     assert extra["converted_from"]["vocab_size"] == 100
     assert {"--disable-bias-linear", "--add-qkv-bias", "--swiglu", "--group-query-attention"} <= set(
-        converted["qwen2-bias"]["flags"])
+        converted["qwen2-bias"]["flags"]
+    )
     assert "--openai-gelu" in converted["gpt2"]["flags"]
     llama = converted["llama-mqa-tied-rope-scaling"]["flags"]
     assert llama[llama.index("--kv-channels") + 1] == "16" and "--use-rope-scaling" in llama
@@ -297,11 +393,12 @@ def test_hf_weights_read_sharded_safetensors_bin_and_unprefixed_gpt2(hf_models, 
     sharded, binary = tmp_path / "sharded", tmp_path / "bin"
     sharded.mkdir(), binary.mkdir()
     names = sorted(tensors)
-    parts = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    parts = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
     for file, part in parts.items():
         save_file({n: tensors[n].contiguous() for n in part}, str(sharded / file))
     (sharded / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {n: f for f, part in parts.items() for n in part}}))
+        json.dumps({"weight_map": {n: f for f, part in parts.items() for n in part}})
+    )
     torch.save({n.removeprefix("transformer."): t for n, t in tensors.items()}, binary / "pytorch_model.bin")
 
     cfg = model_config_from_hf(read_hf_config(hf_models["gpt2"]["dir"]), "config.json")
@@ -338,8 +435,12 @@ def test_fused_qkv_layout_groups_queries_with_their_keys_and_values():
 def test_rope_settings_read_both_config_formats():
     from megatron_dga.convert.hf import rope_settings
 
-    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     old = {"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", **scaling}}
     new = {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, **scaling}}
     want = {"rotary_base": 500000, "use_rope_scaling": True, "rope_scaling_factor": 32.0}
@@ -350,13 +451,17 @@ def test_rope_settings_read_both_config_formats():
 REFUSED = {
     "architecture": ({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}, "FalconForCausalLM"),
     "yarn": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type 'yarn'"),
-    "llama3-other-frequencies": ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
-                                 "low_freq_factor is 2.0"),
+    "llama3-other-frequencies": (
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
+        "low_freq_factor is 2.0",
+    ),
     "attention-bias-only": ({"attention_bias": True}, "attention_bias True with mlp_bias False"),
     "activation": ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     "fractional-theta": ({"rope_theta": 10000.5}, "rope_theta 10000.5"),
-    "mistral-window": ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16},
-                       "sliding_window 16 is shorter than --seq-length 64"),
+    "mistral-window": (
+        {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16},
+        "sliding_window 16 is shorter than --seq-length 64",
+    ),
 }
 
 
@@ -402,14 +507,51 @@ def test_converted_model_finetunes_with_dga_and_refuses_a_plain_resume(converted
     from tests.helpers.dist_utils import run_pretrain
 
     ckpt, flags = converted["llama-gqa"]["ckpt"], converted["llama-gqa"]["flags"]
-    shards = mock.write_domains(str(tmp_path / "shards"), vocab_size=100, eod=99, k=2, docs_per_domain=24,
-                                doc_len=64, specific_mixture=[1.0, 0.0], specific_docs=16)
-    argv = ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", "99", *flags, "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1", "--eval-interval", "0",
-            "--split", "80,20",
-            "--mixing", "dga", "--dga-interval", "1", "--dga-specific-batch-size", "4", "--dga-domain-batch-size", "2",
-            "--log-dir", str(tmp_path / "log"), "--load", ckpt]
+    shards = mock.write_domains(
+        str(tmp_path / "shards"),
+        vocab_size=100,
+        eod=99,
+        k=2,
+        docs_per_domain=24,
+        doc_len=64,
+        specific_mixture=[1.0, 0.0],
+        specific_docs=16,
+    )
+    argv = [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "99",
+        *flags,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--split",
+        "80,20",
+        "--mixing",
+        "dga",
+        "--dga-interval",
+        "1",
+        "--dga-specific-batch-size",
+        "4",
+        "--dga-domain-batch-size",
+        "2",
+        "--log-dir",
+        str(tmp_path / "log"),
+        "--load",
+        ckpt,
+    ]
     rcs, metrics = run_pretrain(argv + ["--finetune"])
     assert rcs == [0] and [m["iteration"] for m in metrics] == [1, 2]
     assert all(np.isfinite(m["lm_loss"]) for m in metrics) and metrics[-1].get("dga_update")

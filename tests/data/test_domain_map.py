@@ -1,5 +1,6 @@
 """The fine-domain map file (megatron_dga.data.domain_map): round trip, derived names and groups,
 and every way a map can fail to fit its file or its shards, each a DataError naming the file."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,14 @@ import os
 import numpy as np
 import pytest
 
-from megatron_dga.data.domain_map import (MAP_FORMAT, DomainMap, check_map_matches_shards, read_domain_map,
-                                          shard_identity, write_domain_map)
+from megatron_dga.data.domain_map import (
+    MAP_FORMAT,
+    DomainMap,
+    check_map_matches_shards,
+    read_domain_map,
+    shard_identity,
+    write_domain_map,
+)
 from megatron_dga.errors import DataError
 from tests.helpers.synthetic import write_shard
 
@@ -22,8 +29,10 @@ def _docs(n, seed, length=5):
 @pytest.fixture
 def shards(tmp_path):
     """Two shards of 7 and 5 documents."""
-    return [write_shard(str(tmp_path / "part0_text_document"), _docs(7, 0)),
-            write_shard(str(tmp_path / "part1_text_document"), _docs(5, 1))]
+    return [
+        write_shard(str(tmp_path / "part0_text_document"), _docs(7, 0)),
+        write_shard(str(tmp_path / "part1_text_document"), _docs(5, 1)),
+    ]
 
 
 def _map(prefixes, levels=(2, 3), seed=0, names=None):
@@ -31,8 +40,14 @@ def _map(prefixes, levels=(2, 3), seed=0, names=None):
     total = sum(s.num_documents for s in ids)
     k = int(np.prod(levels))
     domain_ids = np.random.default_rng(seed).integers(0, k, size=total).astype(np.int32)
-    return DomainMap(domain_ids=domain_ids, shards=ids, levels=list(levels), names=names,
-                     clusters_dir="clusters", metadata={"tool": "test", "seed": seed})
+    return DomainMap(
+        domain_ids=domain_ids,
+        shards=ids,
+        levels=list(levels),
+        names=names,
+        clusters_dir="clusters",
+        metadata={"tool": "test", "seed": seed},
+    )
 
 
 def _raw_map(path, header, domain_ids):
@@ -42,10 +57,17 @@ def _raw_map(path, header, domain_ids):
 
 
 def _header(dmap):
-    return {"format": MAP_FORMAT, "levels": dmap.levels, "names": dmap.names, "clusters_dir": dmap.clusters_dir,
-            "metadata": dmap.metadata,
-            "shards": [{"name": s.name, "num_documents": s.num_documents, "num_tokens": s.num_tokens,
-                        "idx_sha256": s.idx_sha256} for s in dmap.shards]}
+    return {
+        "format": MAP_FORMAT,
+        "levels": dmap.levels,
+        "names": dmap.names,
+        "clusters_dir": dmap.clusters_dir,
+        "metadata": dmap.metadata,
+        "shards": [
+            {"name": s.name, "num_documents": s.num_documents, "num_tokens": s.num_tokens, "idx_sha256": s.idx_sha256}
+            for s in dmap.shards
+        ],
+    }
 
 
 def test_round_trip_names_groups_and_order(tmp_path, shards):
@@ -156,8 +178,11 @@ def test_foreign_shard_same_name(tmp_path, shards):
     write_domain_map(path, dmap)
     other = tmp_path / "other"
     foreign = write_shard(str(other / "part1_text_document"), _docs(5, 99, length=6))
-    msg = _expect(path, "part1_text_document.idx is not the shard the map was built for",
-                  lambda: check_map_matches_shards(read_domain_map(path), [shards[0], foreign], path))
+    msg = _expect(
+        path,
+        "part1_text_document.idx is not the shard the map was built for",
+        lambda: check_map_matches_shards(read_domain_map(path), [shards[0], foreign], path),
+    )
     assert "sha256" in msg and "--output-map" in msg
 
 
@@ -166,8 +191,11 @@ def test_shard_with_other_document_count(tmp_path, shards):
     path = str(tmp_path / "map.npz")
     write_domain_map(path, dmap)
     grown = write_shard(str(tmp_path / "other" / "part1_text_document"), _docs(6, 1))
-    msg = _expect(path, "has 6 documents but the map was built for 5",
-                  lambda: check_map_matches_shards(read_domain_map(path), [shards[0], grown], path))
+    msg = _expect(
+        path,
+        "has 6 documents but the map was built for 5",
+        lambda: check_map_matches_shards(read_domain_map(path), [shards[0], grown], path),
+    )
     assert grown in msg and "tools/cluster_domains.py" in msg
 
 
@@ -176,13 +204,22 @@ def test_missing_and_extra_shards(tmp_path, shards):
     path = str(tmp_path / "map.npz")
     write_domain_map(path, dmap)
     back = read_domain_map(path)
-    _expect(path, "the map's shard 'part1_text_document' is not in --data-path",
-            lambda: check_map_matches_shards(back, [shards[0]], path))
+    _expect(
+        path,
+        "the map's shard 'part1_text_document' is not in --data-path",
+        lambda: check_map_matches_shards(back, [shards[0]], path),
+    )
     extra = write_shard(str(tmp_path / "part2_text_document"), _docs(3, 2))
-    _expect(path, f"--data-path shard {extra} is not in the map",
-            lambda: check_map_matches_shards(back, shards + [extra], path))
-    _expect(path, "two shards named 'part0_text_document'",
-            lambda: check_map_matches_shards(back, shards + [shards[0]], path))
+    _expect(
+        path,
+        f"--data-path shard {extra} is not in the map",
+        lambda: check_map_matches_shards(back, shards + [extra], path),
+    )
+    _expect(
+        path,
+        "two shards named 'part0_text_document'",
+        lambda: check_map_matches_shards(back, shards + [shards[0]], path),
+    )
     os.remove(shards[1] + ".idx")
     with pytest.raises(DataError, match="part1_text_document.idx is missing"):
         check_map_matches_shards(back, shards, path)
@@ -194,12 +231,12 @@ def test_large_map_reads_fast(tmp_path, shards):
 
     ident = shard_identity(shards[0])
     ident.num_documents = 1_000_000
-    ids = np.random.default_rng(0).integers(0, 64 ** 3, size=1_000_000).astype(np.int32)
+    ids = np.random.default_rng(0).integers(0, 64**3, size=1_000_000).astype(np.int32)
     path = str(tmp_path / "big.npz")
     write_domain_map(path, DomainMap(ids, [ident], [64, 64, 64]))
     t0 = time.perf_counter()
     back = read_domain_map(path)
     counts = back.domain_counts()
     elapsed = time.perf_counter() - t0
-    assert counts.sum() == 1_000_000 and back.domain_name(64 ** 3 - 1) == "c63_63_63"
+    assert counts.sum() == 1_000_000 and back.domain_name(64**3 - 1) == "c63_63_63"
     assert elapsed < 1.0, elapsed

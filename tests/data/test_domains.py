@@ -1,4 +1,5 @@
 """Per-domain megatron-core datasets, shard validation and the DataLoader glue."""
+
 import json
 import os
 import struct
@@ -49,7 +50,9 @@ def write_shard(directory, name, num_docs=20, vocab=VOCAB, dtype=None, seed=0, m
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
-    return [write_shard(d, name, num_docs=n, seed=i) for i, (name, n) in enumerate([("web", 30), ("code", 20), ("law", 25)])]
+    return [
+        write_shard(d, name, num_docs=n, seed=i) for i, (name, n) in enumerate([("web", 30), ("code", 20), ("law", 25)])
+    ]
 
 
 def test_parse_data_path_forms():
@@ -79,11 +82,17 @@ def test_domains_match_megatron_gpt_dataset(shards):
         # megatron's own one-epoch count: (tokens - 1) // seq_length samples
         assert n_samp == (n_tok - 1) // SEQ
         ref_cfg = GPTDatasetConfig(
-            random_seed=5, sequence_length=SEQ, tokenizer=domains.datasets[0].config.tokenizer,
-            reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+            random_seed=5,
+            sequence_length=SEQ,
+            tokenizer=domains.datasets[0].config.tokenizer,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
         )
-        ref = GPTDataset(indexed, prefix, np.arange(len(indexed.document_indices) - 1, dtype=np.int32), None,
-                         Split.train, ref_cfg)
+        ref = GPTDataset(
+            indexed, prefix, np.arange(len(indexed.document_indices) - 1, dtype=np.int32), None, Split.train, ref_cfg
+        )
         assert len(ref) == len(ds)
         tokens = np.concatenate([indexed[i] for i in range(len(indexed))])
         for i in range(len(ds)):
@@ -145,8 +154,12 @@ GARBLES = {
     "length": (lambda n: 34 + 4 * 2, "<i", lambda v: v + 1, r"sequence 3 starts at byte \d+, expected \d+"),
     "negative-length": (lambda n: 34 + 4 * 4, "<i", lambda v: -5, r"sequence 4 has negative length -5"),
     "first-pointer": (lambda n: 34 + 4 * n, "<q", lambda v: 8, r"first sequence starts at byte 8, expected 0"),
-    "document-order": (lambda n: 34 + 12 * n + 8 * 2, "<q", lambda v: v + 2,
-                       r"document 3 starts at sequence 3, before document 2 \(sequence 4\)"),
+    "document-order": (
+        lambda n: 34 + 12 * n + 8 * 2,
+        "<q",
+        lambda v: v + 2,
+        r"document 3 starts at sequence 3, before document 2 \(sequence 4\)",
+    ),
     "last-document": (lambda n: 34 + 12 * n + 8 * n, "<q", lambda v: v + 7, r"run from 0 to 37, expected 0 to the 30"),
 }
 
@@ -182,9 +195,12 @@ class SmallTok:
 
 def test_token_ids_beyond_the_vocab_fail_at_startup_without_a_sidecar(tmp_path, shards):
     # shards[0] holds ids up to 499 and has no sidecar: the bounded start-up sample finds them.
-    with pytest.raises(DataError, match=r"web_text_document\.bin contains token id \d+, outside the tokenizer's "
-                                        r"vocabulary \[0, 100\) \(no sidecar .*web_text_document\.json.*scanning a "
-                                        r"sample of.*--vocab-size"):
+    with pytest.raises(
+        DataError,
+        match=r"web_text_document\.bin contains token id \d+, outside the tokenizer's "
+        r"vocabulary \[0, 100\) \(no sidecar .*web_text_document\.json.*scanning a "
+        r"sample of.*--vocab-size",
+    ):
         build_domain_datasets([shards[0]], SmallTok(), DomainDatasetConfig(sequence_length=SEQ))
     with pytest.raises(DataError, match="scanning all of"):
         build_domain_datasets([shards[0]], SmallTok(), DomainDatasetConfig(sequence_length=SEQ, check_token_ids=True))
@@ -207,8 +223,11 @@ def test_token_id_missed_by_the_startup_sample_fails_in_its_batch(tmp_path):
     domains = build_domain_datasets([prefix], SmallTok(), small)
     ds = MixtureDataset(domains.datasets, vocab_size=100, source_names=["domain 'rare'"])
     keys = np.array([[0, i] for i in range(len(ds))])
-    with pytest.raises(DataError, match=r"domain 'rare' \(.*rare_text_document\.bin\), sample (\d+): (tokens|labels) "
-                                        r"hold id 450, outside the vocabulary \[0, 100\)") as e:
+    with pytest.raises(
+        DataError,
+        match=r"domain 'rare' \(.*rare_text_document\.bin\), sample (\d+): (tokens|labels) "
+        r"hold id 450, outside the vocabulary \[0, 100\)",
+    ) as e:
         ds.load(keys)
     sample = int(str(e.value).split("sample ")[1].split(":")[0])
     assert 450 in domains.datasets[0][sample]["labels"].tolist()
@@ -225,8 +244,11 @@ def test_sidecar_validation(tmp_path):
     assert read_sidecar_vocab_size(prefix) is None
     (tmp_path / "web.json").write_text('{"text": "a raw Megatron-LM input"}\n{"text": "jsonl"}\n')
     assert read_sidecar_vocab_size(prefix) is None  # <x>.json is often the jsonl corpus: not ours
-    for text, message in [("[1, 2]", "holds a JSON list"), ('{"vocab_size": true}', "positive int, got True"),
-                          ("\udcff{", "not valid JSON")]:
+    for text, message in [
+        ("[1, 2]", "holds a JSON list"),
+        ('{"vocab_size": true}', "positive int, got True"),
+        ("\udcff{", "not valid JSON"),
+    ]:
         with open(prefix + ".json", "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(text)
         with pytest.raises(DataError, match=message) as e:
@@ -250,7 +272,6 @@ def test_domain_level_errors(tmp_path, shards):
         json.dump({"vocab_size": VOCAB + 1}, f)
     with pytest.raises(DataError, match="sidecar records vocab_size 501"):
         build_domain_datasets([side], Tok(), cfg)
-
 
 
 def test_mixture_dataset_returns_megatron_samples(shards):

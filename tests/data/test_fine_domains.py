@@ -1,6 +1,7 @@
 """Fine domains from a domain map (megatron_dga.data.fine_domains, --domain-map): samples against a
 brute-force oracle and megatron's GPTDataset, the index cache, bad maps through the trainer, and
 K = 262,144 fine domains trained with DGA over a basis, saved and resumed bit for bit."""
+
 from __future__ import annotations
 
 import contextlib
@@ -30,8 +31,9 @@ def _corpus(directory, groups_per_shard, lengths_per_shard, seed=0, band=BAND):
     rng = np.random.default_rng(seed)
     prefixes, docs = [], []
     for s, (groups, lengths) in enumerate(zip(groups_per_shard, lengths_per_shard)):
-        shard_docs = [np.append(g * band + rng.integers(0, band, size=max(n - 1, 0)), EOD)[:n]
-                      for g, n in zip(groups, lengths)]
+        shard_docs = [
+            np.append(g * band + rng.integers(0, band, size=max(n - 1, 0)), EOD)[:n] for g, n in zip(groups, lengths)
+        ]
         tokens = np.concatenate(shard_docs) if shard_docs else np.zeros(0, np.int64)
         prefixes.append(write_packed_shard(os.path.join(directory, f"part{s}_text_document"), tokens, lengths, VOCAB))
         docs.extend(shard_docs)
@@ -45,10 +47,10 @@ def _oracle(docs, group_ids, num_groups, seq, seed, documents):
     for g in range(num_groups):
         members = sorted(np.flatnonzero(group_ids == g).tolist(), key=lambda d: (int(keys[d]), d))
         n = len(members)
-        part = members[round(documents[0] * n):round(documents[1] * n)]
+        part = members[round(documents[0] * n) : round(documents[1] * n)]
         text = np.concatenate([docs[d] for d in part]) if part else np.zeros(0, np.int64)
         count = max(len(text) - 1, 0) // seq
-        out.append([text[i * seq:i * seq + seq + 1] for i in range(count)])
+        out.append([text[i * seq : i * seq + seq + 1] for i in range(count)])
     return out
 
 
@@ -56,7 +58,7 @@ def _oracle(docs, group_ids, num_groups, seq, seed, documents):
 def small(tmp_path_factory):
     """3 shards, 7 groups: one empty, one too short for a sample, documents of 0..40 tokens."""
     rng = np.random.default_rng(1)
-    groups = [rng.choice([0, 1, 2, 3, 5, 6], size=n, p=[.3, .25, .2, .15, .05, .05]) for n in (90, 60, 70)]
+    groups = [rng.choice([0, 1, 2, 3, 5, 6], size=n, p=[0.3, 0.25, 0.2, 0.15, 0.05, 0.05]) for n in (90, 60, 70)]
     groups[2][:3] = 4  # group 4: three documents in one shard
     lengths = [rng.integers(0, 41, size=len(g)) for g in groups]
     lengths[2][:3] = 2  # group 4 holds 6 tokens: no sample of 16 + 1
@@ -89,11 +91,16 @@ def test_samples_match_the_brute_force_oracle(small, documents):
         fine.get(4, 0)
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"eod_mask_loss": True}, {"reset_position_ids": True},
-    {"reset_attention_mask": True, "create_attention_mask": True, "reset_position_ids": True},
-    {"add_extra_token": False},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"eod_mask_loss": True},
+        {"reset_position_ids": True},
+        {"reset_attention_mask": True, "create_attention_mask": True, "reset_position_ids": True},
+        {"add_extra_token": False},
+    ],
+)
 def test_sample_dict_is_what_gpt_dataset_returns(small, options):
     """GPTDataset.__getitem__ on the same token window (its window query replaced) gives the same dict,
     and a group holding all of a shard's documents has as many samples as that shard's GPTDataset."""
@@ -109,12 +116,17 @@ def test_sample_dict_is_what_gpt_dataset_returns(small, options):
     prefixes, docs, _ = small
     seq = 16
     view = _TokenizerView(_Tokenizer())
-    gpt_cfg = GPTDatasetConfig(random_seed=1, sequence_length=seq, tokenizer=view, split="1,0,0",
-                               reset_position_ids=options.get("reset_position_ids", False),
-                               reset_attention_mask=options.get("reset_attention_mask", False),
-                               eod_mask_loss=options.get("eod_mask_loss", False),
-                               create_attention_mask=options.get("create_attention_mask", False),
-                               add_extra_token_to_sequence=extra)
+    gpt_cfg = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=seq,
+        tokenizer=view,
+        split="1,0,0",
+        reset_position_ids=options.get("reset_position_ids", False),
+        reset_attention_mask=options.get("reset_attention_mask", False),
+        eod_mask_loss=options.get("eod_mask_loss", False),
+        create_attention_mask=options.get("create_attention_mask", False),
+        add_extra_token_to_sequence=extra,
+    )
     indexed = IndexedDataset(prefixes[0])
     gpt = GPTDataset(indexed, prefixes[0], np.arange(len(indexed), dtype=np.int32), None, Split.train, gpt_cfg)
     cfg = DomainDatasetConfig(sequence_length=seq, **options)
@@ -177,15 +189,36 @@ def test_index_is_identical_across_builds_and_from_the_cache(small, tmp_path, mo
 
 
 def _write_map(path, prefixes, domain_ids, levels):
-    write_domain_map(path, DomainMap(np.asarray(domain_ids, np.int32), [shard_identity(p) for p in prefixes],
-                                     list(levels)))
+    write_domain_map(
+        path, DomainMap(np.asarray(domain_ids, np.int32), [shard_identity(p) for p in prefixes], list(levels))
+    )
     return path
 
 
 def _argv(prefixes, map_path, run_dir, extra=(), iters=4):
-    return ["--data-path", *prefixes, "--domain-map", map_path, *NULL_TOKENIZER_ARGS, *TINY_GPT_ARGS,
-            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters), "--log-interval", "1",
-            "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(run_dir), *extra]
+    return [
+        "--data-path",
+        *prefixes,
+        "--domain-map",
+        map_path,
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def _main_errors(rank, world_size, argvs):
@@ -215,15 +248,30 @@ def test_bad_maps_stop_the_trainer_naming_the_map(small, tmp_path):
     # A map of the same names over other shards (same document counts, other lengths).
     other_dir = tmp_path / "other"
     rng = np.random.default_rng(5)
-    foreign_prefixes, _ = _corpus(str(other_dir), [g.tolist() for g in np.split(group_ids % 4, [90, 150])],
-                                  [rng.integers(1, 41, size=n) for n in (90, 60, 70)])
+    foreign_prefixes, _ = _corpus(
+        str(other_dir),
+        [g.tolist() for g in np.split(group_ids % 4, [90, 150])],
+        [rng.integers(1, 41, size=n) for n in (90, 60, 70)],
+    )
     foreign = _write_map(str(tmp_path / "foreign.npz"), foreign_prefixes, group_ids % 4, [2, 2])
     out_of_range = str(tmp_path / "range.npz")
     with open(out_of_range, "wb") as fh:
-        header = {"format": "megatron-dga/domain-map-v1", "levels": [2, 2], "names": None, "clusters_dir": None,
-                  "metadata": {}, "shards": [{"name": s.name, "num_documents": s.num_documents,
-                                              "num_tokens": s.num_tokens, "idx_sha256": s.idx_sha256}
-                                             for s in dmap.shards]}
+        header = {
+            "format": "megatron-dga/domain-map-v1",
+            "levels": [2, 2],
+            "names": None,
+            "clusters_dir": None,
+            "metadata": {},
+            "shards": [
+                {
+                    "name": s.name,
+                    "num_documents": s.num_documents,
+                    "num_tokens": s.num_tokens,
+                    "idx_sha256": s.idx_sha256,
+                }
+                for s in dmap.shards
+            ],
+        }
         np.savez(fh, header=np.array(json.dumps(header)), domain_ids=np.append(dmap.domain_ids[:-1], 9))
     cases = {
         short: "part1_text_document has 60 documents but the map was built for 61",
@@ -250,7 +298,7 @@ def test_bad_maps_stop_the_trainer_naming_the_map(small, tmp_path):
 # ----------------------------------------------------------------------------- K = 262,144 end to end
 
 LEVELS = (64, 64, 64)
-K = 64 ** 3
+K = 64**3
 
 
 @pytest.fixture(scope="module")
@@ -280,25 +328,45 @@ def paper_scale(tmp_path_factory):
         matrix[n, row] = 1.0 / row.sum()
     dmap = read_domain_map(map_path)
     save_basis(str(root / "basis.npz"), matrix, [f"b{n}" for n in range(4)], dmap.domain_names())
-    specific = write_shard(str(root / "specific_text_document"),
-                           [np.append(rng.integers(0, EOD, size=40), EOD) for _ in range(16)])
+    specific = write_shard(
+        str(root / "specific_text_document"), [np.append(rng.integers(0, EOD, size=40), EOD) for _ in range(16)]
+    )
     return {"prefixes": prefixes, "map": map_path, "basis": str(root / "basis.npz"), "specific": specific}
 
 
 @pytest.mark.slow
 def test_262144_fine_domains_train_dga_over_a_basis_resume_bit_for_bit_and_with_workers(paper_scale, tmp_path):
     d = paper_scale
-    dga = ["--mixing", "dga", "--dga-basis", d["basis"], "--dga-interval", "2", "--dga-domain-batch-size", "2",
-           "--dga-specific-batch-size", "2", "--specific-data-path", d["specific"],
-           "--data-cache-path", str(tmp_path / "cache"), "--eval-interval", "4", "--eval-iters", "1"]
+    dga = [
+        "--mixing",
+        "dga",
+        "--dga-basis",
+        d["basis"],
+        "--dga-interval",
+        "2",
+        "--dga-domain-batch-size",
+        "2",
+        "--dga-specific-batch-size",
+        "2",
+        "--specific-data-path",
+        d["specific"],
+        "--data-cache-path",
+        str(tmp_path / "cache"),
+        "--eval-interval",
+        "4",
+        "--eval-iters",
+        "1",
+    ]
     ckpt = str(tmp_path / "ckpt")
-    runs = run_trainers({
-        "straight": _argv(d["prefixes"], d["map"], tmp_path / "a", dga),
-        "first": _argv(d["prefixes"], d["map"], tmp_path / "b", dga + ["--save", ckpt, "--exit-interval", "2"]),
-        "resumed": _argv(d["prefixes"], d["map"], tmp_path / "b", dga + ["--load", ckpt]),
-        # DataLoader workers receive the fine-domain datasets pickled; indices are still drawn in the main process.
-        "workers": _argv(d["prefixes"], d["map"], tmp_path / "c", dga + ["--num-workers", "1"]),
-    })
+    runs = run_trainers(
+        {
+            "straight": _argv(d["prefixes"], d["map"], tmp_path / "a", dga),
+            "first": _argv(d["prefixes"], d["map"], tmp_path / "b", dga + ["--save", ckpt, "--exit-interval", "2"]),
+            "resumed": _argv(d["prefixes"], d["map"], tmp_path / "b", dga + ["--load", ckpt]),
+            # DataLoader workers receive the fine-domain datasets pickled; indices are still drawn in the main process.
+            "workers": _argv(d["prefixes"], d["map"], tmp_path / "c", dga + ["--num-workers", "1"]),
+        }
+    )
     straight = runs["straight"]["metrics"]
     for a, b in zip(straight, runs["workers"]["metrics"], strict=True):
         assert a["lm_loss"] == b["lm_loss"] and a["basis_weights"] == b["basis_weights"], (a, b)
@@ -332,11 +400,25 @@ def test_long_per_domain_lists_are_summarised_on_every_sink(tmp_path):
     epochs = np.linspace(0, 2, k)
     epochs[3] = np.nan  # an empty fine domain: 0 / 0 epochs
     line = io.StringIO()
-    with MetricsLogger(tmp_path, is_writer=True, domain_names=names, list_limit=8, stream=line,
-                       domain_clusters=np.arange(k) // 4, cluster_names=["c00", "c01", "c02"],
-                       list_labels={"basis_weights": ["b0", "b1"]}) as logger:
-        logger.log(1, {"lm_loss": 2.0, "domain_weights": weights, "domain_epochs": epochs.tolist(),
-                       "basis_weights": [0.25, 0.75]})
+    with MetricsLogger(
+        tmp_path,
+        is_writer=True,
+        domain_names=names,
+        list_limit=8,
+        stream=line,
+        domain_clusters=np.arange(k) // 4,
+        cluster_names=["c00", "c01", "c02"],
+        list_labels={"basis_weights": ["b0", "b1"]},
+    ) as logger:
+        logger.log(
+            1,
+            {
+                "lm_loss": 2.0,
+                "domain_weights": weights,
+                "domain_epochs": epochs.tolist(),
+                "basis_weights": [0.25, 0.75],
+            },
+        )
         tags = dict(logger.tags_for("domain_weights", read_metrics(tmp_path)[0]["domain_weights"]))
     record = read_metrics(tmp_path)[0]
     summary = record["domain_weights"]
@@ -346,13 +428,18 @@ def test_long_per_domain_lists_are_summarised_on_every_sink(tmp_path):
     order = np.argsort(-weights)[:10]
     assert [n for n, _ in summary["top"]] == [names[i] for i in order]
     assert [v for _, v in summary["top"]] == weights[order].tolist()
-    np.testing.assert_allclose([summary["mass_by_cluster"][c] for c in ("c00", "c01", "c02")],
-                               weights.reshape(3, 4).sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(
+        [summary["mass_by_cluster"][c] for c in ("c00", "c01", "c02")], weights.reshape(3, 4).sum(axis=1), rtol=1e-12
+    )
     assert record["domain_epochs"]["non_finite"] == 1 and record["domain_epochs"]["max"] == 2.0
     assert "mass_by_cluster" not in record["domain_epochs"]  # not a distribution
     assert record["basis_weights"] == [0.25, 0.75]  # short lists stay as they are
-    assert set(tags) == {"mixing/weight_entropy", "mixing/weight_effective_domains", "mixing/weight_top1",
-                         "mixing/weight_nonzero"}
+    assert set(tags) == {
+        "mixing/weight_entropy",
+        "mixing/weight_effective_domains",
+        "mixing/weight_top1",
+        "mixing/weight_nonzero",
+    }
     assert tags["mixing/weight_top1"] == weights.max()
     assert len(line.getvalue().splitlines()) == 1
 
@@ -370,16 +457,22 @@ def test_flags_that_a_map_replaces_are_refused(small, tmp_path):
     split_file = tmp_path / "splits.json"
     split_file.write_text(json.dumps({"train": prefixes, "valid": prefixes}))
     cases = {
-        "--mock-data": (["--domain-map", good, "--mock-data", *base[base.index("--tokenizer-type"):]], "--mock-data"),
-        "valid shards": (["--per-split-data-args-path", str(split_file), *base[1 + len(prefixes):]],
-                         'giving "valid" shards'),
+        "--mock-data": (["--domain-map", good, "--mock-data", *base[base.index("--tokenizer-type") :]], "--mock-data"),
+        "valid shards": (
+            ["--per-split-data-args-path", str(split_file), *base[1 + len(prefixes) :]],
+            'giving "valid" shards',
+        ),
         "token limits": (base + ["--domain-token-limit", "64", "128"], "give one value"),
         "static": (base + ["--mixing", "static"], "--mixing importance --importance-weights FILE"),
         "missing map": (_argv(prefixes, str(tmp_path / "none.npz"), tmp_path / "run"), "no such file"),
-        "weights": (["--data-path", "0.5", prefixes[0], "0.3", prefixes[1], "0.2", prefixes[2]]
-                    + base[1 + len(prefixes):], "the map defines the domains"),
-        "dga over 300": (_argv(prefixes, big, tmp_path / "d", ["--mixing", "dga", "--specific-data-path", prefixes[0]]),
-                         "--dga-basis basis.npz"),
+        "weights": (
+            ["--data-path", "0.5", prefixes[0], "0.3", prefixes[1], "0.2", prefixes[2]] + base[1 + len(prefixes) :],
+            "the map defines the domains",
+        ),
+        "dga over 300": (
+            _argv(prefixes, big, tmp_path / "d", ["--mixing", "dga", "--specific-data-path", prefixes[0]]),
+            "--dga-basis basis.npz",
+        ),
     }
     for name, (argv, fragment) in cases.items():
         with pytest.raises(ConfigError) as err:
@@ -425,9 +518,13 @@ def test_pipeline_evaluates_top_clusters_or_fine_domains(small, tmp_path, caplog
 
     gaps = _write_map(str(tmp_path / "gaps.npz"), prefixes, group_ids, [8])  # 4: 6 tokens; 7: no document
     with pytest.raises(ConfigError, match=r"2 of the 8 fine domains .*\(c04, c07\)"):
-        DataPipeline(parse_args(_argv(prefixes, gaps, tmp_path / "r", ["--mixing", "dga", "--specific-data-path",
-                                                                        prefixes[0]])), ctx)
-    with pytest.raises(ConfigError, match=r"--mixing pike probes every domain .* 2 of the 8 fine domains .*--mixing odm"):
+        DataPipeline(
+            parse_args(_argv(prefixes, gaps, tmp_path / "r", ["--mixing", "dga", "--specific-data-path", prefixes[0]])),
+            ctx,
+        )
+    with pytest.raises(
+        ConfigError, match=r"--mixing pike probes every domain .* 2 of the 8 fine domains .*--mixing odm"
+    ):
         DataPipeline(parse_args(_argv(prefixes, gaps, tmp_path / "r", ["--mixing", "pike"])), ctx)
     DataPipeline(parse_args(_argv(prefixes, gaps, tmp_path / "r", ["--mixing", "odm"])), ctx)  # no probes: fine
     many = _write_map(str(tmp_path / "many.npz"), prefixes, np.arange(len(group_ids)) % 100, [100])

@@ -1,6 +1,7 @@
 """DynamicMixtureSampler: allocation bound, epochs, token limits, empty domains, checkpoints, DP, bases,
 probes; and its C++ kernels (megatron_dga._C, the only implementation) against the numpy oracle in
 tests/helpers/sampler_oracle.py, bit for bit."""
+
 import json
 import types
 
@@ -187,8 +188,14 @@ def test_state_dict_resume_mid_epoch_is_identical():
         np.testing.assert_array_equal(x, y)
     assert "weights" not in state  # their owner (the mixing strategy) saves and sets them; drive() sets them first
     # A v1 state (sizes as full lists, before the digests; the weights inside) resumes the same way.
-    v1 = dict(state, format="megatron-dga/mixture-sampler-v1", domain_sizes=sizes, accessible_sizes=sizes,
-              weights=[0.2, 0.3, 0.5], basis_weights=None)
+    v1 = dict(
+        state,
+        format="megatron-dga/mixture-sampler-v1",
+        domain_sizes=sizes,
+        accessible_sizes=sizes,
+        weights=[0.2, 0.3, 0.5],
+        basis_weights=None,
+    )
     c = make(sizes, gbs=12, mbs=2)
     c.load_state_dict(v1)
     for x, y in zip(rest, drive(c, 10, 2)):
@@ -287,8 +294,12 @@ def test_probes_and_eval_do_not_perturb_training_stream():
 
 @pytest.mark.parametrize(
     "weights,match",
-    [([0.5, -0.1, 0.6], "'b'.*>= 0"), ([0, 0, 0], "all 3 entries are zero"), ([0.1, float("nan"), 1], "'b'.*finite"),
-     ([1.0, 2.0], "2 entries, expected 3")],
+    [
+        ([0.5, -0.1, 0.6], "'b'.*>= 0"),
+        ([0, 0, 0], "all 3 entries are zero"),
+        ([0.1, float("nan"), 1], "'b'.*finite"),
+        ([1.0, 2.0], "2 entries, expected 3"),
+    ],
 )
 def test_weight_validation_errors(weights, match):
     s = make([5, 5, 5], domain_names=["a", "b", "c"])
@@ -361,8 +372,14 @@ def test_empty_domains_are_never_drawn_and_the_bound_holds_over_the_others():
 @pytest.mark.parametrize("sparse", [False, True])
 def test_empty_domains_weights_basis_probes_and_resume(sparse):
     sizes, names = [20, 0, 15, 0, 0, 30], list("abcdef")
-    kw = dict(gbs=8, mbs=2, domain_names=names, sequence_length=4, token_limits=[None, 8, 40, None, None, None],
-              held_out_sizes=[5])
+    kw = dict(
+        gbs=8,
+        mbs=2,
+        domain_names=names,
+        sequence_length=4,
+        token_limits=[None, 8, 40, None, None, None],
+        held_out_sizes=[5],
+    )
     s = make(sizes, **kw)
     assert s.accessible_sizes.tolist() == [20, 0, 10, 0, 0, 30]  # a token limit on an empty domain is harmless
     np.testing.assert_allclose(s.weights, [1 / 3, 0, 1 / 3, 0, 0, 1 / 3])  # default: uniform over non-empty
@@ -418,8 +435,21 @@ def test_kernels_reject_a_size_of_zero_before_any_work():
         _C.sampler_stream_samples(np.array([1]), np.array([0]), sizes, sizes, np.zeros(2, bool), zero_keys, zero_keys)
     carry, consumed = np.zeros(2), np.zeros(2, dtype=np.int64)
     with pytest.raises(ValueError, match="outside \\[1, 2\\*\\*31\\)"):
-        _C.sampler_global_batches(np.array([1.0, 0.0]), carry, consumed, sizes, sizes, np.zeros(2, bool), zero_keys,
-                                  zero_keys, 1, 4, 0, 0.6, 0.4)
+        _C.sampler_global_batches(
+            np.array([1.0, 0.0]),
+            carry,
+            consumed,
+            sizes,
+            sizes,
+            np.zeros(2, bool),
+            zero_keys,
+            zero_keys,
+            1,
+            4,
+            0,
+            0.6,
+            0.4,
+        )
     assert not carry.any() and not consumed.any()
 
 
@@ -475,8 +505,13 @@ def drive_both(pair, steps, rng):
 
 def test_kernels_are_bit_identical_to_oracle():
     sizes = [37, 50, 0, 23, 1000, 1, 0, 300, 2]
-    kw = dict(gbs=48, mbs=4, sequence_length=4, token_limits=[None, 80, None, None, 400, None, 8, 4, None],
-              held_out_sizes=[9, 70])
+    kw = dict(
+        gbs=48,
+        mbs=4,
+        sequence_length=4,
+        token_limits=[None, 80, None, None, 400, None, 8, 4, None],
+        held_out_sizes=[9, 70],
+    )
     ext, ref = make_pair(sizes, **kw)
     assert ext._ext is _C and ref._ext is oracle
     rng = np.random.default_rng(11)
@@ -564,8 +599,10 @@ def test_the_extension_is_required_and_MEGATRON_DGA_OPS_does_not_apply(monkeypat
     monkeypatch.setattr(_backend, "_ext", None)
     monkeypatch.setattr(_backend, "_ext_tried", True)
     monkeypatch.setattr(_backend, "_ext_error", "ImportError: not built (test)")
-    with pytest.raises(ConfigError, match="megatron_dga._C, which does not import \\(ImportError: not built \\(test\\)\\).*"
-                                          "scripts/setup_env.sh"):
+    with pytest.raises(
+        ConfigError,
+        match="megatron_dga._C, which does not import \\(ImportError: not built \\(test\\)\\).*scripts/setup_env.sh",
+    ):
         make([30, 40])
     # An extension built before the sampler kernels existed.
     monkeypatch.setattr(_backend, "_ext", types.SimpleNamespace())
@@ -610,7 +647,6 @@ def test_lookahead_gives_the_same_batches_and_state_as_computing_on_demand(empty
     # Most batches came from the look-ahead: it is used, not silently bypassed.
     assert ahead.lookahead_hits >= 30 and plain.lookahead_hits == 0
     np.testing.assert_array_equal(ahead.consumption()["samples"], plain.consumption()["samples"])
-
 
 
 def test_no_lookahead_below_its_domain_count():

@@ -12,9 +12,6 @@ from megatron_dga.errors import ConfigError, DataError
 from megatron_dga.cli import train_tokenizer
 
 
-
-
-
 # --------------------------------------------------------------------------- GPT-2 BPE
 MERGES = [("l", "l"), ("h", "e"), ("he", "ll"), ("\u0120", "h"), ("hell", "o"), ("o", "\u0120")]
 
@@ -53,7 +50,13 @@ def test_gpt2_bpe_hand_computed_ids(gpt2_files):
     # "lll": merges are applied left to right, non-overlapping.
     assert tok.tokenize("lll") == [vocab["ll"], vocab["l"]]
     # "hi there": pre-tokens "hi", " there"; only "he" merges.
-    assert tok.tokenize("hi there") == [vocab[c] for c in "hi"] + [vocab[G], vocab["t"], vocab["he"], vocab["r"], vocab["e"]]
+    assert tok.tokenize("hi there") == [vocab[c] for c in "hi"] + [
+        vocab[G],
+        vocab["t"],
+        vocab["he"],
+        vocab["r"],
+        vocab["e"],
+    ]
     assert tok.eod == vocab["<|endoftext|>"]
     assert tok.vocab_size == len(vocab)
     assert tok.pad == -1  # GPT-2 has no pad token: megatron-core's sentinel
@@ -98,7 +101,10 @@ def test_gpt2_files_that_do_not_fit_fail_at_load_naming_the_file(tmp_path, gpt2_
         path.write_bytes(data) if data is not None else path.write_text(text, encoding="utf-8")
         return str(path)
 
-    neg, dup = write("neg.json", json.dumps({**vocab, "zz": -3})), write("dup.json", json.dumps({**vocab, "zz": vocab["he"]}))
+    neg, dup = (
+        write("neg.json", json.dumps({**vocab, "zz": -3})),
+        write("dup.json", json.dumps({**vocab, "zz": vocab["he"]})),
+    )
     listed = write("list.json", "[1, 2]")
     binary = write("bin.txt", data=b"#version: 0.2\n\xff\xfe l\n")
     foreign = write("foreign.txt", "#version: 0.2\nl l\nx q\n")

@@ -1,5 +1,6 @@
 """examples/experiments.py, the multi-seed method comparison: data preparation from jsonl domains,
 resumable runs, and the table's statistics recomputed here from the runs' metrics.jsonl."""
+
 import csv
 import io
 import json
@@ -23,8 +24,10 @@ VOCAB = {
     "law": "court plaintiff defendant statute section appeal judgment counsel hereby pursuant".split(),
     "food": "salt pepper onion garlic butter simmer roast bake flour sugar egg".split(),
 }
-TINY = ("--num-layers 1 --hidden-size 32 --num-attention-heads 2 --seq-length 32 --micro-batch-size 4 "
-        "--global-batch-size 4 --log-interval 2 --ckpt-format torch")
+TINY = (
+    "--num-layers 1 --hidden-size 32 --num-attention-heads 2 --seq-length 32 --micro-batch-size 4 "
+    "--global-batch-size 4 --log-interval 2 --ckpt-format torch"
+)
 
 
 def _write_corpus(root):
@@ -36,21 +39,53 @@ def _write_corpus(root):
 
     (root / "corpus").mkdir()
     for name, words in VOCAB.items():
-        (root / "corpus" / f"{name}.jsonl").write_text("".join(json.dumps({"text": doc(words)}) + "\n" for _ in range(80)))
+        (root / "corpus" / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"text": doc(words)}) + "\n" for _ in range(80))
+        )
     mix = VOCAB["law"] + VOCAB["code"][:4]
     for name, n in (("target_train", 40), ("target_eval", 30)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": doc(mix)}) + "\n" for _ in range(n)))
 
 
 def _runner(root, methods, seeds, extra=TINY):
-    cmd = [sys.executable, os.path.join(ROOT, "examples", "experiments.py"), "unlimited",
-           "--corpus-dir", str(root / "corpus"), "--target-train", str(root / "target_train.jsonl"),
-           "--target-eval", str(root / "target_eval.jsonl"), "--seeds", *map(str, seeds), "--methods", methods,
-           "--train-iters", "6", "--eval-interval", "2", "--eval-iters", "1", "--save-interval", "100",
-           "--vocab-size", "300", "--threads", "1", "--out", str(root / "out"), "--dga-interval", "2",
-           "--extra-args", extra, "--dga-args", "--dga-domain-batch-size 2 --dga-specific-batch-size 2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "examples", "experiments.py"),
+        "unlimited",
+        "--corpus-dir",
+        str(root / "corpus"),
+        "--target-train",
+        str(root / "target_train.jsonl"),
+        "--target-eval",
+        str(root / "target_eval.jsonl"),
+        "--seeds",
+        *map(str, seeds),
+        "--methods",
+        methods,
+        "--train-iters",
+        "6",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "1",
+        "--save-interval",
+        "100",
+        "--vocab-size",
+        "300",
+        "--threads",
+        "1",
+        "--out",
+        str(root / "out"),
+        "--dga-interval",
+        "2",
+        "--extra-args",
+        extra,
+        "--dga-args",
+        "--dga-domain-batch-size 2 --dga-specific-batch-size 2",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -60,8 +95,13 @@ def _expected(run_dir):
     evals = [(m["iteration"], m["specific_eval_loss"]) for m in metrics if m.get("specific_eval_loss") is not None]
     best = min(v for _, v in evals)
     last = [m for m in metrics if m.get("specific_eval_loss") is not None][-1]["domain_eval_loss"]
-    return {"final": evals[-1][1], "best": best, "best_iter": next(i for i, v in evals if v == best),
-            "generic": sum(last) / len(last), "iterations": [m["iteration"] for m in metrics]}
+    return {
+        "final": evals[-1][1],
+        "best": best,
+        "best_iter": next(i for i, v in evals if v == best),
+        "generic": sum(last) / len(last),
+        "iterations": [m["iteration"] for m in metrics],
+    }
 
 
 def test_runner_end_to_end_resumes_skips_and_reports_seed_statistics(tmp_path):
@@ -93,8 +133,9 @@ def test_runner_end_to_end_resumes_skips_and_reports_seed_statistics(tmp_path):
             assert float(row[f"{key}_min"]) == pytest.approx(min(values), rel=1e-5)
             assert float(row[f"{key}_max"]) == pytest.approx(max(values), rel=1e-5)
         assert row["best_iters"] == " ".join(str(runs[(method, s)]["best_iter"]) for s in (1, 2))
-        assert float(row["generic_mean"]) == pytest.approx(sum(runs[(method, s)]["generic"] for s in (1, 2)) / 2,
-                                                           rel=1e-5)
+        assert float(row["generic_mean"]) == pytest.approx(
+            sum(runs[(method, s)]["generic"] for s in (1, 2)) / 2, rel=1e-5
+        )
     # Paired differences against uniform, seed by seed, and the verdict by the documented rule.
     diffs = [runs[("dga_ema", s)]["final"] - runs[("uniform", s)]["final"] for s in (1, 2)]
     base = [runs[("uniform", s)]["final"] for s in (1, 2)]
@@ -105,8 +146,13 @@ def test_runner_end_to_end_resumes_skips_and_reports_seed_statistics(tmp_path):
     assert float(row["vs_uniform_max"]) == pytest.approx(max(diffs), rel=1e-4, abs=1e-7)
     assert float(row["vs_uniform_noise"]) == pytest.approx(noise, rel=1e-4)
     mean = sum(diffs) / 2
-    verdict = ("beats" if all(d < 0 for d in diffs) and mean < -noise else
-               "worse" if all(d > 0 for d in diffs) and mean > noise else "within noise")
+    verdict = (
+        "beats"
+        if all(d < 0 for d in diffs) and mean < -noise
+        else "worse"
+        if all(d > 0 for d in diffs) and mean > noise
+        else "within noise"
+    )
     assert row["vs_uniform_verdict"] == verdict
     assert float(row["overhead_cost_model"]) == pytest.approx((3 * 2 + 2) / (2 * 4))  # (k b_dom + b_spe) / (T_r B)
     assert rows["uniform"]["overhead_cost_model"] == ""
@@ -138,8 +184,9 @@ def test_verdict_rules_paired_t_and_the_earlier_spread_rule():
     # better on every seed by less than the baseline's spread: within noise by spread, beats by the pairing
     p = er.Pair("m", "b", {1: -0.2, 2: -0.15, 3: -0.3}, noise=0.25)
     assert (p.spread_verdict, p.verdict, p.lower) == ("within noise", "beats", 3)
-    assert p.interval == pytest.approx((-0.21667 - 4.30265 * 0.076376 / 3 ** 0.5, -0.21667 + 4.30265 * 0.076376 / 3 ** 0.5),
-                                       abs=1e-4)
+    assert p.interval == pytest.approx(
+        (-0.21667 - 4.30265 * 0.076376 / 3**0.5, -0.21667 + 4.30265 * 0.076376 / 3**0.5), abs=1e-4
+    )
     assert er.Pair("m", "b", {1: -0.2, 2: -0.15, 3: -0.3}, noise=0.1).spread_verdict == "beats"
     mixed = er.Pair("m", "b", {1: -0.2, 2: 0.01, 3: -0.3}, noise=0.0)  # one seed loses; the spread of d is wide
     assert (mixed.spread_verdict, mixed.verdict, mixed.lower) == ("within noise", "within noise", 2)
@@ -153,9 +200,11 @@ def test_verdict_rules_paired_t_and_the_earlier_spread_rule():
 
 
 def test_t_quantiles_match_the_t_distribution():
-    assert er.t_quantile_975(1) == pytest.approx(12.706, abs=5e-4) and er.t_quantile_975(2) == pytest.approx(4.303, abs=5e-4)
+    assert er.t_quantile_975(1) == pytest.approx(12.706, abs=5e-4) and er.t_quantile_975(2) == pytest.approx(
+        4.303, abs=5e-4
+    )
     stats = pytest.importorskip("scipy.stats")
-    for df in [*range(1, 41), 45, 60, 100, 120, 1000, 10 ** 6]:
+    for df in [*range(1, 41), 45, 60, 100, 120, 1000, 10**6]:
         assert er.t_quantile_975(df) == pytest.approx(float(stats.t.ppf(0.975, df)), abs=1e-6), df
     with pytest.raises(ValueError, match="df=0"):
         er.t_quantile_975(0)
@@ -168,11 +217,22 @@ def _fake_run(root, method, seed, evals, mixing="uniform"):
     os.makedirs(job.run_dir)
     with open(os.path.join(job.run_dir, "metrics.jsonl"), "w") as fh:
         for i, loss in enumerate(evals, start=1):
-            fh.write(json.dumps({"iteration": 10 * i, "ms_per_iter": 5.0, "specific_eval_loss": loss,
-                                 "domain_eval_loss": [loss + 0.5, loss + 0.7]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "iteration": 10 * i,
+                        "ms_per_iter": 5.0,
+                        "specific_eval_loss": loss,
+                        "domain_eval_loss": [loss + 0.5, loss + 0.7],
+                    }
+                )
+                + "\n"
+            )
     # a run_info.json from before the mixing section's field was named strategy: it still reads
-    config = {"mixing": {"mixing": mixing, "dga_domain_batch_size": 2, "dga_specific_batch_size": 2,
-                         "dga_interval": 10}, "schedule": {"global_batch_size": 4}}
+    config = {
+        "mixing": {"mixing": mixing, "dga_domain_batch_size": 2, "dga_specific_batch_size": 2, "dga_interval": 10},
+        "schedule": {"global_batch_size": 4},
+    }
     with open(os.path.join(job.run_dir, "run_info.json"), "w") as fh:
         json.dump({"config": config, "domains": ["a", "b"]}, fh)
     with open(os.path.join(job.run_dir, ex.JOB_FILE), "w") as fh:
@@ -212,8 +272,13 @@ def test_paired_statistics_from_run_files_match_a_float64_oracle(tmp_path):
             half = T_975_EXACT[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d))
             out["ci"] = (d.mean() - half, d.mean() + half)
             out["verdict"] = "beats" if d.mean() + half < 0 else "worse" if d.mean() - half > 0 else "within noise"
-            out["spread"] = ("beats" if (d < 0).all() and d.mean() < -out["noise"] else
-                             "worse" if (d > 0).all() and d.mean() > out["noise"] else "within noise")
+            out["spread"] = (
+                "beats"
+                if (d < 0).all() and d.mean() < -out["noise"]
+                else "worse"
+                if (d > 0).all() and d.mean() > out["noise"]
+                else "within noise"
+            )
         else:
             out["ci"], out["verdict"], out["spread"] = None, "one seed: no verdict", "one seed: no verdict"
         return out
@@ -235,11 +300,14 @@ def test_paired_statistics_from_run_files_match_a_float64_oracle(tmp_path):
                 ci_text = "-"
             else:
                 assert p.interval == pytest.approx(o["ci"], abs=1e-6)  # the t table holds 6 decimals
-                assert (float(row[f"vs_{base}_ci_low"]), float(row[f"vs_{base}_ci_high"])) == pytest.approx(o["ci"],
-                                                                                                        abs=1e-5)
+                assert (float(row[f"vs_{base}_ci_low"]), float(row[f"vs_{base}_ci_high"])) == pytest.approx(
+                    o["ci"], abs=1e-5
+                )
                 ci_text = f"[{o['ci'][0]:+.4f}, {o['ci'][1]:+.4f}]"
-            assert (f"| {method} | {base} | {o['d'].mean():+.4f} | {ci_text} | {o['lower']}/{len(o['d'])} "
-                    f"| **{o['verdict']}** |") in md
+            assert (
+                f"| {method} | {base} | {o['d'].mean():+.4f} | {ci_text} | {o['lower']}/{len(o['d'])} "
+                f"| **{o['verdict']}** |"
+            ) in md
             assert md.count(f"| {o['noise']:.4f} | {o['spread']} |") >= 1
             checked += 1
     assert checked == 7
@@ -253,30 +321,44 @@ def test_paired_statistics_from_run_files_match_a_float64_oracle(tmp_path):
 
 
 def test_sweep_makes_one_variant_per_combination_of_dga_methods_only():
-    methods = {"uniform": ["--mixing", "uniform"],
-               "dga_ema": ["--mixing", "dga", "--dga-eta", "10", "--dga-ema", "0.1"]}
+    methods = {
+        "uniform": ["--mixing", "uniform"],
+        "dga_ema": ["--mixing", "dga", "--dga-eta", "10", "--dga-ema", "0.1"],
+    }
     out = experiments.sweep_variants(methods, experiments.parse_sweep(["dga_eta=3,30", "--dga-ema=0.1,1.0"]))
-    assert list(out) == ["uniform", "dga_ema+eta=3+ema=0.1", "dga_ema+eta=3+ema=1.0", "dga_ema+eta=30+ema=0.1",
-                         "dga_ema+eta=30+ema=1.0"]
+    assert list(out) == [
+        "uniform",
+        "dga_ema+eta=3+ema=0.1",
+        "dga_ema+eta=3+ema=1.0",
+        "dga_ema+eta=30+ema=0.1",
+        "dga_ema+eta=30+ema=1.0",
+    ]
     # The swept flag replaces the method's own value: one --dga-eta, the variant's.
     assert out["dga_ema+eta=30+ema=1.0"] == ["--mixing", "dga", "--dga-eta", "30", "--dga-ema", "1.0"]
     with pytest.raises(ConfigError, match="only DGA flags"):
         experiments.parse_sweep(["lr=1e-3,2e-3"])
     with pytest.raises(ConfigError, match="FLAG=V1,V2"):
         experiments.parse_sweep(["dga-eta"])
-    assert experiments.with_flags(["--lr", "1", "--data-path", "a", "b"], experiments.parse_flags("--data-path c", "x")) \
-        == ["--lr", "1", "--data-path", "c"]
+    assert experiments.with_flags(
+        ["--lr", "1", "--data-path", "a", "b"], experiments.parse_flags("--data-path c", "x")
+    ) == ["--lr", "1", "--data-path", "c"]
 
 
 def test_a_run_directory_of_another_job_is_refused(tmp_path):
     job = ex.Job("uniform", 1, ["--train-iters", "6", "--mixing", "uniform"], str(tmp_path / "run"))
     os.makedirs(job.run_dir)
-    state = {"format": ex.JOB_FORMAT, "argv": ex.job_argv(job, 3) + ["--exit-interval", "2"], "finished": False,
-             "attempts": []}
+    state = {
+        "format": ex.JOB_FORMAT,
+        "argv": ex.job_argv(job, 3) + ["--exit-interval", "2"],
+        "finished": False,
+        "attempts": [],
+    }
     (tmp_path / "run" / ex.JOB_FILE).write_text(json.dumps(state))
     assert ex.job_status(job, 3) == "interrupted"  # a stop flag does not change the job
     other = ex.Job("uniform", 1, ["--train-iters", "8", "--mixing", "uniform"], job.run_dir)
-    with pytest.raises(ConfigError, match=r"other arguments.*--train-iters: '6 --mixing uniform'... vs '8 --mixing uniform'"):
+    with pytest.raises(
+        ConfigError, match=r"other arguments.*--train-iters: '6 --mixing uniform'... vs '8 --mixing uniform'"
+    ):
         ex.job_status(other, 3)
 
 
@@ -285,13 +367,29 @@ def test_train_tokenizer_samples_lines_reproducibly_with_progress(tmp_path):
     words = VOCAB["code"] + VOCAB["food"]
     with open(tmp_path / "a.jsonl", "w") as fh:
         for _ in range(200):
-            fh.write(json.dumps({"text": "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(5))}) + "\n")
-    tool = [sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", str(tmp_path / "a.jsonl"),
-            "--vocab-size", "300", "--input-sentence-size", "300", "--num-threads", "2"]
+            fh.write(
+                json.dumps({"text": "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(5))}) + "\n"
+            )
+    tool = [
+        sys.executable,
+        os.path.join(ROOT, "tools", "train_tokenizer.py"),
+        "--input",
+        str(tmp_path / "a.jsonl"),
+        "--vocab-size",
+        "300",
+        "--input-sentence-size",
+        "300",
+        "--num-threads",
+        "2",
+    ]
     models = []
     for name, seed in (("r1", 1), ("r2", 1), ("r3", 2)):
-        proc = subprocess.run([*tool, "--model-prefix", str(tmp_path / name / "spm"), "--seed", str(seed)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [*tool, "--model-prefix", str(tmp_path / name / "spm"), "--seed", str(seed)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         models.append((tmp_path / name / "spm.model").read_bytes())
     assert "read 200 documents, 1,000 lines" in proc.stderr and "training on 300 sampled lines" in proc.stderr
@@ -315,8 +413,19 @@ def test_transfer_method_trains_static_on_the_source_runs_time_averaged_mixture(
 
     from megatron_dga.data.domains import parse_data_path
 
-    args = experiments.parse_args(["unlimited", "--methods", "dga_ema->static,uniform,dga_ema", "--seeds", "1",
-                                   "--train-iters", "6", "--out", str(tmp_path / "out")])
+    args = experiments.parse_args(
+        [
+            "unlimited",
+            "--methods",
+            "dga_ema->static,uniform,dga_ema",
+            "--seeds",
+            "1",
+            "--train-iters",
+            "6",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert experiments.chosen_methods(args) == ["uniform", "dga_ema", "dga_ema->static"]
     prefixes = tuple(str(tmp_path / f"{n}_text_document") for n in ("a", "b", "c"))
     data = ex.ExperimentData("test", ("a", "b", "c"), prefixes, "spec", "spec_eval", ("--tokenizer-type", "X"))
@@ -332,13 +441,16 @@ def test_transfer_method_trains_static_on_the_source_runs_time_averaged_mixture(
     with open(src / "metrics.jsonl", "w") as fh:
         for i, w in enumerate(logged, start=1):
             fh.write(json.dumps({"iteration": 2 * i, "consumed_samples": 8 * i, "domain_weights": w.tolist()}) + "\n")
-    config = {"mixing": {"strategy": "dga", "dga_interval": 2, "dga_init": "uniform"}, "schedule": {"log_interval": 2},
-              "data": {"data_path": list(prefixes)}}
+    config = {
+        "mixing": {"strategy": "dga", "dga_interval": 2, "dga_init": "uniform"},
+        "schedule": {"log_interval": 2},
+        "data": {"data_path": list(prefixes)},
+    }
     (src / "run_info.json").write_text(json.dumps({"domains": ["a", "b", "c"], "config": config}))
     source = ex.RunResult("dga_ema", 1, str(src), 1.0)
     resolved = ex.with_transferred_mixture(static, source)
     at = resolved.argv.index("--data-path")
-    tokens = resolved.argv[at + 1: at + 7]
+    tokens = resolved.argv[at + 1 : at + 7]
     assert tokens[1::2] == list(prefixes) and resolved.argv[at + 7].startswith("--")
     weights = np.array([float(t) for t in tokens[0::2]])
     oracle = (np.full(3, 1 / 3) * 16 + logged[0] * 16 + logged[1] * 16) / 48
@@ -352,8 +464,10 @@ def test_transfer_method_trains_static_on_the_source_runs_time_averaged_mixture(
     with pytest.raises(ConfigError, match="fine-grained|token-limited and unlimited"):
         experiments.chosen_methods(experiments.parse_args(["fine-grained", "--methods", "uniform,uniform->static"]))
     # In the tables like any other method, paired with uniform seed by seed.
-    results = [_fake_run(tmp_path / "res", "uniform", 1, [5.0, 4.0]),
-               _fake_run(tmp_path / "res", "dga_ema->static", 1, [5.0, 3.5], mixing="static")]
+    results = [
+        _fake_run(tmp_path / "res", "uniform", 1, [5.0, 4.0]),
+        _fake_run(tmp_path / "res", "dga_ema->static", 1, [5.0, 3.5], mixing="static"),
+    ]
     summary = er.Summary.of(results, ["uniform", "dga_ema->static"])
     assert summary.pair("dga_ema->static", "uniform").diffs == {1: pytest.approx(-0.5)}
     assert "| dga_ema->static | 1 |" in er.markdown(summary)
@@ -364,8 +478,14 @@ def test_the_online_mixers_are_runner_methods_the_trainer_accepts():
 
     args = experiments.parse_args(["unlimited", "--methods", "uniform,odm,pike,pike->static"])
     assert experiments.chosen_methods(args) == ["uniform", "odm", "pike", "pike->static"]
-    data = ex.ExperimentData("test", ("a", "b"), ("/d/a_text_document", "/d/b_text_document"), "/d/t_text_document",
-                             "/d/te_text_document", ("--tokenizer-type", "NullTokenizer", "--vocab-size", "127"))
+    data = ex.ExperimentData(
+        "test",
+        ("a", "b"),
+        ("/d/a_text_document", "/d/b_text_document"),
+        "/d/t_text_document",
+        "/d/te_text_document",
+        ("--tokenizer-type", "NullTokenizer", "--vocab-size", "127"),
+    )
     methods = experiments.domain_methods(data, experiments.PRESETS["cpu"], args)
     for name, mixing in (("odm", "odm"), ("pike", "pike")):
         cfg = trainer_args(methods[name])  # every flag known, every check passed

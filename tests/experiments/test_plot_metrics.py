@@ -1,4 +1,5 @@
 """tools/plot_metrics.py reads metrics.jsonl and TensorBoard logs alike and writes the PNGs."""
+
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 from megatron_dga.training.metrics import MetricsLogger, read_metrics, read_tensorboard
 
 from tests.helpers import REPO as ROOT
+
 NAMES = ["web", "code", "law"]
 
 
@@ -20,9 +22,15 @@ def run_dirs(tmp_path):
     with MetricsLogger(log_dir, tb_dir, log_interval=1, domain_names=NAMES, stream=open(os.devnull, "w")) as logger:
         for it in range(1, 6):
             w = rng.dirichlet(np.ones(3))
-            logger.log(it, {"lm_loss": 5.0 - 0.1 * it, "domain_weights": w.tolist(),
-                            "alignments": rng.normal(size=3).tolist(),
-                            "specific_eval_loss": 6.0 - 0.2 * it if it % 2 == 0 else None})
+            logger.log(
+                it,
+                {
+                    "lm_loss": 5.0 - 0.1 * it,
+                    "domain_weights": w.tolist(),
+                    "alignments": rng.normal(size=3).tolist(),
+                    "specific_eval_loss": 6.0 - 0.2 * it if it % 2 == 0 else None,
+                },
+            )
     (log_dir / "run_info.json").write_text(json.dumps({"domains": NAMES}))
     return log_dir, tb_dir
 
@@ -42,8 +50,12 @@ def test_plot_tool_writes_pngs_from_both_sources(run_dirs, tmp_path):
     log_dir, tb_dir = run_dirs
     for src in (log_dir, tb_dir):
         out = tmp_path / f"plots_{src.name}"
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_metrics.py"), str(src), "--out", str(out)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "tools", "plot_metrics.py"), str(src), "--out", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         written = proc.stdout.split()
         assert {os.path.basename(p) for p in written} >= {f"{src.name}_weights.png", "train_loss.png"}
@@ -51,8 +63,12 @@ def test_plot_tool_writes_pngs_from_both_sources(run_dirs, tmp_path):
 
 
 def test_plot_tool_names_a_missing_run(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_metrics.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "plot_metrics.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no metrics.jsonl and no TensorBoard events" in proc.stderr
 
 

@@ -1,4 +1,5 @@
 """Planted-topic corpora for the clustering and importance-weight tests."""
+
 from __future__ import annotations
 
 import json

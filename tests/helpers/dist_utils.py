@@ -12,6 +12,7 @@ The ranks never see a GPU (CUDA_VISIBLE_DEVICES is empty in their environment be
 torch starts in them): these are the CPU-semantics tests, gloo and the local layer spec,
 on a GPU node as on CI. GPU tests run in the test process itself (``tests/gpu``).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,7 @@ def _worker(rank, world_size, port, fn, args, queue):
     )
     try:
         queue.put((rank, True, fn(rank, world_size, *args)))
-    except BaseException:  # noqa: BLE001 - forwarded to the parent verbatim
+    except BaseException:
         queue.put((rank, False, traceback.format_exc()))
 
 
@@ -75,10 +76,12 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
     for _ in range(world_size):
         try:  # never wait forever: a rank that died before reporting (or hangs) fails the test
             rank, ok, value = queue.get(timeout=REPORT_TIMEOUT)
-        except Exception:  # noqa: BLE001 - queue.Empty
+        except Exception:
             missing = sorted(set(range(world_size)) - set(results))
-            errors.append(f"ranks {missing} reported nothing within {REPORT_TIMEOUT:.0f} s (died or hung); exit codes "
-                          f"{[p.exitcode for p in procs]}")
+            errors.append(
+                f"ranks {missing} reported nothing within {REPORT_TIMEOUT:.0f} s (died or hung); exit codes "
+                f"{[p.exitcode for p in procs]}"
+            )
             break
         if ok:
             results[rank] = value
@@ -137,5 +140,10 @@ def run_trainers(runs: dict, world_size: int = 1) -> dict:
     trainable parameters after train()]}}``.
     """
     ranks = run_distributed(_train_rank, world_size=world_size, args=(dict(runs),))
-    return {name: {"metrics": next(r[name]["metrics"] for r in ranks if r[name]["metrics"] is not None),
-                   "params": [r[name]["params"] for r in ranks]} for name in runs}
+    return {
+        name: {
+            "metrics": next(r[name]["metrics"] for r in ranks if r[name]["metrics"] is not None),
+            "params": [r[name]["params"] for r in ranks],
+        }
+        for name in runs
+    }

@@ -5,6 +5,7 @@ probe batches; ``Float64GPT`` rebuilds the model from them and takes exact float
 of the mean token loss, against which the runs' fp32 dot products (DGA's alignments, PiKE's
 gradient statistics) are compared.
 """
+
 from __future__ import annotations
 
 import dataclasses

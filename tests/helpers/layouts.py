@@ -4,6 +4,7 @@ A layout test builds the single-process reference first, keeps its initial param
 (``named``) and loads them into every rank of the parallel run (``load_initial``), so both start
 from the same model whatever the layout's own initialisation would have drawn.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,7 @@ def named(trainer) -> dict:
     """This rank's parameters by global name, as float32 numpy copies (bf16 parameters included)."""
     from megatron_dga.model import global_parameter_names
 
-    return {name: p.detach().float().cpu().numpy().copy()
-            for name, p in global_parameter_names(trainer.chunks).items()}
+    return {name: p.detach().float().cpu().numpy().copy() for name, p in global_parameter_names(trainer.chunks).items()}
 
 
 def shared_copy(trainer):

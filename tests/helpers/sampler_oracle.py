@@ -16,6 +16,7 @@ Why bit-identity is reachable (see also the comment at the top of sampler_cpu.cp
 * order: the stable argsort of the keys ``(r + u)/n + t`` over the ``T`` batches equals
   the kernel's per-batch bucket sort with ties kept in position order.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,7 @@ import numpy as np
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
-_ROUND_CONSTANTS_32 = [np.uint32(c) for c in (0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1,
-                                              0x9E3779B1, 0x7FEB352D)]
+_ROUND_CONSTANTS_32 = [np.uint32(c) for c in (0x85EBCA6B, 0xC2B2AE35, 0x27D4EB2F, 0x165667B1, 0x9E3779B1, 0x7FEB352D)]
 _M32_1 = np.uint32(0x7FEB352D)
 _M32_2 = np.uint32(0x846CA68B)
 
@@ -180,8 +180,9 @@ def _mixed_order(nz, cnt, rank, bi, step, phi, sqrt2_frac) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-def sampler_global_batches(weights, carry, consumed, access, sizes, limited, train_keys, subset_keys,
-                           num, batch_size, step, phi, sqrt2_frac) -> np.ndarray:
+def sampler_global_batches(
+    weights, carry, consumed, access, sizes, limited, train_keys, subset_keys, num, batch_size, step, phi, sqrt2_frac
+) -> np.ndarray:
     """``_C.sampler_global_batches``: ``num`` global batches; ``carry`` and ``consumed`` updated in place.
 
     Per batch: ``d = carry + B w``, ``n = allocate_counts(d, B)``, ``carry = d - n``, then

@@ -3,6 +3,7 @@
 Resume with DGA (bit-identical weights and losses after --load) is covered by
 tests/training/test_trainer.py::test_resume_is_bit_identical_with_dp2.
 """
+
 import dataclasses
 import logging
 import os
@@ -15,15 +16,46 @@ from tests.helpers.dist_utils import run_distributed
 from tests.helpers.gradient_oracle import Float64GPT, gathered
 from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, write_domains
 
-MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-         "--make-vocab-size-divisible-by", "64"]
+MODEL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--make-vocab-size-divisible-by",
+    "64",
+]
 
 
 def _argv(shards, log_dir, extra=()):
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
-            *MODEL, "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "1000",
-            "--log-interval", "1000", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(log_dir),
-            "--mixing", "dga", *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        *NULL_TOKENIZER_ARGS,
+        *MODEL,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        "1000",
+        "--log-interval",
+        "1000",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(log_dir),
+        "--mixing",
+        "dga",
+        *extra,
+    ]
 
 
 def _trainer(argv):
@@ -67,9 +99,23 @@ def _layout_run(shards, log_dir, tp, rank, extra=()):
     from megatron_dga.errors import NumericalError
     from megatron_dga.mixing.base import check_identical_across_ranks
 
-    trainer = _trainer(_argv(shards, log_dir, ["--tensor-model-parallel-size", str(tp), "--dga-interval", "1",
-                                               "--dga-domain-batch-size", "4", "--dga-specific-batch-size", "4",
-                                               *extra]))
+    trainer = _trainer(
+        _argv(
+            shards,
+            log_dir,
+            [
+                "--tensor-model-parallel-size",
+                str(tp),
+                "--dga-interval",
+                "1",
+                "--dga-domain-batch-size",
+                "4",
+                "--dga-specific-batch-size",
+                "4",
+                *extra,
+            ],
+        )
+    )
     _train(trainer, 2, apply_weights=False)
     state = trainer.data.sampler.state_dict()
     results = {}
@@ -93,17 +139,20 @@ def _layout_run(shards, log_dir, tp, rank, extra=()):
     moments = trainer.optimizer.adam_second_moments(trainer.params)
     v = dict(zip(map(id, trainer.params), moments["exp_avg_sq"]))
     out = {
-        "alignments": results, "weights_bytes": new.tobytes(), "caught": caught,
+        "alignments": results,
+        "weights_bytes": new.tobytes(),
+        "caught": caught,
         "tp_duplicates": [n for n, p in named if not getattr(p, "tensor_model_parallel", False)],
         "params": {n: gathered(p, p, tp) for n, p in named},
         "exp_avg_sq": {n: gathered(p, v[id(p)], tp) for n, p in named},
-        "bias_correction2": moments["bias_correction2"], "eps": trainer.cfg.optimizer.adam_eps,
+        "bias_correction2": moments["bias_correction2"],
+        "eps": trainer.cfg.optimizer.adam_eps,
         "model": trainer.cfg.model,
     }
     # The full probe batches (all DP shares), from the same probe state.
     sampler = trainer.data.sampler
     sampler.load_state_dict(state)
-    fetch = lambda rows: {key: t.numpy() for key, t in trainer.data.fetch(rows).items()}  # noqa: E731
+    fetch = lambda rows: {key: t.numpy() for key, t in trainer.data.fetch(rows).items()}
     out["specific"] = fetch(sampler.probe_batch(trainer.data.specific_id, 4))
     out["domains"] = [fetch(sampler.probe_batch(i, 4)) for i in range(len(shards["domains"]))]
     return out
@@ -115,15 +164,24 @@ def _reference(run):
     names = gpt.names
     g_spe = gpt.grad(run["specific"])
     domain_grads = [gpt.grad(b) for b in run["domains"]]
-    adam = {n: 1.0 / (torch.from_numpy(run["exp_avg_sq"][n] / run["bias_correction2"]).sqrt() + run["eps"])
-            for n in names}
+    adam = {
+        n: 1.0 / (torch.from_numpy(run["exp_avg_sq"][n] / run["bias_correction2"]).sqrt() + run["eps"]) for n in names
+    }
 
     def dots(which, precond=None):
-        return np.array([sum(float((g[n] * g_spe[n] * (1.0 if precond is None else precond[n])).sum()) for n in which)
-                         for g in domain_grads])
+        return np.array(
+            [
+                sum(float((g[n] * g_spe[n] * (1.0 if precond is None else precond[n])).sum()) for n in which)
+                for g in domain_grads
+            ]
+        )
 
-    return {"exact": dots(names), "adam": dots(names, adam), "per_param": {n: dots([n]) for n in names},
-            "specific_grad_norm": float(np.sqrt(gpt.dot(g_spe, g_spe)))}
+    return {
+        "exact": dots(names),
+        "adam": dots(names, adam),
+        "per_param": {n: dots([n]) for n in names},
+        "specific_grad_norm": float(np.sqrt(gpt.dot(g_spe, g_spe))),
+    }
 
 
 def _alignment_layouts(rank, world_size, shards, tmp):
@@ -144,8 +202,13 @@ def _alignment_layouts(rank, world_size, shards, tmp):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_domains(str(tmp_path_factory.mktemp("dga_shards")), k=4, docs_per_domain=48, doc_len=64,
-                         specific_mixture=[0.5, 0.3, 0.2, 0.0])
+    return write_domains(
+        str(tmp_path_factory.mktemp("dga_shards")),
+        k=4,
+        docs_per_domain=48,
+        doc_len=64,
+        specific_mixture=[0.5, 0.3, 0.2, 0.0],
+    )
 
 
 @pytest.mark.slow
@@ -161,8 +224,9 @@ def test_distributed_alignments_equal_float64_reference(shards, tmp_path):
         for rank in ranks:
             got = rank[layout]["alignments"]
             np.testing.assert_allclose(got["exact"], ref["exact"], rtol=0, atol=tol * scale, err_msg=layout)
-            np.testing.assert_allclose(got["adam"], ref["adam"], rtol=0, atol=tol * np.abs(ref["adam"]).max(),
-                                       err_msg=layout)
+            np.testing.assert_allclose(
+                got["adam"], ref["adam"], rtol=0, atol=tol * np.abs(ref["adam"]).max(), err_msg=layout
+            )
             assert got["specific_grad_norm"] == pytest.approx(ref["specific_grad_norm"], rel=tol), layout
             if layout != "fp16":
                 np.testing.assert_allclose(got["fd"], ref["exact"], rtol=0, atol=1e-2 * scale, err_msg=layout)
@@ -183,8 +247,16 @@ def test_distributed_alignments_equal_float64_reference(shards, tmp_path):
 def _fd_and_nan(rank, world_size, shards, log_dir):
     from megatron_dga.mixing.fd import fd_alignments
 
-    extra = ["--dga-interval", "1000", "--dga-domain-batch-size", "8", "--dga-specific-batch-size", "8",
-             "--micro-batch-size", "4"]
+    extra = [
+        "--dga-interval",
+        "1000",
+        "--dga-domain-batch-size",
+        "8",
+        "--dga-specific-batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+    ]
     out = {"exact": [], "fd": [], "untouched": []}
     trainer = _trainer(_argv(shards, log_dir, extra))
     exact, fd = trainer.mixing, _strategy(trainer, dga_estimator="fd")
@@ -238,6 +310,7 @@ def _nan_probes(trainer, shards):
                 if target == "specific" or calls["n"] == 2:  # the second domain's gradient
                     trainer.view.grads()[3].view(-1)[0] = value
             return stats
+
         return backward
 
     def poisoned_forward(micro_batches):
@@ -263,12 +336,17 @@ def _nan_probes(trainer, shards):
         metrics = strategy.metrics()
         setattr(trainer.view, patch[0], real_backward if patch[0] == "backward" else real_forward)
         recovered = strategy.after_step(trainer.view)  # the next update, with clean probes, goes through
-        results.append({
-            "case": name, "returned": skipped, "weights_before": before, "weights_kept": kept,
-            "skipped_updates": metrics.get("dga_skipped_updates"),
-            "warnings": [r.getMessage() for r in records if r.levelno == logging.WARNING],
-            "recovered": recovered is not None and not np.array_equal(recovered, before),
-        })
+        results.append(
+            {
+                "case": name,
+                "returned": skipped,
+                "weights_before": before,
+                "weights_kept": kept,
+                "skipped_updates": metrics.get("dga_skipped_updates"),
+                "warnings": [r.getMessage() for r in records if r.levelno == logging.WARNING],
+                "recovered": recovered is not None and not np.array_equal(recovered, before),
+            }
+        )
     mirror_module.logger.removeHandler(handler)
     return results
 
@@ -276,8 +354,9 @@ def _nan_probes(trainer, shards):
 @pytest.fixture(scope="module")
 def fd_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fd")
-    shards6 = write_domains(str(tmp / "shards"), k=6, docs_per_domain=48, doc_len=64,
-                            specific_mixture=[0.5, 0.3, 0.2, 0.0, 0.0, 0.0])
+    shards6 = write_domains(
+        str(tmp / "shards"), k=6, docs_per_domain=48, doc_len=64, specific_mixture=[0.5, 0.3, 0.2, 0.0, 0.0, 0.0]
+    )
     return run_distributed(_fd_and_nan, world_size=1, args=(shards6, str(tmp / "run")))[0]
 
 
@@ -302,8 +381,13 @@ def test_fd_probes_leave_training_state_bit_identical(fd_run):
 
 def test_nonfinite_probe_skips_update_and_keeps_weights(fd_run):
     cases = fd_run["nan"]
-    assert [c["case"] for c in cases] == ["domain grad NaN", "domain grad Inf", "specific grad NaN",
-                                          "fd specific grad Inf", "fd loss NaN"]
+    assert [c["case"] for c in cases] == [
+        "domain grad NaN",
+        "domain grad Inf",
+        "specific grad NaN",
+        "fd specific grad Inf",
+        "fd loss NaN",
+    ]
     for c in cases:
         assert c["returned"] is None, c["case"]
         np.testing.assert_array_equal(c["weights_kept"], c["weights_before"])
@@ -316,8 +400,9 @@ def _probes_do_not_change_training(rank, world_size, shards, log_dir):
     """Losses of 4 steps with exact and fd probes between the steps (weights not applied) vs none."""
     losses = []
     for probe in (False, True):
-        trainer = _trainer(_argv(shards, os.path.join(log_dir, str(probe)),
-                                 ["--dga-interval", "1", "--hidden-dropout", "0.1"]))
+        trainer = _trainer(
+            _argv(shards, os.path.join(log_dir, str(probe)), ["--dga-interval", "1", "--hidden-dropout", "0.1"])
+        )
         fd = _strategy(trainer, dga_estimator="fd")
         run = []
         for _ in range(4):
@@ -347,14 +432,22 @@ def _planted_runs(rank, world_size, tmp, seeds, mixture, steps, extra, caps):
     """Per seed, per cap setting: the trajectory of DGA weights on planted domains."""
     out = []
     for seed in seeds:
-        shards = write_domains(os.path.join(tmp, f"s{seed}"), k=len(mixture), docs_per_domain=48, doc_len=64,
-                               seed=seed, specific_mixture=mixture, specific_docs=128)
+        shards = write_domains(
+            os.path.join(tmp, f"s{seed}"),
+            k=len(mixture),
+            docs_per_domain=48,
+            doc_len=64,
+            seed=seed,
+            specific_mixture=mixture,
+            specific_docs=128,
+        )
         runs = {}
         for cap in caps:
             # A per-domain cap on domain 0 only (0 = unlimited for the others).
             caps_args = ["--domain-token-limit", str(cap)] + ["0"] * (len(mixture) - 1) if cap else []
-            trainer = _trainer(_argv(shards, os.path.join(tmp, f"run{seed}_{cap}"),
-                                     ["--seed", str(seed), *extra, *caps_args]))
+            trainer = _trainer(
+                _argv(shards, os.path.join(tmp, f"run{seed}_{cap}"), ["--seed", str(seed), *extra, *caps_args])
+            )
             trajectory = []
             for _ in range(steps):
                 _train(trainer, 1)
@@ -376,16 +469,29 @@ def test_theorem1_weights_concentrate_on_planted_mixture(tmp_path):
     # the mass elsewhere 250x room (0.05 vs 0.0002), so it holds across BLAS/thread differences.
     # How the mass splits between 1 and 3 varies with the seed (0.57-0.93 on domain 1): the
     # specific set is 128 documents, and Theorem 1's fixed point is not reached in 30 updates.
-    extra = ["--dga-interval", "2", "--dga-domain-batch-size", "4", "--dga-specific-batch-size", "8",
-             "--dga-ema", "0.5", "--dga-eta", "3", "--micro-batch-size", "4"]
-    runs = run_distributed(_planted_runs, world_size=1,
-                           args=(str(tmp_path), (0, 1, 2), [0.0, 0.6, 0.0, 0.4], 60, extra, (None,)))[0]
+    extra = [
+        "--dga-interval",
+        "2",
+        "--dga-domain-batch-size",
+        "4",
+        "--dga-specific-batch-size",
+        "8",
+        "--dga-ema",
+        "0.5",
+        "--dga-eta",
+        "3",
+        "--micro-batch-size",
+        "4",
+    ]
+    runs = run_distributed(
+        _planted_runs, world_size=1, args=(str(tmp_path), (0, 1, 2), [0.0, 0.6, 0.0, 0.4], 60, extra, (None,))
+    )[0]
     for seed, run in enumerate(runs):
         w = run[None]
         mass = w[:, 1] + w[:, 3]
         assert mass[-1] >= 0.95, (seed, w[-1])
         assert min(w[-1, 1], w[-1, 3]) > max(w[-1, 0], w[-1, 2]), (seed, w[-1])
-        assert mass[len(mass) // 2:].mean() > mass[: len(mass) // 4].mean()  # moves there, does not start there
+        assert mass[len(mass) // 2 :].mean() > mass[: len(mass) // 4].mean()  # moves there, does not start there
 
 
 @pytest.mark.slow
@@ -397,10 +503,25 @@ def test_token_limited_domain_loses_weight(tmp_path):
     # the gap in the first third of the updates (0.08-0.27) grows to 0.34-0.53 afterwards. The
     # weight oscillates (memorised, down-weighted, partly forgotten, up again), so the test
     # compares means, not endpoints. Seeds 0 and 2 run here: the tightest margins of the three.
-    extra = ["--dga-interval", "3", "--dga-domain-batch-size", "16", "--dga-specific-batch-size", "64",
-             "--dga-ema", "0.3", "--dga-eta", "3", "--micro-batch-size", "8", "--lr-decay-style", "constant"]
-    runs = run_distributed(_planted_runs, world_size=1,
-                           args=(str(tmp_path), (0, 2), [0.7, 0.3, 0.0], 150, extra, (None, 64)))[0]
+    extra = [
+        "--dga-interval",
+        "3",
+        "--dga-domain-batch-size",
+        "16",
+        "--dga-specific-batch-size",
+        "64",
+        "--dga-ema",
+        "0.3",
+        "--dga-eta",
+        "3",
+        "--micro-batch-size",
+        "8",
+        "--lr-decay-style",
+        "constant",
+    ]
+    runs = run_distributed(
+        _planted_runs, world_size=1, args=(str(tmp_path), (0, 2), [0.7, 0.3, 0.0], 150, extra, (None, 64))
+    )[0]
     for seed, run in zip((0, 2), runs):
         free, capped = run[None][:, 0], run[64][:, 0]
         assert free.mean() > 0.5, seed  # uncapped, the most aligned domain takes most of the mass
@@ -421,8 +542,22 @@ def _pretrain(rank, world_size, argv):
 
 
 def test_fd_run_logs_weights_and_alignments(shards, tmp_path):
-    argv = _argv(shards, tmp_path / "log", ["--dga-estimator", "fd", "--dga-interval", "2", "--train-iters", "4",
-                                            "--log-interval", "1", "--tensorboard-dir", str(tmp_path / "tb")])
+    argv = _argv(
+        shards,
+        tmp_path / "log",
+        [
+            "--dga-estimator",
+            "fd",
+            "--dga-interval",
+            "2",
+            "--train-iters",
+            "4",
+            "--log-interval",
+            "1",
+            "--tensorboard-dir",
+            str(tmp_path / "tb"),
+        ],
+    )
     assert run_distributed(_pretrain, world_size=1, args=(argv,))[0] == 0
     from megatron_dga.training.metrics import read_metrics
 

@@ -1,5 +1,6 @@
 """tools/export_mixture.py: a DGA run's time-averaged mixture, exported and trained on with --mixing static,
 checked against a float64 recomputation from metrics.jsonl and bit for bit against the static run's log."""
+
 import json
 import os
 
@@ -17,9 +18,29 @@ from megatron_dga.cli import export_mixture
 
 
 def _args(shards, log_dir, iters, extra=()):
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
-            *TINY_GPT_ARGS, "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
-            "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(log_dir), *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(log_dir),
+        *extra,
+    ]
 
 
 def _source_then_static(rank, world_size, shards, tmp):
@@ -27,25 +48,78 @@ def _source_then_static(rank, world_size, shards, tmp):
     from megatron_dga.pretrain_gpt import main
 
     src = os.path.join(tmp, "dga")
-    assert main(_args(shards, src, 6, ["--mixing", "dga", "--dga-interval", "3", "--dga-eta", "30",
-                                       "--dga-ema", "1.0", "--dga-specific-batch-size", "8",
-                                       "--save", os.path.join(src, "ckpt"), "--save-interval", "4"])) == 0
+    assert (
+        main(
+            _args(
+                shards,
+                src,
+                6,
+                [
+                    "--mixing",
+                    "dga",
+                    "--dga-interval",
+                    "3",
+                    "--dga-eta",
+                    "30",
+                    "--dga-ema",
+                    "1.0",
+                    "--dga-specific-batch-size",
+                    "8",
+                    "--save",
+                    os.path.join(src, "ckpt"),
+                    "--save-interval",
+                    "4",
+                ],
+            )
+        )
+        == 0
+    )
     # The Hugging Face export of the iteration-4 checkpoint (one plain process, as the tool runs)
     import runpy
 
-    torchrun = {key: os.environ.pop(key) for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                      "LOCAL_RANK", "LOCAL_WORLD_SIZE") if key in os.environ}
+    torchrun = {
+        key: os.environ.pop(key)
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        if key in os.environ
+    }
     convert = runpy.run_path(os.path.join(ROOT, "tools", "convert_hf_checkpoint.py"))["main"]
-    assert convert(["to-hf", "--load", os.path.join(src, "ckpt"), "--ckpt-step", "4", "--output",
-                    os.path.join(tmp, "hf"), *TINY_GPT_ARGS]) == 0
+    assert (
+        convert(
+            [
+                "to-hf",
+                "--load",
+                os.path.join(src, "ckpt"),
+                "--ckpt-step",
+                "4",
+                "--output",
+                os.path.join(tmp, "hf"),
+                *TINY_GPT_ARGS,
+            ]
+        )
+        == 0
+    )
     os.environ.update(torchrun)
     for fmt in ("data-path", "weights"):
         assert export_mixture.main([src, "--format", fmt, "--output", os.path.join(tmp, f"mix.{fmt}")]) == 0
     # --data-args-path holds the --data-path value: the weighted prefixes (plain ones replaced)
-    assert main(_args(shards, os.path.join(tmp, "static"), 3, ["--mixing", "static"])[1 + len(shards["domains"]):]
-                + ["--data-args-path", os.path.join(tmp, "mix.data-path")]) == 0
-    assert main(_args(shards, os.path.join(tmp, "init"), 2, ["--mixing", "dga", "--dga-interval", "100",
-                                                              "--dga-init", os.path.join(tmp, "mix.weights")])) == 0
+    assert (
+        main(
+            _args(shards, os.path.join(tmp, "static"), 3, ["--mixing", "static"])[1 + len(shards["domains"]) :]
+            + ["--data-args-path", os.path.join(tmp, "mix.data-path")]
+        )
+        == 0
+    )
+    assert (
+        main(
+            _args(
+                shards,
+                os.path.join(tmp, "init"),
+                2,
+                ["--mixing", "dga", "--dga-interval", "100", "--dga-init", os.path.join(tmp, "mix.weights")],
+            )
+        )
+        == 0
+    )
     return True
 
 
@@ -83,8 +157,11 @@ def test_static_run_reproduces_the_exported_time_average_exactly(runs):
     assert np.abs(oracle - 1 / 3).max() > 1e-3 and np.abs(oracle - src[-1]["domain_weights"]).max() > 1e-4
     tokens = open(os.path.join(runs, "mix.data-path")).read().split()
     exported = [float(w) for w in tokens[0::2]]
-    assert [os.path.basename(p) for p in tokens[1::2]] == ["dom0_text_document", "dom1_text_document",
-                                                          "dom2_text_document"]
+    assert [os.path.basename(p) for p in tokens[1::2]] == [
+        "dom0_text_document",
+        "dom1_text_document",
+        "dom2_text_document",
+    ]
     np.testing.assert_allclose(exported, oracle, rtol=0, atol=1e-15)
     static = _read(os.path.join(runs, "static", "metrics.jsonl"))
     assert len(static) == 3

@@ -4,6 +4,7 @@ Each against an oracle written here (EXP3 in float64 numpy on losses recomputed 
 the same batches; PiKE's statistics from float64 gradients of the same probe halves), several ranks
 against one process, resumed and re-laid-out runs against an uninterrupted one, and their flags.
 """
+
 import math
 import os
 
@@ -17,9 +18,27 @@ from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 
 
 def _argv(shards, log_dir, iters, extra=()):
-    return ["--data-path", *shards["domains"], *NULL_TOKENIZER_ARGS, *TINY_GPT_ARGS, "--micro-batch-size", "2",
-            "--global-batch-size", "8", "--train-iters", str(iters), "--log-interval", "1", "--eval-interval", "0",
-            "--lr", "3e-3", "--log-dir", str(log_dir), *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(log_dir),
+        *extra,
+    ]
 
 
 def _trainer(argv):
@@ -35,14 +54,17 @@ def _trainer(argv):
 # ----------------------------------------------------------------------------- flags
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"strategy": "uniform", "odm_interval": 3}, "--odm-interval 3 given without --mixing odm"),
-    ({"strategy": "dga", "pike_penalty": 2.0}, "--pike-penalty 2.0 given without --mixing pike"),
-    ({"strategy": "odm", "dga_eta": 3.0}, "--dga-eta 3.0 given without --mixing dga"),
-    ({"strategy": "odm", "odm_reward_ema": 1.0}, "--odm-reward-ema must be in [0, 1)"),
-    ({"strategy": "pike", "pike_domain_batch_size": 1}, "--pike-domain-batch-size must be >= 2"),
-    ({"strategy": "pike", "pike_ema": 0.0}, "--pike-ema must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"strategy": "uniform", "odm_interval": 3}, "--odm-interval 3 given without --mixing odm"),
+        ({"strategy": "dga", "pike_penalty": 2.0}, "--pike-penalty 2.0 given without --mixing pike"),
+        ({"strategy": "odm", "dga_eta": 3.0}, "--dga-eta 3.0 given without --mixing dga"),
+        ({"strategy": "odm", "odm_reward_ema": 1.0}, "--odm-reward-ema must be in [0, 1)"),
+        ({"strategy": "pike", "pike_domain_batch_size": 1}, "--pike-domain-batch-size must be >= 2"),
+        ({"strategy": "pike", "pike_ema": 0.0}, "--pike-ema must be in (0, 1]"),
+    ],
+)
 def test_each_mixers_flags_act_with_it_only(fields, message):
     from megatron_dga.errors import ConfigError
     from megatron_dga.mixing.config import MixingConfig
@@ -73,9 +95,13 @@ def test_odm_refuses_a_state_that_is_not_its_own():
     odm.check_state(good, "checkpoint c", "fix it")
     odm.load_state_dict(good)
     assert odm.state_dict() == good
-    for bad, named in (({"rewards": [0.0, 1.0]}, "ODM rewards is"), ({"rewards": [0.0, float("nan"), 1.0]}, "ODM rewards holds"),
-                       ({"updates": -1}, "ODM updates is -1"), ({"pending": [[1.0, 2.0]]}, "ODM pending sums"),
-                       ({"weights": [0.5, 0.6, 0.0]}, "mixing weights sums to 1.1")):
+    for bad, named in (
+        ({"rewards": [0.0, 1.0]}, "ODM rewards is"),
+        ({"rewards": [0.0, float("nan"), 1.0]}, "ODM rewards holds"),
+        ({"updates": -1}, "ODM updates is -1"),
+        ({"pending": [[1.0, 2.0]]}, "ODM pending sums"),
+        ({"weights": [0.5, 0.6, 0.0]}, "mixing weights sums to 1.1"),
+    ):
         with pytest.raises(CheckpointError, match=rf"^checkpoint c: {named}.*fix it"):
             odm.check_state({**good, **bad}, "checkpoint c", "fix it")
 
@@ -131,13 +157,14 @@ def _odm_run(rank, world_size, argv, steps):
 
 def test_odm_weights_follow_exp3_on_the_steps_own_losses(shards, tmp_path):
     interval, steps, alpha = 2, 16, 0.5
-    argv = _argv(shards, tmp_path, steps, ["--mixing", "odm", "--odm-interval", str(interval),
-                                           "--odm-reward-ema", str(alpha)])
+    argv = _argv(
+        shards, tmp_path, steps, ["--mixing", "odm", "--odm-interval", str(interval), "--odm-reward-ema", str(alpha)]
+    )
     run = run_distributed(_odm_run, world_size=1, args=(argv, steps))[0]
     # The step's device sums are the host path's per-domain sums of the same batches.
     np.testing.assert_allclose(np.array(run["step_sums"]), np.array(run["recomputed"]), rtol=1e-6)
     assert all(s[1].sum() == 8 * 32 for s in run["step_sums"])  # every token of the global batch, once
-    windows = [sum(run["recomputed"][i:i + interval]) for i in range(0, steps, interval)]
+    windows = [sum(run["recomputed"][i : i + interval]) for i in range(0, steps, interval)]
     expected = _exp3_reference(windows, run["k"], alpha)
     np.testing.assert_allclose(np.array(run["weights"]), np.array(expected), rtol=1e-6, atol=0)
     # The bandit explores uniformly while K eps_t = 1 (t <= ln 3 * 3), then exploits: the test can fail.
@@ -155,9 +182,23 @@ PROBE = 6
 def _pike_layout(shards, log_dir, tp, rank):
     from megatron_dga.mixing.pike import gradient_statistics
 
-    trainer = _trainer(_argv(shards, log_dir, 100, ["--mixing", "pike", "--pike-interval", "1",
-                                                     "--pike-domain-batch-size", str(PROBE),
-                                                     "--tensor-model-parallel-size", str(tp)]))
+    trainer = _trainer(
+        _argv(
+            shards,
+            log_dir,
+            100,
+            [
+                "--mixing",
+                "pike",
+                "--pike-interval",
+                "1",
+                "--pike-domain-batch-size",
+                str(PROBE),
+                "--tensor-model-parallel-size",
+                str(tp),
+            ],
+        )
+    )
     for _ in range(2):
         trainer.train_step()
         trainer.iteration += 1
@@ -167,10 +208,15 @@ def _pike_layout(shards, log_dir, tp, rank):
     sampler.load_state_dict(state)
     new = trainer.mixing.after_step(trainer.view)  # one update from the same probes: identical everywhere
     named = list(trainer.model.named_parameters())
-    out = {"stats": stats, "weights_bytes": new.tobytes(), "model": trainer.cfg.model,
-           "params": {n: gathered(p, p, tp) for n, p in named}, "dp": trainer.ctx.dp_size}
+    out = {
+        "stats": stats,
+        "weights_bytes": new.tobytes(),
+        "model": trainer.cfg.model,
+        "params": {n: gathered(p, p, tp) for n, p in named},
+        "dp": trainer.ctx.dp_size,
+    }
     sampler.load_state_dict(state)
-    fetch = lambda rows: {key: t.numpy() for key, t in trainer.data.fetch(rows).items()}  # noqa: E731
+    fetch = lambda rows: {key: t.numpy() for key, t in trainer.data.fetch(rows).items()}
     out["domains"] = [fetch(sampler.probe_batch(i, PROBE)) for i in range(3)]
     return out
 
@@ -183,7 +229,7 @@ def _pike_reference(run):
         rows = np.arange(len(batch["tokens"]))
         g2 = tr = 0.0
         for share in np.array_split(rows, run["dp"]):  # data.sampler.rank_micro_batches
-            a, b = share[: len(share) // 2], share[len(share) // 2:]
+            a, b = share[: len(share) // 2], share[len(share) // 2 :]
             ga, gb = (gpt.grad({key: v[idx] for key, v in batch.items()}) for idx in (a, b))
             cross = gpt.dot(ga, gb)
             weight = len(share) / len(rows)
@@ -228,32 +274,45 @@ def test_pike_needs_two_probe_sequences_per_rank():
     from megatron_dga.mixing.base import DomainInfo, build_mixing
     from megatron_dga.mixing.config import MixingConfig
 
-    pike = build_mixing(MixingConfig(strategy="pike", pike_domain_batch_size=6), DomainInfo(["a", "b"], np.ones(2), np.ones(2)))
+    pike = build_mixing(
+        MixingConfig(strategy="pike", pike_domain_batch_size=6), DomainInfo(["a", "b"], np.ones(2), np.ones(2))
+    )
 
     class FourRanks:
         def data_parallel(self):
             return 0, 4
 
-    with pytest.raises(ConfigError, match="--pike-domain-batch-size 6 gives some of the 4 data-parallel ranks fewer "
-                                          "than 2 probe sequences to split in halves; use at least 8"):
+    with pytest.raises(
+        ConfigError,
+        match="--pike-domain-batch-size 6 gives some of the 4 data-parallel ranks fewer "
+        "than 2 probe sequences to split in halves; use at least 8",
+    ):
         pike.setup(FourRanks())
 
 
 # ----------------------------------------------------------------------------- resume, layout change
 
 
-@pytest.mark.parametrize("mixer", [["--mixing", "odm", "--odm-interval", "2"],
-                                   ["--mixing", "pike", "--pike-interval", "2", "--pike-domain-batch-size", "4"]],
-                         ids=["odm", "pike"])
+@pytest.mark.parametrize(
+    "mixer",
+    [
+        ["--mixing", "odm", "--odm-interval", "2"],
+        ["--mixing", "pike", "--pike-interval", "2", "--pike-domain-batch-size", "4"],
+    ],
+    ids=["odm", "pike"],
+)
 def test_resume_is_bit_identical_and_another_layout_continues_the_run(shards, tmp_path, mixer):
     ckpt = str(tmp_path / "ckpt")
-    runs = run_trainers({
-        "straight": _argv(shards, tmp_path / "a", 12, mixer),
-        # Saved at 5: mid-interval, ODM's loss sums of step 5 are pending in its state.
-        "first": _argv(shards, tmp_path / "b", 12, [*mixer, "--exit-interval", "5", "--save", ckpt]),
-        "resumed": _argv(shards, tmp_path / "b", 12, [*mixer, "--load", ckpt]),
-        "tp2": _argv(shards, tmp_path / "c", 12, [*mixer, "--load", ckpt, "--tensor-model-parallel-size", "2"]),
-    }, world_size=2)
+    runs = run_trainers(
+        {
+            "straight": _argv(shards, tmp_path / "a", 12, mixer),
+            # Saved at 5: mid-interval, ODM's loss sums of step 5 are pending in its state.
+            "first": _argv(shards, tmp_path / "b", 12, [*mixer, "--exit-interval", "5", "--save", ckpt]),
+            "resumed": _argv(shards, tmp_path / "b", 12, [*mixer, "--load", ckpt]),
+            "tp2": _argv(shards, tmp_path / "c", 12, [*mixer, "--load", ckpt, "--tensor-model-parallel-size", "2"]),
+        },
+        world_size=2,
+    )
     straight, resumed, tp2 = (runs[name]["metrics"] for name in ("straight", "resumed", "tp2"))
     assert [m["iteration"] for m in resumed] == list(range(1, 13))
     assert [m["lm_loss"] for m in resumed] == [m["lm_loss"] for m in straight]
@@ -264,8 +323,9 @@ def test_resume_is_bit_identical_and_another_layout_continues_the_run(shards, tm
     assert [m["iteration"] for m in tp2] == list(range(6, 13))
     if mixer[1] == "odm":  # the same losses and weights, to fp32 rounding
         np.testing.assert_allclose([m["lm_loss"] for m in tp2], [m["lm_loss"] for m in straight[5:]], rtol=1e-5)
-        np.testing.assert_allclose([m["domain_weights"] for m in tp2], [m["domain_weights"] for m in straight[5:]],
-                                   rtol=1e-4)
+        np.testing.assert_allclose(
+            [m["domain_weights"] for m in tp2], [m["domain_weights"] for m in straight[5:]], rtol=1e-4
+        )
     else:  # PiKE's halves are per data-parallel rank: at DP=1 its estimates differ from DP=2's, as designed
         assert tp2[0]["lm_loss"] == pytest.approx(straight[5]["lm_loss"], rel=1e-5)
         assert tp2[0]["pike_update"] == straight[5]["pike_update"] == 3
@@ -286,7 +346,9 @@ def _fine_map(shards, path, num_domains):
 def test_odm_runs_over_the_fine_domains_of_a_domain_map(shards, tmp_path):
     from tests.helpers.dist_utils import run_pretrain
 
-    argv = _argv(shards, tmp_path, 6, ["--mixing", "odm", "--domain-map", _fine_map(shards, str(tmp_path / "m.npz"), 6)])
+    argv = _argv(
+        shards, tmp_path, 6, ["--mixing", "odm", "--domain-map", _fine_map(shards, str(tmp_path / "m.npz"), 6)]
+    )
     rcs, metrics = run_pretrain(argv, 1)
     assert rcs == [0]
     rewards = np.array(metrics[-1]["odm_rewards"])
@@ -299,8 +361,14 @@ def test_pike_over_more_fine_domains_than_it_can_probe_is_refused(shards, tmp_pa
 
     path = _fine_map(shards, str(tmp_path / "m.npz"), 300)
     with pytest.raises(ConfigError, match=r"--mixing pike over the 300 fine domains .* use --mixing odm"):
-        check_job(MixingConfig(strategy="pike"), data_path_weights=None, domain_map=path, use_distributed_optimizer=False,
-                  precision=None, transformer_engine=False)
+        check_job(
+            MixingConfig(strategy="pike"),
+            data_path_weights=None,
+            domain_map=path,
+            use_distributed_optimizer=False,
+            precision=None,
+            transformer_engine=False,
+        )
 
 
 # ----------------------------------------------------------------------------- ODM in the production combinations
@@ -315,18 +383,34 @@ def test_odm_under_interleaved_pipeline_distributed_optimizer_overlap_and_sequen
     are the step's own per-domain losses: their sample-weighted mean is the logged loss."""
     alpha = 0.5
     base = ["--mixing", "odm", "--odm-reward-ema", str(alpha), "--num-layers", "4"]
-    vpp = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
-           "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "5000"]
+    vpp = [
+        "--pipeline-model-parallel-size",
+        "2",
+        "--num-layers-per-virtual-pipeline-stage",
+        "1",
+        "--use-distributed-optimizer",
+        "--overlap-grad-reduce",
+        "--overlap-param-gather",
+        "--ddp-bucket-size",
+        "5000",
+    ]
     single = run_trainers({"one": _argv(shards, tmp_path / "one", 30, base)}, world_size=1)["one"]["metrics"]
-    runs = run_trainers({"tp2_sp": _argv(shards, tmp_path / "tp", 30, base + ["--tensor-model-parallel-size", "2",
-                                                                              "--sequence-parallel"]),
-                         "vpp2": _argv(shards, tmp_path / "vpp", 30, base + vpp)}, world_size=2)
+    runs = run_trainers(
+        {
+            "tp2_sp": _argv(
+                shards, tmp_path / "tp", 30, base + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+            ),
+            "vpp2": _argv(shards, tmp_path / "vpp", 30, base + vpp),
+        },
+        world_size=2,
+    )
     # The bandit moved off uniform (by ~7e-4: these domains' losses differ little): weights to 1e-6 absolute.
     assert np.abs(np.array(single[-1]["domain_weights"]) - 1 / 3).max() > 3e-4
     tp = runs["tp2_sp"]["metrics"]
     np.testing.assert_allclose([m["odm_rewards"] for m in tp], [m["odm_rewards"] for m in single], rtol=1e-4)
-    np.testing.assert_allclose([m["domain_weights"] for m in tp], [m["domain_weights"] for m in single], rtol=0,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        [m["domain_weights"] for m in tp], [m["domain_weights"] for m in single], rtol=0, atol=1e-6
+    )
     for got in (single, tp, runs["vpp2"]["metrics"]):
         first = got[0]  # update 1 drew with pi = 1/3: R_i = (1 - alpha) L_i * 3
         losses = np.array(first["odm_rewards"]) / (3 * (1 - alpha))

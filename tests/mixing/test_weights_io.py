@@ -1,4 +1,5 @@
 """Weights file (JSON) and basis file (.npz): round trips and rejection of bad files."""
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,7 @@ def test_weights_roundtrip_and_reorder_by_name(tmp_path):
         ({"domains": ["a", "", "c"]}, r"domains\[1\] is ''"),
         ({"weights": [0.5, "0.2", 0.3]}, r"weight '0.2' is not a number"),
         ({"weights": {"a": 1}}, r"'weights' is dict, expected a list"),
-        ({"weights": [0.5, 10 ** 400, 0.5]}, r"weight 1000+ is too large for a float"),
+        ({"weights": [0.5, 10**400, 0.5]}, r"weight 1000+ is too large for a float"),
         ({"weights": [0.5, float("inf"), 0.5]}, r"non-finite entries at positions \[1\] \(e.g. inf\)"),
     ],
 )
@@ -136,10 +137,18 @@ def test_basis_rejects_bad_files(tmp_path):
     with pytest.raises(DataError, match=r"lacks \['domain_names'\]"):
         load_basis(raw("nokey.npz", matrix=np.eye(2), basis_names=names["basis_names"]))
     with pytest.raises(DataError, match="cannot read as a basis"):
-        load_basis(raw("obj.npz", matrix=np.eye(2), basis_names=np.array(["a", "b"], dtype=object),
-                       domain_names=names["domain_names"]))
+        load_basis(
+            raw(
+                "obj.npz",
+                matrix=np.eye(2),
+                basis_names=np.array(["a", "b"], dtype=object),
+                domain_names=names["domain_names"],
+            )
+        )
     with pytest.raises(DataError, match=r"duplicate basis_names \['a'\]"):
-        load_basis(raw("dup.npz", matrix=np.eye(2), basis_names=np.array(["a", "a"]), domain_names=names["domain_names"]))
+        load_basis(
+            raw("dup.npz", matrix=np.eye(2), basis_names=np.array(["a", "a"]), domain_names=names["domain_names"])
+        )
     with pytest.raises(DataError, match=r"matrix row 1 has non-finite entries at positions \[0\]"):
         load_basis(raw("nan.npz", matrix=np.array([[1.0, 0.0], [np.nan, 1.0]]), **names))
     with pytest.raises(DataError, match=r"matrix has shape \(2, 2, 1\), expected \(N=2"):

@@ -13,6 +13,7 @@ Tolerances, relative to S = sum |term| (term = g*t or g*t/(sqrt(v_hat)+eps)):
     (4 + 32 + 3) * u * S = 2.3e-6 * S for any n; asserted at 5e-6 * S. The same-sign test
     below is the worst case of a running float32 sum (error ~1e-2 there).
 """
+
 from __future__ import annotations
 
 import math
@@ -136,8 +137,14 @@ def test_grad_dot_many_tensors_adam_preconditioner_and_counted(impl, accumulate)
     bc2, eps = 1 - 0.95**7, 1e-8
     ref, scale = np_grad_dot(gs, ts, vs, bc2, eps, counted)
     got = ops.grad_dot(
-        _to(dev, gs), _to(dev, ts), exp_avg_sq=_to(dev, vs), bias_correction2=bc2, eps=eps,
-        counted=counted, accumulate=accumulate, backend=backend,
+        _to(dev, gs),
+        _to(dev, ts),
+        exp_avg_sq=_to(dev, vs),
+        bias_correction2=bc2,
+        eps=eps,
+        counted=counted,
+        accumulate=accumulate,
+        backend=backend,
     )
     _check(got, ref, scale, FP64_RTOL if accumulate == "fp64" else FP32_RTOL)
     # The mask matters: counting everything gives a different number.
@@ -158,8 +165,12 @@ def test_grad_dot_non_contiguous_and_buffer_views(impl):
         flat.narrow(0, 1, 4000).view(40, 100),  # views at odd offsets: unaligned for vector loads
         flat.narrow(0, 4001, 6006),
     ]
-    ts = [torch.randn(x.shape, generator=gen).to(dev).t().contiguous().t() if x.dim() == 2 else
-          torch.randn(x.shape, generator=gen).to(dev) for x in gs]
+    ts = [
+        torch.randn(x.shape, generator=gen).to(dev).t().contiguous().t()
+        if x.dim() == 2
+        else torch.randn(x.shape, generator=gen).to(dev)
+        for x in gs
+    ]
     vs = [torch.rand(x.shape, generator=gen).to(dev)[..., :] for x in gs]
     vs[0] = torch.rand(base.shape, generator=gen).to(dev).t()  # non-contiguous v too
     assert not gs[0].is_contiguous() and not ts[0].is_contiguous()
@@ -181,7 +192,13 @@ def test_grad_dot_empty_and_skipped(impl):
 
 
 @pytest.mark.skipif(_EXT is None, reason=_NO_EXT)
-@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _EXT_CUDA, reason="no CUDA kernels/GPU")])])
+@pytest.mark.parametrize(
+    "dev",
+    [
+        "cpu",
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _EXT_CUDA, reason="no CUDA kernels/GPU")]),
+    ],
+)
 @pytest.mark.parametrize("accumulate", ["fp64", "fp32"])
 def test_extension_agrees_with_reference(dev, accumulate):
     gs, ts, vs, counted = _many_tensors(5)
@@ -235,7 +252,9 @@ def test_grad_dot_errors_name_the_problem():
     a, b = torch.ones(6), torch.ones(2, 3)
     with pytest.raises(ConfigError, match="2 gradient tensors but 1 target"):
         ops.grad_dot([a, a], [a])
-    with pytest.raises(ConfigError, match=r"grads\[1\] has 6 elements \(shape \(2, 3\)\) but targets\[1\] has 5 \(shape \(5,\)\)"):
+    with pytest.raises(
+        ConfigError, match=r"grads\[1\] has 6 elements \(shape \(2, 3\)\) but targets\[1\] has 5 \(shape \(5,\)\)"
+    ):
         ops.grad_dot([a, b], [a, torch.ones(5)])
     with pytest.raises(ConfigError, match=r"exp_avg_sq\[0\] has 4"):
         ops.grad_dot([a], [a], exp_avg_sq=[torch.ones(4)])
@@ -335,8 +354,12 @@ def test_simplex_update_adversarial(impl):
     backend, dev = impl
 
     def upd(alpha, a, **kw):
-        out = ops.simplex_update(torch.tensor(alpha, dtype=torch.float64, device=dev),
-                                 torch.tensor(a, dtype=torch.float64, device=dev), backend=backend, **kw)
+        out = ops.simplex_update(
+            torch.tensor(alpha, dtype=torch.float64, device=dev),
+            torch.tensor(a, dtype=torch.float64, device=dev),
+            backend=backend,
+            **kw,
+        )
         assert torch.isfinite(out).all()
         return out.cpu().numpy()
 
@@ -413,6 +436,11 @@ def test_extension_imports_from_any_cwd(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", "import megatron_dga._C as c; print(c.has_cuda())"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", "import megatron_dga._C as c; print(c.has_cuda())"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr

@@ -5,6 +5,7 @@ Planted structure: 4 topics x 2 sub-topics x 2 sub-sub-topics = 16 leaf groups, 
 token-id range (topic pool, then a pool per sub-topic, then per sub-sub-topic), plus filler ids
 shared by all and the eod every document ends with.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,14 +52,25 @@ def corpus(tmp_path_factory):
     """Three shards of 800 documents with planted leaves; (prefixes, leaves of all documents in order)."""
     root = tmp_path_factory.mktemp("shards")
     leaves = np.random.default_rng(0).integers(0, LEAVES, 2400)
-    prefixes = [write_planted(root, f"part{i}", leaves[800 * i:800 * (i + 1)], seed=i) for i in range(3)]
+    prefixes = [write_planted(root, f"part{i}", leaves[800 * i : 800 * (i + 1)], seed=i) for i in range(3)]
     return prefixes, leaves
 
 
 def cluster(prefixes, out, levels, *extra) -> int:
     return cluster_domains.main(
-        ["--input-shards", *prefixes, "--output-map", str(out), "--num-clusters", *map(str, levels),
-         "--embedding-dim", "16", "--no-progress", *extra])
+        [
+            "--input-shards",
+            *prefixes,
+            "--output-map",
+            str(out),
+            "--num-clusters",
+            *map(str, levels),
+            "--embedding-dim",
+            "16",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +114,14 @@ def test_token_tfidf_matches_dense_oracle_and_roundtrips(tmp_path):
     # A damaged payload: one error naming the file and the fix, for both TF-IDF embedders.
     from megatron_dga.prep.embeddings import TfidfSvdConfig, TfidfSvdEmbedder
 
-    TfidfSvdEmbedder(TfidfSvdConfig(dim=2, min_df=1, seed=0)).fit(["alpha beta gamma", "beta gamma delta", "gamma delta eps"]).save(str(tmp_path / "w"))
+    TfidfSvdEmbedder(TfidfSvdConfig(dim=2, min_df=1, seed=0)).fit(
+        ["alpha beta gamma", "beta gamma delta", "gamma delta eps"]
+    ).save(str(tmp_path / "w"))
     for directory, payload in ((tmp_path, "embedder_token_tfidf.npz"), (tmp_path / "w", "embedder_tfidf.npz")):
         (directory / payload).write_bytes((directory / payload).read_bytes()[:100])
-        with pytest.raises(DataError, match=rf"cannot load .*TF-IDF embedder payload '.*{payload}'.*re-run tools/cluster_domains"):
+        with pytest.raises(
+            DataError, match=rf"cannot load .*TF-IDF embedder payload '.*{payload}'.*re-run tools/cluster_domains"
+        ):
             load_embedder(str(directory))
 
 
@@ -123,11 +139,11 @@ def test_shard_corpus_reads_documents_like_megatron(corpus):
     ids = np.array([2399, 0, 801, 799, 800, 1234, 0])
     got = c.gather(ids)
     for i, g in enumerate(ids):
-        np.testing.assert_array_equal(got.tokens[got.offsets[i]:got.offsets[i + 1]], oracle(g))
+        np.testing.assert_array_equal(got.tokens[got.offsets[i] : got.offsets[i + 1]], oracle(g))
     seen = 0
     for start, chunk in c.iter_chunks(max_docs=300, max_tokens=10_000):
         assert start == seen and len(chunk) <= 300 and chunk.tokens.size <= 10_000
-        np.testing.assert_array_equal(chunk.tokens[chunk.offsets[-2]:], oracle(start + len(chunk) - 1))
+        np.testing.assert_array_equal(chunk.tokens[chunk.offsets[-2] :], oracle(start + len(chunk) - 1))
         seen += len(chunk)
     assert seen == c.num_documents == 2400
 
@@ -182,15 +198,28 @@ def test_hierarchical_map_fits_shards_and_recovers_planted_topics(corpus, hier_m
 def test_same_seed_same_map_flat_map_and_text_embedding(corpus, hier_map, tmp_path):
     prefixes, leaves = corpus
     assert cluster(prefixes, tmp_path / "again.npz", [4, 2, 2]) == 0
-    np.testing.assert_array_equal(read_domain_map(str(tmp_path / "again.npz")).domain_ids,
-                                  read_domain_map(str(hier_map)).domain_ids)
+    np.testing.assert_array_equal(
+        read_domain_map(str(tmp_path / "again.npz")).domain_ids, read_domain_map(str(hier_map)).domain_ids
+    )
     assert cluster(prefixes, tmp_path / "flat.npz", [4], "--kmeans-backend", "sklearn") == 0
     flat = read_domain_map(str(tmp_path / "flat.npz"))
     assert flat.levels == [4] and flat.domain_name(3) == "c03"
     assert adjusted_rand_score(leaves // 4, flat.domain_ids) > 0.98
     # A text embedding sees the documents detokenised (NullTokenizer text: the ids joined by spaces).
-    assert cluster(prefixes, tmp_path / "words.npz", [4], "--embedding", "tfidf", "--tokenizer-type", "NullTokenizer",
-                   "--vocab-size", str(VOCAB - 1)) == 0
+    assert (
+        cluster(
+            prefixes,
+            tmp_path / "words.npz",
+            [4],
+            "--embedding",
+            "tfidf",
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            str(VOCAB - 1),
+        )
+        == 0
+    )
     words = read_domain_map(str(tmp_path / "words.npz"))
     assert words.metadata["embedding"]["kind"] == "tfidf"
     assert adjusted_rand_score(leaves // 4, words.domain_ids) > 0.98
@@ -205,13 +234,34 @@ def test_importance_and_basis_over_a_map(corpus, hier_map, tmp_path):
     spec = write_planted(tmp_path, "spec", np.full(60, 9), seed=7)  # topic 2, sub 0, subsub 1
     aux1 = write_planted(tmp_path, "aux1", np.arange(40) % 4, seed=8)  # topic 0
     # Topic 3 as jsonl text: NullTokenizer text is the ids joined by spaces.
-    write_jsonl(tmp_path / "aux3.jsonl",
-                [" ".join(map(str, d[:-1])) for d in leaf_docs(np.random.default_rng(9), 12 + np.arange(30) % 4)])
+    write_jsonl(
+        tmp_path / "aux3.jsonl",
+        [" ".join(map(str, d[:-1])) for d in leaf_docs(np.random.default_rng(9), 12 + np.arange(30) % 4)],
+    )
     tool = importance_weights
-    rc = tool.main(["--domain-map", str(hier_map), "--specific-shards", spec, "--output", str(tmp_path / "w.json"),
-                    "--basis-shards", f"zero={aux1}", "--basis-sets", str(tmp_path / "aux3.jsonl"),
-                    "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1),
-                    "--basis-output", str(tmp_path / "b.npz"), "--basis-format", "sparse", "--no-progress"])
+    rc = tool.main(
+        [
+            "--domain-map",
+            str(hier_map),
+            "--specific-shards",
+            spec,
+            "--output",
+            str(tmp_path / "w.json"),
+            "--basis-shards",
+            f"zero={aux1}",
+            "--basis-sets",
+            str(tmp_path / "aux3.jsonl"),
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            str(VOCAB - 1),
+            "--basis-output",
+            str(tmp_path / "b.npz"),
+            "--basis-format",
+            "sparse",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     w = read_weights(tmp_path / "w.json")
     assert w.domains == [dmap.domain_name(j) for j in range(16)]
@@ -234,9 +284,22 @@ def test_empty_fine_domains_keep_zero_weight_under_smoothing(tmp_path):
     dmap = read_domain_map(str(tmp_path / "tiny.npz"))
     empty = dmap.domain_counts() == 0
     assert empty.sum() >= 4 and dmap.metadata["empty_domains"] == int(empty.sum())
-    assert importance_weights.main(
-        ["--domain-map", str(tmp_path / "tiny.npz"), "--specific-shards", prefix, "--output", str(tmp_path / "w.json"),
-         "--smoothing", "0.2", "--no-progress"]) == 0
+    assert (
+        importance_weights.main(
+            [
+                "--domain-map",
+                str(tmp_path / "tiny.npz"),
+                "--specific-shards",
+                prefix,
+                "--output",
+                str(tmp_path / "w.json"),
+                "--smoothing",
+                "0.2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     w = read_weights(tmp_path / "w.json").weights
     assert not w[empty].any() and (w[~empty] >= 0.2 / (~empty).sum() - 1e-12).all()
 
@@ -274,17 +337,59 @@ def test_importance_map_errors(corpus, hier_map, tmp_path, capsys):
     prefixes, _ = corpus
     tool = importance_weights
     dmap = read_domain_map(str(hier_map))
-    labelled = DomainMap(domain_ids=dmap.domain_ids, shards=dmap.shards, levels=[16],
-                         names=[f"d{j}" for j in range(16)], clusters_dir=None)
+    labelled = DomainMap(
+        domain_ids=dmap.domain_ids,
+        shards=dmap.shards,
+        levels=[16],
+        names=[f"d{j}" for j in range(16)],
+        clusters_dir=None,
+    )
     write_domain_map(str(tmp_path / "labelled.npz"), labelled)
-    assert tool.main(["--domain-map", str(tmp_path / "labelled.npz"), "--specific-shards", prefixes[0],
-                      "--output", str(tmp_path / "w.json")]) == 2
+    assert (
+        tool.main(
+            [
+                "--domain-map",
+                str(tmp_path / "labelled.npz"),
+                "--specific-shards",
+                prefixes[0],
+                "--output",
+                str(tmp_path / "w.json"),
+            ]
+        )
+        == 2
+    )
     assert "labelled map" in capsys.readouterr().err
     write_jsonl(tmp_path / "s.jsonl", ["1 2 3"])
-    assert tool.main(["--domain-map", str(hier_map), "--specific", str(tmp_path / "s.jsonl"),
-                      "--output", str(tmp_path / "w.json")]) == 2
+    assert (
+        tool.main(
+            [
+                "--domain-map",
+                str(hier_map),
+                "--specific",
+                str(tmp_path / "s.jsonl"),
+                "--output",
+                str(tmp_path / "w.json"),
+            ]
+        )
+        == 2
+    )
     assert "--tokenizer-type" in capsys.readouterr().err
-    assert tool.main(["--domain-map", str(hier_map), "--specific", str(tmp_path / "s.jsonl"), "--output",
-                      str(tmp_path / "w.json"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "50"]) == 2
+    assert (
+        tool.main(
+            [
+                "--domain-map",
+                str(hier_map),
+                "--specific",
+                str(tmp_path / "s.jsonl"),
+                "--output",
+                str(tmp_path / "w.json"),
+                "--tokenizer-type",
+                "NullTokenizer",
+                "--vocab-size",
+                "50",
+            ]
+        )
+        == 2
+    )
     assert "vocab_size: 1000 vs 51" in capsys.readouterr().err
     assert not (tmp_path / "w.json").exists()

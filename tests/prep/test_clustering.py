@@ -1,4 +1,5 @@
 """Embeddings, (hierarchical) k-means domains, nearest-centroid histograms, tools/cluster_domains.py."""
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from megatron_dga.errors import ConfigError, DataError
 
 from megatron_dga.cli import cluster_domains
 from tests.helpers.corpus import SHARED, planted_corpus, planted_doc, write_jsonl
+
 SHARED = ["the", "and", "of", "to", "in", "is", "that", "for"]
 
 
@@ -69,7 +71,8 @@ def test_tfidf_embedder_errors(tmp_path):
 
 def test_sentence_transformer_missing_package_message(tmp_path):
     try:
-        import sentence_transformers  # noqa: F401
+        import sentence_transformers  # noqa: F401 - probing the optional package
+
         pytest.skip("sentence-transformers is installed; the missing-package path cannot be exercised")
     except ImportError:
         pass
@@ -158,8 +161,9 @@ def test_empty_clusters_are_reported_and_names_do_not_shift():
 def test_assign_nearest_matches_brute_force():
     rng = np.random.default_rng(4)
     x, c = rng.normal(size=(57, 6)).astype(np.float32), rng.normal(size=(13, 6)).astype(np.float32)
-    expect = np.array([min(range(13), key=lambda j: float(np.sum((x[i].astype(np.float64) - c[j]) ** 2)))
-                       for i in range(57)])
+    expect = np.array(
+        [min(range(13), key=lambda j: float(np.sum((x[i].astype(np.float64) - c[j]) ** 2))) for i in range(57)]
+    )
     np.testing.assert_array_equal(cl.assign_nearest(x, c, max_chunk_bytes=4 * 13 * 5), expect)  # 5-row chunks
     with pytest.raises(DataError, match="embedding dim 6 != centroid dim 5"):
         cl.assign_nearest(x, c[:, :5])
@@ -205,8 +209,20 @@ def test_cluster_domains_tool_end_to_end(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", texts[:60])
     write_jsonl(tmp_path / "b.jsonl", texts[60:])
     out = tmp_path / "out"
-    rc = tool.main(["--input", str(tmp_path / "*.jsonl"), "--output", str(out), "--num-clusters", "2", "2",
-                    "--embedding-dim", "16", "--no-progress"])
+    rc = tool.main(
+        [
+            "--input",
+            str(tmp_path / "*.jsonl"),
+            "--output",
+            str(out),
+            "--num-clusters",
+            "2",
+            "2",
+            "--embedding-dim",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "hierarchical-kmeans" and manifest["num_docs"] == 100
@@ -232,8 +248,17 @@ def test_cluster_domains_tool_end_to_end(tmp_path):
     x = emb.embed(texts, show_progress=False)
     np.testing.assert_array_equal(cl.assign_nearest(x, cents), got)
     # A second run refuses to mix with the first unless --overwrite.
-    args = ["--input", str(tmp_path / "a.jsonl"), "--output", str(out), "--num-clusters", "3", "--no-progress",
-            "--embedding-dim", "8"]
+    args = [
+        "--input",
+        str(tmp_path / "a.jsonl"),
+        "--output",
+        str(out),
+        "--num-clusters",
+        "3",
+        "--no-progress",
+        "--embedding-dim",
+        "8",
+    ]
     assert tool.main(args) == 2
     assert tool.main(args + ["--overwrite"]) == 0
     assert sorted(p.name for p in out.glob("*.jsonl")) == ["c00.jsonl", "c01.jsonl", "c02.jsonl"]
@@ -242,8 +267,18 @@ def test_cluster_domains_tool_end_to_end(tmp_path):
 def test_cluster_domains_tool_errors(tmp_path, capsys):
     tool = cluster_domains
     write_jsonl(tmp_path / "small.jsonl", ["alpha beta", "gamma delta", "alpha gamma"])
-    rc = tool.main(["--input", str(tmp_path / "small.jsonl"), "--output", str(tmp_path / "o"),
-                    "--num-clusters", "2", "2", "--no-progress"])
+    rc = tool.main(
+        [
+            "--input",
+            str(tmp_path / "small.jsonl"),
+            "--output",
+            str(tmp_path / "o"),
+            "--num-clusters",
+            "2",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "3 documents cannot fill --num-clusters 2 2 = 4 domains" in err and "lower --num-clusters" in err

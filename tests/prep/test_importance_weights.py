@@ -1,4 +1,5 @@
 """tools/importance_weights.py: CRISP-style histograms of planted mixtures, smoothing, basis rows."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,18 @@ def clusters(tmp_path_factory):
     write_jsonl(root / "generic.jsonl", texts)
     out = root / "clusters"
     rc = cluster_domains.main(
-        ["--input", str(root / "generic.jsonl"), "--output", str(out), "--num-clusters", str(NUM_DOMAINS),
-         "--embedding-dim", "16", "--no-progress"])
+        [
+            "--input",
+            str(root / "generic.jsonl"),
+            "--output",
+            str(out),
+            "--num-clusters",
+            str(NUM_DOMAINS),
+            "--embedding-dim",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     # Known assignment: which cluster holds each planted domain (a bijection on separable data).
@@ -56,8 +67,16 @@ def test_importance_histogram_matches_planted_mixture(clusters, tmp_path):
     counts = [30, 15, 5, 0]
     write_jsonl(tmp_path / "spec.jsonl", mixture_docs(counts, seed=21))
     rc = importance_weights.main(
-        ["--clusters", str(out), "--specific", str(tmp_path / "spec.jsonl"), "--output", str(tmp_path / "w.json"),
-         "--no-progress"])
+        [
+            "--clusters",
+            str(out),
+            "--specific",
+            str(tmp_path / "spec.jsonl"),
+            "--output",
+            str(tmp_path / "w.json"),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     wf = read_weights(tmp_path / "w.json")
     assert wf.domains == names  # manifest order
@@ -75,8 +94,20 @@ def test_smoothing_applied_to_counts(clusters, tmp_path, mode, eps):
     counts = [0, 8, 2, 0]
     write_jsonl(tmp_path / "spec.jsonl", mixture_docs(counts, seed=22))
     rc = importance_weights.main(
-        ["--clusters", str(out), "--specific", str(tmp_path / "spec.jsonl"), "--output", str(tmp_path / "w.json"),
-         "--smoothing", str(eps), "--smoothing-mode", mode, "--no-progress"])
+        [
+            "--clusters",
+            str(out),
+            "--specific",
+            str(tmp_path / "spec.jsonl"),
+            "--output",
+            str(tmp_path / "w.json"),
+            "--smoothing",
+            str(eps),
+            "--smoothing-mode",
+            mode,
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     wf = read_weights(tmp_path / "w.json")
     c = np.array(wf.meta["counts"], dtype=np.float64)
@@ -93,9 +124,20 @@ def test_basis_rows_are_per_set_histograms(clusters, tmp_path):
     sets = {"setA": [10, 10, 0, 0], "law": [0, 0, 5, 15]}
     write_jsonl(tmp_path / "setA.jsonl", mixture_docs(sets["setA"], seed=31))
     write_jsonl(tmp_path / "other.jsonl", mixture_docs(sets["law"], seed=32))
-    rc = tool.main(["--clusters", str(out), "--basis-sets", str(tmp_path / "setA.jsonl"),
-                    f"law={tmp_path / 'other.jsonl'}", "--basis-output", str(tmp_path / "basis.npz"),
-                    "--basis-smoothing", "0.05", "--no-progress"])
+    rc = tool.main(
+        [
+            "--clusters",
+            str(out),
+            "--basis-sets",
+            str(tmp_path / "setA.jsonl"),
+            f"law={tmp_path / 'other.jsonl'}",
+            "--basis-output",
+            str(tmp_path / "basis.npz"),
+            "--basis-smoothing",
+            "0.05",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     basis = load_basis(tmp_path / "basis.npz", expected_domains=names)
     assert basis.basis_names == ["setA", "law"] and basis.matrix.shape == (2, NUM_DOMAINS)
@@ -104,8 +146,22 @@ def test_basis_rows_are_per_set_histograms(clusters, tmp_path):
         np.testing.assert_allclose(row, 0.95 * exp / exp.sum() + 0.05 / NUM_DOMAINS, atol=TOL)
         # Same numbers as the weights file of that set alone.
         src = tmp_path / ("setA.jsonl" if name == "setA" else "other.jsonl")
-        assert tool.main(["--clusters", str(out), "--specific", str(src), "--output", str(tmp_path / f"{name}.json"),
-                          "--smoothing", "0.05", "--no-progress"]) == 0
+        assert (
+            tool.main(
+                [
+                    "--clusters",
+                    str(out),
+                    "--specific",
+                    str(src),
+                    "--output",
+                    str(tmp_path / f"{name}.json"),
+                    "--smoothing",
+                    "0.05",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         np.testing.assert_allclose(row, load_weights(tmp_path / f"{name}.json", names), rtol=1e-12)
 
 
@@ -119,8 +175,18 @@ def test_labelled_domains_mode(tmp_path):
     counts = [4, 0, 10, 6]
     write_jsonl(tmp_path / "spec.jsonl", mixture_docs(counts, seed=42))
     rc = importance_weights.main(
-        ["--labelled-domains", str(domain_dir), "--specific", str(tmp_path / "spec.jsonl"),
-         "--output", str(tmp_path / "w.json"), "--embedding-dim", "16", "--no-progress"])
+        [
+            "--labelled-domains",
+            str(domain_dir),
+            "--specific",
+            str(tmp_path / "spec.jsonl"),
+            "--output",
+            str(tmp_path / "w.json"),
+            "--embedding-dim",
+            "16",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     wf = read_weights(tmp_path / "w.json")
     assert wf.domains == sorted(stems)
@@ -132,14 +198,50 @@ def test_importance_tool_errors(clusters, tmp_path, capsys):
     out, _, _ = clusters
     tool = importance_weights
     (tmp_path / "blank.jsonl").write_text("\n")
-    assert tool.main(["--clusters", str(out), "--specific", str(tmp_path / "blank.jsonl"),
-                      "--output", str(tmp_path / "w.json"), "--no-progress"]) == 2
+    assert (
+        tool.main(
+            [
+                "--clusters",
+                str(out),
+                "--specific",
+                str(tmp_path / "blank.jsonl"),
+                "--output",
+                str(tmp_path / "w.json"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "--specific" in capsys.readouterr().err and not (tmp_path / "w.json").exists()
-    assert tool.main(["--clusters", str(tmp_path), "--specific", str(tmp_path / "blank.jsonl"),
-                      "--output", str(tmp_path / "w.json")]) == 2
+    assert (
+        tool.main(
+            [
+                "--clusters",
+                str(tmp_path),
+                "--specific",
+                str(tmp_path / "blank.jsonl"),
+                "--output",
+                str(tmp_path / "w.json"),
+            ]
+        )
+        == 2
+    )
     assert "no manifest.json" in capsys.readouterr().err
-    assert tool.main(["--clusters", str(out), "--specific", str(tmp_path / "blank.jsonl"),
-                      "--output", str(tmp_path / "w.json"), "--smoothing", "1.5"]) == 2
+    assert (
+        tool.main(
+            [
+                "--clusters",
+                str(out),
+                "--specific",
+                str(tmp_path / "blank.jsonl"),
+                "--output",
+                str(tmp_path / "w.json"),
+                "--smoothing",
+                "1.5",
+            ]
+        )
+        == 2
+    )
     assert "must be in [0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tool.main(["--clusters", str(out), "--basis-sets", str(tmp_path / "blank.jsonl")])  # no --basis-output

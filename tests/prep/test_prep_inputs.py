@@ -1,4 +1,5 @@
 """One rule for which files an --input names, shared by every tool (megatron_dga.prep.inputs)."""
+
 import gzip
 import os
 
@@ -28,8 +29,9 @@ def test_directory_takes_jsonl_and_jsonl_gz_but_not_a_manifest(tmp_path):
 
 def test_explicit_files_globs_order_and_duplicates(tmp_path):
     d = _corpus(tmp_path)
-    files = inputs.expand_jsonl_inputs([str(d / "web.jsonl"), str(d / "*.gz"), str(d / "manifest.json"),
-                                        str(d / "web.jsonl")])
+    files = inputs.expand_jsonl_inputs(
+        [str(d / "web.jsonl"), str(d / "*.gz"), str(d / "manifest.json"), str(d / "web.jsonl")]
+    )
     assert [os.path.basename(f) for f in files] == ["web.jsonl", "code.jsonl.gz", "manifest.json"]
 
 

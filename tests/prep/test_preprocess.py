@@ -20,9 +20,6 @@ from megatron_dga.cli import preprocess_data
 from tests.helpers import REPO
 
 
-
-
-
 def _texts(n, seed=0):
     rng = random.Random(seed)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
@@ -59,7 +56,9 @@ def _read(prefix):
 def test_round_trip_against_indexed_dataset(tmp_path, spm_model):
     texts = _texts(50, seed=1)
     _write_jsonl(tmp_path / "in.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
-    res = preprocess(PreprocessConfig(str(tmp_path / "in.jsonl"), str(tmp_path / "out" / "web"), _spm(spm_model), append_eod=True))
+    res = preprocess(
+        PreprocessConfig(str(tmp_path / "in.jsonl"), str(tmp_path / "out" / "web"), _spm(spm_model), append_eod=True)
+    )
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
     prefix = str(tmp_path / "out" / "web_text_document")
     assert [r.prefix for r in res] == [prefix]
@@ -102,7 +101,14 @@ def test_directory_gz_and_glob_inputs(tmp_path):
 
 def test_multiple_json_keys_give_aligned_shards(tmp_path):
     _write_jsonl(tmp_path / "in.jsonl", [{"a": "1 2", "b": "3"}, {"a": "4", "b": "5 6"}, {"a": "7"}])
-    res = preprocess(PreprocessConfig(str(tmp_path / "in.jsonl"), str(tmp_path / "o"), TokenizerSpec("NullTokenizer", vocab_size=9), json_keys=["a", "b"]))
+    res = preprocess(
+        PreprocessConfig(
+            str(tmp_path / "in.jsonl"),
+            str(tmp_path / "o"),
+            TokenizerSpec("NullTokenizer", vocab_size=9),
+            json_keys=["a", "b"],
+        )
+    )
     assert [os.path.basename(r.prefix) for r in res] == ["o_a_document", "o_b_document"]
     assert _read(str(tmp_path / "o_a_document"))[0] == [[1, 2], [4]]
     assert _read(str(tmp_path / "o_b_document"))[0] == [[3], [5, 6]]
@@ -122,14 +128,25 @@ def test_bad_lines_counted_per_reason(tmp_path):
         b'{"text": ""}\n',  # 11
     ]
     _write_jsonl(tmp_path / "in.jsonl", [{"text": "1"}, {"text": "2 3"}], raw)
-    res = preprocess(PreprocessConfig(str(tmp_path / "in.jsonl"), str(tmp_path / "o"), TokenizerSpec("NullTokenizer", vocab_size=9)))
+    res = preprocess(
+        PreprocessConfig(str(tmp_path / "in.jsonl"), str(tmp_path / "o"), TokenizerSpec("NullTokenizer", vocab_size=9))
+    )
     r = res[0]
     assert _read(r.prefix)[0] == [[1], [2, 3], [5, 5]]
     assert r.bad_lines == {
-        "invalid_json": 1, "invalid_utf8": 1, "missing_key": 1, "not_string": 1,
-        "empty_text": 2, "blank_line": 1, "not_object": 1,
+        "invalid_json": 1,
+        "invalid_utf8": 1,
+        "missing_key": 1,
+        "not_string": 1,
+        "empty_text": 2,
+        "blank_line": 1,
+        "not_object": 1,
     }
-    assert r.first_bad[:3] == [f"{tmp_path / 'in.jsonl'}:3 invalid_json", f"{tmp_path / 'in.jsonl'}:4 invalid_utf8", f"{tmp_path / 'in.jsonl'}:5 missing_key"]
+    assert r.first_bad[:3] == [
+        f"{tmp_path / 'in.jsonl'}:3 invalid_json",
+        f"{tmp_path / 'in.jsonl'}:4 invalid_utf8",
+        f"{tmp_path / 'in.jsonl'}:5 missing_key",
+    ]
     assert json.loads(open(r.prefix + ".json").read())["bad_lines"]["empty_text"] == 2
     report = pp.format_report(res)
     assert "empty_text=2" in report and "in.jsonl:3" in report
@@ -178,12 +195,34 @@ def test_clear_errors(tmp_path, spm_model, capsys):
     with pytest.raises(DataError, match="directory without"):
         preprocess(PreprocessConfig(str(tmp_path / "empty"), str(tmp_path / "o"), null))
     tool = preprocess_data
-    rc = tool.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "o"),
-                    "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "no.model")])
+    rc = tool.main(
+        [
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            str(tmp_path / "no.model"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--tokenizer-model" in err and "Traceback" not in err
-    rc = tool.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "ok"),
-                    "--tokenizer-type", "NullTokenizer", "--vocab-size", "9", "--append-eod", "--no-progress"])
+    rc = tool.main(
+        [
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "ok"),
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "9",
+            "--append-eod",
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and _read(str(tmp_path / "ok_text_document"))[0] == [[1, 9]]
 
 
@@ -198,9 +237,16 @@ def test_gpt_dataset_reads_shard(tmp_path, spm_model):
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm_model)
     prefix = str(tmp_path / "d_text_document")
     cfg = GPTDatasetConfig(
-        random_seed=1, sequence_length=16, blend=None, split="1,0,0", tokenizer=tok,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
-        path_to_cache=None, mmap_bin_files=False,
+        random_seed=1,
+        sequence_length=16,
+        blend=None,
+        split="1,0,0",
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=None,
+        mmap_bin_files=False,
     )
     indexed = IndexedDataset(prefix)
     ds = GPTDataset(indexed, prefix, np.arange(len(indexed), dtype=np.int32), 8, Split.train, cfg)
@@ -225,27 +271,43 @@ def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
     out.mkdir()
     dead = subprocess.Popen(["true"])
     dead.wait(timeout=60)  # a pid that no longer runs (a SIGKILLed preprocess leaves such files)
-    stale = [f"d_text_document.bin.tmp-{dead.pid}", f"d_text_document.idx.tmp-{dead.pid}",
-             f"web_text_document.json.tmp-{dead.pid}"]
+    stale = [
+        f"d_text_document.bin.tmp-{dead.pid}",
+        f"d_text_document.idx.tmp-{dead.pid}",
+        f"web_text_document.json.tmp-{dead.pid}",
+    ]
     kept = [f"d_text_document.bin.tmp-{os.getppid()}", f"notes.txt.tmp-{dead.pid}"]  # a live writer; not ours
     for name in stale + kept:
         (out / name).write_bytes(b"partial")
     preprocess(PreprocessConfig(str(tmp_path / "in.jsonl"), str(out / "d"), null))
-    assert sorted(os.listdir(out)) == sorted(kept + ["d_text_document.bin", "d_text_document.idx",
-                                                      "d_text_document.json"])
+    assert sorted(os.listdir(out)) == sorted(
+        kept + ["d_text_document.bin", "d_text_document.idx", "d_text_document.json"]
+    )
 
 
 def test_unwritable_output_simulated_by_a_file_is_one_line_and_touches_nothing(tmp_path, capsys):
     _write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2"}])
     blocker = tmp_path / "a_file"
     blocker.write_text("keep")
-    rc = preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
-                                             str(blocker / "d"), "--tokenizer-type", "NullTokenizer",
-                                             "--vocab-size", "9", "--no-progress"])
+    rc = preprocess_data.main(
+        [
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output-prefix",
+            str(blocker / "d"),
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "9",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
-    assert err == (f"error: --output-prefix {blocker}: cannot write {blocker}: {blocker} is a file, not a directory; "
-                   f"point --output-prefix elsewhere\n")
+    assert err == (
+        f"error: --output-prefix {blocker}: cannot write {blocker}: {blocker} is a file, not a directory; "
+        f"point --output-prefix elsewhere\n"
+    )
     assert blocker.read_text() == "keep"
 
 
@@ -256,7 +318,9 @@ def test_full_disk_mid_write_simulated_is_one_line_and_keeps_previous_shard(tmp_
     _write_jsonl(tmp_path / "old.jsonl", [{"text": "1 2"}])
     _write_jsonl(tmp_path / "new.jsonl", [{"text": str(i % 9)} for i in range(600)])
     tool = preprocess_data
-    assert tool.main(["--input", str(tmp_path / "old.jsonl"), "--output-prefix", str(tmp_path / "out" / "d"), *null]) == 0
+    assert (
+        tool.main(["--input", str(tmp_path / "old.jsonl"), "--output-prefix", str(tmp_path / "out" / "d"), *null]) == 0
+    )
     before = {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")}
     real_add = pp._ShardWriter.add
 
@@ -270,8 +334,10 @@ def test_full_disk_mid_write_simulated_is_one_line_and_keeps_previous_shard(tmp_
     rc = tool.main(["--input", str(tmp_path / "new.jsonl"), "--output-prefix", str(tmp_path / "out" / "d"), *null])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err, err
-    assert (f"error: no space left on device writing {tmp_path / 'out' / 'd'}_text_document.bin.tmp-{os.getpid()}; "
-            "free space or point --output-prefix elsewhere") in err, err
+    assert (
+        f"error: no space left on device writing {tmp_path / 'out' / 'd'}_text_document.bin.tmp-{os.getpid()}; "
+        "free space or point --output-prefix elsewhere"
+    ) in err, err
     assert {n: (tmp_path / "out" / n).read_bytes() for n in os.listdir(tmp_path / "out")} == before
 
 
@@ -282,12 +348,28 @@ def test_bad_null_tokenizer_token_is_a_counted_bad_line_with_its_location(tmp_pa
 
     _write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2"}, {"text": "3 x 4"}, {"text": "5"}])
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(tmp_path / "in.jsonl"),
-         "--output-prefix", str(tmp_path / "d"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "9",
-         "--no-progress"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "preprocess_data.py"),
+            "--input",
+            str(tmp_path / "in.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "d"),
+            "--tokenizer-type",
+            "NullTokenizer",
+            "--vocab-size",
+            "9",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr
-    assert (f"{tmp_path / 'in.jsonl'}:2 untokenizable (NullTokenizer expects whitespace-separated integers, "
-            f"got '3 x 4'.)") in proc.stdout, proc.stdout
+    assert (
+        f"{tmp_path / 'in.jsonl'}:2 untokenizable (NullTokenizer expects whitespace-separated integers, got '3 x 4'.)"
+    ) in proc.stdout, proc.stdout
     assert "untokenizable=1" in proc.stdout
     assert _read(str(tmp_path / "d_text_document"))[0] == [[1, 2], [5]]
     for noise in ("Transformer Engine", "Megatron-FSDP", "Detected Megatron Core", "Traceback", "warn"):
@@ -297,8 +379,14 @@ def test_bad_null_tokenizer_token_is_a_counted_bad_line_with_its_location(tmp_pa
 def test_copy_documents_keeps_the_first_documents_and_the_tokenizer_record(tmp_path, spm_model):
     texts = _texts(20, seed=5)
     _write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
-    (src,) = preprocess(PreprocessConfig(input=str(tmp_path / "t.jsonl"), output_prefix=str(tmp_path / "t"),
-                                         tokenizer=_spm(spm_model), append_eod=True))
+    (src,) = preprocess(
+        PreprocessConfig(
+            input=str(tmp_path / "t.jsonl"),
+            output_prefix=str(tmp_path / "t"),
+            tokenizer=_spm(spm_model),
+            append_eod=True,
+        )
+    )
     docs, _ = _read(src.prefix)
     out = str(tmp_path / "small" / "t_text_document")
     result = pp.copy_documents(src.prefix, out, 7)
@@ -309,8 +397,9 @@ def test_copy_documents_keeps_the_first_documents_and_the_tokenizer_record(tmp_p
         before = json.load(fh)
     with open(out + ".json") as fh:
         after = json.load(fh)
-    assert {k: after[k] for k in ("tokenizer_sha256", "vocab_size", "eod")} == \
-        {k: before[k] for k in ("tokenizer_sha256", "vocab_size", "eod")}
+    assert {k: after[k] for k in ("tokenizer_sha256", "vocab_size", "eod")} == {
+        k: before[k] for k in ("tokenizer_sha256", "vocab_size", "eod")
+    }
     assert after["num_documents"] == 7 and after["subset_of"]["documents"] == [0, 7]
     assert pp.copy_documents(src.prefix, out, 100).num_documents == 20  # more than there are: all of them
     assert _read(out)[0] == docs
@@ -323,8 +412,15 @@ def test_progress_lines_without_a_terminal_and_none_with_no_progress(tmp_path, c
     for progress in (None, False):  # stderr is not a terminal under pytest: log lines, not a bar
         caplog.clear()
         with caplog.at_level("INFO", logger="megatron_dga.progress"):
-            preprocess(PreprocessConfig(input=str(tmp_path / "t.jsonl"), output_prefix=str(tmp_path / "o"),
-                                        tokenizer=TokenizerSpec("NullTokenizer", vocab_size=10), log_interval=200, progress=progress))
+            preprocess(
+                PreprocessConfig(
+                    input=str(tmp_path / "t.jsonl"),
+                    output_prefix=str(tmp_path / "o"),
+                    tokenizer=TokenizerSpec("NullTokenizer", vocab_size=10),
+                    log_interval=200,
+                    progress=progress,
+                )
+            )
         lines[progress] = [r.getMessage() for r in caplog.records if r.name == "megatron_dga.progress"]
     # 600 lines read in batches of 256: a line once 200, 400 and 600 documents are passed.
     assert [m.split(",")[0] for m in lines[None]] == ["o: 256 documents", "o: 512 documents", "o: 600 documents"]

@@ -5,6 +5,7 @@ Each case runs ``python -m megatron_dga.pretrain_gpt`` in a subprocess (stderr i
 sees); the per-file checks themselves are tested directly in test_domains.py,
 test_tokenizers.py and test_weights_io.py.
 """
+
 import json
 import os
 import shutil
@@ -21,14 +22,36 @@ DGA = ["--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "4
 
 
 def _argv(domains, specific, run_dir, extra=()):
-    return ["--data-path", *domains, "--specific-data-path", specific, *NULL_TOKENIZER_ARGS, *TINY_GPT_ARGS,
-            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1",
-            "--eval-interval", "0", "--lr", "1e-3", "--log-dir", str(run_dir), *DGA, *extra]
+    return [
+        "--data-path",
+        *domains,
+        "--specific-data-path",
+        specific,
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "1e-3",
+        "--log-dir",
+        str(run_dir),
+        *DGA,
+        *extra,
+    ]
 
 
 def _pretrain(argv):
-    proc = subprocess.run([sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True, timeout=300
+    )
     return proc.returncode, proc.stderr
 
 
@@ -83,8 +106,13 @@ def test_token_id_beyond_the_vocab_fails_in_its_batch(shards, tmp_path):
     prefix = write_shard(str(tmp_path / "data" / "foreign_text_document"), docs)
     before = _contents(str(tmp_path / "data"))
     rc, err = _pretrain(_argv([prefix], shards["specific"], tmp_path / "run", ["--num-workers", "1"]))
-    _assert_clean_exit_2(rc, err, f"domain 'foreign' ({prefix}.bin), sample", "hold id 200, outside the vocabulary "
-                         "[0, 128)", "--vocab-size")
+    _assert_clean_exit_2(
+        rc,
+        err,
+        f"domain 'foreign' ({prefix}.bin), sample",
+        "hold id 200, outside the vocabulary [0, 128)",
+        "--vocab-size",
+    )
     assert _contents(str(tmp_path / "data")) == before
 
 
@@ -110,10 +138,16 @@ def test_checkpoint_with_non_finite_mixing_weights_is_refused(shards, tmp_path):
     with open(meta_path, "w") as f:
         json.dump(meta, f)
     before = _contents(ckpt)
-    rc, err = _pretrain(argv + ["--load", ckpt, "--save", ckpt, "--train-iters", "4",
-                                "--use-checkpoint-opt_param-scheduler"])
-    _assert_clean_exit_2(rc, err, f"checkpoint {it_dir}: mixing weights has non-finite entries at positions [0]",
-                         "--ckpt-step", "--reset-mixing-state")
+    rc, err = _pretrain(
+        argv + ["--load", ckpt, "--save", ckpt, "--train-iters", "4", "--use-checkpoint-opt_param-scheduler"]
+    )
+    _assert_clean_exit_2(
+        rc,
+        err,
+        f"checkpoint {it_dir}: mixing weights has non-finite entries at positions [0]",
+        "--ckpt-step",
+        "--reset-mixing-state",
+    )
     assert _contents(ckpt) == before
 
 
@@ -127,15 +161,23 @@ def _fake_trainer(reset=False):
 
     sampler = DynamicMixtureSampler([10, 10, 10], MixtureSamplerConfig(global_batch_size=8, micro_batch_size=2, seed=1))
     mixing = build_mixing(MixingConfig(strategy="dga"), DomainInfo(["a", "b", "c"], np.ones(3), np.ones(3)))
-    return NS(cfg=NS(checkpoint=NS(reset_mixing_state=reset)), data=NS(check_state=sampler.check_state),
-              mixing=mixing)
+    return NS(cfg=NS(checkpoint=NS(reset_mixing_state=reset)), data=NS(check_state=sampler.check_state), mixing=mixing)
 
 
 GOOD_STATE = {
-    "iteration": 4, "consumed_samples": 32, "consumed_tokens": 1024,
-    "data": {"format": "megatron-dga/mixture-sampler-v2", "batches_drawn": 4, "carry": [0.1, -0.1, 0.0], "consumed": {"index": [0, 2], "value": [5, 3]},
-             "reported": {"index": [], "value": []}, "probe_consumed": {"index": [3], "value": [8]},
-             "weights": [0.2, 0.3, 0.5], "basis_weights": None},
+    "iteration": 4,
+    "consumed_samples": 32,
+    "consumed_tokens": 1024,
+    "data": {
+        "format": "megatron-dga/mixture-sampler-v2",
+        "batches_drawn": 4,
+        "carry": [0.1, -0.1, 0.0],
+        "consumed": {"index": [0, 2], "value": [5, 3]},
+        "reported": {"index": [], "value": []},
+        "probe_consumed": {"index": [3], "value": [8]},
+        "weights": [0.2, 0.3, 0.5],
+        "basis_weights": None,
+    },
     "mixing": {"weights": [0.2, 0.3, 0.5], "updates": 2},
 }
 BAD_STATES = {  # name: (change to GOOD_STATE, message)

@@ -1,4 +1,5 @@
 """Checkpoint save/load: round trips, retention, crash safety, layouts, errors, RNG."""
+
 from __future__ import annotations
 
 import os
@@ -77,7 +78,10 @@ def test_round_trip_model_optimizer_rng(tmp_path):
     assert meta["layout"] == {"tp_size": 1, "pp_size": 1, "dp_size": 1}
     assert meta["extra"] == {"args": {"lr": 1e-2}}
     assert sorted(p.name for p in (tmp_path / "iter_0000003").iterdir()) == [
-        "common.pt", "megatron_dga.json", "mp_rank_00"]
+        "common.pt",
+        "megatron_dga.json",
+        "mp_rank_00",
+    ]
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
 
@@ -133,7 +137,11 @@ def test_keep_last_deletes_oldest_and_never_newer_runs(tmp_path):
     save_checkpoint(tmp_path, 35, _tiny_state(35), keep_last=2)
     assert ckpt._list_iterations(tmp_path) == [30, 35, 40]
     assert sorted(os.listdir(tmp_path)) == [
-        "iter_0000030", "iter_0000035", "iter_0000040", "latest_checkpointed_iteration.txt"]
+        "iter_0000030",
+        "iter_0000035",
+        "iter_0000040",
+        "latest_checkpointed_iteration.txt",
+    ]
 
 
 def _fail_on(monkeypatch, predicate):
@@ -191,8 +199,7 @@ def test_crash_while_replacing_same_iteration_recovers(tmp_path, monkeypatch):
     # A successful re-save replaces it and clears the scratch copies.
     save_checkpoint(tmp_path, 20, _tiny_state(22))
     assert load_checkpoint(tmp_path)[1]["step"] == 22
-    assert sorted(os.listdir(tmp_path)) == [
-        "iter_0000010", "iter_0000020", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000010", "iter_0000020", "latest_checkpointed_iteration.txt"]
 
 
 def test_background_save_publishes_only_on_finish(tmp_path):
@@ -209,7 +216,8 @@ def test_background_save_publishes_only_on_finish(tmp_path):
     assert it == 20 and state["step"] == 20
     meta = ckpt.read_checkpoint_metadata(tmp_path / "iter_0000020")
     assert meta["files"]["mp_rank_00/model_optim_rng.pt"] == ckpt.file_record(
-        tmp_path / "iter_0000020" / "mp_rank_00" / "model_optim_rng.pt")
+        tmp_path / "iter_0000020" / "mp_rank_00" / "model_optim_rng.pt"
+    )
 
 
 def test_background_save_that_fails_its_checksums_keeps_previous(tmp_path):
@@ -345,8 +353,7 @@ def _dist_worker(rank, world_size, root):
         out = {}
         # DP=2: only dp_rank 0 writes; both read it back.
         dp_layout = CheckpointLayout(dp_size=2, dp_rank=rank)
-        save_checkpoint(f"{root}/dp", 4, _tiny_state(100 + rank), layout=dp_layout,
-                        common_state={"c": 1})
+        save_checkpoint(f"{root}/dp", 4, _tiny_state(100 + rank), layout=dp_layout, common_state={"c": 1})
         dist.barrier()
         it, state, common = load_checkpoint(f"{root}/dp", layout=dp_layout)
         out["dp"] = (it, state["step"], common["c"], sorted(os.listdir(f"{root}/dp/iter_0000004")))
@@ -362,8 +369,10 @@ def _dist_worker(rank, world_size, root):
         # PP=2 naming.
         pp_layout = CheckpointLayout(pp_size=2, pp_rank=rank)
         save_checkpoint(f"{root}/pp", 1, _tiny_state(rank), layout=pp_layout)
-        out["pp"] = (load_checkpoint(f"{root}/pp", layout=pp_layout)[1]["step"],
-                     sorted(os.listdir(f"{root}/pp/iter_0000001")))
+        out["pp"] = (
+            load_checkpoint(f"{root}/pp", layout=pp_layout)[1]["step"],
+            sorted(os.listdir(f"{root}/pp/iter_0000001")),
+        )
 
         # A failure on one rank raises on both (no hang) and publishes nothing.
         bad = {"x": np.zeros(2)} if rank == 1 else _tiny_state(0)
@@ -387,4 +396,8 @@ def test_two_rank_dp_tp_pp(tmp_path):
         assert "rank 1" in out["error"] and "numpy" in out["error"]
         assert out["after_error"] == 3
     assert sorted(os.listdir(tmp_path / "tp" / "iter_0000003")) == [
-        "common.pt", "megatron_dga.json", "mp_rank_00", "mp_rank_01"]
+        "common.pt",
+        "megatron_dga.json",
+        "mp_rank_00",
+        "mp_rank_01",
+    ]

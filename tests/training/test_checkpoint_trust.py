@@ -7,6 +7,7 @@ or megatron would unpickle it, with the checksum record rewritten to match (as w
 can): the directory must never appear, and the trainer's --load and the converter's to-hf must stop with
 one error line naming the file.
 """
+
 import io
 import json
 import os
@@ -44,9 +45,29 @@ def _run(args):
 
 
 def _argv(shards, run_dir, extra=()):
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
-            *TINY_GPT_ARGS, "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
-            "--log-interval", "1", "--eval-interval", "0", "--lr", "1e-3", "--log-dir", str(run_dir), *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "1e-3",
+        "--log-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +75,13 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
     shards = three_domain_shards(str(root / "shards"))
     saved = root / "ckpt"
-    rc, err = _run(["-m", "megatron_dga.pretrain_gpt", *_argv(shards, root / "run",
-                                                               ["--save", str(saved), "--save-interval", "1"])])
+    rc, err = _run(
+        [
+            "-m",
+            "megatron_dga.pretrain_gpt",
+            *_argv(shards, root / "run", ["--save", str(saved), "--save-interval", "1"]),
+        ]
+    )
     assert rc == 0, err[-3000:]
     return shards, saved
 
@@ -149,8 +175,15 @@ def _globals(data: bytes) -> set:
             found.add(tuple(arg.split(" ", 1)))
         elif op.name == "STACK_GLOBAL":
             found.add((strings[-2], strings[-1]))
-        if op.name != "MEMOIZE" and op.name not in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8",
-                                                    "BINGET", "LONG_BINGET", "GET"):
+        if op.name != "MEMOIZE" and op.name not in (
+            "SHORT_BINUNICODE",
+            "BINUNICODE",
+            "UNICODE",
+            "BINUNICODE8",
+            "BINGET",
+            "LONG_BINGET",
+            "GET",
+        ):
             strings.append(None)  # anything else on the stack between strings
     return found
 
@@ -176,6 +209,7 @@ def _marker_without(key):
         meta = json.loads(path.read_text())
         del meta[key]
         path.write_text(json.dumps(meta))
+
     return damage
 
 
@@ -199,6 +233,7 @@ def _garble(name):
     def damage(it_dir):
         (it_dir / name).write_bytes(b"\x80\x04garbled" + os.urandom(32))
         _fix_checksums(it_dir)
+
     return damage
 
 
@@ -210,8 +245,11 @@ DAMAGED = {
     "marker without files": (_marker_without("files"), "megatron_dga.json is malformed", "files is missing"),
     "marker without layout": (_marker_without("layout"), "megatron_dga.json is malformed", "layout is None"),
     "marker lists a path outside": (_outside_path, "megatron_dga.json is malformed", "not a relative path inside"),
-    "binary tracker": (lambda d: (d.parent / ckpt.TRACKER_FILENAME).write_bytes(b"\xff\xfe\x00\x01"),
-                       ckpt.TRACKER_FILENAME, "not an iteration number"),
+    "binary tracker": (
+        lambda d: (d.parent / ckpt.TRACKER_FILENAME).write_bytes(b"\xff\xfe\x00\x01"),
+        ckpt.TRACKER_FILENAME,
+        "not an iteration number",
+    ),
     "unlisted file": (_corrupt_unlisted, "iter_0000002/__0_9.distcp is not listed", "cannot be verified"),
     "symbolic link": (lambda d: (d / "extra").symlink_to("/etc/hostname"), "symbolic link", "iter_0000002/extra"),
 }
@@ -234,8 +272,11 @@ def test_a_damaged_checkpoint_is_one_error_naming_the_file(copy, case):
 def test_loaded_parameters_are_checked_finite(tmp_path):
     ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(3)})
     ckpt.save_checkpoint(tmp_path, 2, {"w": torch.tensor([1.0, float("nan"), 2.0]), "opt": {"m": torch.zeros(2)}})
-    with pytest.raises(CheckpointError, match=r"iter_0000002/mp_rank_00/model_optim_rng.pt: 1 loaded tensor\(s\) "
-                                              r"hold NaN or Inf \(w\).*--ckpt-step 1"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"iter_0000002/mp_rank_00/model_optim_rng.pt: 1 loaded tensor\(s\) "
+        r"hold NaN or Inf \(w\).*--ckpt-step 1",
+    ):
         ckpt.load_checkpoint(tmp_path)
     assert ckpt.load_checkpoint(tmp_path, iteration=1)[1]["w"].sum() == 3
 

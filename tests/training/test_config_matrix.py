@@ -22,6 +22,7 @@ The first defect this matrix caught: with the distributed optimizer, --overlap-g
 pipeline stages, DGA's specific gradient was reduce-scattered, not all-reduced (megatron's
 ``start_grad_sync`` takes no ``force_all_reduce``), and the alignments moved by ~3 % with no error.
 """
+
 import os
 
 import numpy as np
@@ -31,8 +32,18 @@ from tests.helpers.dist_utils import run_distributed
 from tests.helpers.layouts import load_initial, named, trainer_from
 from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, write_domains
 
-MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-         "--make-vocab-size-divisible-by", "64"]
+MODEL = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--make-vocab-size-divisible-by",
+    "64",
+]
 DGA = ["--mixing", "dga", "--dga-interval", "1", "--dga-domain-batch-size", "8", "--dga-specific-batch-size", "8"]
 ITERS = 2
 
@@ -50,8 +61,13 @@ OPTIMIZERS = {
     "plain": [],
     "distopt": ["--use-distributed-optimizer"],
     "distopt_overlap_grad": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "5000"],
-    "distopt_overlap_both": ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
-                             "--ddp-bucket-size", "5000"],
+    "distopt_overlap_both": [
+        "--use-distributed-optimizer",
+        "--overlap-grad-reduce",
+        "--overlap-param-gather",
+        "--ddp-bucket-size",
+        "5000",
+    ],
 }
 PRECISION_ESTIMATOR = [("fp32", "exact"), ("fp32", "fd"), ("bf16", "exact")]
 PRECISIONS = {"fp32": [], "bf16": ["--bf16"]}
@@ -59,8 +75,11 @@ PRECISIONS = {"fp32": [], "bf16": ["--bf16"]}
 
 def pairwise_rows():
     """The pairwise covering array: (layout, optimizer, precision, estimator), 20 rows."""
-    return [(layout, opt, *PRECISION_ESTIMATOR[(i + j) % 3])
-            for i, layout in enumerate(LAYOUTS) for j, opt in enumerate(OPTIMIZERS)]
+    return [
+        (layout, opt, *PRECISION_ESTIMATOR[(i + j) % 3])
+        for i, layout in enumerate(LAYOUTS)
+        for j, opt in enumerate(OPTIMIZERS)
+    ]
 
 
 CI_ROWS = [
@@ -101,9 +120,30 @@ def test_the_ci_rows_cover_every_value_and_every_layout_overlapped_in_fp32():
 
 
 def _argv(shards, log_dir, extra):
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
-            *MODEL, "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(ITERS),
-            "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(log_dir), *DGA, *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        *NULL_TOKENIZER_ARGS,
+        *MODEL,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(ITERS),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(log_dir),
+        *DGA,
+        *extra,
+    ]
 
 
 def _run(rank, world_size, runs, inits):
@@ -128,10 +168,11 @@ def _run(rank, world_size, runs, inits):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matrix")
-    shards = write_domains(str(tmp / "shards"), k=3, docs_per_domain=48, doc_len=64,
-                           specific_mixture=[0.5, 0.5, 0.0])
-    refs = {f"{p}_{e}": (_argv(shards, tmp / f"ref_{p}_{e}", PRECISIONS[p] + ["--dga-estimator", e]), None)
-            for p, e in PRECISION_ESTIMATOR}
+    shards = write_domains(str(tmp / "shards"), k=3, docs_per_domain=48, doc_len=64, specific_mixture=[0.5, 0.5, 0.0])
+    refs = {
+        f"{p}_{e}": (_argv(shards, tmp / f"ref_{p}_{e}", PRECISIONS[p] + ["--dga-estimator", e]), None)
+        for p, e in PRECISION_ESTIMATOR
+    }
     reference = run_distributed(_run, world_size=1, args=(refs, {}))[0]
     inits = {name: reference[name]["init"] for name in refs}
     runs = {}
@@ -165,4 +206,3 @@ def test_row_gives_the_one_process_alignments(results, row):
     np.testing.assert_allclose([m["lm_loss"] for m in got], [m["lm_loss"] for m in ref], rtol=tol / 10)
     np.testing.assert_allclose(got[-1]["domain_weights"], ref[-1]["domain_weights"], rtol=tol, atol=1e-7)
     assert not np.allclose(ref[-1]["domain_weights"], 1 / 3, rtol=1e-3)  # DGA moved the weights
-

@@ -8,6 +8,7 @@
 - SIGTERM to examples/pretrain_gpt_dga.sh (torchrun, 2 CPU ranks, --exit-signal-handler): both ranks
   save and the script exits 0.
 """
+
 import json
 import os
 import signal
@@ -32,9 +33,29 @@ ROOT = Path(REPO)
 
 
 def _argv(shards, run_dir, extra=(), iters=500):
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
-            *TINY_GPT_ARGS, "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(iters),
-            "--log-interval", "1", "--eval-interval", "0", "--lr", "1e-3", "--log-dir", str(run_dir), *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "1e-3",
+        "--log-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def _wait_for_lines(path: Path, n: int, proc, timeout=120.0):
@@ -56,8 +77,15 @@ def _sleeper():
 
 
 def _plant(save: Path, **fields):
-    record = {"host": socket.gethostname(), "pid": 0, "pid_start": None, "started": "earlier", "run_id": "other",
-              "command": "pretrain_gpt --save x", **fields}
+    record = {
+        "host": socket.gethostname(),
+        "pid": 0,
+        "pid_start": None,
+        "started": "earlier",
+        "run_id": "other",
+        "command": "pretrain_gpt --save x",
+        **fields,
+    }
     (save / save_lock.LOCK_FILENAME).write_text(json.dumps(record))
     return save / save_lock.LOCK_FILENAME
 
@@ -66,8 +94,11 @@ def test_lock_of_a_live_run_is_refused_naming_it(tmp_path):
     holder = _sleeper()
     try:
         lock = _plant(tmp_path, pid=holder.pid, pid_start=save_lock._process_start(holder.pid))
-        with pytest.raises(ConfigError, match=rf"--save {tmp_path} is in use by another run on this host: "
-                                              rf"pid {holder.pid} .*give this run another --save"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"--save {tmp_path} is in use by another run on this host: "
+            rf"pid {holder.pid} .*give this run another --save",
+        ):
             save_lock.acquire(tmp_path)
         assert json.loads(lock.read_text())["run_id"] == "other"  # untouched
         # Another host's record, refreshed recently: refused, naming the file to delete if that run is gone.
@@ -170,14 +201,30 @@ def test_second_writer_is_refused_and_ctrl_c_is_one_line(shards, tmp_path):
     save = tmp_path / "ckpt"
     log = tmp_path / "first"
     # Far more iterations than it can run before the SIGINT below: on an idle machine 500 finished first.
-    first = subprocess.Popen([sys.executable, "-m", "megatron_dga.pretrain_gpt",
-                              *_argv(shards, log, ["--save", str(save), "--save-interval", "2"], iters=1_000_000)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megatron_dga.pretrain_gpt",
+            *_argv(shards, log, ["--save", str(save), "--save-interval", "2"], iters=1_000_000),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for_lines(log / "metrics.jsonl", 3, first)
-        second = subprocess.run([sys.executable, "-m", "megatron_dga.pretrain_gpt",
-                                 *_argv(shards, tmp_path / "second", ["--save", str(save)])],
-                                capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megatron_dga.pretrain_gpt",
+                *_argv(shards, tmp_path / "second", ["--save", str(save)]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert second.returncode == 2, second.stderr[-3000:]
         assert "Traceback" not in second.stderr
         assert f"--save {save} is in use by another run on this host: pid {first.pid}" in second.stderr
@@ -201,15 +248,49 @@ def test_second_writer_is_refused_and_ctrl_c_is_one_line(shards, tmp_path):
 
 def test_sigterm_to_the_launch_script_saves_on_both_ranks_and_exits_zero(shards, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "RUN_DIR": str(run_dir),
-           "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "GPUS_PER_NODE": "2",
+        "MASTER_PORT": str(free_port()),
+        "RUN_DIR": str(run_dir),
+        "PYTHON": sys.executable,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
     # The documented GPU launch (it has --exit-signal-handler), made tiny and CPU-sized by the extra flags.
-    extra = ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
-             *TINY_GPT_ARGS, "--no-bf16", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters",
-             "1000", "--log-interval", "1", "--eval-interval", "0", "--dga-domain-batch-size", "2",
-             "--dga-specific-batch-size", "2", "--no-use-distributed-optimizer"]
-    proc = subprocess.Popen(["bash", str(ROOT / "examples" / "pretrain_gpt_dga.sh"), *extra], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    extra = [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        "--no-bf16",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "1000",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--dga-domain-batch-size",
+        "2",
+        "--dga-specific-batch-size",
+        "2",
+        "--no-use-distributed-optimizer",
+    ]
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "examples" / "pretrain_gpt_dga.sh"), *extra],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for_lines(run_dir / "metrics.jsonl", 2, proc)
         proc.send_signal(signal.SIGTERM)  # to the script's shell only, as a scheduler's batch signal
@@ -229,8 +310,11 @@ def test_sigterm_to_the_launch_script_saves_on_both_ranks_and_exits_zero(shards,
 def test_min_loss_scale_above_initial_names_both_flags():
     from megatron_dga.training.arguments import parse_args
 
-    with pytest.raises(ConfigError, match=r"--min-loss-scale 1024 is above --initial-loss-scale 1: .*give "
-                                          r"--min-loss-scale <= --initial-loss-scale"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--min-loss-scale 1024 is above --initial-loss-scale 1: .*give "
+        r"--min-loss-scale <= --initial-loss-scale",
+    ):
         parse_args(["--mock-data", "--fp16", "--initial-loss-scale", "1", "--min-loss-scale", "1024"])
     with pytest.raises(ConfigError, match=r"--min-loss-scale 1 \(the default\) is above --initial-loss-scale 0.5"):
         parse_args(["--mock-data", "--fp16", "--initial-loss-scale", "0.5"])
@@ -242,8 +326,11 @@ def test_config_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
 
     path = tmp_path / "run.yaml"
     path.write_bytes(b"train-iters: 5\nlog-dir: caf\xe9\n")  # Latin-1
-    with pytest.raises(ConfigError, match=rf"--config {path}: not UTF-8 text \(byte b'\\xe9' at offset 27, line 2\); "
-                                          "save the file as UTF-8"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"--config {path}: not UTF-8 text \(byte b'\\xe9' at offset 27, line 2\); "
+        "save the file as UTF-8",
+    ):
         parse_args(["--config", str(path)])
     path.write_bytes(b"\xef\xbb\xbftrain-iters: 5\n")  # UTF-8 with a byte-order mark is UTF-8
     assert parse_args(["--config", str(path), "--mock-data"]).schedule.train_iters == 5
@@ -302,31 +389,48 @@ def test_resume_with_dga_basis_added_or_dropped_names_the_flag(shards, tmp_path)
     save_basis(basis, np.asarray(BASIS_MATRIX), ["law", "news"], ["dom0", "dom1", "dom2"])
     dga = ["--mixing", "dga", "--dga-interval", "1", "--dga-specific-batch-size", "4", "--lr-decay-iters", "10"]
     with_basis, plain = str(tmp_path / "with_basis"), str(tmp_path / "plain")
-    run_trainers({"with_basis": _argv(shards, tmp_path / "a", [*dga, "--dga-basis", basis, "--save", with_basis], 2),
-                  "plain": _argv(shards, tmp_path / "b", [*dga, "--save", plain], 2)})
-    resumed = run_distributed(_basis_resumes, 1, args=([
-        _argv(shards, tmp_path / "c", [*dga, "--dga-basis", basis, "--load", plain], 3),
-        _argv(shards, tmp_path / "d", [*dga, "--load", with_basis], 3),
-        _argv(shards, tmp_path / "e", [*dga, "--dga-basis", basis, "--load", plain, "--reset-mixing-state"], 3),
-        _argv(shards, tmp_path / "f", [*dga, "--load", with_basis, "--reset-mixing-state"], 3),
-    ],))[0]
+    run_trainers(
+        {
+            "with_basis": _argv(shards, tmp_path / "a", [*dga, "--dga-basis", basis, "--save", with_basis], 2),
+            "plain": _argv(shards, tmp_path / "b", [*dga, "--save", plain], 2),
+        }
+    )
+    resumed = run_distributed(
+        _basis_resumes,
+        1,
+        args=(
+            [
+                _argv(shards, tmp_path / "c", [*dga, "--dga-basis", basis, "--load", plain], 3),
+                _argv(shards, tmp_path / "d", [*dga, "--load", with_basis], 3),
+                _argv(shards, tmp_path / "e", [*dga, "--dga-basis", basis, "--load", plain, "--reset-mixing-state"], 3),
+                _argv(shards, tmp_path / "f", [*dga, "--load", with_basis, "--reset-mixing-state"], 3),
+            ],
+        ),
+    )[0]
     added, dropped, added_reset, dropped_reset = resumed
     assert added is not None and added.startswith(
-        f"--dga-basis: the checkpoint {plain}/iter_0000002 was trained without --dga-basis, this run adds "
-        "--dga-basis;"), added
+        f"--dga-basis: the checkpoint {plain}/iter_0000002 was trained without --dga-basis, this run adds --dga-basis;"
+    ), added
     assert dropped is not None and dropped.startswith(
         f"--dga-basis: the checkpoint {with_basis}/iter_0000002 was trained with --dga-basis (bases ['law', "
-        "'news']), this run drops --dga-basis;"), dropped
+        "'news']), this run drops --dga-basis;"
+    ), dropped
     for message in (added, dropped):
         assert "resume with the checkpoint's --dga-basis, or pass --reset-mixing-state" in message
     assert added_reset is None and dropped_reset is None  # the fix the message names works
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", r"--target-train \S+ holds no document with a non-empty \"text\""),
-    ("plain text, not jsonl\n", r"--target-train: \S+:1: invalid JSON"),
-    ('{"body": "x"}\n', r"--target-train: \S+:1: key 'text' missing \(keys present: \['body'\]\); give the target's"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", r"--target-train \S+ holds no document with a non-empty \"text\""),
+        ("plain text, not jsonl\n", r"--target-train: \S+:1: invalid JSON"),
+        (
+            '{"body": "x"}\n',
+            r"--target-train: \S+:1: key 'text' missing \(keys present: \['body'\]\); give the target's",
+        ),
+    ],
+)
 def test_runner_checks_the_target_files_before_any_work(tmp_path, content, message):
     from megatron_dga.experiments import runner as ex
     from megatron_dga.errors import DataError
@@ -338,6 +442,7 @@ def test_runner_checks_the_target_files_before_any_work(tmp_path, content, messa
     target = tmp_path / "target.jsonl"
     target.write_text(content)
     with pytest.raises(DataError, match=message):
-        ex.prepare_jsonl_corpus(str(corpus), str(target), str(corpus / "a.jsonl"), str(tmp_path / "data"),
-                                vocab_size=64, seed=1, workers=1)
+        ex.prepare_jsonl_corpus(
+            str(corpus), str(target), str(corpus / "a.jsonl"), str(tmp_path / "data"), vocab_size=64, seed=1, workers=1
+        )
     assert not (tmp_path / "data").exists()  # no tokenizer trained, no shard written

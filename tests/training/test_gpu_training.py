@@ -5,6 +5,7 @@ these (with the CUDA cases of test_ops.py) and prints a summary table.
 Every case is a real ``python -m megatron_dga.pretrain_gpt`` process on one GPU (NCCL,
 world size 1), the command a user runs, on synthetic shards written like real ones.
 """
+
 import json
 import os
 import subprocess
@@ -18,23 +19,61 @@ from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, write_domains
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-MODEL = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "128",
-         "--make-vocab-size-divisible-by", "128"]
+MODEL = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "256",
+    "--num-attention-heads",
+    "8",
+    "--seq-length",
+    "128",
+    "--make-vocab-size-divisible-by",
+    "128",
+]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_domains(str(tmp_path_factory.mktemp("gpu_shards")), k=4, docs_per_domain=256, doc_len=160,
-                         specific_mixture=[0.5, 0.5, 0.0, 0.0], specific_docs=128)
+    return write_domains(
+        str(tmp_path_factory.mktemp("gpu_shards")),
+        k=4,
+        docs_per_domain=256,
+        doc_len=160,
+        specific_mixture=[0.5, 0.5, 0.0, 0.0],
+        specific_docs=128,
+    )
 
 
 def _run(shards, run_dir, extra, iters=20):
-    argv = ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
-            "--specific-eval-data-path", shards["specific_eval"], *NULL_TOKENIZER_ARGS, *MODEL,
-            "--micro-batch-size", "8", "--global-batch-size", "32", "--train-iters", str(iters),
-            "--log-interval", "1", "--eval-interval", "0", "--lr", "1e-3", "--log-dir", str(run_dir), *extra]
-    proc = subprocess.run([sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True,
-                          timeout=600)
+    argv = [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        "--specific-eval-data-path",
+        shards["specific_eval"],
+        *NULL_TOKENIZER_ARGS,
+        *MODEL,
+        "--micro-batch-size",
+        "8",
+        "--global-batch-size",
+        "32",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "1e-3",
+        "--log-dir",
+        str(run_dir),
+        *extra,
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         metrics = [json.loads(line) for line in fh]
@@ -64,8 +103,12 @@ def test_fp32_fd_alignments_agree_with_exact(shards, tmp_path):
     """Both estimators at the same first update (identical weights and probes up to it)."""
     first = {}
     for estimator in ("exact", "fd"):
-        _, metrics = _run(shards, tmp_path / estimator,
-                          ["--mixing", "dga", "--dga-interval", "5", "--dga-estimator", estimator], iters=5)
+        _, metrics = _run(
+            shards,
+            tmp_path / estimator,
+            ["--mixing", "dga", "--dga-interval", "5", "--dga-estimator", estimator],
+            iters=5,
+        )
         _learns_nothing_bad = np.isfinite(_losses(metrics)).all()
         assert _learns_nothing_bad
         first[estimator] = np.array(metrics[-1]["alignments"])
@@ -97,8 +140,19 @@ def test_save_and_resume_continues_the_run(shards, tmp_path):
     np.testing.assert_allclose(resumed[-1]["domain_weights"], straight[-1]["domain_weights"], rtol=1e-2, atol=1e-4)
 
 
-LLAMA = ["--group-query-attention", "--num-query-groups", "2", "--swiglu", "--disable-bias-linear",
-         "--normalization", "RMSNorm", "--position-embedding-type", "rope", "--rotary-base", "500000"]
+LLAMA = [
+    "--group-query-attention",
+    "--num-query-groups",
+    "2",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--normalization",
+    "RMSNorm",
+    "--position-embedding-type",
+    "rope",
+    "--rotary-base",
+    "500000",
+]
 
 
 def test_llama_style_flash_attention_with_recompute(shards, tmp_path):

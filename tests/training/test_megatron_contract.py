@@ -7,6 +7,7 @@ with ``inspect.signature(f).bind(...)`` against the installed megatron-core, usi
 arguments our code passes, so an API change fails CI instead of a user's job. The
 arguments come from the same helpers the production code calls wherever possible.
 """
+
 import ast
 import inspect
 import pathlib
@@ -44,12 +45,15 @@ def test_transformer_engine_layers_read_the_norm_from_the_config():
     assert build_transformer_config(cfg, 1, 1).normalization == "RMSNorm"
 
 
-@pytest.mark.parametrize("flags, backend", [
-    ({"use_flash_attn": True}, "flash"),
-    ({"attention_backend": "flash"}, "flash"),
-    ({"attention_backend": "fused"}, "fused"),
-    ({"attention_backend": "unfused"}, "unfused"),
-])
+@pytest.mark.parametrize(
+    "flags, backend",
+    [
+        ({"use_flash_attn": True}, "flash"),
+        ({"attention_backend": "flash"}, "flash"),
+        ({"attention_backend": "fused"}, "fused"),
+        ({"attention_backend": "unfused"}, "unfused"),
+    ],
+)
 def test_gpu_only_model_flags_bind(flags, backend):
     """--use-flash-attn / --attention-backend and --sequence-parallel reach megatron-core only where
     transformer-engine runs (GPTModelConfig.check_machine refuses them elsewhere): the
@@ -59,9 +63,20 @@ def test_gpu_only_model_flags_bind(flags, backend):
 
     from megatron_dga.model import GPTModelConfig, transformer_config_arguments
 
-    cfg = GPTModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, group_query_attention=True,
-                         num_query_groups=2, swiglu=True, disable_bias_linear=True, normalization="RMSNorm",
-                         sequence_parallel=True, bf16=True, recompute_activations=True, **flags)
+    cfg = GPTModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        group_query_attention=True,
+        num_query_groups=2,
+        swiglu=True,
+        disable_bias_linear=True,
+        normalization="RMSNorm",
+        sequence_parallel=True,
+        bf16=True,
+        recompute_activations=True,
+        **flags,
+    )
     kwargs = transformer_config_arguments(cfg, 2, 1)
     inspect.signature(TransformerConfig).bind(**kwargs)
     config = TransformerConfig(**kwargs)
@@ -81,8 +96,13 @@ def test_nccl_process_group_init_binds():
     import torch.distributed as dist
 
     inspect.signature(dist.init_process_group).bind(
-        backend="nccl", init_method=None, rank=0, world_size=8, timeout=timedelta(minutes=30),
-        device_id=torch.device("cuda", 0))
+        backend="nccl",
+        init_method=None,
+        rank=0,
+        world_size=8,
+        timeout=timedelta(minutes=30),
+        device_id=torch.device("cuda", 0),
+    )
 
 
 def test_cuda_rng_tracker_state_api():
@@ -107,10 +127,21 @@ def test_schedule_and_finalize_bind():
     from megatron.core.distributed.finalize_model_grads import _allreduce_word_embedding_grads, finalize_model_grads
     from megatron.core.pipeline_parallel import schedules
 
-    kwargs = dict(forward_step_func=None, data_iterator=None, model=[None], num_microbatches=1, seq_length=8,
-                  micro_batch_size=1, forward_only=False, force_all_reduce=True)
-    for fn in (schedules.forward_backward_no_pipelining, schedules.forward_backward_pipelining_without_interleaving,
-               schedules.forward_backward_pipelining_with_interleaving):
+    kwargs = dict(
+        forward_step_func=None,
+        data_iterator=None,
+        model=[None],
+        num_microbatches=1,
+        seq_length=8,
+        micro_batch_size=1,
+        forward_only=False,
+        force_all_reduce=True,
+    )
+    for fn in (
+        schedules.forward_backward_no_pipelining,
+        schedules.forward_backward_pipelining_without_interleaving,
+        schedules.forward_backward_pipelining_with_interleaving,
+    ):
         inspect.signature(fn).bind(**kwargs)
     # The schedule calls config.finalize_model_grads_func like this; ours must accept it too.
     from megatron_dga.training.step import _finalize_without_data_parallel
@@ -131,10 +162,18 @@ def test_optimizer_and_scheduler_bind():
     inspect.signature(get_megatron_optimizer).bind(megatron_optimizer_config(cfg, bf16=True), [None])
     inspect.signature(OptimizerParamScheduler).bind(None, **scheduler_arguments(cfg, ScheduleConfig(train_iters=100)))
     # --fp16 with the distributed optimizer (the CPU test runs megatron's fp16 optimizer without it).
-    fp16 = megatron_optimizer_config(OptimizerConfig(use_distributed_optimizer=True, initial_loss_scale=2.0**16,
-                                                     hysteresis=4), bf16=False, fp16=True)
-    assert (fp16.fp16, fp16.params_dtype, fp16.loss_scale, fp16.initial_loss_scale, fp16.min_loss_scale,
-            fp16.loss_scale_window, fp16.hysteresis) == (True, torch.float16, None, 2.0**16, 1.0, 1000, 4)
+    fp16 = megatron_optimizer_config(
+        OptimizerConfig(use_distributed_optimizer=True, initial_loss_scale=2.0**16, hysteresis=4), bf16=False, fp16=True
+    )
+    assert (
+        fp16.fp16,
+        fp16.params_dtype,
+        fp16.loss_scale,
+        fp16.initial_loss_scale,
+        fp16.min_loss_scale,
+        fp16.loss_scale_window,
+        fp16.hysteresis,
+    ) == (True, torch.float16, None, 2.0**16, 1.0, 1000, 4)
     inspect.signature(get_megatron_optimizer).bind(fp16, [None])
 
 
@@ -179,8 +218,10 @@ def test_every_collective_goes_through_the_comm_module():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                if any((n == "torch.distributed" or n.startswith("torch.distributed.")) and n not in NOT_COLLECTIVES
-                       for n in names):
+                if any(
+                    (n == "torch.distributed" or n.startswith("torch.distributed.")) and n not in NOT_COLLECTIVES
+                    for n in names
+                ):
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
             elif isinstance(node, ast.Attribute) and node.attr == "distributed":
                 if isinstance(node.value, ast.Name) and node.value.id == "torch":
@@ -200,7 +241,7 @@ def _imported_modules(path: pathlib.Path, node) -> list:
     base = node.module or ""
     if node.level:
         package = ["megatron_dga", *path.parent.relative_to(PACKAGE).parts]
-        base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+        base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
     return [base] + [f"{base}.{a.name}" for a in node.names]
 
 
@@ -223,9 +264,11 @@ def test_mixing_and_data_never_import_training():
 
 def test_importing_the_mixing_strategies_loads_neither_training_nor_megatron():
     """The algorithm (strategies, their config, the alignment estimators) imports without the trainer or megatron."""
-    code = ("import sys; import megatron_dga.mixing.base, megatron_dga.mixing.config, megatron_dga.mixing.dga, "
-            "megatron_dga.mixing.fixed; print(sorted(m for m in sys.modules "
-            "if m.split('.')[0] == 'megatron' or m.startswith('megatron_dga.training')))")
+    code = (
+        "import sys; import megatron_dga.mixing.base, megatron_dga.mixing.config, megatron_dga.mixing.dga, "
+        "megatron_dga.mixing.fixed; print(sorted(m for m in sys.modules "
+        "if m.split('.')[0] == 'megatron' or m.startswith('megatron_dga.training')))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
@@ -245,12 +288,24 @@ def test_virtual_pipeline_calls_bind():
     from megatron_dga.training.step import microbatch_group_size
 
     inspect.signature(parallel_state.initialize_model_parallel).bind(
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2,
-        distributed_timeout_minutes=30, create_gloo_process_groups=True)
-    inspect.signature(GPTModel).bind(config=None, transformer_layer_spec=None, vocab_size=64, max_sequence_length=8,
-                                     pre_process=True, post_process=False, vp_stage=1)
-    inspect.signature(DistributedDataParallel).bind(object(), DistributedDataParallelConfig(), object(),
-                                                    disable_bucketing=True)
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=2,
+        virtual_pipeline_model_parallel_size=2,
+        distributed_timeout_minutes=30,
+        create_gloo_process_groups=True,
+    )
+    inspect.signature(GPTModel).bind(
+        config=None,
+        transformer_layer_spec=None,
+        vocab_size=64,
+        max_sequence_length=8,
+        pre_process=True,
+        post_process=False,
+        vp_stage=1,
+    )
+    inspect.signature(DistributedDataParallel).bind(
+        object(), DistributedDataParallelConfig(), object(), disable_bucketing=True
+    )
     # get_forward_backward_func picks the interleaved schedule from parallel_state's virtual size.
     interleaved = schedules.forward_backward_pipelining_with_interleaving
     assert schedules.get_forward_backward_func(pp_size=2, vp_size=2) is interleaved
@@ -295,21 +350,33 @@ def test_fine_domain_sample_and_shard_calls_bind():
     from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
     from megatron.core.datasets.indexed_dataset import IndexedDataset, _IndexWriter
 
-    inspect.signature(_get_ltor_masks_and_position_ids).bind(torch.zeros(4, dtype=torch.long), 3, False, False,
-                                                             False, False)
+    inspect.signature(_get_ltor_masks_and_position_ids).bind(
+        torch.zeros(4, dtype=torch.long), 3, False, False, False, False
+    )
     inspect.signature(IndexedDataset.get).bind(object(), 0, offset=0, length=4)
     inspect.signature(_IndexWriter).bind("x.idx", object())
     inspect.signature(_IndexWriter.write).bind(object(), [4], None, [0, 1])
 
 
-FUSIONS = ("gradient_accumulation_fusion", "bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion",
-           "apply_rope_fusion", "persist_layer_norm")
+FUSIONS = (
+    "gradient_accumulation_fusion",
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "apply_rope_fusion",
+    "persist_layer_norm",
+)
 
 
-@pytest.mark.parametrize("flag, field", [
-    ("--no-bias-gelu-fusion", "bias_activation_fusion"), ("--no-bias-dropout-fusion", "bias_dropout_fusion"),
-    ("--no-masked-softmax-fusion", "masked_softmax_fusion"), ("--no-rope-fusion", "apply_rope_fusion"),
-])
+@pytest.mark.parametrize(
+    "flag, field",
+    [
+        ("--no-bias-gelu-fusion", "bias_activation_fusion"),
+        ("--no-bias-dropout-fusion", "bias_dropout_fusion"),
+        ("--no-masked-softmax-fusion", "masked_softmax_fusion"),
+        ("--no-rope-fusion", "apply_rope_fusion"),
+    ],
+)
 def test_fusion_flags_reach_megatron_where_the_layers_have_the_kernels(monkeypatch, flag, field):
     """Megatron's fusion flags, on by default: with transformer-engine layers they reach the TransformerConfig
     (bound against the installed one), each --no-... turns its own off; on local layers (CPU) all are off."""
@@ -318,9 +385,31 @@ def test_fusion_flags_reach_megatron_where_the_layers_have_the_kernels(monkeypat
     from megatron_dga import model as model_mod
     from megatron_dga.training.arguments import parse_args
 
-    base = ["--data-path", "d", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127", "--num-layers", "2",
-            "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "1",
-            "--global-batch-size", "1", "--train-iters", "1", "--position-embedding-type", "rope", "--bf16"]
+    base = [
+        "--data-path",
+        "d",
+        "--tokenizer-type",
+        "NullTokenizer",
+        "--vocab-size",
+        "127",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "1",
+        "--global-batch-size",
+        "1",
+        "--train-iters",
+        "1",
+        "--position-embedding-type",
+        "rope",
+        "--bf16",
+    ]
     local = model_mod.transformer_config_arguments(parse_args(base).model, 1, 1)
     assert not any(local[name] for name in FUSIONS)  # this machine's local layers: the plain ops
     monkeypatch.setattr(model_mod, "transformer_engine_available", lambda: True)

@@ -12,6 +12,7 @@ schedule and layer specs), on CPU over gloo:
    and is refused, not ignored, with the distributed optimizer;
 6. the gloo test ranks never see a GPU.
 """
+
 import inspect
 import os
 import subprocess
@@ -28,9 +29,29 @@ MODEL = TINY_GPT_ARGS
 
 
 def _argv(shards, run_dir, extra=()):
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
-            *MODEL, "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6",
-            "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(run_dir), *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        *NULL_TOKENIZER_ARGS,
+        *MODEL,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        "6",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def _trainer(argv):
@@ -67,8 +88,9 @@ def test_transformer_engine_spec_is_called_with_arguments_it_accepts(monkeypatch
         from megatron_dga import platform
 
         platform.initialize(platform.ParallelConfig())
-        cfg = model_mod.GPTModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=8,
-                                       vocab_size=64, normalization="RMSNorm")
+        cfg = model_mod.GPTModelConfig(
+            num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=8, vocab_size=64, normalization="RMSNorm"
+        )
         model_mod.build_gpt_model(cfg)
         platform.shutdown()
 
@@ -91,11 +113,16 @@ def _decay_run(rank, world_size):
     from megatron_dga.training.optim import Optimizer
 
     ctx = platform.initialize(platform.ParallelConfig())
-    core, module = build_stage_model(GPTModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
-                                                    seq_length=8, vocab_size=64), ctx)
+    core, module = build_stage_model(
+        GPTModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=8, vocab_size=64), ctx
+    )
     ddp = DistributedDataParallel(core.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)
-    opt = Optimizer(ddp, OptimizerConfig(lr=0.1, min_lr=0.0, weight_decay=0.5, lr_decay_style="constant"),
-                    bf16=False, schedule=ScheduleConfig(train_iters=10))
+    opt = Optimizer(
+        ddp,
+        OptimizerConfig(lr=0.1, min_lr=0.0, weight_decay=0.5, lr_decay_style="constant"),
+        bf16=False,
+        schedule=ScheduleConfig(train_iters=10),
+    )
     before = {n: p.detach().clone() for n, p in core.named_parameters()}
     ddp.zero_grad_buffer()  # zero gradients: Adam's update is 0, only weight decay moves parameters
     opt.zero_grad()
@@ -142,8 +169,9 @@ def _double_count_run(rank, world_size, argv):
 
 
 def test_no_gradient_counted_twice_after_a_megatron_optimizer_step(shards, tmp_path):
-    after_step, again, loss1, loss2, norm = run_distributed(_double_count_run, world_size=1,
-                                                            args=(_argv(shards, tmp_path),))[0]
+    after_step, again, loss1, loss2, norm = run_distributed(
+        _double_count_run, world_size=1, args=(_argv(shards, tmp_path),)
+    )[0]
     assert loss1 == loss2
     for a, b in zip(after_step, again):
         np.testing.assert_array_equal(a, b)
@@ -161,10 +189,15 @@ OVERLAP = ["--overlap-grad-reduce", "--ddp-bucket-size", "5000"]
 def test_distributed_optimizer_and_overlap_give_the_same_alignments(shards, tmp_path):
     # The exact estimator; fd with the overlapped distributed optimizer: tests/training/test_config_matrix.py.
     dga = ["--mixing", "dga", "--dga-interval", "2"]
-    variants = {"plain": [], "distopt": ["--use-distributed-optimizer"], "overlap": OVERLAP,
-                "distopt_overlap": ["--use-distributed-optimizer", "--overlap-param-gather", *OVERLAP]}
-    runs = run_trainers({name: _argv(shards, tmp_path / name, dga + extra) for name, extra in variants.items()},
-                        world_size=2)
+    variants = {
+        "plain": [],
+        "distopt": ["--use-distributed-optimizer"],
+        "overlap": OVERLAP,
+        "distopt_overlap": ["--use-distributed-optimizer", "--overlap-param-gather", *OVERLAP],
+    }
+    runs = run_trainers(
+        {name: _argv(shards, tmp_path / name, dga + extra) for name, extra in variants.items()}, world_size=2
+    )
     plain = runs["plain"]["metrics"]
     updates = [m for m in plain if "alignments" in m]
     assert len(updates) == 3
@@ -173,8 +206,9 @@ def test_distributed_optimizer_and_overlap_give_the_same_alignments(shards, tmp_
         for a, b in zip(updates, [m for m in other if "alignments" in m]):
             np.testing.assert_allclose(b["alignments"], a["alignments"], rtol=rtol, atol=1e-9, err_msg=name)
             assert b["specific_grad_norm"] == pytest.approx(a["specific_grad_norm"], rel=max(rtol, 1e-6)), name
-        np.testing.assert_allclose([m["lm_loss"] for m in other], [m["lm_loss"] for m in plain],
-                                   rtol=min(rtol, 1e-5), err_msg=name)
+        np.testing.assert_allclose(
+            [m["lm_loss"] for m in other], [m["lm_loss"] for m in plain], rtol=min(rtol, 1e-5), err_msg=name
+        )
         np.testing.assert_allclose(other[-1]["domain_weights"], plain[-1]["domain_weights"], rtol=rtol, err_msg=name)
         # Every rank's parameters after train(): with --overlap-param-gather they are gathered
         # (each rank updated only its shard), so they match the plain run on every rank too.
@@ -211,8 +245,9 @@ def _adam_run(rank, world_size, argv):
 
 @pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
 def test_adam_preconditioner_reads_megatron_optimizer_state(shards, tmp_path, precision):
-    argv = _argv(shards, tmp_path, ["--mixing", "dga", "--dga-preconditioner", "adam", "--adam-beta2", "0.95",
-                                    *precision])
+    argv = _argv(
+        shards, tmp_path, ["--mixing", "dga", "--dga-preconditioner", "adam", "--adam-beta2", "0.95", *precision]
+    )
     out = run_distributed(_adam_run, world_size=1, args=(argv,))[0]
     assert out["before"] is None  # identity before the first step, as documented
     assert out["numels"] == out["param_numels"]
@@ -223,10 +258,10 @@ def test_adam_preconditioner_reads_megatron_optimizer_state(shards, tmp_path, pr
 
 
 def test_adam_preconditioner_with_distributed_optimizer_is_refused(shards, tmp_path):
-    argv = _argv(shards, tmp_path, ["--mixing", "dga", "--dga-preconditioner", "adam",
-                                    "--use-distributed-optimizer"])
-    proc = subprocess.run([sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True,
-                          text=True, timeout=300)
+    argv = _argv(shards, tmp_path, ["--mixing", "dga", "--dga-preconditioner", "adam", "--use-distributed-optimizer"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--dga-preconditioner adam cannot be combined with --use-distributed-optimizer" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -250,9 +285,15 @@ def test_bf16_and_fp16_train_with_megatron_mixed_precision_optimizers(shards, tm
     dga = ["--mixing", "dga", "--dga-interval", "2", "--train-iters", "12"]
     # fp16: dynamic loss scaling from 2^20, which overflows this model's fp16 gradients (so do 2^19):
     # megatron skips those steps and halves the scale each time (hysteresis 1) until they fit.
-    runs = run_trainers({"bf16": _argv(shards, tmp_path / "bf16", ["--bf16", *dga]),
-                         "fp16": _argv(shards, tmp_path / "fp16", ["--fp16", "--initial-loss-scale", str(2**20),
-                                                                    "--hysteresis", "1", *dga])}, world_size=2)
+    runs = run_trainers(
+        {
+            "bf16": _argv(shards, tmp_path / "bf16", ["--bf16", *dga]),
+            "fp16": _argv(
+                shards, tmp_path / "fp16", ["--fp16", "--initial-loss-scale", str(2**20), "--hysteresis", "1", *dga]
+            ),
+        },
+        world_size=2,
+    )
     for precision in ("bf16", "fp16"):
         metrics = runs[precision]["metrics"]
         losses = np.array([m["lm_loss"] for m in metrics])

@@ -1,4 +1,5 @@
 """MetricsLogger sinks (console, TensorBoard, metrics.jsonl), resume truncation, Throughput."""
+
 from __future__ import annotations
 
 import io
@@ -70,17 +71,27 @@ def test_jsonl_round_trip_and_strict_json(tmp_path):
 
 def test_tensorboard_tags_and_values(tmp_path):
     tb = tmp_path / "tb"
-    with MetricsLogger(tmp_path, tb, domain_names=DOMAINS, stream=io.StringIO(),
-                       list_labels={"domain_alignment": ["b0", "b1"]}) as m:
+    with MetricsLogger(
+        tmp_path, tb, domain_names=DOMAINS, stream=io.StringIO(), list_labels={"domain_alignment": ["b0", "b1"]}
+    ) as m:
         for it in (1, 2):
             m.log(it, {**_scalars(it), "domain_alignment": [0.1 * it, -0.2], "mixing/custom": 7})
     acc = _events(tb)
     tags = set(acc.Tags()["scalars"])
     expected = {
-        "train/lm_loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec",
-        "train/ms_per_iter", "train/consumed_samples", "eval/specific_loss", "mixing/custom",
-        *(f"mixing/weight/{d}" for d in DOMAINS), *(f"data/samples/{d}" for d in DOMAINS),
-        *(f"eval/domain_loss/{d}" for d in DOMAINS), "mixing/alignment/b0", "mixing/alignment/b1",
+        "train/lm_loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "train/ms_per_iter",
+        "train/consumed_samples",
+        "eval/specific_loss",
+        "mixing/custom",
+        *(f"mixing/weight/{d}" for d in DOMAINS),
+        *(f"data/samples/{d}" for d in DOMAINS),
+        *(f"eval/domain_loss/{d}" for d in DOMAINS),
+        "mixing/alignment/b0",
+        "mixing/alignment/b1",
     }
     assert expected <= tags
     assert "train/mixing" not in tags  # string values are not scalars
@@ -95,12 +106,23 @@ def test_tensorboard_tags_and_values(tmp_path):
 def test_console_line_format(tmp_path):
     stream = io.StringIO()
     with MetricsLogger(tmp_path, train_iters=1000, domain_names=DOMAINS, stream=stream) as m:
-        line = m.log(100, {"consumed_samples": 3200, "ms_per_iter": 123.44, "tokens_per_sec": 12345.4,
-                           "lr": 3e-4, "lm_loss": 3.456789, "grad_norm": 1.2344,
-                           "domain_weights": [0.2, 0.3, 0.5], "aux_loss": 0.25, "skipped": 2})
+        line = m.log(
+            100,
+            {
+                "consumed_samples": 3200,
+                "ms_per_iter": 123.44,
+                "tokens_per_sec": 12345.4,
+                "lr": 3e-4,
+                "lm_loss": 3.456789,
+                "grad_norm": 1.2344,
+                "domain_weights": [0.2, 0.3, 0.5],
+                "aux_loss": 0.25,
+                "skipped": 2,
+            },
+        )
     assert stream.getvalue() == line + "\n"
     assert re.match(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iteration      100/    1000 \|", line)
-    body = line[line.index("]") + 1:]
+    body = line[line.index("]") + 1 :]
     assert body == (
         " iteration      100/    1000 | consumed samples:         3200 |"
         " elapsed time per iteration (ms): 123.4 | tokens/s: 12345 |"
@@ -228,8 +250,12 @@ def test_full_disk_while_logging_simulated_names_the_file_and_keeps_earlier_line
             raise OSError(errno.ENOSPC, "No space left on device")
 
     real, m._file = m._file, FullDisk()
-    with pytest.raises(OutputError, match=re.escape(
-            f"no space left on device writing {tmp_path / 'metrics.jsonl'}; free space or point --log-dir elsewhere")):
+    with pytest.raises(
+        OutputError,
+        match=re.escape(
+            f"no space left on device writing {tmp_path / 'metrics.jsonl'}; free space or point --log-dir elsewhere"
+        ),
+    ):
         m.log(2, {"lm_loss": 2.0})
     real.close()
     assert [r["iteration"] for r in read_metrics(tmp_path)] == [1]
@@ -247,8 +273,10 @@ def test_wandb_gets_the_tensorboard_tags_on_the_writer_only(tmp_path, monkeypatc
     with MetricsLogger(tmp_path, domain_names=DOMAINS, stream=io.StringIO(), wandb_init=init) as m:
         for it in (1, 2):
             m.log(it, _scalars(it))
-        expected = [(it, dict(tag for key, value in _scalars(it).items() for tag in m.tags_for(key, _plain(value))))
-                    for it in (1, 2)]
+        expected = [
+            (it, dict(tag for key, value in _scalars(it).items() for tag in m.tags_for(key, _plain(value))))
+            for it in (1, 2)
+        ]
     assert fake.inits == [init] and fake.finished == 1
     np.testing.assert_equal(fake.logs, expected)  # same tags, lists one scalar per domain, step = iteration
     assert fake.logs[1][1]["mixing/weight/books"] == pytest.approx(0.5) and "train/mixing" not in fake.logs[1][1]

@@ -1,5 +1,6 @@
 """DP=2 and TP=2 megatron-core GPT training steps match one process (gloo, CPU); so do a
 Llama-style model, activation recomputation, and megatron-core's fp16 loss scaling."""
+
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,15 @@ SEQ, VOCAB, GLOBAL_BATCH, STEPS = 16, 256, 4, 2
 MODELS = {
     "gpt": {},
     # Llama-style: 4 query heads sharing 2 key/value groups, SwiGLU, RMSNorm, no biases, RoPE theta 5e5.
-    "llama": dict(group_query_attention=True, num_query_groups=2, swiglu=True, normalization="RMSNorm",
-                  disable_bias_linear=True, position_embedding_type="rope", rotary_base=500000),
+    "llama": dict(
+        group_query_attention=True,
+        num_query_groups=2,
+        swiglu=True,
+        normalization="RMSNorm",
+        disable_bias_linear=True,
+        position_embedding_type="rope",
+        rotary_base=500000,
+    ),
 }
 
 
@@ -22,8 +30,15 @@ def _model_config(name="gpt", **overrides):
 
     # vocab 256 with divisible_by 64 pads to 256 for TP=1 and TP=2 alike, so both
     # layouts draw the same CPU master weights.
-    return GPTModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=SEQ,
-                          vocab_size=VOCAB, make_vocab_size_divisible_by=64, **{**MODELS[name], **overrides})
+    return GPTModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        seq_length=SEQ,
+        vocab_size=VOCAB,
+        make_vocab_size_divisible_by=64,
+        **{**MODELS[name], **overrides},
+    )
 
 
 def _batch():
@@ -129,8 +144,7 @@ def reference():
     return get
 
 
-@pytest.mark.parametrize("name, tp_size", [("gpt", 1), ("gpt", 2), ("llama", 2)],
-                         ids=["dp2", "tp2", "llama-tp2"])
+@pytest.mark.parametrize("name, tp_size", [("gpt", 1), ("gpt", 2), ("llama", 2)], ids=["dp2", "tp2", "llama-tp2"])
 def test_two_ranks_match_one_process(reference, name, tp_size):
     ref_losses, ref_grads, (numel, counted) = reference(name)
     assert numel == counted  # GPTModelConfig.num_parameters counts what megatron builds
@@ -143,8 +157,9 @@ def test_two_ranks_match_one_process(reference, name, tp_size):
                 # Reduction order differs by layout (~3e-7 of a tensor's largest gradient at step 0);
                 # AdamW's first, sign-like update makes near-zero entries differ more afterwards.
                 atol = max(2e-6, 1e-4 * float(np.abs(ref).max()))
-                np.testing.assert_allclose(grads[step][name_], ref, rtol=1e-4, atol=atol,
-                                           err_msg=f"step {step} {name_}")
+                np.testing.assert_allclose(
+                    grads[step][name_], ref, rtol=1e-4, atol=atol, err_msg=f"step {step} {name_}"
+                )
     # The loss after an optimizer step equals too, so the update itself matches.
     assert ref_losses[1] != ref_losses[0]
 
@@ -181,7 +196,10 @@ def test_activation_recomputation_changes_nothing():
     # Checkpointed forwards over STEPS steps of 2 layers: uniform chunks of 1 layer and selective
     # (each layer's core attention) 2 per step; block recomputes the first layer only.
     assert {variant: calls for variant, (_, _, calls) in runs.items()} == {
-        "full-uniform": 2 * STEPS, "full-block": STEPS, "selective": 2 * STEPS}
+        "full-uniform": 2 * STEPS,
+        "full-block": STEPS,
+        "selective": 2 * STEPS,
+    }
     for variant, (losses, grads, _) in runs.items():
         assert losses == ref_losses, variant
         for step in range(STEPS):
@@ -203,11 +221,20 @@ def _fp16_runs(rank, world_size):
 
     ctx = platform.initialize(platform.ParallelConfig(seed=7))
     tokens, labels = _batch()
-    batch = [{"tokens": tokens, "labels": labels, "loss_mask": torch.ones_like(tokens, dtype=torch.float32),
-              "position_ids": torch.arange(SEQ).expand_as(tokens)}]
+    batch = [
+        {
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": torch.ones_like(tokens, dtype=torch.float32),
+            "position_ids": torch.arange(SEQ).expand_as(tokens),
+        }
+    ]
     runs = {}
-    for variant, fp16, flags in (("fp32", False, {}), ("static", True, dict(loss_scale=1024.0)),
-                                 ("dynamic", True, dict(initial_loss_scale=2.0**40, hysteresis=1))):
+    for variant, fp16, flags in (
+        ("fp32", False, {}),
+        ("static", True, dict(loss_scale=1024.0)),
+        ("dynamic", True, dict(initial_loss_scale=2.0**40, hysteresis=1)),
+    ):
         platform.set_seed(7, ctx)
         core, module = build_stage_model(_model_config("llama", fp16=fp16), ctx)
         ddp = DistributedDataParallel(core.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), module)

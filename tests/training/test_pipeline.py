@@ -6,6 +6,7 @@ tied-embedding checks and a checkpoint/resume round trip. The PP stages start fr
 reference's initial weights (loaded by global parameter name), so losses and final
 weights must agree up to float reordering.
 """
+
 import os
 
 import numpy as np
@@ -17,8 +18,18 @@ from tests.helpers.layouts import gathered_stages as _gathered, logged_metrics a
 from tests.helpers.layouts import shared_copy as _shared_copy, trainer_from as _trainer
 from tests.helpers.synthetic import NULL_TOKENIZER_ARGS
 
-MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-         "--make-vocab-size-divisible-by", "64"]
+MODEL = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--make-vocab-size-divisible-by",
+    "64",
+]
 ITERS = 4
 
 # name -> extra flags; each runs on one process and on PP=2.
@@ -27,16 +38,45 @@ CONFIGS = {
     "untied_4mb": ["--micro-batch-size", "2", "--untie-embeddings-and-output-weights"],
     "dga": ["--micro-batch-size", "4", "--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8"],
     # Forward-only pipeline passes (per-token losses on every stage) at shifted weights.
-    "dga_fd": ["--micro-batch-size", "4", "--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8",
-               "--dga-estimator", "fd"],
+    "dga_fd": [
+        "--micro-batch-size",
+        "4",
+        "--mixing",
+        "dga",
+        "--dga-interval",
+        "2",
+        "--dga-specific-batch-size",
+        "8",
+        "--dga-estimator",
+        "fd",
+    ],
 }
 
 
 def _argv(shards, log_dir, extra, iters=ITERS):
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
-            "--specific-eval-data-path", shards["specific_eval"], *NULL_TOKENIZER_ARGS, *MODEL,
-            "--global-batch-size", "8", "--train-iters", str(iters), "--log-interval", "1",
-            "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(log_dir), *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        "--specific-eval-data-path",
+        shards["specific_eval"],
+        *NULL_TOKENIZER_ARGS,
+        *MODEL,
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(log_dir),
+        *extra,
+    ]
 
 
 def _reference(rank, world_size, runs):
@@ -72,7 +112,10 @@ def _pipelined(rank, world_size, runs, inits, resume):
     for step, argv in resume:
         trainer = _trainer(argv)
         trainer.train()
-        out["resume"][step] = {"final": _named(trainer), "metrics": _metrics(trainer, argv[argv.index("--log-dir") + 1])}
+        out["resume"][step] = {
+            "final": _named(trainer),
+            "metrics": _metrics(trainer, argv[argv.index("--log-dir") + 1]),
+        }
     return out
 
 
@@ -86,22 +129,32 @@ def _four_ranks(rank, world_size, runs, init):
         _load_initial(trainer, init)
         last = trainer.train()
         ctx = trainer.ctx
-        dims = {n: p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
-                for n, p in global_parameter_names(trainer.model).items()}
-        out[name] = {"final": _named(trainer) if ctx.dp_rank == 0 else None, "dims": dims, "tp_rank": ctx.tp_rank,
-                     "metrics": _metrics(trainer, log_dir), "last": last}
+        dims = {
+            n: p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+            for n, p in global_parameter_names(trainer.model).items()
+        }
+        out[name] = {
+            "final": _named(trainer) if ctx.dp_rank == 0 else None,
+            "dims": dims,
+            "tp_rank": ctx.tp_rank,
+            "metrics": _metrics(trainer, log_dir),
+            "last": last,
+        }
     return out
 
 
 @pytest.fixture(scope="module")
 def results(shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pp")
-    ref_runs = {name: (_argv(shards, tmp / f"ref_{name}", extra), str(tmp / f"ref_{name}"))
-                for name, extra in CONFIGS.items()}
+    ref_runs = {
+        name: (_argv(shards, tmp / f"ref_{name}", extra), str(tmp / f"ref_{name}")) for name, extra in CONFIGS.items()
+    }
     reference = run_distributed(_reference, world_size=1, args=(ref_runs,))[0]
     pp = ["--pipeline-model-parallel-size", "2"]
-    pp_runs = {name: (_argv(shards, tmp / f"pp_{name}", extra + pp), str(tmp / f"pp_{name}"))
-               for name, extra in CONFIGS.items()}
+    pp_runs = {
+        name: (_argv(shards, tmp / f"pp_{name}", extra + pp), str(tmp / f"pp_{name}"))
+        for name, extra in CONFIGS.items()
+    }
     ckpt = str(tmp / "ckpt")
     base = ["--micro-batch-size", "2", "--mixing", "dga", "--dga-interval", "2"] + pp
     resume = [
@@ -111,9 +164,14 @@ def results(shards, tmp_path_factory):
     ]
     inits = {name: reference[name]["init"] for name in CONFIGS}
     ranks = run_distributed(_pipelined, world_size=2, args=(pp_runs, inits, resume))
-    four = {layout: (_argv(shards, tmp / layout, CONFIGS["dga"] + pp + extra), str(tmp / layout))
-            for layout, extra in (("dp2", []), ("tp2", ["--tensor-model-parallel-size", "2"]),
-                                  ("tp2_sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]))}
+    four = {
+        layout: (_argv(shards, tmp / layout, CONFIGS["dga"] + pp + extra), str(tmp / layout))
+        for layout, extra in (
+            ("dp2", []),
+            ("tp2", ["--tensor-model-parallel-size", "2"]),
+            ("tp2_sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+        )
+    }
     four_ranks = run_distributed(_four_ranks, world_size=4, args=(four, inits["dga"]))
     return {"reference": reference, "ranks": ranks, "ckpt": ckpt, "four": four_ranks}
 
@@ -124,8 +182,9 @@ def test_pp2_matches_one_process(results, name):
     ranks = results["ranks"]
     np.testing.assert_allclose(_losses(ranks[1][name]["metrics"]), _losses(ref["metrics"]), rtol=1e-5)
     # Adam hides a mis-scaled gradient; the norm (over both stages, tied copy once) does not.
-    np.testing.assert_allclose([m["grad_norm"] for m in ranks[1][name]["metrics"]],
-                               [m["grad_norm"] for m in ref["metrics"]], rtol=1e-5)
+    np.testing.assert_allclose(
+        [m["grad_norm"] for m in ranks[1][name]["metrics"]], [m["grad_norm"] for m in ref["metrics"]], rtol=1e-5
+    )
     # The loss is known on every stage, not only the last.
     assert ranks[0][name]["last"]["lm_loss"] == ranks[1][name]["last"]["lm_loss"]
     final = _gathered(ranks, name)
@@ -140,13 +199,16 @@ def test_pp2_matches_one_process(results, name):
 def test_eval_and_dga_weights_match(results):
     ref, ranks = results["reference"], results["ranks"]
     for rank in ranks:
-        np.testing.assert_allclose(rank["tied_2mb"]["last"]["specific_eval_loss"],
-                                   ref["tied_2mb"]["last"]["specific_eval_loss"], rtol=1e-5)
-        np.testing.assert_allclose(rank["tied_2mb"]["last"]["domain_eval_loss"],
-                                   ref["tied_2mb"]["last"]["domain_eval_loss"], rtol=1e-5)
+        np.testing.assert_allclose(
+            rank["tied_2mb"]["last"]["specific_eval_loss"], ref["tied_2mb"]["last"]["specific_eval_loss"], rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            rank["tied_2mb"]["last"]["domain_eval_loss"], ref["tied_2mb"]["last"]["domain_eval_loss"], rtol=1e-5
+        )
         for name in ("dga", "dga_fd"):
-            np.testing.assert_allclose(rank[name]["last"]["domain_weights"], ref[name]["last"]["domain_weights"],
-                                       rtol=1e-4, atol=1e-7)
+            np.testing.assert_allclose(
+                rank[name]["last"]["domain_weights"], ref[name]["last"]["domain_weights"], rtol=1e-4, atol=1e-7
+            )
     for name in ("dga", "dga_fd"):
         assert not np.allclose(ref[name]["last"]["domain_weights"], 1 / 3, rtol=1e-3)  # DGA did update
 
@@ -188,8 +250,9 @@ def test_pp2_with_dp2_or_tp2_matches_one_process(results, layout):
     np.testing.assert_allclose(_losses(metrics), _losses(ref["metrics"]), rtol=1e-5)
     np.testing.assert_allclose([m["grad_norm"] for m in metrics], [m["grad_norm"] for m in ref["metrics"]], rtol=1e-5)
     for rank in four:
-        np.testing.assert_allclose(rank[layout]["last"]["domain_weights"], ref["last"]["domain_weights"],
-                                   rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            rank[layout]["last"]["domain_weights"], ref["last"]["domain_weights"], rtol=1e-4, atol=1e-7
+        )
     # Stages' parameters by global name; TP shards concatenated along their partition dim.
     shards = {}
     for rank in sorted(four, key=lambda r: r[layout]["tp_rank"]):

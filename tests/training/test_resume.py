@@ -8,6 +8,7 @@ from iteration 4 on layout B and compares iterations 5-8 with A's own. Tolerance
 - TP or PP changed: the model-parallel split changes the order of the matmul and
   layer-norm reductions as well (rtol 1e-4).
 """
+
 import re
 
 import numpy as np
@@ -23,9 +24,30 @@ PAD_48 = ["--make-vocab-size-divisible-by", "48"]
 
 def _argv(shards, run_dir, extra=(), iters=8):
     mixing = [] if "--mixing" in extra else DGA  # the --dga-* flags are an error with another --mixing
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"], *NULL_TOKENIZER_ARGS,
-            *TINY_GPT_ARGS, "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
-            "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(run_dir), *mixing, *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(run_dir),
+        *mixing,
+        *extra,
+    ]
 
 
 def _losses(metrics, start=0):
@@ -40,11 +62,20 @@ LAYOUTS = {
     "tp2_to_tp1": (["--tensor-model-parallel-size", "2"], 2, [], 1, 1e-4),
     # The distributed optimizer's state in the fully_reshardable format moves to another TP/PP layout
     # (gathered on every rank, or on DP rank 0 over gloo).
-    "distopt_tp2_to_dp2": (["--tensor-model-parallel-size", "2", *FULLY_RESHARDABLE], 2,
-                           ["--use-distributed-optimizer"], 2, 1e-4),
+    "distopt_tp2_to_dp2": (
+        ["--tensor-model-parallel-size", "2", *FULLY_RESHARDABLE],
+        2,
+        ["--use-distributed-optimizer"],
+        2,
+        1e-4,
+    ),
     "distopt_pp2_to_pp1_mem_efficient": (
         ["--pipeline-model-parallel-size", "2", *FULLY_RESHARDABLE, "--distrib-optim-fully-reshardable-mem-efficient"],
-        2, ["--use-distributed-optimizer"], 1, 1e-4),
+        2,
+        ["--use-distributed-optimizer"],
+        1,
+        1e-4,
+    ),
     # The 128-token vocabulary pads to 144 entries at TP=1 and to 192 at TP=2 (multiples of 48 x TP): the
     # checkpoint's padded rows and the new zero rows stay out of the loss, so the same model computes the same.
     "tp1_to_tp2_padded_vocab": (PAD_48, 1, ["--tensor-model-parallel-size", "2", *PAD_48], 2, 1e-4),
@@ -55,11 +86,11 @@ LAYOUTS = {
 def test_resume_on_another_layout_continues_the_run(shards, tmp_path, case):
     flags_a, world_a, flags_b, world_b, rtol = LAYOUTS[case]
     ckpt = str(tmp_path / "ckpt")
-    rcs, straight = run_pretrain(_argv(shards, tmp_path / "a", flags_a + ["--save", ckpt, "--save-interval", "4"]),
-                                 world_a)
+    rcs, straight = run_pretrain(
+        _argv(shards, tmp_path / "a", flags_a + ["--save", ckpt, "--save-interval", "4"]), world_a
+    )
     assert set(rcs) == {0}
-    rcs, resumed = run_pretrain(_argv(shards, tmp_path / "b", flags_b + ["--load", ckpt, "--ckpt-step", "4"]),
-                                world_b)
+    rcs, resumed = run_pretrain(_argv(shards, tmp_path / "b", flags_b + ["--load", ckpt, "--ckpt-step", "4"]), world_b)
     assert set(rcs) == {0}
     assert [m["iteration"] for m in resumed] == [5, 6, 7, 8]
     # Iteration 5: the checkpoint's weights on the same batch; only the order of the sums differs.
@@ -83,10 +114,12 @@ def test_distributed_optimizer_resume_is_bit_identical(shards, tmp_path):
     np.testing.assert_array_equal(_losses(resumed), _losses(straight))
     assert resumed[-1]["domain_weights"] == straight[-1]["domain_weights"]
     # Megatron's default dp_reshardable format cannot move to another TP: refused before loading.
-    rc, err = _resume_error(shards, tmp_path / "c", extra + ["--load", ckpt, "--tensor-model-parallel-size", "2"],
-                            nproc=2)
-    assert rc != 0 and "dp_reshardable format for TP=1 PP=1" in err and "--dist-ckpt-optim-fully-reshardable" in err, \
+    rc, err = _resume_error(
+        shards, tmp_path / "c", extra + ["--load", ckpt, "--tensor-model-parallel-size", "2"], nproc=2
+    )
+    assert rc != 0 and "dp_reshardable format for TP=1 PP=1" in err and "--dist-ckpt-optim-fully-reshardable" in err, (
         err[-3000:]
+    )
     assert not re.search(r'File ".*megatron_dga/', err), err[-3000:]  # torchrun's own report of the exit is fine
 
 
@@ -114,19 +147,31 @@ def _resume_error(shards, tmp_path, argv_extra, data_path=None, nproc=1):
     argv = _argv(shards, tmp_path, argv_extra)
     if data_path is not None:
         i = argv.index("--data-path")
-        argv[i + 1:i + 1 + len(shards["domains"])] = data_path
-    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                                      "--master-port", str(free_port())]
-    proc = subprocess.run([sys.executable, *launcher, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": "1"})
+        argv[i + 1 : i + 1 + len(shards["domains"])] = data_path
+    launcher = (
+        []
+        if nproc == 1
+        else ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port())]
+    )
+    proc = subprocess.run(
+        [sys.executable, *launcher, "-m", "megatron_dga.pretrain_gpt", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": "1"},
+    )
     return proc.returncode, proc.stderr
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--hidden-size", "64"], r"--hidden-size: the checkpoint .* was trained with 32, this run has 64"),
-    (["--mixing", "uniform"], r"--mixing uniform: the checkpoint .* --mixing dga; .*--reset-mixing-state"),
-    (["--use-distributed-optimizer"], r"--use-distributed-optimizer: the checkpoint .* saved without it"),
-], ids=["model-shape", "mixing", "distopt"])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--hidden-size", "64"], r"--hidden-size: the checkpoint .* was trained with 32, this run has 64"),
+        (["--mixing", "uniform"], r"--mixing uniform: the checkpoint .* --mixing dga; .*--reset-mixing-state"),
+        (["--use-distributed-optimizer"], r"--use-distributed-optimizer: the checkpoint .* saved without it"),
+    ],
+    ids=["model-shape", "mixing", "distopt"],
+)
 def test_resume_refuses_a_changed_job_before_loading(shards, saved, tmp_path, extra, message):
     rc, err = _resume_error(shards, tmp_path, ["--load", saved, *extra])
     assert rc == 2, err[-3000:]
@@ -144,15 +189,21 @@ def test_resume_refuses_another_lr_schedule_naming_each_flag(shards, saved, tmp_
     # ``saved`` trained 4 iterations at --lr 3e-3 (cosine to --min-lr 3e-5, --weight-decay 0.01); this run asks
     # for 8 (the decay length) and other values of every schedule flag. megatron-core's scheduler would keep the
     # checkpoint's values silently (and decay over 4 iterations: the rest at --min-lr).
-    rc, err = _resume_error(shards, tmp_path, ["--load", saved, "--lr", "1e-3", "--min-lr", "1e-5",
-                                               "--lr-decay-style", "linear", "--weight-decay", "0.1"])
+    rc, err = _resume_error(
+        shards,
+        tmp_path,
+        ["--load", saved, "--lr", "1e-3", "--min-lr", "1e-5", "--lr-decay-style", "linear", "--weight-decay", "0.1"],
+    )
     assert rc == 2, err[-3000:]
-    for named in ("--lr: the checkpoint has 0.003, this run 0.001",
-                  "--min-lr: the checkpoint has 3e-05, this run 1e-05",
-                  "--lr-decay-style: the checkpoint has cosine, this run linear",
-                  "--weight-decay: the checkpoint has 0.01, this run 0.1",
-                  "decay length (--lr-decay-iters, else --train-iters): the checkpoint has 4, this run 8",
-                  "--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"):
+    for named in (
+        "--lr: the checkpoint has 0.003, this run 0.001",
+        "--min-lr: the checkpoint has 3e-05, this run 1e-05",
+        "--lr-decay-style: the checkpoint has cosine, this run linear",
+        "--weight-decay: the checkpoint has 0.01, this run 0.1",
+        "decay length (--lr-decay-iters, else --train-iters): the checkpoint has 4, this run 8",
+        "--override-opt_param-scheduler",
+        "--use-checkpoint-opt_param-scheduler",
+    ):
         assert named in err, (named, err[-3000:])
     assert "weight-decay length" not in err  # constant weight decay: its length changes nothing
     assert "Traceback" not in err
@@ -165,10 +216,12 @@ def test_extend_a_run_with_override_or_keep_the_checkpoint_schedule(shards, save
     from tests.helpers.dist_utils import run_trainers
 
     resume = ["--load", saved, "--lr", "1e-3"]  # 8 iterations (the checkpoint: 4), another peak LR
-    runs = run_trainers({
-        "override": _argv(shards, tmp_path / "override", resume + ["--override-opt_param-scheduler"]),
-        "keep": _argv(shards, tmp_path / "keep", resume + ["--use-checkpoint-opt_param-scheduler"]),
-    })
+    runs = run_trainers(
+        {
+            "override": _argv(shards, tmp_path / "override", resume + ["--override-opt_param-scheduler"]),
+            "keep": _argv(shards, tmp_path / "keep", resume + ["--use-checkpoint-opt_param-scheduler"]),
+        }
+    )
     lrs = {name: [m["lr"] for m in run["metrics"]] for name, run in runs.items()}
     assert [m["iteration"] for m in runs["override"]["metrics"]] == [5, 6, 7, 8]
     # This run's schedule: cosine from 1e-3 to 3e-5 over 8 iterations, continued at step 4 (iteration 5 is step 4).
@@ -192,10 +245,13 @@ def test_schedule_differences_skip_values_that_do_not_act():
     # A constant LR: a longer run or another --min-lr changes no step's LR or weight decay.
     assert schedule_differences(saved, OptimizerConfig(lr_decay_style="constant", min_lr=0.0), sched(8)) == []
     assert schedule_differences(saved, OptimizerConfig(lr_decay_style="constant", lr=1e-3), sched(4)) == [
-        ("--lr", 3e-4, 1e-3)]
+        ("--lr", 3e-4, 1e-3)
+    ]
     cosine = scheduler_arguments(OptimizerConfig(), sched(4))
     assert [d[0] for d in schedule_differences(cosine, OptimizerConfig(weight_decay=0.1), sched(8))] == [
-        "decay length (--lr-decay-iters, else --train-iters)", "--weight-decay"]
+        "decay length (--lr-decay-iters, else --train-iters)",
+        "--weight-decay",
+    ]
 
 
 def test_reordered_data_path_resumes_by_domain_name(shards, tmp_path):
@@ -204,7 +260,7 @@ def test_reordered_data_path_resumes_by_domain_name(shards, tmp_path):
     assert rcs == [0]
     argv = _argv(shards, tmp_path / "b", ["--load", ckpt, "--ckpt-step", "4"])
     i = argv.index("--data-path")
-    argv[i + 1:i + 4] = list(reversed(shards["domains"]))
+    argv[i + 1 : i + 4] = list(reversed(shards["domains"]))
     rcs, resumed = run_pretrain(argv)
     assert rcs == [0]
     np.testing.assert_array_equal(_losses(resumed), _losses(straight, 4))
@@ -212,9 +268,13 @@ def test_reordered_data_path_resumes_by_domain_name(shards, tmp_path):
 
 
 def test_reset_mixing_state_starts_the_new_strategy_afresh(shards, saved, tmp_path):
-    rcs, metrics = run_pretrain(_argv(shards, tmp_path, ["--load", saved, "--mixing", "uniform",
-                                                         "--reset-mixing-state",
-                                                         "--use-checkpoint-opt_param-scheduler"]))
+    rcs, metrics = run_pretrain(
+        _argv(
+            shards,
+            tmp_path,
+            ["--load", saved, "--mixing", "uniform", "--reset-mixing-state", "--use-checkpoint-opt_param-scheduler"],
+        )
+    )
     assert rcs == [0]
     assert metrics[0]["iteration"] == 5
     for m in metrics:
@@ -237,8 +297,12 @@ def test_sigterm_saves_exits_zero_and_resume_continues_exactly(shards, tmp_path)
     assert rcs == [0]
     ckpt, log = str(tmp_path / "ckpt"), tmp_path / "preempted"
     argv = _argv(shards, log, ["--save", ckpt, "--exit-signal-handler"], iters=iters)
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics_file = log / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 5):
@@ -266,10 +330,15 @@ def test_diverging_run_stops_naming_the_iteration_and_keeps_finite_checkpoints(s
     from megatron_dga.training.checkpoint import _list_iterations, latest_iteration
 
     ckpt = tmp_path / "ckpt"
-    argv = _argv(shards, tmp_path / "log", ["--lr", "1e30", "--save", str(ckpt), "--save-interval", "1",
-                                            "--keep-last", "1"], iters=20)
-    proc = subprocess.run([sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True,
-                          timeout=300)
+    argv = _argv(
+        shards,
+        tmp_path / "log",
+        ["--lr", "1e30", "--save", str(ckpt), "--save-interval", "1", "--keep-last", "1"],
+        iters=20,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_dga.pretrain_gpt", *argv], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "the training loss is nan" in proc.stderr or "the training loss is inf" in proc.stderr, proc.stderr[-2000:]
     assert "stopped without saving" in proc.stderr and "Traceback" not in proc.stderr
@@ -301,9 +370,13 @@ def _train_first_with_the_v2_sampler_state(rank, world_size, runs):
 
     def v2_state_dict(self):
         state = today(self)
-        return {**state, "format": "megatron-dga/mixture-sampler-v2", "weights": self._weights.tolist(),
-                "basis_weights": None if self._gamma is None else self._gamma.tolist(),
-                "basis_fingerprint": self._basis_fingerprint if self._gamma is not None else None}
+        return {
+            **state,
+            "format": "megatron-dga/mixture-sampler-v2",
+            "weights": self._weights.tolist(),
+            "basis_weights": None if self._gamma is None else self._gamma.tolist(),
+            "basis_fingerprint": self._basis_fingerprint if self._gamma is not None else None,
+        }
 
     out = {}
     for name, argv in runs.items():
@@ -321,11 +394,17 @@ def test_a_checkpoint_with_the_v2_sampler_state_still_resumes_bit_identically(sh
     from tests.helpers.dist_utils import run_distributed
 
     ckpt = str(tmp_path / "ckpt")
-    runs = run_distributed(_train_first_with_the_v2_sampler_state, world_size=1, args=({
-        "straight": _argv(shards, tmp_path / "a"),
-        "first": _argv(shards, tmp_path / "b", ["--exit-interval", "4", "--save", ckpt]),
-        "resumed": _argv(shards, tmp_path / "b", ["--load", ckpt]),
-    },))[0]
+    runs = run_distributed(
+        _train_first_with_the_v2_sampler_state,
+        world_size=1,
+        args=(
+            {
+                "straight": _argv(shards, tmp_path / "a"),
+                "first": _argv(shards, tmp_path / "b", ["--exit-interval", "4", "--save", ckpt]),
+                "resumed": _argv(shards, tmp_path / "b", ["--load", ckpt]),
+            },
+        ),
+    )[0]
     assert [m["iteration"] for m in runs["resumed"]] == list(range(1, 9))
     assert [m["lm_loss"] for m in runs["resumed"]] == [m["lm_loss"] for m in runs["straight"]]
     assert [m["domain_weights"] for m in runs["resumed"]] == [m["domain_weights"] for m in runs["straight"]]

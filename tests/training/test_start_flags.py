@@ -8,6 +8,7 @@ in samples, mapped onto megatron-core's OptimizerParamScheduler in iterations);
 The trainer-level checks run all their jobs in one spawned gloo process (the ``runs`` fixture):
 a process start costs seconds, a tiny job a fraction of one.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,11 +42,15 @@ def _lrs(arguments: dict, increment: int, steps: int):
     return np.array(lrs)
 
 
-@pytest.mark.parametrize("flags, iters", [
-    (["--train-samples", "100", "--lr-warmup-samples", "24", "--lr-decay-samples", "80"], 6),
-    (["--train-samples", "100", "--lr-warmup-fraction", "0.25"], 6),
-    (["--train-iters", "6", "--lr-warmup-fraction", "0.25", "--lr-decay-iters", "5"], 6),
-], ids=["samples", "samples-fraction", "iters-fraction"])
+@pytest.mark.parametrize(
+    "flags, iters",
+    [
+        (["--train-samples", "100", "--lr-warmup-samples", "24", "--lr-decay-samples", "80"], 6),
+        (["--train-samples", "100", "--lr-warmup-fraction", "0.25"], 6),
+        (["--train-iters", "6", "--lr-warmup-fraction", "0.25", "--lr-decay-iters", "5"], 6),
+    ],
+    ids=["samples", "samples-fraction", "iters-fraction"],
+)
 def test_the_lr_schedule_is_megatrons_in_samples(flags, iters):
     """Our scheduler counts iterations; Megatron-LM's counts samples (step += global batch size)."""
     from megatron_dga.training.optim import scheduler_arguments
@@ -66,26 +71,46 @@ def test_the_lr_schedule_is_megatrons_in_samples(flags, iters):
     assert _lrs(ours, 1, iters)[0] == 0.0 and ours["lr_warmup_steps"] > 0  # the warmup is really there
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--train-samples", "100", "--train-iters", "5"], "--train-iters 5 and --train-samples 100 both set the length "
-                                                       "of the run (Megatron takes one); keep one"),
-    (["--train-samples", "10"], "--train-samples 10 is less than one --global-batch-size 16: no step would run"),
-    (["--train-samples", "100", "--lr-decay-iters", "7"], "--lr-decay-iters 7 with --train-samples 100: a run by "
-                                                         "samples counts its LR schedule in samples"),
-    (["--lr-warmup-samples", "32"], "--lr-warmup-samples 32 given without --train-samples: with --train-iters the "
-                                    "LR schedule counts iterations"),
-    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], "--lr-warmup-fraction 0.1 and --lr-warmup-iters 3 "
-                                                                "both set the warmup (Megatron takes one)"),
-    (["--lr-warmup-fraction", "1"], "--lr-warmup-fraction must be in [0, 1)"),
-    (["--rampup-batch-size", "4", "4", "1000"], "--rampup-batch-size 4 4 1000: ramping up the global batch size is "
-                                                "not supported; every global batch is drawn at --global-batch-size 16"),
-    (["--mock-data"], "--data-path x/a_text_document x/b_text_document and --mock-data each give the training data"),
-    (["--data-cache-path", "c"], None),  # accepted with --data-path (the Trainer checks it is writable)
-    (["--finetune"], "--finetune given without --load"),
-    (["--no-load-optim", "--no-load-rng"], "--no-load-optim, --no-load-rng given without --load"),
-    (["--load", "c", "--finetune", "--no-load-rng", "--reset-mixing-state"],
-     "--no-load-rng, --reset-mixing-state with --finetune, which loads the model weights only"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--train-samples", "100", "--train-iters", "5"],
+            "--train-iters 5 and --train-samples 100 both set the length of the run (Megatron takes one); keep one",
+        ),
+        (["--train-samples", "10"], "--train-samples 10 is less than one --global-batch-size 16: no step would run"),
+        (
+            ["--train-samples", "100", "--lr-decay-iters", "7"],
+            "--lr-decay-iters 7 with --train-samples 100: a run by samples counts its LR schedule in samples",
+        ),
+        (
+            ["--lr-warmup-samples", "32"],
+            "--lr-warmup-samples 32 given without --train-samples: with --train-iters the "
+            "LR schedule counts iterations",
+        ),
+        (
+            ["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"],
+            "--lr-warmup-fraction 0.1 and --lr-warmup-iters 3 both set the warmup (Megatron takes one)",
+        ),
+        (["--lr-warmup-fraction", "1"], "--lr-warmup-fraction must be in [0, 1)"),
+        (
+            ["--rampup-batch-size", "4", "4", "1000"],
+            "--rampup-batch-size 4 4 1000: ramping up the global batch size is "
+            "not supported; every global batch is drawn at --global-batch-size 16",
+        ),
+        (
+            ["--mock-data"],
+            "--data-path x/a_text_document x/b_text_document and --mock-data each give the training data",
+        ),
+        (["--data-cache-path", "c"], None),  # accepted with --data-path (the Trainer checks it is writable)
+        (["--finetune"], "--finetune given without --load"),
+        (["--no-load-optim", "--no-load-rng"], "--no-load-optim, --no-load-rng given without --load"),
+        (
+            ["--load", "c", "--finetune", "--no-load-rng", "--reset-mixing-state"],
+            "--no-load-rng, --reset-mixing-state with --finetune, which loads the model weights only",
+        ),
+    ],
+)
 def test_schedule_and_start_flags_are_checked_at_start_up(argv, message):
     if message is None:
         parse_args(PLAIN + argv)
@@ -122,19 +147,30 @@ def test_data_args_files_give_the_data_path(tmp_path):
         parse_args(["--data-args-path", str(args)])
 
     split = tmp_path / "split.json"
-    split.write_text(json.dumps({"train": "x/a_text_document x/b_text_document",
-                                 "valid": ["v/b_text_document", "v/a_text_document"], "test": []}))
+    split.write_text(
+        json.dumps(
+            {
+                "train": "x/a_text_document x/b_text_document",
+                "valid": ["v/b_text_document", "v/a_text_document"],
+                "test": [],
+            }
+        )
+    )
     cfg = parse_args(["--per-split-data-args-path", str(split)])
     assert cfg.data.data_path == ["x/a_text_document", "x/b_text_document"]
     assert cfg.data.per_split_valid_prefixes == ["v/a_text_document", "v/b_text_document"]  # matched to train by name
     assert cfg.data.train_fraction == 1.0  # Megatron's per-split blends use whole shards
     for body, message in [
-        ({"train": ["x/a_text_document"], "valid": ["v/c_text_document"]},
-         "\"valid\" names domains ['c'], \"train\" ['a']; the held-out sets are the per-domain eval sets, matched "
-         "by name"),
+        (
+            {"train": ["x/a_text_document"], "valid": ["v/c_text_document"]},
+            "\"valid\" names domains ['c'], \"train\" ['a']; the held-out sets are the per-domain eval sets, matched "
+            "by name",
+        ),
         ({"train": ["x/a_text_document"], "valid": ["1", "v/a_text_document"]}, "\"valid\" gives weights"),
-        ({"train": ["x/a_text_document"], "test": ["t/a_text_document"]}, "\"test\" gives t/a_text_document, but "
-                                                                         "this trainer runs no test evaluation"),
+        (
+            {"train": ["x/a_text_document"], "test": ["t/a_text_document"]},
+            "\"test\" gives t/a_text_document, but this trainer runs no test evaluation",
+        ),
         ({"valid": ["v/a_text_document"]}, "\"train\" is missing or empty"),
         ({"train": ["x/a_text_document"], "tests": []}, "unknown keys ['tests']"),
     ]:
@@ -158,15 +194,34 @@ def runs(tmp_path_factory):
 
 
 def _all_runs(rank, world_size, shards, tmp):
-    return {**_data_flag_runs(shards, os.path.join(tmp, "data")),
-            **_checkpoint_flag_runs(shards, os.path.join(tmp, "ckpt"))}
+    return {
+        **_data_flag_runs(shards, os.path.join(tmp, "data")),
+        **_checkpoint_flag_runs(shards, os.path.join(tmp, "ckpt")),
+    }
 
 
 def _argv(run_dir, extra=(), iters=3, data=None):
     data = ["--data-path", *data] if data is not None else []
-    return [*data, *NULL_TOKENIZER_ARGS, *TINY_GPT_ARGS, "--micro-batch-size", "2", "--global-batch-size", "8",
-            "--train-iters", str(iters), "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3",
-            "--log-dir", str(run_dir), *extra]
+    return [
+        *data,
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def _main(argv):
@@ -230,8 +285,10 @@ def _losses(metrics):
 
 def test_data_cache_data_args_and_mock_data_train(runs):
     out = runs
-    print(f"datasets built in {out['first_s'] * 1e3:.0f} ms by the first run with --data-cache-path (writes the "
-          f"cache), {out['second_s'] * 1e3:.0f} ms by the second (reads it)")
+    print(
+        f"datasets built in {out['first_s'] * 1e3:.0f} ms by the first run with --data-cache-path (writes the "
+        f"cache), {out['second_s'] * 1e3:.0f} ms by the second (reads it)"
+    )
     # The cache holds megatron's indices of every dataset: 3 domains x (train part, held-out part) + the
     # specific set, one description and three .npy files each; the second run read them and wrote nothing.
     files = out["files_after_first"]
@@ -273,8 +330,11 @@ def _checkpoint_flag_runs(shards, tmp):
     real_restore = resume.restore_rng_state
     resume.restore_rng_state = lambda state: restored.append(1) or real_restore(state)
     keep = ["--use-checkpoint-opt_param-scheduler"]  # 6 iterations on a checkpoint of 4: its LR schedule
-    for name, flags in (("resumed", keep), ("no_load_optim", ["--no-load-optim"]), ("no_load_rng", ["--no-load-rng",
-                                                                                                     *keep])):
+    for name, flags in (
+        ("resumed", keep),
+        ("no_load_optim", ["--no-load-optim"]),
+        ("no_load_rng", ["--no-load-rng", *keep]),
+    ):
         restored.clear()
         out[name] = _main(_argv(f"{tmp}/{name}", dga + ["--load", ckpt, *flags], iters=6, data=data))
         out[f"{name}_rng_restored"] = len(restored)
@@ -291,8 +351,13 @@ def _checkpoint_flag_runs(shards, tmp):
     tuned = trainer(_argv(f"{tmp}/tuned", finetune, data=new_data))
     whole = trainer(_argv(f"{tmp}/whole", dga + ["--load", ckpt, *keep], iters=6, data=data))
     fresh = trainer(_argv(f"{tmp}/fresh", ["--mixing", "uniform"], data=new_data))
-    out["tuned_start"] = (tuned.iteration, tuned.consumed_samples, tuned.data.sampler.batches_drawn,
-                          len(tuned.optimizer.inner.state_dict()["state"]), tuned.data.weights.tolist())
+    out["tuned_start"] = (
+        tuned.iteration,
+        tuned.consumed_samples,
+        tuned.data.sampler.batches_drawn,
+        len(tuned.optimizer.inner.state_dict()["state"]),
+        tuned.data.weights.tolist(),
+    )
     out["tuned_weights_are_the_checkpoints"] = all(torch.equal(a, b) for a, b in zip(tuned.params, whole.params))
     # Its first loss is the checkpoint's model's loss on the first batch of the new mixture.
     first_loss = tuned.train_step()[0]
@@ -305,12 +370,16 @@ def _checkpoint_flag_runs(shards, tmp):
     # would write the initial weights back).
     bf16 = trainer(_argv(f"{tmp}/bf16", finetune + ["--bf16"], data=new_data))
     chained = bf16.optimizer.inner.chained_optimizers
-    out["bf16_master_is_model"] = all(torch.equal(main, model.float()) for leaf in chained
-                                      for gm, gf in zip(leaf.float16_groups, leaf.fp32_from_float16_groups)
-                                      for model, main in zip(gm, gf))
+    out["bf16_master_is_model"] = all(
+        torch.equal(main, model.float())
+        for leaf in chained
+        for gm, gf in zip(leaf.float16_groups, leaf.fp32_from_float16_groups)
+        for model, main in zip(gm, gf)
+    )
     # The legacy torch format.
-    tuned_torch = trainer(_argv(f"{tmp}/tuned_torch", ["--load", ckpt_torch, "--finetune", "--mixing", "uniform"],
-                                data=new_data))
+    tuned_torch = trainer(
+        _argv(f"{tmp}/tuned_torch", ["--load", ckpt_torch, "--finetune", "--mixing", "uniform"], data=new_data)
+    )
     whole_torch = trainer(_argv(f"{tmp}/whole_torch", dga + ["--load", ckpt_torch, *keep], data=data))
     out["torch_format_weights"] = all(torch.equal(a, b) for a, b in zip(tuned_torch.params, whole_torch.params))
     # The model shape is still checked.

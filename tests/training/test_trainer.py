@@ -1,4 +1,5 @@
 """The pretraining loop end to end on CPU: resume, parallel layouts, mixing, bad configs."""
+
 import os
 
 import numpy as np
@@ -11,10 +12,31 @@ MODEL = TINY_GPT_ARGS
 
 
 def _args(shards, run_dir, iters, extra=()):
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
-            "--specific-eval-data-path", shards["specific_eval"], *NULL_TOKENIZER_ARGS, *MODEL,
-            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", str(iters),
-            "--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(run_dir), *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        "--specific-eval-data-path",
+        shards["specific_eval"],
+        *NULL_TOKENIZER_ARGS,
+        *MODEL,
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def _run(argv, world_size=1):
@@ -29,11 +51,20 @@ def _losses(metrics):
 
 def test_resume_is_bit_identical_with_dp2(shards, tmp_path):
     straight = _run(_args(shards, tmp_path / "a", 8, ["--mixing", "dga", "--dga-interval", "2"]), world_size=2)
-    first = _run(_args(shards, tmp_path / "b", 8, ["--mixing", "dga", "--dga-interval", "2", "--exit-interval", "4",
-                                                     "--save", str(tmp_path / "ckpt")]), world_size=2)
+    first = _run(
+        _args(
+            shards,
+            tmp_path / "b",
+            8,
+            ["--mixing", "dga", "--dga-interval", "2", "--exit-interval", "4", "--save", str(tmp_path / "ckpt")],
+        ),
+        world_size=2,
+    )
     # Same run to 8 iterations, resumed from the checkpoint at 4.
-    resumed = _run(_args(shards, tmp_path / "b", 8, ["--mixing", "dga", "--dga-interval", "2",
-                                                       "--load", str(tmp_path / "ckpt")]), world_size=2)
+    resumed = _run(
+        _args(shards, tmp_path / "b", 8, ["--mixing", "dga", "--dga-interval", "2", "--load", str(tmp_path / "ckpt")]),
+        world_size=2,
+    )
     assert [m["iteration"] for m in resumed] == list(range(1, 9))  # first half kept, crash-free append
     np.testing.assert_array_equal(_losses(resumed), _losses(straight))
     np.testing.assert_array_equal(_losses(first), _losses(straight)[:4])
@@ -54,7 +85,7 @@ def test_loss_decreases_and_static_mixing_realises_weights(shards, tmp_path):
     weights = [0.6, 0.3, 0.1]
     data_path = [tok for w, p in zip(weights, shards["domains"]) for tok in (str(w), p)]
     argv = _args(shards, tmp_path, 30, ["--mixing", "static", "--lr-warmup-iters", "2"])
-    argv[argv.index("--data-path") + 1: argv.index("--data-path") + 4] = data_path
+    argv[argv.index("--data-path") + 1 : argv.index("--data-path") + 4] = data_path
     metrics = _run(argv)
     losses = _losses(metrics)
     assert losses[-5:].mean() < losses[:5].mean() - 0.3, losses
@@ -64,14 +95,17 @@ def test_loss_decreases_and_static_mixing_realises_weights(shards, tmp_path):
     np.testing.assert_allclose(samples, 240 * np.array(weights), atol=1.0)
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--global-batch-size", "6"], "--global-batch-size 6 is not divisible by --micro-batch-size 4"),
-    (["--num-attention-heads", "3"], "--hidden-size 32 is not divisible by --num-attention-heads 3"),
-    (["--load", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
-    (["--mixing", "static"], "--mixing static needs weights in --data-path"),
-    (["--mixing", "bogus"], "available: dga, importance, natural, odm, pike, static, uniform"),
-    (["--vocab-size", "99"], "vocab"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--global-batch-size", "6"], "--global-batch-size 6 is not divisible by --micro-batch-size 4"),
+        (["--num-attention-heads", "3"], "--hidden-size 32 is not divisible by --num-attention-heads 3"),
+        (["--load", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
+        (["--mixing", "static"], "--mixing static needs weights in --data-path"),
+        (["--mixing", "bogus"], "available: dga, importance, natural, odm, pike, static, uniform"),
+        (["--vocab-size", "99"], "vocab"),
+    ],
+)
 def test_bad_configurations_fail_before_training(shards, tmp_path, capsys, extra, message):
     argv = _args(shards, tmp_path, 2, ["--micro-batch-size", "4"])
     # Later flags win in argparse: the bad value overrides the good one.
@@ -104,10 +138,26 @@ def test_crash_during_save_keeps_previous_checkpoint(shards, tmp_path):
     ckpt = tmp_path / "ckpt"
     _run(_args(shards, tmp_path / "a", 4, ["--save", str(ckpt), "--save-interval", "2"]))
     # A second save dies after writing its files but before publishing them.
-    rc, err = run_distributed(_pretrain_crash_in_save, world_size=1,
-                              args=(_args(shards, tmp_path / "b", 6, ["--load", str(ckpt), "--save", str(ckpt),
-                                                                       "--save-interval", "2",
-                                                                       "--use-checkpoint-opt_param-scheduler"]),))[0]
+    rc, err = run_distributed(
+        _pretrain_crash_in_save,
+        world_size=1,
+        args=(
+            _args(
+                shards,
+                tmp_path / "b",
+                6,
+                [
+                    "--load",
+                    str(ckpt),
+                    "--save",
+                    str(ckpt),
+                    "--save-interval",
+                    "2",
+                    "--use-checkpoint-opt_param-scheduler",
+                ],
+            ),
+        ),
+    )[0]
     assert rc == "crashed"
     from megatron_dga.training.checkpoint import latest_iteration
 
@@ -142,7 +192,7 @@ def test_importance_weights_must_match_the_domains(shards, tmp_path):
 def test_dga_without_specific_set_fails_up_front(shards, tmp_path):
     argv = _args(shards, tmp_path, 2, ["--mixing", "dga"])
     i = argv.index("--specific-data-path")
-    del argv[i:i + 4]  # drop --specific-data-path and --specific-eval-data-path
+    del argv[i : i + 4]  # drop --specific-data-path and --specific-eval-data-path
     rc, err = run_distributed(_pretrain_rc, world_size=1, args=(argv,))[0]
     assert rc == 2 and "needs the specific set: pass --specific-data-path" in err, err
 
@@ -181,12 +231,16 @@ def test_trainer_feeds_wandb_from_the_metrics_path(shards, tmp_path):
     assert (init["project"], init["name"], init["dir"]) == ("proj", "run", str(tmp_path / "run"))
     assert init["config"]["logging"]["wandb_project"] == "proj" and init["config"]["mixing"]["strategy"] == "dga"
     # Every metrics.jsonl entry, as the TensorBoard tags, at its iteration.
-    labels = MetricsLogger("unused", is_writer=False, domain_names=[os.path.basename(p)[:-len("_text_document")]
-                                                                     for p in shards["domains"]])
+    labels = MetricsLogger(
+        "unused",
+        is_writer=False,
+        domain_names=[os.path.basename(p)[: -len("_text_document")] for p in shards["domains"]],
+    )
     assert [step for step, _ in logs] == [m["iteration"] for m in metrics] == [1, 2]
     for (_, sent), entry in zip(logs, metrics):
-        assert sent == dict(tag for key, value in entry.items() if key != "iteration"
-                            for tag in labels.tags_for(key, value))
+        assert sent == dict(
+            tag for key, value in entry.items() if key != "iteration" for tag in labels.tags_for(key, value)
+        )
     assert "mixing/alignment/" + labels.domain_names[0] in logs[1][1]
 
 
@@ -270,6 +324,7 @@ def _host_reads(rank, world_size, argv):
         def method(self, *args, **kwargs):
             count()
             return originals[name](self, *args, **kwargs)
+
         return method
 
     def in_phase(name, method):
@@ -279,6 +334,7 @@ def _host_reads(rank, world_size, argv):
                 return method(*args, **kwargs)
             finally:
                 phase[0] = "train"
+
         return wrapped
 
     trainer._log = in_phase("log", trainer._log)
@@ -295,16 +351,20 @@ def _host_reads(rank, world_size, argv):
     return {f"{p}/{o}": n for (p, o), n in counts.items()}
 
 
-@pytest.mark.parametrize("extra, ours_per_step", [([], 0), (["--exit-signal-handler", "--save", "{tmp}/ckpt", "--save-interval", "1000"], 1)],
-                         ids=["plain", "exit_signal_handler"])
+@pytest.mark.parametrize(
+    "extra, ours_per_step",
+    [([], 0), (["--exit-signal-handler", "--save", "{tmp}/ckpt", "--save-interval", "1000"], 1)],
+    ids=["plain", "exit_signal_handler"],
+)
 def test_a_training_step_reads_no_more_device_values_than_megatron(shards, tmp_path, extra, ours_per_step):
     """Per step the trainer adds no host read of a device value (a GPU sync) to megatron-core's own
     (its grad-norm read); --exit-signal-handler adds one, the stop flag, as Megatron's own handler does.
     The loss stays on the device until it is logged."""
     iters = 6
     extra = [e.format(tmp=tmp_path) for e in extra]
-    argv = _args(shards, tmp_path / "run", iters, ["--log-interval", "100", "--mixing", "dga", "--dga-interval", "100",
-                                                  *extra])
+    argv = _args(
+        shards, tmp_path / "run", iters, ["--log-interval", "100", "--mixing", "dga", "--dga-interval", "100", *extra]
+    )
     reads = run_distributed(_host_reads, world_size=2, args=(argv,))[0]
     assert reads.get("train/ours", 0) == ours_per_step * (iters - 1), reads  # the last step stops anyway
     assert 1 <= reads.get("log/ours", 0) <= 2, reads  # the window's loss (and nothing per step)

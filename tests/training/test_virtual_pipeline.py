@@ -10,6 +10,7 @@ save/resume runs. The configurations reach every shape of call the schedule gets
 steps of 4 micro-batches (groups of PP), DGA probes of 3 micro-batches (a group of 3) of unequal
 sizes (2, 2, 1 sequences: shapes sent first), and 1-micro-batch evaluations (padded to PP).
 """
+
 import os
 
 import numpy as np
@@ -20,11 +21,31 @@ from tests.helpers.synthetic import NULL_TOKENIZER_ARGS
 from tests.helpers.layouts import EMBEDDING, gathered_stages as _gathered, logged_metrics as _metrics, losses as _losses
 from tests.helpers.layouts import trainer_from as _trainer
 
-MODEL = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32",
-         "--make-vocab-size-divisible-by", "64"]
+MODEL = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--make-vocab-size-divisible-by",
+    "64",
+]
 VPP = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
-DGA = ["--micro-batch-size", "2", "--mixing", "dga", "--dga-interval", "2", "--dga-domain-batch-size", "6",
-       "--dga-specific-batch-size", "5"]
+DGA = [
+    "--micro-batch-size",
+    "2",
+    "--mixing",
+    "dga",
+    "--dga-interval",
+    "2",
+    "--dga-domain-batch-size",
+    "6",
+    "--dga-specific-batch-size",
+    "5",
+]
 CONFIGS = {
     "dga": DGA + ["--eval-interval", "2", "--eval-iters", "1"],
     # Forward-only interleaved passes (per-token losses on every stage) at shifted weights.
@@ -34,10 +55,29 @@ ITERS = 4
 
 
 def _argv(shards, log_dir, extra, iters=ITERS):
-    return ["--data-path", *shards["domains"], "--specific-data-path", shards["specific"],
-            "--specific-eval-data-path", shards["specific_eval"], *NULL_TOKENIZER_ARGS, *MODEL,
-            "--global-batch-size", "8", "--train-iters", str(iters), "--log-interval", "1",
-            "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(log_dir), *extra]
+    return [
+        "--data-path",
+        *shards["domains"],
+        "--specific-data-path",
+        shards["specific"],
+        "--specific-eval-data-path",
+        shards["specific_eval"],
+        *NULL_TOKENIZER_ARGS,
+        *MODEL,
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(iters),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "0",
+        "--lr",
+        "3e-3",
+        "--log-dir",
+        str(log_dir),
+        *extra,
+    ]
 
 
 def _reference(rank, world_size, runs):
@@ -52,8 +92,10 @@ def _reference(rank, world_size, runs):
 
 def _chunk_facts(trainer):
     """What each chunk of this rank holds: (global layer numbers, embeds, has the output layer)."""
-    return [([layer.layer_number for layer in core.decoder.layers], core.pre_process, core.post_process)
-            for core in trainer.chunks]
+    return [
+        ([layer.layer_number for layer in core.decoder.layers], core.pre_process, core.post_process)
+        for core in trainer.chunks
+    ]
 
 
 def _load_initial(trainer, init):
@@ -76,9 +118,14 @@ def _interleaved(rank, world_size, runs, inits, resume):
         trainer = _trainer(argv)
         _load_initial(trainer, inits[name])
         last = trainer.train()
-        out[name] = {"final": _named_chunks(trainer), "metrics": _metrics(trainer, log_dir), "last": last,
-                     "chunks": _chunk_facts(trainer), "num_params": len(trainer.params),
-                     "counted": sum(trainer.view.counted())}
+        out[name] = {
+            "final": _named_chunks(trainer),
+            "metrics": _metrics(trainer, log_dir),
+            "last": last,
+            "chunks": _chunk_facts(trainer),
+            "num_params": len(trainer.params),
+            "counted": sum(trainer.view.counted()),
+        }
     out["resume"] = {}
     for step, argv in resume:
         trainer = _trainer(argv)
@@ -97,11 +144,14 @@ def _named_chunks(trainer):
 @pytest.fixture(scope="module")
 def results(shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vpp")
-    ref_runs = {name: (_argv(shards, tmp / f"ref_{name}", extra), str(tmp / f"ref_{name}"))
-                for name, extra in CONFIGS.items()}
+    ref_runs = {
+        name: (_argv(shards, tmp / f"ref_{name}", extra), str(tmp / f"ref_{name}")) for name, extra in CONFIGS.items()
+    }
     reference = run_distributed(_reference, world_size=1, args=(ref_runs,))[0]
-    runs = {name: (_argv(shards, tmp / f"vpp_{name}", extra + VPP), str(tmp / f"vpp_{name}"))
-            for name, extra in CONFIGS.items()}
+    runs = {
+        name: (_argv(shards, tmp / f"vpp_{name}", extra + VPP), str(tmp / f"vpp_{name}"))
+        for name, extra in CONFIGS.items()
+    }
     ckpt = str(tmp / "ckpt")
     base = DGA + VPP
     resume = [
@@ -111,8 +161,9 @@ def results(shards, tmp_path_factory):
         # The same checkpoint without virtual stages (plain 1F1B on the same two ranks).
         ("pp2", _argv(shards, tmp / "pp2", DGA + VPP[:2] + ["--load", ckpt], iters=6)),
     ]
-    ranks = run_distributed(_interleaved, world_size=2,
-                            args=(runs, {name: reference[name]["init"] for name in CONFIGS}, resume))
+    ranks = run_distributed(
+        _interleaved, world_size=2, args=(runs, {name: reference[name]["init"] for name in CONFIGS}, resume)
+    )
     return {"reference": reference, "ranks": ranks, "ckpt": ckpt}
 
 
@@ -131,8 +182,9 @@ def test_each_rank_holds_two_interleaved_chunks(results):
 def test_interleaved_pp2_matches_one_process(results, name):
     ref, ranks = results["reference"][name], results["ranks"]
     np.testing.assert_allclose(_losses(ranks[1][name]["metrics"]), _losses(ref["metrics"]), rtol=1e-5)
-    np.testing.assert_allclose([m["grad_norm"] for m in ranks[1][name]["metrics"]],
-                               [m["grad_norm"] for m in ref["metrics"]], rtol=1e-5)
+    np.testing.assert_allclose(
+        [m["grad_norm"] for m in ranks[1][name]["metrics"]], [m["grad_norm"] for m in ref["metrics"]], rtol=1e-5
+    )
     assert ranks[0][name]["last"]["lm_loss"] == ranks[1][name]["last"]["lm_loss"]
     final = _gathered(ranks, name)
     assert sorted(final) == sorted(ref["final"])
@@ -141,8 +193,9 @@ def test_interleaved_pp2_matches_one_process(results, name):
     # DGA updated the weights at iterations 2 and 4, identically on both ranks and as one process.
     assert not np.allclose(ref["last"]["domain_weights"], 1 / 3, rtol=1e-3)
     for rank in ranks:
-        np.testing.assert_allclose(rank[name]["last"]["domain_weights"], ref["last"]["domain_weights"],
-                                   rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            rank[name]["last"]["domain_weights"], ref["last"]["domain_weights"], rtol=1e-4, atol=1e-7
+        )
 
 
 def test_padded_one_micro_batch_evaluation_matches(results):
@@ -185,36 +238,59 @@ def test_interleaved_resume_is_bit_identical(results):
 BASE = ["--data-path", "a_text_document", "--num-layers", "8"]
 
 
-@pytest.mark.parametrize("flags, vp", [
-    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"], 2),
-    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 4),
-    (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "4"], 4),
-    # One chunk per rank is the plain 1F1B schedule (Megatron sets no virtual size either).
-    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "4"], None),
-    (["--pipeline-model-parallel-size", "2"], None),
-])
+@pytest.mark.parametrize(
+    "flags, vp",
+    [
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"], 2),
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 4),
+        (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "4"], 4),
+        # One chunk per rank is the plain 1F1B schedule (Megatron sets no virtual size either).
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "4"], None),
+        (["--pipeline-model-parallel-size", "2"], None),
+    ],
+)
 def test_virtual_stages_per_rank(flags, vp):
     from megatron_dga.training.arguments import parse_args
 
     assert parse_args(BASE + flags).parallel.virtual_pipeline_model_parallel_size == vp
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--num-layers-per-virtual-pipeline-stage", "2"],
-     "--num-layers-per-virtual-pipeline-stage 2 interleaves the stages of a pipeline, and "
-     "--pipeline-model-parallel-size is 1; add --pipeline-model-parallel-size 2 (or more) or drop"),
-    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
-     "--num-layers 8 is not divisible by --pipeline-model-parallel-size 2 x --num-layers-per-virtual-pipeline-stage "
-     "3 = 6 (layers per virtual stage); use a --num-layers that is a multiple of 6"),
-    (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "3"],
-     "--num-layers 8 is not divisible by --pipeline-model-parallel-size 2 x --num-virtual-stages-per-pipeline-rank "
-     "3 = 6 (virtual stages per rank)"),
-    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
-      "--num-virtual-stages-per-pipeline-rank", "4"], "both set the virtual pipeline stages (Megatron takes one"),
-    (["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "0"],
-     "--num-virtual-stages-per-pipeline-rank must be a positive integer, got 0"),
-    (["--context-parallel-size", "0"], "--context-parallel-size must be a positive integer, got 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--num-layers-per-virtual-pipeline-stage", "2"],
+            "--num-layers-per-virtual-pipeline-stage 2 interleaves the stages of a pipeline, and "
+            "--pipeline-model-parallel-size is 1; add --pipeline-model-parallel-size 2 (or more) or drop",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+            "--num-layers 8 is not divisible by --pipeline-model-parallel-size 2 x --num-layers-per-virtual-pipeline-stage "
+            "3 = 6 (layers per virtual stage); use a --num-layers that is a multiple of 6",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "3"],
+            "--num-layers 8 is not divisible by --pipeline-model-parallel-size 2 x --num-virtual-stages-per-pipeline-rank "
+            "3 = 6 (virtual stages per rank)",
+        ),
+        (
+            [
+                "--pipeline-model-parallel-size",
+                "2",
+                "--num-layers-per-virtual-pipeline-stage",
+                "1",
+                "--num-virtual-stages-per-pipeline-rank",
+                "4",
+            ],
+            "both set the virtual pipeline stages (Megatron takes one",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "0"],
+            "--num-virtual-stages-per-pipeline-rank must be a positive integer, got 0",
+        ),
+        (["--context-parallel-size", "0"], "--context-parallel-size must be a positive integer, got 0"),
+    ],
+)
 def test_virtual_pipeline_flags_that_cannot_work(flags, message):
     from megatron_dga.errors import ConfigError
     from megatron_dga.training.arguments import parse_args
@@ -231,11 +307,14 @@ def test_training_steps_must_fill_the_interleaved_groups():
     check_interleaved_micro_batches(4, 2, 2, "flags")  # groups of PP=2
     check_interleaved_micro_batches(3, 2, 1, "flags")  # no virtual stages: 1F1B takes any count
     with pytest.raises(ConfigError) as exc:
-        check_interleaved_micro_batches(3, 2, 2, "--global-batch-size 6 / (--micro-batch-size 2 x data-parallel size 1)")
+        check_interleaved_micro_batches(
+            3, 2, 2, "--global-batch-size 6 / (--micro-batch-size 2 x data-parallel size 1)"
+        )
     assert str(exc.value).startswith(
         "--global-batch-size 6 / (--micro-batch-size 2 x data-parallel size 1) gives 3 micro-batches per step, and the "
         "interleaved pipeline schedule (--pipeline-model-parallel-size 2 with 2 virtual stages per rank) runs them in "
-        "groups of 2: use a --global-batch-size that gives a multiple of 2 micro-batches")
+        "groups of 2: use a --global-batch-size that gives a multiple of 2 micro-batches"
+    )
 
 
 def test_short_calls_are_padded_with_micro_batches_that_carry_no_loss():
