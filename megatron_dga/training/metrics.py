@@ -125,7 +125,7 @@ _NONFINITE_TO_STR = {math.inf: "Infinity", -math.inf: "-Infinity"}
 _STR_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-def console(line: str, stream: Optional[TextIO] = None) -> None:
+def console_print(line: str, stream: Optional[TextIO] = None) -> None:
     """The trainer's console lines (the progress line, start, save, resume and exit), as Megatron prints them:
     stdout, flushed, called on the logging rank only. Everything else in the library logs through ``logging``."""
     print(line, file=stream or sys.stdout, flush=True)
@@ -555,7 +555,7 @@ class MetricsLogger:
             self._wandb.log(dict(tags), step=int(iteration))
         line = self.format_line(iteration, values)
         if console:
-            console(line, self._stream)
+            console_print(line, self._stream)
         return line
 
     def _labels(self, key: str, n: int) -> Optional[list]:

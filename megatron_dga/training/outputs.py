@@ -30,7 +30,7 @@ from megatron_dga.fileio import ensure_writable_dir
 from megatron_dga.platform import ParallelContext
 from megatron_dga.training import save_lock
 from megatron_dga.training.config import PretrainConfig
-from megatron_dga.training.metrics import console
+from megatron_dga.training.metrics import console_print
 
 DEFAULT_LOG_ROOT = "runs"
 """Parent of the per-run default log directories (relative to the working directory)."""
@@ -86,5 +86,5 @@ def prepare_outputs(cfg: PretrainConfig, ctx: ParallelContext) -> str:
         raise ConfigError("; ".join(failed))
     log_dir = next(d for _, d in records if d is not None)  # the logging rank's
     if ctx.is_logging_rank and not (cfg.logging.log_dir or save):
-        console(f"logging to {log_dir} (a new directory per run; choose one with --log-dir)")
+        console_print(f"logging to {log_dir} (a new directory per run; choose one with --log-dir)")
     return log_dir

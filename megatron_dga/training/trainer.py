@@ -28,7 +28,7 @@ from megatron_dga.platform import ParallelContext
 from megatron_dga.training import resume
 from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
-from megatron_dga.training.metrics import MetricsLogger, Throughput, console
+from megatron_dga.training.metrics import MetricsLogger, Throughput, console_print
 from megatron_dga.training.outputs import prepare_outputs
 from megatron_dga.training.optim import Optimizer, counted_params, ddp_config
 from megatron_dga.rng import capture_rng_state, restore_rng_state
@@ -184,7 +184,7 @@ class Trainer:
         sched = self.cfg.schedule
         last: Dict[str, float] = {}
         if self.ctx.is_logging_rank:
-            console(
+            console_print(
                 f"training {self.cfg.model.num_parameters():,} parameters on {self.ctx.describe()}, "
                 f"{self.data.domain_info.k} domains, mixing={self.cfg.mixing.strategy}, "
                 f"layers={'transformer-engine' if uses_transformer_engine(self.cfg.model) else 'local'}, "
@@ -224,7 +224,7 @@ class Trainer:
                 self.throughput.reset()
             if stop:
                 if self.ctx.is_logging_rank:  # every stop condition needs --save (config.py), so it saved
-                    console(f"exiting at iteration {self.iteration}: {stop}")
+                    console_print(f"exiting at iteration {self.iteration}: {stop}")
                 break
         self.finish_pending_save()
         self.stop.restore_handlers()
@@ -403,12 +403,12 @@ class Trainer:
 
     def _report_saved(self, iteration: int, path) -> None:
         if self.ctx.is_logging_rank:
-            console(f"saved checkpoint at iteration {iteration} to {path}")
+            console_print(f"saved checkpoint at iteration {iteration} to {path}")
 
     def load_checkpoint(self, load_dir: str) -> None:
         iteration = resume.load_job(self, load_dir)
         if self.ctx.is_logging_rank:
-            console(
+            console_print(
                 f"loaded the model weights of {load_dir} (iteration {iteration}) to finetune from iteration 0"
                 if self.cfg.checkpoint.finetune
                 else f"resumed from {load_dir} at iteration {iteration}"
