@@ -405,6 +405,8 @@ def domain_methods(data: ex.ExperimentData, preset: dict, args) -> Dict[str, Lis
         "uniform": base + ["--mixing", "uniform"],
         "dga": base + [*dga_args(preset, args), "--dga-ema", "1.0"],
         "dga_ema": base + [*dga_args(preset, args), "--dga-ema", "0.1"],
+        # token budgets on the simplex: at most CAP_EPOCHS epochs of any domain's distinct samples
+        "dga_ema_cap": base + [*dga_args(preset, args), "--dga-ema", "0.1", "--dga-max-epochs", str(CAP_EPOCHS)],
     }
     methods.update(online_baselines(base, args))
     if data.importance_weights:  # computed or given only when the importance method runs
@@ -447,9 +449,13 @@ def fine_grained_methods(data: ex.ExperimentData, fine: ex.FineDomainData, prese
     }
 
 
+CAP_EPOCHS = 4
+"""--dga-max-epochs of the dga_ema_cap method: up to 4 epochs, repeated data trains nearly as well as new
+data (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models")."""
+
 SCENARIO_METHODS = {
-    "token-limited": ("uniform", "importance", "dga", "dga_ema", "odm", "pike"),
-    "unlimited": ("uniform", "importance", "dga", "dga_ema", "odm", "pike"),
+    "token-limited": ("uniform", "importance", "dga", "dga_ema", "dga_ema_cap", "odm", "pike"),
+    "unlimited": ("uniform", "importance", "dga", "dga_ema", "dga_ema_cap", "odm", "pike"),
     "fine-grained": ("uniform", "importance", "dga_basis", "odm"),
 }
 """Every method of each scenario (--methods chooses among them)."""

@@ -97,6 +97,11 @@ class TrainerView(Protocol):
     def data_parallel(self) -> tuple:
         """(dp_rank, dp_size)."""
 
+    def domain_budget(self) -> Dict[str, object]:
+        """The training stream's use of the domains: ``distinct`` (k,) samples each domain may use (its
+        --domain-token-limit subset, else all of it), ``used`` (k,) samples drawn from each so far, and
+        ``remaining``, the training samples still to come (identical on every rank)."""
+
 
 class MixingStrategy:
     """Base class. Subclasses set ``name`` and override what they need."""

@@ -30,6 +30,7 @@ _DGA_DEFAULTS: Dict[str, Any] = {
     "dga_init": None,  # resolved by check_job: it depends on --data-path
     "dga_estimator": "exact",
     "dga_fd_step": 1e-4,
+    "dga_max_epochs": None,  # off: no token budgets on the simplex
 }
 """Defaults of the DGA-only fields. The fields default to None ("not given") so that a DGA flag
 given without --mixing dga is an error rather than silently ignored; __post_init__ fills these in."""
@@ -109,6 +110,11 @@ class MixingConfig(ReadOnlyOnceParsed):
     """fd estimator step h relative to the parameter norm, h = dga_fd_step * |theta| (--dga-fd-step,
     default 1e-4, with --dga-estimator fd only); 1e-4 minimised the error against the exact
     estimator in fp32 (curvature above, rounding below)."""
+    dga_max_epochs: Optional[float] = None
+    """Token budgets on the simplex (--dga-max-epochs R; off by default): after each update, cap every
+    domain's weight so that, drawn at it for the rest of training, the domain uses at most R epochs of its
+    distinct samples (its --domain-token-limit subset, else the whole domain): the weights are projected
+    in KL onto {alpha_i <= (R n_i - used_i) / samples to come} (mixing/caps.py)."""
 
     odm_interval: Optional[int] = None
     """ODM (--mixing odm): training steps between bandit updates (--odm-interval, default 1, the paper's);
@@ -168,6 +174,16 @@ class MixingConfig(ReadOnlyOnceParsed):
             raise ConfigError(f"--dga-fd-step must be > 0, got {self.dga_fd_step}")
         if self.dga_estimator not in ("exact", "fd"):
             raise ConfigError(f"--dga-estimator must be exact or fd, got {self.dga_estimator!r}")
+        if self.dga_max_epochs is not None and not 0 < self.dga_max_epochs < float("inf"):
+            raise ConfigError(
+                f"--dga-max-epochs must be a number > 0 (epochs of a domain's distinct samples), got {self.dga_max_epochs}"
+            )
+        if self.dga_max_epochs is not None and self.dga_basis:
+            raise ConfigError(
+                f"--dga-max-epochs with --dga-basis {self.dga_basis}: the caps act on the domains' weights, but with "
+                "a basis DGA moves the weights of the basis distributions (caps on gamma^T P are not supported); "
+                "drop one of them"
+            )
         self._check_odm_and_pike()
         for strategy, flags in given_by.items():
             if self.strategy != strategy:

@@ -80,7 +80,12 @@ class DGA(MirrorDescentStrategy):
         if result.fd_step is not None:
             self._last["dga_fd_step"] = result.fd_step
         return self.step(
-            view, result.alignments, eta=self.cfg.dga_eta, ema=self.cfg.dga_ema, floor=self.cfg.dga_min_weight
+            view,
+            result.alignments,
+            eta=self.cfg.dga_eta,
+            ema=self.cfg.dga_ema,
+            floor=self.cfg.dga_min_weight,
+            caps=self.epoch_caps(view, self.cfg.dga_max_epochs),
         )
 
     def measure_alignments(self, view: TrainerView):

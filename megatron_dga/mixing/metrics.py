@@ -18,6 +18,8 @@ TENSORBOARD_TAGS: Mapping[str, str] = {
     "dga_update": "mixing/updates",
     "dga_skipped_updates": "mixing/skipped_updates",
     "dga_fd_step": "mixing/fd_step",
+    "dga_caps_binding": "mixing/caps_binding",
+    "dga_caps_feasible": "mixing/caps_feasible",
     "odm_update": "mixing/updates",
     "odm_exploration": "mixing/odm_exploration",
     "odm_rewards": "mixing/odm_reward",

@@ -18,6 +18,7 @@ import torch
 from megatron_dga import ops
 from megatron_dga.errors import NumericalError
 from megatron_dga.mixing.base import MixingStrategy, TrainerView, check_identical_across_ranks
+from megatron_dga.mixing.caps import epoch_caps, project_capped_simplex
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,17 @@ class MirrorDescentStrategy(MixingStrategy):
         self._last: Dict[str, object] = {}
 
     def step(
-        self, view: TrainerView, scores: np.ndarray, *, eta: float, ema: float, floor: float
+        self,
+        view: TrainerView,
+        scores: np.ndarray,
+        *,
+        eta: float,
+        ema: float,
+        floor: float,
+        caps: Optional[np.ndarray] = None,
     ) -> Optional[np.ndarray]:
-        """The new weights after one step on ``scores``, or None when the update is skipped."""
+        """The new weights after one step on ``scores``, or None when the update is skipped; with ``caps``
+        the step is projected onto the capped simplex (mixing/caps.py)."""
         try:
             new = ops.simplex_update(
                 torch.as_tensor(self.weights, dtype=torch.float64),
@@ -52,10 +61,22 @@ class MirrorDescentStrategy(MixingStrategy):
             logger.warning("%s update at iteration %d skipped, weights kept: %s", self.label, view.iteration, exc)
             self._last[f"{self.name}_skipped_updates"] = self.skipped_updates
             return None
+        if caps is not None:
+            projected = project_capped_simplex(new, caps)
+            new = projected.weights
+            self._last[f"{self.name}_caps_binding"] = projected.binding
+            self._last[f"{self.name}_caps_feasible"] = int(projected.feasible)
         check_identical_across_ranks(view, new)
         self.updates += 1
         self.weights = new
         return new.copy()
+
+    def epoch_caps(self, view: TrainerView, max_epochs: Optional[float]) -> Optional[np.ndarray]:
+        """The caps of --<name>-max-epochs R from the training stream's use of the domains (None: off)."""
+        if max_epochs is None:
+            return None
+        budget = view.domain_budget()
+        return epoch_caps(budget["distinct"], budget["used"], budget["remaining"], max_epochs)
 
     def metrics(self) -> Dict[str, object]:
         out, self._last = self._last, {}

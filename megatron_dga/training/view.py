@@ -174,3 +174,13 @@ class TrainerView:
     def data_parallel(self):
         ctx = self._trainer.ctx
         return ctx.dp_rank, ctx.dp_size
+
+    def domain_budget(self):
+        trainer = self._trainer
+        sampler = trainer.data.sampler
+        steps_left = max(trainer.cfg.schedule.train_iters - trainer.iteration, 0)
+        return {
+            "distinct": sampler.accessible_sizes,
+            "used": sampler.consumption(reset=False)["samples"],
+            "remaining": steps_left * trainer.cfg.schedule.global_batch_size,
+        }

@@ -2,6 +2,7 @@
 resumable runs, and the table's statistics recomputed here from the runs' metrics.jsonl."""
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -495,3 +496,23 @@ def test_the_online_mixers_are_runner_methods_the_trainer_accepts():
     assert "odm" not in experiments.chosen_methods(experiments.parse_args(["unlimited"]))
     out = experiments.sweep_variants({"odm": methods["odm"]}, experiments.parse_sweep(["dga-eta=3,30"]))
     assert list(out) == ["odm"]
+
+
+def test_the_capped_dga_method_is_dga_ema_with_token_budgets_the_trainer_accepts():
+    from megatron_dga.training.arguments import parse_args as trainer_args
+
+    args = experiments.parse_args(["token-limited", "--methods", "dga_ema,dga_ema_cap"])
+    data = ex.ExperimentData(
+        "test",
+        ("a", "b"),
+        ("/d/a_text_document", "/d/b_text_document"),
+        "/d/t_text_document",
+        "/d/te_text_document",
+        ("--tokenizer-type", "NullTokenizer", "--vocab-size", "127"),
+    )
+    methods = experiments.domain_methods(data, experiments.PRESETS["cpu"], args)
+    capped, plain = trainer_args(methods["dga_ema_cap"]), trainer_args(methods["dga_ema"])
+    assert capped.mixing.dga_max_epochs == experiments.CAP_EPOCHS and plain.mixing.dga_max_epochs is None
+    assert dataclasses.replace(capped.mixing, dga_max_epochs=None) == plain.mixing  # nothing else differs
+    assert capped.data.domain_token_limit == plain.data.domain_token_limit
+    assert "dga_ema_cap" not in experiments.chosen_methods(experiments.parse_args(["token-limited"]))

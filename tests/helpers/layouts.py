@@ -23,6 +23,16 @@ def trainer_from(argv):
     return Trainer(cfg, platform.initialize(cfg.parallel))
 
 
+def train_steps(trainer, steps: int) -> None:
+    """The trainer's loop without logging, checkpoints or evaluation: a step, then the mixing hook."""
+    for _ in range(steps):
+        trainer.train_step()
+        trainer.iteration += 1
+        new = trainer.mixing.after_step(trainer.view)
+        if new is not None:
+            trainer.data.set_weights(new)
+
+
 def named(trainer) -> dict:
     """This rank's parameters by global name, as float32 numpy copies (bf16 parameters included)."""
     from megatron_dga.model import global_parameter_names

@@ -1,0 +1,174 @@
+"""Token budgets on the simplex (mixing/caps.py): the KL projection onto the capped simplex against a
+general-purpose constrained solver, the caps against their definition."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from megatron_dga.mixing.caps import epoch_caps, project_capped_simplex
+
+
+def kl_projection_oracle(w: np.ndarray, caps: np.ndarray) -> np.ndarray:
+    """argmin_a sum a log(a / w) s.t. sum a = 1, 0 <= a <= caps, over the support of w (SLSQP, float64)."""
+    s = w > 0
+    ws, cs = w[s], np.minimum(caps[s], 1.0)
+
+    def kl(a):
+        a = np.maximum(a, 1e-300)
+        return float(np.sum(a * np.log(a / ws)))
+
+    def grad(a):
+        return np.log(np.maximum(a, 1e-300) / ws) + 1.0
+
+    start = np.minimum(cs, ws)
+    start = start + (1 - start.sum()) * (cs - start) / max((cs - start).sum(), 1e-300)
+    res = minimize(
+        kl,
+        start,
+        jac=grad,
+        method="SLSQP",
+        bounds=[(0.0, c) for c in cs],
+        constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1.0, "jac": lambda a: np.ones_like(a)}],
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
+    assert res.success, res.message
+    out = np.zeros_like(w)
+    out[s] = res.x
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_projection_is_the_kl_projection_and_respects_the_caps(seed):
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 12))
+    w = rng.dirichlet(np.full(k, 0.7))
+    if seed % 3 == 0:
+        w[rng.integers(k)] = 0.0  # a domain mirror descent has already dropped
+        w /= w.sum()
+    caps = rng.uniform(0.02, 0.6, size=k)
+    caps *= max(1.0, 1.05 / caps[w > 0].sum())  # feasible on the support
+    got = project_capped_simplex(w, caps)
+    assert got.feasible
+    assert np.all(got.weights <= caps + 1e-12) and np.all(got.weights >= 0)
+    assert got.weights.sum() == pytest.approx(1.0, abs=1e-12)
+    assert np.all(got.weights[w == 0] == 0)
+    np.testing.assert_allclose(got.weights, kl_projection_oracle(w, caps), atol=2e-6)
+    assert got.binding == int(np.sum(np.isclose(got.weights, caps, rtol=0, atol=1e-12) & (got.weights > 0)))
+
+
+def test_weights_under_their_caps_are_unchanged_and_infeasible_caps_scale_together():
+    w = np.array([0.5, 0.3, 0.2])
+    same = project_capped_simplex(w, np.array([0.6, 0.4, 0.3]))
+    np.testing.assert_array_equal(same.weights, w)
+    assert (same.binding, same.feasible) == (0, True)
+    # one cap binds: the others keep their ratio 3:2
+    one = project_capped_simplex(w, np.array([0.4, 1.0, 1.0]))
+    np.testing.assert_allclose(one.weights, [0.4, 0.36, 0.24], rtol=1e-12)
+    assert one.binding == 1
+    # the caps sum to 0.8: every domain over budget by the same factor
+    short = project_capped_simplex(w, np.array([0.4, 0.2, 0.2]))
+    np.testing.assert_allclose(short.weights, [0.5, 0.25, 0.25], rtol=1e-12)
+    assert not short.feasible
+
+
+def test_caps_are_the_epochs_left_over_the_samples_to_come():
+    distinct = np.array([100, 100, 50, 0])
+    consumed = np.array([0, 250, 60, 0])
+    caps = epoch_caps(distinct, consumed, remaining=400, max_epochs=2.0)
+    # R n_i - c_i = 200, -50 -> 0, 40, 0 samples left within 2 epochs; over 400 samples to come
+    np.testing.assert_allclose(caps, [0.5, 0.0, 0.1, 0.0])
+    assert np.all(np.isinf(epoch_caps(distinct, consumed, remaining=0, max_epochs=2.0)))
+
+
+# --------------------------------------------------------------------------- in training
+MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32"]
+LIMIT_TOKENS, MAX_EPOCHS, STEPS = 1024, 3.0, 40
+"""32 distinct samples per domain; 40 steps of 8 = 320 samples, 2.5 epochs of each domain if uniform."""
+
+
+def _capped_runs(rank, world_size, tmp):
+    from megatron_dga import platform
+    from megatron_dga.mixing.caps import epoch_caps
+    from tests.helpers.layouts import trainer_from, train_steps
+    from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, write_domains
+
+    torch.set_num_threads(1)
+    shards = write_domains(
+        os.path.join(tmp, "data"),
+        k=4,
+        docs_per_domain=48,
+        doc_len=64,
+        seed=3,
+        specific_mixture=[0.8, 0.2, 0.0, 0.0],
+        specific_docs=64,
+    )
+    out = {}
+    for name, extra in (("capped", ["--dga-max-epochs", str(MAX_EPOCHS)]), ("uncapped", [])):
+        argv = [
+            "--data-path",
+            *shards["domains"],
+            "--specific-data-path",
+            shards["specific"],
+            *NULL_TOKENIZER_ARGS,
+            *MODEL,
+            "--micro-batch-size",
+            "4",
+            "--global-batch-size",
+            "8",
+            "--train-iters",
+            str(STEPS),
+            "--lr",
+            "3e-3",
+            "--eval-interval",
+            "0",
+            "--log-dir",
+            os.path.join(tmp, name),
+            "--mixing",
+            "dga",
+            "--dga-interval",
+            "2",
+            "--dga-eta",
+            "30",
+            "--dga-ema",
+            "0.5",
+            "--dga-domain-batch-size",
+            "4",
+            "--dga-specific-batch-size",
+            "8",
+            "--domain-token-limit",
+            str(LIMIT_TOKENS),
+            *extra,
+        ]
+        trainer = trainer_from(argv)
+        updates = []
+        while trainer.iteration < STEPS:
+            train_steps(trainer, 1)
+            if trainer.iteration % 2 == 0:
+                budget = trainer.view.domain_budget()
+                caps = epoch_caps(budget["distinct"], budget["used"], budget["remaining"], MAX_EPOCHS)
+                updates.append((trainer.mixing.weights.copy(), caps, trainer.mixing.metrics()))
+        budget = trainer.view.domain_budget()
+        out[name] = {"updates": updates, "epochs": budget["used"] / budget["distinct"]}
+    platform.shutdown()
+    return out
+
+
+def test_capped_dga_never_plans_past_the_budget_and_the_uncapped_one_does(tmp_path):
+    from tests.helpers.dist_utils import run_distributed
+
+    runs = run_distributed(_capped_runs, world_size=1, args=(str(tmp_path),))[0]
+    capped = runs["capped"]
+    for weights, caps, metrics in capped["updates"]:
+        assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+        assert np.all(weights <= caps + 1e-12), (weights, caps)
+        assert metrics["dga_caps_feasible"] == 1 and metrics["dga_caps_binding"] == int(
+            np.sum(np.isclose(weights, caps, rtol=0, atol=1e-12) & (weights > 0))
+        )
+    assert any(m["dga_caps_binding"] > 0 for _, _, m in capped["updates"])
+    # Drawn at most R epochs of every domain (up to one training batch of sampling granularity: 8 of 32
+    # samples), while DGA without caps draws its favourite domain far past them.
+    assert capped["epochs"].max() <= MAX_EPOCHS + 8 / 32, capped["epochs"]
+    assert runs["uncapped"]["epochs"].max() > MAX_EPOCHS + 1.0, runs["uncapped"]["epochs"]
