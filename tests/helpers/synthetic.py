@@ -25,6 +25,8 @@ TINY_GPT_ARGS = [
     "64",
 ]
 """A 2-layer GPT that trains in seconds on 2 CPU cores (trainer-level tests)."""
+PIPELINE_GPT_ARGS = [*TINY_GPT_ARGS[:1], "4", *TINY_GPT_ARGS[2:]]
+"""The same GPT with 4 layers: two per stage at PP=2, one per model chunk with virtual stages."""
 
 
 def three_domain_shards(out_dir: str) -> dict:

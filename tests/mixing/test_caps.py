@@ -84,7 +84,6 @@ def test_caps_are_the_epochs_left_over_the_samples_to_come():
 
 
 # --------------------------------------------------------------------------- in training
-MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "32"]
 LIMIT_TOKENS, MAX_EPOCHS, STEPS = 1024, 3.0, 40
 """32 distinct samples per domain; 40 steps of 8 = 320 samples, 2.5 epochs of each domain if uniform."""
 
@@ -93,7 +92,7 @@ def _capped_runs(rank, world_size, tmp):
     from megatron_dga import platform
     from megatron_dga.mixing.caps import epoch_caps
     from tests.helpers.layouts import trainer_from, train_steps
-    from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, write_domains
+    from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, write_domains
 
     torch.set_num_threads(1)
     shards = write_domains(
@@ -113,7 +112,7 @@ def _capped_runs(rank, world_size, tmp):
             "--specific-data-path",
             shards["specific"],
             *NULL_TOKENIZER_ARGS,
-            *MODEL,
+            *TINY_GPT_ARGS,
             "--micro-batch-size",
             "4",
             "--global-batch-size",

@@ -14,20 +14,9 @@ import torch
 
 from tests.helpers.dist_utils import run_distributed
 from tests.helpers.gradient_oracle import Float64GPT, gathered
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, write_domains
+from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, write_domains
 
-MODEL = [
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "32",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--make-vocab-size-divisible-by",
-    "64",
-]
+MODEL = TINY_GPT_ARGS
 
 
 def _argv(shards, log_dir, extra=()):

@@ -30,20 +30,9 @@ import pytest
 
 from tests.helpers.dist_utils import run_distributed
 from tests.helpers.layouts import load_initial, named, trainer_from
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, write_domains
+from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, PIPELINE_GPT_ARGS, write_domains
 
-MODEL = [
-    "--num-layers",
-    "4",
-    "--hidden-size",
-    "32",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--make-vocab-size-divisible-by",
-    "64",
-]
+MODEL = PIPELINE_GPT_ARGS
 DGA = ["--mixing", "dga", "--dga-interval", "1", "--dga-domain-batch-size", "8", "--dga-specific-batch-size", "8"]
 ITERS = 2
 

@@ -15,21 +15,8 @@ import pytest
 from tests.helpers.dist_utils import run_distributed
 from tests.helpers.layouts import EMBEDDING, load_initial as _load_initial, named as _named
 from tests.helpers.layouts import gathered_stages as _gathered, logged_metrics as _metrics, losses as _losses
-from tests.helpers.layouts import shared_copy as _shared_copy, trainer_from as _trainer
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS
+from tests.helpers.layouts import pipeline_argv, shared_copy as _shared_copy, trainer_from as _trainer
 
-MODEL = [
-    "--num-layers",
-    "4",
-    "--hidden-size",
-    "32",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--make-vocab-size-divisible-by",
-    "64",
-]
 ITERS = 4
 
 # name -> extra flags; each runs on one process and on PP=2.
@@ -54,29 +41,7 @@ CONFIGS = {
 
 
 def _argv(shards, log_dir, extra, iters=ITERS):
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        "--specific-eval-data-path",
-        shards["specific_eval"],
-        *NULL_TOKENIZER_ARGS,
-        *MODEL,
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(log_dir),
-        *extra,
-    ]
+    return pipeline_argv(shards, log_dir, extra, iters)
 
 
 def _reference(rank, world_size, runs):
