@@ -85,7 +85,7 @@ class DGA(MirrorDescentStrategy):
             eta=self.cfg.dga_eta,
             ema=self.cfg.dga_ema,
             floor=self.cfg.dga_min_weight,
-            caps=self.epoch_caps(view, self.cfg.dga_max_epochs),
+            caps=self.token_budget_caps(view, self.cfg.dga_max_epochs),
         )
 
     def measure_alignments(self, view: TrainerView):

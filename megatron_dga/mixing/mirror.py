@@ -71,7 +71,7 @@ class MirrorDescentStrategy(MixingStrategy):
         self.weights = new
         return new.copy()
 
-    def epoch_caps(self, view: TrainerView, max_epochs: Optional[float]) -> Optional[np.ndarray]:
+    def token_budget_caps(self, view: TrainerView, max_epochs: Optional[float]) -> Optional[np.ndarray]:
         """The caps of --<name>-max-epochs R from the training stream's use of the domains (None: off)."""
         if max_epochs is None:
             return None

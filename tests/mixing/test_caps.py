@@ -88,14 +88,10 @@ LIMIT_TOKENS, MAX_EPOCHS, STEPS = 1024, 3.0, 40
 """32 distinct samples per domain; 40 steps of 8 = 320 samples, 2.5 epochs of each domain if uniform."""
 
 
-def _capped_runs(rank, world_size, tmp):
-    from megatron_dga import platform
-    from megatron_dga.mixing.caps import epoch_caps
-    from tests.helpers.layouts import trainer_from, train_steps
-    from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, write_domains
+def _planted_shards(tmp):
+    from tests.helpers.synthetic import write_domains
 
-    torch.set_num_threads(1)
-    shards = write_domains(
+    return write_domains(
         os.path.join(tmp, "data"),
         k=4,
         docs_per_domain=48,
@@ -104,15 +100,26 @@ def _capped_runs(rank, world_size, tmp):
         specific_mixture=[0.8, 0.2, 0.0, 0.0],
         specific_docs=64,
     )
+
+
+def _capped_runs(rank, world_size, tmp, shards, runs, model):
+    """Each ``{name: extra flags}`` run to STEPS with DGA updates every 2 steps: after each update, the weights,
+    the caps computed from the trainer's own state, and the update's metrics; at the end the epochs drawn."""
+    from megatron_dga import platform
+    from megatron_dga.mixing.caps import epoch_caps
+    from tests.helpers.layouts import trainer_from, train_steps
+    from tests.helpers.synthetic import NULL_TOKENIZER_ARGS
+
+    torch.set_num_threads(1)
     out = {}
-    for name, extra in (("capped", ["--dga-max-epochs", str(MAX_EPOCHS)]), ("uncapped", [])):
+    for name, extra in runs.items():
         argv = [
             "--data-path",
             *shards["domains"],
             "--specific-data-path",
             shards["specific"],
             *NULL_TOKENIZER_ARGS,
-            *TINY_GPT_ARGS,
+            *model,
             "--micro-batch-size",
             "4",
             "--global-batch-size",
@@ -158,7 +165,11 @@ def _capped_runs(rank, world_size, tmp):
 def test_capped_dga_never_plans_past_the_budget_and_the_uncapped_one_does(tmp_path):
     from tests.helpers.dist_utils import run_distributed
 
-    runs = run_distributed(_capped_runs, world_size=1, args=(str(tmp_path),))[0]
+    from tests.helpers.synthetic import TINY_GPT_ARGS
+
+    flags = {"capped": ["--dga-max-epochs", str(MAX_EPOCHS)], "uncapped": []}
+    args = (str(tmp_path), _planted_shards(str(tmp_path)), flags, TINY_GPT_ARGS)
+    runs = run_distributed(_capped_runs, world_size=1, args=args)[0]
     capped = runs["capped"]
     for weights, caps, metrics in capped["updates"]:
         assert weights.sum() == pytest.approx(1.0, abs=1e-12)
@@ -171,3 +182,34 @@ def test_capped_dga_never_plans_past_the_budget_and_the_uncapped_one_does(tmp_pa
     # samples), while DGA without caps draws its favourite domain far past them.
     assert capped["epochs"].max() <= MAX_EPOCHS + 8 / 32, capped["epochs"]
     assert runs["uncapped"]["epochs"].max() > MAX_EPOCHS + 1.0, runs["uncapped"]["epochs"]
+
+
+def test_the_caps_hold_under_pipelining_the_distributed_optimizer_and_overlap(tmp_path):
+    """PP=2 x DP=2 with --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather: the caps come
+    from the replicated sampler, so every rank projects onto the same caps and gets the same weights (the
+    strategy's own cross-rank check would fail the run otherwise), and no domain is drawn past R."""
+    from tests.helpers.dist_utils import run_distributed
+    from tests.helpers.synthetic import PIPELINE_GPT_ARGS
+
+    layout = [
+        "--pipeline-model-parallel-size",
+        "2",
+        "--use-distributed-optimizer",
+        "--overlap-grad-reduce",
+        "--overlap-param-gather",
+        "--dga-max-epochs",
+        str(MAX_EPOCHS),
+    ]
+    args = (str(tmp_path), _planted_shards(str(tmp_path)), {"capped": layout}, PIPELINE_GPT_ARGS)
+    ranks = [out["capped"] for out in run_distributed(_capped_runs, world_size=4, args=args)]
+    for rank in ranks[1:]:
+        np.testing.assert_array_equal(rank["epochs"], ranks[0]["epochs"])
+        for (w, caps, _), (w0, caps0, _) in zip(rank["updates"], ranks[0]["updates"]):
+            np.testing.assert_array_equal(w, w0)
+            np.testing.assert_array_equal(caps, caps0)
+    updates = ranks[0]["updates"]
+    assert len(updates) == STEPS // 2
+    for weights, caps, metrics in updates:
+        assert np.all(weights <= caps + 1e-12) and metrics["dga_caps_feasible"] == 1
+    assert any(m["dga_caps_binding"] > 0 for _, _, m in updates)
+    assert ranks[0]["epochs"].max() <= MAX_EPOCHS + 8 / 32, ranks[0]["epochs"]
