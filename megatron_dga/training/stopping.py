@@ -10,9 +10,11 @@ budget since start-up is spent.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -58,3 +60,29 @@ class StopConditions:
         if cfg.exit_interval and iteration % cfg.exit_interval == 0:
             return f"--exit-interval {cfg.exit_interval}"
         return None
+
+
+@contextlib.contextmanager
+def interrupt_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT without --exit-signal-handler) back until the block is done.
+
+    A checkpoint save forks writer processes (megatron's torch_dist writer). A KeyboardInterrupt
+    raised in the parent's after-fork hooks is printed as "Exception ignored" and dropped: the run
+    went on past Ctrl-C with the logging lock held, and hung at a later save. Inside this block a
+    SIGINT is only recorded; it is raised as KeyboardInterrupt once the save is complete, so the
+    message after Ctrl-C names that checkpoint. With --exit-signal-handler (our handler, not
+    Python's default) or off the main thread nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -25,7 +25,7 @@ from megatron_dga.fileio import atomic_write_json
 from megatron_dga.mixing.base import MixingStrategy, build_mixing
 from megatron_dga.model import build_model_chunks, uses_transformer_engine
 from megatron_dga.platform import ParallelContext
-from megatron_dga.training import resume
+from megatron_dga.training import resume, stopping
 from megatron_dga.training.config import PretrainConfig
 from megatron_dga.training.data import DataPipeline
 from megatron_dga.training.metrics import MetricsLogger, Throughput, console_print
@@ -33,7 +33,7 @@ from megatron_dga.training.outputs import prepare_outputs
 from megatron_dga.training.optim import Optimizer, counted_params, ddp_config
 from megatron_dga.rng import capture_rng_state, restore_rng_state
 from megatron_dga.training.step import check_interleaved_micro_batches, forward_backward
-from megatron_dga.training.stopping import StopConditions
+
 from megatron_dga.training.view import TrainerView
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Trainer:
         self.metrics = self._build_metrics(log_dir)
         self.throughput = Throughput()
         self._pending_save = None  # a checkpoint being checksummed in the background
-        self.stop = StopConditions(cfg.schedule, ctx.device)
+        self.stop = stopping.StopConditions(cfg.schedule, ctx.device)
         if ctx.is_logging_rank:
             self._write_run_info(log_dir)
         self._window_losses: List[torch.Tensor] = []  # one-element float64 device tensors
@@ -373,10 +373,11 @@ class Trainer:
         ``_poll_pending_save``/``finish_pending_save`` (called by every rank at the same step)."""
         self.finish_pending_save()
         self.sync_params()
-        if blocking:
-            self._report_saved(self.iteration, resume.save_job(self))
-        else:
-            self._pending_save = resume.save_job(self, background=True)
+        with stopping.interrupt_deferred():  # Ctrl-C mid-save: after it, see stopping.py
+            if blocking:
+                self._report_saved(self.iteration, resume.save_job(self))
+            else:
+                self._pending_save = resume.save_job(self, background=True)
 
     def _poll_pending_save(self) -> None:
         if self._pending_save is not None and self._pending_save.ready(self.ctx.device):
