@@ -202,7 +202,21 @@ def rank_micro_batches(rows: np.ndarray, dp_rank: int, dp_size: int, micro_batch
     does a training batch; a probe or eval batch that it does not divide gives its first ranks one row
     more), cut into micro-batches of ``micro_batch_size`` (the last one shorter if need be)."""
     mine = np.array_split(np.asarray(rows), dp_size)[dp_rank]
-    return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    return _cut(mine, micro_batch_size)
+
+
+def rank_probe_groups(
+    rows: np.ndarray, dp_rank: int, dp_size: int, groups: int, micro_batch_size: int
+) -> List[List[np.ndarray]]:
+    """A probe batch cut into ``groups`` contiguous groups over all ranks (equal when ``groups`` divides the
+    rows): this rank's share (:func:`rank_micro_batches`' rule) cut into ``groups / dp_size`` groups, each
+    cut into micro-batches. Global group ``g`` is rows ``[g b/G, (g+1) b/G)`` (DGA's noise groups)."""
+    mine = np.array_split(np.asarray(rows), dp_size)[dp_rank]
+    return [_cut(group, micro_batch_size) for group in np.array_split(mine, max(groups // dp_size, 1))]
+
+
+def _cut(rows: np.ndarray, micro_batch_size: int) -> List[np.ndarray]:
+    return [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
 
 
 class DynamicMixtureSampler:

@@ -407,6 +407,17 @@ def domain_methods(data: ex.ExperimentData, preset: dict, args) -> Dict[str, Lis
         "dga_ema": base + [*dga_args(preset, args), "--dga-ema", "0.1"],
         # token budgets on the simplex: at most CAP_EPOCHS epochs of any domain's distinct samples
         "dga_ema_cap": base + [*dga_args(preset, args), "--dga-ema", "0.1", "--dga-max-epochs", str(CAP_EPOCHS)],
+        # alignment noise: the update on alignments shrunk by their standard error over NOISE_GROUPS groups
+        "dga_ema_shrink": base
+        + [
+            *dga_args(preset, args),
+            "--dga-ema",
+            "0.1",
+            "--dga-noise",
+            "shrink",
+            "--dga-noise-groups",
+            str(NOISE_GROUPS),
+        ],
     }
     methods.update(online_baselines(base, args))
     if data.importance_weights:  # computed or given only when the importance method runs
@@ -453,9 +464,13 @@ CAP_EPOCHS = 4
 """--dga-max-epochs of the dga_ema_cap method: up to 4 epochs, repeated data trains nearly as well as new
 data (Muennighoff et al. 2023, "Scaling Data-Constrained Language Models")."""
 
+NOISE_GROUPS = 4
+"""--dga-noise-groups of the dga_ema_shrink method: 4 groups (of one sequence each in the cpu preset, whose
+domain probe is 4 sequences; of two in the gpu preset)."""
+
 SCENARIO_METHODS = {
-    "token-limited": ("uniform", "importance", "dga", "dga_ema", "dga_ema_cap", "odm", "pike"),
-    "unlimited": ("uniform", "importance", "dga", "dga_ema", "dga_ema_cap", "odm", "pike"),
+    "token-limited": ("uniform", "importance", "dga", "dga_ema", "dga_ema_cap", "dga_ema_shrink", "odm", "pike"),
+    "unlimited": ("uniform", "importance", "dga", "dga_ema", "dga_ema_cap", "dga_ema_shrink", "odm", "pike"),
     "fine-grained": ("uniform", "importance", "dga_basis", "odm"),
 }
 """Every method of each scenario (--methods chooses among them)."""

@@ -55,10 +55,12 @@ class TrainerView(Protocol):
         """After a step: (2, k) float64 on the device, per domain the token-loss sum and token count of the
         last training step over all ranks; identical on every rank (one all-reduce of 2k values)."""
 
-    def probe_domain(self, domain: int, size: int) -> List[Dict[str, torch.Tensor]]:
-        """This rank's micro-batches of a fixed-size probe batch from one domain."""
+    def probe_domain(self, domain: int, size: int, groups: int = 0) -> List:
+        """This rank's micro-batches of a fixed-size probe batch from one domain; with ``groups`` > 0 the
+        batch is cut into that many contiguous groups over all ranks and this rank gets its groups, each a
+        list of micro-batches (``data.sampler.rank_probe_groups``)."""
 
-    def probe_basis(self, basis: int, size: int) -> List[Dict[str, torch.Tensor]]:
+    def probe_basis(self, basis: int, size: int, groups: int = 0) -> List:
         """Like probe_domain, with fine domains drawn from basis distribution P_n."""
 
     def probe_specific(self, size: int) -> List[Dict[str, torch.Tensor]]:
@@ -96,6 +98,10 @@ class TrainerView(Protocol):
 
     def data_parallel(self) -> tuple:
         """(dp_rank, dp_size)."""
+
+    def model_parallel_leader(self) -> bool:
+        """This rank is the first of its model-parallel group (tensor and pipeline rank 0): it alone
+        contributes a value that its model-parallel peers hold too to a sum over the world."""
 
     def domain_budget(self) -> Dict[str, object]:
         """The training stream's use of the domains: ``distinct`` (k,) samples each domain may use (its

@@ -31,6 +31,8 @@ _DGA_DEFAULTS: Dict[str, Any] = {
     "dga_estimator": "exact",
     "dga_fd_step": 1e-4,
     "dga_max_epochs": None,  # off: no token budgets on the simplex
+    "dga_noise": "off",
+    "dga_noise_groups": 4,
 }
 """Defaults of the DGA-only fields. The fields default to None ("not given") so that a DGA flag
 given without --mixing dga is an error rather than silently ignored; __post_init__ fills these in."""
@@ -115,6 +117,15 @@ class MixingConfig(ReadOnlyOnceParsed):
     domain's weight so that, drawn at it for the rest of training, the domain uses at most R epochs of its
     distinct samples (its --domain-token-limit subset, else the whole domain): the weights are projected
     in KL onto {alpha_i <= (R n_i - used_i) / samples to come} (mixing/caps.py)."""
+    dga_noise: Optional[Literal["off", "measure", "shrink"]] = None
+    """Alignment noise (--dga-noise; off by default). measure: each domain probe is cut into
+    --dga-noise-groups groups, each back-propagated on its own, and every update logs each domain's
+    standard error of a_i and the fraction of groups whose estimate has a_i's sign
+    (dga_alignment_stderr, dga_sign_agreement); shrink also updates on a_i * SNR_i^2 / (1 + SNR_i^2),
+    SNR_i = |a_i| / stderr_i (eta scaled down on the domains whose alignment is within its noise)."""
+    dga_noise_groups: Optional[int] = None
+    """G, the independent groups of each domain probe with --dga-noise (default 4): at least 2, dividing
+    --dga-domain-batch-size and a multiple of the data-parallel size."""
 
     odm_interval: Optional[int] = None
     """ODM (--mixing odm): training steps between bandit updates (--odm-interval, default 1, the paper's);
@@ -184,6 +195,7 @@ class MixingConfig(ReadOnlyOnceParsed):
                 "a basis DGA moves the weights of the basis distributions (caps on gamma^T P are not supported); "
                 "drop one of them"
             )
+        self._check_noise(estimator, given)
         self._check_odm_and_pike()
         for strategy, flags in given_by.items():
             if self.strategy != strategy:
@@ -222,6 +234,28 @@ class MixingConfig(ReadOnlyOnceParsed):
         """The strategy back-propagates a probe batch of every domain at each update (DGA without a basis,
         PiKE): every domain must hold a sample, which the data pipeline checks at start-up."""
         return (self.strategy == "dga" and not self.dga_basis) or self.strategy == "pike"
+
+    def _check_noise(self, estimator: Optional[str], given: Dict[str, Any]) -> None:
+        if self.dga_noise not in ("off", "measure", "shrink"):
+            raise ConfigError(f"--dga-noise must be off, measure or shrink, got {self.dga_noise!r}")
+        if "dga_noise_groups" in given and self.dga_noise == "off":
+            raise ConfigError(
+                f"--dga-noise-groups {self.dga_noise_groups} acts with --dga-noise measure or shrink only; "
+                "add --dga-noise or drop --dga-noise-groups"
+            )
+        if self.dga_noise == "off":
+            return
+        if estimator == "fd":
+            raise ConfigError(
+                f"--dga-noise {self.dga_noise} needs a gradient per probe group, which --dga-estimator fd never "
+                "forms; use --dga-estimator exact or drop --dga-noise"
+            )
+        groups, size = self.dga_noise_groups, self.dga_domain_batch_size
+        if groups < 2 or size % groups:
+            raise ConfigError(
+                f"--dga-noise-groups {groups} must be at least 2 and divide --dga-domain-batch-size {size} "
+                "(equal groups of the domain probe); change one of them"
+            )
 
     def _check_odm_and_pike(self) -> None:
         if self.odm_interval <= 0:

@@ -12,7 +12,8 @@ and keep the weights (a probe hit a NaN/Inf gradient).
 
 Estimators (--dga-estimator): "exact" back-propagates every probe (mixing/alignment.py);
 "fd" takes central differences of the probe losses along g_spe, two forward passes in
-all (mixing/fd.py). Every rank computes the same alignments from one all-reduce, so the
+all (mixing/fd.py). --dga-noise measures each alignment's standard error from groups of
+the probe (mixing/alignment.py) and with "shrink" updates on the alignments shrunk by it. Every rank computes the same alignments from one all-reduce, so the
 weights must come out bit-identical everywhere; after each update that is checked
 (``mixing.base.check_identical_across_ranks``).
 """
@@ -23,7 +24,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from megatron_dga.mixing.alignment import exact_alignments
+from megatron_dga.errors import ConfigError
+from megatron_dga.mixing.alignment import exact_alignments, shrink_by_noise
 from megatron_dga.mixing.base import TrainerView, register
 from megatron_dga.mixing.fd import fd_alignments
 from megatron_dga.mixing.initial import initial_weights
@@ -46,6 +48,12 @@ class DGA(MirrorDescentStrategy):
     def setup(self, view: TrainerView) -> None:
         """Probes the specific set; with --dga-basis the sampler draws from the bases."""
         view.check_specific(self.cfg.dga_specific_batch_size, "--dga-specific-batch-size")
+        dp_size = view.data_parallel()[1]
+        if self.cfg.dga_noise != "off" and self.cfg.dga_noise_groups % dp_size:
+            raise ConfigError(
+                f"--dga-noise-groups {self.cfg.dga_noise_groups} must be a multiple of the data-parallel size "
+                f"{dp_size} (every rank back-propagates whole groups of the domain probe)"
+            )
         if self.basis is not None:
             view.set_basis(self.basis)
 
@@ -79,9 +87,15 @@ class DGA(MirrorDescentStrategy):
             self._last["domain_grad_norms"] = result.domain_grad_norms.tolist()
         if result.fd_step is not None:
             self._last["dga_fd_step"] = result.fd_step
+        scores = result.alignments
+        if result.stderr is not None:
+            self._last["dga_alignment_stderr"] = result.stderr.tolist()
+            self._last["dga_sign_agreement"] = result.sign_agreement.tolist()
+            if self.cfg.dga_noise == "shrink":
+                scores = shrink_by_noise(scores, result.stderr)
         return self.step(
             view,
-            result.alignments,
+            scores,
             eta=self.cfg.dga_eta,
             ema=self.cfg.dga_ema,
             floor=self.cfg.dga_min_weight,
@@ -100,14 +114,16 @@ class DGA(MirrorDescentStrategy):
         )
         if self.cfg.dga_estimator == "fd":
             return fd_alignments(*args, probe_fn=probe_fn, relative_step=self.cfg.dga_fd_step)
-        return exact_alignments(*args, probe_fn=probe_fn)
+        groups = self.cfg.dga_noise_groups if self.cfg.dga_noise != "off" else 0
+        return exact_alignments(*args, probe_fn=probe_fn, noise_groups=groups)
 
     # ------------------------------------------------------------------ logging and state
 
     def list_labels(self) -> Dict[str, List[str]]:
         """With --dga-basis the per-update lists run over the N bases, not the K domains."""
         names = self.basis_names
-        return {} if names is None else {key: names for key in ("alignments", "domain_grad_norms", "basis_weights")}
+        keys = ("alignments", "domain_grad_norms", "basis_weights", "dga_alignment_stderr", "dga_sign_agreement")
+        return {} if names is None else {key: names for key in keys}
 
     def metrics(self) -> Dict[str, object]:
         out = super().metrics()

@@ -20,6 +20,8 @@ TENSORBOARD_TAGS: Mapping[str, str] = {
     "dga_fd_step": "mixing/fd_step",
     "dga_caps_binding": "mixing/caps_binding",
     "dga_caps_feasible": "mixing/caps_feasible",
+    "dga_alignment_stderr": "mixing/alignment_stderr",
+    "dga_sign_agreement": "mixing/sign_agreement",
     "odm_update": "mixing/updates",
     "odm_exploration": "mixing/odm_exploration",
     "odm_rewards": "mixing/odm_reward",

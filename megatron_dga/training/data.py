@@ -25,7 +25,12 @@ from megatron_dga.data.domains import DomainDatasetConfig, build_domain_datasets
 from megatron_dga.data.fine_domains import build_fine_domains
 from megatron_dga.data.mixture import MixtureDataset, MultiSource, StepLoader
 from megatron_dga.data.mock import write_mock_corpus
-from megatron_dga.data.sampler import DynamicMixtureSampler, MixtureSamplerConfig, rank_micro_batches
+from megatron_dga.data.sampler import (
+    DynamicMixtureSampler,
+    MixtureSamplerConfig,
+    rank_micro_batches,
+    rank_probe_groups,
+)
 from megatron_dga.data.tokenizers import build_tokenizer
 from megatron_dga.errors import ConfigError, DataError
 from megatron_dga.mixing.base import DomainInfo
@@ -399,11 +404,20 @@ class DataPipeline:
             self.fetch(mb) for mb in rank_micro_batches(rows, self.ctx.dp_rank, self.ctx.dp_size, self.micro_batch_size)
         ]
 
-    def probe_domain(self, domain: int, size: int):
-        return self._rank_share(self.sampler.probe_batch(domain, size))
+    def probe_domain(self, domain: int, size: int, groups: int = 0):
+        return self._probe_share(self.sampler.probe_batch(domain, size), groups)
 
-    def probe_basis(self, basis: int, size: int):
-        return self._rank_share(self.sampler.probe_batch_from_basis(basis, size))
+    def probe_basis(self, basis: int, size: int, groups: int = 0):
+        return self._probe_share(self.sampler.probe_batch_from_basis(basis, size), groups)
+
+    def _probe_share(self, rows: np.ndarray, groups: int):
+        """This rank's micro-batches of a probe; with ``groups`` > 0 this rank's groups of them (a list of
+        micro-batch lists, ``sampler.rank_probe_groups``)."""
+        if not groups:
+            return self._rank_share(rows)
+        ctx = self.ctx
+        parts = rank_probe_groups(rows, ctx.dp_rank, ctx.dp_size, groups, self.micro_batch_size)
+        return [[self.fetch(mb) for mb in group] for group in parts]
 
     def check_specific(self, size: int, flag: str) -> None:
         """Errors, before training starts, for a strategy that probes the specific set in batches of ``size``

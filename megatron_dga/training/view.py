@@ -81,11 +81,11 @@ class TrainerView:
 
     # ------------------------------------------------------------------ probes
 
-    def probe_domain(self, domain: int, size: int):
-        return self._trainer.data.probe_domain(domain, size)
+    def probe_domain(self, domain: int, size: int, groups: int = 0):
+        return self._trainer.data.probe_domain(domain, size, groups)
 
-    def probe_basis(self, basis: int, size: int):
-        return self._trainer.data.probe_basis(basis, size)
+    def probe_basis(self, basis: int, size: int, groups: int = 0):
+        return self._trainer.data.probe_basis(basis, size, groups)
 
     def probe_specific(self, size: int):
         return self._trainer.data.probe_specific(size)
@@ -174,6 +174,10 @@ class TrainerView:
     def data_parallel(self):
         ctx = self._trainer.ctx
         return ctx.dp_rank, ctx.dp_size
+
+    def model_parallel_leader(self) -> bool:
+        ctx = self._trainer.ctx
+        return ctx.tp_rank == 0 and ctx.pp_rank == 0
 
     def domain_budget(self):
         trainer = self._trainer

@@ -498,10 +498,17 @@ def test_the_online_mixers_are_runner_methods_the_trainer_accepts():
     assert list(out) == ["odm"]
 
 
-def test_the_capped_dga_method_is_dga_ema_with_token_budgets_the_trainer_accepts():
+@pytest.mark.parametrize(
+    "method, fields",
+    [
+        ("dga_ema_cap", {"dga_max_epochs": experiments.CAP_EPOCHS}),
+        ("dga_ema_shrink", {"dga_noise": "shrink", "dga_noise_groups": experiments.NOISE_GROUPS}),
+    ],
+)
+def test_the_dga_options_are_dga_ema_with_one_option_the_trainer_accepts(method, fields):
     from megatron_dga.training.arguments import parse_args as trainer_args
 
-    args = experiments.parse_args(["token-limited", "--methods", "dga_ema,dga_ema_cap"])
+    args = experiments.parse_args(["token-limited", "--methods", f"dga_ema,{method}"])
     data = ex.ExperimentData(
         "test",
         ("a", "b"),
@@ -511,8 +518,10 @@ def test_the_capped_dga_method_is_dga_ema_with_token_budgets_the_trainer_accepts
         ("--tokenizer-type", "NullTokenizer", "--vocab-size", "127"),
     )
     methods = experiments.domain_methods(data, experiments.PRESETS["cpu"], args)
-    capped, plain = trainer_args(methods["dga_ema_cap"]), trainer_args(methods["dga_ema"])
-    assert capped.mixing.dga_max_epochs == experiments.CAP_EPOCHS and plain.mixing.dga_max_epochs is None
-    assert dataclasses.replace(capped.mixing, dga_max_epochs=None) == plain.mixing  # nothing else differs
-    assert capped.data.domain_token_limit == plain.data.domain_token_limit
-    assert "dga_ema_cap" not in experiments.chosen_methods(experiments.parse_args(["token-limited"]))
+    option, plain = trainer_args(methods[method]), trainer_args(methods["dga_ema"])
+    assert all(getattr(option.mixing, name) == value for name, value in fields.items())
+    assert any(getattr(option.mixing, name) != getattr(plain.mixing, name) for name in fields)
+    defaults = {name: getattr(plain.mixing, name) for name in fields}
+    assert dataclasses.replace(option.mixing, **defaults) == plain.mixing  # nothing else differs
+    assert option.data.domain_token_limit == plain.data.domain_token_limit
+    assert method not in experiments.chosen_methods(experiments.parse_args(["token-limited"]))

@@ -230,6 +230,125 @@ def test_distributed_alignments_equal_float64_reference(shards, tmp_path):
             assert np.abs(wrong - ref["exact"]).max() > 20 * 1e-4 * scale
 
 
+# ----------------------------------------------------------------------------- (g) alignment noise (--dga-noise)
+
+NOISE_GROUPS, NOISE_BATCH = 4, 8
+
+
+def _noise_layouts(rank, world_size, shards, tmp):
+    """On DP=2 and TP=2: --dga-noise measure's statistics from one probe state, the weights of one
+    --dga-noise shrink update from the same state, and what a float64 reference needs."""
+    from megatron_dga import platform
+
+    runs = {}
+    for layout, tp in (("dp2", 1), ("tp2", 2)):
+        extra = [
+            *("--tensor-model-parallel-size", str(tp), "--dga-interval", "1"),
+            *("--dga-domain-batch-size", str(NOISE_BATCH), "--dga-specific-batch-size", "4"),
+            *("--dga-noise", "measure", "--dga-noise-groups", str(NOISE_GROUPS)),
+        ]
+        trainer = _trainer(_argv(shards, os.path.join(tmp, layout), extra))
+        _train(trainer, 2, apply_weights=False)
+        sampler = trainer.data.sampler
+        state = sampler.state_dict()
+        measured = trainer.mixing.measure_alignments(trainer.view)
+        sampler.load_state_dict(state)
+        shrink = _strategy(trainer, dga_noise="shrink")
+        weights_before = shrink.weights.copy()
+        new = shrink.after_step(trainer.view)
+        logged = shrink.metrics()
+        named = list(trainer.model.named_parameters())
+        run = {
+            "alignments": measured.alignments,
+            "stderr": measured.stderr,
+            "agree": measured.sign_agreement,
+            "shrink_weights": new,
+            "weights_before": weights_before,
+            "logged": {key: logged[key] for key in ("dga_alignment_stderr", "dga_sign_agreement", "alignments")},
+            "params": {n: gathered(p, p, tp) for n, p in named},
+            "model": trainer.cfg.model,
+            "eta": trainer.cfg.mixing.dga_eta,
+            "ema": trainer.cfg.mixing.dga_ema,
+        }
+        sampler.load_state_dict(state)
+        fetch = lambda rows: {key: t.numpy() for key, t in trainer.data.fetch(rows).items()}
+        run["specific"] = fetch(sampler.probe_batch(trainer.data.specific_id, 4))
+        run["domains"] = [fetch(sampler.probe_batch(i, NOISE_BATCH)) for i in range(len(shards["domains"]))]
+        runs[layout] = run
+    from megatron_dga.errors import ConfigError
+
+    try:  # DP=2 and 3 groups: a rank would hold half a group
+        odd = ["--dga-noise", "measure", "--dga-noise-groups", "3", "--dga-domain-batch-size", "6"]
+        _trainer(_argv(shards, os.path.join(tmp, "odd"), odd))
+        odd_error = ""
+    except ConfigError as exc:
+        odd_error = str(exc)
+    platform.initialize(platform.ParallelConfig(tensor_model_parallel_size=1))
+    if rank == 0:
+        for run in runs.values():
+            gpt = Float64GPT(run.pop("model"), run.pop("params"))
+            g_spe = gpt.grad(run.pop("specific"))
+            size = NOISE_BATCH // NOISE_GROUPS  # global group g is rows [g size, (g+1) size)
+            run["group_dots"] = np.array(
+                [
+                    [
+                        gpt.dot(gpt.grad({k: v[g * size : (g + 1) * size] for k, v in batch.items()}), g_spe)
+                        for g in range(NOISE_GROUPS)
+                    ]
+                    for batch in run.pop("domains")
+                ]
+            )
+    platform.shutdown()
+    return {**runs, "odd_groups_error": odd_error}
+
+
+def test_noise_statistics_equal_brute_force_over_the_groups(shards, tmp_path):
+    from megatron_dga import ops
+    from megatron_dga.mixing.alignment import shrink_by_noise
+
+    ranks = run_distributed(_noise_layouts, world_size=2, args=(shards, str(tmp_path)))
+    assert "--dga-noise-groups 3 must be a multiple of the data-parallel size 2" in ranks[0]["odd_groups_error"]
+    for layout in ("dp2", "tp2"):
+        d = ranks[0][layout]["group_dots"]  # (k, G) float64: each group's <g_i^g, g_spe>
+        G = d.shape[1]
+        a = d.mean(axis=1)  # equal groups
+        se = np.sqrt(((d - a[:, None]) ** 2).sum(axis=1) / (G * (G - 1)))
+        agree = np.array([np.mean(np.sign(row) == np.sign(m)) for row, m in zip(d, a)])
+        scale = np.abs(a).max()
+        for rank in ranks:
+            run = rank[layout]
+            np.testing.assert_allclose(run["alignments"], a, rtol=0, atol=1e-4 * scale, err_msg=layout)
+            np.testing.assert_allclose(run["stderr"], se, rtol=1e-3, atol=1e-5 * scale, err_msg=layout)
+            np.testing.assert_array_equal(run["agree"], agree, err_msg=layout)
+            assert run["logged"]["dga_alignment_stderr"] == pytest.approx(list(se), rel=1e-3, abs=1e-5 * scale)
+            # shrink: the update on a_i^3 / (a_i^2 + se_i^2), the same on every rank.
+            expected = ops.simplex_update(
+                torch.as_tensor(run["weights_before"]),
+                torch.as_tensor(shrink_by_noise(a, se)),
+                eta=run["eta"],
+                beta=run["ema"],
+                floor=0.0,
+            ).numpy()
+            np.testing.assert_allclose(run["shrink_weights"], expected, rtol=1e-4, err_msg=layout)
+            assert run["shrink_weights"].tobytes() == ranks[0][layout]["shrink_weights"].tobytes()
+        # The test can fail: the variance's denominator G^2 instead of G (G - 1) is 13 % off; the groups
+        # really disagree (se > 0), so shrinking moves the update.
+        population = np.sqrt(((d - a[:, None]) ** 2).sum(axis=1) / G**2)
+        assert np.abs(population - se).min() > 1e-2 * se.min() > 0
+        plain = ops.simplex_update(
+            torch.as_tensor(run["weights_before"]), torch.as_tensor(a), eta=run["eta"], beta=run["ema"], floor=0.0
+        ).numpy()
+        assert np.abs(plain - run["shrink_weights"]).max() > 1e-3
+
+
+def test_shrink_by_noise_keeps_signal_and_damps_noise():
+    from megatron_dga.mixing.alignment import shrink_by_noise
+
+    a = np.array([2.0, -2.0, 0.1, 0.0, 1.0])
+    se = np.array([0.0, 0.2, 1.0, 0.0, 1.0])
+    np.testing.assert_allclose(shrink_by_noise(a, se), [2.0, -2.0 * 4 / 4.04, 0.1 * 0.01 / 1.01, 0.0, 0.5])
+
+
 # ----------------------------------------------------------------------------- (d) fd vs exact, (f) NaN/Inf
 
 

@@ -63,6 +63,18 @@ def _main(argv, capsys):
         ),
         (["--mixing", "dga", "--dga-fd-step", "1e-3"], "--dga-fd-step 0.001 acts with --dga-estimator fd only"),
         (
+            ["--mixing", "dga", "--dga-noise-groups", "2"],
+            "--dga-noise-groups 2 acts with --dga-noise measure or shrink only",
+        ),
+        (
+            ["--mixing", "dga", "--dga-noise", "shrink", "--dga-estimator", "fd"],
+            "--dga-noise shrink needs a gradient per probe group, which --dga-estimator fd never forms",
+        ),
+        (
+            ["--mixing", "dga", "--dga-noise", "measure", "--dga-noise-groups", "3"],
+            "--dga-noise-groups 3 must be at least 2 and divide --dga-domain-batch-size 8",
+        ),
+        (
             ["--mixing", "uniform", "--importance-weights", "iw.json"],
             "--importance-weights iw.json is read by --mixing importance and by --mixing dga",
         ),
