@@ -237,6 +237,9 @@ class StepLoader:
         self.dataset, self.sampler = dataset, sampler
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.last_global_batch: Optional[np.ndarray] = None
+        self.group_by_domain = False
+        """Sort each global batch by domain (stably) before it is cut over ranks and into micro-batches: the
+        same samples, grouped so that most micro-batches hold one domain (DGA's in-step estimator)."""
         self._workers, self._pin_memory = num_workers, pin_memory
         self._step_sampler = _CurrentStepSampler()
         kwargs: Dict[str, Any] = {}
@@ -261,6 +264,8 @@ class StepLoader:
         batch = self.sampler.global_batch()
         # The next step's global batch is computed while this step runs (the same batch either way).
         self.sampler.prefetch()
+        if self.group_by_domain:
+            batch = batch[np.argsort(batch[:, 0], kind="stable")]
         self.last_global_batch = batch
         if self._workers == 0:
             # Read in this process, without a DataLoader iterator per step (it would read the same way).

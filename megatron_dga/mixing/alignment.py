@@ -31,8 +31,8 @@ optimizer, LR schedule and training data stream are never touched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -64,6 +64,12 @@ class AlignmentResult:
     """With noise groups: the standard error of each a_i (k,), from the spread of the groups' estimates."""
     sign_agreement: Optional[np.ndarray] = None
     """With noise groups: per domain, the fraction of groups whose estimate has a_i's sign."""
+    instep_domains: Optional[int] = None
+    """The in-step estimator (mixing/instep.py): domains whose a_i came from training micro-batches."""
+    instep_micro_batches: Optional[int] = None
+    """The in-step estimator: training micro-batches those alignments averaged, over all ranks."""
+    target: Optional[List[torch.Tensor]] = field(default=None, repr=False)
+    """With ``keep_target``: g_spe, one tensor per parameter (the in-step estimator keeps it)."""
 
 
 def _num_samples(micro_batches) -> int:
@@ -78,6 +84,7 @@ def exact_alignments(
     preconditioner: str = "none",
     probe_fn=None,
     noise_groups: int = 0,
+    keep_target: bool = False,
 ) -> AlignmentResult:
     """Compute a_i for each source i in ``sources`` (indices into the view's probe sources).
 
@@ -90,6 +97,7 @@ def exact_alignments(
         probe_fn: callable (source, size, groups=0) -> this rank's micro-batches (its groups of them with
             ``groups``); default view.probe_domain.
         noise_groups: G >= 2 measures the noise (module docstring); 0 back-propagates each probe at once.
+        keep_target: return g_spe in ``result.target`` (``sources`` may then be empty).
     """
     probe_fn = probe_fn or view.probe_domain
     rng = capture_rng_state()
@@ -133,7 +141,8 @@ def exact_alignments(
     if noise_groups:
         _noise_rows(view, partial, group_dots, group_sizes)
 
-    view.all_reduce(partial, group="world")
+    if k:
+        view.all_reduce(partial, group="world")
     view.all_reduce(spe_sq, group="mp")
     partial = partial.cpu().numpy()
     # Loss sums and sample counts are added over model-parallel ranks too; their ratio is unaffected.
@@ -147,6 +156,8 @@ def exact_alignments(
     )
     if noise_groups:
         result.stderr, result.sign_agreement = noise_statistics(partial[0], *partial[4:7], domain_batch_size)
+    if keep_target:
+        result.target = target
     return result
 
 

@@ -55,6 +55,11 @@ class TrainerView(Protocol):
         """After a step: (2, k) float64 on the device, per domain the token-loss sum and token count of the
         last training step over all ranks; identical on every rank (one all-reduce of 2k values)."""
 
+    def observe_training_backward(self, fn) -> None:
+        """At setup: each training step's global batch is grouped by domain (the same samples, most
+        micro-batches of one domain), and ``fn(i, n, micro_batch)`` is called once micro-batch ``i`` of this
+        rank's ``n`` has accumulated its gradient / ``n`` into the grad buffers, before any reduction."""
+
     def probe_domain(self, domain: int, size: int, groups: int = 0) -> List:
         """This rank's micro-batches of a fixed-size probe batch from one domain; with ``groups`` > 0 the
         batch is cut into that many contiguous groups over all ranks and this rank gets its groups, each a

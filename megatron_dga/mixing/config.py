@@ -33,6 +33,7 @@ _DGA_DEFAULTS: Dict[str, Any] = {
     "dga_max_epochs": None,  # off: no token budgets on the simplex
     "dga_noise": "off",
     "dga_noise_groups": 4,
+    "dga_instep_min_micro_batches": 1,
 }
 """Defaults of the DGA-only fields. The fields default to None ("not given") so that a DGA flag
 given without --mixing dga is an error rather than silently ignored; __post_init__ fills these in."""
@@ -105,9 +106,10 @@ class MixingConfig(ReadOnlyOnceParsed):
     """Initial weights (--dga-init): uniform, natural, static (the weights of --data-path W1 P1 ...),
     importance (--importance-weights FILE) or a weights file. Default: static when --data-path gives
     weights, else uniform; --data-path weights with another --dga-init are an error naming both."""
-    dga_estimator: Optional[Literal["exact", "fd"]] = None
-    """Alignment estimator (--dga-estimator): exact gradients (the default), or finite differences
-    along g_spe."""
+    dga_estimator: Optional[Literal["exact", "fd", "instep"]] = None
+    """Alignment estimator (--dga-estimator): exact gradients of probe batches (the default), finite
+    differences along g_spe (fd), or the training step's own micro-batches, grouped by domain, against
+    the last update's g_spe (instep: no domain probes; mixing/instep.py)."""
     dga_fd_step: Optional[float] = None
     """fd estimator step h relative to the parameter norm, h = dga_fd_step * |theta| (--dga-fd-step,
     default 1e-4, with --dga-estimator fd only); 1e-4 minimised the error against the exact
@@ -123,6 +125,9 @@ class MixingConfig(ReadOnlyOnceParsed):
     standard error of a_i and the fraction of groups whose estimate has a_i's sign
     (dga_alignment_stderr, dga_sign_agreement); shrink also updates on a_i * SNR_i^2 / (1 + SNR_i^2),
     SNR_i = |a_i| / stderr_i (eta scaled down on the domains whose alignment is within its noise)."""
+    dga_instep_min_micro_batches: Optional[int] = None
+    """--dga-estimator instep: a domain with fewer single-domain training micro-batches since the last
+    update falls back to a probe batch (--dga-instep-min-micro-batches, default 1)."""
     dga_noise_groups: Optional[int] = None
     """G, the independent groups of each domain probe with --dga-noise (default 4): at least 2, dividing
     --dga-domain-batch-size and a multiple of the data-parallel size."""
@@ -183,8 +188,20 @@ class MixingConfig(ReadOnlyOnceParsed):
             raise ConfigError(f"--dga-preconditioner must be none or adam, got {self.dga_preconditioner!r}")
         if not self.dga_fd_step > 0:
             raise ConfigError(f"--dga-fd-step must be > 0, got {self.dga_fd_step}")
-        if self.dga_estimator not in ("exact", "fd"):
-            raise ConfigError(f"--dga-estimator must be exact or fd, got {self.dga_estimator!r}")
+        if self.dga_estimator not in ("exact", "fd", "instep"):
+            raise ConfigError(f"--dga-estimator must be exact, fd or instep, got {self.dga_estimator!r}")
+        if self.dga_instep_min_micro_batches < 1:
+            raise ConfigError(f"--dga-instep-min-micro-batches must be >= 1, got {self.dga_instep_min_micro_batches}")
+        if "dga_instep_min_micro_batches" in given and estimator != "instep":
+            raise ConfigError(
+                f"--dga-instep-min-micro-batches {self.dga_instep_min_micro_batches} acts with --dga-estimator "
+                "instep only; add --dga-estimator instep or drop it"
+            )
+        if estimator == "instep" and self.dga_basis:
+            raise ConfigError(
+                f"--dga-estimator instep with --dga-basis {self.dga_basis}: a training micro-batch is drawn from "
+                "the fine domains' mixture, not from one basis distribution; use --dga-estimator exact"
+            )
         if self.dga_max_epochs is not None and not 0 < self.dga_max_epochs < float("inf"):
             raise ConfigError(
                 f"--dga-max-epochs must be a number > 0 (epochs of a domain's distinct samples), got {self.dga_max_epochs}"
@@ -245,10 +262,10 @@ class MixingConfig(ReadOnlyOnceParsed):
             )
         if self.dga_noise == "off":
             return
-        if estimator == "fd":
+        if estimator in ("fd", "instep"):
             raise ConfigError(
-                f"--dga-noise {self.dga_noise} needs a gradient per probe group, which --dga-estimator fd never "
-                "forms; use --dga-estimator exact or drop --dga-noise"
+                f"--dga-noise {self.dga_noise} needs a gradient per probe group, which --dga-estimator {estimator} "
+                "never forms; use --dga-estimator exact or drop --dga-noise"
             )
         groups, size = self.dga_noise_groups, self.dga_domain_batch_size
         if groups < 2 or size % groups:
@@ -331,6 +348,8 @@ def check_job(
     use_distributed_optimizer: bool,
     precision: Optional[str],
     transformer_engine: bool,
+    pipeline_model_parallel_size: int = 1,
+    sequence_parallel: bool = False,
 ) -> None:
     """The mixing checks that involve other sections; settles --mixing and --dga-init (in place).
 
@@ -341,6 +360,8 @@ def check_job(
         use_distributed_optimizer: --use-distributed-optimizer.
         precision: "--bf16" or "--fp16" when the model trains in 16 bits, else None.
         transformer_engine: the model runs transformer-engine layers here.
+        pipeline_model_parallel_size: --pipeline-model-parallel-size.
+        sequence_parallel: --sequence-parallel with tensor parallelism (megatron ignores it at TP=1).
     """
     if domain_map is not None:  # before --data-path weights settle --mixing: a map has none
         _check_mixing_over_map(mixing, domain_map)
@@ -362,11 +383,33 @@ def check_job(
             "rounding (~1e-3) swamps the finite differences (~1e-4 of the loss); use --dga-estimator exact "
             "(the default), or megatron-core's local layers in true fp32 (--attention-backend local)"
         )
+    if mixing.dga_estimator == "instep":
+        _check_instep_layout(precision, pipeline_model_parallel_size, sequence_parallel)
     if mixing.dga_preconditioner == "adam" and use_distributed_optimizer:
         raise ConfigError(
             "--dga-preconditioner adam cannot be combined with --use-distributed-optimizer: each rank "
             "holds Adam's second moments for its own shard only; use --dga-preconditioner none or drop "
             "--use-distributed-optimizer"
+        )
+
+
+def _check_instep_layout(precision: Optional[str], pipeline_stages: int, sequence_parallel: bool) -> None:
+    """What --dga-estimator instep does not support (it reads the grad buffers between micro-batches)."""
+    if pipeline_stages > 1:
+        raise ConfigError(
+            f"--dga-estimator instep with --pipeline-model-parallel-size {pipeline_stages}: it reads the grad "
+            "buffers between two micro-batches' backwards, which the pipeline schedules interleave; use "
+            "--dga-estimator exact, or pipeline-model-parallel-size 1"
+        )
+    if sequence_parallel:
+        raise ConfigError(
+            "--dga-estimator instep with --sequence-parallel: before the step's reduction each tensor-parallel "
+            "rank holds only part of the norm gradients; use --dga-estimator exact or drop --sequence-parallel"
+        )
+    if precision == "--fp16":
+        raise ConfigError(
+            "--dga-estimator instep with --fp16: the grad buffers hold loss-scaled gradients that a step may "
+            "overflow; use --bf16, or --dga-estimator exact"
         )
 
 

@@ -12,7 +12,8 @@ and keep the weights (a probe hit a NaN/Inf gradient).
 
 Estimators (--dga-estimator): "exact" back-propagates every probe (mixing/alignment.py);
 "fd" takes central differences of the probe losses along g_spe, two forward passes in
-all (mixing/fd.py). --dga-noise measures each alignment's standard error from groups of
+all (mixing/fd.py); "instep" reads the training micro-batches' own gradients, grouped by
+domain, against the last update's g_spe (mixing/instep.py). --dga-noise measures each alignment's standard error from groups of
 the probe (mixing/alignment.py) and with "shrink" updates on the alignments shrunk by it. Every rank computes the same alignments from one all-reduce, so the
 weights must come out bit-identical everywhere; after each update that is checked
 (``mixing.base.check_identical_across_ranks``).
@@ -29,6 +30,7 @@ from megatron_dga.mixing.alignment import exact_alignments, shrink_by_noise
 from megatron_dga.mixing.base import TrainerView, register
 from megatron_dga.mixing.fd import fd_alignments
 from megatron_dga.mixing.initial import initial_weights
+from megatron_dga.mixing.instep import InStepAlignments
 from megatron_dga.mixing.mirror import MirrorDescentStrategy
 
 
@@ -44,6 +46,11 @@ class DGA(MirrorDescentStrategy):
             from megatron_dga.mixing.weights_io import load_basis
 
             self.basis = load_basis(cfg.dga_basis, expected_domains=domains.names)
+        self.instep = (
+            InStepAlignments(domains.k, cfg.dga_preconditioner, cfg.dga_instep_min_micro_batches)
+            if cfg.dga_estimator == "instep"
+            else None
+        )
 
     def setup(self, view: TrainerView) -> None:
         """Probes the specific set; with --dga-basis the sampler draws from the bases."""
@@ -56,6 +63,8 @@ class DGA(MirrorDescentStrategy):
             )
         if self.basis is not None:
             view.set_basis(self.basis)
+        if self.instep is not None:
+            self.instep.attach(view)
 
     # ------------------------------------------------------------------ weights
 
@@ -87,6 +96,9 @@ class DGA(MirrorDescentStrategy):
             self._last["domain_grad_norms"] = result.domain_grad_norms.tolist()
         if result.fd_step is not None:
             self._last["dga_fd_step"] = result.fd_step
+        if result.instep_domains is not None:
+            self._last["dga_instep_domains"] = result.instep_domains
+            self._last["dga_instep_micro_batches"] = result.instep_micro_batches
         scores = result.alignments
         if result.stderr is not None:
             self._last["dga_alignment_stderr"] = result.stderr.tolist()
@@ -114,6 +126,8 @@ class DGA(MirrorDescentStrategy):
         )
         if self.cfg.dga_estimator == "fd":
             return fd_alignments(*args, probe_fn=probe_fn, relative_step=self.cfg.dga_fd_step)
+        if self.instep is not None:
+            return self.instep.alignments(view, *args[2:4], probe_fn=probe_fn)
         groups = self.cfg.dga_noise_groups if self.cfg.dga_noise != "off" else 0
         return exact_alignments(*args, probe_fn=probe_fn, noise_groups=groups)
 

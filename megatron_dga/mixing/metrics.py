@@ -22,6 +22,8 @@ TENSORBOARD_TAGS: Mapping[str, str] = {
     "dga_caps_feasible": "mixing/caps_feasible",
     "dga_alignment_stderr": "mixing/alignment_stderr",
     "dga_sign_agreement": "mixing/sign_agreement",
+    "dga_instep_domains": "mixing/instep_domains",
+    "dga_instep_micro_batches": "mixing/instep_micro_batches",
     "odm_update": "mixing/updates",
     "odm_exploration": "mixing/odm_exploration",
     "odm_rewards": "mixing/odm_reward",

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -142,6 +142,7 @@ def forward_backward(
     keep_token_losses: bool = False,
     host_stats: bool = True,
     num_domains: Optional[int] = None,
+    after_backward: Optional[Callable[[int, int, Dict[str, torch.Tensor]], None]] = None,
 ):
     """Accumulate gradients of the mean loss over ``micro_batches`` into main_grad.
 
@@ -162,6 +163,12 @@ def forward_backward(
             (a host read per step would wait for the whole step; the trainer reads it when it logs).
         num_domains: with ``host_stats=False``, also sum the token losses and counts per domain id
             (``StepLoss.domain_sums``; for strategies rewarded by training losses, e.g. ODM).
+        after_backward: ``fn(i, n, micro_batch)``, called once micro-batch ``i`` of ``n`` has accumulated
+            its gradient (divided by ``n``, the schedule's loss convention) into the buffers and before
+            anything else has: at the next micro-batch's forward, and for the last one before
+            ``finalize_model_grads``. One pipeline stage and one model chunk only. With
+            --overlap-grad-reduce the last micro-batch's backward starts the reduction, so it is not
+            reported (DGA's in-step estimator).
 
     Returns:
         LossStats (or StepLoss), identical on every stage of the pipeline.
@@ -202,9 +209,14 @@ def forward_backward(
         return (loss * loss_factor if loss_factor != 1 else loss), {}
 
     mask = attention_mask(seq_length, device)
+    forwards = [0]
 
     def forward_step(data_iterator: Iterator, stage_model):
-        batch = _to_device(next(data_iterator), device)
+        host_batch = next(data_iterator)
+        if after_backward is not None and forwards[0] > 0:
+            after_backward(forwards[0] - 1, n, scheduled[forwards[0] - 1])  # no-pipelining: its backward is done
+        forwards[0] += 1
+        batch = _to_device(host_batch, device)
         output = stage_model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
         return output, functools.partial(
             loss_func, batch["loss_mask"].float(), batch.get(_PADDING, False), batch.get("domain_id")
@@ -216,6 +228,10 @@ def forward_backward(
     settings = _call_settings(
         chunks, config, sync_grads, len(scheduled), variable=len(sizes) > 1, force_all_reduce=force_all_reduce
     )
+    if after_backward is not None:
+        settings["finalize_model_grads_func"] = _report_last(
+            settings["finalize_model_grads_func"], after_backward, chunks, config, scheduled
+        )
     # DDP's backward hooks start the overlapped reductions with DDP's own force_all_reduce,
     # not the schedule's argument (which reaches finalize_model_grads only).
     ddp_settings = contextlib.ExitStack()
@@ -243,6 +259,20 @@ def forward_backward(
         total = torch.stack(means).sum().reshape(1) if means else None
         return StepLoss(_from_last_stage(total, (1,), torch.float64, config, device), n, domain_sums)
     return _stats(collected, micro_batches, config, device, keep_token_losses)
+
+
+def _report_last(finalize, after_backward, chunks, config, micro_batches):
+    """``finalize`` preceded by ``after_backward`` of the last micro-batch (see :func:`forward_backward`)."""
+    if len(chunks) > 1 or _pipeline_stages(config) > 1:
+        raise ValueError("after_backward needs one pipeline stage and one model chunk")
+    overlap = chunks[0].ddp_config.overlap_grad_reduce
+
+    def report_then_finalize(*args, **kwargs):
+        if not overlap:  # with it, the last backward's hooks have already begun reducing the buffers
+            after_backward(len(micro_batches) - 1, len(micro_batches), micro_batches[-1])
+        return finalize(*args, **kwargs)
+
+    return report_then_finalize
 
 
 def attention_mask(seq_length: int, device) -> Optional[torch.Tensor]:

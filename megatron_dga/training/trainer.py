@@ -81,6 +81,7 @@ class Trainer:
         self.params = [p for ddp in self.ddp_chunks for p in ddp.parameters() if p.requires_grad]
         self.counted_params = counted_params(self.params)  # per parameter: counted on this rank (not a copy)
         self.track_domain_losses = False  # set by a strategy rewarded by per-domain training losses (view)
+        self.after_backward = None  # set by a strategy that reads each training micro-batch's gradient (view)
         self.last_domain_sums: Optional[torch.Tensor] = None  # then: the last step's (2, k) sums, on the device
         self.view = TrainerView(self)  # what the mixing strategy sees
         self.mixing: MixingStrategy = build_mixing(cfg.mixing, self.data.domain_info)
@@ -286,6 +287,7 @@ class Trainer:
             sync_grads=True,
             host_stats=False,
             num_domains=self.data.domain_info.k if self.track_domain_losses else None,
+            after_backward=self.after_backward,
         )
         self.last_domain_sums = stats.domain_sums
         grad_norm = self.optimizer.step()

@@ -64,6 +64,13 @@ class TrainerView:
         """From now on every training step also sums its token losses per domain (``step_domain_losses``)."""
         self._trainer.track_domain_losses = True
 
+    def observe_training_backward(self, fn) -> None:
+        """From now on each global batch is grouped by domain and ``fn(i, n, micro_batch)`` runs after each
+        training micro-batch's backward (``step.forward_backward``'s ``after_backward``)."""
+        trainer = self._trainer
+        trainer.data.loader.group_by_domain = True
+        trainer.after_backward = fn
+
     # ------------------------------------------------------------------ the training step
 
     def step_domain_losses(self) -> torch.Tensor:

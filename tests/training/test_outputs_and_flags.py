@@ -75,6 +75,35 @@ def _main(argv, capsys):
             "--dga-noise-groups 3 must be at least 2 and divide --dga-domain-batch-size 8",
         ),
         (
+            ["--mixing", "dga", "--dga-instep-min-micro-batches", "2"],
+            "--dga-instep-min-micro-batches 2 acts with --dga-estimator instep only",
+        ),
+        (
+            ["--mixing", "dga", "--dga-estimator", "instep", "--dga-basis", "b.npz"],
+            "--dga-estimator instep with --dga-basis b.npz: a training micro-batch is drawn from the fine domains",
+        ),
+        (
+            ["--mixing", "dga", "--dga-estimator", "instep", "--dga-noise", "measure"],
+            "--dga-noise measure needs a gradient per probe group, which --dga-estimator instep never forms",
+        ),
+        (
+            ["--mixing", "dga", "--dga-estimator", "instep", "--pipeline-model-parallel-size", "2"],
+            "--dga-estimator instep with --pipeline-model-parallel-size 2: it reads the grad buffers between",
+        ),
+        (
+            [
+                "--mixing",
+                "dga",
+                "--dga-estimator",
+                "instep",
+                "--tensor-model-parallel-size",
+                "2",
+                "--sequence-parallel",
+            ],
+            "--dga-estimator instep with --sequence-parallel",
+        ),
+        (["--mixing", "dga", "--dga-estimator", "instep", "--fp16"], "--dga-estimator instep with --fp16"),
+        (
             ["--mixing", "uniform", "--importance-weights", "iw.json"],
             "--importance-weights iw.json is read by --mixing importance and by --mixing dga",
         ),

@@ -1,0 +1,172 @@
+"""--dga-estimator instep: alignments from the training step's own micro-batches (mixing/instep.py).
+
+On the same micro-batches, parameters and g_spe, the in-step alignments equal a float64 brute force
+(each single-domain training micro-batch's gradient dotted with g_spe, averaged per domain over all
+ranks) on every layout the estimator runs on: DP=2, TP=2, and DP=2 with the distributed optimizer and
+overlapped grad reduce (where each step's last micro-batch is not counted).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers.dist_utils import run_distributed
+from tests.helpers.gradient_oracle import Float64GPT, gathered
+from tests.helpers.layouts import train_steps, trainer_from
+from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, write_domains
+
+LAYOUTS = {
+    "dp2": [],
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "dp2_distopt_overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
+}
+
+
+def _argv(shards, log_dir, extra=(), iters=1000):
+    return [
+        *("--data-path", *shards["domains"], "--specific-data-path", shards["specific"]),
+        *NULL_TOKENIZER_ARGS,
+        *TINY_GPT_ARGS,
+        *("--micro-batch-size", "2", "--global-batch-size", "16", "--train-iters", str(iters)),
+        *("--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(log_dir)),
+        *("--mixing", "dga", "--dga-estimator", "instep", "--dga-domain-batch-size", "4"),
+        *("--dga-specific-batch-size", "4"),
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_domains(
+        str(tmp_path_factory.mktemp("instep_shards")),
+        k=4,
+        docs_per_domain=48,
+        doc_len=64,
+        specific_mixture=[0.5, 0.3, 0.2, 0.0],
+    )
+
+
+def _one_window(rank, world_size, shards, tmp):
+    """Per layout: two steps, an update (no g_spe yet: every domain probed, g_spe kept), one observed
+    step, and the update that closes its window; plus what the float64 reference needs."""
+    import warnings
+
+    import torch
+
+    from megatron_dga import platform
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    out = {}
+    for layout, extra in LAYOUTS.items():
+        trainer = trainer_from(_argv(shards, os.path.join(tmp, layout), extra))
+        train_steps(trainer, 2)
+        strategy, sampler = trainer.mixing, trainer.data.sampler
+        state = sampler.state_dict()
+        first = strategy.measure_alignments(trainer.view)
+        after = sampler.state_dict()
+        sampler.load_state_dict(state)  # the specific probe is drawn first: these are g_spe's samples
+        fetch = lambda rows: {key: t.numpy() for key, t in trainer.data.fetch(rows).items()}
+        specific = fetch(sampler.probe_batch(trainer.data.specific_id, 4))
+        sampler.load_state_dict(after)
+        named = list(trainer.model.named_parameters())
+        params = {n: gathered(p, p, trainer.ctx.tp_size) for n, p in named}  # theta of the observed step
+        observed = []
+        real = strategy.instep.observe
+
+        def recording(index, count, micro_batch):
+            observed.append((index, count, {k: v.numpy().copy() for k, v in micro_batch.items()}))
+            real(index, count, micro_batch)
+
+        trainer.after_backward = recording
+        trainer.train_step()
+        second = strategy.measure_alignments(trainer.view)
+        out[layout] = {
+            "first_instep_domains": first.instep_domains,
+            "alignments": second.alignments,
+            "instep_domains": second.instep_domains,
+            "instep_micro_batches": second.instep_micro_batches,
+            "observed": observed if trainer.ctx.tp_rank == 0 else [],
+            "micro_batches": 16 // 2 // trainer.ctx.dp_size,
+            "params": params,
+            "specific": specific,
+            "model": trainer.cfg.model,
+        }
+    platform.shutdown()
+    return out
+
+
+def _references(rank, world_size, runs_by_layout):
+    """Each layout's float64 reference (``_reference``), on one process."""
+    from megatron_dga import platform
+
+    platform.initialize(platform.ParallelConfig())
+    out = {layout: _reference(runs) for layout, runs in runs_by_layout.items()}
+    platform.shutdown()
+    return out
+
+
+def _reference(run_by_rank):
+    """(a_i over the single-domain micro-batches of all ranks, micro-batches per domain), float64."""
+    run = run_by_rank[0]
+    gpt = Float64GPT(run["model"], run["params"])
+    g_spe = gpt.grad(run["specific"])
+    sums, counts = {}, {}
+    for rank_run in run_by_rank:
+        for _, _, mb in rank_run["observed"]:
+            domains = mb["domain_id"]
+            if (domains != domains[0]).any():
+                continue
+            batch = {k: mb[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+            d = int(domains[0])
+            sums[d] = sums.get(d, 0.0) + gpt.dot(gpt.grad(batch), g_spe)
+            counts[d] = counts.get(d, 0) + 1
+    return {d: sums[d] / counts[d] for d in sums}, counts
+
+
+def test_instep_alignments_equal_float64_brute_force_on_every_layout(shards, tmp_path):
+    ranks = run_distributed(_one_window, world_size=2, args=(shards, str(tmp_path)))
+    by_layout = {layout: [r[layout] for r in ranks] for layout in LAYOUTS}
+    references = run_distributed(_references, world_size=1, args=(by_layout,))[0]
+    for layout, runs in by_layout.items():
+        assert all(r["first_instep_domains"] == 0 for r in runs)  # no g_spe yet: every domain probed
+        ref, counts = references[layout]
+        # Grouped by domain, a global batch of 16 in micro-batches of 2 over 4 domains: most are single-domain.
+        assert len(ref) >= 3, (layout, counts)
+        per_rank = runs[0]["micro_batches"]
+        if layout == "dp2_distopt_overlap":  # the last backward starts the reduction: not counted
+            assert all(len(r["observed"]) == per_rank - 1 for r in runs)
+        elif layout == "dp2":
+            assert all(len(r["observed"]) == per_rank for r in runs)
+        for rank_run in runs:
+            assert rank_run["instep_domains"] == len(ref), layout
+            assert rank_run["instep_micro_batches"] == sum(counts.values()), layout
+            got = np.array([rank_run["alignments"][d] for d in sorted(ref)])
+            want = np.array([ref[d] for d in sorted(ref)])
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale, err_msg=layout)
+            assert rank_run["alignments"].tobytes() == runs[0]["alignments"].tobytes()
+        # The test can fail: forgetting the schedule's 1/n divides by 8 (4 per rank); a micro-batch
+        # read after the reduction would add the other rank's half.
+        assert np.abs(want / per_rank - want).max() > 100 * 1e-4 * scale
+
+
+def test_instep_run_logs_in_step_updates_and_trains_on_the_same_batches(shards, tmp_path):
+    """End to end (one process): the first update probes every domain, later ones read the training
+    micro-batches; grouping the batch by domain leaves the first step's loss as the exact run's."""
+    from megatron_dga.pretrain_gpt import main
+    from megatron_dga.training.metrics import read_metrics
+
+    runs = {}
+    for estimator in ("exact", "instep"):
+        log_dir = tmp_path / estimator
+        argv = _argv(shards, log_dir, ["--dga-interval", "4"], iters=12)
+        argv[argv.index("instep")] = estimator
+        assert main(argv) == 0
+        runs[estimator] = read_metrics(os.path.join(log_dir, "metrics.jsonl"))
+    instep = [m for m in runs["instep"] if "dga_update" in m]
+    assert [m["dga_instep_domains"] for m in instep][:1] == [0] and len(instep) == 3
+    assert all(m["dga_instep_domains"] >= 3 and m["dga_instep_micro_batches"] >= 8 for m in instep[1:])
+    assert all("dga_instep_domains" not in m for m in runs["exact"])
+    assert runs["instep"][0]["lm_loss"] == pytest.approx(runs["exact"][0]["lm_loss"], rel=1e-6)
