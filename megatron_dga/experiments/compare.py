@@ -401,6 +401,8 @@ def domain_methods(data: ex.ExperimentData, preset: dict, args) -> Dict[str, Lis
     ]
     if args.scenario == "token-limited":
         base += ["--domain-token-limit", str(args.token_limit or preset["token_limit"])]
+    noise_args = ["--dga-noise", "shrink", "--dga-noise-groups", str(NOISE_GROUPS)]
+    instep_args = ["--dga-estimator", "instep", "--micro-batch-size", str(INSTEP_MICRO_BATCH)]
     methods = {
         "uniform": base + ["--mixing", "uniform"],
         "dga": base + [*dga_args(preset, args), "--dga-ema", "1.0"],
@@ -408,16 +410,9 @@ def domain_methods(data: ex.ExperimentData, preset: dict, args) -> Dict[str, Lis
         # token budgets on the simplex: at most CAP_EPOCHS epochs of any domain's distinct samples
         "dga_ema_cap": base + [*dga_args(preset, args), "--dga-ema", "0.1", "--dga-max-epochs", str(CAP_EPOCHS)],
         # alignment noise: the update on alignments shrunk by their standard error over NOISE_GROUPS groups
-        "dga_ema_shrink": base
-        + [
-            *dga_args(preset, args),
-            "--dga-ema",
-            "0.1",
-            "--dga-noise",
-            "shrink",
-            "--dga-noise-groups",
-            str(NOISE_GROUPS),
-        ],
+        "dga_ema_shrink": base + [*dga_args(preset, args), "--dga-ema", "0.1", *noise_args],
+        # alignments from the training micro-batches, grouped by domain (small micro-batches: most hold one)
+        "dga_ema_instep": base + [*dga_args(preset, args), "--dga-ema", "0.1", *instep_args],
     }
     methods.update(online_baselines(base, args))
     if data.importance_weights:  # computed or given only when the importance method runs
@@ -468,9 +463,33 @@ NOISE_GROUPS = 4
 """--dga-noise-groups of the dga_ema_shrink method: 4 groups (of one sequence each in the cpu preset, whose
 domain probe is 4 sequences; of two in the gpu preset)."""
 
+INSTEP_MICRO_BATCH = 2
+"""--micro-batch-size of the dga_ema_instep method: a global batch sorted by domain and cut into micro-batches
+of 2 leaves most of them with one domain (the same training math as one micro-batch of the whole batch)."""
+
 SCENARIO_METHODS = {
-    "token-limited": ("uniform", "importance", "dga", "dga_ema", "dga_ema_cap", "dga_ema_shrink", "odm", "pike"),
-    "unlimited": ("uniform", "importance", "dga", "dga_ema", "dga_ema_cap", "dga_ema_shrink", "odm", "pike"),
+    "token-limited": (
+        "uniform",
+        "importance",
+        "dga",
+        "dga_ema",
+        "dga_ema_cap",
+        "dga_ema_shrink",
+        "dga_ema_instep",
+        "odm",
+        "pike",
+    ),
+    "unlimited": (
+        "uniform",
+        "importance",
+        "dga",
+        "dga_ema",
+        "dga_ema_cap",
+        "dga_ema_shrink",
+        "dga_ema_instep",
+        "odm",
+        "pike",
+    ),
     "fine-grained": ("uniform", "importance", "dga_basis", "odm"),
 }
 """Every method of each scenario (--methods chooses among them)."""

@@ -503,6 +503,7 @@ def test_the_online_mixers_are_runner_methods_the_trainer_accepts():
     [
         ("dga_ema_cap", {"dga_max_epochs": experiments.CAP_EPOCHS}),
         ("dga_ema_shrink", {"dga_noise": "shrink", "dga_noise_groups": experiments.NOISE_GROUPS}),
+        ("dga_ema_instep", {"dga_estimator": "instep"}),
     ],
 )
 def test_the_dga_options_are_dga_ema_with_one_option_the_trainer_accepts(method, fields):
