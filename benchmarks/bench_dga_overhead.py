@@ -5,22 +5,29 @@ round by round (so load on the machine hits all alike), one DGA period of T_r st
 
   * static: T_r training steps, weights never change;
   * exact:  T_r training steps + one exact alignment update (k backward probes);
-  * fd:     T_r training steps + one finite-difference update (two forward passes).
+  * fd:     T_r training steps + one finite-difference update (two forward passes);
+  * instep: T_r training steps whose micro-batches, grouped by domain, each add one fused dot over
+            the grad buffers, + one update (the specific gradient; probes only for domains that drew
+            no single-domain micro-batch). Needs small micro-batches (--micro-batch 2).
 
 It prints the measured overheads (median over rounds) next to the cost models
 (megatron_dga/mixing/cost_model.py)
 
   exact: (k * b_dom + b_spe) / (T_r * B)              extra forward+backward samples
   fd:    (b_spe + 2/3 * k * b_dom) / (T_r * B)        a forward costs ~1/3 of forward+backward
+  instep: b_spe / (T_r * B)                           the per-micro-batch dots are not modelled
 
 then the bytes each update puts on the wire (payload of the all-reduces actually called,
 recorded from the trainer) against (k + 1) full gradient all-reduces, and the agreement
-of the fd estimator with the exact one at the same parameters on the same probe samples.
+of the fd estimator with the exact one at the same parameters on the same probe samples, and of the
+in-step one with the exact one at the same update (the window's training micro-batches against the
+last update's g_spe, vs fresh probes against a fresh g_spe: staleness and sampling included).
 Torch runs on one thread by default, so the process CPU time measures the work done even
 when other jobs share the machine; the wall-clock column is printed beside it.
 
     cd /work/main && .venv/bin/python benchmarks/bench_dga_overhead.py            # ~2 min on 2 cores
     .venv/bin/python benchmarks/bench_dga_overhead.py --rounds 4 --fd-sweep        # + the fd step sweep
+    .venv/bin/python benchmarks/bench_dga_overhead.py --micro-batch 2              # instep's micro-batches
 """
 
 from __future__ import annotations
@@ -145,11 +152,19 @@ class CommCounter:
 
 def grad_buffer_bytes(trainer) -> int:
     """Bytes of one full gradient all-reduce: megatron DDP's flat grad buffers."""
-    return sum(b.grad_data.numel() * b.grad_data.element_size() for b in trainer.ddp.buffers)
+    return sum(b.grad_data.numel() * b.grad_data.element_size() for ddp in trainer.ddp_chunks for b in ddp.buffers)
+
+
+def use_instep(trainer, strategy) -> None:
+    """Group the batches by domain and observe the micro-batches during the in-step estimator's periods only."""
+    instep = getattr(strategy, "instep", None)
+    trainer.after_backward = instep.observe if instep is not None else None
+    trainer.data.loader.group_by_domain = instep is not None
 
 
 def period(trainer, strategy, steps):
     """T_r training steps, then (strategy given) one DGA update; returns (CPU s, wall s)."""
+    use_instep(trainer, strategy)
     cpu, wall = time.process_time(), time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
@@ -173,6 +188,26 @@ def agreement(trainer, exact, fd, updates):
         trainer.data.sampler.load_state_dict(state)
         ys.append(fd.measure_alignments(trainer.view).alignments)
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def instep_agreement(trainer, exact, instep, updates):
+    """In-step alignments of each window vs the exact ones measured at the same update (same parameters),
+    and, as the noise floor, a second exact measurement on other probe samples."""
+    xs, ys, zs, counted = [], [], [], []
+    period(trainer, instep, trainer.cfg.mixing.dga_interval)  # a window with a saved g_spe from here on
+    for _ in range(updates):
+        use_instep(trainer, instep)
+        for _ in range(trainer.cfg.mixing.dga_interval):
+            trainer.train_step()
+            trainer.iteration += 1
+        state = trainer.data.sampler.state_dict()
+        xs.append(exact.measure_alignments(trainer.view).alignments)
+        zs.append(exact.measure_alignments(trainer.view).alignments)  # the next probe samples
+        trainer.data.sampler.load_state_dict(state)
+        result = instep.measure_alignments(trainer.view)
+        ys.append(result.alignments)
+        counted.append(result.instep_domains)
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(zs), counted
 
 
 def fd_sweep(trainer, exact, relative_steps):
@@ -214,6 +249,7 @@ def main():
         help="torch threads (1: process CPU time then measures work, robust on a shared machine)",
     )
     parser.add_argument("--fd-sweep", action="store_true", help="also sweep the fd relative step")
+    parser.add_argument("--instep-updates", type=int, default=5, help="updates compared in the instep agreement")
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")
@@ -229,9 +265,14 @@ def main():
         exact = trainer.mixing
         fd = build_mixing(dataclasses.replace(trainer.cfg.mixing, dga_estimator="fd"), trainer.data.domain_info)
         fd.initial_weights()
+        instep = build_mixing(dataclasses.replace(trainer.cfg.mixing, dga_estimator="instep"), trainer.data.domain_info)
+        instep.initial_weights()
+        instep.instep.attach(trainer.view)  # then switched on for its periods only (use_instep)
+        methods = {"static": None, "exact": exact, "fd": fd, "instep": instep}
+        estimators = ("exact", "fd", "instep")
         comm = CommCounter(trainer)
         k, T, B = args.domains, args.interval, args.batch
-        n_params = sum(p.numel() for p, c in zip(trainer.params, trainer.counted()) if c)
+        n_params = sum(p.numel() for p, c in zip(trainer.params, trainer.counted_params) if c)
         print(
             f"model: {args.layers} layers x {args.hidden} hidden, seq {args.seq}, {n_params:,} parameters; "
             f"k={k}, b_dom={args.b_dom}, b_spe={args.b_spe}, T_r={T}, B={B}, micro-batch {args.micro_batch}, "
@@ -239,29 +280,30 @@ def main():
         )
 
         # Warm-up (allocations, first-call costs), then interleaved rounds.
-        for method in (None, exact, fd):
+        for method in methods.values():
             period(trainer, method, T)
-        times = {"static": [], "exact": [], "fd": []}
+        times = {name: [] for name in methods}
         for _ in range(args.rounds):
-            for name, method in (("static", None), ("exact", exact), ("fd", fd)):
+            for name, method in methods.items():
                 times[name].append(period(trainer, method, T))
-        model = {name: dga_overhead(k, args.b_dom, args.b_spe, T, B, name) for name in ("exact", "fd")}
+        model = {name: dga_overhead(k, args.b_dom, args.b_spe, T, B, name) for name in estimators}
         for clock, col in (("process CPU time", 0), ("wall-clock time", 1)):
             med = {name: statistics.median(t[col] for t in v) for name, v in times.items()}
-            over = {name: med[name] / med["static"] - 1.0 for name in ("exact", "fd")}
-            print(
-                f"\n{clock}, median of {args.rounds} interleaved periods of T_r={T} steps, ms per step: "
-                f"static {1e3 * med['static'] / T:.1f}, dga exact {1e3 * med['exact'] / T:.1f}, "
-                f"dga fd {1e3 * med['fd'] / T:.1f}"
-            )
+            over = {name: med[name] / med["static"] - 1.0 for name in estimators}
+            per_step = ", ".join(f"{name} {1e3 * med[name] / T:.1f}" for name in methods)
+            print(f"\n{clock}, median of {args.rounds} interleaved periods of T_r={T} steps, ms per step: {per_step}")
             print(f"  {'overhead':10s} {'measured':>9s} {'cost model':>11s} {'measured/model':>15s}")
-            for name in ("exact", "fd"):
+            for name in estimators:
                 print(f"  {name:10s} {over[name]:9.1%} {model[name]:11.1%} {over[name] / model[name]:15.2f}")
-            print(f"  fd update / exact update: {over['fd'] / over['exact']:.2f}")
+            print(
+                f"  fd update / exact update: {over['fd'] / over['exact']:.2f}; "
+                f"instep / exact: {over['instep'] / over['exact']:.2f}"
+            )
 
         grad_bytes = grad_buffer_bytes(trainer)
         print("\nbytes all-reduced per update (payload; a ring all-reduce moves ~2x this per rank either way):")
-        for name, method in (("exact", exact), ("fd", fd)):
+        for name in estimators:
+            method = methods[name]
             comm.reset()
             period(trainer, method, T)
             syncs, small = comm.grad_syncs, comm.small_bytes  # train_step syncs outside trainer.backward
@@ -280,6 +322,18 @@ def main():
             f"{np.max(np.abs(x - y)) / np.max(np.abs(x)):.2e}, sign agreement {np.mean(np.sign(x[big]) == np.sign(y[big])):.0%}"
             f" (|a| > 5% of max)"
         )
+        x, y, z, counted = instep_agreement(trainer, exact, instep, updates=args.instep_updates)
+        print(
+            f"\ninstep vs exact at the same updates ({x.size} alignments over {args.instep_updates} updates; "
+            f"domains read in-step {counted}):"
+        )
+        big = np.abs(x) > 0.05 * np.abs(x).max()
+        for name, other in (("instep", y), ("exact, other probe samples", z)):
+            print(
+                f"  {name:28s} Pearson {np.corrcoef(x, other)[0, 1]:.4f}, max |diff| / max|exact| "
+                f"{np.max(np.abs(x - other)) / np.max(np.abs(x)):.2f}, sign agreement "
+                f"{np.mean(np.sign(x[big]) == np.sign(other[big])):.0%} (|a| > 5% of max)"
+            )
         if args.fd_sweep:
             print("\nfd relative step sweep (h = step x |theta|), one update:")
             for rel, r, err in fd_sweep(trainer, exact, [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]):

@@ -7,7 +7,10 @@ domains (the k domains, or the N basis distributions with --dga-basis):
   sequences, ``(sources * b_dom + b_spe)`` forward+backward sequences;
 * finite differences (--dga-estimator fd): the specific gradient (forward+backward over b_spe)
   and two forward passes over the probe batch; a forward costs ~1/3 of a forward+backward, so
-  ``(b_spe + 2/3 * sources * b_dom)``.
+  ``(b_spe + 2/3 * sources * b_dom)``;
+* in-step (--dga-estimator instep): the specific gradient only, ``b_spe`` (the domain alignments come
+  from the training micro-batches; a fused dot over the grad buffers per micro-batch and the probes of
+  domains that drew too few micro-batches are not counted).
 
 Amortised over the T_r * B sequences trained between updates, that is the overhead ratio of
 :func:`dga_overhead`: what a measured slowdown is compared with (benchmarks/bench_dga_overhead.py,
@@ -17,7 +20,7 @@ implementation overhead.
 
 from __future__ import annotations
 
-ESTIMATORS = ("exact", "fd")
+ESTIMATORS = ("exact", "fd", "instep")
 """The alignment estimators the model covers (--dga-estimator)."""
 
 FORWARD_FRACTION = 1.0 / 3.0
@@ -35,16 +38,21 @@ def dga_overhead(
         specific_batch: b_spe, specific sequences per update (--dga-specific-batch-size).
         interval: T_r, training steps between updates (--dga-interval).
         global_batch: B, sequences per training step (--global-batch-size).
-        estimator: ``exact`` or ``fd`` (--dga-estimator).
+        estimator: ``exact``, ``fd`` or ``instep`` (--dga-estimator).
 
     Returns:
         ``(sources * b_dom + b_spe) / (T_r * B)`` for exact,
-        ``(b_spe + 2 * FORWARD_FRACTION * sources * b_dom) / (T_r * B)`` for fd.
+        ``(b_spe + 2 * FORWARD_FRACTION * sources * b_dom) / (T_r * B)`` for fd,
+        ``b_spe / (T_r * B)`` for instep.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator {estimator!r}: expected one of {ESTIMATORS}")
     if interval < 1 or global_batch < 1:
         raise ValueError(f"interval {interval} and global_batch {global_batch} must be >= 1")
     probes = sources * domain_batch
-    extra = probes + specific_batch if estimator == "exact" else specific_batch + 2.0 * FORWARD_FRACTION * probes
+    extra = {
+        "exact": probes + specific_batch,
+        "fd": specific_batch + 2.0 * FORWARD_FRACTION * probes,
+        "instep": specific_batch,
+    }[estimator]
     return extra / (interval * global_batch)

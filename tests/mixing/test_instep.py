@@ -170,3 +170,10 @@ def test_instep_run_logs_in_step_updates_and_trains_on_the_same_batches(shards, 
     assert all(m["dga_instep_domains"] >= 3 and m["dga_instep_micro_batches"] >= 8 for m in instep[1:])
     assert all("dga_instep_domains" not in m for m in runs["exact"])
     assert runs["instep"][0]["lm_loss"] == pytest.approx(runs["exact"][0]["lm_loss"], rel=1e-6)
+
+
+def test_cost_model_counts_only_the_specific_gradient():
+    from megatron_dga.mixing.cost_model import dga_overhead
+
+    assert dga_overhead(4, 8, 16, 10, 16, "instep") == 16 / (10 * 16)
+    assert dga_overhead(4, 8, 16, 10, 16, "exact") == (4 * 8 + 16) / (10 * 16)
