@@ -50,7 +50,7 @@ def main() -> None:
     from megatron_dga.training import resume
     from megatron_dga.training.arguments import parse_args
     from megatron_dga.training.trainer import Trainer
-    from tests.synthetic import NULL_TOKENIZER_ARGS, three_domain_shards
+    from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, three_domain_shards
 
     # One path for all ranks (a per-rank temp dir would split the checkpoint).
     out = args.out or os.path.join(tempfile.gettempdir(), "bench_checkpoint_save")
@@ -138,7 +138,7 @@ def main() -> None:
         size = sum(os.path.getsize(os.path.join(last_bare, f)) for f in os.listdir(last_bare))
         med = {k: statistics.median(v) for k, v in times.items()}
         print(
-            f"checkpoint of {cfg.model.num_parameters():,} parameters + Adam state ({size / 2**20:.1f} MiB on disk), "
+            f"checkpoint of {trainer.cfg.model.num_parameters():,} parameters + Adam state ({size / 2**20:.1f} MiB on disk), "
             f"{ctx.describe()}, median of {args.repeats}:"
         )
         for name, seconds in med.items():
