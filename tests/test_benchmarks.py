@@ -1,5 +1,6 @@
 """The benchmarks run: each prints its tables at a tiny size (nothing else in CI runs them; two had broken
-after renames). The throughput and trainer-overhead benchmarks, minutes even when tiny, are left out."""
+after renames). Left out: bench_train_throughput (36 s at its tiny preset; scripts/gpu_check.sh runs it) and
+bench_fine_domains (it builds fine-domain maps of 1,024 domains and more)."""
 
 import re
 import subprocess
@@ -39,6 +40,11 @@ def test_dga_overhead_benchmark_prints_every_estimator_and_the_instep_agreement(
         ),
         ("bench_grad_dot.py", ["--numel", "10000", "--tensors", "4", "--repeats", "2"], r"fused vs reference"),
         ("bench_sampler.py", ["--steps", "5", "--repeat", "1"], r"60% empty +[\d.]+ms +[\d.]+ms"),
+        (
+            "bench_trainer_overhead.py",
+            ["--preset", "tiny", "--rounds", "1", "--window", "2", "--warmup", "1"],
+            r"RESULT trainer host overhead per step \(tiny, cpu median\): -?[\d.]+ ms",
+        ),
     ],
 )
 def test_benchmark_runs_at_a_tiny_size(script, args, expect):
