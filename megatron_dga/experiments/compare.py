@@ -467,29 +467,22 @@ INSTEP_MICRO_BATCH = 2
 """--micro-batch-size of the dga_ema_instep method: a global batch sorted by domain and cut into micro-batches
 of 2 leaves most of them with one domain (the same training math as one micro-batch of the whole batch)."""
 
+DOMAIN_METHODS = (
+    "uniform",
+    "importance",
+    "dga",
+    "dga_ema",
+    "dga_ema_cap",
+    "dga_ema_shrink",
+    "dga_ema_instep",
+    "odm",
+    "pike",
+)
+"""The methods of the token-limited and unlimited scenarios (``domain_methods``)."""
+
 SCENARIO_METHODS = {
-    "token-limited": (
-        "uniform",
-        "importance",
-        "dga",
-        "dga_ema",
-        "dga_ema_cap",
-        "dga_ema_shrink",
-        "dga_ema_instep",
-        "odm",
-        "pike",
-    ),
-    "unlimited": (
-        "uniform",
-        "importance",
-        "dga",
-        "dga_ema",
-        "dga_ema_cap",
-        "dga_ema_shrink",
-        "dga_ema_instep",
-        "odm",
-        "pike",
-    ),
+    "token-limited": DOMAIN_METHODS,
+    "unlimited": DOMAIN_METHODS,
     "fine-grained": ("uniform", "importance", "dga_basis", "odm"),
 }
 """Every method of each scenario (--methods chooses among them)."""

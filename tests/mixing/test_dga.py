@@ -190,14 +190,9 @@ def _alignment_layouts(rank, world_size, shards, tmp):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_domains(
-        str(tmp_path_factory.mktemp("dga_shards")),
-        k=4,
-        docs_per_domain=48,
-        doc_len=64,
-        specific_mixture=[0.5, 0.3, 0.2, 0.0],
-    )
+def shards(four_domains):
+    """This module's data (tests/mixing/conftest.py)."""
+    return four_domains
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 from tests.helpers.dist_utils import run_distributed
 from tests.helpers.gradient_oracle import Float64GPT, gathered
 from tests.helpers.layouts import train_steps, trainer_from
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, write_domains
+from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 
 LAYOUTS = {
     "dp2": [],
@@ -37,14 +37,9 @@ def _argv(shards, log_dir, extra=(), iters=1000):
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_domains(
-        str(tmp_path_factory.mktemp("instep_shards")),
-        k=4,
-        docs_per_domain=48,
-        doc_len=64,
-        specific_mixture=[0.5, 0.3, 0.2, 0.0],
-    )
+def shards(four_domains):
+    """This module's data (tests/mixing/conftest.py)."""
+    return four_domains
 
 
 def _one_window(rank, world_size, shards, tmp):
