@@ -24,6 +24,7 @@ parameters and the same g_spe they equal the exact estimator's (tests/mixing/tes
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -32,6 +33,8 @@ import torch
 from megatron_dga import ops
 from megatron_dga.mixing.alignment import AlignmentResult, exact_alignments, preconditioner_kwargs
 from megatron_dga.mixing.base import TrainerView
+
+logger = logging.getLogger(__name__)
 
 
 class InStepAlignments:
@@ -48,6 +51,8 @@ class InStepAlignments:
         self._previous: Optional[torch.Tensor] = None
         self._precond: Dict[str, object] = {}
         self._view: Optional[TrainerView] = None
+        self._micro_batch_size = 0
+        self._warned = False
 
     def attach(self, view: TrainerView) -> None:
         """At setup: group the training batches by domain and observe each micro-batch's backward."""
@@ -66,6 +71,7 @@ class InStepAlignments:
         dot = cumulative if self._previous is None else cumulative - self._previous
         self._previous = cumulative
         domains = micro_batch["domain_id"]
+        self._micro_batch_size = len(domains)
         if len(domains) == 0 or not bool((domains == domains[0]).all()):
             return
         domain = int(domains[0])
@@ -89,6 +95,16 @@ class InStepAlignments:
         view.all_reduce(totals, group="world")
         sums, counts = totals.cpu().numpy()
         measured = counts >= self.min_micro_batches if self.target is not None else np.zeros(k, dtype=bool)
+        if self.target is not None and not measured.any() and not self._warned:
+            self._warned = True
+            logger.warning(
+                "--dga-estimator instep: no domain drew %d single-domain training micro-batch(es) since the last "
+                "update (micro-batches of %d sequences over %d domains), so every domain was probed, at the exact "
+                "estimator's cost; use --micro-batch-size 1 or 2 (the gradient is the same)",
+                self.min_micro_batches,
+                self._micro_batch_size,
+                k,
+            )
         fallback = [int(i) for i in np.flatnonzero(~measured)]
         probed = exact_alignments(
             view, fallback, domain_batch_size, specific_batch_size, self.preconditioner, probe_fn, keep_target=True

@@ -172,3 +172,18 @@ def test_cost_model_counts_only_the_specific_gradient():
 
     assert dga_overhead(4, 8, 16, 10, 16, "instep") == 16 / (10 * 16)
     assert dga_overhead(4, 8, 16, 10, 16, "exact") == (4 * 8 + 16) / (10 * 16)
+
+
+def test_micro_batches_of_several_domains_are_named_with_the_fix(shards, tmp_path, caplog):
+    # One micro-batch of the whole batch of 16 over 4 domains: nothing is single-domain, so every update
+    # probes every domain; said once, with the flag that fixes it.
+    from megatron_dga.pretrain_gpt import main
+
+    argv = _argv(shards, tmp_path, ["--dga-interval", "2"], iters=6)
+    argv[argv.index("--micro-batch-size") + 1] = "16"
+    with caplog.at_level("WARNING", logger="megatron_dga.mixing.instep"):
+        assert main(argv) == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "megatron_dga.mixing.instep"]
+    assert len(said) == 1, said
+    assert "no domain drew 1 single-domain training micro-batch(es)" in said[0]
+    assert "micro-batches of 16 sequences over 4 domains" in said[0] and "--micro-batch-size 1 or 2" in said[0]
