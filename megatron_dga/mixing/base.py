@@ -93,6 +93,10 @@ class TrainerView(Protocol):
     def counted(self) -> List[bool]:
         """Per parameter: counted on this rank (not a TP duplicate, not a tied copy)."""
 
+    def counted_before_reduction(self) -> List[bool]:
+        """Per parameter: counted in a sum over this rank's gradients before the step's reduction (not a TP
+        duplicate; both tied copies, which each hold their part of the tied gradient until then)."""
+
     def adam_preconditioner(self) -> Optional[Dict[str, object]]:
         """Keyword arguments of ops.grad_dot for Adam's diag(1/(sqrt(v_hat)+eps)):
         {"exp_avg_sq": per-parameter v, "bias_correction2": 1 - beta2^t, "eps": adam eps},

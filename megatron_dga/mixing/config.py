@@ -348,7 +348,7 @@ def check_job(
     use_distributed_optimizer: bool,
     precision: Optional[str],
     transformer_engine: bool,
-    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline: bool = False,
     sequence_parallel: bool = False,
 ) -> None:
     """The mixing checks that involve other sections; settles --mixing and --dga-init (in place).
@@ -360,7 +360,8 @@ def check_job(
         use_distributed_optimizer: --use-distributed-optimizer.
         precision: "--bf16" or "--fp16" when the model trains in 16 bits, else None.
         transformer_engine: the model runs transformer-engine layers here.
-        pipeline_model_parallel_size: --pipeline-model-parallel-size.
+        virtual_pipeline: virtual pipeline stages (--num-layers-per-virtual-pipeline-stage or
+            --num-virtual-stages-per-pipeline-rank).
         sequence_parallel: --sequence-parallel with tensor parallelism (megatron ignores it at TP=1).
     """
     if domain_map is not None:  # before --data-path weights settle --mixing: a map has none
@@ -384,7 +385,7 @@ def check_job(
             "(the default), or megatron-core's local layers in true fp32 (--attention-backend local)"
         )
     if mixing.dga_estimator == "instep":
-        _check_instep_layout(precision, pipeline_model_parallel_size, sequence_parallel)
+        _check_instep_layout(precision, virtual_pipeline, sequence_parallel)
     if mixing.dga_preconditioner == "adam" and use_distributed_optimizer:
         raise ConfigError(
             "--dga-preconditioner adam cannot be combined with --use-distributed-optimizer: each rank "
@@ -393,13 +394,13 @@ def check_job(
         )
 
 
-def _check_instep_layout(precision: Optional[str], pipeline_stages: int, sequence_parallel: bool) -> None:
-    """What --dga-estimator instep does not support (it reads the grad buffers between micro-batches)."""
-    if pipeline_stages > 1:
+def _check_instep_layout(precision: Optional[str], virtual_pipeline: bool, sequence_parallel: bool) -> None:
+    """What --dga-estimator instep does not support (it reads the grad buffers after each micro-batch's backward)."""
+    if virtual_pipeline:
         raise ConfigError(
-            f"--dga-estimator instep with --pipeline-model-parallel-size {pipeline_stages}: it reads the grad "
-            "buffers between two micro-batches' backwards, which the pipeline schedules interleave; use "
-            "--dga-estimator exact, or pipeline-model-parallel-size 1"
+            "--dga-estimator instep with virtual pipeline stages: the interleaved schedule runs the model chunks' "
+            "backwards in its own order; use --dga-estimator exact, or pipeline stages without "
+            "--num-layers-per-virtual-pipeline-stage"
         )
     if sequence_parallel:
         raise ConfigError(

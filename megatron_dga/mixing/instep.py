@@ -5,7 +5,9 @@ the ranks and into micro-batches: ``TrainerView.observe_training_backward``), mo
 hold one domain, and each is a sample of that domain's gradient at the current parameters. Its
 alignment with the last saved g_spe is the difference of <buffers, P g_spe> after and before its
 backward, times the number of micro-batches (the schedule divides each loss by it): one fused
-``ops.grad_dot`` over the grad buffers per micro-batch, no extra forward or backward.
+``ops.grad_dot`` over the grad buffers per micro-batch, no extra forward or backward. Each pipeline stage
+adds the dot over its own parameters (the tied embedding's two copies both:
+``TrainerView.counted_before_reduction``).
 
 Between two updates the dots are summed per domain on the device (no host read). At the update ONE
 all-reduce of 2k values (the dot sums over every rank: data-parallel ranks add their micro-batches,
@@ -53,6 +55,7 @@ class InStepAlignments:
         self._view: Optional[TrainerView] = None
         self._micro_batch_size = 0
         self._warned = False
+        self._counted: List[bool] = []
 
     def attach(self, view: TrainerView) -> None:
         """At setup: group the training batches by domain and observe each micro-batch's backward."""
@@ -67,7 +70,8 @@ class InStepAlignments:
         if index == 0:  # the step zeroed the buffers; Adam's moments are this step's
             self._previous = None
             self._precond = preconditioner_kwargs(view, self.preconditioner)
-        cumulative = ops.grad_dot(view.grads(), self.target, counted=view.counted(), **self._precond)
+            self._counted = view.counted_before_reduction()
+        cumulative = ops.grad_dot(view.grads(), self.target, counted=self._counted, **self._precond)
         dot = cumulative if self._previous is None else cumulative - self._previous
         self._previous = cumulative
         domains = micro_batch["domain_id"]

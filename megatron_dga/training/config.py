@@ -770,7 +770,10 @@ class PretrainConfig(ReadOnlyOnceParsed):
             use_distributed_optimizer=self.optimizer.use_distributed_optimizer,
             precision="--bf16" if model.bf16 else "--fp16" if model.fp16 else None,
             transformer_engine=uses_transformer_engine(model),
-            pipeline_model_parallel_size=self.parallel.pipeline_model_parallel_size,
+            virtual_pipeline=bool(
+                self.parallel.num_layers_per_virtual_pipeline_stage
+                or self.parallel.num_virtual_stages_per_pipeline_rank
+            ),
             sequence_parallel=model.sequence_parallel and self.parallel.tensor_model_parallel_size > 1,
         )
 

@@ -38,6 +38,16 @@ def counted_params(params) -> List[bool]:
     return [bool(param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)) for p in params]
 
 
+def counted_local_params(params) -> List[bool]:
+    """For each parameter: does this rank count it in a sum over this rank's gradients BEFORE the step's
+    reduction (DGA's in-step estimator)? Tensor-parallel duplicates on TP rank 0 only, as
+    :func:`counted_params`; but both tied copies: until ``finalize_model_grads`` sums them, the first
+    stage's embedding and the last stage's output layer each hold their own part of the tied gradient."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    return [bool(param_is_not_tensor_parallel_duplicate(p)) for p in params]
+
+
 def megatron_optimizer_config(cfg: OptimizerConfig, *, bf16: bool, fp16: bool = False):
     """megatron-core's OptimizerConfig for our flags (one place maps them).
 

@@ -163,12 +163,13 @@ def forward_backward(
             (a host read per step would wait for the whole step; the trainer reads it when it logs).
         num_domains: with ``host_stats=False``, also sum the token losses and counts per domain id
             (``StepLoss.domain_sums``; for strategies rewarded by training losses, e.g. ODM).
-        after_backward: ``fn(i, n, micro_batch)``, called once micro-batch ``i`` of ``n`` has accumulated
-            its gradient (divided by ``n``, the schedule's loss convention) into the buffers and before
-            anything else has: at the next micro-batch's forward, and for the last one before
-            ``finalize_model_grads``. One pipeline stage and one model chunk only. With
-            --overlap-grad-reduce the last micro-batch's backward starts the reduction, so it is not
-            reported (DGA's in-step estimator).
+        after_backward: ``fn(i, n, micro_batch)``, called on every stage right after micro-batch ``i`` of
+            ``n`` has accumulated its gradient (divided by ``n``, the schedule's loss convention) into the
+            buffers, before any reduction: megatron's schedules call their module's ``backward_step`` once
+            per micro-batch, in micro-batch order on each stage of the no-pipelining and 1F1B schedules,
+            and it is wrapped for this call (:func:`_reporting_backwards`). One model chunk only (the
+            interleaved schedule orders its backwards by chunk). With --overlap-grad-reduce the last
+            micro-batch's backward starts the reduction, so it is not reported (DGA's in-step estimator).
 
     Returns:
         LossStats (or StepLoss), identical on every stage of the pipeline.
@@ -209,14 +210,9 @@ def forward_backward(
         return (loss * loss_factor if loss_factor != 1 else loss), {}
 
     mask = attention_mask(seq_length, device)
-    forwards = [0]
 
     def forward_step(data_iterator: Iterator, stage_model):
-        host_batch = next(data_iterator)
-        if after_backward is not None and forwards[0] > 0:
-            after_backward(forwards[0] - 1, n, scheduled[forwards[0] - 1])  # no-pipelining: its backward is done
-        forwards[0] += 1
-        batch = _to_device(host_batch, device)
+        batch = _to_device(next(data_iterator), device)
         output = stage_model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
         return output, functools.partial(
             loss_func, batch["loss_mask"].float(), batch.get(_PADDING, False), batch.get("domain_id")
@@ -228,10 +224,7 @@ def forward_backward(
     settings = _call_settings(
         chunks, config, sync_grads, len(scheduled), variable=len(sizes) > 1, force_all_reduce=force_all_reduce
     )
-    if after_backward is not None:
-        settings["finalize_model_grads_func"] = _report_last(
-            settings["finalize_model_grads_func"], after_backward, chunks, config, scheduled
-        )
+    reporting = _reporting_backwards(after_backward, chunks, scheduled) if after_backward else contextlib.nullcontext()
     # DDP's backward hooks start the overlapped reductions with DDP's own force_all_reduce,
     # not the schedule's argument (which reaches finalize_model_grads only).
     ddp_settings = contextlib.ExitStack()
@@ -243,6 +236,7 @@ def forward_backward(
         local_grads,
         platform.megatron_cuda_calls_on_cpu(),
         grad_ctx,
+        reporting,
     ):
         schedule(
             forward_step_func=forward_step,
@@ -261,18 +255,35 @@ def forward_backward(
     return _stats(collected, micro_batches, config, device, keep_token_losses)
 
 
-def _report_last(finalize, after_backward, chunks, config, micro_batches):
-    """``finalize`` preceded by ``after_backward`` of the last micro-batch (see :func:`forward_backward`)."""
-    if len(chunks) > 1 or _pipeline_stages(config) > 1:
-        raise ValueError("after_backward needs one pipeline stage and one model chunk")
+@contextlib.contextmanager
+def _reporting_backwards(after_backward, chunks, micro_batches):
+    """megatron's schedules' ``backward_step`` followed by ``after_backward`` (see :func:`forward_backward`),
+    for one schedule call. The i-th backward on a stage is micro-batch i's (no-pipelining and 1F1B run
+    their backwards in forward order); the count is checked at the end."""
+    from megatron.core.pipeline_parallel import schedules
+
+    if len(chunks) > 1:
+        raise ValueError("after_backward needs one model chunk (the interleaved schedule reorders backwards)")
+    n = len(micro_batches)
     overlap = chunks[0].ddp_config.overlap_grad_reduce
+    real = schedules.backward_step
+    done = [0]
 
-    def report_then_finalize(*args, **kwargs):
-        if not overlap:  # with it, the last backward's hooks have already begun reducing the buffers
-            after_backward(len(micro_batches) - 1, len(micro_batches), micro_batches[-1])
-        return finalize(*args, **kwargs)
+    def backward_step(*args, **kwargs):
+        grad = real(*args, **kwargs)
+        i = done[0]
+        done[0] += 1
+        if not (overlap and i == n - 1):  # with overlap the last backward's hooks begin reducing the buffers
+            after_backward(i, n, micro_batches[i])
+        return grad
 
-    return report_then_finalize
+    schedules.backward_step = backward_step
+    try:
+        yield
+    finally:
+        schedules.backward_step = real
+    if done[0] != n:
+        raise RuntimeError(f"megatron's schedule ran {done[0]} backward steps for {n} micro-batches")
 
 
 def attention_mask(seq_length: int, device) -> Optional[torch.Tensor]:

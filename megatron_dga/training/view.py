@@ -162,6 +162,11 @@ class TrainerView:
     def counted(self) -> List[bool]:
         return self._trainer.counted_params
 
+    def counted_before_reduction(self) -> List[bool]:
+        from megatron_dga.training.optim import counted_local_params
+
+        return counted_local_params(self._trainer.params)
+
     def parameters(self) -> List[torch.Tensor]:
         """The trainable parameters, in grads() order (the finite-difference estimator moves them)."""
         return self._trainer.params

@@ -2,8 +2,9 @@
 
 On the same micro-batches, parameters and g_spe, the in-step alignments equal a float64 brute force
 (each single-domain training micro-batch's gradient dotted with g_spe, averaged per domain over all
-ranks) on every layout the estimator runs on: DP=2, TP=2, and DP=2 with the distributed optimizer and
-overlapped grad reduce (where each step's last micro-batch is not counted).
+ranks) on every layout the estimator runs on: DP=2, TP=2, DP=2 with the distributed optimizer and
+overlapped grad reduce (where each step's last micro-batch is not counted), and PP=2 (1F1B) with the
+tied embedding.
 """
 
 import os
@@ -13,13 +14,16 @@ import pytest
 
 from tests.helpers.dist_utils import run_distributed
 from tests.helpers.gradient_oracle import Float64GPT, gathered
-from tests.helpers.layouts import train_steps, trainer_from
+from tests.helpers.layouts import named, train_steps, trainer_from
 from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 
 LAYOUTS = {
     "dp2": [],
     "tp2": ["--tensor-model-parallel-size", "2"],
     "dp2_distopt_overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
+    # 1F1B over two stages with the tied embedding: before the step's reduction the first stage's
+    # embedding and the last stage's output layer each hold their part of its gradient.
+    "pp2": ["--pipeline-model-parallel-size", "2"],
 }
 
 
@@ -65,8 +69,10 @@ def _one_window(rank, world_size, shards, tmp):
         fetch = lambda rows: {key: t.numpy() for key, t in trainer.data.fetch(rows).items()}
         specific = fetch(sampler.probe_batch(trainer.data.specific_id, 4))
         sampler.load_state_dict(after)
-        named = list(trainer.model.named_parameters())
-        params = {n: gathered(p, p, trainer.ctx.tp_size) for n, p in named}  # theta of the observed step
+        if trainer.ctx.pp_size > 1:  # this stage's parameters by global name (the tied copy once)
+            params = named(trainer)
+        else:  # theta of the observed step
+            params = {n: gathered(p, p, trainer.ctx.tp_size) for n, p in trainer.model.named_parameters()}
         observed = []
         real = strategy.instep.observe
 
@@ -82,7 +88,8 @@ def _one_window(rank, world_size, shards, tmp):
             "alignments": second.alignments,
             "instep_domains": second.instep_domains,
             "instep_micro_batches": second.instep_micro_batches,
-            "observed": observed if trainer.ctx.tp_rank == 0 else [],
+            "observed": observed if trainer.ctx.tp_rank == 0 and trainer.ctx.pp_rank == 0 else [],
+            "backwards": len(observed),
             "micro_batches": 16 // 2 // trainer.ctx.dp_size,
             "params": params,
             "specific": specific,
@@ -105,7 +112,8 @@ def _references(rank, world_size, runs_by_layout):
 def _reference(run_by_rank):
     """(a_i over the single-domain micro-batches of all ranks, micro-batches per domain), float64."""
     run = run_by_rank[0]
-    gpt = Float64GPT(run["model"], run["params"])
+    params = {name: value for rank_run in run_by_rank for name, value in rank_run["params"].items()}
+    gpt = Float64GPT(run["model"], params)
     g_spe = gpt.grad(run["specific"])
     sums, counts = {}, {}
     for rank_run in run_by_rank:
@@ -130,10 +138,9 @@ def test_instep_alignments_equal_float64_brute_force_on_every_layout(shards, tmp
         # Grouped by domain, a global batch of 16 in micro-batches of 2 over 4 domains: most are single-domain.
         assert len(ref) >= 3, (layout, counts)
         per_rank = runs[0]["micro_batches"]
-        if layout == "dp2_distopt_overlap":  # the last backward starts the reduction: not counted
-            assert all(len(r["observed"]) == per_rank - 1 for r in runs)
-        elif layout == "dp2":
-            assert all(len(r["observed"]) == per_rank for r in runs)
+        # Every backward reported, on every stage; with overlap the last one starts the reduction.
+        expected = per_rank - 1 if layout == "dp2_distopt_overlap" else per_rank
+        assert [r["backwards"] for r in runs] == [expected, expected], layout
         for rank_run in runs:
             assert rank_run["instep_domains"] == len(ref), layout
             assert rank_run["instep_micro_batches"] == sum(counts.values()), layout

@@ -87,8 +87,9 @@ def _main(argv, capsys):
             "--dga-noise measure needs a gradient per probe group, which --dga-estimator instep never forms",
         ),
         (
-            ["--mixing", "dga", "--dga-estimator", "instep", "--pipeline-model-parallel-size", "2"],
-            "--dga-estimator instep with --pipeline-model-parallel-size 2: it reads the grad buffers between",
+            ["--mixing", "dga", "--dga-estimator", "instep", "--pipeline-model-parallel-size", "2"]
+            + ["--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1"],
+            "--dga-estimator instep with virtual pipeline stages: the interleaved schedule runs",
         ),
         (
             [
