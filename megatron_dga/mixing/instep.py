@@ -60,6 +60,7 @@ class InStepAlignments:
     def attach(self, view: TrainerView) -> None:
         """At setup: group the training batches by domain and observe each micro-batch's backward."""
         self._view = view
+        self._counted = view.counted_before_reduction()  # fixed for the run: computed once, not per step
         view.observe_training_backward(self.observe)
 
     def observe(self, index: int, count: int, micro_batch: Dict[str, torch.Tensor]) -> None:
@@ -70,7 +71,6 @@ class InStepAlignments:
         if index == 0:  # the step zeroed the buffers; Adam's moments are this step's
             self._previous = None
             self._precond = preconditioner_kwargs(view, self.preconditioner)
-            self._counted = view.counted_before_reduction()
         cumulative = ops.grad_dot(view.grads(), self.target, counted=self._counted, **self._precond)
         dot = cumulative if self._previous is None else cumulative - self._previous
         self._previous = cumulative
@@ -90,7 +90,8 @@ class InStepAlignments:
         """Close the window: the in-step alignments, probes for the domains that drew too few micro-batches,
         and the new g_spe kept for the next window."""
         k = self.num_domains
-        device = view.grads()[0].device if view.grads() else "cpu"
+        grads = view.grads()
+        device = grads[0].device if grads else "cpu"
         totals = torch.zeros(2, k, dtype=torch.float64, device=device)
         if self._sums is not None:
             totals[0] = self._sums
