@@ -38,6 +38,7 @@ def test_dga_overhead_benchmark_prints_every_estimator_and_the_instep_agreement(
             ["--layers", "1", "--hidden", "32", "--repeats", "1"],
             r"ours, blocking +: [\d.]+ s",
         ),
+        ("bench_caps.py", ["--sizes", "4x256", "--repeat", "1"], r"4 +256 +dense +0% +\d+ +1 "),
         ("bench_grad_dot.py", ["--numel", "10000", "--tensors", "4", "--repeats", "2"], r"fused vs reference"),
         ("bench_sampler.py", ["--steps", "5", "--repeat", "1"], r"60% empty +[\d.]+ms +[\d.]+ms"),
         (

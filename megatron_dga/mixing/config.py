@@ -118,7 +118,8 @@ class MixingConfig(ReadOnlyOnceParsed):
     """Token budgets on the simplex (--dga-max-epochs R; off by default): after each update, cap every
     domain's weight so that, drawn at it for the rest of training, the domain uses at most R epochs of its
     distinct samples (its --domain-token-limit subset, else the whole domain): the weights are projected
-    in KL onto {alpha_i <= (R n_i - used_i) / samples to come} (mixing/caps.py)."""
+    in KL onto {alpha_i <= (R n_i - used_i) / samples to come} (mixing/caps.py). With --dga-basis the caps
+    act on the fine domains' weights gamma^T P."""
     dga_noise: Optional[Literal["off", "measure", "shrink"]] = None
     """Alignment noise (--dga-noise; off by default). measure: each domain probe is cut into
     --dga-noise-groups groups, each back-propagated on its own, and every update logs each domain's
@@ -205,12 +206,6 @@ class MixingConfig(ReadOnlyOnceParsed):
         if self.dga_max_epochs is not None and not 0 < self.dga_max_epochs < float("inf"):
             raise ConfigError(
                 f"--dga-max-epochs must be a number > 0 (epochs of a domain's distinct samples), got {self.dga_max_epochs}"
-            )
-        if self.dga_max_epochs is not None and self.dga_basis:
-            raise ConfigError(
-                f"--dga-max-epochs with --dga-basis {self.dga_basis}: the caps act on the domains' weights, but with "
-                "a basis DGA moves the weights of the basis distributions (caps on gamma^T P are not supported); "
-                "drop one of them"
             )
         self._check_noise(estimator, given)
         self._check_odm_and_pike()

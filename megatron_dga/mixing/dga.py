@@ -112,6 +112,7 @@ class DGA(MirrorDescentStrategy):
             ema=self.cfg.dga_ema,
             floor=self.cfg.dga_min_weight,
             caps=self.token_budget_caps(view, self.cfg.dga_max_epochs),
+            basis=None if self.basis is None else self.basis.matrix,
         )
 
     def measure_alignments(self, view: TrainerView):

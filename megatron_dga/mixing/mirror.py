@@ -45,9 +45,11 @@ class MirrorDescentStrategy(MixingStrategy):
         ema: float,
         floor: float,
         caps: Optional[np.ndarray] = None,
+        basis=None,
     ) -> Optional[np.ndarray]:
         """The new weights after one step on ``scores``, or None when the update is skipped; with ``caps``
-        the step is projected onto the capped simplex (mixing/caps.py)."""
+        the step is projected onto the capped simplex (mixing/caps.py), with ``basis`` (the N x K matrix
+        the weights are over) onto the weights whose fine domains stay within the caps."""
         try:
             new = ops.simplex_update(
                 torch.as_tensor(self.weights, dtype=torch.float64),
@@ -62,7 +64,7 @@ class MirrorDescentStrategy(MixingStrategy):
             self._last[f"{self.name}_skipped_updates"] = self.skipped_updates
             return None
         if caps is not None:
-            projected = project_capped_simplex(new, caps)
+            projected = project_capped_simplex(new, caps, basis)
             new = projected.weights
             self._last[f"{self.name}_caps_binding"] = projected.binding
             self._last[f"{self.name}_caps_feasible"] = int(projected.feasible)

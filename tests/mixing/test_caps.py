@@ -1,14 +1,16 @@
 """Token budgets on the simplex (mixing/caps.py): the KL projection onto the capped simplex against a
-general-purpose constrained solver, the caps against their definition."""
+general-purpose constrained solver (over the domains, and over basis distributions with caps on the fine
+domains), the caps against their definition."""
 
 import os
 
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize
+import scipy.sparse as sp
+from scipy.optimize import minimize, minimize_scalar
 
-from megatron_dga.mixing.caps import epoch_caps, project_capped_simplex
+from megatron_dga.mixing.caps import CAP_TOL, PENALTY, epoch_caps, project_capped_simplex
 
 
 def kl_projection_oracle(w: np.ndarray, caps: np.ndarray) -> np.ndarray:
@@ -81,6 +83,95 @@ def test_caps_are_the_epochs_left_over_the_samples_to_come():
     # R n_i - c_i = 200, -50 -> 0, 40, 0 samples left within 2 epochs; over 400 samples to come
     np.testing.assert_allclose(caps, [0.5, 0.0, 0.1, 0.0])
     assert np.all(np.isinf(epoch_caps(distinct, consumed, remaining=0, max_epochs=2.0)))
+
+
+# --------------------------------------------------------------------------- over a basis
+def basis_kl_projection_oracle(hat: np.ndarray, matrix: np.ndarray, caps: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """argmin_g sum g log(g / hat) s.t. sum g = 1, g >= 0, g^T P <= caps (SLSQP, float64, from a feasible start)."""
+
+    def kl(g):
+        g = np.maximum(g, 1e-300)
+        return float(np.sum(g * np.log(g / hat)))
+
+    res = minimize(
+        kl,
+        start,
+        jac=lambda g: np.log(np.maximum(g, 1e-300) / hat) + 1.0,
+        method="SLSQP",
+        bounds=[(0.0, 1.0)] * hat.size,
+        constraints=[
+            {"type": "eq", "fun": lambda g: g.sum() - 1.0, "jac": lambda g: np.ones_like(g)},
+            {"type": "ineq", "fun": lambda g: caps - matrix.T @ g, "jac": lambda g: -matrix.T},
+        ],
+        options={"ftol": 1e-14, "maxiter": 2000},
+    )
+    assert res.success, res.message
+    return res.x
+
+
+def _penalised(g, hat, matrix, caps):
+    """The objective the basis projection minimises (mixing/caps.py)."""
+    s = g > 0
+    excess = float(np.maximum(matrix.T @ g - caps, 0).sum())
+    return float(np.sum(g[s] * np.log(g[s] / hat[s]))) + PENALTY * caps.size * excess
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_over_a_basis_the_projection_is_the_kl_projection_onto_the_fine_domain_caps(seed):
+    """Caps that some weights meet (those of a random gamma', loosened by up to 20 %): the projection meets
+    every fine domain's cap and is the KL projection onto them (SLSQP); a sparse basis gives the same."""
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(2, 6)), int(rng.integers(3, 10))
+    matrix = rng.dirichlet(np.full(k, 0.5), size=n)
+    hat = rng.dirichlet(np.ones(n))
+    feasible = rng.dirichlet(np.ones(n))
+    caps = matrix.T @ feasible * rng.uniform(1.0, 1.2, size=k)
+    got = project_capped_simplex(hat, caps, basis=matrix)
+    alpha = matrix.T @ got.weights
+    assert got.feasible
+    assert np.all(alpha <= caps * (1 + CAP_TOL)) and np.all(got.weights >= 0)
+    assert got.weights.sum() == pytest.approx(1.0, abs=1e-12)
+    if np.all(matrix.T @ hat <= caps):
+        np.testing.assert_array_equal(got.weights, hat)
+        return
+    np.testing.assert_allclose(got.weights, basis_kl_projection_oracle(hat, matrix, caps, feasible), atol=2e-6)
+    assert got.binding == int(np.sum(alpha >= caps * (1 - CAP_TOL)))
+    assert got.binding > 0
+    sparse = project_capped_simplex(hat, caps, basis=sp.csr_matrix(matrix))
+    np.testing.assert_allclose(sparse.weights, got.weights, rtol=1e-9, atol=1e-12)
+
+
+def test_the_identity_basis_gives_the_projection_over_the_domains():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        w = rng.dirichlet(np.full(6, 0.7))
+        caps = rng.uniform(0.05, 0.5, size=6)
+        caps *= max(1.0, 1.1 / caps.sum())
+        np.testing.assert_allclose(
+            project_capped_simplex(w, caps, basis=np.eye(6)).weights, project_capped_simplex(w, caps).weights, atol=1e-8
+        )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_caps_no_weights_meet_trade_the_least_repetition_against_kl(seed):
+    """Two bases, so the penalised objective is a function of one number: a brute-force scalar minimisation
+    of it agrees with the projection, which says the caps are not met."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(3, 9))
+    matrix = rng.dirichlet(np.full(k, 0.5), size=2)
+    hat = rng.dirichlet(np.ones(2))
+    caps = matrix.T @ hat * rng.uniform(0.5, 1.0, size=k)  # every fine domain over its cap at hat
+    caps[0] = 0.0  # one fine domain has used its R epochs: both bases draw it
+    got = project_capped_simplex(hat, caps, basis=matrix)
+    best = minimize_scalar(
+        lambda x: _penalised(np.array([x, 1 - x]), hat, matrix, caps),
+        bounds=(0, 1),
+        method="bounded",
+        options={"xatol": 1e-14},
+    )
+    assert not got.feasible
+    assert _penalised(got.weights, hat, matrix, caps) <= best.fun + 1e-9
+    assert got.weights[0] == pytest.approx(best.x, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- in training
@@ -181,6 +272,37 @@ def test_capped_dga_never_plans_past_the_budget_and_the_uncapped_one_does(tmp_pa
     # Drawn at most R epochs of every domain (up to one training batch of sampling granularity: 8 of 32
     # samples), while DGA without caps draws its favourite domain far past them.
     assert capped["epochs"].max() <= MAX_EPOCHS + 8 / 32, capped["epochs"]
+    assert runs["uncapped"]["epochs"].max() > MAX_EPOCHS + 1.0, runs["uncapped"]["epochs"]
+
+
+BASIS = np.array([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+"""Three basis distributions over the four domains: two lean on one domain each, one is uniform."""
+
+
+def test_over_a_basis_the_caps_hold_on_the_domains_the_bases_draw(tmp_path):
+    """With --dga-basis DGA moves the weights gamma of the three bases; the caps hold on gamma^T P, the
+    weights the sampler draws the domains at, and no domain is drawn past R; without them it is."""
+    from megatron_dga.mixing.weights_io import save_basis
+    from tests.helpers.dist_utils import run_distributed
+    from tests.helpers.synthetic import TINY_GPT_ARGS
+
+    basis = str(tmp_path / "basis.npz")
+    save_basis(basis, BASIS, ["lean0", "lean1", "flat"], [f"dom{i}" for i in range(4)])
+    flags = {
+        "capped": ["--dga-basis", basis, "--dga-max-epochs", str(MAX_EPOCHS)],
+        "uncapped": ["--dga-basis", basis],
+    }
+    args = (str(tmp_path), _planted_shards(str(tmp_path)), flags, TINY_GPT_ARGS)
+    runs = run_distributed(_capped_runs, world_size=1, args=args)[0]
+    capped = runs["capped"]["updates"]
+    for gamma, caps, metrics in capped:
+        alpha = gamma @ BASIS
+        assert gamma.shape == (3,) and gamma.sum() == pytest.approx(1.0, abs=1e-12)
+        assert np.all(alpha <= caps * (1 + CAP_TOL)), (alpha, caps)
+        assert metrics["dga_caps_feasible"] == 1
+        assert metrics["dga_caps_binding"] == int(np.sum(alpha >= caps * (1 - CAP_TOL)))
+    assert any(m["dga_caps_binding"] > 0 for _, _, m in capped)
+    assert runs["capped"]["epochs"].max() <= MAX_EPOCHS + 8 / 32, runs["capped"]["epochs"]
     assert runs["uncapped"]["epochs"].max() > MAX_EPOCHS + 1.0, runs["uncapped"]["epochs"]
 
 
