@@ -344,7 +344,6 @@ def check_job(
     precision: Optional[str],
     transformer_engine: bool,
     virtual_pipeline: bool = False,
-    sequence_parallel: bool = False,
 ) -> None:
     """The mixing checks that involve other sections; settles --mixing and --dga-init (in place).
 
@@ -357,7 +356,6 @@ def check_job(
         transformer_engine: the model runs transformer-engine layers here.
         virtual_pipeline: virtual pipeline stages (--num-layers-per-virtual-pipeline-stage or
             --num-virtual-stages-per-pipeline-rank).
-        sequence_parallel: --sequence-parallel with tensor parallelism (megatron ignores it at TP=1).
     """
     if domain_map is not None:  # before --data-path weights settle --mixing: a map has none
         _check_mixing_over_map(mixing, domain_map)
@@ -380,7 +378,7 @@ def check_job(
             "(the default), or megatron-core's local layers in true fp32 (--attention-backend local)"
         )
     if mixing.dga_estimator == "instep":
-        _check_instep_layout(precision, virtual_pipeline, sequence_parallel)
+        _check_instep_layout(precision, virtual_pipeline)
     if mixing.dga_preconditioner == "adam" and use_distributed_optimizer:
         raise ConfigError(
             "--dga-preconditioner adam cannot be combined with --use-distributed-optimizer: each rank "
@@ -389,18 +387,13 @@ def check_job(
         )
 
 
-def _check_instep_layout(precision: Optional[str], virtual_pipeline: bool, sequence_parallel: bool) -> None:
+def _check_instep_layout(precision: Optional[str], virtual_pipeline: bool) -> None:
     """What --dga-estimator instep does not support (it reads the grad buffers after each micro-batch's backward)."""
     if virtual_pipeline:
         raise ConfigError(
             "--dga-estimator instep with virtual pipeline stages: the interleaved schedule runs the model chunks' "
             "backwards in its own order; use --dga-estimator exact, or pipeline stages without "
             "--num-layers-per-virtual-pipeline-stage"
-        )
-    if sequence_parallel:
-        raise ConfigError(
-            "--dga-estimator instep with --sequence-parallel: before the step's reduction each tensor-parallel "
-            "rank holds only part of the norm gradients; use --dga-estimator exact or drop --sequence-parallel"
         )
     if precision == "--fp16":
         raise ConfigError(

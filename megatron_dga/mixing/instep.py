@@ -6,8 +6,8 @@ hold one domain, and each is a sample of that domain's gradient at the current p
 alignment with the last saved g_spe is the difference of <buffers, P g_spe> after and before its
 backward, times the number of micro-batches (the schedule divides each loss by it): one fused
 ``ops.grad_dot`` over the grad buffers per micro-batch, no extra forward or backward. Each pipeline stage
-adds the dot over its own parameters (the tied embedding's two copies both:
-``TrainerView.counted_before_reduction``).
+adds the dot over its own parameters (the tied embedding's two copies both, and under
+--sequence-parallel every TP rank's part of the norms: ``TrainerView.counted_before_reduction``).
 
 Between two updates the dots are summed per domain on the device (no host read). At the update ONE
 all-reduce of 2k values (the dot sums over every rank: data-parallel ranks add their micro-batches,

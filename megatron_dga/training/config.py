@@ -774,7 +774,6 @@ class PretrainConfig(ReadOnlyOnceParsed):
                 self.parallel.num_layers_per_virtual_pipeline_stage
                 or self.parallel.num_virtual_stages_per_pipeline_rank
             ),
-            sequence_parallel=model.sequence_parallel and self.parallel.tensor_model_parallel_size > 1,
         )
 
     def _check_schedule_units(self) -> None:

@@ -41,11 +41,13 @@ def counted_params(params) -> List[bool]:
 def counted_local_params(params) -> List[bool]:
     """For each parameter: does this rank count it in a sum over this rank's gradients BEFORE the step's
     reduction (DGA's in-step estimator)? Tensor-parallel duplicates on TP rank 0 only, as
-    :func:`counted_params`; but both tied copies: until ``finalize_model_grads`` sums them, the first
-    stage's embedding and the last stage's output layer each hold their own part of the tied gradient."""
+    :func:`counted_params`, except those marked ``sequence_parallel`` (the norms under --sequence-parallel):
+    until ``finalize_model_grads`` all-reduces them over TP each rank holds the gradient of its own
+    sequence shard, so every rank counts its part. And both tied copies: until then the first stage's
+    embedding and the last stage's output layer each hold their own part of the tied gradient."""
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    return [bool(param_is_not_tensor_parallel_duplicate(p)) for p in params]
+    return [bool(param_is_not_tensor_parallel_duplicate(p) or getattr(p, "sequence_parallel", False)) for p in params]
 
 
 def megatron_optimizer_config(cfg: OptimizerConfig, *, bf16: bool, fp16: bool = False):

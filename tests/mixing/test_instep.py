@@ -2,7 +2,7 @@
 
 On the same micro-batches, parameters and g_spe, the in-step alignments equal a float64 brute force
 (each single-domain training micro-batch's gradient dotted with g_spe, averaged per domain over all
-ranks) on every layout the estimator runs on: DP=2, TP=2, DP=2 with the distributed optimizer and
+ranks) on every layout the estimator runs on: DP=2, TP=2, TP=2 with sequence parallelism, DP=2 with the distributed optimizer and
 overlapped grad reduce (where each step's last micro-batch is not counted), and PP=2 (1F1B) with the
 tied embedding.
 """
@@ -20,6 +20,8 @@ from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 LAYOUTS = {
     "dp2": [],
     "tp2": ["--tensor-model-parallel-size", "2"],
+    # Before the step's reduction each TP rank holds its sequence shard's part of the norms' gradients.
+    "tp2_sp": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "dp2_distopt_overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
     # 1F1B over two stages with the tied embedding: before the step's reduction the first stage's
     # embedding and the last stage's output layer each hold their part of its gradient.

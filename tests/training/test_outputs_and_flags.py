@@ -91,18 +91,6 @@ def _main(argv, capsys):
             + ["--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1"],
             "--dga-estimator instep with virtual pipeline stages: the interleaved schedule runs",
         ),
-        (
-            [
-                "--mixing",
-                "dga",
-                "--dga-estimator",
-                "instep",
-                "--tensor-model-parallel-size",
-                "2",
-                "--sequence-parallel",
-            ],
-            "--dga-estimator instep with --sequence-parallel",
-        ),
         (["--mixing", "dga", "--dga-estimator", "instep", "--fp16"], "--dga-estimator instep with --fp16"),
         (
             ["--mixing", "uniform", "--importance-weights", "iw.json"],
