@@ -230,16 +230,25 @@ def test_distributed_alignments_equal_float64_reference(shards, tmp_path):
 NOISE_GROUPS, NOISE_BATCH = 4, 8
 
 
+NOISE_LAYOUTS = {
+    "dp2": [],
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "pp2": ["--pipeline-model-parallel-size", "2"],
+}
+"""On 2 ranks; under pipeline stages each stage's group dots are summed over the model-parallel group."""
+
+
 def _noise_layouts(rank, world_size, shards, tmp):
-    """On DP=2 and TP=2: --dga-noise measure's statistics from one probe state, the weights of one
+    """Per layout: --dga-noise measure's statistics from one probe state, the weights of one
     --dga-noise shrink update from the same state, and what a float64 reference needs."""
     from megatron_dga import platform
+    from tests.helpers.layouts import named
 
     runs = {}
-    for layout, tp in (("dp2", 1), ("tp2", 2)):
+    for layout, parallel in NOISE_LAYOUTS.items():
         extra = [
-            *("--tensor-model-parallel-size", str(tp), "--dga-interval", "1"),
-            *("--dga-domain-batch-size", str(NOISE_BATCH), "--dga-specific-batch-size", "4"),
+            *parallel,
+            *("--dga-interval", "1", "--dga-domain-batch-size", str(NOISE_BATCH), "--dga-specific-batch-size", "4"),
             *("--dga-noise", "measure", "--dga-noise-groups", str(NOISE_GROUPS)),
         ]
         trainer = _trainer(_argv(shards, os.path.join(tmp, layout), extra))
@@ -252,7 +261,7 @@ def _noise_layouts(rank, world_size, shards, tmp):
         weights_before = shrink.weights.copy()
         new = shrink.after_step(trainer.view)
         logged = shrink.metrics()
-        named = list(trainer.model.named_parameters())
+        tp = trainer.ctx.tp_size
         run = {
             "alignments": measured.alignments,
             "stderr": measured.stderr,
@@ -260,7 +269,10 @@ def _noise_layouts(rank, world_size, shards, tmp):
             "shrink_weights": new,
             "weights_before": weights_before,
             "logged": {key: logged[key] for key in ("dga_alignment_stderr", "dga_sign_agreement", "alignments")},
-            "params": {n: gathered(p, p, tp) for n, p in named},
+            # this stage's parameters by global name, or all of them gathered over TP
+            "params": named(trainer)
+            if trainer.ctx.pp_size > 1
+            else {n: gathered(p, p, tp) for n, p in trainer.model.named_parameters()},
             "model": trainer.cfg.model,
             "eta": trainer.cfg.mixing.dga_eta,
             "ema": trainer.cfg.mixing.dga_ema,
@@ -278,23 +290,32 @@ def _noise_layouts(rank, world_size, shards, tmp):
         odd_error = ""
     except ConfigError as exc:
         odd_error = str(exc)
-    platform.initialize(platform.ParallelConfig(tensor_model_parallel_size=1))
-    if rank == 0:
-        for run in runs.values():
-            gpt = Float64GPT(run.pop("model"), run.pop("params"))
-            g_spe = gpt.grad(run.pop("specific"))
-            size = NOISE_BATCH // NOISE_GROUPS  # global group g is rows [g size, (g+1) size)
-            run["group_dots"] = np.array(
-                [
-                    [
-                        gpt.dot(gpt.grad({k: v[g * size : (g + 1) * size] for k, v in batch.items()}), g_spe)
-                        for g in range(NOISE_GROUPS)
-                    ]
-                    for batch in run.pop("domains")
-                ]
-            )
     platform.shutdown()
     return {**runs, "odd_groups_error": odd_error}
+
+
+def _noise_group_dots(rank, world_size, runs_by_layout):
+    """Per layout, (k, G) float64: each group's <g_i^g, g_spe>, from the weights of every rank (stage)."""
+    from megatron_dga import platform
+
+    platform.initialize(platform.ParallelConfig())
+    out = {}
+    for layout, runs in runs_by_layout.items():
+        params = {name: value for run in runs for name, value in run["params"].items()}
+        gpt = Float64GPT(runs[0]["model"], params)
+        g_spe = gpt.grad(runs[0]["specific"])
+        size = NOISE_BATCH // NOISE_GROUPS  # global group g is rows [g size, (g+1) size)
+        out[layout] = np.array(
+            [
+                [
+                    gpt.dot(gpt.grad({k: v[g * size : (g + 1) * size] for k, v in batch.items()}), g_spe)
+                    for g in range(NOISE_GROUPS)
+                ]
+                for batch in runs[0]["domains"]
+            ]
+        )
+    platform.shutdown()
+    return out
 
 
 def test_noise_statistics_equal_brute_force_over_the_groups(shards, tmp_path):
@@ -303,8 +324,10 @@ def test_noise_statistics_equal_brute_force_over_the_groups(shards, tmp_path):
 
     ranks = run_distributed(_noise_layouts, world_size=2, args=(shards, str(tmp_path)))
     assert "--dga-noise-groups 3 must be a multiple of the data-parallel size 2" in ranks[0]["odd_groups_error"]
-    for layout in ("dp2", "tp2"):
-        d = ranks[0][layout]["group_dots"]  # (k, G) float64: each group's <g_i^g, g_spe>
+    by_layout = {layout: [r[layout] for r in ranks] for layout in NOISE_LAYOUTS}
+    group_dots = run_distributed(_noise_group_dots, world_size=1, args=(by_layout,))[0]
+    for layout in NOISE_LAYOUTS:
+        d = group_dots[layout]  # (k, G) float64: each group's <g_i^g, g_spe>
         G = d.shape[1]
         a = d.mean(axis=1)  # equal groups
         se = np.sqrt(((d - a[:, None]) ** 2).sum(axis=1) / (G * (G - 1)))

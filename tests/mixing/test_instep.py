@@ -3,8 +3,8 @@
 On the same micro-batches, parameters and g_spe, the in-step alignments equal a float64 brute force
 (each single-domain training micro-batch's gradient dotted with g_spe, averaged per domain over all
 ranks) on every layout the estimator runs on: DP=2, TP=2, TP=2 with sequence parallelism, DP=2 with the distributed optimizer and
-overlapped grad reduce (where each step's last micro-batch is not counted), and PP=2 (1F1B) with the
-tied embedding.
+overlapped grad reduce (where each step's last micro-batch is not counted), PP=2 (1F1B) with the
+tied embedding, and all at once on 4 ranks (PP=2 x DP=2 with the overlapped distributed optimizer).
 """
 
 import os
@@ -48,7 +48,7 @@ def shards(four_domains):
     return four_domains
 
 
-def _one_window(rank, world_size, shards, tmp):
+def _one_window(rank, world_size, shards, tmp, layouts):
     """Per layout: two steps, an update (no g_spe yet: every domain probed, g_spe kept), one observed
     step, and the update that closes its window; plus what the float64 reference needs."""
     import warnings
@@ -60,7 +60,7 @@ def _one_window(rank, world_size, shards, tmp):
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     out = {}
-    for layout, extra in LAYOUTS.items():
+    for layout, extra in layouts.items():
         trainer = trainer_from(_argv(shards, os.path.join(tmp, layout), extra))
         train_steps(trainer, 2)
         strategy, sampler = trainer.mixing, trainer.data.sampler
@@ -130,9 +130,9 @@ def _reference(run_by_rank):
     return {d: sums[d] / counts[d] for d in sums}, counts
 
 
-def test_instep_alignments_equal_float64_brute_force_on_every_layout(shards, tmp_path):
-    ranks = run_distributed(_one_window, world_size=2, args=(shards, str(tmp_path)))
-    by_layout = {layout: [r[layout] for r in ranks] for layout in LAYOUTS}
+def _check_against_brute_force(shards, tmp_path, layouts, world_size):
+    ranks = run_distributed(_one_window, world_size=world_size, args=(shards, str(tmp_path), layouts))
+    by_layout = {layout: [r[layout] for r in ranks] for layout in layouts}
     references = run_distributed(_references, world_size=1, args=(by_layout,))[0]
     for layout, runs in by_layout.items():
         assert all(r["first_instep_domains"] == 0 for r in runs)  # no g_spe yet: every domain probed
@@ -141,8 +141,8 @@ def test_instep_alignments_equal_float64_brute_force_on_every_layout(shards, tmp
         assert len(ref) >= 3, (layout, counts)
         per_rank = runs[0]["micro_batches"]
         # Every backward reported, on every stage; with overlap the last one starts the reduction.
-        expected = per_rank - 1 if layout == "dp2_distopt_overlap" else per_rank
-        assert [r["backwards"] for r in runs] == [expected, expected], layout
+        expected = per_rank - 1 if "overlap" in layout else per_rank
+        assert [r["backwards"] for r in runs] == [expected] * world_size, layout
         for rank_run in runs:
             assert rank_run["instep_domains"] == len(ref), layout
             assert rank_run["instep_micro_batches"] == sum(counts.values()), layout
@@ -154,6 +154,20 @@ def test_instep_alignments_equal_float64_brute_force_on_every_layout(shards, tmp
         # The test can fail: forgetting the schedule's 1/n divides by 8 (4 per rank); a micro-batch
         # read after the reduction would add the other rank's half.
         assert np.abs(want / per_rank - want).max() > 100 * 1e-4 * scale
+
+
+def test_instep_alignments_equal_float64_brute_force_on_every_layout(shards, tmp_path):
+    _check_against_brute_force(shards, tmp_path, LAYOUTS, world_size=2)
+
+
+def test_instep_alignments_on_pipeline_stages_with_the_overlapped_distributed_optimizer(shards, tmp_path):
+    """The production combination on 4 ranks: PP=2 x DP=2, --use-distributed-optimizer --overlap-grad-reduce
+    (small buckets: several reductions, the last started by each rank's last backward)."""
+    layout = [
+        *("--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce"),
+        *("--ddp-bucket-size", "5000"),
+    ]
+    _check_against_brute_force(shards, tmp_path, {"pp2_dp2_distopt_overlap": layout}, world_size=4)
 
 
 def test_instep_run_logs_in_step_updates_and_trains_on_the_same_batches(shards, tmp_path):
