@@ -97,6 +97,9 @@ class TrainerView(Protocol):
         """Per parameter: counted in a sum over this rank's gradients before the step's reduction (not a TP
         duplicate; both tied copies, which each hold their part of the tied gradient until then)."""
 
+    def param_chunks(self) -> List[int]:
+        """Per parameter (grads() order): the index of the model chunk (virtual pipeline stage) holding it."""
+
     def adam_preconditioner(self) -> Optional[Dict[str, object]]:
         """Keyword arguments of ops.grad_dot for Adam's diag(1/(sqrt(v_hat)+eps)):
         {"exp_avg_sq": per-parameter v, "bias_correction2": 1 - beta2^t, "eps": adam eps},

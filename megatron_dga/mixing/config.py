@@ -343,7 +343,6 @@ def check_job(
     use_distributed_optimizer: bool,
     precision: Optional[str],
     transformer_engine: bool,
-    virtual_pipeline: bool = False,
 ) -> None:
     """The mixing checks that involve other sections; settles --mixing and --dga-init (in place).
 
@@ -354,8 +353,6 @@ def check_job(
         use_distributed_optimizer: --use-distributed-optimizer.
         precision: "--bf16" or "--fp16" when the model trains in 16 bits, else None.
         transformer_engine: the model runs transformer-engine layers here.
-        virtual_pipeline: virtual pipeline stages (--num-layers-per-virtual-pipeline-stage or
-            --num-virtual-stages-per-pipeline-rank).
     """
     if domain_map is not None:  # before --data-path weights settle --mixing: a map has none
         _check_mixing_over_map(mixing, domain_map)
@@ -378,7 +375,7 @@ def check_job(
             "(the default), or megatron-core's local layers in true fp32 (--attention-backend local)"
         )
     if mixing.dga_estimator == "instep":
-        _check_instep_layout(precision, virtual_pipeline)
+        _check_instep_layout(precision)
     if mixing.dga_preconditioner == "adam" and use_distributed_optimizer:
         raise ConfigError(
             "--dga-preconditioner adam cannot be combined with --use-distributed-optimizer: each rank "
@@ -387,14 +384,8 @@ def check_job(
         )
 
 
-def _check_instep_layout(precision: Optional[str], virtual_pipeline: bool) -> None:
+def _check_instep_layout(precision: Optional[str]) -> None:
     """What --dga-estimator instep does not support (it reads the grad buffers after each micro-batch's backward)."""
-    if virtual_pipeline:
-        raise ConfigError(
-            "--dga-estimator instep with virtual pipeline stages: the interleaved schedule runs the model chunks' "
-            "backwards in its own order; use --dga-estimator exact, or pipeline stages without "
-            "--num-layers-per-virtual-pipeline-stage"
-        )
     if precision == "--fp16":
         raise ConfigError(
             "--dga-estimator instep with --fp16: the grad buffers hold loss-scaled gradients that a step may "

@@ -50,30 +50,37 @@ class InStepAlignments:
         """g_spe of the last update (one tensor per parameter, as ``view.grads()``); None before the first."""
         self._sums: Optional[torch.Tensor] = None
         self._counts = np.zeros(num_domains)
-        self._previous: Optional[torch.Tensor] = None
+        self._previous: Dict[int, torch.Tensor] = {}
+        """Per model chunk: <its buffers, P g_spe> after its last reported backward in this step."""
         self._precond: Dict[str, object] = {}
         self._view: Optional[TrainerView] = None
         self._micro_batch_size = 0
         self._warned = False
-        self._counted: List[bool] = []
+        self._counted: Dict[int, List[bool]] = {}
+        """Per model chunk: the parameters counted before the reduction, within that chunk."""
 
     def attach(self, view: TrainerView) -> None:
         """At setup: group the training batches by domain and observe each micro-batch's backward."""
         self._view = view
-        self._counted = view.counted_before_reduction()  # fixed for the run: computed once, not per step
+        counted, chunks = view.counted_before_reduction(), view.param_chunks()  # fixed for the run
+        self._counted = {c: [ok and at == c for ok, at in zip(counted, chunks)] for c in sorted(set(chunks))}
         view.observe_training_backward(self.observe)
 
-    def observe(self, index: int, count: int, micro_batch: Dict[str, torch.Tensor]) -> None:
-        """After micro-batch ``index`` of ``count``: add its alignment to its domain's sum (one domain only)."""
+    def observe(self, index: int, count: int, micro_batch: Dict[str, torch.Tensor], chunk: int = 0) -> None:
+        """After micro-batch ``index`` of ``count`` on model chunk ``chunk``: add its alignment over that
+        chunk's parameters to its domain's sum (one domain only); the micro-batch counts once, at chunk 0,
+        its last backward on this rank."""
         if self.target is None:
             return
         view = self._view
-        if index == 0:  # the step zeroed the buffers; Adam's moments are this step's
-            self._previous = None
-            self._precond = preconditioner_kwargs(view, self.preconditioner)
-        cumulative = ops.grad_dot(view.grads(), self.target, counted=self._counted, **self._precond)
-        dot = cumulative if self._previous is None else cumulative - self._previous
-        self._previous = cumulative
+        if index == 0:  # the step zeroed the buffers (each chunk's first backward is micro-batch 0's)
+            self._previous.pop(chunk, None)
+            if chunk == max(self._counted):  # the step's first backward: Adam's moments are this step's
+                self._precond = preconditioner_kwargs(view, self.preconditioner)
+        cumulative = ops.grad_dot(view.grads(), self.target, counted=self._counted[chunk], **self._precond)
+        previous = self._previous.get(chunk)
+        dot = cumulative if previous is None else cumulative - previous
+        self._previous[chunk] = cumulative
         domains = micro_batch["domain_id"]
         self._micro_batch_size = len(domains)
         if len(domains) == 0 or not bool((domains == domains[0]).all()):
@@ -82,7 +89,8 @@ class InStepAlignments:
         if self._sums is None:
             self._sums = torch.zeros(self.num_domains, dtype=torch.float64, device=cumulative.device)
         self._sums[domain] += dot * count
-        self._counts[domain] += 1
+        if chunk == 0:
+            self._counts[domain] += 1
 
     def alignments(
         self, view: TrainerView, domain_batch_size: int, specific_batch_size: int, probe_fn=None
@@ -118,7 +126,7 @@ class InStepAlignments:
         alignments[measured] = sums[measured] / counts[measured]
         alignments[fallback] = probed.alignments
         self.target, probed.target = probed.target, None
-        self._sums, self._counts, self._previous = None, np.zeros(k), None
+        self._sums, self._counts, self._previous = None, np.zeros(k), {}
         return AlignmentResult(
             alignments=alignments,
             domain_grad_norms=None,

@@ -770,10 +770,6 @@ class PretrainConfig(ReadOnlyOnceParsed):
             use_distributed_optimizer=self.optimizer.use_distributed_optimizer,
             precision="--bf16" if model.bf16 else "--fp16" if model.fp16 else None,
             transformer_engine=uses_transformer_engine(model),
-            virtual_pipeline=bool(
-                self.parallel.num_layers_per_virtual_pipeline_stage
-                or self.parallel.num_virtual_stages_per_pipeline_rank
-            ),
         )
 
     def _check_schedule_units(self) -> None:

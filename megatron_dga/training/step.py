@@ -142,7 +142,7 @@ def forward_backward(
     keep_token_losses: bool = False,
     host_stats: bool = True,
     num_domains: Optional[int] = None,
-    after_backward: Optional[Callable[[int, int, Dict[str, torch.Tensor]], None]] = None,
+    after_backward: Optional[Callable[[int, int, Dict[str, torch.Tensor], int], None]] = None,
 ):
     """Accumulate gradients of the mean loss over ``micro_batches`` into main_grad.
 
@@ -163,13 +163,14 @@ def forward_backward(
             (a host read per step would wait for the whole step; the trainer reads it when it logs).
         num_domains: with ``host_stats=False``, also sum the token losses and counts per domain id
             (``StepLoss.domain_sums``; for strategies rewarded by training losses, e.g. ODM).
-        after_backward: ``fn(i, n, micro_batch)``, called on every stage right after micro-batch ``i`` of
-            ``n`` has accumulated its gradient (divided by ``n``, the schedule's loss convention) into the
-            buffers, before any reduction: megatron's schedules call their module's ``backward_step`` once
-            per micro-batch, in micro-batch order on each stage of the no-pipelining and 1F1B schedules,
-            and it is wrapped for this call (:func:`_reporting_backwards`). One model chunk only (the
-            interleaved schedule orders its backwards by chunk). With --overlap-grad-reduce the last
-            micro-batch's backward starts the reduction, so it is not reported (DGA's in-step estimator).
+        after_backward: ``fn(i, n, micro_batch, chunk)``, called on every stage right after micro-batch
+            ``i`` of ``n`` has accumulated its gradient (divided by ``n``, the schedule's loss convention) into
+            model chunk ``chunk``'s buffers, before any reduction of them: megatron's schedules call their
+            module's ``backward_step`` once per micro-batch and chunk, and it is wrapped for this call
+            (:func:`_reporting_backwards`). With --overlap-grad-reduce and one chunk the last micro-batch's
+            backward starts the reduction, so it is not reported (DGA's in-step estimator); with virtual
+            stages each chunk's reduction starts after its last backward, and other chunks' buffers may
+            then be reducing: read only ``chunk``'s.
 
     Returns:
         LossStats (or StepLoss), identical on every stage of the pipeline.
@@ -224,7 +225,13 @@ def forward_backward(
     settings = _call_settings(
         chunks, config, sync_grads, len(scheduled), variable=len(sizes) > 1, force_all_reduce=force_all_reduce
     )
-    reporting = _reporting_backwards(after_backward, chunks, scheduled) if after_backward else contextlib.nullcontext()
+    if after_backward is not None and len(chunks) > 1 and chunks[0].ddp_config.overlap_grad_reduce:
+        assert settings.get("grad_sync_func") is not None, "the interleaved schedule's reductions need grad_sync_func"
+    reporting = (
+        _reporting_backwards(after_backward, chunks, config, scheduled, n)
+        if after_backward
+        else contextlib.nullcontext()
+    )
     # DDP's backward hooks start the overlapped reductions with DDP's own force_all_reduce,
     # not the schedule's argument (which reaches finalize_model_grads only).
     ddp_settings = contextlib.ExitStack()
@@ -256,25 +263,34 @@ def forward_backward(
 
 
 @contextlib.contextmanager
-def _reporting_backwards(after_backward, chunks, micro_batches):
+def _reporting_backwards(after_backward, chunks, config, micro_batches, real_count: int):
     """megatron's schedules' ``backward_step`` followed by ``after_backward`` (see :func:`forward_backward`),
-    for one schedule call. The i-th backward on a stage is micro-batch i's (no-pipelining and 1F1B run
-    their backwards in forward order); the count is checked at the end."""
+    for one schedule call. The k-th backward on a stage is known: micro-batch k's in the no-pipelining and
+    1F1B schedules; with model chunks, entry k of megatron's own schedule table (the interleaved schedule
+    runs backward k on the chunks in reverse, each chunk's micro-batches in order). The count is checked
+    at the end; padding micro-batches (added for interleaving) are not reported."""
     from megatron.core.pipeline_parallel import schedules
 
-    if len(chunks) > 1:
-        raise ValueError("after_backward needs one model chunk (the interleaved schedule reorders backwards)")
     n = len(micro_batches)
-    overlap = chunks[0].ddp_config.overlap_grad_reduce
+    if len(chunks) == 1:
+        order = [(i, 0) for i in range(n)]
+    else:
+        table = schedules.get_schedule_table(n, len(chunks), config.microbatch_group_size_per_vp_stage)
+        order = [(i, len(chunks) - 1 - chunk) for i, chunk in table]
+    # With --overlap-grad-reduce the single-chunk schedules let the last backward's hooks start reducing
+    # the buffers. The interleaved one runs every backward with grad sync off and starts each chunk's
+    # reduction through the training call's grad_sync_func after that chunk's last backward.
+    skip_last = chunks[0].ddp_config.overlap_grad_reduce and len(chunks) == 1
     real = schedules.backward_step
     done = [0]
 
     def backward_step(*args, **kwargs):
         grad = real(*args, **kwargs)
-        i = done[0]
+        k = done[0]
         done[0] += 1
-        if not (overlap and i == n - 1):  # with overlap the last backward's hooks begin reducing the buffers
-            after_backward(i, n, micro_batches[i])
+        i, chunk = order[k]
+        if not (skip_last and k == n - 1) and not micro_batches[i].get(_PADDING, False):
+            after_backward(i, real_count, micro_batches[i], chunk)
         return grad
 
     schedules.backward_step = backward_step
@@ -282,8 +298,10 @@ def _reporting_backwards(after_backward, chunks, micro_batches):
         yield
     finally:
         schedules.backward_step = real
-    if done[0] != n:
-        raise RuntimeError(f"megatron's schedule ran {done[0]} backward steps for {n} micro-batches")
+    if done[0] != len(order):
+        raise RuntimeError(
+            f"megatron's schedule ran {done[0]} backward steps for {len(order)} (micro-batch, chunk) pairs"
+        )
 
 
 def attention_mask(seq_length: int, device) -> Optional[torch.Tensor]:

@@ -65,8 +65,8 @@ class TrainerView:
         self._trainer.track_domain_losses = True
 
     def observe_training_backward(self, fn) -> None:
-        """From now on each global batch is grouped by domain and ``fn(i, n, micro_batch)`` runs after each
-        training micro-batch's backward (``step.forward_backward``'s ``after_backward``)."""
+        """From now on each global batch is grouped by domain and ``fn(i, n, micro_batch, chunk)`` runs after
+        each training micro-batch's backward on each model chunk (``step.forward_backward``'s ``after_backward``)."""
         trainer = self._trainer
         trainer.data.loader.group_by_domain = True
         trainer.after_backward = fn
@@ -166,6 +166,9 @@ class TrainerView:
         from megatron_dga.training.optim import counted_local_params
 
         return counted_local_params(self._trainer.params)
+
+    def param_chunks(self) -> List[int]:
+        return [c for c, ddp in enumerate(self._trainer.ddp_chunks) for p in ddp.parameters() if p.requires_grad]
 
     def parameters(self) -> List[torch.Tensor]:
         """The trainable parameters, in grads() order (the finite-difference estimator moves them)."""

@@ -4,7 +4,8 @@ On the same micro-batches, parameters and g_spe, the in-step alignments equal a 
 (each single-domain training micro-batch's gradient dotted with g_spe, averaged per domain over all
 ranks) on every layout the estimator runs on: DP=2, TP=2, TP=2 with sequence parallelism, DP=2 with the distributed optimizer and
 overlapped grad reduce (where each step's last micro-batch is not counted), PP=2 (1F1B) with the
-tied embedding, and all at once on 4 ranks (PP=2 x DP=2 with the overlapped distributed optimizer).
+tied embedding, PP=2 with two virtual stages each (interleaved 1F1B), and all at once on 4 ranks
+(PP=2 x DP=2, with and without virtual stages, with the overlapped distributed optimizer).
 """
 
 import os
@@ -17,6 +18,7 @@ from tests.helpers.gradient_oracle import Float64GPT, gathered
 from tests.helpers.layouts import named, train_steps, trainer_from
 from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
 
+VPP = ["--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1"]
 LAYOUTS = {
     "dp2": [],
     "tp2": ["--tensor-model-parallel-size", "2"],
@@ -26,6 +28,8 @@ LAYOUTS = {
     # 1F1B over two stages with the tied embedding: before the step's reduction the first stage's
     # embedding and the last stage's output layer each hold their part of its gradient.
     "pp2": ["--pipeline-model-parallel-size", "2"],
+    # Interleaved 1F1B, two chunks per stage: backward k runs entry k of megatron's schedule table.
+    "vpp2": [*VPP, "--pipeline-model-parallel-size", "2"],
 }
 
 
@@ -78,9 +82,10 @@ def _one_window(rank, world_size, shards, tmp, layouts):
         observed = []
         real = strategy.instep.observe
 
-        def recording(index, count, micro_batch):
-            observed.append((index, count, {k: v.numpy().copy() for k, v in micro_batch.items()}))
-            real(index, count, micro_batch)
+        def recording(index, count, micro_batch, chunk):
+            if chunk == 0:  # with virtual stages each micro-batch's backward runs on every chunk
+                observed.append((index, count, {k: v.numpy().copy() for k, v in micro_batch.items()}))
+            real(index, count, micro_batch, chunk)
 
         trainer.after_backward = recording
         trainer.train_step()
@@ -140,8 +145,9 @@ def _check_against_brute_force(shards, tmp_path, layouts, world_size):
         # Grouped by domain, a global batch of 16 in micro-batches of 2 over 4 domains: most are single-domain.
         assert len(ref) >= 3, (layout, counts)
         per_rank = runs[0]["micro_batches"]
-        # Every backward reported, on every stage; with overlap the last one starts the reduction.
-        expected = per_rank - 1 if "overlap" in layout else per_rank
+        # Every backward reported, on every stage; with overlap and one chunk the last one starts the
+        # reduction (the interleaved schedule starts each chunk's after its last backward).
+        expected = per_rank - 1 if "overlap" in layout and "vpp" not in layout else per_rank
         assert [r["backwards"] for r in runs] == [expected] * world_size, layout
         for rank_run in runs:
             assert rank_run["instep_domains"] == len(ref), layout
@@ -161,13 +167,14 @@ def test_instep_alignments_equal_float64_brute_force_on_every_layout(shards, tmp
 
 
 def test_instep_alignments_on_pipeline_stages_with_the_overlapped_distributed_optimizer(shards, tmp_path):
-    """The production combination on 4 ranks: PP=2 x DP=2, --use-distributed-optimizer --overlap-grad-reduce
-    (small buckets: several reductions, the last started by each rank's last backward)."""
-    layout = [
-        *("--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce"),
-        *("--ddp-bucket-size", "5000"),
-    ]
-    _check_against_brute_force(shards, tmp_path, {"pp2_dp2_distopt_overlap": layout}, world_size=4)
+    """The production combinations on 4 ranks: PP=2 x DP=2, with and without virtual stages, with
+    --use-distributed-optimizer --overlap-grad-reduce (small buckets: several reductions each)."""
+    overlapped = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "5000"]
+    layouts = {
+        "pp2_dp2_distopt_overlap": ["--pipeline-model-parallel-size", "2", *overlapped],
+        "vpp2_dp2_distopt_overlap": [*VPP, "--pipeline-model-parallel-size", "2", *overlapped],
+    }
+    _check_against_brute_force(shards, tmp_path, layouts, world_size=4)
 
 
 def test_instep_run_logs_in_step_updates_and_trains_on_the_same_batches(shards, tmp_path):

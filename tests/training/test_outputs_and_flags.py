@@ -86,11 +86,6 @@ def _main(argv, capsys):
             ["--mixing", "dga", "--dga-estimator", "instep", "--dga-noise", "measure"],
             "--dga-noise measure needs a gradient per probe group, which --dga-estimator instep never forms",
         ),
-        (
-            ["--mixing", "dga", "--dga-estimator", "instep", "--pipeline-model-parallel-size", "2"]
-            + ["--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1"],
-            "--dga-estimator instep with virtual pipeline stages: the interleaved schedule runs",
-        ),
         (["--mixing", "dga", "--dga-estimator", "instep", "--fp16"], "--dga-estimator instep with --fp16"),
         (
             ["--mixing", "uniform", "--importance-weights", "iw.json"],
