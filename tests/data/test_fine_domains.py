@@ -16,7 +16,7 @@ from megatron_dga.data.domains import DomainDatasetConfig
 from megatron_dga.data.fine_domains import build_fine_domains, document_keys, sample_from_tokens
 from megatron_dga.data.mock import write_packed_shard
 from tests.helpers.dist_utils import run_distributed, run_trainers
-from tests.helpers.synthetic import EOD, NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, VOCAB, write_shard
+from tests.helpers.synthetic import EOD, VOCAB, run_argv, write_shard
 
 BAND = 16
 """Tokens of a document of group g lie in [g * BAND, (g + 1) * BAND) (then eod): a sample shows its groups."""
@@ -196,29 +196,9 @@ def _write_map(path, prefixes, domain_ids, levels):
 
 
 def _argv(prefixes, map_path, run_dir, extra=(), iters=4):
-    return [
-        "--data-path",
-        *prefixes,
-        "--domain-map",
-        map_path,
-        *NULL_TOKENIZER_ARGS,
-        *TINY_GPT_ARGS,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(run_dir),
-        *extra,
-    ]
+    return run_argv(
+        run_dir, extra, data=["--data-path", *prefixes, "--domain-map", map_path], global_batch=4, iters=iters
+    )
 
 
 def _main_errors(rank, world_size, argvs):

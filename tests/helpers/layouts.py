@@ -26,31 +26,10 @@ def trainer_from(argv):
 def pipeline_argv(shards: dict, log_dir, extra, iters: int) -> list:
     """The pipeline layout tests' run: the 4-layer GPT on ``synthetic.three_domain_shards`` with a global batch of 8,
     a log line every step, ``extra`` flags last."""
-    from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, PIPELINE_GPT_ARGS
+    from tests.helpers.synthetic import PIPELINE_GPT_ARGS, data_flags, run_argv
 
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        "--specific-eval-data-path",
-        shards["specific_eval"],
-        *NULL_TOKENIZER_ARGS,
-        *PIPELINE_GPT_ARGS,
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(log_dir),
-        *extra,
-    ]
+    data = data_flags(shards, specific_eval=True)
+    return run_argv(log_dir, extra, data=data, model=PIPELINE_GPT_ARGS, micro_batch=None, iters=iters)
 
 
 def train_steps(trainer, steps: int) -> None:

@@ -14,37 +14,15 @@ import torch
 
 from tests.helpers.dist_utils import run_distributed
 from tests.helpers.gradient_oracle import Float64GPT, gathered
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, write_domains
+from tests.helpers.synthetic import TINY_GPT_ARGS, data_flags, run_argv, write_domains
 
 MODEL = TINY_GPT_ARGS
 
 
 def _argv(shards, log_dir, extra=()):
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        *NULL_TOKENIZER_ARGS,
-        *MODEL,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        "1000",
-        "--log-interval",
-        "1000",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(log_dir),
-        "--mixing",
-        "dga",
-        *extra,
-    ]
+    return run_argv(
+        log_dir, ["--mixing", "dga", *extra], data=data_flags(shards), model=MODEL, iters=1000, log_interval=1000
+    )
 
 
 def _trainer(argv):

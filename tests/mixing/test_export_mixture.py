@@ -11,36 +11,14 @@ from megatron_dga.errors import DataError
 from megatron_dga.mixing import export
 from megatron_dga.mixing.weights_io import read_weights
 from tests.helpers.dist_utils import run_distributed
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
+from tests.helpers.synthetic import TINY_GPT_ARGS, data_flags, run_argv, three_domain_shards
 
 from tests.helpers import REPO as ROOT
 from megatron_dga.cli import export_mixture
 
 
 def _args(shards, log_dir, iters, extra=()):
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        *NULL_TOKENIZER_ARGS,
-        *TINY_GPT_ARGS,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(log_dir),
-        *extra,
-    ]
+    return run_argv(log_dir, extra, data=data_flags(shards), iters=iters)
 
 
 def _source_then_static(rank, world_size, shards, tmp):

@@ -16,7 +16,7 @@ import pytest
 from tests.helpers.dist_utils import run_distributed
 from tests.helpers.gradient_oracle import Float64GPT, gathered
 from tests.helpers.layouts import named, train_steps, trainer_from
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
+from tests.helpers.synthetic import data_flags, run_argv
 
 VPP = ["--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1"]
 LAYOUTS = {
@@ -34,16 +34,17 @@ LAYOUTS = {
 
 
 def _argv(shards, log_dir, extra=(), iters=1000):
-    return [
-        *("--data-path", *shards["domains"], "--specific-data-path", shards["specific"]),
-        *NULL_TOKENIZER_ARGS,
-        *TINY_GPT_ARGS,
-        *("--micro-batch-size", "2", "--global-batch-size", "16", "--train-iters", str(iters)),
-        *("--log-interval", "1", "--eval-interval", "0", "--lr", "3e-3", "--log-dir", str(log_dir)),
-        *("--mixing", "dga", "--dga-estimator", "instep", "--dga-domain-batch-size", "4"),
-        *("--dga-specific-batch-size", "4"),
-        *extra,
+    instep = [
+        "--mixing",
+        "dga",
+        "--dga-estimator",
+        "instep",
+        "--dga-domain-batch-size",
+        "4",
+        "--dga-specific-batch-size",
+        "4",
     ]
+    return run_argv(log_dir, [*instep, *extra], data=data_flags(shards), global_batch=16, iters=iters)
 
 
 @pytest.fixture(scope="module")

@@ -14,31 +14,11 @@ import torch
 
 from tests.helpers.dist_utils import run_distributed, run_trainers
 from tests.helpers.gradient_oracle import Float64GPT, gathered
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
+from tests.helpers.synthetic import data_flags, run_argv
 
 
 def _argv(shards, log_dir, iters, extra=()):
-    return [
-        "--data-path",
-        *shards["domains"],
-        *NULL_TOKENIZER_ARGS,
-        *TINY_GPT_ARGS,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(log_dir),
-        *extra,
-    ]
+    return run_argv(log_dir, extra, data=data_flags(shards, specific=False), iters=iters)
 
 
 def _trainer(argv):

@@ -16,36 +16,14 @@ import sys
 import numpy as np
 import pytest
 
-from tests.helpers.synthetic import EOD, NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, write_shard
+from tests.helpers.synthetic import EOD, run_argv, write_shard
 
 DGA = ["--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "4"]
 
 
 def _argv(domains, specific, run_dir, extra=()):
-    return [
-        "--data-path",
-        *domains,
-        "--specific-data-path",
-        specific,
-        *NULL_TOKENIZER_ARGS,
-        *TINY_GPT_ARGS,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        "2",
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "1e-3",
-        "--log-dir",
-        str(run_dir),
-        *DGA,
-        *extra,
-    ]
+    data = ["--data-path", *domains, "--specific-data-path", specific]
+    return run_argv(run_dir, [*DGA, *extra], data=data, global_batch=4, iters=2, lr="1e-3")
 
 
 def _pretrain(argv):

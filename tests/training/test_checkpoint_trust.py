@@ -24,7 +24,7 @@ import torch
 from megatron_dga.errors import CheckpointError, ConfigError, DataError
 from megatron_dga.training import checkpoint as ckpt
 from tests.helpers import REPO
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards
+from tests.helpers.synthetic import TINY_GPT_ARGS, data_flags, run_argv, three_domain_shards
 
 TOOL = str(Path(REPO) / "tools" / "convert_hf_checkpoint.py")
 
@@ -45,29 +45,7 @@ def _run(args):
 
 
 def _argv(shards, run_dir, extra=()):
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        *NULL_TOKENIZER_ARGS,
-        *TINY_GPT_ARGS,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        "2",
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "1e-3",
-        "--log-dir",
-        str(run_dir),
-        *extra,
-    ]
+    return run_argv(run_dir, extra, data=data_flags(shards), global_batch=4, iters=2, lr="1e-3")
 
 
 @pytest.fixture(scope="module")

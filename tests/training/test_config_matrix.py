@@ -30,7 +30,7 @@ import pytest
 
 from tests.helpers.dist_utils import run_distributed
 from tests.helpers.layouts import load_initial, named, trainer_from
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, PIPELINE_GPT_ARGS, write_domains
+from tests.helpers.synthetic import PIPELINE_GPT_ARGS, data_flags, run_argv, write_domains
 
 MODEL = PIPELINE_GPT_ARGS
 DGA = ["--mixing", "dga", "--dga-interval", "1", "--dga-domain-batch-size", "8", "--dga-specific-batch-size", "8"]
@@ -109,30 +109,7 @@ def test_the_ci_rows_cover_every_value_and_every_layout_overlapped_in_fp32():
 
 
 def _argv(shards, log_dir, extra):
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        *NULL_TOKENIZER_ARGS,
-        *MODEL,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(ITERS),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(log_dir),
-        *DGA,
-        *extra,
-    ]
+    return run_argv(log_dir, [*DGA, *extra], data=data_flags(shards), model=MODEL, iters=ITERS)
 
 
 def _run(rank, world_size, runs, inits):

@@ -28,35 +28,13 @@ from megatron_dga.training import checkpoint as ckpt
 from megatron_dga.training import save_lock
 from tests.helpers.dist_utils import free_port
 from tests.helpers import REPO
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
+from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, data_flags, run_argv
 
 ROOT = Path(REPO)
 
 
 def _argv(shards, run_dir, extra=(), iters=500):
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        *NULL_TOKENIZER_ARGS,
-        *TINY_GPT_ARGS,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "1e-3",
-        "--log-dir",
-        str(run_dir),
-        *extra,
-    ]
+    return run_argv(run_dir, extra, data=data_flags(shards), global_batch=4, iters=iters, lr="1e-3")
 
 
 def _wait_for_lines(path: Path, n: int, proc, timeout=120.0):

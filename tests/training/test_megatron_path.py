@@ -23,35 +23,13 @@ import pytest
 import torch
 
 from tests.helpers.dist_utils import run_distributed, run_trainers
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
+from tests.helpers.synthetic import TINY_GPT_ARGS, data_flags, run_argv
 
 MODEL = TINY_GPT_ARGS
 
 
 def _argv(shards, run_dir, extra=()):
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        *NULL_TOKENIZER_ARGS,
-        *MODEL,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        "6",
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(run_dir),
-        *extra,
-    ]
+    return run_argv(run_dir, extra, data=data_flags(shards), model=MODEL, iters=6)
 
 
 def _trainer(argv):

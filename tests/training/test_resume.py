@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.dist_utils import run_pretrain
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
+from tests.helpers.synthetic import data_flags, run_argv
 
 DGA = ["--mixing", "dga", "--dga-interval", "2", "--dga-specific-batch-size", "8"]
 FULLY_RESHARDABLE = ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"]
@@ -24,30 +24,7 @@ PAD_48 = ["--make-vocab-size-divisible-by", "48"]
 
 def _argv(shards, run_dir, extra=(), iters=8):
     mixing = [] if "--mixing" in extra else DGA  # the --dga-* flags are an error with another --mixing
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        *NULL_TOKENIZER_ARGS,
-        *TINY_GPT_ARGS,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(run_dir),
-        *mixing,
-        *extra,
-    ]
+    return run_argv(run_dir, [*mixing, *extra], data=data_flags(shards), iters=iters)
 
 
 def _losses(metrics, start=0):

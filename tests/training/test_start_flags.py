@@ -21,7 +21,7 @@ import pytest
 from megatron_dga.errors import ConfigError
 from megatron_dga.training.arguments import parse_args
 from tests.helpers.dist_utils import run_distributed
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS, three_domain_shards, write_domains
+from tests.helpers.synthetic import run_argv, three_domain_shards, write_domains
 
 PLAIN = ["--data-path", "x/a_text_document", "x/b_text_document"]
 
@@ -201,27 +201,7 @@ def _all_runs(rank, world_size, shards, tmp):
 
 
 def _argv(run_dir, extra=(), iters=3, data=None):
-    data = ["--data-path", *data] if data is not None else []
-    return [
-        *data,
-        *NULL_TOKENIZER_ARGS,
-        *TINY_GPT_ARGS,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(run_dir),
-        *extra,
-    ]
+    return run_argv(run_dir, extra, data=["--data-path", *data] if data is not None else [], iters=iters)
 
 
 def _main(argv):

@@ -6,37 +6,13 @@ import numpy as np
 import pytest
 
 from tests.helpers.dist_utils import run_distributed, run_pretrain
-from tests.helpers.synthetic import NULL_TOKENIZER_ARGS, TINY_GPT_ARGS
+from tests.helpers.synthetic import TINY_GPT_ARGS, data_flags, run_argv
 
 MODEL = TINY_GPT_ARGS
 
 
 def _args(shards, run_dir, iters, extra=()):
-    return [
-        "--data-path",
-        *shards["domains"],
-        "--specific-data-path",
-        shards["specific"],
-        "--specific-eval-data-path",
-        shards["specific_eval"],
-        *NULL_TOKENIZER_ARGS,
-        *MODEL,
-        "--micro-batch-size",
-        "2",
-        "--global-batch-size",
-        "8",
-        "--train-iters",
-        str(iters),
-        "--log-interval",
-        "1",
-        "--eval-interval",
-        "0",
-        "--lr",
-        "3e-3",
-        "--log-dir",
-        str(run_dir),
-        *extra,
-    ]
+    return run_argv(run_dir, extra, data=data_flags(shards, specific_eval=True), model=MODEL, iters=iters)
 
 
 def _run(argv, world_size=1):
