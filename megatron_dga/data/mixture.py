@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 import torch
 
-from megatron_dga.data.sampler import DynamicMixtureSampler, check_batch_geometry
+from megatron_dga.data.sampler import DynamicMixtureSampler, check_batch_geometry, rank_micro_batches
 from megatron_dga.errors import ConfigError, DataError
 
 
@@ -239,7 +239,9 @@ class StepLoader:
         self.last_global_batch: Optional[np.ndarray] = None
         self.group_by_domain = False
         """Sort each global batch by domain (stably) before it is cut over ranks and into micro-batches: the
-        same samples, grouped so that most micro-batches hold one domain (DGA's in-step estimator)."""
+        same samples, grouped so that most micro-batches hold one domain (DGA's in-step estimator). With a
+        basis, by each row's basis label (``sampler.basis_labels``), which each micro-batch then carries as
+        ``basis_id``."""
         self._workers, self._pin_memory = num_workers, pin_memory
         self._step_sampler = _CurrentStepSampler()
         kwargs: Dict[str, Any] = {}
@@ -264,18 +266,26 @@ class StepLoader:
         batch = self.sampler.global_batch()
         # The next step's global batch is computed while this step runs (the same batch either way).
         self.sampler.prefetch()
+        labels = None
         if self.group_by_domain:
-            batch = batch[np.argsort(batch[:, 0], kind="stable")]
+            labels = self.sampler.basis_labels(batch) if self.sampler.has_basis else batch[:, 0]
+            order = np.argsort(labels, kind="stable")
+            batch, labels = batch[order], labels[order]
         self.last_global_batch = batch
         if self._workers == 0:
             # Read in this process, without a DataLoader iterator per step (it would read the same way).
-            return iter(self._read_rows(batch))
-        mbs = self.sampler.rank_micro_batches(batch, self.dp_rank, self.dp_size)
-        keys = [_as_key_list(m) for m in mbs]
-        self._step_sampler.micro_batches = keys
-        # Checked here, in the main process: an error raised inside a worker would come back
-        # wrapped in the worker's traceback text. The DataLoader yields batches in order.
-        return (self.dataset.check_token_ids(mb, k) for mb, k in zip(self._loader, keys))
+            micro_batches = self._read_rows(batch)
+        else:
+            mbs = self.sampler.rank_micro_batches(batch, self.dp_rank, self.dp_size)
+            keys = [_as_key_list(m) for m in mbs]
+            self._step_sampler.micro_batches = keys
+            # Checked here, in the main process: an error raised inside a worker would come back
+            # wrapped in the worker's traceback text. The DataLoader yields batches in order.
+            micro_batches = (self.dataset.check_token_ids(mb, k) for mb, k in zip(self._loader, keys))
+        if labels is None or not self.sampler.has_basis:
+            return iter(micro_batches)
+        mine = rank_micro_batches(labels, self.dp_rank, self.dp_size, self.sampler.config.micro_batch_size)
+        return ({**mb, "basis_id": torch.as_tensor(ids)} for mb, ids in zip(micro_batches, mine))
 
     def _read_rows(self, batch: np.ndarray) -> List[Dict[str, torch.Tensor]]:
         """This rank's micro-batches of ``batch``, read and collated in this process."""

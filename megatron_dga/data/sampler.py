@@ -73,6 +73,7 @@ _SALT_TRAIN = 0x7452_4149_4E00_0001
 _SALT_SUBSET = 0x5355_4253_4554_0002
 _SALT_PROBE = 0x5052_4F42_4500_0003
 _SALT_BASIS = 0x4241_5349_5300_0004
+_SALT_LABEL = 0x4C41_4245_4C00_0005
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -664,6 +665,30 @@ class DynamicMixtureSampler:
         samples = self._stream_samples(dom, pos, _SALT_PROBE)
         self._probe_consumed[d] += size
         return np.stack([dom, samples], axis=1)
+
+    def basis_labels(self, batch: np.ndarray) -> np.ndarray:
+        """A basis index per row of the global batch just drawn, from P(n | j) = gamma_n P_nj / alpha_j.
+
+        The rows' fine domains j follow alpha = gamma^T P (the current basis weights); labelled so, the pair
+        (n, j) follows "n ~ gamma, then j ~ P_n", and the rows labelled n are draws from P_n (DGA's in-step
+        estimator over bases groups micro-batches by them). Deterministic in (seed, batches drawn): the
+        same on every rank and after a resume.
+        """
+        if self._basis is None or self._gamma is None:
+            raise ConfigError("basis_labels needs basis weights: call set_basis(P) and set_basis_weights first")
+        domains = np.asarray(batch)[:, 0]
+        uniq, inverse = np.unique(domains, return_inverse=True)
+        columns = self._basis[:, uniq]
+        columns = columns.toarray() if hasattr(columns, "toarray") else np.asarray(columns)
+        cdf = np.cumsum(self._gamma[:, None] * columns, axis=0)  # N x unique domains
+        cdf /= cdf[-1]
+        key = _stream_keys(self._seed, _SALT_LABEL, np.array([0]), np.array([self._batches_drawn]))[0]
+        u = np.random.default_rng(int(key)).random(domains.size)
+        labels = np.empty(domains.size, dtype=np.int64)
+        for c in range(uniq.size):  # the first n whose cumulative posterior exceeds u
+            rows = np.flatnonzero(inverse == c)
+            labels[rows] = np.minimum(np.searchsorted(cdf[:, c], u[rows], side="right"), cdf.shape[0] - 1)
+        return labels
 
     def probe_batch_from_basis(self, basis: int, size: int) -> np.ndarray:
         """A batch whose fine domains follow basis row ``P_n`` (systematic sampling).

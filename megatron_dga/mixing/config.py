@@ -198,11 +198,6 @@ class MixingConfig(ReadOnlyOnceParsed):
                 f"--dga-instep-min-micro-batches {self.dga_instep_min_micro_batches} acts with --dga-estimator "
                 "instep only; add --dga-estimator instep or drop it"
             )
-        if estimator == "instep" and self.dga_basis:
-            raise ConfigError(
-                f"--dga-estimator instep with --dga-basis {self.dga_basis}: a training micro-batch is drawn from "
-                "the fine domains' mixture, not from one basis distribution; use --dga-estimator exact"
-            )
         if self.dga_max_epochs is not None and not 0 < self.dga_max_epochs < float("inf"):
             raise ConfigError(
                 f"--dga-max-epochs must be a number > 0 (epochs of a domain's distinct samples), got {self.dga_max_epochs}"

@@ -46,11 +46,12 @@ class DGA(MirrorDescentStrategy):
             from megatron_dga.mixing.weights_io import load_basis
 
             self.basis = load_basis(cfg.dga_basis, expected_domains=domains.names)
-        self.instep = (
-            InStepAlignments(domains.k, cfg.dga_preconditioner, cfg.dga_instep_min_micro_batches)
-            if cfg.dga_estimator == "instep"
-            else None
-        )
+        self.instep = None
+        if cfg.dga_estimator == "instep":  # over bases: micro-batches grouped by each row's basis label
+            label = "domain_id" if self.basis is None else "basis_id"
+            self.instep = InStepAlignments(
+                self.num_weights, cfg.dga_preconditioner, cfg.dga_instep_min_micro_batches, label
+            )
 
     def setup(self, view: TrainerView) -> None:
         """Probes the specific set; with --dga-basis the sampler draws from the bases."""

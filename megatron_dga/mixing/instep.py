@@ -19,6 +19,10 @@ keeps for the next window (+4 bytes per parameter on every rank for the whole ru
 has no saved g_spe and probes every domain; so does the first after a resume (g_spe is a full gradient
 and is not checkpointed).
 
+With --dga-basis the same runs over the N basis distributions: each training row carries a basis label
+drawn from P(n | its fine domain) (``DynamicMixtureSampler.basis_labels``), so the rows labelled n are
+draws from P_n, and micro-batches are grouped by label (``basis_id``) instead of domain.
+
 Compared with the exact estimator, the alignments are stale (g_spe is the last update's) and average
 the parameters over the window, as the training micro-batches do. On the same micro-batches, the same
 parameters and the same g_spe they equal the exact estimator's (tests/mixing/test_instep.py).
@@ -42,8 +46,10 @@ logger = logging.getLogger(__name__)
 class InStepAlignments:
     """The window's per-domain sums of training micro-batch alignments, and the saved g_spe."""
 
-    def __init__(self, num_domains: int, preconditioner: str, min_micro_batches: int):
+    def __init__(self, num_domains: int, preconditioner: str, min_micro_batches: int, label: str = "domain_id"):
         self.num_domains = num_domains
+        """k domains, or N basis distributions (``label`` "basis_id": each training row's basis label)."""
+        self.label = label
         self.preconditioner = preconditioner
         self.min_micro_batches = min_micro_batches
         self.target: Optional[List[torch.Tensor]] = None
@@ -81,7 +87,7 @@ class InStepAlignments:
         previous = self._previous.get(chunk)
         dot = cumulative if previous is None else cumulative - previous
         self._previous[chunk] = cumulative
-        domains = micro_batch["domain_id"]
+        domains = micro_batch[self.label]
         self._micro_batch_size = len(domains)
         if len(domains) == 0 or not bool((domains == domains[0]).all()):
             return

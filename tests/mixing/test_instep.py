@@ -126,7 +126,7 @@ def _reference(run_by_rank):
     sums, counts = {}, {}
     for rank_run in run_by_rank:
         for _, _, mb in rank_run["observed"]:
-            domains = mb["domain_id"]
+            domains = mb["basis_id"] if "basis_id" in mb else mb["domain_id"]  # over a basis: its labels
             if (domains != domains[0]).any():
                 continue
             batch = {k: mb[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
@@ -143,7 +143,8 @@ def _check_against_brute_force(shards, tmp_path, layouts, world_size):
     for layout, runs in by_layout.items():
         assert all(r["first_instep_domains"] == 0 for r in runs)  # no g_spe yet: every domain probed
         ref, counts = references[layout]
-        # Grouped by domain, a global batch of 16 in micro-batches of 2 over 4 domains: most are single-domain.
+        # Grouped by domain, a global batch of 16 in micro-batches of 2 over 4 domains (3 bases): most are
+        # single-domain.
         assert len(ref) >= 3, (layout, counts)
         per_rank = runs[0]["micro_batches"]
         # Every backward reported, on every stage; with overlap and one chunk the last one starts the
@@ -176,6 +177,26 @@ def test_instep_alignments_on_pipeline_stages_with_the_overlapped_distributed_op
         "vpp2_dp2_distopt_overlap": [*VPP, "--pipeline-model-parallel-size", "2", *overlapped],
     }
     _check_against_brute_force(shards, tmp_path, layouts, world_size=4)
+
+
+BASIS = np.array([[0.85, 0.05, 0.05, 0.05], [0.05, 0.85, 0.05, 0.05], [0.05, 0.05, 0.45, 0.45]])
+
+
+def test_instep_alignments_over_a_basis_group_micro_batches_by_basis_label(shards, tmp_path):
+    """With --dga-basis each training row carries a basis label drawn from P(n | its fine domain) (so the rows
+    labelled n are draws from P_n); micro-batches are grouped by label, and basis n's alignment is the mean
+    over its single-label micro-batches: against the float64 brute force over the same micro-batches, DP=2,
+    with and without DataLoader workers."""
+    from megatron_dga.mixing.weights_io import save_basis
+
+    basis = str(tmp_path / "basis.npz")
+    save_basis(basis, BASIS, ["lean0", "lean1", "rest"], [f"dom{i}" for i in range(4)])
+    layouts = {
+        "dp2_basis": ["--dga-basis", basis],
+        # DataLoader workers read the micro-batches; the labels are drawn and attached in the main process.
+        "dp2_basis_workers": ["--dga-basis", basis, "--num-workers", "1"],
+    }
+    _check_against_brute_force(shards, tmp_path, layouts, world_size=2)
 
 
 def test_instep_run_logs_in_step_updates_and_trains_on_the_same_batches(shards, tmp_path):

@@ -79,10 +79,6 @@ def _main(argv, capsys):
             "--dga-instep-min-micro-batches 2 acts with --dga-estimator instep only",
         ),
         (
-            ["--mixing", "dga", "--dga-estimator", "instep", "--dga-basis", "b.npz"],
-            "--dga-estimator instep with --dga-basis b.npz: a training micro-batch is drawn from the fine domains",
-        ),
-        (
             ["--mixing", "dga", "--dga-estimator", "instep", "--dga-noise", "measure"],
             "--dga-noise measure needs a gradient per probe group, which --dga-estimator instep never forms",
         ),
