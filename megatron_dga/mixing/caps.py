@@ -41,8 +41,9 @@ import numpy as np
 PENALTY = 40.0
 """With a basis: the nats of KL divergence that weight over the caps costs, per 1/K of it (K fine domains;
 module docstring): an excess of one uniform fine domain's share weighs e^40 on a basis's weight. Scaled
-by K because a fine domain weighs ~1/K: a fixed 1e3 left caps that some weights meet up to 1 % over at
-K = 4,096; 40 K meets them exactly up to K = 262,144 (benchmarks/bench_caps.py)."""
+by K because a fine domain weighs ~1/K: a fixed 1e3 left caps that some weights meet up to 0.3 % over at
+K = 4,096 and 1 % at K = 32,768, a fixed 1e5 left 1e-10 of excess at K = 262,144; 40 K meets them exactly
+at all three (benchmarks/bench_caps.py)."""
 CAP_TOL = 1e-6
 """With a basis: a fine domain's weight within (1 + CAP_TOL) of its cap meets it (the solver's tolerance)."""
 
