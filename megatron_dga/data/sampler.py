@@ -684,11 +684,9 @@ class DynamicMixtureSampler:
         cdf /= cdf[-1]
         key = _stream_keys(self._seed, _SALT_LABEL, np.array([0]), np.array([self._batches_drawn]))[0]
         u = np.random.default_rng(int(key)).random(domains.size)
-        labels = np.empty(domains.size, dtype=np.int64)
-        for c in range(uniq.size):  # the first n whose cumulative posterior exceeds u
-            rows = np.flatnonzero(inverse == c)
-            labels[rows] = np.minimum(np.searchsorted(cdf[:, c], u[rows], side="right"), cdf.shape[0] - 1)
-        return labels
+        # The first n whose cumulative posterior exceeds u: one N x rows comparison, no loop over domains.
+        labels = (cdf[:, inverse] <= u[None, :]).sum(axis=0)
+        return np.minimum(labels, cdf.shape[0] - 1).astype(np.int64)
 
     def probe_batch_from_basis(self, basis: int, size: int) -> np.ndarray:
         """A batch whose fine domains follow basis row ``P_n`` (systematic sampling).

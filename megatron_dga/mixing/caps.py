@@ -23,12 +23,8 @@ on the simplex: an exact penalty, so whenever weights within the caps exist and 
 than PENALTY K nats of KL per unit of weight, it is the KL projection onto {gamma : gamma^T P <= caps}.
 When no such weights exist (a smoothed basis puts mass on every fine domain, so once one fine domain
 has used its R epochs every gamma repeats it a little), it trades the least repetition against KL.
-It has no closed form; its dual is smooth and bounded,
-
-    max_{0 <= mu <= PENALTY K}  -log sum_n gamma_hat_n exp(-(P mu)_n) - mu . caps,
-    gamma_n  proportional to  gamma_hat_n exp(-(P mu)_n),
-
-with one variable per fine domain that some basis could push past its cap, solved by L-BFGS-B.
+It has no closed form. N is small and K large, so it is solved in the N weights by a log-barrier
+method over the fine domains that some basis could push past their cap (:func:`_barrier_solve`).
 """
 
 from __future__ import annotations
@@ -65,7 +61,8 @@ class Projected:
     binding: int
     """Domains at their cap (with weight > 0)."""
     feasible: bool
-    """Whether the caps sum to at least 1 (else every domain is over budget by the same factor)."""
+    """Whether the weights meet every cap (over the domains: whether the caps sum to at least 1, else every
+    domain is over budget by the same factor; over a basis: to CAP_TOL)."""
 
 
 def project_capped_simplex(weights: np.ndarray, caps: np.ndarray, basis: Optional[object] = None) -> Projected:
