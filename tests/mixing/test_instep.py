@@ -169,12 +169,14 @@ def test_instep_alignments_equal_float64_brute_force_on_every_layout(shards, tmp
 
 
 def test_instep_alignments_on_pipeline_stages_with_the_overlapped_distributed_optimizer(shards, tmp_path):
-    """The production combinations on 4 ranks: PP=2 x DP=2, with and without virtual stages, with
-    --use-distributed-optimizer --overlap-grad-reduce (small buckets: several reductions each)."""
+    """The production combinations on 4 ranks: PP=2 x DP=2, with and without virtual stages, and TP=2 with
+    sequence parallelism x DP=2, each with --use-distributed-optimizer --overlap-grad-reduce (small buckets:
+    several reductions each)."""
     overlapped = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-bucket-size", "5000"]
     layouts = {
         "pp2_dp2_distopt_overlap": ["--pipeline-model-parallel-size", "2", *overlapped],
         "vpp2_dp2_distopt_overlap": [*VPP, "--pipeline-model-parallel-size", "2", *overlapped],
+        "tp2_sp_dp2_distopt_overlap": ["--tensor-model-parallel-size", "2", "--sequence-parallel", *overlapped],
     }
     _check_against_brute_force(shards, tmp_path, layouts, world_size=4)
 
